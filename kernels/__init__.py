@@ -1,0 +1,1 @@
+"""Triton kernels, importable as ``turbovideo.kernels`` (never as a bare top-level ``kernels``)."""

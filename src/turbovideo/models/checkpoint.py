@@ -1,0 +1,148 @@
+"""Reading checkpoint files and loading them into modules built on ``meta``.
+
+Every loader follows the same rules: build the module on ``meta`` (no memory), read the file
+memory-mapped on the CPU, cast each tensor to the dtype the module declares (cast, never assert:
+published files disagree on a few dtypes), then ``load_state_dict(strict=True, assign=True)`` so
+peak host memory is about one copy of the file. Anything wrong becomes one ``CheckpointError``
+sentence instead of a KeyError or a pickle traceback.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+
+# Prefixes that training exports put in front of the module keys.
+_STRIP_PREFIXES = ("net.", "module.", "_orig_mod.")
+_WRAPPER_INFIX = "_checkpoint_wrapped_module."
+# Containers some exports nest the state dict in.
+_NESTING_KEYS = ("state_dict", "model", "ema")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or does not fit the module; the message is one sentence."""
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """Read a ``.pth``/``.pt``/``.safetensors`` file into a flat ``{key: tensor}`` dict on the CPU.
+
+    ``.pth`` files are memory-mapped, so nothing is read until a tensor is used.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint file {path} is empty (0 bytes); delete it and download it again")
+    raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    return _normalise_keys(_unnest(raw, path))
+
+
+def _read_safetensors(path: Path) -> Mapping:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path.name} ({path.stat().st_size} bytes) is truncated or is not a safetensors file: {_first_line(exc)}"
+        ) from exc
+
+
+def _read_torch(path: Path) -> Mapping:
+    def load(mmap: bool) -> object:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
+    try:
+        try:
+            return load(mmap=True)
+        except RuntimeError as exc:
+            # Files written with the legacy (non-zip) serialisation cannot be memory-mapped.
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            return load(mmap=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"{path.name} ({path.stat().st_size} bytes) is truncated or is not a PyTorch checkpoint: "
+            f"{_first_line(exc)}"
+        ) from exc
+
+
+def _unnest(raw: object, path: Path) -> Mapping:
+    while isinstance(raw, Mapping) and not _is_tensor_dict(raw):
+        nested = [raw[k] for k in _NESTING_KEYS if isinstance(raw.get(k), Mapping)]
+        if not nested:
+            break
+        raw = nested[0]
+    if not isinstance(raw, Mapping) or not _is_tensor_dict(raw):
+        kind = type(raw).__name__
+        raise CheckpointError(f"{path.name} does not hold a state dict of tensors (found a {kind})")
+    return raw
+
+
+def _is_tensor_dict(raw: Mapping) -> bool:
+    return len(raw) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items())
+
+
+def _normalise_keys(raw: Mapping[str, torch.Tensor]) -> StateDict:
+    state = {k.replace(_WRAPPER_INFIX, ""): v for k, v in raw.items()}
+    for prefix in _STRIP_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_into(
+    module: nn.Module,
+    state: StateDict,
+    *,
+    source: str,
+    expected: str,
+    describe: Callable[[StateDict], str] | None = None,
+) -> nn.Module:
+    """Assign ``state`` to ``module`` (built on ``meta``), casting each tensor to the module's dtype.
+
+    ``source`` names the file and ``expected`` the model it should hold; ``describe`` tells the user
+    what the file looks like instead (e.g. "a Wan2.1-14B -quant checkpoint") when keys do not fit.
+    """
+    target = module.state_dict(keep_vars=True)
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong_shape = [
+        f"{k} is {list(state[k].shape)} in the file but {list(target[k].shape)} in the model"
+        for k in sorted(set(target) & set(state))
+        if tuple(state[k].shape) != tuple(target[k].shape)
+    ]
+    if missing or unexpected or wrong_shape:
+        looks_like = describe(state) if describe else None
+        parts = [f"{source} does not fit {expected}"]
+        if looks_like:
+            parts[0] += f": it looks like {looks_like}"
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_first(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} shape mismatches ({_first(wrong_shape, 2)})")
+        raise CheckpointError("; ".join(parts))
+    cast = {k: v if v.dtype == target[k].dtype else v.to(target[k].dtype) for k, v in state.items()}
+    module.load_state_dict(cast, strict=True, assign=True)
+    return module
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", +{len(items) - n} more" if len(items) > n else "")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
