@@ -144,5 +144,6 @@ def _first(items: list[str], n: int = 3) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception message (torch's run on with advice after it)."""
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return text[0].split(". ")[0].rstrip(".") if text else type(exc).__name__
