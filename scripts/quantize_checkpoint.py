@@ -1,0 +1,53 @@
+"""Convert an unquantized TurboDiffusion DiT file into the ``-quant`` (W8A8 int8) layout.
+
+    python scripts/quantize_checkpoint.py TurboWan2.1-T2V-1.3B-480P.pth TurboWan2.1-T2V-1.3B-480P-quant.pth
+
+The 10 linears of every block become ``int8_weight`` + ``scale`` (128x128 tiles, amax/128); proj_l
+and everything outside the blocks are copied unchanged. The input is memory-mapped and converted
+one tensor at a time. OUT ending in ``.safetensors`` is written as safetensors, anything else as .pth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from turbovideo.models.checkpoint import CheckpointError, read_state_dict
+from turbovideo.models.dit_checkpoint import quantize_dit_state
+
+
+def quantize_file(source: Path, target: Path) -> int:
+    """Write the ``-quant`` layout of ``source`` to ``target``; returns the number of tensors written."""
+    state = read_state_dict(source)
+    try:
+        quantized = dict(quantize_dit_state(state))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source.name}: {exc}") from None
+    if target.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in quantized.items()}, str(target))
+    else:
+        torch.save(quantized, target)
+    return len(quantized)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path, help="unquantized DiT file (.pth or .safetensors)")
+    parser.add_argument("target", type=Path, help="output file (.pth, or .safetensors)")
+    args = parser.parse_args(argv)
+    try:
+        count = quantize_file(args.source, args.target)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.target} ({count} tensors)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Self-attention backends, chosen by name, and the modules that hold SLA's ``proj_l``.
+
+A backend is a callable ``(q, k, v, *, proj_l, topk) -> o`` on [B, L, H, D] tensors with a ``name``
+(the implementation, e.g. "sla-reference") and the SLA block sizes it selects with (``block_q``,
+``block_k``; None for dense). Public names are "sagesla", "sla" and "dense"; "auto" picks the best
+available. Fast kernels register themselves with ``register_attention`` from PLUGIN_MODULE, imported
+at the first selection; the model code never changes when one is added.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from .sla_reference import sla_reference
+
+logger = logging.getLogger("turbovideo")
+
+PUBLIC_NAMES = ("auto", "sagesla", "sla", "dense")
+# What "auto" tries, best first. SageSLA's 8-bit formats cost accuracy (~4e-2) for little speed at
+# our shapes (performance.md), so auto prefers exact-precision SLA.
+AUTO_ORDER = ("sla", "dense")
+DEFAULT_TOPK = 0.1
+# Registers the Triton SLA and SageSLA backends when imported (kernels/sla_backends.py).
+PLUGIN_MODULE = "turbovideo.kernels.sla_backends"
+
+
+class AttentionBackend(Protocol):
+    name: str
+    block_q: int | None
+    block_k: int | None
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj_l: nn.Linear, topk: float
+    ) -> torch.Tensor: ...
+
+
+class DenseAttention:
+    """Full softmax attention through PyTorch SDPA; ignores ``proj_l`` and ``topk``."""
+
+    name = "dense"
+    block_q = None
+    block_k = None
+
+    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class SLAReference:
+    """SLA in plain PyTorch (sla_reference.py); correct on any device, slow on large inputs."""
+
+    block_q: int = 128
+    block_k: int = 64
+    name: str = "sla-reference"
+
+    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
+        return sla_reference(q, k, v, proj_l=proj_l, topk=topk, block_q=self.block_q, block_k=self.block_k)
+
+
+@dataclass
+class _Candidate:
+    make: Callable[[], AttentionBackend]
+    available: Callable[[torch.device], bool]
+    priority: int
+
+
+_REGISTRY: dict[str, list[_Candidate]] = {}
+_UNAVAILABLE = {
+    "sagesla": "attention=sagesla needs SpargeAttn (spas_sage_attn), which is not installed; use attention=sla",
+}
+_plugins_loaded = False
+
+
+def register_attention(
+    name: str,
+    factory_or_impl: AttentionBackend | Callable[[], AttentionBackend],
+    available: Callable[[torch.device], bool] = lambda device: True,
+    *,
+    priority: int = 0,
+    unavailable_message: str | None = None,
+) -> None:
+    """Offer an implementation under the public ``name``; the available one with the highest priority wins.
+
+    ``factory_or_impl`` is either a backend (an object with a ``name``) or a no-argument factory, called
+    only when selected so that heavy imports stay lazy. ``available(device)`` says whether it runs there.
+    """
+    if name not in PUBLIC_NAMES or name == "auto":
+        raise ValueError(f"attention backends register under one of sagesla, sla, dense, not {name!r}")
+    is_impl = hasattr(factory_or_impl, "name") and not isinstance(factory_or_impl, type)
+    make = (lambda: factory_or_impl) if is_impl else factory_or_impl
+    _REGISTRY.setdefault(name, []).append(_Candidate(make, available, priority))
+    _REGISTRY[name].sort(key=lambda c: -c.priority)
+    if unavailable_message:
+        _UNAVAILABLE[name] = unavailable_message
+
+
+def select_attention(requested: str, device: torch.device | str) -> AttentionBackend:
+    """The backend for ``requested`` ("auto", "sagesla", "sla", "dense", or an implementation name) on ``device``."""
+    _load_plugins()
+    device = torch.device(device)
+    if requested == "auto":
+        for name in AUTO_ORDER:
+            backend = _first_available(name, device)
+            if backend is not None:
+                return backend
+        raise InputError("no attention backend is available on " + str(device))
+    if requested in PUBLIC_NAMES:
+        backend = _first_available(requested, device)
+        if backend is None:
+            raise InputError(
+                _UNAVAILABLE.get(requested, f"attention={requested} is not available on {device}")
+            )
+        return backend
+    for candidates in _REGISTRY.values():
+        for candidate in candidates:
+            if candidate.available(device) and (backend := candidate.make()).name == requested:
+                return backend
+    raise InputError(f"unknown attention {requested!r}; use one of {', '.join(PUBLIC_NAMES)}")
+
+
+def _first_available(name: str, device: torch.device) -> AttentionBackend | None:
+    for candidate in _REGISTRY.get(name, []):
+        if candidate.available(device):
+            return candidate.make()
+    return None
+
+
+def _load_plugins() -> None:
+    """Import the kernel backends' registration module once (lazily: it pulls in Triton)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    try:
+        importlib.import_module(PLUGIN_MODULE)
+    except ImportError as exc:
+        logger.warning("%s could not be imported (%s); using the reference attention", PLUGIN_MODULE, exc)
+
+
+register_attention("dense", DenseAttention())
+register_attention("sla", SLAReference())
+
+
+class LocalAttention(nn.Module):
+    """Runs the selected backend; owns SLA's ``proj_l`` (Linear head_dim -> head_dim, shared by heads).
+
+    ``proj_l`` exists whatever the backend, so published files load with strict key matching.
+    """
+
+    def __init__(self, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.proj_l = nn.Linear(head_dim, head_dim, dtype=dtype)
+        self.backend: AttentionBackend = DenseAttention()
+        self.topk = DEFAULT_TOPK
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.backend(q, k, v, proj_l=self.proj_l, topk=self.topk)
+
+
+class AttentionOp(nn.Module):
+    """Exists only to reproduce upstream's key path ``self_attn.attn_op.local_attn.proj_l``."""
+
+    def __init__(self, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.local_attn = LocalAttention(head_dim, dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.local_attn(q, k, v)

@@ -1,0 +1,270 @@
+"""The Wan DiT (Wan2.1 T2V 1.3B/14B, one Wan2.2 I2V A14B expert) as TurboDiffusion runs it (spec §3).
+
+dtype flow: the residual stream, linears and attention run in the model dtype (bf16 by default);
+timestep MLPs, modulation, norms and the head run in fp32 with one rounding back. Built with
+dtype=float32 everything is fp32. Self-attention goes through a backend from attention.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import DEFAULT_TOPK, AttentionOp, select_attention
+from .checkpoint import CheckpointError, load_into, read_state_dict
+from .dit_checkpoint import describe_dit_state, identify, is_quantized, variant_label
+from .dit_configs import DIT_CONFIGS, DiTConfig
+from .int8 import Int8Linear
+from .layers import (
+    LayerNorm,
+    RMSNorm,
+    apply_rope,
+    linear_fp32,
+    patchify,
+    rope_angles,
+    timestep_embedding,
+    unpatchify,
+)
+from .random_init import materialize
+
+__all__ = ["DIT_CONFIGS", "DiTConfig", "WanDiT", "build_dit", "load_dit"]
+
+logger = logging.getLogger("turbovideo")
+
+
+def _block_linear(in_features: int, out_features: int, dtype: torch.dtype, quantized: bool) -> nn.Module:
+    if quantized:
+        return Int8Linear(in_features, out_features, bias_dtype=dtype)
+    return nn.Linear(in_features, out_features, dtype=dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: DiTConfig, dtype: torch.dtype, quantized: bool) -> None:
+        super().__init__()
+        dim = config.dim
+        self.num_heads = config.num_heads
+        self.q, self.k, self.v, self.o = (_block_linear(dim, dim, dtype, quantized) for _ in range(4))
+        self.norm_q = RMSNorm(dim, config.eps)
+        self.norm_k = RMSNorm(dim, config.eps)
+        self.attn_op = AttentionOp(config.head_dim, dtype)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        # qk-norm spans all heads, so it runs before the head split.
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        out = self.attn_op(apply_rope(q, angles), apply_rope(k, angles), v)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from the video tokens to all text rows (padding rows included: upstream uses no mask)."""
+
+    def __init__(self, config: DiTConfig, dtype: torch.dtype, quantized: bool) -> None:
+        super().__init__()
+        dim = config.dim
+        self.num_heads = config.num_heads
+        self.q, self.k, self.v, self.o = (_block_linear(dim, dim, dtype, quantized) for _ in range(4))
+        self.norm_q = RMSNorm(dim, config.eps)
+        self.norm_k = RMSNorm(dim, config.eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        v = self.v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, config: DiTConfig, dtype: torch.dtype, quantized: bool) -> None:
+        super().__init__()
+        dim = config.dim
+        # Rows: shift, scale, gate of self-attention, then shift, scale, gate of the FFN.
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim, dtype=dtype))
+        self.norm1 = LayerNorm(dim, config.eps)
+        self.self_attn = SelfAttention(config, dtype, quantized)
+        self.norm3 = LayerNorm(dim, config.eps, affine=True)
+        self.cross_attn = CrossAttention(config, dtype, quantized)
+        self.norm2 = LayerNorm(dim, config.eps)
+        self.ffn = nn.Sequential(
+            _block_linear(dim, config.ffn_dim, dtype, quantized),
+            nn.GELU(approximate="tanh"),
+            _block_linear(config.ffn_dim, dim, dtype, quantized),
+        )
+
+    def forward(
+        self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, angles: torch.Tensor
+    ) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
+        dtype = x.dtype
+        h = (self.norm1(x).float() * (1 + scale1) + shift1).to(dtype)
+        # Gated residuals round the product and then the sum to the stream dtype, as upstream does.
+        x = x + self.self_attn(h, angles) * gate1.to(dtype)
+        x = x + self.cross_attn(self.norm3(x), context)
+        h = (self.norm2(x).float() * (1 + scale2) + shift2).to(dtype)
+        return x + self.ffn(h) * gate2.to(dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, config: DiTConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.norm = LayerNorm(config.dim, config.eps)
+        self.head = nn.Linear(config.dim, config.out_dim * config.patch_volume, dtype=dtype)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, config.dim, dtype=dtype))  # shift, scale
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e[:, None, :]).chunk(2, dim=1)
+        return linear_fp32(self.norm(x).float() * (1 + scale) + shift, self.head)
+
+
+class WanDiT(nn.Module):
+    """``model(x, t, context, y=None)`` -> fp32 velocity [B, 16, T, H, W]; state_dict in upstream's key names."""
+
+    def __init__(
+        self, config: DiTConfig, dtype: torch.dtype = torch.bfloat16, quantized: bool = False
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.quantized = quantized
+        dim = config.dim
+        self.patch_embedding = nn.Linear(config.in_dim * config.patch_volume, dim, dtype=dtype)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim, dtype=dtype),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(dim, dim, dtype=dtype),
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(config.freq_dim, dim, dtype=dtype), nn.SiLU(), nn.Linear(dim, dim, dtype=dtype)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, dtype=dtype))
+        self.blocks = nn.ModuleList(Block(config, dtype, quantized) for _ in range(config.num_layers))
+        self.head = Head(config, dtype)
+        self._sla_topk = DEFAULT_TOPK
+
+    @property
+    def attention_backend(self) -> str:
+        return self._local_attentions()[0].backend.name
+
+    @property
+    def sla_topk(self) -> float:
+        return self._sla_topk
+
+    def set_attention(self, name: str = "auto", topk: float | None = None) -> None:
+        """Select the self-attention backend for the device the weights are on (call again after moving)."""
+        backend = select_attention(name, self.patch_embedding.weight.device)
+        if topk is not None:
+            if not 0.0 < topk <= 1.0:
+                raise ValueError(f"sla_topk must be in (0, 1], got {topk}")
+            self._sla_topk = topk
+        for local in self._local_attentions():
+            local.backend = backend
+            local.topk = self._sla_topk
+
+    def _local_attentions(self) -> list[nn.Module]:
+        return [block.self_attn.attn_op.local_attn for block in self.blocks]
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        config = self.config
+        x = self._with_condition(x, y)
+        dtype = self.patch_embedding.weight.dtype
+        batch, _, frames, height, width = x.shape
+        pt, ph, pw = config.patch_size
+        if frames % pt or height % ph or width % pw:
+            raise ValueError(
+                f"latent {frames}x{height}x{width} is not divisible by the patch {config.patch_size}"
+            )
+        grid = (frames // pt, height // ph, width // pw)
+
+        tokens = self.patch_embedding(patchify(x.to(dtype), config.patch_size))
+        # t is used as given (the sampler rounds it to bf16 like upstream); [B] and [B, 1] both work.
+        sinusoid = timestep_embedding(t.reshape(batch, -1)[:, 0], config.freq_dim)
+        e = linear_fp32(F.silu(linear_fp32(sinusoid, self.time_embedding[0])), self.time_embedding[2])
+        e0 = linear_fp32(F.silu(e), self.time_projection[1]).unflatten(1, (6, config.dim))
+        context = self.text_embedding(context.to(dtype))
+        angles = rope_angles(grid, config.head_dim, x.device)
+        for block in self.blocks:
+            tokens = block(tokens, e0, context, angles)
+        return unpatchify(self.head(tokens, e), grid, config.patch_size)
+
+    def _with_condition(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        config = self.config
+        if config.task == "i2v":
+            if y is None:
+                raise ValueError(
+                    f"{config.name} is image-to-video and needs y, the [B, {config.cond_dim}, T, H, W] image condition"
+                )
+            return torch.cat([x, y.to(x.dtype)], dim=1)
+        if y is not None:
+            raise ValueError(f"{config.name} is text-to-video and takes no image condition y")
+        return x
+
+
+def build_dit(
+    name: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    quantized: bool = False,
+    attention: str = "auto",
+    seed: int | None = None,
+) -> WanDiT:
+    """The named config with seeded random weights (on ``meta`` nothing is allocated)."""
+    config = _config(name)
+    with torch.device("meta"):
+        model = WanDiT(config, dtype, quantized)
+    materialize(model, device, zlib.crc32(name.encode()) if seed is None else seed)
+    return _ready(model, attention)
+
+
+def load_dit(
+    path: str | Path,
+    name: str | None = None,
+    attention: str = "auto",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    quantized: bool | None = None,
+) -> WanDiT:
+    """Load a published DiT file (``.pth``/``.safetensors``, plain or ``-quant``) into an eval-mode model.
+
+    Without ``name`` the architecture is inferred from the keys; without ``quantized`` so is the layout.
+    """
+    path = Path(path)
+    state = read_state_dict(path)
+    if name is not None:
+        config = _config(name)
+    else:
+        config = identify(state)
+        if config is None:
+            raise CheckpointError(
+                f"{path.name} is not a known Wan DiT checkpoint: it looks like {describe_dit_state(state)}"
+            )
+    quantized = is_quantized(state) if quantized is None else quantized
+    with torch.device("meta"):
+        model = WanDiT(config, dtype, quantized)
+    load_into(
+        model, state, source=path.name, expected=variant_label(config, quantized), describe=describe_dit_state
+    )
+    return _ready(model.to(device), attention)
+
+
+def _config(name: str) -> DiTConfig:
+    if name not in DIT_CONFIGS:
+        raise ValueError(f"unknown DiT config {name!r}; known: {', '.join(DIT_CONFIGS)}")
+    return DIT_CONFIGS[name]
+
+
+def _ready(model: WanDiT, attention: str) -> WanDiT:
+    model.eval().requires_grad_(False)
+    model.set_attention(attention)
+    quant = " (int8 W8A8)" if model.quantized else ""
+    logger.info(
+        "DiT %s%s: attention %s, topk %.2f", model.config.name, quant, model.attention_backend, model.sla_topk
+    )
+    return model

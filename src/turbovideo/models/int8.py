@@ -1,0 +1,123 @@
+"""W8A8 linear layers with 128x128 block scales (spec §5) and their exact PyTorch reference.
+
+``quantize_blockwise`` and ``int8_gemm_reference`` are the ground truth the CUDA/Triton kernels are
+tested against. ``Int8Linear`` calls whatever ``set_int8_impl`` installed (default: the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK = 128
+
+Int8Impl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def quantize_blockwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a 2-D [M, K] tensor per 128x128 tile -> (int8 [M, K], fp32 scale [ceil(M/128), ceil(K/128)]).
+
+    amax = max(1e-8, max |x| of the tile in fp32), q = clamp(round_half_even(x * (128/amax)), -128, 127),
+    scale = amax/128: +amax saturates to 127. Tiles outside the matrix count as zeros.
+    """
+    m, k = x.shape
+    mt, kt = math.ceil(m / BLOCK), math.ceil(k / BLOCK)
+    tiles = F.pad(x.float(), (0, kt * BLOCK - k, 0, mt * BLOCK - m)).view(mt, BLOCK, kt, BLOCK)
+    amax = tiles.abs().amax(dim=(1, 3)).clamp_min(1e-8)
+    multiplier = 128.0 / amax
+    q = torch.round(tiles * multiplier[:, None, :, None]).clamp(-128, 127).to(torch.int8)
+    return q.view(mt * BLOCK, kt * BLOCK)[:m, :k].contiguous(), amax / 128.0
+
+
+def int8_gemm_reference(
+    qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor
+) -> torch.Tensor:
+    """fp32 [M, N] = sum over 128-wide K blocks, in order, of float(P_kb) * (sx * sw).
+
+    P_kb (exact int32 in the kernel) is computed in float64, where sums of int8 products are exact.
+    Each step acc = fp32(acc + P_kb * s) is a fused multiply-add into the fp32 accumulator.
+    """
+    m, k = qx.shape
+    n = qw.shape[0]
+    x_rows = sx.repeat_interleave(BLOCK, dim=0)[:m]  # [M, nkb]: scale of row m in K block kb
+    w_rows = sw.repeat_interleave(BLOCK, dim=0)[:n]
+    acc = torch.zeros(m, n, dtype=torch.float32, device=qx.device)
+    for kb in range(math.ceil(k / BLOCK)):
+        cols = slice(kb * BLOCK, (kb + 1) * BLOCK)
+        partial = qx[:, cols].double() @ qw[:, cols].double().T
+        scale = x_rows[:, kb, None] * w_rows[None, :, kb]  # fp32 product first, as the kernel does
+        acc = (acc.double() + partial * scale.double()).float()
+    return acc
+
+
+def int8_linear_reference(
+    x: torch.Tensor, int8_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Quantize the activation x [M, K], run the block GEMM, round to x's dtype, then add the bias in it."""
+    qx, sx = quantize_blockwise(x)
+    y = int8_gemm_reference(qx, sx, int8_weight, scale).to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+_impl: Int8Impl = int8_linear_reference
+
+
+def set_int8_impl(impl: Int8Impl | None) -> None:
+    """Install a faster ``(x2d, int8_weight, scale, bias) -> y2d``; None restores the reference."""
+    global _impl
+    _impl = impl or int8_linear_reference
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is stored int8 with one fp32 scale per 128x128 tile (upstream's buffer names)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        scale_shape = (math.ceil(out_features / BLOCK), math.ceil(in_features / BLOCK))
+        self.register_buffer(
+            "int8_weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        bias_dtype = linear.weight.dtype if linear.bias is None else linear.bias.dtype
+        module = cls(linear.in_features, linear.out_features, bias_dtype, linear.weight.device)
+        module.int8_weight, module.scale = quantize_blockwise(linear.weight.detach())
+        if linear.bias is not None:
+            module.bias = linear.bias.detach().clone()
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _impl(x.reshape(-1, self.in_features), self.int8_weight, self.scale, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight the int8 values stand for (int8 * tile scale)."""
+        scale = self.scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+        return self.int8_weight.float() * scale[: self.out_features, : self.in_features]
+
+    def _randomize_(self, generator: torch.Generator) -> None:
+        """Seeded random init (random_init.materialize): quantize an N/sqrt(fan_in) float weight."""
+        weight = torch.randn(
+            self.out_features, self.in_features, generator=generator, device=self.int8_weight.device
+        )
+        self.int8_weight, self.scale = quantize_blockwise(weight / math.sqrt(self.in_features))
+        noise = torch.randn(self.out_features, generator=generator, device=self.bias.device)
+        self.bias = (0.1 * noise).to(self.bias.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 W8A8"

@@ -1,0 +1,98 @@
+"""The shared checkpoint reader and loader (models/checkpoint.py)."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from turbovideo.models.checkpoint import CheckpointError, load_into, read_state_dict
+
+
+def small_state() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"layer.weight": torch.randn(3, 4, generator=g), "layer.bias": torch.randn(3, generator=g)}
+
+
+def holder(dtype=torch.bfloat16) -> nn.Module:
+    with torch.device("meta"):
+        module = nn.Module()
+        module.layer = nn.Linear(4, 3, dtype=dtype)
+    return module
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: s,
+        lambda s: {"state_dict": {f"net.{k}": v for k, v in s.items()}},
+        lambda s: {"model": {f"module.{k}": v for k, v in s.items()}, "step": 3},
+        lambda s: {k.replace("layer.", "layer._checkpoint_wrapped_module."): v for k, v in s.items()},
+    ],
+    ids=["flat", "net-prefix-nested", "module-prefix-nested", "checkpoint-wrapper-infix"],
+)
+def test_pth_layouts_read_as_flat_module_keys(tmp_path, wrap):
+    path = tmp_path / "m.pth"
+    torch.save(wrap(small_state()), path)
+    assert_same(read_state_dict(path), small_state())
+
+
+def test_legacy_serialisation_and_safetensors(tmp_path):
+    legacy = tmp_path / "legacy.pth"
+    torch.save(small_state(), legacy, _use_new_zipfile_serialization=False)
+    assert_same(read_state_dict(legacy), small_state())
+    st = tmp_path / "m.safetensors"
+    save_file(small_state(), str(st))
+    assert_same(read_state_dict(st), small_state())
+
+
+def test_unreadable_files_raise_one_sentence(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(small_state(), good)
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes(good.read_bytes()[:300])
+    st = tmp_path / "cut.safetensors"
+    save_file(small_state(), str(st))
+    st.write_bytes(st.read_bytes()[:50])
+    json_file = tmp_path / "a.pth"
+    json_file.write_text("{}")
+    not_tensors = tmp_path / "list.pth"
+    torch.save([1, 2, 3], not_tensors)
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    cases = {
+        tmp_path / "nope.pth": "does not exist",
+        empty: "is empty (0 bytes)",
+        truncated: "is truncated or is not a PyTorch checkpoint",
+        st: "is truncated or is not a safetensors file",
+        json_file: "is truncated or is not a PyTorch checkpoint",
+        not_tensors: "does not hold a state dict of tensors (found a list)",
+    }
+    for path, expected in cases.items():
+        with pytest.raises(CheckpointError) as info:
+            read_state_dict(path)
+        assert expected in str(info.value) and "\n" not in str(info.value), path.name
+
+
+def test_load_into_casts_to_the_declared_dtype_and_allocates_from_the_file():
+    state = small_state()
+    module = load_into(holder(torch.bfloat16), dict(state), source="f.pth", expected="a layer")
+    assert module.layer.weight.dtype == torch.bfloat16 and not module.layer.weight.is_meta
+    assert torch.equal(module.layer.weight, state["layer.weight"].bfloat16())
+
+
+def test_load_into_names_missing_unexpected_and_misshaped_keys():
+    state = small_state()
+    state["layer.weight"] = torch.zeros(3, 5)
+    state["extra.weight"] = torch.zeros(1)
+    del state["layer.bias"]
+    with pytest.raises(CheckpointError) as info:
+        load_into(holder(), state, source="f.pth", expected="a layer", describe=lambda s: "something else")
+    assert str(info.value) == (
+        "f.pth does not fit a layer: it looks like something else; 1 missing keys (layer.bias); "
+        "1 unexpected keys (extra.weight); "
+        "1 shape mismatches (layer.weight is [3, 5] in the file but [3, 4] in the model)"
+    )

@@ -1,0 +1,156 @@
+"""The DiT's behaviour beyond the oracle: dtype flow, inputs, attention selection, seeded builds."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from turbovideo.errors import InputError
+from turbovideo.models import DIT_CONFIGS, build_dit
+from turbovideo.models import attention as attention_module
+from turbovideo.models.layers import apply_rope, patchify, rope_angles, rope_split, unpatchify
+
+
+def tiny_inputs(name: str = "tiny-t2v", batch: int = 2):
+    g = torch.Generator().manual_seed(2)
+    config = DIT_CONFIGS[name]
+    x = torch.randn(batch, 16, 3, 8, 12, generator=g)
+    t = torch.tensor([250.5, 937.25][:batch])
+    context = torch.randn(batch, 512, config.text_dim, generator=g)
+    y = torch.randn(batch, config.cond_dim, 3, 8, 12, generator=g) if config.task == "i2v" else None
+    return x, t, context, y
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("name", ["tiny-t2v", "tiny-i2v"])
+@pytest.mark.parametrize("attention", ["dense", "sla"])
+def test_bf16_forward_is_within_bf16_error_of_fp32_with_the_same_weights(name, attention):
+    bf16 = build_dit(name, attention=attention)
+    fp32 = build_dit(name, dtype=torch.float32, attention=attention)
+    fp32.load_state_dict(bf16.state_dict())  # the bf16 values, upcast
+    x, t, context, y = tiny_inputs(name)
+    with torch.no_grad():
+        low, high = bf16(x, t, context, y), fp32(x, t, context, y)
+    assert low.dtype == torch.float32 and low.shape == x.shape
+    assert 0 < rel(low, high) < 2e-2
+
+
+def test_tiny_forward_is_fast_on_cpu():
+    model = build_dit("tiny-t2v")
+    inputs = tiny_inputs(batch=1)
+    with torch.no_grad():
+        model(*inputs)
+        start = time.perf_counter()
+        model(*inputs)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_timesteps_may_be_a_column():
+    model = build_dit("tiny-t2v", dtype=torch.float32)
+    x, t, context, _ = tiny_inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, context), model(x, t[:, None], context))
+
+
+def test_condition_is_required_for_i2v_and_refused_for_t2v():
+    x, t, context, _ = tiny_inputs()
+    with pytest.raises(ValueError, match="needs y"):
+        build_dit("tiny-i2v")(x, t, context)
+    with pytest.raises(ValueError, match="takes no image condition"):
+        build_dit("tiny-t2v")(x, t, context, torch.zeros(2, 20, 3, 8, 12))
+
+
+def test_attention_selection_and_topk():
+    model = build_dit("tiny-t2v", dtype=torch.float32)
+    assert model.attention_backend == "sla-reference" and model.sla_topk == 0.1
+    x, t, context, _ = tiny_inputs()
+    with torch.no_grad():
+        sparse = model(x, t, context)
+        model.set_attention("sla", topk=1.0)
+        full = model(x, t, context)
+        model.set_attention("dense")
+        dense = model(x, t, context)
+    assert model.attention_backend == "dense" and model.sla_topk == 1.0
+    assert rel(sparse, dense) > 1e-3 and rel(full, dense) > 1e-3  # proj_l's linear branch is active
+
+
+def test_sagesla_without_spargeattn_is_one_clear_sentence():
+    with pytest.raises(InputError) as info:
+        build_dit("tiny-t2v", attention="sagesla")
+    assert str(info.value) == (
+        "attention=sagesla needs SpargeAttn (spas_sage_attn), which is not installed; use attention=sla"
+    )
+    with pytest.raises(InputError, match="unknown attention 'flash'"):
+        build_dit("tiny-t2v", attention="flash")
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The attention registry, restored after the test (plugins load first so they land in the original)."""
+    attention_module._load_plugins()
+    copy = {name: list(candidates) for name, candidates in attention_module._REGISTRY.items()}
+    monkeypatch.setattr(attention_module, "_REGISTRY", copy)
+    monkeypatch.setattr(attention_module, "_UNAVAILABLE", dict(attention_module._UNAVAILABLE))
+    return attention_module
+
+
+def test_a_registered_backend_drops_in_by_priority_and_device(registry):
+    class Faster(registry.SLAReference):
+        pass
+
+    fast = Faster(name="sla-fast")
+    registry.register_attention("sla", fast, available=lambda device: device.type == "cpu", priority=10)
+    registry.register_attention(
+        "sla", lambda: Faster(name="sla-gpu"), available=lambda d: d.type == "cuda", priority=20
+    )
+    assert registry.select_attention("auto", "cpu") is fast
+    assert registry.select_attention("sla-reference", "cpu").name == "sla-reference"
+    assert registry.select_attention("auto", "meta").name == "sla-reference"
+    model = build_dit("tiny-t2v")
+    assert model.attention_backend == "sla-fast"
+
+
+def test_build_is_seeded_and_meta_allocates_nothing():
+    a, b = build_dit("tiny-t2v"), build_dit("tiny-t2v")
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    other = build_dit("tiny-t2v", seed=7)
+    assert not torch.equal(other.patch_embedding.weight, a.patch_embedding.weight)
+    meta = build_dit("wan2.2-i2v-a14b", device="meta", quantized=True)
+    assert all(t.is_meta for t in meta.state_dict().values())
+    assert meta.quantized and meta.config.task == "i2v" and meta.config.in_dim == 36
+
+
+def test_rope_split_and_interleaved_rotation():
+    assert rope_split(128) == (44, 42, 42) and rope_split(32) == (12, 10, 10)
+    angles = rope_angles((2, 3, 4), 128, "cpu")
+    token = 1 * 12 + 2 * 4 + 3  # (t, h, w) = (1, 2, 3)
+    expected = torch.cat(
+        [
+            1 * 10000.0 ** (-torch.arange(0, 44, 2) / 44),
+            2 * 10000.0 ** (-torch.arange(0, 42, 2) / 42),
+            3 * 10000.0 ** (-torch.arange(0, 42, 2) / 42),
+        ]
+    )
+    torch.testing.assert_close(angles[token], expected.float())
+    x = torch.randn(1, 24, 2, 128)
+    as_complex = (
+        torch.view_as_complex(x.double().unflatten(-1, (-1, 2)))
+        * torch.polar(torch.ones_like(angles, dtype=torch.float64), angles.double())[None, :, None, :]
+    )
+    rotated = torch.view_as_real(as_complex).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, angles).double(), rotated, rtol=1e-6, atol=1e-6)
+
+
+def test_patchify_is_channel_outermost_and_unpatchify_channel_innermost():
+    x = torch.arange(2 * 3 * 1 * 4 * 6, dtype=torch.float32).view(2, 3, 1, 4, 6)
+    tokens = patchify(x, (1, 2, 2))
+    assert tokens.shape == (2, 6, 12)
+    # token (h=1, w=2), channel c, patch row dy, column dx sits at feature c*4 + dy*2 + dx
+    assert tokens[1, 1 * 3 + 2, 2 * 4 + 1 * 2 + 0] == x[1, 2, 0, 3, 4]
+    inner = tokens.unflatten(-1, (3, 4)).transpose(-1, -2).flatten(-2)  # channel innermost
+    assert torch.equal(unpatchify(inner, (1, 2, 3), (1, 2, 2)), x)
+    assert math.prod(tokens.shape) == x.numel()
