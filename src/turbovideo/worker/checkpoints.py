@@ -1,0 +1,490 @@
+"""Checkpoint files on a (shared) cache directory: download once, verify, reuse offline.
+
+Layout under the cache directory (the dot-files sit next to the file they describe)::
+
+    <repo>/<filename>             the verified file, e.g. Wan-AI/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth
+    .<name>.complete              written last, after size (and sha256) verification
+    .<name>.lock                  held by the one worker downloading it (see locking.py)
+    .<name>.<etag>.partial        an interrupted download, continued with an HTTP Range request
+    models/<model>-<bf16|quant>/  relative symlinks: every file of one model in one directory
+
+Several workers may start at once on one network volume: each file is downloaded by whichever
+worker takes its lock first while the others take the remaining files or wait. A completion marker
+means "no network needed", so a warm volume costs no Hub requests and works with HF_HUB_OFFLINE=1.
+
+huggingface_hub's own ``hf_hub_download`` deletes its partial file on any failure, so an interrupted
+28 GB download would restart from zero; we use its lower-level metadata and ranged-GET helpers instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from turbovideo.catalog import HubFile, ModelSpec
+from turbovideo.worker.locking import VolumeLock, read_owner
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfFileMetadata
+
+logger = logging.getLogger(__name__)
+
+RUNPOD_VOLUME = Path("/runpod-volume")
+REVISION = "main"
+POLL_S = 1.0  # how often a waiting worker looks at someone else's download
+PROGRESS_EVERY_S = 5.0
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class CheckpointDownloadError(RuntimeError):
+    """A checkpoint could not be made available; the message is one actionable sentence."""
+
+
+def default_cache_dir() -> Path:
+    """``CACHE_DIR``, else the network volume when one is mounted, else the user's cache."""
+    if os.environ.get("CACHE_DIR"):
+        return Path(os.environ["CACHE_DIR"]).expanduser()
+    if RUNPOD_VOLUME.is_dir():
+        return RUNPOD_VOLUME / "turbovideo"
+    return Path.home() / ".cache" / "turbovideo"
+
+
+def ensure_checkpoints(
+    spec: ModelSpec,
+    quantized: bool,
+    cache_dir: Path,
+    *,
+    token: str | None = None,
+    offline: bool | None = None,
+    endpoint: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path | None:
+    """Make every file of ``spec`` available and return one directory holding them by Hub filename.
+
+    Returns None for random-weight specs. ``offline=None`` follows ``HF_HUB_OFFLINE``; offline, only
+    files with a completion marker count. ``token=None`` lets huggingface_hub use ``HF_TOKEN``.
+    """
+    if spec.repo is None:
+        return None
+    report = progress or logger.info
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    cache_dir = Path(cache_dir)
+    variant = "quant" if quantized else "bf16"
+    files = spec.files(quantized)
+    pending = [f for f in files if not _is_complete(cache_dir, f)]
+    if pending and offline:
+        missing = pending[0]
+        raise CheckpointDownloadError(
+            f"{missing.repo}/{missing.filename} is not in the cache at {cache_dir} and offline mode (HF_HUB_OFFLINE) "
+            "forbids downloading it; "
+            f"pre-seed it with `python scripts/download_checkpoints.py --model {spec.name} --variant {variant} "
+            f"--dest {cache_dir}`"
+        )
+    if pending:
+        _fetch_all(pending, cache_dir, token=token, endpoint=endpoint, report=report)
+    return _link_model_dir(cache_dir, f"{spec.name}-{variant}", files)
+
+
+def _target(cache_dir: Path, f: HubFile) -> Path:
+    return cache_dir / f.repo / f.filename
+
+
+def _sidecar(target: Path, suffix: str) -> Path:
+    return target.with_name(f".{target.name}.{suffix}")
+
+
+def _is_complete(cache_dir: Path, f: HubFile) -> bool:
+    target = _target(cache_dir, f)
+    try:
+        marker = json.loads(_sidecar(target, "complete").read_text())
+        return target.stat().st_size == marker["size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _fetch_all(
+    pending: list[HubFile],
+    cache_dir: Path,
+    *,
+    token: str | None,
+    endpoint: str | None,
+    report: Callable[[str], None],
+) -> None:
+    """Download what nobody else is downloading; wait for the rest. Returns when all are complete."""
+    locks: dict[HubFile, VolumeLock] = {}
+    last_wait_report = 0.0
+    while pending:
+        progressed = False
+        for f in list(pending):
+            target = _target(cache_dir, f)
+            lock = locks.get(f)
+            if lock is None:
+                _make_dirs(target.parent)
+                lock = locks[f] = VolumeLock(_sidecar(target, "lock"))
+            if not _is_complete(cache_dir, f):
+                try:
+                    acquired = lock.try_acquire()
+                except OSError as e:
+                    raise _filesystem_error(e, target.parent) from e
+                if not acquired:
+                    continue
+                try:
+                    # Someone may have finished it between our look and our lock.
+                    if not _is_complete(cache_dir, f):
+                        _download(f, target, lock, token=token, endpoint=endpoint, report=report)
+                finally:
+                    lock.release()
+            pending.remove(f)
+            progressed = True
+        if pending and not progressed:
+            if time.monotonic() - last_wait_report > 4 * PROGRESS_EVERY_S:
+                last_wait_report = time.monotonic()
+                report(_describe_wait(cache_dir, pending[0]))
+            time.sleep(POLL_S)
+
+
+def _describe_wait(cache_dir: Path, f: HubFile) -> str:
+    target = _target(cache_dir, f)
+    owner = read_owner(_sidecar(target, "lock")) or {}
+    so_far = sum(p.stat().st_size for p in target.parent.glob(f".{target.name}.*.partial"))
+    who = f"{owner.get('host', 'another worker')} (pid {owner.get('pid', '?')})"
+    return f"waiting for {who} to download {f.repo}/{f.filename} ({_gb(so_far)} so far)"
+
+
+def _download(
+    f: HubFile,
+    target: Path,
+    lock: VolumeLock,
+    *,
+    token: str | None,
+    endpoint: str | None,
+    report: Callable[[str], None],
+) -> None:
+    """Fetch one file into its partial, verify it, rename it into place, then write its marker."""
+    name = f"{f.repo}/{f.filename}"
+    meta, source, headers = _locate(f, token=token, endpoint=endpoint)
+    size = meta.size
+    sha256 = meta.etag if _SHA256.fullmatch(meta.etag) else None
+
+    # A file put in place by hand (or renamed just before a crash) is adopted once it verifies.
+    if target.exists() and target.stat().st_size == size and (sha256 is None or _sha256_of(target) == sha256):
+        _write_marker(target, f, meta.commit_hash, meta.etag, size, sha256)
+        report(f"verified {name} already in place ({_gb(size)})")
+        return
+
+    partial = _sidecar(target, f"{meta.etag[:16]}.partial")
+    for stale in target.parent.glob(f".{target.name}.*.partial"):
+        if stale != partial:  # left from an older revision of the file
+            stale.unlink(missing_ok=True)
+    started = time.monotonic()
+    got, digest = _fill_partial(partial, source, headers, size, sha256 is not None, name, report)
+    if (size is not None and got != size) or digest != sha256:
+        partial.unlink(missing_ok=True)
+        found = f"{got} bytes" if size is not None and got != size else f"sha256 {digest}"
+        raise CheckpointDownloadError(
+            f"{name} arrived with {found}, not what the Hub announced ({size} bytes, sha256 {sha256}); "
+            "removed it, retry"
+        )
+    if not lock.held:
+        raise CheckpointDownloadError(f"another worker took over the download of {name}; retry")
+    os.replace(partial, target)
+    _fsync_dir(target.parent)
+    _write_marker(target, f, meta.commit_hash, meta.etag, got, sha256)
+    report(f"fetched {name} ({_gb(got)}) in {time.monotonic() - started:.1f} s")
+
+
+def _locate(
+    f: HubFile, *, token: str | None, endpoint: str | None
+) -> tuple[HfFileMetadata, str, dict[str, str]]:
+    """Ask the Hub for the file's size, ETag and download URL: (metadata, url, request headers)."""
+    # Imported here: huggingface_hub reads its environment (HF_ENDPOINT, HF_HUB_OFFLINE) at import.
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import build_hf_headers
+
+    name = f"{f.repo}/{f.filename}"
+    url = hf_hub_url(f.repo, f.filename, revision=REVISION, endpoint=endpoint)
+    host = urlparse(url).netloc
+    try:
+        meta = get_hf_file_metadata(url, token=token, endpoint=endpoint, retry_on_errors=True)
+    except HfHubHTTPError as e:
+        raise _hub_error(e, name) from e
+    except Exception as e:  # network layer: DNS, refused, timeout, TLS
+        raise CheckpointDownloadError(
+            f"could not reach {host} to fetch {name} ({_first_line(e)}); check the network, or pre-seed "
+            "the cache and set HF_HUB_OFFLINE=1"
+        ) from e
+    if meta.etag is None:
+        raise CheckpointDownloadError(f"{host} gave no ETag for {name}; is HF_ENDPOINT a Hugging Face Hub?")
+    headers = build_hf_headers(token=token)
+    source = meta.location or url
+    if urlparse(source).netloc != host:
+        headers.pop("authorization", None)  # a signed CDN URL must not receive the Hub token
+    return meta, source, headers
+
+
+def _fill_partial(
+    partial: Path,
+    source: str,
+    headers: dict[str, str],
+    size: int | None,
+    hash_it: bool,
+    name: str,
+    report: Callable[[str], None],
+) -> tuple[int, str | None]:
+    """Append the missing bytes to ``partial`` with a Range request; returns (its size, its sha256)."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.file_download import http_get
+
+    host = urlparse(source).netloc
+    try:
+        with open(partial, "a+b") as fh:
+            have = fh.tell()
+            if size is not None and have > size:
+                fh.truncate(0)
+                have = 0
+            _check_free_space(partial.parent, (size or 0) - have)
+            writer = _PartialWriter(fh, hash_it, size, name, report)
+            report(f"downloading {name} ({_gb(size)})" + (f", resuming at {_gb(have)}" if have else ""))
+            try:
+                http_get(
+                    source, writer, resume_size=have, headers=headers, expected_size=size, tqdm_class=_NoBar
+                )
+            except HfHubHTTPError as e:
+                raise _hub_error(e, name) from e
+            except OSError:
+                raise  # the file system, or the size check: both handled below
+            except Exception as e:  # the connection kept failing after http_get's own retries
+                raise CheckpointDownloadError(
+                    f"download of {name} from {host} broke off ({_first_line(e)}); the partial file is kept "
+                    "and the next start resumes it"
+                ) from e
+            fh.flush()
+            os.fsync(fh.fileno())
+            return os.fstat(fh.fileno()).st_size, writer.hexdigest()
+    except OSError as e:
+        if e.errno is None:  # huggingface_hub's consistency check: the body length differs from the size
+            partial.unlink(missing_ok=True)
+            raise CheckpointDownloadError(
+                f"{name} from {host} arrived with the wrong size, not the {size} bytes the Hub announced; "
+                "removed it, retry"
+            ) from e
+        raise _filesystem_error(e, partial.parent) from e
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+class _PartialWriter:
+    """The file object http_get writes to: appends to the partial file, hashing and reporting on the way.
+
+    http_get may rewind (when a server ignores our Range header); the hash then restarts from what is
+    left on disk so it always covers exactly the file's bytes.
+    """
+
+    def __init__(
+        self, fh, hash_it: bool, total: int | None, name: str, report: Callable[[str], None]
+    ) -> None:
+        self._fh = fh
+        self._hash_it = hash_it
+        self._total = total
+        self._name = name
+        self._report = report
+        self._rehash()
+        self._last_report = time.monotonic()
+        self._last_bytes = fh.tell()
+
+    def _rehash(self) -> None:
+        self._hash = hashlib.sha256() if self._hash_it else None
+        if self._hash is not None:
+            self._fh.flush()
+            _hash_prefix(self._fh.fileno(), self._fh.tell(), self._hash)
+
+    def write(self, data: bytes) -> int:
+        n = self._fh.write(data)
+        if self._hash is not None:
+            self._hash.update(data)
+        now = time.monotonic()
+        if now - self._last_report >= PROGRESS_EVERY_S:
+            done = self._fh.tell()
+            rate = (done - self._last_bytes) / (now - self._last_report)
+            share = f" ({100 * done / self._total:.0f}%)" if self._total else ""
+            self._report(f"{self._name}: {_gb(done)} of {_gb(self._total)}{share}, {rate / 1e6:.0f} MB/s")
+            self._last_report, self._last_bytes = now, done
+        return n
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        pos = self._fh.seek(offset, whence)
+        self._rehash()
+        return pos
+
+    def truncate(self, size: int | None = None) -> int:
+        new = self._fh.truncate(size)
+        self._rehash()
+        return new
+
+    def hexdigest(self) -> str | None:
+        return None if self._hash is None else self._hash.hexdigest()
+
+
+class _NoBar:
+    """Stands in for tqdm inside http_get: we report progress through the callback instead."""
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _hash_prefix(fd: int, length: int, h) -> None:
+    pos = 0
+    while pos < length:
+        block = os.pread(fd, min(16 << 20, length - pos), pos)
+        if not block:
+            break
+        h.update(block)
+        pos += len(block)
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        _hash_prefix(fh.fileno(), os.fstat(fh.fileno()).st_size, h)
+    return h.hexdigest()
+
+
+def _write_marker(
+    target: Path, f: HubFile, commit: str | None, etag: str, size: int, sha256: str | None
+) -> None:
+    record = {
+        "repo": f.repo,
+        "filename": f.filename,
+        "revision": REVISION,
+        "commit": commit,
+        "etag": etag,
+        "size": size,
+        "sha256_verified": sha256 is not None,
+        "fetched_at": time.time(),
+    }
+    _atomic_write(_sidecar(target, "complete"), json.dumps(record, indent=1).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename durable on local disks; some network filesystems refuse it, which is harmless.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _make_dirs(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _filesystem_error(e, path) from e
+
+
+def _check_free_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise CheckpointDownloadError(
+            f"not enough space in {directory}: need {_gb(needed)} more, {_gb(free)} free; "
+            "enlarge the volume or point CACHE_DIR elsewhere"
+        )
+
+
+def _filesystem_error(e: OSError, directory: Path) -> CheckpointDownloadError:
+    if e.errno in _FULL_DISK:
+        return CheckpointDownloadError(
+            f"the cache at {directory} is full ({e.strerror}); enlarge the volume or point CACHE_DIR elsewhere"
+        )
+    if e.errno in _READ_ONLY:
+        return CheckpointDownloadError(
+            f"the cache at {directory} is not writable ({e.strerror}); point CACHE_DIR at a writable directory "
+            "or pre-seed it with scripts/download_checkpoints.py"
+        )
+    return CheckpointDownloadError(f"cannot use the cache at {directory}: {e}")
+
+
+def _hub_error(e, name: str) -> CheckpointDownloadError:
+    status = e.response.status_code if getattr(e, "response", None) is not None else None
+    if status in (401, 403):
+        return CheckpointDownloadError(
+            f"access to {name} was refused (HTTP {status}); set HF_TOKEN to a token that can read it"
+        )
+    if status == 404:
+        return CheckpointDownloadError(f"{name} does not exist on the Hub (HTTP 404)")
+    return CheckpointDownloadError(f"the Hub answered HTTP {status} for {name}; retry later")
+
+
+def _link_model_dir(cache_dir: Path, name: str, files: tuple[HubFile, ...]) -> Path:
+    """One directory per model and variant whose entries are relative links into the repo folders.
+
+    Relative links keep working when the volume is mounted elsewhere (/runpod-volume vs /workspace).
+    """
+    model_dir = cache_dir / "models" / name
+    try:
+        for f in files:
+            link = model_dir / f.filename
+            link.parent.mkdir(parents=True, exist_ok=True)
+            source = os.path.relpath(_target(cache_dir, f), link.parent)
+            if link.is_symlink() and os.readlink(link) == source:
+                continue
+            tmp = link.with_name(f".{link.name}.{os.getpid()}.link")
+            tmp.unlink(missing_ok=True)
+            try:
+                tmp.symlink_to(source)
+            except OSError:  # a filesystem without symlinks: a hard link reads the same
+                os.link(_target(cache_dir, f), tmp)
+            os.replace(tmp, link)
+    except OSError as e:
+        raise _filesystem_error(e, model_dir) from e
+    return model_dir
+
+
+def _gb(n: int | None) -> str:
+    if n is None:
+        return "unknown size"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.1f} kB"

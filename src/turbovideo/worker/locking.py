@@ -1,0 +1,164 @@
+"""An exclusive lock that works between workers sharing a network volume.
+
+``flock`` is unreliable on network filesystems (it can silently succeed for every caller), so the
+lock is a plain file created with ``O_CREAT | O_EXCL``: exactly one creator wins on any POSIX-ish
+filesystem. The file holds its owner (host, pid namespace, pid, a random token) and its mtime is
+the owner's heartbeat, refreshed by a thread. A lock is stale when its owner is a dead process of
+this very machine, or when its heartbeat stopped for ``stale_after`` seconds. A stale lock is broken
+by renaming it to a unique name (only one breaker can win the rename), never by delete-then-create.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STALE_AFTER_S = 120.0
+
+
+def _machine() -> dict[str, str]:
+    """Who we are, precisely enough to tell whether a pid in a lock file is one of our processes."""
+    try:
+        pid_namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_namespace = ""
+    host = os.environ.get("RUNPOD_POD_ID") or socket.gethostname()
+    return {"host": host, "pid_namespace": pid_namespace}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def read_owner(path: Path) -> dict | None:
+    """The owner record of a lock file, or None when it is gone or not yet written."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class VolumeLock:
+    """One lock file. ``try_acquire`` never blocks; the caller decides how to wait."""
+
+    def __init__(self, path: Path, *, stale_after: float = STALE_AFTER_S) -> None:
+        self.path = path
+        self.stale_after = stale_after
+        self._token: str | None = None
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        # Heartbeat observed while waiting: (token, mtime_ns) and when we first saw it unchanged.
+        # Comparing against our own monotonic clock makes staleness immune to clock skew between hosts.
+        self._observed: tuple[tuple[str | None, int], float] | None = None
+
+    @property
+    def held(self) -> bool:
+        """True while we own the lock and nobody has broken it."""
+        return self._token is not None and not self._lost.is_set()
+
+    def try_acquire(self) -> bool:
+        if self._token is not None:
+            raise RuntimeError(f"{self.path} is already held by this process")
+        for _ in range(2):  # second try only right after breaking a stale lock
+            token = secrets.token_hex(8)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._break_if_stale():
+                    continue
+                return False
+            owner = {**_machine(), "pid": os.getpid(), "token": token, "started": time.time()}
+            try:
+                os.write(fd, json.dumps(owner).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._token = token
+            self._lost.clear()
+            self._stop.clear()
+            self._heartbeat = threading.Thread(
+                target=self._beat, name=f"heartbeat {self.path.name}", daemon=True
+            )
+            self._heartbeat.start()
+            return True
+        return False
+
+    def release(self) -> None:
+        if self._token is None:
+            return
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        owner = read_owner(self.path)
+        if owner is not None and owner.get("token") == self._token:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        self._token = None
+        self._heartbeat = None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.stale_after / 4):
+            owner = read_owner(self.path)
+            if owner is None or owner.get("token") != self._token:
+                logger.warning("lock %s was taken over by another worker", self.path)
+                self._lost.set()
+                return
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def _is_stale(self, owner: dict | None, mtime_ns: int) -> bool:
+        me = _machine()
+        if owner is not None and all(owner.get(k) == v for k, v in me.items()):
+            if isinstance(owner.get("pid"), int) and not _process_alive(owner["pid"]):
+                return True
+        if time.time() - mtime_ns / 1e9 > self.stale_after:
+            return True
+        seen = ((owner or {}).get("token"), mtime_ns)
+        now = time.monotonic()
+        if self._observed is None or self._observed[0] != seen:
+            self._observed = (seen, now)
+            return False
+        return now - self._observed[1] > self.stale_after
+
+    def _break_if_stale(self) -> bool:
+        """Move a stale lock out of the way. True when the path is free to be created again."""
+        try:
+            mtime_ns = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return True
+        owner = read_owner(self.path)
+        if not self._is_stale(owner, mtime_ns):
+            return False
+        graveyard = self.path.with_name(f"{self.path.name}.stale-{secrets.token_hex(4)}")
+        try:
+            os.rename(self.path, graveyard)
+        except FileNotFoundError:
+            return True  # another waiter broke it first
+        moved = read_owner(graveyard)
+        if (moved or {}).get("token") != (owner or {}).get("token"):
+            # Between our check and the rename someone else broke the stale lock and took a fresh one:
+            # put theirs back (link fails if the name is taken again, which is just as good).
+            with contextlib.suppress(FileExistsError):
+                os.link(graveyard, self.path)
+            graveyard.unlink(missing_ok=True)
+            return False
+        graveyard.unlink(missing_ok=True)
+        self._observed = None
+        logger.warning("broke stale lock %s held by %s", self.path, owner)
+        return True

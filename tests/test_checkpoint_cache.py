@@ -1,0 +1,244 @@
+"""The checkpoint cache against a loopback Hub, with the real huggingface_hub client doing the HTTP."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hub_server import HubServer, Served, read_only_dir
+
+from turbovideo.catalog import MODELS, HubFile, ModelSpec
+from turbovideo.worker import checkpoints
+from turbovideo.worker.checkpoints import CheckpointDownloadError, default_cache_dir, ensure_checkpoints
+
+SPEC = MODELS["TurboWan2.1-T2V-1.3B-480P"]
+DIT = SPEC.dit_files(False)[0]
+# huggingface_hub writes in 10 MiB pieces: the DiT must span a few for partial files to appear.
+MIB = 1 << 20
+DIT_SIZE = 24 * MIB
+
+
+def fake_files(spec: ModelSpec = SPEC, quantized: bool = False) -> dict[tuple[str, str], Served]:
+    """Random bytes under the real Hub names: the DiT 24 MiB, the rest small; tokenizer files are git files."""
+    return {
+        (f.repo, f.filename): Served(
+            os.urandom(DIT_SIZE if f == DIT else 20_000 + i), lfs=f.filename.endswith(".pth")
+        )
+        for i, f in enumerate(spec.files(quantized))
+    }
+
+
+@pytest.fixture
+def hub():
+    with HubServer(fake_files()) as server:
+        yield server
+
+
+def target(cache: Path, f: HubFile) -> Path:
+    return cache / f.repo / f.filename
+
+
+def marker(cache: Path, f: HubFile) -> Path:
+    t = target(cache, f)
+    return t.with_name(f".{t.name}.complete")
+
+
+def assert_model_dir(model_dir: Path, hub: HubServer) -> None:
+    for f in SPEC.files(False):
+        assert (model_dir / f.filename).read_bytes() == hub.files[(f.repo, f.filename)].content
+
+
+def test_first_download_then_no_network_and_offline(hub, tmp_path, monkeypatch):
+    messages: list[str] = []
+    model_dir = ensure_checkpoints(
+        SPEC, False, tmp_path, endpoint=hub.endpoint, token="hf_secret", progress=messages.append
+    )
+    assert model_dir == tmp_path / "models" / f"{SPEC.name}-bf16"
+    assert_model_dir(model_dir, hub)
+    record = json.loads(marker(tmp_path, DIT).read_text())
+    assert record["size"] == DIT_SIZE and record["sha256_verified"] is True
+    leftovers = [p.name for p in tmp_path.rglob(".*") if p.suffix in {".lock", ".partial", ".tmp"}]
+    assert leftovers == []
+    assert any("fetched" in m and DIT.filename in m for m in messages)
+    # The token goes to the Hub, never to the CDN host that serves LFS bytes.
+    assert {r.authorization for r in hub.requests if r.server == "hub"} == {"Bearer hf_secret"}
+    assert {r.authorization for r in hub.requests if r.server == "cdn"} == {None}
+
+    seen = len(hub.requests)
+    assert ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint) == model_dir
+    assert ensure_checkpoints(SPEC, False, tmp_path, offline=True) == model_dir
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint) == model_dir
+    assert len(hub.requests) == seen
+    assert_model_dir(model_dir, hub)
+
+
+def test_big_files_report_bytes_so_far(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "PROGRESS_EVERY_S", 0.0)
+    messages: list[str] = []
+    ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint, progress=messages.append)
+    assert [m for m in messages if m.startswith(f"{DIT.repo}/{DIT.filename}: ") and "%)" in m][-1].startswith(
+        f"{DIT.repo}/{DIT.filename}: 25.2 MB of 25.2 MB (100%)"
+    )
+
+
+def test_random_weight_spec_touches_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    assert ensure_checkpoints(MODELS["tiny-i2v"], True, cache, endpoint="http://127.0.0.1:9") is None
+    assert not cache.exists()
+
+
+def test_offline_with_empty_cache_names_the_file_and_the_fix(hub, tmp_path):
+    with pytest.raises(CheckpointDownloadError) as info:
+        ensure_checkpoints(SPEC, False, tmp_path, offline=True, endpoint=hub.endpoint)
+    message = str(info.value)
+    assert DIT.filename in message and "download_checkpoints.py" in message and "\n" not in message
+    assert hub.requests == []
+
+
+def test_dropped_connection_is_resumed_with_range(hub, tmp_path):
+    hub.drop_after, hub.drops_left = 15 * MIB, 1
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert_model_dir(model_dir, hub)
+    first, again = (r.range for r in hub.body_gets(DIT.repo, DIT.filename))
+    assert first is None and again.startswith("bytes=") and 0 < int(again[6:-1]) <= 15 * MIB
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+from turbovideo.catalog import MODELS
+from turbovideo.worker.checkpoints import ensure_checkpoints
+ensure_checkpoints(MODELS[sys.argv[1]], False, Path(sys.argv[2]), endpoint=sys.argv[3])
+"""
+
+
+def test_killed_download_leaves_nothing_complete_and_next_call_resumes(hub, tmp_path):
+    hub.chunk, hub.delay_s = MIB, 0.1  # the DiT takes ~2.5 s to serve
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, SPEC.name, str(tmp_path), hub.endpoint])
+    dit_dir = target(tmp_path, DIT).parent
+    deadline = time.monotonic() + 30
+    while not any(p.stat().st_size > 0 for p in dit_dir.glob("*.partial")):
+        assert time.monotonic() < deadline and child.poll() is None, "the child never started downloading"
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+    (partial,) = dit_dir.glob("*.partial")
+    kept = partial.stat().st_size
+    assert 0 < kept < DIT_SIZE
+    assert not target(tmp_path, DIT).exists() and not marker(tmp_path, DIT).exists()
+    assert (dit_dir / f".{DIT.filename}.lock").exists()  # its owner died holding it
+
+    hub.delay_s = 0.0
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert_model_dir(model_dir, hub)
+    assert [r.range for r in hub.body_gets(DIT.repo, DIT.filename)] == [None, f"bytes={kept}-"]
+
+
+def _fetch_in_process(cache: str, endpoint: str, start_together, results) -> None:
+    start_together.wait()
+    said: list[str] = []
+    try:
+        path = str(ensure_checkpoints(SPEC, False, Path(cache), endpoint=endpoint, progress=said.append))
+    except Exception as e:  # reported to the parent, which fails the test with it
+        path = f"{type(e).__name__}: {e}"
+    results.put((path, said))
+
+
+def test_two_processes_at_once_download_each_file_once(hub, tmp_path):
+    hub.chunk, hub.delay_s = MIB, 0.02
+    ctx = multiprocessing.get_context("spawn")
+    go, results = ctx.Event(), ctx.Queue()
+    workers = [
+        ctx.Process(target=_fetch_in_process, args=(str(tmp_path), hub.endpoint, go, results)) for _ in "ab"
+    ]
+    for w in workers:
+        w.start()
+    time.sleep(1.5)  # let both children import before the race starts
+    go.set()
+    got = [results.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join(timeout=10)
+    assert [path for path, _ in got] == [str(tmp_path / "models" / f"{SPEC.name}-bf16")] * 2
+    assert_model_dir(Path(got[0][0]), hub)
+    for f in SPEC.files(False):
+        gets = hub.body_gets(f.repo, f.filename)
+        assert [r.range for r in gets] == [None], f"{f.filename} was fetched {len(gets)} times"
+    # They really raced: one waited for the other, or they shared the files out.
+    waited = any(m.startswith("waiting for") for _, said in got for m in said)
+    shared = all(any(m.startswith("fetched") for m in said) for _, said in got)
+    assert waited or shared
+
+
+def test_stale_lock_of_a_vanished_worker_is_broken(hub, tmp_path):
+    lock = target(tmp_path, DIT).with_name(f".{DIT.filename}.lock")
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": "gone-pod", "pid_namespace": "pid:[1]", "pid": 7, "token": "t"}))
+    old = time.time() - 10 * 60
+    os.utime(lock, (old, old))
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert_model_dir(model_dir, hub)
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize(
+    ("lie", "expected"),
+    [({"size": DIT_SIZE + 10}, "wrong size"), ({"sha256": "0" * 64}, "sha256")],
+)
+def test_corrupt_download_is_rejected_and_removed(tmp_path, lie, expected):
+    files = fake_files()
+    files[(DIT.repo, DIT.filename)] = Served(files[(DIT.repo, DIT.filename)].content, **lie)
+    with HubServer(files) as hub, pytest.raises(CheckpointDownloadError, match=expected):
+        ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    dit_dir = target(tmp_path, DIT).parent
+    assert sorted(p.name for p in dit_dir.iterdir()) == []
+
+
+def test_missing_file_on_the_hub(tmp_path):
+    files = fake_files()
+    del files[(DIT.repo, DIT.filename)]
+    with HubServer(files) as hub, pytest.raises(CheckpointDownloadError, match="does not exist"):
+        ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+
+
+def test_read_only_cache_dir_is_a_clear_error(hub, tmp_path):
+    with (
+        read_only_dir(tmp_path / "cache") as cache,
+        pytest.raises(CheckpointDownloadError, match="not writable"),
+    ):
+        ensure_checkpoints(SPEC, False, cache, endpoint=hub.endpoint)
+
+
+def test_pre_seeded_read_only_cache_is_used_as_is(hub, tmp_path):
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    seen = len(hub.requests)
+    with read_only_dir(tmp_path):
+        assert ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint) == model_dir
+        assert_model_dir(model_dir, hub)
+    assert len(hub.requests) == seen
+
+
+def test_file_larger_than_the_free_space_is_a_clear_error(tmp_path):
+    files = fake_files()
+    files[(DIT.repo, DIT.filename)].size = 1 << 60  # the Hub claims an exabyte
+    with HubServer(files) as hub, pytest.raises(CheckpointDownloadError, match="not enough space"):
+        ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+
+
+def test_default_cache_dir_follows_env_then_volume_then_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "explicit"))
+    assert default_cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("CACHE_DIR")
+    monkeypatch.setattr(checkpoints, "RUNPOD_VOLUME", tmp_path / "volume")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "turbovideo"
+    (tmp_path / "volume").mkdir()
+    assert default_cache_dir() == tmp_path / "volume" / "turbovideo"

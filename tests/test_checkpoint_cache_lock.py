@@ -1,0 +1,63 @@
+"""The volume lock: exclusive, kept alive by its heartbeat, broken only when its owner is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from turbovideo.worker.locking import VolumeLock, read_owner
+
+
+def test_one_holder_at_a_time_and_heartbeat_keeps_it(tmp_path):
+    path = tmp_path / "x.lock"
+    holder, waiter = VolumeLock(path, stale_after=0.6), VolumeLock(path, stale_after=0.6)
+    assert holder.try_acquire()
+    deadline = time.monotonic() + 1.5  # well past the stale timeout
+    while time.monotonic() < deadline:
+        assert not waiter.try_acquire()
+        time.sleep(0.05)
+    assert holder.held
+    holder.release()
+    assert not path.exists()
+    assert waiter.try_acquire()
+    waiter.release()
+
+
+def test_frozen_heartbeat_goes_stale_even_from_a_clock_far_ahead(tmp_path):
+    path = tmp_path / "x.lock"
+    path.write_text(
+        json.dumps({"host": "elsewhere", "pid_namespace": "pid:[1]", "pid": 1, "token": "theirs"})
+    )
+    ahead = time.time() + 3600  # the other host's clock runs an hour fast: its mtime never looks old
+    os.utime(path, (ahead, ahead))
+    lock = VolumeLock(path, stale_after=0.5)
+    assert not lock.try_acquire()
+    time.sleep(0.6)
+    assert lock.try_acquire()  # the heartbeat did not move for longer than stale_after
+    assert read_owner(path)["token"] != "theirs"
+    lock.release()
+
+
+def test_lock_of_a_dead_local_process_is_taken_at_once(tmp_path):
+    path = tmp_path / "x.lock"
+    code = "import os, sys; from pathlib import Path; from turbovideo.worker.locking import VolumeLock\n"
+    code += "assert VolumeLock(Path(sys.argv[1])).try_acquire(); os._exit(0)"
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    assert path.exists()
+    lock = VolumeLock(path)  # default two-minute timeout: only the dead pid can explain success
+    assert lock.try_acquire()
+    lock.release()
+
+
+def test_holder_notices_when_its_lock_is_taken_over(tmp_path):
+    path = tmp_path / "x.lock"
+    lock = VolumeLock(path, stale_after=0.2)
+    assert lock.try_acquire()
+    path.write_text(json.dumps({"token": "someone-else"}))
+    time.sleep(0.3)
+    assert not lock.held
+    lock.release()
+    assert read_owner(path) == {"token": "someone-else"}  # not ours to delete

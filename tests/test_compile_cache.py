@@ -1,0 +1,63 @@
+"""Compile caches go to the volume when it can take them, to local disk otherwise, and never raise."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from hub_server import read_only_dir
+
+from turbovideo.worker.compile_cache import configure_compile_cache
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    # The local fallback lives under the temp dir; keep it inside this test's directory.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "local"))
+    (tmp_path / "local").mkdir()
+
+
+def test_writable_volume_is_used(tmp_path, caplog):
+    volume = tmp_path / "volume"
+    with caplog.at_level(logging.WARNING):
+        assert configure_compile_cache(volume) == volume / "triton"
+    assert os.environ["TRITON_CACHE_DIR"] == str(volume / "triton")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(volume / "inductor")
+    assert list((volume / "triton").iterdir()) == []  # the probe cleaned up after itself
+    assert caplog.records == []
+
+
+def test_read_only_volume_falls_back_with_one_log_line(tmp_path, caplog):
+    with read_only_dir(tmp_path / "volume") as volume, caplog.at_level(logging.WARNING):
+        used = configure_compile_cache(volume)
+    assert used == tmp_path / "local" / "turbovideo-compile" / "triton"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(
+        tmp_path / "local" / "turbovideo-compile" / "inductor"
+    )
+    assert [r.getMessage() for r in caplog.records if "not writable" in r.getMessage()] != []
+    assert len(caplog.records) == 1
+
+
+def test_nearly_full_volume_falls_back(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        used = configure_compile_cache(tmp_path / "volume", min_free_bytes=1 << 62)
+    assert used == tmp_path / "local" / "turbovideo-compile" / "triton"
+    assert "nearly full" in caplog.records[0].getMessage()
+
+
+def test_existing_triton_cache_dir_is_respected(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    assert configure_compile_cache(tmp_path / "volume") == tmp_path / "mine"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "volume" / "inductor")
+
+
+def test_nothing_usable_leaves_defaults_and_does_not_raise(tmp_path):
+    with read_only_dir(tmp_path / "volume") as volume, read_only_dir(tmp_path / "local"):
+        assert configure_compile_cache(volume) is None
+    assert "TRITON_CACHE_DIR" not in os.environ and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert not Path(tmp_path / "local" / "turbovideo-compile").exists()
