@@ -1,0 +1,191 @@
+"""Command line: ``python -m turbovideo generate --model NAME --prompt TEXT [--image PATH] --out FILE``.
+
+Option names follow upstream's inference scripts. ``--model tiny`` runs the whole path with seeded
+random weights (no download; tiny-i2v when an image is given). Bad values end with one line on
+stderr and exit code 2; failures while loading or generating with one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import NoReturn, TextIO
+
+from PIL import Image, UnidentifiedImageError
+
+from turbovideo.catalog import ALIASES, DEFAULT_FPS, DEFAULT_FRAMES, MODELS, ModelSpec
+from turbovideo.errors import InputError
+
+# Tiny models default to 17 frames (about 1 s), which keeps a CPU run to seconds.
+TINY_DEFAULT_FRAMES = 17
+USAGE_ERROR = 2
+RUN_ERROR = 1
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{self.prog}: {message}", USAGE_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="turbovideo", description="TurboDiffusion video generation")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    gen = commands.add_parser("generate", help="generate a video from a prompt (and an image)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--image", type=Path, help="input image for image-to-video")
+    gen.add_argument("--model", default="tiny", help=f"one of {', '.join([*MODELS, *ALIASES])}")
+    gen.add_argument("--out", type=Path, default=Path("output/generated_video.mp4"))
+    gen.add_argument("--checkpoint_dir", type=Path, help="folder with the model's files (Hub filenames)")
+    gen.add_argument("--num_steps", type=int, default=4)
+    gen.add_argument("--sigma_max", type=float, help="default: 80 for T2V, 200 for I2V")
+    gen.add_argument("--resolution", help="480p or 720p (tiny for tiny models); default: the model's")
+    gen.add_argument("--aspect_ratio", default="16:9")
+    gen.add_argument(
+        "--num_frames", type=int, help=f"4k+1; default {DEFAULT_FRAMES} ({TINY_DEFAULT_FRAMES} for tiny)"
+    )
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num_samples", type=int, default=1)
+    gen.add_argument("--fps", type=int, default=DEFAULT_FPS)
+    gen.add_argument(
+        "--attention_type", default="auto", help="auto, sagesla, sla or dense (upstream: original)"
+    )
+    gen.add_argument("--sla_topk", type=float, default=0.1)
+    gen.add_argument("--boundary", type=float, default=0.9, help="I2V expert switch time")
+    gen.add_argument("--ode", action="store_true", help="deterministic ODE sampling instead of SDE")
+    gen.add_argument(
+        "--adaptive_resolution", action="store_true", help="I2V: follow the image's aspect ratio"
+    )
+    gen.add_argument(
+        "--quant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="int8 DiT files (default: by GPU memory)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    spec = _spec(args.model, with_image=args.image is not None)
+    if not spec.is_random and args.checkpoint_dir is None:
+        _fail(
+            f"turbovideo: model {spec.name} needs its checkpoints: run python scripts/download_checkpoints.py "
+            f"--model {spec.name} --dest DIR, then pass --checkpoint_dir DIR",
+            USAGE_ERROR,
+        )
+    # Heavy imports (torch, the models) only once the command line is known to be usable.
+    from turbovideo.models import CheckpointError
+    from turbovideo.pipeline import GenerationRequest, VideoPipeline
+    from turbovideo.pipeline.request import check_request
+
+    request = GenerationRequest(
+        prompt=args.prompt,
+        task=spec.task,
+        image=_open_image(args.image),
+        resolution=args.resolution,
+        aspect_ratio=args.aspect_ratio,
+        adaptive_resolution=args.adaptive_resolution,
+        num_frames=_default_frames(spec) if args.num_frames is None else args.num_frames,
+        num_steps=args.num_steps,
+        sigma_max=args.sigma_max,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        attention="dense" if args.attention_type == "original" else args.attention_type,
+        sla_topk=args.sla_topk,
+        ode=args.ode,
+        boundary=args.boundary,
+        fps=args.fps,
+    )
+    try:
+        check_request(request, spec)
+        pipe = VideoPipeline.load(
+            spec, args.checkpoint_dir, quantized=args.quant, attention=request.attention
+        )
+        out: Path = args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".turbovideo-") as scratch:
+            result = pipe.generate(request, Path(scratch), ProgressBar(sys.stderr))
+            targets = _targets(out, len(result.videos))
+            for video, target in zip(result.videos, targets, strict=True):
+                shutil.move(video, target)
+    except InputError as err:
+        _fail(f"turbovideo: {err}", USAGE_ERROR)
+    except (CheckpointError, OSError) as err:
+        _fail(f"turbovideo: {err}", RUN_ERROR)
+    timings = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items())
+    print(
+        f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
+        f"attention {result.attention_backend}: {timings}",
+        file=sys.stderr,
+    )
+    for target in targets:
+        print(target)
+    return 0
+
+
+def _spec(name: str, with_image: bool) -> ModelSpec:
+    if name == "tiny":
+        return MODELS["tiny-i2v" if with_image else "tiny-t2v"]
+    if name not in MODELS:
+        _fail(
+            f"turbovideo: unknown model {name!r}; choose one of {', '.join([*MODELS, 'tiny'])}", USAGE_ERROR
+        )
+    return MODELS[name]
+
+
+def _default_frames(spec: ModelSpec) -> int:
+    return TINY_DEFAULT_FRAMES if spec.is_random else DEFAULT_FRAMES
+
+
+def _open_image(path: Path | None) -> Image.Image | None:
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        _fail(f"turbovideo: cannot read image {path}: {err}", USAGE_ERROR)
+
+
+def _targets(out: Path, count: int) -> list[Path]:
+    """``out`` for one video; ``name_0.mp4``, ``name_1.mp4``, ... next to it for several."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+
+
+class ProgressBar:
+    """A plain-text bar per stage on a stream; redrawn in place on a terminal, one line per event otherwise."""
+
+    WIDTH = 24
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.redraw = stream.isatty()
+
+    def __call__(self, event) -> None:
+        filled = round(self.WIDTH * event.step / event.total)
+        line = f"{event.stage:<8}[{'#' * filled}{'.' * (self.WIDTH - filled)}] {event.step}/{event.total}"
+        if self.redraw:
+            self.stream.write("\r" + line + ("\n" if event.step == event.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(message.splitlines()[0] if message else "turbovideo: failed", file=sys.stderr)
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

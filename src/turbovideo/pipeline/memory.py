@@ -1,0 +1,187 @@
+"""Which modules stay on the GPU, and moving the others through pinned host memory.
+
+The decision is a pure function of the free memory, the modules' byte sizes and an activation
+estimate for the request, made before any work starts (never by catching out-of-memory errors).
+Modules that do not all fit are offloaded while idle, in a fixed order of how cheap that is: the
+text encoder first (idle after encoding), then the DiT experts (the inactive I2V expert, the DiT
+during decode), the small VAE last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+GIB = 1 << 30
+# Cards at least this large run the unquantized DiT files (upstream's README guidance).
+UNQUANTIZED_MIN_BYTES = 40 * 10**9
+# Kept free for the CUDA context, allocator fragmentation and kernels' workspaces.
+SAFETY_FRACTION = 0.05
+SAFETY_MIN_BYTES = GIB // 2
+
+# Text encoding of 512 tokens needs little beyond the weights.
+TEXT_ACTIVATION_BYTES = GIB // 4
+# Wan2.1 VAE working set per output pixel of one frame chunk, from the 480p decode on an H100:
+# 4.7 GiB peak with 0.25 GB of weights for 832x480 (performance.md), rounded up.
+VAE_BYTES_PER_PIXEL = 12 * 1024
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One phase of a request: the modules it runs and the activation memory it needs on top."""
+
+    name: str
+    active: tuple[str, ...]
+    activation_bytes: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``resident`` modules stay on the GPU; ``swapped`` ones are there only while a stage runs them."""
+
+    resident: frozenset[str]
+    swapped: frozenset[str]
+    peak_bytes: int
+    fits: bool
+
+
+def plan(
+    budget_bytes: int, sizes: Mapping[str, int], stages: Sequence[Stage], offload_order: Sequence[str]
+) -> Placement:
+    """Keep as much resident as fits, offloading modules in ``offload_order`` until every stage fits.
+
+    If even the most offloaded placement is too big, that placement is returned with ``fits=False``.
+    """
+    swapped: set[str] = set()
+    candidates = [name for name in offload_order if name in sizes]
+    while True:
+        resident = frozenset(sizes) - swapped
+        peak = max(_stage_bytes(stage, resident, sizes) for stage in stages)
+        if peak <= budget_bytes or not candidates:
+            return Placement(resident, frozenset(swapped), peak, peak <= budget_bytes)
+        swapped.add(candidates.pop(0))
+
+
+def _stage_bytes(stage: Stage, resident: frozenset[str], sizes: Mapping[str, int]) -> int:
+    visiting = [name for name in stage.active if name not in resident]
+    return (
+        sum(sizes[name] for name in resident) + sum(sizes[name] for name in visiting) + stage.activation_bytes
+    )
+
+
+def usable_bytes(free_bytes: int) -> int:
+    """Memory a plan may use out of ``free_bytes``, after the safety margin."""
+    return free_bytes - max(int(free_bytes * SAFETY_FRACTION), SAFETY_MIN_BYTES)
+
+
+def prefer_quantized(total_device_bytes: int | None) -> bool:
+    """Int8 DiT files below 40 GB cards; unquantized on larger cards and on CPU (``None``)."""
+    return total_device_bytes is not None and total_device_bytes < UNQUANTIZED_MIN_BYTES
+
+
+def dit_activation_bytes(batch: int, tokens: int, dim: int, ffn_dim: int, latent_elements: int) -> int:
+    """Peak DiT working set: a block's bf16 tensors ([L, D] residual, norm, q/k/v, attention output,
+    FFN hidden and its activation) plus the float64 sampler state, noise and fp32 velocity."""
+    block = batch * tokens * (8 * dim + 2 * ffn_dim) * 2
+    sampler = latent_elements * (8 + 4 + 4 + 2)
+    return block + sampler
+
+
+def vae_activation_bytes(batch: int, num_frames: int, height: int, width: int) -> int:
+    """VAE encode/decode working set plus the full fp32 video it returns."""
+    return batch * height * width * (VAE_BYTES_PER_PIXEL + num_frames * 3 * 4)
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for _, t in _tensors(module))
+
+
+class DeviceSlot:
+    """Moves one module's weights between the GPU and a pinned host copy.
+
+    The host copy is made once (at load, or the first time the module leaves the GPU) and kept,
+    so later offloads only drop the device tensors instead of copying weights back. The slot
+    assumes it is the only thing moving the module.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        self.module = module
+        self.device = device
+        self.nbytes = module_bytes(module)
+        self._host: dict[tuple[nn.Module, str], torch.Tensor] | None = None
+        self._on_device = all(t.device == device for _, t in _tensors(module))
+
+    @property
+    def on_device(self) -> bool:
+        return self._on_device
+
+    @torch.inference_mode(False)
+    def pin(self) -> None:
+        """Make the pinned host copy now (at load) rather than on the first offload."""
+        if self.device.type != "cpu":
+            self._ensure_host_copy()
+
+    # Moves run outside inference mode so the weights stay ordinary tensors wherever they are moved.
+    @torch.inference_mode(False)
+    def to_device(self) -> None:
+        if self._on_device:
+            return
+        # From the pinned copy if there is one (asynchronous), else from wherever the weights were loaded.
+        for key, tensor in _tensors(self.module):
+            _assign(key, tensor.to(self.device, non_blocking=True))
+        self._on_device = True
+
+    @torch.inference_mode(False)
+    def to_host(self) -> None:
+        if not self._on_device or self.device.type == "cpu":
+            return
+        self._ensure_host_copy()
+        assert self._host is not None
+        for key, tensor in self._host.items():
+            _assign(key, tensor)
+        self._on_device = False
+
+    def _ensure_host_copy(self) -> None:
+        if self._host is not None:
+            return
+        pin = torch.cuda.is_available()
+        self._host = {key: _host_copy(tensor, pin) for key, tensor in _tensors(self.module)}
+        if not self._on_device:
+            # The module lives on the host: run from the pinned copy and let the original go.
+            for key, tensor in self._host.items():
+                _assign(key, tensor)
+
+
+def slot_for(module: nn.Module, device: torch.device) -> DeviceSlot:
+    """The module's one slot for ``device``: pipelines sharing a module (the umT5 and VAE of one
+    checkpoint folder) share its slot, so they agree on where its weights are."""
+    slot = getattr(module, "_device_slot", None)
+    if slot is None or slot.device != device:
+        slot = DeviceSlot(module, device)
+        module._device_slot = slot
+    return slot
+
+
+def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    # Same strides as the original: the VAE keeps its conv weights channels-last.
+    copy = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=pin)
+    copy.copy_(tensor)
+    return copy
+
+
+def _tensors(module: nn.Module) -> Iterator[tuple[tuple[nn.Module, str], torch.Tensor]]:
+    for owner in module.modules():
+        for name, tensor in [*owner._parameters.items(), *owner._buffers.items()]:
+            if tensor is not None:
+                yield (owner, name), tensor
+
+
+def _assign(key: tuple[nn.Module, str], tensor: torch.Tensor) -> None:
+    owner, name = key
+    if name in owner._parameters:
+        owner._parameters[name].data = tensor
+    else:
+        owner._buffers[name] = tensor

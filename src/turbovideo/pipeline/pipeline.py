@@ -1,0 +1,454 @@
+"""VideoPipeline: prompt (and image) in, mp4 files out, with the models loaded once.
+
+A request runs four stages: encode (prompt through umT5, cached; the I2V image through the VAE),
+denoise (rCM sampling with the DiT, switching I2V experts at the boundary), decode (VAE) and mux
+(mp4 files and a thumbnail). Before each stage the memory plan decides which modules sit on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from turbovideo import catalog
+from turbovideo.catalog import ModelSpec
+from turbovideo.models import (
+    CheckpointError,
+    build_dit,
+    build_text_encoder,
+    build_vae,
+    encode_prompts,
+    load_dit,
+    load_text_encoder,
+    load_tokenizer,
+    load_vae,
+)
+from turbovideo.models.attention import select_attention
+from turbovideo.models.tokenizer import TOKENIZER_FILE, PromptTokenizer
+from turbovideo.pipeline.conditioning import image_condition
+from turbovideo.pipeline.memory import (
+    TEXT_ACTIVATION_BYTES,
+    Placement,
+    Stage,
+    dit_activation_bytes,
+    plan,
+    prefer_quantized,
+    slot_for,
+    usable_bytes,
+    vae_activation_bytes,
+)
+from turbovideo.pipeline.prompt_cache import PromptCache
+from turbovideo.pipeline.request import (
+    GenerationRequest,
+    GenerationResult,
+    ProgressEvent,
+    check_request,
+    frame_size,
+)
+from turbovideo.pipeline.resolution import latent_frames
+from turbovideo.pipeline.sampler import expert_per_step, rf_times, sample
+from turbovideo.pipeline.video import to_uint8_frames, write_mp4, write_thumbnail
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[ProgressEvent], None]
+TEXT_ENCODER = "text_encoder"
+VAE = "vae"
+# The latent has 16 channels and 8x smaller frames (Wan2.1 VAE).
+LATENT_CHANNELS = 16
+VAE_STRIDE = 8
+
+
+class VideoPipeline:
+    """The loaded models of one catalog entry; ``generate`` turns a request into videos."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        experts: Sequence[nn.Module],
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        tokenizer: PromptTokenizer,
+        device: torch.device,
+        *,
+        encoder_id: str,
+        prompt_cache: PromptCache | None = None,
+        gpu_memory_limit: int | None = None,
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.experts = list(experts)
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.encoder_id = encoder_id
+        self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache()
+        self._expert_names = ["dit"] if len(self.experts) == 1 else ["dit_high", "dit_low"]
+        named = {
+            TEXT_ENCODER: text_encoder,
+            **dict(zip(self._expert_names, self.experts, strict=True)),
+            VAE: vae,
+        }
+        self._slots = {name: slot_for(module, device) for name, module in named.items()}
+        # Cheapest to offload first: the text encoder is idle after encoding, the small VAE is kept longest.
+        self._offload_order = [TEXT_ENCODER, *self._expert_names, VAE]
+        self._placement: Placement | None = None
+        # A cap below what the card has free, e.g. when another process shares the GPU.
+        self.gpu_memory_limit = gpu_memory_limit
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def load(
+        cls,
+        spec: ModelSpec,
+        checkpoint_dir: Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        quantized: bool | None = None,
+        attention: str = "auto",
+        prompt_cache_dir: Path | None = None,
+    ) -> VideoPipeline:
+        """Load ``spec``'s files from ``checkpoint_dir`` (laid out as their Hub filenames).
+
+        Random-weight specs (``tiny-*``) need no folder. ``quantized=None`` picks the int8 files on
+        cards under 40 GB, and falls back to the other variant when only that one is on disk.
+        """
+        device = resolve_device(device)
+        select_attention(attention, device)  # an unavailable backend fails before any loading
+        if spec.is_random:
+            return cls.random(spec, device, quantized=bool(quantized), attention=attention)
+        if checkpoint_dir is None:
+            raise CheckpointError(
+                f"model {spec.name} needs its checkpoints: run python scripts/download_checkpoints.py "
+                f"--model {spec.name} --dest DIR, then pass that folder as the checkpoint directory"
+            )
+        folder = Path(checkpoint_dir)
+        quantized = _pick_variant(spec, folder, quantized, device)
+        experts = [
+            load_dit(folder / f.filename, name=spec.dit_config, device="cpu", quantized=quantized)
+            for f in spec.dit_files(quantized)
+        ]
+        vae, text_encoder, tokenizer, encoder_id = _shared_assets(folder, spec, device)
+        pipe = cls(
+            spec,
+            experts,
+            vae,
+            text_encoder,
+            tokenizer,
+            device,
+            encoder_id=encoder_id,
+            prompt_cache=PromptCache(directory=prompt_cache_dir),
+        )
+        pipe._place_for(pipe._default_request())
+        return pipe
+
+    @classmethod
+    def random(
+        cls,
+        spec: ModelSpec,
+        device: str | torch.device | None = None,
+        *,
+        quantized: bool = False,
+        attention: str = "auto",
+        blocks: int | None = None,
+    ) -> VideoPipeline:
+        """Seeded random weights at ``spec``'s shapes (tiny models, tests and benchmarks).
+
+        ``blocks`` keeps only the first N DiT blocks of each expert (benchmarks of models too big to
+        hold twice; their DiT times scale with the block count).
+        """
+        device = resolve_device(device)
+        experts = []
+        for stem in spec.experts:
+            expert = build_dit(
+                spec.dit_config,
+                device,
+                quantized=quantized,
+                attention=attention,
+                seed=zlib.crc32(stem.encode()),
+            )
+            if blocks is not None:
+                expert.blocks = expert.blocks[:blocks]
+            experts.append(expert)
+        tokenizer = load_tokenizer(None)
+        pipe = cls(
+            spec,
+            experts,
+            build_vae(spec.vae_config, device),
+            build_text_encoder(spec.text_encoder_config, device),
+            tokenizer,
+            device,
+            encoder_id=f"random:{spec.text_encoder_config}:{tokenizer.source}",
+        )
+        pipe._place_for(pipe._default_request())
+        return pipe
+
+    # ----------------------------------------------------------------- requests
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise ``InputError`` with one line for an invalid request; touches no model."""
+        check_request(request, self.spec)
+        select_attention(request.attention, self.device)
+
+    @torch.inference_mode()
+    def generate(
+        self, request: GenerationRequest, out_dir: Path, progress: Progress | None = None
+    ) -> GenerationResult:
+        self.validate(request)
+        report = progress or (lambda event: None)
+        width, height = frame_size(request, self.spec)
+        clock = _StageClock(self.device)
+        self._place_for(request)
+
+        image = request.image if request.task == "i2v" else None
+        encode_total = 1 if image is None else 2
+        context = self._encode_prompt(request.prompt).repeat(request.num_samples, 1, 1)
+        report(ProgressEvent("encode", 1, encode_total))
+        condition = None
+        if image is not None:
+            self._enter({VAE})
+            y = image_condition(
+                self.vae.encode, image, width, height, request.num_frames, self.device, self.vae.dtype
+            )
+            condition = y.repeat(request.num_samples, 1, 1, 1, 1)
+            report(ProgressEvent("encode", 2, encode_total))
+        clock.lap("encode")
+
+        latent = self._denoise(request, context, condition, width, height, report)
+        clock.lap("denoise")
+
+        self._enter({VAE})
+        videos = self.vae.decode(latent, lambda done, total: report(ProgressEvent("decode", done, total)))
+        clock.lap("decode")
+
+        paths = self._mux(videos, Path(out_dir), request.fps, report)
+        clock.lap("mux")
+        return GenerationResult(
+            videos=paths,
+            thumbnail=Path(out_dir) / "thumbnail.jpg",
+            width=width,
+            height=height,
+            num_frames=videos.shape[2],
+            fps=request.fps,
+            duration_s=videos.shape[2] / request.fps,
+            seed=request.seed,
+            attention_backend=self.experts[0].attention_backend,
+            timings=clock.timings(),
+        )
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        text = self.tokenizer.clean(prompt)
+        cached = self.prompt_cache.get(self.encoder_id, text)
+        if cached is None:
+            self._enter({TEXT_ENCODER})
+            cached = encode_prompts([text], self.tokenizer, self.text_encoder)
+            self.prompt_cache.put(self.encoder_id, text, cached)
+        return cached.to(self.device, non_blocking=True)
+
+    def _denoise(
+        self,
+        request: GenerationRequest,
+        context: torch.Tensor,
+        condition: torch.Tensor | None,
+        width: int,
+        height: int,
+        report: Progress,
+    ) -> torch.Tensor:
+        sigma_max = request.sigma_max if request.sigma_max is not None else self.spec.default_sigma_max
+        times = rf_times(sigma_max, request.num_steps)
+        expert_index = (
+            expert_per_step(times, request.boundary) if len(self.experts) > 1 else [0] * request.num_steps
+        )
+        shape = (
+            request.num_samples,
+            LATENT_CHANNELS,
+            latent_frames(request.num_frames),
+            height // VAE_STRIDE,
+            width // VAE_STRIDE,
+        )
+
+        def velocity(step: int, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            index = expert_index[step]
+            self._enter({self._expert_names[index]})
+            expert = self.experts[index]
+            expert.set_attention(request.attention, request.sla_topk)
+            return expert(x, timestep, context, condition)
+
+        generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        total = request.num_steps
+        return sample(
+            velocity,
+            shape,
+            times,
+            generator,
+            ode=request.ode,
+            on_step=lambda i: report(ProgressEvent("denoise", i + 1, total)),
+        )
+
+    def _mux(self, videos: torch.Tensor, out_dir: Path, fps: int, report: Progress) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, video in enumerate(videos):
+            frames = to_uint8_frames(video)
+            if index == 0:
+                write_thumbnail(frames[0], out_dir / "thumbnail.jpg")
+            path = out_dir / f"sample_{index}.mp4"
+            write_mp4(frames, path, fps)
+            paths.append(path)
+            report(ProgressEvent("mux", index + 1, len(videos)))
+        return paths
+
+    # ----------------------------------------------------------------- memory
+
+    @property
+    def placement(self) -> Placement | None:
+        """The last request's GPU placement (None on the CPU, where everything stays put)."""
+        return self._placement
+
+    def _default_request(self) -> GenerationRequest:
+        return GenerationRequest(prompt="-", task=self.spec.task)
+
+    def _stages(self, request: GenerationRequest, width: int, height: int) -> list[Stage]:
+        config = self.experts[0].config
+        frames = latent_frames(request.num_frames)
+        tokens = frames * (height // (2 * VAE_STRIDE)) * (width // (2 * VAE_STRIDE))
+        latent = (
+            request.num_samples * LATENT_CHANNELS * frames * (height // VAE_STRIDE) * (width // VAE_STRIDE)
+        )
+        dit = dit_activation_bytes(request.num_samples, tokens, config.dim, config.ffn_dim, latent)
+        vae = vae_activation_bytes(request.num_samples, request.num_frames, height, width)
+        stages = [Stage("text", (TEXT_ENCODER,), TEXT_ACTIVATION_BYTES)]
+        if request.task == "i2v":
+            stages.append(Stage("image", (VAE,), vae_activation_bytes(1, request.num_frames, height, width)))
+        stages += [Stage(f"denoise-{name}", (name,), dit) for name in self._expert_names]
+        stages.append(Stage("decode", (VAE,), vae))
+        return stages
+
+    def _place_for(self, request: GenerationRequest) -> None:
+        """Decide this request's placement and move the resident modules onto the device."""
+        if self.device.type != "cuda":
+            self._placement = None
+            return
+        width, height = frame_size(request, self.spec)
+        sizes = {name: slot.nbytes for name, slot in self._slots.items()}
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        ours = sum(slot.nbytes for slot in self._slots.values() if slot.on_device)
+        budget = usable_bytes(free + cached + ours)
+        if self.gpu_memory_limit is not None:
+            budget = min(budget, self.gpu_memory_limit)
+        placement = plan(budget, sizes, self._stages(request, width, height), self._offload_order)
+        if not placement.fits:
+            log.warning(
+                "the request needs about %.1f GiB of GPU memory but %.1f GiB are usable; trying anyway",
+                placement.peak_bytes / 2**30,
+                budget / 2**30,
+            )
+        if placement != self._placement:
+            log.info(
+                "GPU placement: resident %s, moved on demand %s",
+                sorted(placement.resident),
+                sorted(placement.swapped),
+            )
+        self._placement = placement
+        self._enter(set())
+        for name in placement.swapped:
+            self._slots[name].pin()
+
+    def _enter(self, active: set[str]) -> None:
+        """Put ``active`` and the resident modules on the device and the other modules on the host."""
+        if self._placement is None:
+            return
+        wanted = active | self._placement.resident
+        for name, slot in self._slots.items():
+            if name not in wanted:
+                slot.to_host()
+        for name in wanted:
+            self._slots[name].to_device()
+
+
+class _StageClock:
+    """Seconds per stage, with the GPU synchronised at each boundary so queued work is counted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.stages[stage] = now - self.last
+        self.last = now
+
+    def timings(self) -> dict[str, float]:
+        return {**self.stages, "total": self.last - self.start}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> the current CUDA device if there is one, else the CPU; "cuda" gets its index."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+# The VAE, umT5 and tokenizer that every model shares, per set of files (by inode, so the per-model
+# folders of symlinks or hard links the checkpoint cache makes share them too) and device.
+_SHARED_ASSETS: dict[tuple, tuple[nn.Module, nn.Module, PromptTokenizer, str]] = {}
+
+
+def _shared_assets(
+    folder: Path, spec: ModelSpec, device: torch.device
+) -> tuple[nn.Module, nn.Module, PromptTokenizer, str]:
+    """The VAE, text encoder, tokenizer and encoder identity of ``folder``, loaded (to the host) once
+    per process, so a worker serving T2V and I2V holds one 11 GB umT5, not two."""
+    vae_file = folder / catalog.VAE_FILE
+    encoder_file = folder / catalog.TEXT_ENCODER_FILE
+    tokenizer_dir = folder / catalog.TOKENIZER_DIR
+    try:
+        files = [os.stat(p) for p in (vae_file, encoder_file, tokenizer_dir / TOKENIZER_FILE)]
+        key = (str(device), spec.vae_config, spec.text_encoder_config, *((f.st_dev, f.st_ino) for f in files))
+    except OSError:
+        key = None  # a missing file: the loaders below say which, in their words
+    if key is None or key not in _SHARED_ASSETS:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        assets = (
+            load_vae(vae_file, device="cpu", name=spec.vae_config),
+            load_text_encoder(encoder_file, device="cpu", name=spec.text_encoder_config),
+            tokenizer,
+            f"{_file_identity(encoder_file)}|{_file_identity(Path(tokenizer.source))}",
+        )
+        if key is None:
+            return assets
+        _SHARED_ASSETS[key] = assets
+    return _SHARED_ASSETS[key]
+
+
+def _pick_variant(spec: ModelSpec, folder: Path, quantized: bool | None, device: torch.device) -> bool:
+    if quantized is not None:
+        return quantized
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    preferred = prefer_quantized(total)
+    if not all((folder / f.filename).is_file() for f in spec.dit_files(preferred)) and all(
+        (folder / f.filename).is_file() for f in spec.dit_files(not preferred)
+    ):
+        return not preferred
+    return preferred
+
+
+def _file_identity(path: Path) -> str:
+    """Name, size and modification time: changes when the file is replaced, cheap to compute."""
+    stat = path.stat()
+    return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"

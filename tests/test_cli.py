@@ -1,0 +1,116 @@
+"""``python -m turbovideo generate``: a playable file for good input, one line and exit 2 for bad input."""
+
+import subprocess
+import sys
+
+import imageio_ffmpeg
+import pytest
+from PIL import Image
+
+from turbovideo.__main__ import main
+
+
+def _frames(path):
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    return meta, sum(1 for _ in reader)
+
+
+def test_tiny_default_run_in_a_subprocess(tmp_path):
+    out = tmp_path / "fox.mp4"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "turbovideo",
+            "generate",
+            "--model",
+            "tiny",
+            "--prompt",
+            "a red fox",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    meta, count = _frames(out)
+    assert meta["size"] == (112, 64) and meta["fps"] == pytest.approx(16) and count == 17
+    assert "denoise" in done.stderr and "4/4" in done.stderr
+    assert not [p for p in tmp_path.iterdir() if p != out]  # no scratch files left
+
+
+def test_bad_value_in_a_subprocess_exits_2_with_one_line(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "turbovideo",
+            "generate",
+            "--prompt",
+            "x",
+            "--num_frames",
+            "80",
+            "--out",
+            str(tmp_path / "x.mp4"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "turbovideo: num_frames must be 4k+1 between 5 and 161, got 80"
+    assert not list(tmp_path.iterdir())
+
+
+def test_image_selects_tiny_i2v_and_samples_get_numbered_files(tmp_path, capsys):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (20, 200, 20)).save(image)
+    out = tmp_path / "clip.mp4"
+    argv = ["generate", "--model", "tiny", "--prompt", "grass", "--image", str(image), "--out", str(out)]
+    argv += [
+        "--num_frames",
+        "5",
+        "--num_steps",
+        "2",
+        "--num_samples",
+        "2",
+        "--aspect_ratio",
+        "1:1",
+        "--fps",
+        "8",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "clip_0.mp4"), str(tmp_path / "clip_1.mp4")]
+    for path in printed:
+        meta, count = _frames(path)
+        assert meta["size"] == (64, 64) and meta["fps"] == pytest.approx(8) and count == 5
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num_steps", "abc"], "argument --num_steps: invalid int value: 'abc'"),
+        (["--num_steps", "5"], "num_steps must be between 1 and 4, got 5"),
+        (["--num_frames", "0"], "num_frames must be 4k+1 between 5 and 161, got 0"),
+        (["--aspect_ratio", "1:2"], "aspect_ratio must be one of"),
+        (["--model", "wan-9000"], "unknown model 'wan-9000'"),
+        (["--model", "TurboWan2.1-T2V-1.3B-480P"], "python scripts/download_checkpoints.py --model"),
+        (["--image", "/nonexistent.png"], "cannot read image /nonexistent.png"),
+        (["--model", "tiny-i2v"], "task 'i2v' needs an input image"),
+        (["--attention_type", "flash"], "attention must be one of"),
+        (["--resolution", "720p"], "resolution must be one of tiny for model tiny-t2v"),
+    ],
+)
+def test_bad_values_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.mp4"), *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1
+    assert not list(tmp_path.iterdir())

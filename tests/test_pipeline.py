@@ -1,0 +1,248 @@
+"""The tiny models end to end: request -> mp4 files, on the CPU with seeded random weights."""
+
+import re
+from dataclasses import replace
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from turbovideo import catalog
+from turbovideo.catalog import MODELS
+from turbovideo.errors import InputError
+from turbovideo.models import CheckpointError
+from turbovideo.models.tokenizer import load_tokenizer, tiny_tokenizer
+from turbovideo.pipeline import GenerationRequest, GenerationResult, ProgressEvent, VideoPipeline
+
+
+@pytest.fixture(scope="module")
+def t2v() -> VideoPipeline:
+    return VideoPipeline.load(MODELS["tiny-t2v"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def i2v() -> VideoPipeline:
+    return VideoPipeline.load(MODELS["tiny-i2v"], device="cpu")
+
+
+def _read(path):
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    return meta, np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
+
+
+def _count_calls(module: nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_t2v_two_samples_to_mp4(t2v, tmp_path):
+    events: list[ProgressEvent] = []
+    request = GenerationRequest(prompt="a red fox", num_frames=9, num_samples=2, fps=12, seed=5)
+    result = t2v.generate(request, tmp_path, events.append)
+
+    assert isinstance(result, GenerationResult)
+    assert [p.name for p in result.videos] == ["sample_0.mp4", "sample_1.mp4"]
+    assert (result.width, result.height, result.num_frames, result.fps) == (112, 64, 9, 12)
+    assert result.duration_s == pytest.approx(9 / 12)
+    assert result.seed == 5
+    assert result.attention_backend == t2v.experts[0].attention_backend
+    assert set(result.timings) == {"encode", "denoise", "decode", "mux", "total"}
+    assert result.timings["total"] >= result.timings["denoise"] > 0
+    frames = []
+    for path in result.videos:
+        meta, video = _read(path)
+        assert meta["size"] == (112, 64) and meta["fps"] == pytest.approx(12)
+        assert video.shape == (9, 64, 112, 3)
+        frames.append(video)
+    assert not np.array_equal(frames[0], frames[1])  # the samples have their own noise
+    with Image.open(result.thumbnail) as thumb:
+        assert thumb.format == "JPEG" and thumb.size == (112, 64)
+
+    stages = [(e.stage, e.step, e.total) for e in events]
+    assert stages == [
+        ("encode", 1, 1),
+        *[("denoise", i, 4) for i in range(1, 5)],
+        ("decode", 1, 3),
+        ("decode", 2, 3),
+        ("decode", 3, 3),
+        ("mux", 1, 2),
+        ("mux", 2, 2),
+    ]
+
+
+def test_same_seed_same_video_other_seed_other_video(t2v, tmp_path):
+    def run(seed, name):
+        request = GenerationRequest(
+            prompt="a red fox", num_frames=5, num_steps=2, seed=seed, aspect_ratio="1:1"
+        )
+        return _read(t2v.generate(request, tmp_path / name).videos[0])[1]
+
+    first, again, other = run(3, "a"), run(3, "b"), run(4, "c")
+    assert first.shape == (5, 64, 64, 3)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_repeated_prompt_skips_the_text_encoder(t2v, tmp_path):
+    calls = _count_calls(t2v.text_encoder)
+    request = GenerationRequest(prompt="a  blue\n whale", num_frames=5, num_steps=1)
+    t2v.generate(request, tmp_path / "a")
+    t2v.generate(GenerationRequest(prompt="a blue whale ", num_frames=5, num_steps=1), tmp_path / "b")
+    assert calls[0] == 1  # the second prompt cleans to the same text
+
+
+def test_i2v_adaptive_resolution_and_expert_switch(i2v, tmp_path):
+    high, low = (_count_calls(expert) for expert in i2v.experts)
+    # Tiny 16:9 is 112x64 (area 7168). A 4:3 image: w = sqrt(7168 * 4/3) = 97.8 -> 6.11 strides -> 96;
+    # h = sqrt(7168 * 3/4) = 73.3 -> 4.58 strides -> 80.
+    image = Image.new("RGB", (400, 300), (180, 40, 20))
+    request = GenerationRequest(
+        prompt="a red fox", task="i2v", image=image, num_frames=5, adaptive_resolution=True
+    )
+    events = []
+    result = i2v.generate(request, tmp_path, events.append)
+    meta, video = _read(result.videos[0])
+    assert (result.width, result.height) == (96, 80) and meta["size"] == (96, 80)
+    assert video.shape == (5, 80, 96, 3)
+    assert (high[0], low[0]) == (2, 2)  # 4 steps: two high-noise, two low-noise
+    assert [(e.stage, e.step) for e in events if e.stage == "encode"] == [("encode", 1), ("encode", 2)]
+
+    i2v.generate(
+        GenerationRequest(prompt="a red fox", task="i2v", image=image, num_frames=5, num_steps=2), tmp_path
+    )
+    assert (high[0], low[0]) == (4, 2)  # 2 steps stay on the high-noise expert
+
+
+def test_i2v_fixed_size_distorts_the_image(i2v, tmp_path):
+    image = Image.new("RGB", (30, 90), (0, 0, 0))
+    request = GenerationRequest(
+        prompt="x", task="i2v", image=image, num_frames=5, num_steps=1, aspect_ratio="4:3"
+    )
+    result = i2v.generate(request, tmp_path)
+    assert (result.width, result.height) == (80, 64)
+
+
+class _MustNotRun(nn.Module):
+    """Stands in for every model: any use fails the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("a model ran for an invalid request")
+
+    encode = decode = forward
+
+
+@pytest.mark.parametrize(
+    ("spec", "changes", "message"),
+    [
+        ("tiny-t2v", {"num_frames": 80}, "num_frames must be 4k+1 between 5 and 161, got 80"),
+        ("tiny-t2v", {"aspect_ratio": "1:2"}, "aspect_ratio must be one of"),
+        ("tiny-t2v", {"num_steps": 5}, "num_steps must be between 1 and 4, got 5"),
+        ("tiny-i2v", {"task": "i2v"}, "task 'i2v' needs an input image"),
+        ("tiny-t2v", {"attention": "sagesla"}, "sagesla"),
+    ],
+)
+def test_invalid_requests_fail_before_any_model_work(spec, changes, message, tmp_path):
+    spec = MODELS[spec]
+    experts = [_MustNotRun() for _ in spec.experts]
+    pipe = VideoPipeline(
+        spec,
+        experts,
+        _MustNotRun(),
+        _MustNotRun(),
+        load_tokenizer(None),
+        torch.device("cpu"),
+        encoder_id="none",
+    )
+    request = GenerationRequest(**{"prompt": "a red fox", "task": spec.task, **changes})
+    with pytest.raises(InputError, match=re.escape(message)):
+        pipe.generate(request, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_offloading_every_module_gives_the_same_video_on_gpu(tmp_path):
+    resident = VideoPipeline.load(MODELS["tiny-i2v"], device="cuda")
+    offloaded = VideoPipeline.load(MODELS["tiny-i2v"], device="cuda")
+    offloaded.gpu_memory_limit = 1  # nothing fits: every module visits the GPU only while it runs
+    image = Image.new("RGB", (64, 64), (90, 30, 200))
+    request = GenerationRequest(prompt="a red fox", task="i2v", image=image, num_frames=5)
+    first = _read(resident.generate(request, tmp_path / "a").videos[0])[1]
+    second = _read(offloaded.generate(request, tmp_path / "b").videos[0])[1]
+    assert resident.placement.fits and not resident.placement.swapped
+    assert offloaded.placement.swapped == {"text_encoder", "dit_high", "dit_low", "vae"}
+    assert not any(slot.on_device for name, slot in offloaded._slots.items() if name != "vae")
+    # Same weights wherever they sat; cuDNN may pick other kernels, so allow a rounding step.
+    assert np.abs(first.astype(int) - second.astype(int)).max() <= 2
+
+
+def _write_checkpoint_dir(folder, pipe: VideoPipeline, spec, quantized: bool) -> None:
+    """Save a pipeline's weights in the Hub layout ``VideoPipeline.load`` reads."""
+    for expert, hub_file in zip(pipe.experts, spec.dit_files(quantized), strict=True):
+        torch.save(expert.state_dict(), folder / hub_file.filename)
+    torch.save(pipe.vae.state_dict(), folder / catalog.VAE_FILE)
+    torch.save(pipe.text_encoder.state_dict(), folder / catalog.TEXT_ENCODER_FILE)
+    (folder / catalog.TOKENIZER_DIR).mkdir(parents=True)
+    tiny_tokenizer().save(str(folder / catalog.TOKENIZER_DIR / "tokenizer.json"))
+
+
+def test_load_from_a_checkpoint_folder_matches_the_weights_in_memory(tmp_path):
+    # A downloadable-style spec whose files hold the tiny models' weights.
+    spec = replace(MODELS["tiny-t2v"], name="tiny-files", repo="local/tiny-files")
+    in_memory = VideoPipeline.random(spec, "cpu")
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    _write_checkpoint_dir(folder, in_memory, spec, quantized=False)
+
+    loaded = VideoPipeline.load(spec, folder, device="cpu", prompt_cache_dir=tmp_path / "prompts")
+    request = GenerationRequest(prompt="a red fox", num_frames=5, num_steps=2)
+    expected = _read(in_memory.generate(request, tmp_path / "a").videos[0])[1]
+    assert np.array_equal(_read(loaded.generate(request, tmp_path / "b").videos[0])[1], expected)
+    assert len(list((tmp_path / "prompts").glob("*.safetensors"))) == 1
+    assert loaded.encoder_id.startswith(catalog.TEXT_ENCODER_FILE)
+
+
+def test_load_falls_back_to_the_variant_on_disk(tmp_path):
+    spec = replace(MODELS["tiny-t2v"], name="tiny-files", repo="local/tiny-files")
+    _write_checkpoint_dir(tmp_path, VideoPipeline.random(spec, "cpu", quantized=True), spec, quantized=True)
+    assert VideoPipeline.load(spec, tmp_path, device="cpu").experts[0].quantized  # CPU prefers bf16 files
+    with pytest.raises(CheckpointError, match="tiny-t2v.pth does not exist"):
+        VideoPipeline.load(spec, tmp_path, device="cpu", quantized=False)
+
+
+def test_real_model_without_checkpoints_says_how_to_get_them():
+    with pytest.raises(
+        CheckpointError, match="scripts/download_checkpoints.py --model TurboWan2.1-T2V-1.3B-480P"
+    ):
+        VideoPipeline.load(MODELS["TurboWan2.1-T2V-1.3B-480P"], None, device="cpu")
+
+
+def test_models_of_one_cache_share_the_text_encoder_and_vae(tmp_path):
+    spec_a = replace(MODELS["tiny-t2v"], name="tiny-a", repo="local/a", experts=("tiny-a",))
+    spec_b = replace(MODELS["tiny-t2v"], name="tiny-b", repo="local/b", experts=("tiny-b",))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    _write_checkpoint_dir(shared, VideoPipeline.random(spec_a, "cpu"), spec_a, quantized=False)
+    torch.save(VideoPipeline.random(spec_b, "cpu").experts[0].state_dict(), shared / "tiny-b.pth")
+    # Per-model folders of symlinks, as the worker's checkpoint cache lays them out.
+    for spec in (spec_a, spec_b):
+        folder = tmp_path / spec.name
+        (folder / catalog.TOKENIZER_DIR).mkdir(parents=True)
+        for name in (f"{spec.experts[0]}.pth", catalog.VAE_FILE, catalog.TEXT_ENCODER_FILE):
+            (folder / name).symlink_to(shared / name)
+        tokenizer = f"{catalog.TOKENIZER_DIR}/tokenizer.json"
+        (folder / tokenizer).symlink_to(shared / tokenizer)
+    a = VideoPipeline.load(spec_a, tmp_path / "tiny-a", device="cpu")
+    b = VideoPipeline.load(spec_b, tmp_path / "tiny-b", device="cpu")
+    assert a.text_encoder is b.text_encoder and a.vae is b.vae
+    assert a.experts[0] is not b.experts[0]
+    assert a._slots["text_encoder"] is b._slots["text_encoder"]

@@ -1,0 +1,156 @@
+"""GPU placement policy (pure decision logic) and the pinned-memory mover."""
+
+import pytest
+import torch
+from torch import nn
+
+from turbovideo.pipeline.memory import (
+    DeviceSlot,
+    Stage,
+    dit_activation_bytes,
+    module_bytes,
+    plan,
+    prefer_quantized,
+    usable_bytes,
+    vae_activation_bytes,
+)
+
+GB = 10**9
+UMT5 = 11_400_000_000
+VAE = 254_000_000
+DIT_13B_QUANT = 1_450_000_000
+DIT_14B = 28_600_000_000
+DIT_14B_QUANT = 14_500_000_000
+DIM_13B, FFN_13B, DIM_14B, FFN_14B = 1536, 8960, 5120, 13824
+
+
+def _t2v_stages(width, height, frames, dim, ffn):
+    latent_frames = 1 + (frames - 1) // 4
+    tokens = latent_frames * (height // 16) * (width // 16)
+    latent = 16 * latent_frames * (height // 8) * (width // 8)
+    return [
+        Stage("text", ("text_encoder",), 256 << 20),
+        Stage("denoise", ("dit",), dit_activation_bytes(1, tokens, dim, ffn, latent)),
+        Stage("decode", ("vae",), vae_activation_bytes(1, frames, height, width)),
+    ]
+
+
+def test_13b_quant_with_umt5_and_vae_stay_resident_on_a_24gb_card():
+    sizes = {"text_encoder": UMT5, "dit": DIT_13B_QUANT, "vae": VAE}
+    placement = plan(
+        usable_bytes(24 * GB),
+        sizes,
+        _t2v_stages(832, 480, 81, DIM_13B, FFN_13B),
+        ["text_encoder", "dit", "vae"],
+    )
+    assert placement.fits
+    assert placement.resident == {"text_encoder", "dit", "vae"} and not placement.swapped
+
+
+def test_720p_on_a_24gb_card_offloads_the_text_encoder_first():
+    sizes = {"text_encoder": UMT5, "dit": DIT_13B_QUANT, "vae": VAE}
+    placement = plan(
+        usable_bytes(24 * GB),
+        sizes,
+        _t2v_stages(1280, 720, 81, DIM_13B, FFN_13B),
+        ["text_encoder", "dit", "vae"],
+    )
+    assert placement.fits
+    assert placement.swapped == {"text_encoder"}
+    assert placement.resident == {"dit", "vae"}
+
+
+def test_14b_quant_720p_does_not_fit_24gb_even_fully_offloaded():
+    sizes = {"text_encoder": UMT5, "dit": DIT_14B_QUANT, "vae": VAE}
+    placement = plan(
+        usable_bytes(24 * GB),
+        sizes,
+        _t2v_stages(1280, 720, 81, DIM_14B, FFN_14B),
+        ["text_encoder", "dit", "vae"],
+    )
+    assert not placement.fits
+    assert placement.resident == frozenset()
+    assert placement.peak_bytes > usable_bytes(24 * GB)
+
+
+def test_everything_resident_on_an_80gb_card_for_13b():
+    sizes = {"text_encoder": UMT5, "dit": 2_840_000_000, "vae": VAE}
+    placement = plan(
+        usable_bytes(80 * GB),
+        sizes,
+        _t2v_stages(832, 480, 81, DIM_13B, FFN_13B),
+        ["text_encoder", "dit", "vae"],
+    )
+    assert placement.fits and not placement.swapped
+
+
+def test_a14b_i2v_on_80gb_keeps_both_experts_and_offloads_umt5():
+    sizes = {"text_encoder": UMT5, "dit_high": DIT_14B, "dit_low": DIT_14B, "vae": VAE}
+    tokens, latent = 21 * 45 * 80, 16 * 21 * 90 * 160
+    dit = dit_activation_bytes(1, tokens, DIM_14B, FFN_14B, latent)
+    vae = vae_activation_bytes(1, 81, 720, 1280)
+    stages = [
+        Stage("text", ("text_encoder",), 256 << 20),
+        Stage("image", ("vae",), vae),
+        Stage("denoise-high", ("dit_high",), dit),
+        Stage("denoise-low", ("dit_low",), dit),
+        Stage("decode", ("vae",), vae),
+    ]
+    order = ["text_encoder", "dit_high", "dit_low", "vae"]
+    placement = plan(usable_bytes(80 * GB), sizes, stages, order)
+    assert placement.fits and placement.swapped == {"text_encoder"}
+    # On a 48 GB card only one expert fits at a time: the high one visits, the low one stays.
+    placement = plan(usable_bytes(48 * GB), sizes, stages, order)
+    assert placement.fits and placement.swapped == {"text_encoder", "dit_high", "dit_low"}
+    assert placement.peak_bytes == VAE + DIT_14B + dit
+
+
+def test_stage_peak_counts_visiting_modules_only_while_active():
+    sizes = {"a": 10, "b": 10}
+    stages = [Stage("one", ("a",), 0), Stage("two", ("b",), 10)]
+    assert plan(30, sizes, stages, ["a", "b"]).swapped == frozenset()
+    placement = plan(25, sizes, stages, ["a", "b"])
+    assert placement.swapped == {"a"} and placement.peak_bytes == 20 and placement.fits
+    placement = plan(15, sizes, stages, ["a", "b"])
+    assert placement.swapped == {"a", "b"} and placement.peak_bytes == 20 and not placement.fits
+
+
+def test_quantized_choice_follows_card_size():
+    assert prefer_quantized(24 * GB)
+    assert not prefer_quantized(80 * GB)
+    assert not prefer_quantized(None)
+
+
+def test_activation_estimates_grow_with_the_request():
+    small = vae_activation_bytes(1, 81, 480, 832)
+    assert vae_activation_bytes(1, 81, 720, 1280) > small
+    assert vae_activation_bytes(2, 81, 480, 832) == 2 * small
+    assert dit_activation_bytes(1, 32760, DIM_13B, FFN_13B, 0) < dit_activation_bytes(
+        1, 75600, DIM_13B, FFN_13B, 0
+    )
+
+
+def test_device_slot_on_cpu_keeps_weights_in_place():
+    module = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    module.register_buffer("table", torch.arange(3.0))
+    before = [t.data_ptr() for t in module.state_dict().values()]
+    slot = DeviceSlot(module, torch.device("cpu"))
+    assert slot.on_device and slot.nbytes == module_bytes(module) == (16 + 4 + 4 + 4 + 3) * 4
+    slot.to_host()
+    slot.to_device()
+    assert [t.data_ptr() for t in module.state_dict().values()] == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_slot_round_trip_through_pinned_memory():
+    module = nn.Linear(256, 256).cuda()
+    expected = {k: v.clone() for k, v in module.state_dict().items()}
+    slot = DeviceSlot(module, torch.device("cuda"))
+    slot.to_host()
+    assert not slot.on_device and module.weight.is_pinned()
+    host_ptr = module.weight.data_ptr()
+    slot.to_device()
+    assert slot.on_device
+    assert all(torch.equal(v, expected[k]) for k, v in module.state_dict().items())
+    slot.to_host()
+    assert module.weight.data_ptr() == host_ptr  # the pinned copy is made once and reused

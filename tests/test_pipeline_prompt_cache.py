@@ -1,0 +1,65 @@
+"""Prompt-embedding cache: LRU in memory, best-effort persistence on disk."""
+
+import os
+
+import pytest
+import torch
+
+from turbovideo.pipeline.prompt_cache import PromptCache
+
+
+def _embedding(value: float) -> torch.Tensor:
+    return torch.full((1, 512, 8), value, dtype=torch.bfloat16)
+
+
+def test_lru_evicts_the_least_recently_used():
+    cache = PromptCache(capacity=2)
+    cache.put("enc", "a", _embedding(1))
+    cache.put("enc", "b", _embedding(2))
+    assert cache.get("enc", "a") is not None  # a is now the most recent
+    cache.put("enc", "c", _embedding(3))
+    assert cache.get("enc", "b") is None
+    assert torch.equal(cache.get("enc", "a"), _embedding(1))
+    assert torch.equal(cache.get("enc", "c"), _embedding(3))
+    assert len(cache) == 2
+
+
+def test_key_includes_the_encoder_identity():
+    cache = PromptCache()
+    cache.put("encoder-1", "a fox", _embedding(1))
+    assert cache.get("encoder-2", "a fox") is None
+
+
+def test_disk_entries_survive_a_new_cache(tmp_path):
+    PromptCache(directory=tmp_path).put("enc", "a fox", _embedding(4))
+    fresh = PromptCache(directory=tmp_path)
+    hit = fresh.get("enc", "a fox")
+    assert hit is not None and torch.equal(hit, _embedding(4))
+    assert fresh.get("other-encoder", "a fox") is None
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_unwritable_directory_does_not_fail(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cache = PromptCache(directory=blocker / "cache")
+    cache.put("enc", "a fox", _embedding(5))  # mkdir fails: logged, not raised
+    assert torch.equal(cache.get("enc", "a fox"), _embedding(5))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory_does_not_fail(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        cache = PromptCache(directory=tmp_path)
+        cache.put("enc", "a fox", _embedding(6))
+        assert torch.equal(cache.get("enc", "a fox"), _embedding(6))
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_corrupt_file_is_a_miss(tmp_path):
+    PromptCache(directory=tmp_path).put("enc", "a fox", _embedding(7))
+    (stored,) = tmp_path.glob("*.safetensors")
+    stored.write_bytes(b"torn write")
+    assert PromptCache(directory=tmp_path).get("enc", "a fox") is None

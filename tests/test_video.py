@@ -1,0 +1,67 @@
+"""Frames to mp4 and thumbnail (upstream-spec §11)."""
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from turbovideo.pipeline.video import to_uint8_frames, write_mp4, write_thumbnail
+
+
+def test_uint8_rounding_matches_upstream_saver():
+    # [3, F=1, H=1, W=6]: clamp, (1+x)/2, floor(v*255+0.5)
+    values = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0, -0.5]).reshape(1, 1, 1, 6).expand(3, 1, 1, 6)
+    frames = to_uint8_frames(values)
+    assert frames.shape == (1, 1, 6, 3) and frames.dtype == np.uint8
+    assert frames[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255, 64]
+
+
+def test_frame_layout_is_time_height_width_channel():
+    video = torch.zeros(3, 2, 4, 6)
+    video[0, 1, 2, 5] = 1.0  # red channel, second frame, row 2, column 5
+    frames = to_uint8_frames(video)
+    assert frames.shape == (2, 4, 6, 3)
+    assert frames[1, 2, 5].tolist() == [255, 128, 128]
+
+
+def _read(path):
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    frames = [np.frombuffer(f, np.uint8).reshape(meta["size"][1], meta["size"][0], 3) for f in reader]
+    return meta, frames
+
+
+def test_mp4_round_trip(tmp_path):
+    # Smooth gradients that brighten over time: easy for x264, and every frame differs.
+    rows, cols = np.meshgrid(np.linspace(40, 160, 48), np.linspace(0, 60, 80), indexing="ij")
+    frames = np.stack([np.stack([rows + cols + 5 * t, rows, cols + 100], axis=-1) for t in range(9)])
+    frames = frames.astype(np.uint8)
+    path = tmp_path / "clip.mp4"
+    write_mp4(frames, path, fps=12)
+
+    meta, decoded = _read(path)
+    assert meta["size"] == (80, 48)
+    assert meta["fps"] == pytest.approx(12)
+    assert meta["codec"].startswith("h264")
+    assert meta["pix_fmt"].startswith("yuv420p")
+    assert len(decoded) == 9
+    # crf 25 is lossy but close on smooth content.
+    assert np.abs(decoded[4].astype(int) - frames[4].astype(int)).mean() < 3
+    # +faststart moves the moov atom in front of the media data.
+    data = path.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")
+
+
+def test_odd_sizes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="even"):
+        write_mp4(np.zeros((1, 15, 16, 3), np.uint8), tmp_path / "odd.mp4", fps=16)
+
+
+def test_thumbnail_is_a_jpeg_of_the_frame(tmp_path):
+    frame = np.full((32, 48, 3), (200, 30, 90), np.uint8)
+    path = tmp_path / "thumb.jpg"
+    write_thumbnail(frame, path)
+    with Image.open(path) as image:
+        assert image.format == "JPEG" and image.size == (48, 32)
+        assert np.abs(np.asarray(image).astype(int) - frame).max() < 8
