@@ -1,0 +1,21 @@
+"""RunPod serverless entry point: load the served models once, then answer jobs.
+
+    python handler.py                                  # on RunPod: the job loop; locally: test_input.json
+    python handler.py --test_input '{"input": {"prompt": "a red fox"}}'
+    python handler.py --rp_serve_api --rp_api_port 8000  # local HTTP API: POST /runsync
+
+Settings come from the environment (see README); with no MODELS outside RunPod the tiny
+random-weight models run on the CPU, so a fresh checkout works end to end.
+"""
+
+import os
+
+# The SDK logs every handler output at DEBUG, presigned URLs included; INFO unless asked otherwise.
+os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+
+import runpod  # noqa: E402
+
+from turbovideo.worker.startup import create_handler  # noqa: E402
+
+if __name__ == "__main__":
+    runpod.serverless.start({"handler": create_handler()})

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Generate one video on this machine through the same handler RunPod runs; no bucket needed.
+#
+#   scripts/runpod_quickstart.sh "a red fox trotting through snow" [out.mp4] ['{"num_frames": 33}']
+#
+# Without MODELS it runs the tiny random-weight models on the CPU: the whole real code path in
+# seconds, but the video is noise. With MODELS set (e.g. MODELS=TurboWan2.1-T2V-1.3B-480P) and a
+# CUDA GPU it downloads that model into CACHE_DIR once and makes a real video. The optional third
+# argument adds request fields (see README: request fields).
+set -euo pipefail
+
+prompt="${1:?usage: $0 \"prompt\" [out.mp4] [extra request fields as JSON]}"
+out="${2:-quickstart.mp4}"
+extra="${3:-{\}}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python="${PYTHON:-python3}"
+if [ -z "${PYTHON:-}" ] && [ -x "$repo/.venv/bin/python" ]; then
+  python="$repo/.venv/bin/python"
+fi
+
+if [ -n "${MODELS:-}" ] && ! "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  echo "MODELS=$MODELS needs a CUDA GPU and none is usable here; running the tiny CPU models instead" >&2
+  MODELS=tiny
+fi
+export MODELS="${MODELS:-tiny}"
+
+job="$("$python" -c '
+import json, sys
+fields = json.loads(sys.argv[2])
+print(json.dumps({"id": "quickstart", "input": {"prompt": sys.argv[1], **fields}}))
+' "$prompt" "$extra")"
+
+outputs="${OUTPUT_DIR:-$repo/outputs}"
+# No bucket and no RunPod markers: one local job whose files land in $outputs/quickstart/.
+env -u BUCKET_ENDPOINT_URL -u BUCKET_ACCESS_KEY_ID -u BUCKET_SECRET_ACCESS_KEY -u BUCKET_NAME \
+  -u RUNPOD_WEBHOOK_GET_JOB -u RUNPOD_POD_ID OUTPUT_DIR="$outputs" \
+  "$python" "$repo/handler.py" --test_input "$job"
+cp "$outputs/quickstart/sample_0.mp4" "$out"
+echo "wrote $out"

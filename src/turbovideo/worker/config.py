@@ -1,0 +1,123 @@
+"""Worker settings read from the environment, once, at start.
+
+Every variable the README documents is read here and nowhere else, so a typo in the endpoint's
+settings becomes one ``ConfigError`` sentence instead of a surprise in the middle of a job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from turbovideo.catalog import ALIASES, MODELS, ModelSpec, resolve_models
+from turbovideo.pipeline.memory import prefer_quantized
+from turbovideo.worker.checkpoints import default_cache_dir
+
+# Serverless workers mount the network volume here; outputs that must survive go onto it.
+VOLUME_ROOT = Path("/runpod-volume")
+VARIANTS = ("auto", "bf16", "quant")
+_TRUE = ("1", "true", "yes", "on")
+_BUCKET_VARS = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME")
+
+
+class ConfigError(ValueError):
+    """A worker variable is missing or invalid; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """An S3-compatible bucket (Cloudflare R2, AWS S3, MinIO, ...) that finished videos go to."""
+
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: str
+    name: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    models: tuple[ModelSpec, ...]
+    variant: str  # one of VARIANTS
+    hf_token: str | None
+    cache_dir: Path
+    offline: bool
+    bucket: BucketConfig | None
+    output_dir: Path
+    durable_dir: Path  # where videos are kept when an upload fails
+    on_runpod: bool
+    report_progress: bool
+
+
+def is_on_runpod(env: Mapping[str, str]) -> bool:
+    return bool(env.get("RUNPOD_POD_ID") or env.get("RUNPOD_WEBHOOK_GET_JOB"))
+
+
+def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
+    """Read and check every worker variable; raises ``ConfigError`` naming the variable to fix."""
+    env = os.environ if env is None else env
+    on_runpod = is_on_runpod(env)
+    cache_dir = Path(env["CACHE_DIR"]).expanduser() if env.get("CACHE_DIR") else default_cache_dir()
+    output_dir = Path(env.get("OUTPUT_DIR") or "outputs").expanduser()
+    return WorkerConfig(
+        models=_served_models(env.get("MODELS", "").strip(), on_runpod),
+        variant=_variant(env.get("CHECKPOINT_VARIANT", "auto")),
+        hf_token=env.get("HF_TOKEN") or None,
+        cache_dir=cache_dir,
+        offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
+        bucket=_bucket(env),
+        output_dir=output_dir,
+        durable_dir=cache_dir / "outputs" if VOLUME_ROOT.is_dir() else output_dir,
+        on_runpod=on_runpod,
+        report_progress=bool(env.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
+    )
+
+
+def use_quantized(variant: str, gpu_memory_bytes: int | None) -> bool:
+    """The checkpoint variant to load: ``auto`` follows GPU memory (``None``: no GPU)."""
+    if variant == "auto":
+        return prefer_quantized(gpu_memory_bytes)
+    return variant == "quant"
+
+
+def _served_models(value: str, on_runpod: bool) -> tuple[ModelSpec, ...]:
+    known = ", ".join([*MODELS, *ALIASES])
+    if not value:
+        if on_runpod:
+            raise ConfigError(
+                f"MODELS is not set; set it in the endpoint's environment to one or more of {known} "
+                "(comma-separated), e.g. MODELS=TurboWan2.1-T2V-1.3B-480P"
+            )
+        value = "tiny"  # a fresh checkout runs end to end on the CPU with random weights
+    try:
+        return tuple(resolve_models(value))
+    except ValueError as exc:
+        raise ConfigError(f"MODELS={value!r} is not valid: {exc}") from None
+
+
+def _variant(value: str) -> str:
+    variant = value.strip().lower() or "auto"
+    if variant not in VARIANTS:
+        raise ConfigError(f"CHECKPOINT_VARIANT={value!r} is not valid; use one of {', '.join(VARIANTS)}")
+    return variant
+
+
+def _bucket(env: Mapping[str, str]) -> BucketConfig | None:
+    present = [name for name in _BUCKET_VARS if env.get(name)]
+    if not present:
+        return None
+    missing = [name for name in _BUCKET_VARS if name not in present]
+    if missing:
+        raise ConfigError(
+            f"{', '.join(present)} set but {', '.join(missing)} missing; set all of "
+            f"{', '.join(_BUCKET_VARS)} to upload videos, or none of them to keep videos in OUTPUT_DIR"
+        )
+    return BucketConfig(
+        endpoint_url=env["BUCKET_ENDPOINT_URL"].strip(),
+        access_key_id=env["BUCKET_ACCESS_KEY_ID"].strip(),
+        secret_access_key=env["BUCKET_SECRET_ACCESS_KEY"].strip(),
+        name=env["BUCKET_NAME"].strip(),
+        prefix=env.get("BUCKET_PREFIX", "").strip("/ "),
+    )

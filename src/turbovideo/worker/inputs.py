@@ -1,0 +1,237 @@
+"""The I2V start image: fetched from a public URL or decoded from base64, then opened safely.
+
+A request's URL is fetched by the worker, inside the provider's network, so it must not reach
+anything a stranger could not: every hop of a redirect chain is resolved and each of its addresses
+checked, and the connection goes to the address that was checked (a second DNS answer cannot swap
+in 127.0.0.1). Sizes are bounded before anything is decoded, and Pillow's pixel-count guard is an
+error here, not a warning.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import io
+import ipaddress
+import re
+import socket
+import ssl
+import time
+import warnings
+from urllib.parse import urljoin, urlsplit
+
+from PIL import Image, UnidentifiedImageError
+
+from turbovideo.errors import InputError, one_line
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_PIXELS = 50_000_000  # about 8K x 6K; a 48 MP phone photo still fits
+FETCH_TIMEOUT_S = 15.0
+MAX_REDIRECTS = 5
+MAX_URL_CHARS = 2048
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+
+# "host:port" pairs the address check lets through. Only tests put their loopback server here;
+# nothing in a request can add to it.
+ALLOWED_PRIVATE_NETLOCS: set[str] = set()
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+_DATA_URI = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*);base64,", re.I)
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)
+
+
+def load_image(value: str) -> Image.Image:
+    """The image a request names, as an RGB Pillow image; ``InputError`` for anything unusable."""
+    value = value.strip()
+    lowered = value[:16].lower()
+    if lowered.startswith(("http://", "https://")):
+        data = fetch_url(value)
+    elif lowered.startswith("data:"):
+        match = _DATA_URI.match(value)
+        if match is None:
+            raise InputError("image data URI must look like data:image/png;base64,<data>")
+        data = decode_base64(value[match.end() :])
+    elif scheme := _SCHEME.match(value):  # ':' is not in the base64 alphabet: some other scheme
+        raise InputError(f"image URL must use http or https, got {scheme.group()[:20]}")
+    else:
+        data = decode_base64(value)
+    return open_image(data)
+
+
+def decode_base64(text: str) -> bytes:
+    compact = re.sub(r"\s+", "", text)
+    if len(compact) // 4 * 3 > MAX_IMAGE_BYTES:
+        raise InputError(
+            f"image must be at most {_megabytes(MAX_IMAGE_BYTES)}, got about {_megabytes(len(compact) // 4 * 3)}"
+        )
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("image is neither an http(s) URL nor valid base64") from None
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode image bytes without trusting their header: size checked first, then verified, then loaded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as probe:
+                width, height = probe.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise InputError(
+                        f"image must have at most {MAX_IMAGE_PIXELS} pixels, got {width}x{height}"
+                    )
+                probe.verify()
+            # verify() leaves the image unusable; decoding starts again from the bytes.
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                image.load()
+                return image.convert("RGB")
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError(
+            f"image is not a {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} image"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"image must have at most {MAX_IMAGE_PIXELS} pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputError(f"image could not be decoded ({_reason(exc)})") from None
+
+
+def fetch_url(url: str, *, timeout_s: float = FETCH_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """GET a public http(s) URL, following at most ``MAX_REDIRECTS`` redirects, each one checked."""
+    if len(url) > MAX_URL_CHARS:
+        raise InputError(f"image URL must be at most {MAX_URL_CHARS} characters, got {len(url)}")
+    deadline = _Deadline(timeout_s)
+    for _ in range(MAX_REDIRECTS + 1):
+        connection, response = _get(url, deadline)
+        try:
+            if response.status in _REDIRECTS:
+                location = response.getheader("Location")
+                if not location:
+                    raise InputError(f"image URL answered HTTP {response.status} without a Location")
+                url = urljoin(url, location.strip())
+                continue
+            if response.status != 200:
+                raise InputError(f"image URL answered HTTP {response.status}, expected 200")
+            return _read_body(connection, response, deadline, max_bytes)
+        finally:
+            response.close()
+            connection.close()
+    raise InputError(f"image URL redirected more than {MAX_REDIRECTS} times")
+
+
+def _get(url: str, deadline: _Deadline) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise InputError(f"image URL must use http or https, got {scheme or 'no scheme'}:")
+    host = parts.hostname
+    if not host:
+        raise InputError("image URL has no host")
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        raise InputError("image URL has an invalid port") from None
+    address = _public_address(host, port)
+    connection_class = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
+    connection = connection_class(host, port, address, timeout=deadline.remaining())
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        connection.request("GET", target, headers={"User-Agent": "turbovideo", "Accept": "image/*"})
+        return connection, connection.getresponse()
+    except (OSError, http.client.HTTPException) as exc:
+        connection.close()
+        raise InputError(f"image URL could not be fetched from {host} ({_reason(exc)})") from None
+
+
+def _public_address(host: str, port: int) -> str:
+    """Resolve ``host`` and return an address to connect to, refusing any non-public address."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise InputError(f"image URL host {host!r} does not resolve") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    if f"{host}:{port}" not in ALLOWED_PRIVATE_NETLOCS:
+        for address in addresses:
+            if not _is_public(ipaddress.ip_address(address.split("%", 1)[0])):
+                raise InputError(
+                    f"image URL host {host!r} resolves to a non-public address ({address}); "
+                    "only public http(s) URLs are fetched"
+                )
+    return addresses[0]
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """An HTTP connection to an address resolved (and checked) beforehand, not re-resolved."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.address = address
+        # http.client drops ``sock`` once a closing response arrives; reads still need its timeout.
+        self.socket_for_timeouts: socket.socket | None = None
+
+    def connect(self) -> None:
+        self.sock = self.socket_for_timeouts = socket.create_connection(
+            (self.address, self.port), self.timeout
+        )
+
+
+class _PinnedHTTPS(_PinnedHTTP):
+    default_port = 443
+
+    def connect(self) -> None:
+        super().connect()
+        # Certificates are checked against the URL's host name, not the pinned address.
+        self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=self.host)
+        self.socket_for_timeouts = self.sock
+
+
+def _read_body(
+    connection: _PinnedHTTP, response: http.client.HTTPResponse, deadline: _Deadline, max_bytes: int
+) -> bytes:
+    declared = response.getheader("Content-Length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise InputError(f"image must be at most {_megabytes(max_bytes)}, got {_megabytes(int(declared))}")
+    chunks, size = [], 0
+    while True:
+        connection.socket_for_timeouts.settimeout(deadline.remaining())
+        try:
+            chunk = response.read1(64 * 1024)
+        except OSError as exc:
+            raise InputError(f"image URL download failed ({_reason(exc)})") from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise InputError(f"image must be at most {_megabytes(max_bytes)}")
+        chunks.append(chunk)
+
+
+class _Deadline:
+    """One time budget for the whole fetch, redirects included."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.end = time.monotonic() + limit_s
+
+    def remaining(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise InputError(f"image URL took longer than {self.limit_s:g} s to download")
+        return left
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MB".replace(".0 MB", " MB")
+
+
+def _reason(exc: BaseException) -> str:
+    return one_line(str(exc) or type(exc).__name__, 200)

@@ -1,0 +1,193 @@
+"""The request a job carries and the response it gets, as pydantic models.
+
+Requests are validated strictly (no "81" for 81, no 1 for true, no unknown fields) so that a client
+finds its mistake in the first answer, and every validation error is flattened into one line that
+names the field and the limit. Model-level limits (which resolutions a model has, how many frames
+fit) are the pipeline's to check; this module only knows the limits every model shares.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from turbovideo.catalog import DEFAULT_FPS, DEFAULT_FRAMES, MAX_FRAMES, MIN_FRAMES
+from turbovideo.errors import InputError
+
+MAX_PROMPT_CHARS = 2000
+MAX_SAMPLES = 4
+MAX_SEED = 2**32 - 1
+# Presigned URLs live at most 7 days (S3 and R2 both refuse longer); longer requests are clamped.
+MAX_EXPIRES_S = 7 * 24 * 3600
+DEFAULT_EXPIRES_S = 24 * 3600
+
+
+def _four_k_plus_one(frames: int) -> int:
+    if frames % 4 != 1:
+        raise ValueError(f"num_frames must be 4k+1 between {MIN_FRAMES} and {MAX_FRAMES}, got {frames}")
+    return frames
+
+
+def _not_blank(prompt: str) -> str:
+    if not prompt.strip():
+        raise ValueError("prompt must not be empty")
+    return prompt
+
+
+class VideoRequest(BaseModel):
+    """The ``input`` of a job. Omitted optional fields take the served model's defaults."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)]
+    image: str | None = None  # http(s) URL, data URI or base64; size limits live in inputs.py
+    task: Literal["t2v", "i2v"] | None = None
+    model: Annotated[str, Field(max_length=100)] | None = None
+    resolution: Literal["480p", "720p", "tiny"] | None = None
+    aspect_ratio: Literal["16:9", "9:16", "4:3", "3:4", "1:1"] = "16:9"
+    adaptive_resolution: bool = False
+    num_frames: Annotated[int, Field(ge=MIN_FRAMES, le=MAX_FRAMES), AfterValidator(_four_k_plus_one)] = (
+        DEFAULT_FRAMES
+    )
+    num_steps: Annotated[int, Field(ge=1, le=4)] = 4
+    sigma_max: Annotated[float, Field(ge=0.1, le=1000.0)] | None = None
+    seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] | None = None  # None or -1: a random seed
+    num_samples: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] = 1
+    attention: Literal["auto", "sagesla", "sla"] = "auto"
+    sla_topk: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    ode: bool = False
+    boundary: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
+    fps: Annotated[int, Field(ge=1, le=60)] = DEFAULT_FPS
+    expires_in: Annotated[int, Field(ge=1)] = DEFAULT_EXPIRES_S
+    return_base64: bool = False
+
+
+class VideoResponse(BaseModel):
+    """A finished job. URLs when a bucket is configured, local paths otherwise."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    video_url: str | None = None
+    videos: list[str] | None = None  # every sample's URL, when there are several
+    thumbnail_url: str | None = None
+    video_path: str | None = None
+    video_paths: list[str] | None = None
+    thumbnail_path: str | None = None
+    video_base64: str | None = None
+    videos_base64: list[str] | None = None
+    thumbnail_base64: str | None = None
+    seed: int
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    duration_s: float
+    model: str
+    attention_backend: str
+    timings: dict[str, float]
+
+
+def parse_request(payload: Any) -> VideoRequest:
+    """Validate a job's ``input``; raises ``InputError`` with one line naming each bad field."""
+    try:
+        return VideoRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise InputError(describe_errors(exc)) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    return "; ".join(_describe(error) for error in exc.errors(include_url=False))
+
+
+def _describe(error: Any) -> str:
+    kind, loc, value = error["type"], error["loc"], error.get("input")
+    ctx = error.get("ctx") or {}
+    if not loc:
+        return f"input must be a JSON object of request fields, got {_json_kind(value)}"
+    field = str(loc[0])
+    if kind == "extra_forbidden":
+        return f"unknown field {field!r}"
+    if kind == "missing":
+        return f"{field} is required"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind == "string_too_long":
+        return f"{field} must be at most {ctx['max_length']} characters, got {len(value)}"
+    if kind == "string_too_short":
+        return f"{field} must not be empty"
+    if kind == "literal_error":
+        return f"{field} must be one of {ctx['expected']}, got {_show(value)}"
+    return f"{field} must be {_expectation(field)}, got {_show(value)}"
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _expectation(field: str) -> str:
+    """'an integer between 1 and 4', read from the field's own annotation so it cannot drift."""
+    info = VideoRequest.model_fields.get(field)
+    if info is None:
+        return "valid"
+    annotation = info.annotation
+    members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    kinds, metadata = [], list(info.metadata)
+    for member in members:
+        if get_origin(member) is Annotated:
+            member, *extra = get_args(member)
+            metadata += [m for item in extra for m in getattr(item, "metadata", [item])]
+        if member in _KINDS:
+            kinds.append(_KINDS[member])
+    expectation = " or ".join(kinds) or "valid"
+    bounds = _bounds(metadata)
+    optional = type(None) in members
+    return f"{expectation}{bounds}" + (" or null" if optional else "")
+
+
+_BOUND_WORDS = (
+    (annotated_types.Ge, "ge", "at least"),
+    (annotated_types.Gt, "gt", "greater than"),
+    (annotated_types.Le, "le", "at most"),
+    (annotated_types.Lt, "lt", "less than"),
+)
+
+
+def _bounds(metadata: list[Any]) -> str:
+    found = {
+        attr: (word, getattr(item, attr))
+        for item in metadata
+        for cls, attr, word in _BOUND_WORDS
+        if isinstance(item, cls)
+    }
+    if "ge" in found and "le" in found:
+        return f" between {found['ge'][1]} and {found['le'][1]}"
+    phrases = [f"{word} {limit}" for word, limit in found.values()]
+    return " " + " and ".join(phrases) if phrases else ""
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def _show(value: Any) -> str:
+    """The offending value as the client wrote it, short enough for one line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)) or value is None:
+        text = "null" if value is None else repr(value)
+        return text if len(text) <= 24 else text[:20] + "..."
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else repr(value[:37] + "...")
+    return _json_kind(value)

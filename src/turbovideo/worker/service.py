@@ -1,0 +1,230 @@
+"""One job, start to finish: validate, generate, deliver, answer, and map every failure to a code.
+
+``VideoService.handle`` never raises. Whatever goes wrong becomes ``{"error": "<CODE>: <one line>"}``
+(RunPod shows a raised exception to the client as a JSON traceback, and a non-string error as a
+500); the traceback of an unexpected failure goes to the worker log only. A GPU that ran out of
+memory or lost its CUDA context also asks RunPod to replace the worker (``refresh_worker``).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from runpod.serverless import progress_update
+
+from turbovideo.catalog import ModelSpec
+from turbovideo.errors import InputError, one_line
+from turbovideo.pipeline import GenerationRequest, GenerationResult, ProgressEvent, VideoPipeline
+from turbovideo.worker.checkpoints import ensure_checkpoints
+from turbovideo.worker.compile_cache import configure_compile_cache
+from turbovideo.worker.config import WorkerConfig, use_quantized
+from turbovideo.worker.inputs import load_image
+from turbovideo.worker.schema import MAX_SEED, VideoRequest, VideoResponse, parse_request
+from turbovideo.worker.storage import BucketStorage, LocalStorage, Storage, UploadError, safe_job_id
+
+logger = logging.getLogger(__name__)
+
+# RunPod refuses results over 10 MB on /run (20 MB on /runsync); leave room for the other fields.
+MAX_BASE64_BYTES = 9_000_000
+_CUDA_BROKEN = ("cuda error", "illegal memory access", "device-side assert", "cublas_status", "cudnn_status")
+
+
+class ModelError(LookupError):
+    """The request names a model this worker does not serve (answered as ``E_MODEL``)."""
+
+
+class VideoService:
+    """The loaded pipelines (one per served model, in ``MODELS`` order) and where videos go."""
+
+    def __init__(
+        self, pipelines: dict[str, VideoPipeline], storage: Storage, *, report_progress: bool = False
+    ) -> None:
+        self.pipelines = pipelines
+        self.storage = storage
+        self.report_progress = report_progress
+
+    @classmethod
+    def from_config(cls, config: WorkerConfig) -> VideoService:
+        """Fetch checkpoints and load every served model now, so warm requests pay nothing."""
+        configure_compile_cache(config.cache_dir)
+        gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+        quantized = use_quantized(config.variant, gpu_bytes)
+        pipelines = {}
+        for spec in config.models:
+            checkpoint_dir = ensure_checkpoints(
+                spec,
+                quantized,
+                config.cache_dir,
+                token=config.hf_token,
+                offline=config.offline,
+                progress=logger.info,
+            )
+            pipelines[spec.name] = VideoPipeline.load(spec, checkpoint_dir, quantized=quantized)
+            variant = "" if spec.is_random else f" ({'quant' if quantized else 'bf16'} checkpoints)"
+            logger.info("loaded %s%s", spec.name, variant)
+        if config.bucket is not None:
+            storage: Storage = BucketStorage(config.bucket, config.durable_dir)
+        else:
+            storage = LocalStorage(config.output_dir)
+            if config.on_runpod:
+                logger.warning("no BUCKET_* configured: videos stay on this worker in %s", config.output_dir)
+        return cls(pipelines, storage, report_progress=config.report_progress)
+
+    def handle(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The RunPod handler: a response dict, or ``{"error": ...}``; never raises."""
+        job_id = safe_job_id(job.get("id") if isinstance(job, dict) else None)
+        try:
+            return self._run(job, job_id)
+        except Exception as exc:  # every failure becomes a coded answer; the worker keeps serving
+            return error_response(exc, job_id)
+
+    def _run(self, job: Any, job_id: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        request = parse_request(job.get("input") if isinstance(job, dict) else None)
+        spec = self._choose_model(request)
+        image = load_image(request.image) if request.image is not None else None
+        fetched = time.perf_counter()
+        generation = _generation_request(request, spec, image)
+        pipeline = self.pipelines[spec.name]
+        pipeline.validate(generation)
+        logger.info(
+            "job %s: %s, %d frames, %d step(s), seed %d",
+            job_id,
+            spec.name,
+            generation.num_frames,
+            generation.num_steps,
+            generation.seed,
+        )
+        with tempfile.TemporaryDirectory(prefix=f"turbovideo-{job_id}-") as scratch:
+            result = pipeline.generate(generation, Path(scratch), progress=self._progress(job))
+            delivering = time.perf_counter()
+            encoded = self._encode(job_id, result) if request.return_base64 else {}
+            delivered = self.storage.deliver(job_id, result.videos, result.thumbnail, request.expires_in)
+        finished = time.perf_counter()
+        timings = {
+            "input": fetched - started,
+            **{stage: seconds for stage, seconds in result.timings.items() if stage != "total"},
+            "upload": finished - delivering,
+            "total": finished - started,
+        }
+        response = VideoResponse(
+            **delivered,
+            **encoded,
+            seed=result.seed,
+            width=result.width,
+            height=result.height,
+            num_frames=result.num_frames,
+            fps=result.fps,
+            duration_s=result.duration_s,
+            model=spec.name,
+            attention_backend=result.attention_backend,
+            timings={stage: round(seconds, 3) for stage, seconds in timings.items()},
+        )
+        logger.info("job %s: done in %.1f s", job_id, timings["total"])
+        return response.model_dump(exclude_none=True)
+
+    def _choose_model(self, request: VideoRequest) -> ModelSpec:
+        served = ", ".join(self.pipelines)
+        if request.model is not None:
+            if request.model not in self.pipelines:
+                raise ModelError(f"model {request.model!r} is not served by this worker; served: {served}")
+            return self.pipelines[request.model].spec
+        task = request.task or ("i2v" if request.image is not None else "t2v")
+        for pipeline in self.pipelines.values():
+            if pipeline.spec.task == task:
+                return pipeline.spec
+        raise ModelError(f"no model for task {task!r} is served by this worker; served: {served}")
+
+    def _progress(self, job: dict[str, Any]) -> Callable[[ProgressEvent], None] | None:
+        if not self.report_progress:
+            return None
+        return lambda event: progress_update(job, f"{event.stage} {event.step}/{event.total}")
+
+    def _encode(self, job_id: str, result: GenerationResult) -> dict[str, Any]:
+        files = [*result.videos, result.thumbnail]
+        size = sum(4 * ((path.stat().st_size + 2) // 3) for path in files)
+        if size > MAX_BASE64_BYTES:
+            kept = self.storage.keep(job_id, files)
+            raise InputError(
+                f"return_base64 would answer {size / 1e6:.1f} MB, over the {MAX_BASE64_BYTES / 1e6:g} MB "
+                f"response limit; ask without return_base64 (the video was kept at {kept})"
+            )
+        *videos, thumbnail = [base64.b64encode(path.read_bytes()).decode("ascii") for path in files]
+        fields: dict[str, Any] = {"video_base64": videos[0], "thumbnail_base64": thumbnail}
+        if len(videos) > 1:
+            fields["videos_base64"] = videos
+        return fields
+
+
+def _generation_request(request: VideoRequest, spec: ModelSpec, image: Any) -> GenerationRequest:
+    seed = request.seed if request.seed is not None and request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
+    return GenerationRequest(
+        prompt=request.prompt,
+        task=request.task or spec.task,
+        image=image,
+        resolution=request.resolution,
+        aspect_ratio=request.aspect_ratio,
+        adaptive_resolution=request.adaptive_resolution,
+        num_frames=request.num_frames,
+        num_steps=request.num_steps,
+        sigma_max=request.sigma_max,
+        seed=seed,
+        num_samples=request.num_samples,
+        attention=request.attention,
+        sla_topk=request.sla_topk,
+        ode=request.ode,
+        boundary=request.boundary,
+        fps=request.fps,
+    )
+
+
+def error_response(exc: BaseException, job_id: str) -> dict[str, Any]:
+    """``{"error": "<CODE>: <one line>"}`` for a failed job, plus ``refresh_worker`` when the GPU is suspect."""
+    if isinstance(exc, InputError):
+        code, message = "E_INPUT", str(exc)
+    elif isinstance(exc, ModelError):
+        code, message = "E_MODEL", str(exc)
+    elif isinstance(exc, UploadError):
+        code, message = "E_UPLOAD", str(exc)
+    elif is_out_of_memory(exc):
+        code = "E_OOM"
+        message = (
+            "the GPU ran out of memory; ask for fewer frames, samples or a lower resolution "
+            "(this worker is being replaced)"
+        )
+    elif is_cuda_broken(exc):
+        code = "E_CUDA"
+        message = f"the GPU failed ({one_line(str(exc), 200)}); this worker is being replaced, retry the job"
+    else:
+        code, message = (
+            "E_INTERNAL",
+            f"unexpected {type(exc).__name__}; the worker log has the details (job {job_id})",
+        )
+    answer: dict[str, Any] = {"error": f"{code}: {one_line(message, 1000)}"}
+    if code in ("E_OOM", "E_CUDA"):
+        answer["refresh_worker"] = True
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if code in ("E_INPUT", "E_MODEL"):
+        logger.info("job %s: %s", job_id, answer["error"])
+    else:
+        logger.error("job %s: %s", job_id, answer["error"], exc_info=code != "E_UPLOAD")
+    return answer
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or ("out of memory" in text and "cuda" in text)
+
+
+def is_cuda_broken(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _CUDA_BROKEN)

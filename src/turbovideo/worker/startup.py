@@ -1,0 +1,134 @@
+"""Starting the worker, and what it says when it cannot start.
+
+A worker that exits on a bad setting is restarted by RunPod into the same wall: every attempt pays
+for the container start (and perhaps a download) and the user sees silent restarts. So a failed
+start is turned into one sentence that says what to change, and the worker stays up answering
+every job with ``E_STARTUP: <sentence>``. Only a broken CUDA context, which a fresh worker on
+another host may not have, also asks RunPod to replace the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from turbovideo.errors import one_line
+from turbovideo.models.checkpoint import CheckpointError
+from turbovideo.worker.checkpoints import CheckpointDownloadError
+from turbovideo.worker.config import ConfigError, load_config
+
+logger = logging.getLogger("turbovideo.worker")
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+# Values of these variables never reach a log line, whatever logs them.
+SECRET_VARIABLES = ("HF_TOKEN", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
+# A presigned URL's query string is a bearer credential.
+_SIGNED_QUERY = re.compile(r"\?[^\s'\"]*(?:X-Amz-|Signature=)[^\s'\"]*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class StartupFailure:
+    message: str  # one sentence: what is wrong and what to change
+    refresh: bool = False  # a new worker (maybe on another host) could succeed
+
+
+def create_handler(env: Mapping[str, str] | None = None) -> Handler:
+    """Load everything the worker serves and return its job handler (a failed-start one if loading failed)."""
+    env = os.environ if env is None else env
+    configure_logging([env[name] for name in SECRET_VARIABLES if env.get(name)])
+    try:
+        config = load_config(env)
+        # Imported here so that a broken install (a kernel that does not import) is a failed start too.
+        from turbovideo.worker.service import VideoService
+
+        if config.on_runpod and not torch.cuda.is_available() and not all(s.is_random for s in config.models):
+            raise RuntimeError("CUDA is not available (torch.cuda.is_available() is False)")
+        service = VideoService.from_config(config)
+    except Exception as exc:  # any failed start is answered to jobs, not crash-looped
+        failure = describe_startup_error(exc)
+        logger.error(
+            "the worker could not start: %s", failure.message, exc_info=not isinstance(exc, ConfigError)
+        )
+        return failed_start_handler(failure)
+    logger.info("worker ready: serving %s", ", ".join(service.pipelines))
+    return service.handle
+
+
+def describe_startup_error(exc: BaseException) -> StartupFailure:
+    """One actionable sentence for a failed start."""
+    if isinstance(exc, (ConfigError, CheckpointDownloadError)):
+        return StartupFailure(one_line(str(exc), 1000))
+    if isinstance(exc, CheckpointError):
+        return StartupFailure(
+            f"{one_line(str(exc), 1000)}; delete the file from CACHE_DIR so the next start downloads it again"
+        )
+    if isinstance(exc, torch.OutOfMemoryError):
+        return StartupFailure(
+            "the models do not fit in GPU memory; set CHECKPOINT_VARIANT=quant, serve fewer MODELS, "
+            "or deploy on a GPU with more memory"
+        )
+    text = str(exc)
+    if "cuda" in text.lower():
+        return StartupFailure(
+            f"CUDA is unusable on this worker ({one_line(text, 200)}); the worker asks to be replaced",
+            refresh=True,
+        )
+    return StartupFailure(
+        f"the worker could not start ({type(exc).__name__}: {one_line(text, 200)}); the worker log has the traceback"
+    )
+
+
+def failed_start_handler(failure: StartupFailure) -> Handler:
+    def answer(job: dict[str, Any]) -> dict[str, Any]:
+        response: dict[str, Any] = {"error": f"E_STARTUP: {failure.message}"}
+        if failure.refresh:
+            response["refresh_worker"] = True
+        return response
+
+    return answer
+
+
+class RedactSecrets(logging.Filter):
+    """Belt and braces: blank out known secret values and signed query strings in every record."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        # Short values would blank out ordinary words; real keys and tokens are long.
+        self.secrets = sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return _SIGNED_QUERY.sub("?<signature redacted>", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg, record.args = self.redact(message), None
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        return True
+
+
+def configure_logging(secrets: list[str]) -> None:
+    """INFO logs to stderr through the redacting filter; idempotent."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if getattr(handler, "turbovideo", False):
+            handler.filters = [RedactSecrets(secrets)]
+            return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.turbovideo = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactSecrets(secrets))
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)

@@ -1,0 +1,148 @@
+"""Where finished videos go: an S3-compatible bucket (presigned URLs back) or a local folder.
+
+A generation writes into a scratch folder; delivery then moves the files to their final place.
+Nothing is lost on the way: when an upload fails for good, the files are moved to a durable folder
+(the network volume when one is mounted) and the error says where.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from turbovideo.errors import one_line
+from turbovideo.worker.config import BucketConfig
+from turbovideo.worker.schema import MAX_EXPIRES_S
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_ATTEMPTS = 4  # botocore's standard mode retries with jittered exponential backoff
+_CONTENT_TYPES = {".mp4": "video/mp4", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+_AWS_HOST = re.compile(r"(?:^|\.)s3[.-](?P<region>[a-z0-9-]+)\.amazonaws\.com$")
+
+
+class UploadError(RuntimeError):
+    """The bucket did not take the files; the message names the bucket and where the files were kept."""
+
+
+class Storage(Protocol):
+    def deliver(self, job_id: str, videos: list[Path], thumbnail: Path, expires_in: int) -> dict[str, Any]:
+        """Move the job's files to their final place and return the response fields naming them."""
+
+    def keep(self, job_id: str, files: list[Path]) -> Path:
+        """Move files that will not be delivered somewhere they survive the job; returns the folder."""
+
+
+def safe_job_id(job_id: Any) -> str:
+    """A job id usable as one path component and one key segment (ids come from outside)."""
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", str(job_id))[:128].lstrip(".")
+    return text or "job"
+
+
+def move_files(files: list[Path], folder: Path) -> list[Path]:
+    """Move ``files`` into ``folder`` (created; same-named files replaced) and return the new paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for path in files:
+        target = folder / path.name
+        shutil.move(str(path), str(target))
+        moved.append(target.resolve())
+    return moved
+
+
+class LocalStorage:
+    """No bucket: videos stay in ``OUTPUT_DIR/<job_id>/`` and the response names their paths."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+
+    def deliver(self, job_id: str, videos: list[Path], thumbnail: Path, expires_in: int) -> dict[str, Any]:
+        *video_paths, thumbnail_path = move_files([*videos, thumbnail], self.output_dir / job_id)
+        fields: dict[str, Any] = {"video_path": str(video_paths[0]), "thumbnail_path": str(thumbnail_path)}
+        if len(video_paths) > 1:
+            fields["video_paths"] = [str(p) for p in video_paths]
+        return fields
+
+    def keep(self, job_id: str, files: list[Path]) -> Path:
+        return move_files(files, self.output_dir / job_id)[0].parent
+
+
+class BucketStorage:
+    """Uploads to ``{prefix}/{job_id}/sample_{i}.mp4`` and ``thumbnail.jpg`` and answers presigned GET URLs."""
+
+    def __init__(self, bucket: BucketConfig, durable_dir: Path, *, attempts: int = UPLOAD_ATTEMPTS) -> None:
+        self.bucket = bucket
+        self.durable_dir = durable_dir
+        self.attempts = attempts
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=bucket.endpoint_url,
+            aws_access_key_id=bucket.access_key_id,
+            aws_secret_access_key=bucket.secret_access_key,
+            region_name=region_for(bucket.endpoint_url),
+            config=Config(
+                signature_version="s3v4",
+                # boto3 >= 1.36 adds CRC32 checksum headers that R2 and other S3 look-alikes reject.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                retries={"mode": "standard", "total_max_attempts": attempts},
+                connect_timeout=10,
+                read_timeout=60,
+            ),
+        )
+
+    def key(self, job_id: str, filename: str) -> str:
+        return "/".join(part for part in (self.bucket.prefix, job_id, filename) if part)
+
+    def deliver(self, job_id: str, videos: list[Path], thumbnail: Path, expires_in: int) -> dict[str, Any]:
+        uploads = [(path, f"sample_{i}.mp4") for i, path in enumerate(videos)] + [
+            (thumbnail, "thumbnail.jpg")
+        ]
+        try:
+            for path, name in uploads:
+                self._put(path, self.key(job_id, name))
+        except (BotoCoreError, ClientError, OSError) as exc:
+            kept = self.keep(job_id, [*videos, thumbnail])
+            raise UploadError(
+                f"upload to bucket {self.bucket.name!r} failed after {self.attempts} attempts "
+                f"({type(exc).__name__}: {one_line(str(exc))}); the video was kept at {kept}"
+            ) from exc
+        lifetime = max(1, min(expires_in, MAX_EXPIRES_S))
+        urls = [self._presign(self.key(job_id, name), lifetime) for _, name in uploads]
+        *video_urls, thumbnail_url = urls
+        fields: dict[str, Any] = {"video_url": video_urls[0], "thumbnail_url": thumbnail_url}
+        if len(video_urls) > 1:
+            fields["videos"] = video_urls
+        return fields
+
+    def keep(self, job_id: str, files: list[Path]) -> Path:
+        return move_files(files, self.durable_dir / job_id)[0].parent
+
+    def _put(self, path: Path, key: str) -> None:
+        content_type = _CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        with path.open("rb") as body:
+            self.client.put_object(Bucket=self.bucket.name, Key=key, Body=body, ContentType=content_type)
+        # The bucket and key only: a URL with its query string would carry a signature.
+        logger.info("uploaded s3://%s/%s (%d bytes)", self.bucket.name, key, path.stat().st_size)
+
+    def _presign(self, key: str, lifetime_s: int) -> str:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket.name, "Key": key}, ExpiresIn=lifetime_s
+        )
+
+
+def region_for(endpoint_url: str) -> str:
+    """The signing region: ``auto`` for R2, the region in an AWS host name, else us-east-1."""
+    host = (urlsplit(endpoint_url).hostname or "").lower()
+    if host.endswith(".r2.cloudflarestorage.com"):
+        return "auto"
+    match = _AWS_HOST.search(host)
+    return match.group("region") if match else "us-east-1"

@@ -1,0 +1,175 @@
+"""handler.py as RunPod runs it: --test_input (one job, exit code) and the local HTTP API with a bucket."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import boto3
+import imageio_ffmpeg
+import pytest
+from moto.server import ThreadedMotoServer
+
+REPO = Path(__file__).resolve().parents[1]
+ACCESS_KEY = "AKIAHANDLERTEST00001"
+SECRET_KEY = "handler-test-secret-key-0a1b2c3d4e5f"
+HF_TOKEN = "hf_handlerTestTokenNotReal12345"
+JOB = {"input": {"prompt": "a red fox", "num_frames": 5, "num_steps": 1, "seed": 3}}
+
+
+def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The test process's environment minus anything that would make the worker think it is on RunPod."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "BUCKET_", "MODELS"))}
+    defaults = {
+        "MODELS": "tiny-t2v",
+        "CACHE_DIR": str(tmp_path / "cache"),
+        "OUTPUT_DIR": str(tmp_path / "outputs"),
+    }
+    env.update({**defaults, "OMP_NUM_THREADS": "2", **extra})
+    return env
+
+
+def read_video(path) -> tuple[int, tuple[int, int]]:
+    frames = imageio_ffmpeg.read_frames(str(path))
+    meta = next(frames)
+    return sum(1 for _ in frames), tuple(meta["size"])
+
+
+def test_quickstart_runs_handler_test_input_and_copies_a_playable_video(tmp_path):
+    # The script a user runs: handler.py --test_input on the tiny model, no bucket.
+    out = tmp_path / "fox.mp4"
+    fields = json.dumps({k: v for k, v in JOB["input"].items() if k != "prompt"})
+    run = subprocess.run(
+        ["bash", "scripts/runpod_quickstart.sh", "a red fox", str(out), fields],
+        cwd=REPO,
+        env=worker_env(tmp_path, MODELS="", BUCKET_NAME="ignored"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert read_video(out) == (5, (112, 64))
+    assert (tmp_path / "outputs" / "quickstart" / "sample_0.mp4").read_bytes() == out.read_bytes()
+    assert "'seed': 3" in run.stdout and "'model': 'tiny-t2v'" in run.stdout
+
+
+def test_test_input_with_a_failed_start_prints_the_error_and_exits_1(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", json.dumps(JOB)],
+        cwd=REPO,
+        env=worker_env(tmp_path, MODELS="wan-9000"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert "E_STARTUP: MODELS='wan-9000' is not valid" in run.stdout
+
+
+def test_test_input_json_is_a_valid_request():
+    from turbovideo.worker.schema import parse_request
+
+    parse_request(json.loads((REPO / "test_input.json").read_text())["input"])
+
+
+@pytest.fixture
+def bucket():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    admin = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b"
+    )
+    admin.create_bucket(Bucket="videos")
+    yield endpoint, admin
+    server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=180) as answer:
+        return json.loads(answer.read())
+
+
+def test_local_api_uploads_to_the_bucket_and_logs_no_secrets(tmp_path, bucket):
+    endpoint, admin = bucket
+    port = free_port()
+    env = worker_env(
+        tmp_path,
+        BUCKET_ENDPOINT_URL=endpoint,
+        BUCKET_ACCESS_KEY_ID=ACCESS_KEY,
+        BUCKET_SECRET_ACCESS_KEY=SECRET_KEY,
+        BUCKET_NAME="videos",
+        BUCKET_PREFIX="api",
+        HF_TOKEN=HF_TOKEN,
+    )
+    log = (tmp_path / "worker.log").open("w+")
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "handler.py",
+            "--rp_serve_api",
+            "--rp_api_host",
+            "127.0.0.1",
+            "--rp_api_port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert worker.poll() is None, "the worker exited"
+            try:
+                urllib.request.urlopen(f"{base}/openapi.json", timeout=2).close()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "the worker did not start serving"
+                time.sleep(0.5)
+
+        done = post(f"{base}/runsync", JOB)
+        assert done["status"] == "COMPLETED", done
+        output = done["output"]
+        job_id = done["id"]
+        for url, key, content_type in [
+            (output["video_url"], f"api/{job_id}/sample_0.mp4", "video/mp4"),
+            (output["thumbnail_url"], f"api/{job_id}/thumbnail.jpg", "image/jpeg"),
+        ]:
+            stored = admin.get_object(Bucket="videos", Key=key)
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                fetched = answer.read()
+                assert answer.headers["Content-Type"] == content_type == stored["ContentType"]
+            assert fetched == stored["Body"].read()
+        (tmp_path / "fetched.mp4").write_bytes(urllib.request.urlopen(output["video_url"], timeout=10).read())
+        assert read_video(tmp_path / "fetched.mp4") == (5, (112, 64))
+
+        failed = post(f"{base}/runsync", {"input": {"prompt": "a", "num_frames": 80}})
+        assert failed["status"] == "FAILED"
+        assert failed["error"] == "E_INPUT: num_frames must be 4k+1 between 5 and 161, got 80"
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    log.seek(0)
+    logged = log.read()
+    assert "worker ready: serving tiny-t2v" in logged
+    signature = output["video_url"].split("X-Amz-Signature=")[1].split("&")[0]
+    for secret in (ACCESS_KEY, SECRET_KEY, HF_TOKEN, signature):
+        assert secret not in logged

@@ -1,0 +1,228 @@
+"""Start images: base64 and data URIs, public URLs only (every redirect hop checked), no image bombs."""
+
+import base64
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from turbovideo.errors import InputError
+from turbovideo.worker import inputs
+
+
+def png_bytes(size=(24, 16), mode="RGB", color=(200, 30, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color if mode != "P" else 3).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bomb_png(width=100_000, height=100_000) -> bytes:
+    """A valid-looking 1-bit PNG of a few hundred bytes whose header claims ``width x height`` pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * 64)  # far too little data; never decoded
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def test_base64_png_becomes_an_rgb_image():
+    image = inputs.load_image(base64.b64encode(png_bytes()).decode())
+    assert image.mode == "RGB" and image.size == (24, 16)
+    assert image.getpixel((0, 0)) == (200, 30, 40)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L"])
+def test_other_modes_are_converted_to_rgb(mode):
+    data = base64.b64encode(png_bytes(mode=mode, color=(1, 2, 3, 4) if mode == "RGBA" else 7)).decode()
+    assert inputs.load_image(f"data:image/png;base64,{data}").mode == "RGB"
+
+
+def test_base64_with_line_breaks_is_accepted():
+    encoded = base64.encodebytes(png_bytes()).decode()  # MIME style, a newline every 76 characters
+    assert "\n" in encoded
+    assert inputs.load_image(encoded).size == (24, 16)
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("not base64 at all!!", "neither an http(s) URL nor valid base64"),
+        ("data:image/png,abc", "data URI must look like"),
+        (
+            base64.b64encode(b"plain text, no image here").decode(),
+            "is not a PNG, JPEG, WEBP, BMP or GIF image",
+        ),
+        (base64.b64encode(png_bytes()[:60]).decode(), "could not be decoded"),
+        (base64.b64encode(bomb_png()).decode(), "at most 50000000 pixels"),  # Pillow refuses it first
+        (base64.b64encode(bomb_png(60_000, 1_000)).decode(), "at most 50000000 pixels, got 60000x1000"),
+        ("file:///etc/passwd", "must use http or https, got file:"),
+        ("ftp://example.com/a.png", "must use http or https, got ftp:"),
+        ("gopher://example.com/", "must use http or https"),
+    ],
+)
+def test_unusable_images_are_input_errors(value, fragment):
+    with pytest.raises(InputError) as caught:
+        inputs.load_image(value)
+    assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_base64_size_is_checked_before_decoding(monkeypatch):
+    monkeypatch.setattr(inputs, "MAX_IMAGE_BYTES", 1000)
+    monkeypatch.setattr(inputs.base64, "b64decode", lambda *a, **k: pytest.fail("decoded an oversized image"))
+    with pytest.raises(InputError, match="image must be at most"):
+        inputs.load_image("A" * 4000)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/a.png",
+        "http://127.1.2.3:8080/a.png",
+        "http://10.1.2.3/a.png",
+        "http://192.168.0.10/a.png",
+        "http://172.16.5.4/a.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://100.64.0.1/a.png",
+        "http://0.0.0.0/a.png",
+        "http://[::1]/a.png",
+        "http://[::ffff:127.0.0.1]/a.png",
+        "http://[fd00::1]/a.png",
+        "http://localhost/a.png",
+        "https://localhost:8443/a.png",
+    ],
+)
+def test_private_addresses_are_refused_before_connecting(url, monkeypatch):
+    monkeypatch.setattr(inputs.socket, "create_connection", lambda *a, **k: pytest.fail("connected"))
+    with pytest.raises(InputError, match="resolves to a non-public address"):
+        inputs.load_image(url)
+
+
+def test_every_resolved_address_is_checked(monkeypatch):
+    # A host with one public and one private address (DNS rebinding style) is refused.
+    answers = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 80)) for ip in ("93.184.215.14", "10.0.0.7")]
+    monkeypatch.setattr(inputs.socket, "getaddrinfo", lambda *a, **k: answers)
+    with pytest.raises(InputError, match=r"non-public address \(10\.0\.0\.7\)"):
+        inputs.fetch_url("http://images.example.test/a.png")
+
+
+def test_unresolvable_host_is_an_input_error():
+    with pytest.raises(InputError, match="does not resolve"):
+        inputs.fetch_url("http://no-such-host.invalid/a.png")
+
+
+class _Images(BaseHTTPRequestHandler):
+    png = png_bytes((40, 30))
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        port = self.server.server_address[1]
+        routes = {
+            "/image.png": lambda: self._send(200, self.png, {"Content-Type": "image/png"}),
+            "/hop": lambda: self._send(302, b"", {"Location": "/image.png"}),
+            "/to-localhost": lambda: self._send(302, b"", {"Location": f"http://localhost:{port}/image.png"}),
+            "/to-metadata": lambda: self._send(301, b"", {"Location": "http://169.254.169.254/latest/"}),
+            "/to-file": lambda: self._send(302, b"", {"Location": "file:///etc/passwd"}),
+            "/loop": lambda: self._send(302, b"", {"Location": "/loop"}),
+            "/missing": lambda: self._send(404, b"nope", {}),
+            "/huge-declared": lambda: self._send(200, b"", {"Content-Length": str(10**9)}, length=False),
+            "/huge-streamed": self._stream_forever,
+            "/slow": self._slow,
+        }
+        routes.get(self.path, routes["/missing"])()
+
+    def _send(self, status, body, headers, length=True):
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _stream_forever(self):
+        self.send_response(200)
+        self.end_headers()  # no length: read until the limit trips
+        try:
+            for _ in range(10_000):
+                self.wfile.write(b"\0" * 65536)
+        except OSError:
+            pass
+
+    def _slow(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        try:
+            for _ in range(100):
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def allowed(image_server, monkeypatch):
+    """Lets the local server through the address check, as the first hop and by that exact name only."""
+    monkeypatch.setattr(inputs, "ALLOWED_PRIVATE_NETLOCS", {image_server})
+    return f"http://{image_server}"
+
+
+def test_loopback_server_is_refused_without_the_test_allow_list(image_server):
+    with pytest.raises(InputError, match="non-public"):
+        inputs.load_image(f"http://{image_server}/image.png")
+
+
+def test_image_is_fetched_from_an_allowed_server(allowed):
+    assert inputs.load_image(f"{allowed}/image.png").size == (40, 30)
+
+
+def test_redirects_are_followed(allowed):
+    assert inputs.load_image(f"{allowed}/hop").size == (40, 30)
+
+
+@pytest.mark.parametrize(
+    "path, fragment",
+    [
+        ("/to-localhost", "'localhost' resolves to a non-public address"),
+        ("/to-metadata", "'169.254.169.254' resolves to a non-public address"),
+        ("/to-file", "must use http or https, got file:"),
+        ("/loop", "redirected more than 5 times"),
+        ("/missing", "answered HTTP 404"),
+        ("/huge-declared", "image must be at most 20 MB, got 953.7 MB"),
+        ("/huge-streamed", "image must be at most 20 MB"),
+    ],
+)
+def test_bad_urls_are_input_errors(allowed, path, fragment):
+    with pytest.raises(InputError) as caught:
+        inputs.load_image(f"{allowed}{path}")
+    assert fragment in str(caught.value)
+
+
+def test_download_time_is_bounded(allowed):
+    started = time.monotonic()
+    with pytest.raises(InputError, match="longer than 0.5 s|timed out"):
+        inputs.fetch_url(f"{allowed}/slow", timeout_s=0.5)
+    assert time.monotonic() - started < 2.0

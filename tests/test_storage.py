@@ -1,0 +1,179 @@
+"""Delivery: uploads to an S3 server on loopback (moto), presigned URLs, and nothing lost on failure."""
+
+import logging
+import socket
+import urllib.request
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import boto3
+import pytest
+from botocore.exceptions import EndpointConnectionError
+from moto.server import ThreadedMotoServer
+
+from turbovideo.worker.config import BucketConfig
+from turbovideo.worker.storage import BucketStorage, LocalStorage, UploadError, region_for, safe_job_id
+
+ACCESS_KEY = "AKIATESTWORKER0001"
+SECRET_KEY = "s3cr3t-worker-test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    # The fake server's own access log prints presigned URLs; it is not the worker's log under test.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    admin = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+    )
+    admin.create_bucket(Bucket="videos")
+    yield endpoint
+    server.stop()
+
+
+def bucket_at(endpoint: str, prefix: str = "renders") -> BucketConfig:
+    return BucketConfig(endpoint, ACCESS_KEY, SECRET_KEY, "videos", prefix)
+
+
+@pytest.fixture
+def job_files(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    videos = [scratch / f"video_{i}.mp4" for i in range(2)]
+    for i, path in enumerate(videos):
+        path.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes([i]) * 5000)
+    thumbnail = scratch / "thumb.jpg"
+    thumbnail.write_bytes(b"\xff\xd8\xff\xe0" + b"j" * 300)
+    return videos, thumbnail
+
+
+def test_upload_and_presigned_urls_return_the_same_bytes(s3_endpoint, job_files, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    videos, thumbnail = job_files
+    originals = [p.read_bytes() for p in [*videos, thumbnail]]
+    storage = BucketStorage(bucket_at(s3_endpoint), tmp_path / "durable")
+    sent_headers = []
+    storage.client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent_headers.append(request.headers)
+    )
+
+    fields = storage.deliver("job-1", videos, thumbnail, expires_in=10**9)
+
+    assert set(fields) == {"video_url", "videos", "thumbnail_url"}
+    assert fields["videos"][0] == fields["video_url"]
+    for url, original, content_type in zip(
+        [*fields["videos"], fields["thumbnail_url"]],
+        originals,
+        ["video/mp4", "video/mp4", "image/jpeg"],
+        strict=True,
+    ):
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            assert answer.read() == original
+            assert answer.headers["Content-Type"] == content_type
+    paths = [urlsplit(u).path for u in [*fields["videos"], fields["thumbnail_url"]]]
+    assert paths == [
+        "/videos/renders/job-1/sample_0.mp4",
+        "/videos/renders/job-1/sample_1.mp4",
+        "/videos/renders/job-1/thumbnail.jpg",
+    ]
+    query = parse_qs(urlsplit(fields["video_url"]).query)
+    assert query["X-Amz-Expires"] == ["604800"]  # clamped to 7 days
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    # No checksum headers (R2 and other S3 look-alikes reject boto3's default CRC32).
+    assert len(sent_headers) == 3
+    assert not [name for headers in sent_headers for name in headers if "checksum" in name.lower()]
+    # Logs name the objects but never the signature or the keys.
+    assert "s3://videos/renders/job-1/sample_0.mp4" in caplog.text
+    for secret in (SECRET_KEY, ACCESS_KEY, query["X-Amz-Signature"][0]):
+        assert secret not in caplog.text
+
+
+def test_single_sample_has_no_list_and_short_lifetimes_are_kept(s3_endpoint, job_files, tmp_path):
+    videos, thumbnail = job_files
+    storage = BucketStorage(bucket_at(s3_endpoint, prefix=""), tmp_path / "durable")
+    fields = storage.deliver("job-2", videos[:1], thumbnail, expires_in=60)
+    assert set(fields) == {"video_url", "thumbnail_url"}
+    assert urlsplit(fields["video_url"]).path == "/videos/job-2/sample_0.mp4"
+    assert parse_qs(urlsplit(fields["video_url"]).query)["X-Amz-Expires"] == ["60"]
+
+
+def test_server_down_keeps_the_files_and_says_where(job_files, tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    videos, thumbnail = job_files
+    contents = [p.read_bytes() for p in videos]
+    storage = BucketStorage(bucket_at(dead), tmp_path / "durable", attempts=2)
+    with pytest.raises(UploadError) as caught:
+        storage.deliver("job-3", videos, thumbnail, expires_in=60)
+    kept = tmp_path / "durable" / "job-3"
+    assert str(kept) in str(caught.value) and "'videos'" in str(caught.value)
+    assert [(kept / p.name).read_bytes() for p in videos] == contents
+    assert (kept / thumbnail.name).exists()
+
+
+def test_failure_mid_upload_keeps_every_file(s3_endpoint, job_files, tmp_path):
+    videos, thumbnail = job_files
+    storage = BucketStorage(bucket_at(s3_endpoint), tmp_path / "durable", attempts=2)
+    puts = []
+
+    def fail_after_first(request, **_):
+        puts.append(request.url)
+        if len(puts) > 1:
+            raise EndpointConnectionError(endpoint_url=request.url)
+
+    storage.client.meta.events.register("before-send.s3.PutObject", fail_after_first)
+    with pytest.raises(UploadError, match="EndpointConnectionError") as caught:
+        storage.deliver("job-4", videos, thumbnail, expires_in=60)
+    assert len(puts) == 3  # the first upload, then the second one tried twice
+    kept = tmp_path / "durable" / "job-4"
+    assert str(kept) in str(caught.value)
+    assert sorted(p.name for p in kept.iterdir()) == ["thumb.jpg", "video_0.mp4", "video_1.mp4"]
+
+
+def test_local_storage_moves_files_into_the_job_folder(job_files, tmp_path):
+    videos, thumbnail = job_files
+    fields = LocalStorage(tmp_path / "outputs").deliver("job-5", videos, thumbnail, expires_in=60)
+    folder = (tmp_path / "outputs" / "job-5").resolve()
+    assert fields == {
+        "video_path": str(folder / "video_0.mp4"),
+        "video_paths": [str(folder / "video_0.mp4"), str(folder / "video_1.mp4")],
+        "thumbnail_path": str(folder / "thumb.jpg"),
+    }
+    assert all(Path(p).is_file() for p in fields["video_paths"]) and not videos[0].exists()
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("3f9a-12bc-u1", "3f9a-12bc-u1"),
+        ("../../etc/passwd", "_.._etc_passwd"),
+        ("..", "job"),
+        ("", "job"),
+        (None, "None"),
+        ("a/b c", "a_b_c"),
+    ],
+)
+def test_job_ids_become_one_safe_path_component(raw, expected):
+    assert safe_job_id(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "endpoint, region",
+    [
+        ("https://0123abcd.r2.cloudflarestorage.com", "auto"),
+        ("https://my-bucket.s3.us-west-2.amazonaws.com", "us-west-2"),
+        ("https://s3.eu-central-1.amazonaws.com", "eu-central-1"),
+        ("https://s3.amazonaws.com", "us-east-1"),
+        ("http://127.0.0.1:9000", "us-east-1"),
+    ],
+)
+def test_signing_region_follows_the_endpoint(endpoint, region):
+    assert region_for(endpoint) == region

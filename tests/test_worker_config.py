@@ -1,0 +1,96 @@
+"""Worker settings from the environment: defaults that run anywhere, one sentence for each mistake."""
+
+from pathlib import Path
+
+import pytest
+
+from turbovideo.worker import config as config_module
+from turbovideo.worker.config import BucketConfig, ConfigError, load_config, use_quantized
+
+BUCKET_ENV = {
+    "BUCKET_ENDPOINT_URL": "https://acct.r2.cloudflarestorage.com",
+    "BUCKET_ACCESS_KEY_ID": "key-id",
+    "BUCKET_SECRET_ACCESS_KEY": "secret",
+    "BUCKET_NAME": "videos",
+}
+
+
+@pytest.fixture(autouse=True)
+def no_volume(monkeypatch, tmp_path):
+    monkeypatch.setattr(config_module, "VOLUME_ROOT", tmp_path / "not-mounted")
+
+
+def test_a_fresh_machine_serves_the_tiny_models_locally(tmp_path):
+    config = load_config({"CACHE_DIR": str(tmp_path / "cache")})
+    assert [spec.name for spec in config.models] == ["tiny-t2v", "tiny-i2v"]
+    assert config.variant == "auto" and config.bucket is None and not config.offline
+    assert config.output_dir == Path("outputs") and config.durable_dir == Path("outputs")
+    assert config.cache_dir == tmp_path / "cache"
+    assert not config.on_runpod and not config.report_progress
+
+
+@pytest.mark.parametrize("marker", ["RUNPOD_POD_ID", "RUNPOD_WEBHOOK_GET_JOB"])
+def test_on_runpod_models_must_be_named(marker):
+    with pytest.raises(ConfigError, match="MODELS is not set; set it in the endpoint's environment"):
+        load_config({marker: "x", "CACHE_DIR": "/tmp/c"})
+
+
+def test_models_are_resolved_in_order_with_aliases():
+    config = load_config({"MODELS": "TurboWan2.1-T2V-1.3B-480P, tiny", "CACHE_DIR": "/tmp/c"})
+    assert [s.name for s in config.models] == ["TurboWan2.1-T2V-1.3B-480P", "tiny-t2v", "tiny-i2v"]
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(ConfigError) as caught:
+        load_config({"MODELS": "wan-9000", "CACHE_DIR": "/tmp/c"})
+    assert "MODELS='wan-9000' is not valid: unknown model 'wan-9000'" in str(caught.value)
+    assert "TurboWan2.2-I2V-A14B-720P" in str(caught.value)
+
+
+def test_checkpoint_variant_is_checked():
+    assert load_config({"CHECKPOINT_VARIANT": "QUANT", "CACHE_DIR": "/tmp/c"}).variant == "quant"
+    with pytest.raises(
+        ConfigError, match="CHECKPOINT_VARIANT='fp8' is not valid; use one of auto, bf16, quant"
+    ):
+        load_config({"CHECKPOINT_VARIANT": "fp8", "CACHE_DIR": "/tmp/c"})
+
+
+def test_a_complete_bucket_is_used_and_the_prefix_trimmed():
+    config = load_config({**BUCKET_ENV, "BUCKET_PREFIX": "/renders/", "CACHE_DIR": "/tmp/c"})
+    assert config.bucket == BucketConfig(
+        "https://acct.r2.cloudflarestorage.com", "key-id", "secret", "videos", "renders"
+    )
+
+
+def test_a_partial_bucket_is_a_config_error_naming_what_is_missing():
+    env = {k: v for k, v in BUCKET_ENV.items() if k != "BUCKET_NAME"}
+    with pytest.raises(ConfigError, match="but BUCKET_NAME missing"):
+        load_config({**env, "CACHE_DIR": "/tmp/c"})
+
+
+def test_failed_uploads_are_kept_on_the_volume_when_one_is_mounted(monkeypatch, tmp_path):
+    monkeypatch.setattr(config_module, "VOLUME_ROOT", tmp_path)
+    config = load_config({"CACHE_DIR": str(tmp_path / "turbovideo"), "OUTPUT_DIR": "/tmp/o"})
+    assert config.durable_dir == tmp_path / "turbovideo" / "outputs"
+    assert config.output_dir == Path("/tmp/o")
+
+
+def test_offline_and_progress_flags():
+    config = load_config(
+        {"HF_HUB_OFFLINE": "1", "RUNPOD_WEBHOOK_POST_OUTPUT": "https://x", "CACHE_DIR": "/c"}
+    )
+    assert config.offline and config.report_progress
+
+
+@pytest.mark.parametrize(
+    "variant, gpu_bytes, quantized",
+    [
+        ("auto", None, False),  # CPU
+        ("auto", 80 * 10**9, False),  # H100
+        ("auto", 24 * 10**9, True),  # RTX 4090
+        ("bf16", 24 * 10**9, False),
+        ("quant", 80 * 10**9, True),
+    ],
+)
+def test_checkpoint_variant_follows_gpu_memory_unless_set(variant, gpu_bytes, quantized):
+    assert use_quantized(variant, gpu_bytes) is quantized

@@ -1,0 +1,344 @@
+"""One job through the real tiny pipeline, in process: answers, hostile inputs, faults, secrets.
+
+The tiny models load once for the module; every generation asks for 5 frames and 1 step so a job
+takes a few seconds on two CPU cores.
+"""
+
+import base64
+import io
+import json
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import boto3
+import imageio_ffmpeg
+import pytest
+import torch
+from botocore.exceptions import EndpointConnectionError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from moto.server import ThreadedMotoServer
+from PIL import Image
+from test_inputs import bomb_png
+
+from turbovideo.catalog import MODELS
+from turbovideo.pipeline import VideoPipeline
+from turbovideo.worker import inputs, service
+from turbovideo.worker.config import BucketConfig
+from turbovideo.worker.schema import VideoRequest
+from turbovideo.worker.service import VideoService
+from turbovideo.worker.storage import BucketStorage, LocalStorage
+
+FAST = {"num_frames": 5, "num_steps": 1}
+ACCESS_KEY = "AKIASERVICETEST00001"
+SECRET_KEY = "service-test-secret-key-9f8e7d6c5b4a"
+CODES = ("E_INPUT", "E_MODEL", "E_UPLOAD", "E_OOM", "E_CUDA", "E_STARTUP", "E_INTERNAL")
+
+
+def read_video(path) -> tuple[int, tuple[int, int]]:
+    """(frame count, (width, height)) decoded back with ffmpeg: proof the file plays."""
+    frames = imageio_ffmpeg.read_frames(str(path))
+    meta = next(frames)
+    return sum(1 for _ in frames), tuple(meta["size"])
+
+
+def png_b64(size=(48, 32)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 120, 200)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    return {name: VideoPipeline.load(MODELS[name], None, device="cpu") for name in ("tiny-t2v", "tiny-i2v")}
+
+
+@pytest.fixture
+def local(pipelines, tmp_path):
+    return VideoService(pipelines, LocalStorage(tmp_path / "outputs"))
+
+
+@pytest.fixture(scope="module")
+def s3():
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the fake server's access log is not ours
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    admin = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b"
+    )
+    admin.create_bucket(Bucket="videos")
+    yield endpoint, admin
+    server.stop()
+
+
+def bucket_service(pipelines, endpoint, durable: Path) -> VideoService:
+    bucket = BucketConfig(endpoint, ACCESS_KEY, SECRET_KEY, "videos", "out")
+    return VideoService(pipelines, BucketStorage(bucket, durable, attempts=2))
+
+
+class _Images(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        port = self.server.server_address[1]
+        if self.path == "/image.png":
+            body = base64.b64decode(png_b64((40, 40)))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:  # looks like an ordinary image URL, but sends the worker to loopback
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{port}/image.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def allowed_first_hop(image_server, monkeypatch):
+    monkeypatch.setattr(inputs, "ALLOWED_PRIVATE_NETLOCS", {image_server})
+    return f"http://{image_server}"
+
+
+def test_t2v_job_answers_a_playable_video(local):
+    job = {"id": "job-t2v", "input": {"prompt": "a red fox", "seed": 7, "return_base64": True, **FAST}}
+    answer = local.handle(job)
+    assert "error" not in answer, answer
+    assert answer["seed"] == 7 and answer["model"] == "tiny-t2v"
+    assert (answer["width"], answer["height"], answer["num_frames"], answer["fps"]) == (112, 64, 5, 16)
+    assert answer["duration_s"] == pytest.approx(5 / 16)
+    assert {"input", "encode", "denoise", "decode", "mux", "upload", "total"} <= set(answer["timings"])
+    assert answer["attention_backend"]
+    path = Path(answer["video_path"])
+    assert path.parent.name == "job-t2v" and path.name == "sample_0.mp4"
+    assert read_video(path) == (5, (112, 64))
+    assert Path(answer["thumbnail_path"]).read_bytes()[:2] == b"\xff\xd8"
+    assert base64.b64decode(answer["video_base64"]) == path.read_bytes()
+    assert base64.b64decode(answer["thumbnail_base64"]) == Path(answer["thumbnail_path"]).read_bytes()
+    json.dumps(answer)  # RunPod sends it as JSON
+
+
+def test_i2v_from_a_url_infers_the_task_and_draws_a_seed(local, allowed_first_hop):
+    job = {
+        "id": "job-i2v",
+        "input": {"prompt": "waves", "image": f"{allowed_first_hop}/image.png", "seed": -1, **FAST},
+    }
+    answer = local.handle(job)
+    assert "error" not in answer, answer
+    assert answer["model"] == "tiny-i2v"
+    assert 0 <= answer["seed"] <= 2**32 - 1
+    assert read_video(answer["video_path"])[0] == 5
+
+
+def test_base64_over_the_payload_limit_is_refused_and_the_video_kept(local, monkeypatch, tmp_path):
+    monkeypatch.setattr(service, "MAX_BASE64_BYTES", 100)
+    answer = local.handle({"id": "job-big", "input": {"prompt": "a", "return_base64": True, **FAST}})
+    assert answer["error"].startswith("E_INPUT: return_base64 would answer")
+    kept = tmp_path / "outputs" / "job-big"
+    assert str(kept.resolve()) in answer["error"]
+    assert read_video(kept / "sample_0.mp4")[0] == 5
+
+
+HOSTILE = [
+    ({"prompt": 5}, "E_INPUT: prompt must be a string, got 5"),
+    ({"prompt": "a", "num_frames": 80}, "E_INPUT: num_frames must be 4k+1 between 5 and 161, got 80"),
+    ({"prompt": "a", "num_steps": 0}, "E_INPUT: num_steps must be an integer between 1 and 4, got 0"),
+    ({"prompt": "a", "num_samples": 99}, "E_INPUT: num_samples must be an integer between 1 and 4, got 99"),
+    ({"prompt": "a", "foo": 1}, "E_INPUT: unknown field 'foo'"),
+    ({"prompt": "x" * 5000}, "E_INPUT: prompt must be at most 2000 characters, got 5000"),
+    ({"prompt": "a", "resolution": "480p"}, "E_INPUT: resolution must be one of tiny for model tiny-t2v"),
+    (
+        {"prompt": "a", "image": "%%% not base64 %%%"},
+        "E_INPUT: image is neither an http(s) URL nor valid base64",
+    ),
+    ({"prompt": "a", "image": base64.b64encode(b"hello world").decode()}, "E_INPUT: image is not a PNG"),
+    ({"prompt": "a", "image": "file:///etc/passwd"}, "E_INPUT: image URL must use http or https, got file:"),
+    (
+        {"prompt": "a", "image": "http://127.0.0.1:9/a.png"},
+        "E_INPUT: image URL host '127.0.0.1' resolves to a non-public",
+    ),
+    (
+        {"prompt": "a", "image": "http://10.0.0.8/a.png"},
+        "E_INPUT: image URL host '10.0.0.8' resolves to a non-public",
+    ),
+    (
+        {"prompt": "a", "image": "http://169.254.169.254/latest/meta-data/"},
+        "E_INPUT: image URL host '169.254.169.254'",
+    ),
+    (
+        {"prompt": "a", "image": "http://[::1]:8080/a.png"},
+        "E_INPUT: image URL host '::1' resolves to a non-public",
+    ),
+    (
+        {"prompt": "a", "image": "http://localhost/a.png"},
+        "E_INPUT: image URL host 'localhost' resolves to a non-public",
+    ),
+    ({"prompt": "a", "task": "i2v"}, "E_INPUT: task 'i2v' needs an input image"),
+    ({"prompt": "a", "model": "tiny-i2v"}, "E_INPUT: task 'i2v' needs an input image"),
+    (
+        {"prompt": "a", "model": "TurboWan2.1-T2V-14B-720P"},
+        "E_MODEL: model 'TurboWan2.1-T2V-14B-720P' is not served",
+    ),
+    ([], "E_INPUT: input must be a JSON object of request fields, got a list"),
+    (None, "E_INPUT: input must be a JSON object of request fields, got null"),
+]
+
+
+def test_hostile_requests_get_one_line_and_the_worker_keeps_serving(local, allowed_first_hop):
+    cases = [
+        *HOSTILE,
+        ({"prompt": "a", "image": base64.b64encode(bomb_png()).decode()}, "E_INPUT: image must have at most"),
+        (
+            {"prompt": "a", "image": f"{allowed_first_hop}/redirect"},
+            "E_INPUT: image URL host 'localhost' resolves",
+        ),
+    ]
+    for payload, expected in cases:
+        answer = local.handle({"id": "hostile", "input": payload})
+        assert set(answer) == {"error"}, payload
+        assert answer["error"].startswith(expected), (payload, answer)
+        assert "\n" not in answer["error"]
+    served = local.handle({"id": "after", "input": {"prompt": "still here", **FAST}})
+    assert "error" not in served and read_video(served["video_path"])[0] == 5
+
+
+def test_upload_to_the_bucket_answers_urls(pipelines, s3, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    endpoint, admin = s3
+    answer = bucket_service(pipelines, endpoint, tmp_path / "durable").handle(
+        {"id": "job-up", "input": {"prompt": "a", "num_samples": 2, **FAST}}
+    )
+    assert "error" not in answer, answer
+    assert len(answer["videos"]) == 2 and answer["videos"][0] == answer["video_url"]
+    stored = admin.get_object(Bucket="videos", Key="out/job-up/sample_1.mp4")
+    assert stored["ContentType"] == "video/mp4"
+    assert urlsplit(answer["videos"][1]).path == "/videos/out/job-up/sample_1.mp4"
+    assert not (tmp_path / "durable").exists()  # nothing kept when the upload worked
+    signature = parse_qs(urlsplit(answer["video_url"]).query)["X-Amz-Signature"][0]
+    for secret in (ACCESS_KEY, SECRET_KEY, signature):
+        assert secret not in caplog.text
+
+
+def test_bucket_down_answers_e_upload_and_keeps_a_playable_video(pipelines, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    answer = bucket_service(pipelines, dead, tmp_path / "durable").handle(
+        {"id": "job-down", "input": {"prompt": "a", **FAST}}
+    )
+    kept = tmp_path / "durable" / "job-down"
+    assert answer["error"].startswith("E_UPLOAD: upload to bucket 'videos' failed after 2 attempts")
+    assert answer["error"].endswith(f"the video was kept at {kept.resolve()}")
+    assert read_video(kept / "sample_0.mp4") == (5, (112, 64))
+    assert ACCESS_KEY not in caplog.text and SECRET_KEY not in caplog.text
+
+
+def test_bucket_failing_mid_upload_keeps_every_file(pipelines, s3, tmp_path):
+    endpoint, _ = s3
+    worker = bucket_service(pipelines, endpoint, tmp_path / "durable")
+    puts = []
+
+    def fail_from_the_second_put(request, **_):
+        puts.append(request.url)
+        if len(puts) > 1:
+            raise EndpointConnectionError(endpoint_url=request.url)
+
+    worker.storage.client.meta.events.register("before-send.s3.PutObject", fail_from_the_second_put)
+    answer = worker.handle({"id": "job-mid", "input": {"prompt": "a", **FAST}})
+    assert answer["error"].startswith("E_UPLOAD: ") and "kept at" in answer["error"]
+    kept = tmp_path / "durable" / "job-mid"
+    assert sorted(p.name for p in kept.iterdir()) == ["sample_0.mp4", "thumbnail.jpg"]
+    assert read_video(kept / "sample_0.mp4")[0] == 5
+
+
+@pytest.mark.parametrize(
+    "failure, code",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "E_OOM"),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), "E_CUDA"),
+        (RuntimeError("CUDA error: device-side assert triggered"), "E_CUDA"),
+    ],
+)
+def test_gpu_failures_ask_for_a_fresh_worker(local, monkeypatch, failure, code):
+    pipeline = local.pipelines["tiny-t2v"]
+
+    def broken(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(pipeline, "generate", broken)
+    answer = local.handle({"id": "job-gpu", "input": {"prompt": "a", **FAST}})
+    assert answer["error"].startswith(f"{code}: ") and answer["refresh_worker"] is True
+
+
+def test_unexpected_errors_keep_the_traceback_in_the_log(local, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise KeyError("internal detail")
+
+    monkeypatch.setattr(local.pipelines["tiny-t2v"], "generate", broken)
+    answer = local.handle({"id": "job-bug", "input": {"prompt": "a", **FAST}})
+    assert answer == {
+        "error": "E_INTERNAL: unexpected KeyError; the worker log has the details (job job-bug)"
+    }
+    assert "internal detail" in caplog.text and "Traceback" in caplog.text
+
+
+def test_progress_is_reported_per_stage_when_running_on_runpod(pipelines, tmp_path, monkeypatch):
+    sent = []
+    # The SDK posts progress to RunPod's job URL, which only exists on RunPod; record what it is given.
+    monkeypatch.setattr(service, "progress_update", lambda job, text: sent.append((job["id"], text)))
+    worker = VideoService(pipelines, LocalStorage(tmp_path), report_progress=True)
+    assert "error" not in worker.handle({"id": "job-p", "input": {"prompt": "a", **FAST}})
+    stages = [text.split()[0] for _, text in sent]
+    assert stages[0] == "encode" and "denoise" in stages and stages[-1] == "mux"
+    assert ("job-p", "denoise 1/1") in sent
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+field_names = st.sampled_from([*VideoRequest.model_fields])
+
+
+def assert_answered(answer: dict) -> None:
+    if "error" in answer:
+        assert isinstance(answer["error"], str) and "\n" not in answer["error"]
+        assert answer["error"].split(":", 1)[0] in CODES
+        assert not answer["error"].startswith("E_INTERNAL"), answer
+    else:
+        assert Path(answer["video_path"]).is_file()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    payload=st.one_of(json_values, st.dictionaries(st.one_of(field_names, st.text(max_size=8)), json_values))
+)
+def test_any_json_gets_an_answer_never_an_exception(local, payload):
+    assert_answered(local.handle({"id": "fuzz", "input": payload}))
+
+
+# Valid requests with one field drawn at random reach the pipeline's own checks (and some, the pipeline).
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=field_names, value=json_values)
+def test_one_odd_field_in_a_valid_request_gets_an_answer(local, key, value):
+    assert_answered(local.handle({"id": "fuzz", "input": {"prompt": "p", **FAST, key: value}}))

@@ -1,0 +1,95 @@
+"""A failed start answers every job with one actionable E_STARTUP sentence instead of crash-looping."""
+
+import io
+import logging
+
+import pytest
+import torch
+
+from turbovideo.models.checkpoint import CheckpointError
+from turbovideo.worker.checkpoints import CheckpointDownloadError
+from turbovideo.worker.config import ConfigError
+from turbovideo.worker.startup import RedactSecrets, create_handler, describe_startup_error
+
+JOB = {"id": "job-1", "input": {"prompt": "a red fox"}}
+
+
+def test_bad_models_are_answered_to_every_job(tmp_path):
+    handler = create_handler({"MODELS": "wan-9000", "CACHE_DIR": str(tmp_path)})
+    for _ in range(3):
+        answer = handler(dict(JOB))
+        assert set(answer) == {"error"}
+        assert answer["error"].startswith(
+            "E_STARTUP: MODELS='wan-9000' is not valid: unknown model 'wan-9000'"
+        )
+
+
+def test_missing_models_on_runpod_is_answered(tmp_path):
+    handler = create_handler({"RUNPOD_POD_ID": "pod", "CACHE_DIR": str(tmp_path)})
+    assert handler(dict(JOB))["error"].startswith("E_STARTUP: MODELS is not set")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_real_models_without_cuda_on_runpod_ask_for_another_worker(tmp_path):
+    env = {"RUNPOD_POD_ID": "pod", "MODELS": "TurboWan2.1-T2V-1.3B-480P", "CACHE_DIR": str(tmp_path)}
+    answer = create_handler(env)(dict(JOB))
+    assert answer["error"].startswith("E_STARTUP: CUDA is unusable on this worker (CUDA is not available")
+    assert answer["refresh_worker"] is True
+    assert not any(tmp_path.iterdir())  # failed before downloading anything
+
+
+def test_offline_without_a_cached_checkpoint_is_answered(tmp_path):
+    env = {"MODELS": "TurboWan2.1-T2V-1.3B-480P", "HF_HUB_OFFLINE": "1", "CACHE_DIR": str(tmp_path)}
+    error = create_handler(env)(dict(JOB))["error"]
+    assert error.startswith("E_STARTUP: ") and "HF_HUB_OFFLINE" in error and "\n" not in error
+
+
+@pytest.mark.parametrize(
+    "exc, start, refresh",
+    [
+        (ConfigError("BUCKET_NAME missing"), "BUCKET_NAME missing", False),
+        (
+            CheckpointDownloadError("TurboDiffusion/x is gated; set HF_TOKEN"),
+            "TurboDiffusion/x is gated",
+            False,
+        ),
+        (
+            CheckpointError("checkpoint file /c/x.pth is truncated"),
+            "checkpoint file /c/x.pth is truncated;",
+            False,
+        ),
+        (torch.OutOfMemoryError("CUDA out of memory"), "the models do not fit in GPU memory", False),
+        (RuntimeError("CUDA error: no kernel image is available\nfor execution"), "CUDA is unusable", True),
+        (ImportError("No module named 'spas_sage_attn'"), "the worker could not start (ImportError:", False),
+    ],
+)
+def test_startup_errors_become_one_sentence(exc, start, refresh):
+    failure = describe_startup_error(exc)
+    assert failure.message.startswith(start)
+    assert "\n" not in failure.message
+    assert failure.refresh is refresh
+
+
+def test_redaction_blanks_secrets_and_signed_queries():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactSecrets(["hf_SECRETTOKEN123", "short"]))
+    logger = logging.getLogger("test_worker_startup.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("token %s", "hf_SECRETTOKEN123")
+        logger.warning(
+            "url https://a.r2.cloudflarestorage.com/v/k.mp4?X-Amz-Algorithm=AWS4&X-Amz-Signature=abc123 done"
+        )
+        try:
+            raise ValueError("bad token hf_SECRETTOKEN123")
+        except ValueError:
+            logger.exception("failed")
+        logger.warning("a short word stays")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "hf_SECRETTOKEN123" not in text and "abc123" not in text
+    assert "token ***" in text and "k.mp4?<signature redacted> done" in text
+    assert "a short word stays" in text
