@@ -25,9 +25,10 @@ from .sla_reference import sla_reference
 logger = logging.getLogger("turbovideo")
 
 PUBLIC_NAMES = ("auto", "sagesla", "sla", "dense")
-# What "auto" tries, best first. SageSLA's 8-bit formats cost accuracy (~4e-2) for little speed at
-# our shapes (performance.md), so auto prefers exact-precision SLA.
-AUTO_ORDER = ("sla", "dense")
+# What "auto" tries, best first: SageSLA where SpargeAttn is installed for the GPU (upstream's default
+# attention), else SLA (Triton on CUDA, the PyTorch reference elsewhere). SageSLA's 8-bit formats cost
+# accuracy (~4e-2 vs ~3e-3 relative, performance.md); scripts/bench_kernels.py measures both.
+AUTO_ORDER = ("sagesla", "sla", "dense")
 DEFAULT_TOPK = 0.1
 # Registers the Triton SLA and SageSLA backends when imported (kernels/sla_backends.py).
 PLUGIN_MODULE = "turbovideo.kernels.sla_backends"

@@ -1,0 +1,143 @@
+"""SageSLA (upstream-spec §4.3): SLA whose sparse branch runs in SpargeAttn's int8 QK / fp8-or-fp16 PV kernels.
+
+Block selection and the linear branch are ours (kernels/sla.py); only the quantization and the sparse
+kernel come from ``spas_sage_attn``, which is optional: nothing here imports it until a call needs it.
+"""
+
+import functools
+import importlib
+from types import SimpleNamespace
+
+import torch
+
+from .sla import SAGESLA_SM90_BLOCKS, SLA_BLOCKS, add_linear_branch, linear_state, select_blocks
+
+# The archs SpargeAttn's build compiles kernels for (its setup.py filters TORCH_CUDA_ARCH_LIST to these).
+SUPPORTED_ARCHS = ("sm80", "sm86", "sm87", "sm89", "sm90")
+NOT_INSTALLED = (
+    "attention=sagesla needs SpargeAttn (spas_sage_attn), which is not installed; use attention=sla"
+)
+# SpargeAttn's per-head PV-skipping threshold; this value disables skipping, as upstream runs it.
+_NO_PV_SKIP = 1e6
+
+
+@functools.cache
+def sparge_modules() -> SimpleNamespace | None:
+    """SpargeAttn's compiled kernels and quantization helpers, or None when it is not (properly) installed."""
+    try:
+        return SimpleNamespace(
+            qattn=importlib.import_module("spas_sage_attn._qattn"),
+            fused=importlib.import_module("spas_sage_attn._fused"),
+            utils=importlib.import_module("spas_sage_attn.utils"),
+        )
+    except ImportError:
+        return None
+
+
+def cuda_arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def is_available(device: torch.device) -> bool:
+    device = torch.device(device)
+    return device.type == "cuda" and sparge_modules() is not None and cuda_arch(device) in SUPPORTED_ARCHS
+
+
+def selection_blocks(arch: str) -> tuple[int, int]:
+    """(BLKQ, BLKK) SageSLA selects with on ``arch`` (spec §4.2): Hopper's kernel tiles 64 x 128."""
+    return SAGESLA_SM90_BLOCKS if arch == "sm90" else SLA_BLOCKS
+
+
+def block_lut(block_index: torch.Tensor, n_kblocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SpargeAttn's sparse layout from ascending block indices [B, H, nQ, kk].
+
+    The LUT [B, H, nQ, nK] int32 holds each selected block as the step from the previous one (the first
+    from block 0), zero-padded; the count [B, H, nQ] says how many entries are valid.
+    """
+    steps = torch.diff(block_index, dim=-1, prepend=torch.zeros_like(block_index[..., :1]))
+    lut = torch.zeros((*block_index.shape[:3], n_kblocks), dtype=torch.int32, device=block_index.device)
+    lut[..., : block_index.shape[-1]] = steps
+    count = torch.full(
+        block_index.shape[:3], block_index.shape[-1], dtype=torch.int32, device=block_index.device
+    )
+    return lut, count
+
+
+def sagesla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    topk: float,
+) -> torch.Tensor:
+    """SageSLA on q, k, v [B, L, H, D] (CUDA, head dim 64 or 128) -> [B, L, H, D] in q's dtype."""
+    sparge = sparge_modules()
+    if sparge is None:
+        raise RuntimeError(NOT_INSTALLED)
+    if q.shape[-1] not in (64, 128):
+        raise ValueError(f"SageSLA needs head dim 64 or 128; got {q.shape[-1]}")
+    arch = cuda_arch(q.device)
+    blkq, blkk = selection_blocks(arch)
+    state = linear_state(k, v, blkk)
+    block_index = select_blocks(q, state, topk, blkq)
+    lut, count = block_lut(block_index, state.k_block_means.shape[2])
+    o_s = _sparse_branch(sparge, arch, q, k, v, state, lut, count, blkq, blkk)
+    return add_linear_branch(o_s.transpose(1, 2), q, state, proj_weight, proj_bias)
+
+
+def _sparse_branch(sparge, arch, q, k, v, state, lut, count, blkq, blkk) -> torch.Tensor:
+    """SpargeAttn's block-sparse attention; returns [B, H, L, D]."""
+    # Its kernels and quantizers read contiguous [B, H, L, D] ("HND", tensor_layout 1) in bf16.
+    q, k, v = (x.transpose(1, 2).to(torch.bfloat16).contiguous() for x in (q, k, v))
+    batch, heads, length, dim = q.shape
+    k_mean = state.k_mean.to(torch.bfloat16)
+    q_int8, q_scale, k_int8, k_scale = sparge.utils.get_vanilla_qk_quant(q, k, k_mean, blkq, blkk)
+    scale = dim**-0.5
+    layout, causal, per_block = 1, False, 1
+    if arch in ("sm80", "sm86", "sm87"):
+        o_s = torch.empty(q.shape, dtype=torch.float16, device=q.device)
+        no_skip = torch.full((heads,), _NO_PV_SKIP, dtype=torch.float32, device=q.device)
+        sparge.qattn.qk_int8_sv_f16_accum_f16_block_sparse_attn_inst_buf_with_pv_threshold(
+            q_int8, k_int8, v.to(torch.float16), o_s, lut, count, no_skip, q_scale, k_scale,
+            layout, causal, per_block, scale, 0,
+        )  # fmt: skip
+        return o_s
+    # sm89/sm90: V transposed, padded to 128 tokens and quantized per channel to fp8 (scale amax / 2.25).
+    padded = (length + 127) // 128 * 128
+    v_t = torch.empty((batch, heads, dim, padded), dtype=v.dtype, device=v.device)
+    sparge.fused.transpose_pad_permute_cuda(v, v_t, layout)
+    v_fp8 = torch.empty(v_t.shape, dtype=torch.float8_e4m3fn, device=v.device)
+    v_scale = torch.empty((batch, heads, dim), dtype=torch.float32, device=v.device)
+    sparge.fused.scale_fuse_quant_cuda(v_t, v_fp8, v_scale, length, 2.25, layout)
+    o_s = torch.empty_like(q)
+    if arch == "sm90":
+        sparge.qattn.qk_int8_sv_f8_accum_f32_block_sparse_attn_inst_buf_fuse_v_scale_sm90(
+            q_int8,
+            k_int8,
+            v_fp8,
+            o_s,
+            lut,
+            count,
+            q_scale,
+            k_scale,
+            v_scale,
+            layout,
+            causal,
+            per_block,
+            scale,
+        )
+        return o_s
+    no_skip = torch.full((heads,), _NO_PV_SKIP, dtype=torch.float32, device=q.device)
+    # Sage2++ (fp16 accumulation of PV) exists only when SpargeAttn was built with CUDA >= 12.8.
+    kernel = getattr(
+        sparge.qattn,
+        "qk_int8_sv_f8_accum_f16_block_sparse_attn_inst_buf_fuse_v_scale_with_pv_threshold",
+        sparge.qattn.qk_int8_sv_f8_accum_f32_block_sparse_attn_inst_buf_fuse_v_scale_with_pv_threshold,
+    )
+    kernel(
+        q_int8, k_int8, v_fp8, o_s, lut, count, no_skip, q_scale, k_scale, v_scale,
+        layout, causal, per_block, scale, 0,
+    )  # fmt: skip
+    return o_s

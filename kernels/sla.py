@@ -1,0 +1,548 @@
+"""Sparse-linear attention (SLA, upstream-spec §4.1) as Triton kernels on the DiT's [B, L, H, D] layout.
+
+Three launches plus a few small torch ops per call:
+
+1. ``linear_state``: one pass over k and v computing, per (batch, head), KV = φ(k)ᵀ v and ksum = Σ φ(k)
+   (φ = softmax over the head dim) and, in the same pass, the key-block means and the mean of k over L
+   that the selection needs.
+2. ``select_blocks``: query-block means of q (Triton), then the pooled score against the smoothed key
+   blocks and top-k on the small [B, H, nQ, nK] matrix (torch).
+3. ``block_sparse_attention``: flash-attention over the selected key blocks only, with the linear branch
+   (φ(q)·KV / (1e-5 + φ(q)·ksum), then proj_l) and the sum o_s + o_l fused into its epilogue.
+
+Inputs may be any strided views (e.g. slices of a packed qkv tensor): layouts are absorbed in kernel
+strides, nothing is transposed or made contiguous. Accumulation is fp32 throughout; upstream rounds every
+intermediate tensor op to bf16, so the two differ by bf16 rounding only.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SLA_BLOCKS = (128, 64)  # (BLKQ, BLKK) of attention_type "sla"
+SAGESLA_SM90_BLOCKS = (64, 128)  # SageSLA on Hopper selects with these
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Launch parameters of the sparse kernel: a program owns ``block_m`` query rows (a divisor of BLKQ)
+    and consumes one selected key block of BLKK rows per step."""
+
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class LinearState:
+    """What one pass over k and v yields per (batch, head): the linear branch's sums, the selection's means."""
+
+    kv: torch.Tensor  # [B*H, D, D] in the compute dtype: φ(k)ᵀ v
+    ksum: torch.Tensor  # [B*H, D] fp32: Σ_L φ(k)
+    k_mean: torch.Tensor  # [B, H, 1, D] fp32: mean of k over L (the selection's smoothing)
+    k_block_means: torch.Tensor  # [B, H, nK, D] fp32: mean of each BLKK rows of k (unsmoothed)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs are the test path: keep the products exact instead of TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"SLA needs q, k, v of one shape [B, L, H, D]; got {q.shape}, {k.shape}, {v.shape}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"SLA needs q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    d = q.shape[-1]
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"SLA kernels need a power-of-two head dim of at least 16; got {d}")
+
+
+def _check_blocks(blkq: int, blkk: int) -> None:
+    for name, size in (("BLKQ", blkq), ("BLKK", blkk)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"SLA {name} must be a power of two of at least 16; got {size}")
+
+
+def _key_tile_launch(blkk: int, head_dim: int, rows: int) -> tuple[int, int]:
+    """(num_warps, num_stages) for a kernel streaming [blkk, head_dim] K/V tiles against ``rows`` rows.
+
+    Compiled for sm90 these avoid register spills (a 128x128 fp32 tile needs 8 warps); three K/V tiles
+    in flight fit shared memory for 64-key tiles, two for 128-key tiles.
+    """
+    num_warps = 8 if max(rows, blkk) * head_dim >= 128 * 128 else 4
+    return num_warps, 3 if blkk * head_dim <= 64 * 128 else 2
+
+
+def default_sparse_config(blkq: int, blkk: int, head_dim: int) -> SparseConfig:
+    """H100 choice for the sparse kernel: query tiles of up to 128 rows, one selected key block per step."""
+    block_m = min(blkq, 128)
+    return SparseConfig(block_m, *_key_tile_launch(blkk, head_dim, block_m))
+
+
+@triton.jit
+def _softmax_rows(x):
+    """φ(x): softmax over the last axis of an fp32 tile."""
+    e = tl.exp2((x - tl.max(x, axis=1)[:, None]) * 1.4426950408889634)  # log2(e)
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _block_mean(x, blk, L, BLK: tl.constexpr):
+    """Mean over the rows of a zero-padded [BLK, D] fp32 tile, by its true row count."""
+    return tl.sum(x, axis=0) / tl.minimum(L - blk * BLK, BLK).to(tl.float32)
+
+
+@triton.jit
+def _kv_state_kernel(
+    k_ptr,
+    v_ptr,
+    kv_part_ptr,
+    sums_part_ptr,
+    kblock_ptr,
+    L,
+    H,
+    n_kblocks,
+    blocks_per_split,
+    stride_kb,
+    stride_kl,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vl,
+    stride_vh,
+    stride_vd,
+    BLKK: tl.constexpr,
+    D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    n_splits = tl.num_programs(0)
+    b = bh // H
+    h = bh % H
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    d = tl.arange(0, D)
+    kv = tl.zeros([D, D], dtype=tl.float32)
+    phi_sum = tl.zeros([D], dtype=tl.float32)
+    k_sum = tl.zeros([D], dtype=tl.float32)
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, n_kblocks)
+    for blk in tl.range(first, last):
+        rows = blk * BLKK + tl.arange(0, BLKK)
+        valid = rows < L
+        row_off = rows.to(tl.int64)[:, None]
+        k = tl.load(k_base + row_off * stride_kl + d[None, :] * stride_kd, mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + row_off * stride_vl + d[None, :] * stride_vd, mask=valid[:, None], other=0.0)
+        k = k.to(tl.float32)
+        tl.store(kblock_ptr + (bh.to(tl.int64) * n_kblocks + blk) * D + d, _block_mean(k, blk, L, BLKK))
+        k_sum += tl.sum(k, axis=0)
+        phi = tl.where(valid[:, None], _softmax_rows(k), 0.0)
+        phi_sum += tl.sum(phi, axis=0)
+        kv = tl.dot(tl.trans(phi.to(v.dtype)), v, kv, input_precision=PRECISION)
+    part = bh.to(tl.int64) * n_splits + split
+    tl.store(kv_part_ptr + part * D * D + d[:, None] * D + d[None, :], kv)
+    tl.store(sums_part_ptr + part * 2 * D + d, phi_sum)
+    tl.store(sums_part_ptr + part * 2 * D + D + d, k_sum)
+
+
+def linear_state(k: torch.Tensor, v: torch.Tensor, blkk: int) -> LinearState:
+    """One pass over k, v: the linear branch's KV and ksum, and the key statistics the selection needs."""
+    _check_inputs(k, k, v)
+    batch, length, heads, dim = k.shape
+    n_kblocks = triton.cdiv(length, blkk)
+    bh = batch * heads
+    # Enough programs to fill the GPU (~4 per SM on an H100) while each still reduces many rows.
+    n_splits = max(1, min(n_kblocks, triton.cdiv(528, bh)))
+    blocks_per_split = triton.cdiv(n_kblocks, n_splits)
+    n_splits = triton.cdiv(n_kblocks, blocks_per_split)
+    # The [D, D] fp32 accumulator is this kernel's large tile.
+    num_warps, num_stages = _key_tile_launch(blkk, dim, rows=dim)
+    kv_part = torch.empty((bh, n_splits, dim, dim), dtype=torch.float32, device=k.device)
+    sums_part = torch.empty((bh, n_splits, 2, dim), dtype=torch.float32, device=k.device)
+    k_block_means = torch.empty((batch, heads, n_kblocks, dim), dtype=torch.float32, device=k.device)
+    _kv_state_kernel[(n_splits, bh)](
+        k,
+        v,
+        kv_part,
+        sums_part,
+        k_block_means,
+        length,
+        heads,
+        n_kblocks,
+        blocks_per_split,
+        *k.stride(),
+        *v.stride(),
+        BLKK=blkk,
+        D=dim,
+        PRECISION=_dot_precision(k.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    sums = sums_part.sum(dim=1)
+    return LinearState(
+        kv=kv_part.sum(dim=1).to(k.dtype),
+        ksum=sums[:, 0].contiguous(),
+        k_mean=(sums[:, 1] / length).view(batch, heads, 1, dim),
+        k_block_means=k_block_means,
+    )
+
+
+@triton.jit
+def _block_mean_kernel(
+    x_ptr,
+    out_ptr,
+    L,
+    H,
+    n_blocks,
+    stride_b,
+    stride_l,
+    stride_h,
+    stride_d,
+    BLK: tl.constexpr,
+    D: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = blk * BLK + tl.arange(0, BLK)
+    d = tl.arange(0, D)
+    base = x_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    x = tl.load(
+        base + rows.to(tl.int64)[:, None] * stride_l + d[None, :] * stride_d,
+        mask=(rows < L)[:, None],
+        other=0.0,
+    )
+    tl.store(out_ptr + (bh.to(tl.int64) * n_blocks + blk) * D + d, _block_mean(x.to(tl.float32), blk, L, BLK))
+
+
+def block_means(x: torch.Tensor, blk: int) -> torch.Tensor:
+    """fp32 means of each ``blk`` rows of x [B, L, H, D] -> [B, H, ceil(L/blk), D] (true count for the last)."""
+    batch, length, heads, dim = x.shape
+    n_blocks = triton.cdiv(length, blk)
+    out = torch.empty((batch, heads, n_blocks, dim), dtype=torch.float32, device=x.device)
+    _block_mean_kernel[(n_blocks, batch * heads)](
+        x, out, length, heads, n_blocks, *x.stride(), BLK=blk, D=dim, num_warps=4
+    )
+    return out
+
+
+def blocks_to_keep(topk: float, n_kblocks: int) -> int:
+    """kk = min(nK, int(topk·nK)) as upstream, but at least one block: upstream's kk = 0 yields NaN."""
+    return max(1, min(n_kblocks, int(topk * n_kblocks)))
+
+
+def select_blocks(q: torch.Tensor, state: LinearState, topk: float, blkq: int) -> torch.Tensor:
+    """Indices [B, H, nQ, kk] (int32, ascending) of the key blocks each query block attends to exactly.
+
+    Pooled score = mean(q block) · (mean(k block) − mean(k)), no 1/sqrt(d) scale; smoothing k by its mean
+    over L changes no softmax but sharpens the ranking (spec §4.1 steps 1–4). The key block size is the
+    one ``state`` was computed with.
+    """
+    score = block_means(q, blkq) @ (state.k_block_means - state.k_mean).transpose(-1, -2)
+    kk = blocks_to_keep(topk, score.shape[-1])
+    chosen = score.topk(kk, dim=-1, sorted=False).indices
+    # Ascending order walks K/V forwards in memory and makes the result independent of topk's order.
+    return chosen.sort(dim=-1).values.to(torch.int32)
+
+
+@triton.jit
+def _linear_branch(
+    q,
+    kv_ptr,
+    ksum_ptr,
+    w_ptr,
+    bias_ptr,
+    D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """proj_l(φ(q)·KV / (1e-5 + φ(q)·ksum)) for one [rows, D] tile of q; kv/ksum point at this (b, h)."""
+    d = tl.arange(0, D)
+    phi = _softmax_rows(q.to(tl.float32))
+    kv = tl.load(kv_ptr + d[:, None] * D + d[None, :])
+    denominator = tl.sum(phi * tl.load(ksum_ptr + d)[None, :], axis=1) + 1e-5
+    o_l = tl.dot(phi.to(kv.dtype), kv, input_precision=PRECISION) / denominator[:, None]
+    # proj_l weight is [out, in]; read it transposed so the product is o_l · Wᵀ.
+    w_t = tl.load(w_ptr + d[None, :] * D + d[:, None])
+    return tl.dot(o_l.to(w_t.dtype), w_t, input_precision=PRECISION) + tl.load(bias_ptr + d)[None, :]
+
+
+@triton.jit
+def _sparse_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    index_ptr,
+    kv_ptr,
+    ksum_ptr,
+    w_ptr,
+    bias_ptr,
+    L,
+    H,
+    n_qblocks,
+    kk,
+    qk_scale,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kl,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vl,
+    stride_vh,
+    stride_vd,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_od,
+    BLKQ: tl.constexpr,
+    BLKK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    D: tl.constexpr,
+    HAS_LINEAR: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < L
+    d = tl.arange(0, D)
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    q = tl.load(
+        q_base + rows.to(tl.int64)[:, None] * stride_ql + d[None, :] * stride_qd,
+        mask=row_valid[:, None],
+        other=0.0,
+    )
+    qblock = (tile * BLOCK_M) // BLKQ
+    index_row = index_ptr + (bh.to(tl.int64) * n_qblocks + qblock) * kk
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for j in tl.range(0, kk):
+        cols = tl.load(index_row + j) * BLKK + tl.arange(0, BLKK)
+        col_valid = cols < L  # only the last key block can reach past L
+        col_off = cols.to(tl.int64)[:, None]
+        k = tl.load(k_base + col_off * stride_kl + d[None, :] * stride_kd, mask=col_valid[:, None], other=0.0)
+        v = tl.load(v_base + col_off * stride_vl + d[None, :] * stride_vd, mask=col_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s += tl.where(col_valid, 0.0, float("-inf"))[None, :]
+        # Base-2 online softmax; qk_scale = log2(e)/sqrt(D) > 0 commutes with the max, so each logit
+        # costs one FMA.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    if HAS_LINEAR:
+        # Round o_s to the compute dtype as upstream does; holding it narrow also frees registers meanwhile.
+        o_s = o.to(q.dtype)
+        o_l = _linear_branch(q, kv_ptr + bh * D * D, ksum_ptr + bh * D, w_ptr, bias_ptr, D, PRECISION)
+        o = o_s.to(tl.float32) + o_l
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(
+        o_base + rows.to(tl.int64)[:, None] * stride_ol + d[None, :] * stride_od,
+        o.to(o_ptr.dtype.element_ty),
+        mask=row_valid[:, None],
+    )
+
+
+def _proj_params(
+    weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # proj_l runs in the compute dtype (upstream: autocast bf16 over an fp32 Linear); bias added in fp32.
+    return weight.to(dtype).contiguous(), bias.to(torch.float32).contiguous()
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor,
+    blkq: int,
+    blkk: int,
+    linear: tuple[LinearState, torch.Tensor, torch.Tensor] | None = None,
+    config: SparseConfig | None = None,
+) -> torch.Tensor:
+    """Softmax attention of each query block over its selected key blocks, [B, L, H, D] in q's dtype.
+
+    With ``linear = (state, proj_weight, proj_bias)`` the SLA linear branch is added in the epilogue.
+    """
+    _check_inputs(q, k, v)
+    _check_blocks(blkq, blkk)
+    batch, length, heads, dim = q.shape
+    n_qblocks = triton.cdiv(length, blkq)
+    if block_index.shape[:3] != (batch, heads, n_qblocks) or block_index.dtype != torch.int32:
+        raise ValueError(
+            f"block_index must be int32 [{batch}, {heads}, {n_qblocks}, kk]; got {block_index.shape}"
+        )
+    config = config or default_sparse_config(blkq, blkk, dim)
+    if blkq % config.block_m:
+        raise ValueError(f"BLOCK_M {config.block_m} must divide BLKQ {blkq}")
+    block_index = block_index.contiguous()
+    out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
+    if linear is None:
+        kv = ksum = weight = bias = out  # never read: HAS_LINEAR is False
+    else:
+        state, weight, bias = linear
+        weight, bias = _proj_params(weight, bias, q.dtype)
+        kv, ksum = state.kv, state.ksum
+    grid = (triton.cdiv(length, config.block_m), batch * heads)
+    _sparse_attention_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        block_index,
+        kv,
+        ksum,
+        weight,
+        bias,
+        length,
+        heads,
+        n_qblocks,
+        block_index.shape[3],
+        dim**-0.5 * LOG2E,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        BLKQ=blkq,
+        BLKK=blkk,
+        BLOCK_M=config.block_m,
+        D=dim,
+        HAS_LINEAR=linear is not None,
+        PRECISION=_dot_precision(q.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+@triton.jit
+def _add_linear_kernel(
+    q_ptr,
+    o_s_ptr,
+    o_ptr,
+    kv_ptr,
+    ksum_ptr,
+    w_ptr,
+    bias_ptr,
+    L,
+    H,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_sb,
+    stride_sl,
+    stride_sh,
+    stride_sd,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_od,
+    BLOCK_M: tl.constexpr,
+    D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask = (rows < L)[:, None]
+    d = tl.arange(0, D)
+    q = tl.load(
+        q_ptr
+        + b.to(tl.int64) * stride_qb
+        + h.to(tl.int64) * stride_qh
+        + rows[:, None] * stride_ql
+        + d[None, :] * stride_qd,
+        mask=mask,
+        other=0.0,
+    )
+    o = tl.load(
+        o_s_ptr
+        + b.to(tl.int64) * stride_sb
+        + h.to(tl.int64) * stride_sh
+        + rows[:, None] * stride_sl
+        + d[None, :] * stride_sd,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    o += _linear_branch(q, kv_ptr + bh * D * D, ksum_ptr + bh * D, w_ptr, bias_ptr, D, PRECISION)
+    tl.store(
+        o_ptr
+        + b.to(tl.int64) * stride_ob
+        + h.to(tl.int64) * stride_oh
+        + rows[:, None] * stride_ol
+        + d[None, :] * stride_od,
+        o.to(o_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+def add_linear_branch(
+    o_s: torch.Tensor, q: torch.Tensor, state: LinearState, proj_weight: torch.Tensor, proj_bias: torch.Tensor
+) -> torch.Tensor:
+    """o_s + proj_l(linear attention of q), [B, L, H, D] in q's dtype, for a sparse branch computed elsewhere."""
+    batch, length, heads, dim = q.shape
+    if o_s.shape != q.shape:
+        raise ValueError(f"o_s must have q's shape {tuple(q.shape)}; got {tuple(o_s.shape)}")
+    weight, bias = _proj_params(proj_weight, proj_bias, q.dtype)
+    out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
+    block_m = 64
+    _add_linear_kernel[(triton.cdiv(length, block_m), batch * heads)](
+        q,
+        o_s,
+        out,
+        state.kv,
+        state.ksum,
+        weight,
+        bias,
+        length,
+        heads,
+        *q.stride(),
+        *o_s.stride(),
+        *out.stride(),
+        BLOCK_M=block_m,
+        D=dim,
+        PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
+    )
+    return out
+
+
+def sla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    topk: float,
+    blkq: int = SLA_BLOCKS[0],
+    blkk: int = SLA_BLOCKS[1],
+    config: SparseConfig | None = None,
+) -> torch.Tensor:
+    """The whole SLA layer (spec §4.1): q, k, v [B, L, H, D] -> o_s + proj_l(o_l), [B, L, H, D]."""
+    _check_inputs(q, k, v)
+    _check_blocks(blkq, blkk)
+    state = linear_state(k, v, blkk)
+    block_index = select_blocks(q, state, topk, blkq)
+    return block_sparse_attention(q, k, v, block_index, blkq, blkk, (state, proj_weight, proj_bias), config)

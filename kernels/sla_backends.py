@@ -1,0 +1,72 @@
+"""Offers the Triton SLA and SageSLA kernels to the attention registry (models/attention.py).
+
+"sla" on a CUDA device runs the Triton kernels (the PyTorch reference keeps CPU); "sagesla" runs only
+where SpargeAttn is installed and built for the GPU.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from turbovideo.models.attention import register_attention
+
+from . import sagesla
+from .sla import SLA_BLOCKS, sla_attention
+
+# Above the PyTorch reference (priority 0) wherever both can run.
+KERNEL_PRIORITY = 10
+
+
+@dataclass(frozen=True)
+class TritonSLA:
+    """SLA (spec §4.1) in Triton; any CUDA GPU Triton supports."""
+
+    name: str = "sla-triton"
+    block_q: int = SLA_BLOCKS[0]
+    block_k: int = SLA_BLOCKS[1]
+
+    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
+        return sla_attention(q, k, v, proj_l.weight, proj_l.bias, topk, self.block_q, self.block_k)
+
+
+class SageSLA:
+    """SLA with SpargeAttn's 8-bit sparse kernel (spec §4.3); block sizes follow the current GPU's arch."""
+
+    name = "sagesla"
+
+    @property
+    def block_q(self) -> int:
+        return self._blocks()[0]
+
+    @property
+    def block_k(self) -> int:
+        return self._blocks()[1]
+
+    @staticmethod
+    def _blocks() -> tuple[int, int]:
+        return sagesla.selection_blocks(sagesla.cuda_arch(torch.device("cuda", torch.cuda.current_device())))
+
+    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
+        return sagesla.sagesla_attention(q, k, v, proj_l.weight, proj_l.bias, topk)
+
+
+def _on_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _sagesla_unavailable_message() -> str:
+    if sagesla.sparge_modules() is None:
+        return sagesla.NOT_INSTALLED
+    archs = ", ".join(sagesla.SUPPORTED_ARCHS)
+    return f"attention=sagesla needs a CUDA GPU of arch {archs} for SpargeAttn; use attention=sla"
+
+
+register_attention("sla", TritonSLA(), _on_cuda, priority=KERNEL_PRIORITY)
+register_attention(
+    "sagesla",
+    SageSLA(),
+    sagesla.is_available,
+    priority=KERNEL_PRIORITY,
+    unavailable_message=_sagesla_unavailable_message(),
+)
