@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from .attention import DEFAULT_TOPK, AttentionOp, select_attention
 from .checkpoint import CheckpointError, load_into, read_state_dict
 from .dit_checkpoint import describe_dit_state, identify, is_quantized, variant_label
 from .dit_configs import DIT_CONFIGS, DiTConfig
-from .int8 import Int8Linear
+from .int8 import Activation, Int8Linear, QuantizedActivation
 from .layers import (
     LayerNorm,
     RMSNorm,
@@ -32,9 +33,15 @@ from .layers import (
 )
 from .random_init import materialize
 
-__all__ = ["DIT_CONFIGS", "DiTConfig", "WanDiT", "build_dit", "load_dit"]
+__all__ = ["DIT_CONFIGS", "DiTConfig", "DiTInputs", "WanDiT", "build_dit", "load_dit"]
 
 logger = logging.getLogger("turbovideo")
+
+
+def use_fused_kernels(x: torch.Tensor) -> bool:
+    """Whether a block runs its norms, modulation, residuals and RoPE as the Triton kernels of
+    turbovideo.kernels (same roundings, fewer passes over memory) instead of PyTorch ops."""
+    return x.is_cuda and x.dtype == torch.bfloat16
 
 
 def _block_linear(in_features: int, out_features: int, dtype: torch.dtype, quantized: bool) -> nn.Module:
@@ -53,12 +60,20 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, config.eps)
         self.attn_op = AttentionOp(config.head_dim, dtype)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Activation, angles: torch.Tensor) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q, k, v = self.q(x), self.k(x), self.v(x)
         # qk-norm spans all heads, so it runs before the head split.
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        out = self.attn_op(apply_rope(q, angles), apply_rope(k, angles), v)
+        if use_fused_kernels(q):
+            from ..kernels.rope import rms_norm_rope
+
+            cos, sin = torch.cos(angles), torch.sin(angles)
+            q = rms_norm_rope(q, self.norm_q.weight, cos, sin, self.norm_q.eps)
+            k = rms_norm_rope(k, self.norm_k.weight, cos, sin, self.norm_k.eps)
+        else:
+            q = apply_rope(self.norm_q(q).unflatten(-1, heads), angles).flatten(2)
+            k = apply_rope(self.norm_k(k).unflatten(-1, heads), angles).flatten(2)
+        out = self.attn_op(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads))
         return self.o(out.flatten(2))
 
 
@@ -73,9 +88,19 @@ class CrossAttention(nn.Module):
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+    def forward(self, x: Activation, context: torch.Tensor) -> torch.Tensor:
+        q, k = self.q(x), self.k(context)
+        if use_fused_kernels(q):
+            from ..kernels.rope import rms_norm
+
+            q, k = (
+                rms_norm(q, self.norm_q.weight, self.norm_q.eps),
+                rms_norm(k, self.norm_k.weight, self.norm_k.eps),
+            )
+        else:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q = q.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        k = k.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         v = self.v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).flatten(2))
@@ -101,7 +126,10 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, angles: torch.Tensor
     ) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
+        modulation = (self.modulation.float() + e0).chunk(6, dim=1)
+        if use_fused_kernels(x):
+            return self._forward_fused(x, modulation, context, angles)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation
         dtype = x.dtype
         h = (self.norm1(x).float() * (1 + scale1) + shift1).to(dtype)
         # Gated residuals round the product and then the sum to the stream dtype, as upstream does.
@@ -109,6 +137,40 @@ class Block(nn.Module):
         x = x + self.cross_attn(self.norm3(x), context)
         h = (self.norm2(x).float() * (1 + scale2) + shift2).to(dtype)
         return x + self.ffn(h) * gate2.to(dtype)
+
+    def _forward_fused(
+        self,
+        x: torch.Tensor,
+        modulation: tuple[torch.Tensor, ...],
+        context: torch.Tensor,
+        angles: torch.Tensor,
+    ) -> torch.Tensor:
+        """``forward`` through turbovideo.kernels: each residual add is fused into the norm that follows it."""
+        from ..kernels import norms
+
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation
+        eps = self.norm1.eps
+        # Int8 linears get their input quantized by the norm kernel that produces it (no extra pass).
+        quantize = isinstance(self.ffn[0], Int8Linear)
+
+        def linear_input(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> Activation:
+            return QuantizedActivation(*out) if quantize else out
+
+        h = norms.layer_norm_modulate(x, shift1, scale1, eps, quantize)
+        y = self.self_attn(linear_input(h), angles)
+        x, h = norms.residual_layer_norm_affine(
+            x, y, gate1, self.norm3.weight, self.norm3.bias, eps, quantize
+        )
+        y = self.cross_attn(linear_input(h), context)
+        x, h = norms.residual_layer_norm_modulate(x, y, None, shift2, scale2, eps, quantize)
+        if quantize:  # the GELU writes ffn.2's int8 input directly
+            from ..kernels.quant import gelu_tanh_quantize
+
+            hidden = gelu_tanh_quantize(self.ffn[0](linear_input(h)))
+            y = self.ffn[2](QuantizedActivation(*hidden))
+        else:
+            y = self.ffn(h)
+        return norms.gated_residual(x, y, gate2)
 
 
 class Head(nn.Module):
@@ -121,6 +183,17 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e[:, None, :]).chunk(2, dim=1)
         return linear_fp32(self.norm(x).float() * (1 + scale) + shift, self.head)
+
+
+@dataclass(frozen=True)
+class DiTInputs:
+    """Per-forward inputs of the blocks and the head (``WanDiT.embed``)."""
+
+    e: torch.Tensor  # [B, dim] fp32 time embedding; modulates the head
+    e0: torch.Tensor  # [B, 6, dim] fp32; modulates every block
+    context: torch.Tensor  # [B, text_len, dim] embedded text
+    angles: torch.Tensor  # [L, head_dim / 2] fp32 RoPE angles, one row per token
+    grid: tuple[int, int, int]  # the (t, h, w) token grid
 
 
 class WanDiT(nn.Module):
@@ -172,6 +245,17 @@ class WanDiT(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
+        tokens, inputs = self.embed(x, t, context, y)
+        tokens = self.run_blocks(tokens, inputs)
+        return unpatchify(self.head(tokens, inputs.e), inputs.grid, self.config.patch_size)
+
+    # The forward's stages, also called one by one by the sequence-parallel forward
+    # (turbovideo.parallel), which runs the blocks and the head on a slice of the tokens.
+
+    def embed(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, DiTInputs]:
+        """The patch tokens [B, L, dim] and what the blocks and the head need besides them."""
         config = self.config
         x = self._with_condition(x, y)
         dtype = self.patch_embedding.weight.dtype
@@ -188,11 +272,13 @@ class WanDiT(nn.Module):
         sinusoid = timestep_embedding(t.reshape(batch, -1)[:, 0], config.freq_dim)
         e = linear_fp32(F.silu(linear_fp32(sinusoid, self.time_embedding[0])), self.time_embedding[2])
         e0 = linear_fp32(F.silu(e), self.time_projection[1]).unflatten(1, (6, config.dim))
-        context = self.text_embedding(context.to(dtype))
         angles = rope_angles(grid, config.head_dim, x.device)
+        return tokens, DiTInputs(e, e0, self.text_embedding(context.to(dtype)), angles, grid)
+
+    def run_blocks(self, tokens: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
         for block in self.blocks:
-            tokens = block(tokens, e0, context, angles)
-        return unpatchify(self.head(tokens, e), grid, config.patch_size)
+            tokens = block(tokens, inputs.e0, inputs.context, inputs.angles)
+        return tokens
 
     def _with_condition(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         config = self.config

@@ -1,13 +1,16 @@
 """W8A8 linear layers with 128x128 block scales (spec §5) and their exact PyTorch reference.
 
 ``quantize_blockwise`` and ``int8_gemm_reference`` are the ground truth the CUDA/Triton kernels are
-tested against. ``Int8Linear`` calls whatever ``set_int8_impl`` installed (default: the reference).
+tested against. ``Int8Linear`` calls whatever ``set_int8_impl`` installed; by default the Triton
+kernels (turbovideo.kernels.int8_gemm) for bf16 on CUDA and the reference everywhere else. It also
+takes a ``QuantizedActivation``, the int8 output of a norm kernel that quantized what it produced.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +18,16 @@ from torch import nn
 
 BLOCK = 128
 
-Int8Impl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+class QuantizedActivation(NamedTuple):
+    """A bf16 activation already quantized per 128x128 tile: int8 ``values`` [..., K], fp32 ``scales``."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+
+Activation = torch.Tensor | QuantizedActivation
+Int8Impl = Callable[[Activation, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def quantize_blockwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,21 +67,39 @@ def int8_gemm_reference(
 
 
 def int8_linear_reference(
-    x: torch.Tensor, int8_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    x: Activation, int8_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Quantize the activation x [M, K], run the block GEMM, round to x's dtype, then add the bias in it."""
-    qx, sx = quantize_blockwise(x)
-    y = int8_gemm_reference(qx, sx, int8_weight, scale).to(x.dtype)
-    return y if bias is None else y + bias.to(x.dtype)
+    """Quantize the activation x [M, K], run the block GEMM, round to x's dtype, then add the bias in it.
+
+    A ``QuantizedActivation`` stands for a bf16 one and skips the quantization.
+    """
+    if isinstance(x, QuantizedActivation):
+        (qx, sx), dtype = x, torch.bfloat16
+    else:
+        (qx, sx), dtype = quantize_blockwise(x), x.dtype
+    y = int8_gemm_reference(qx, sx, int8_weight, scale).to(dtype)
+    return y if bias is None else y + bias.to(dtype)
 
 
-_impl: Int8Impl = int8_linear_reference
+def int8_linear_default(
+    x: Activation, int8_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The Triton W8A8 kernels for bf16 activations on CUDA, the reference for everything else."""
+    values = x.values if isinstance(x, QuantizedActivation) else x
+    if values.is_cuda and values.dtype in (torch.bfloat16, torch.int8):
+        from ..kernels.int8_gemm import int8_linear  # imports Triton only where it runs
+
+        return int8_linear(x, int8_weight, scale, bias)
+    return int8_linear_reference(x, int8_weight, scale, bias)
+
+
+_impl: Int8Impl = int8_linear_default
 
 
 def set_int8_impl(impl: Int8Impl | None) -> None:
-    """Install a faster ``(x2d, int8_weight, scale, bias) -> y2d``; None restores the reference."""
+    """Install another ``(x2d, int8_weight, scale, bias) -> y2d``; None restores the default."""
     global _impl
-    _impl = impl or int8_linear_reference
+    _impl = impl or int8_linear_default
 
 
 class Int8Linear(nn.Module):
@@ -101,9 +131,13 @@ class Int8Linear(nn.Module):
             module.bias = linear.bias.detach().clone()
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _impl(x.reshape(-1, self.in_features), self.int8_weight, self.scale, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def forward(self, x: Activation) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            rows = x.values.shape[:-1]
+            flat = QuantizedActivation(x.values.reshape(-1, self.in_features), x.scales)
+        else:
+            rows, flat = x.shape[:-1], x.reshape(-1, self.in_features)
+        return _impl(flat, self.int8_weight, self.scale, self.bias).reshape(*rows, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 weight the int8 values stand for (int8 * tile scale)."""

@@ -1,0 +1,307 @@
+"""Fused DiT block elementwise work: LayerNorm + modulation / affine, gated residual adds (spec §3.3).
+
+Every kernel reads the bf16 residual stream once per pass and rounds exactly where upstream's chain of
+PyTorch ops rounds:
+    modulated LN:   h = bf16(LN(x)); out = bf16(fp32(h) * (1 + scale) + shift)
+    affine LN:      out = bf16(LN(x) * weight + bias)                       (fp32 weight and bias)
+    gated residual: x = bf16(x + bf16(update * bf16(gate)))                  (gate None: bf16(x + update))
+LN statistics are fp32 over the full row (population variance, eps inside the square root). A norm can
+first apply a residual add and write the new stream (one read of x instead of two), and can emit its
+output as int8 with 128x128 tile scales, ready for kernels/int8_gemm.py: the values are quantized from
+the bf16 output, so they equal quantize_blockwise(bf16 output). Kernels run without fp contraction so
+products and sums round separately, as the unfused reference does.
+
+Modulation (shift, scale) and gate are fp32 per sample: [B, 1, D] or [B, D] (views into the [B, 6, D]
+block modulation are fine); row r of x [B, L, D] belongs to sample r // L.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant import QUANT_BLOCK, quantize_tile, scale_shape
+from .rounding import div_rn, to_bf16
+
+# A row chunk is one quantization tile wide, so a 128-row program emits whole int8 tiles.
+_CHUNK = QUANT_BLOCK
+# Rows per program when the output is bf16 (any count works; per-row math does not depend on it).
+_ROWS_BF16 = 8
+
+Normed = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@triton.jit
+def _gated_update(x, update, gate, HAS_GATE: tl.constexpr):
+    if HAS_GATE:
+        update = to_bf16(update * to_bf16(gate).to(tl.float32)).to(tl.float32)
+    return to_bf16(x + update).to(tl.float32)
+
+
+@triton.jit
+def _layer_norm_kernel(
+    x_ptr,
+    update_ptr,
+    gate_ptr,
+    x_out_ptr,
+    out_ptr,
+    out_scale_ptr,
+    weight_ptr,
+    bias_ptr,
+    shift_ptr,
+    scale_ptr,
+    M,
+    D,
+    rows_per_sample,
+    stride_gate,
+    stride_shift,
+    stride_scale,
+    eps,
+    RESIDUAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    AFFINE: tl.constexpr,
+    MODULATE: tl.constexpr,
+    QUANTIZE_OUT: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < M
+    sample = rows // rows_per_sample
+    row_offsets = rows.to(tl.int64)[:, None] * D
+    in_ptr = x_out_ptr if RESIDUAL else x_ptr  # the output pass reads the updated stream
+
+    # Pass 1: per-row mean and sum of squared deviations, merged chunk by chunk (Chan et al.).
+    mean = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    for start in range(0, D, CHUNK):
+        cols = start + tl.arange(0, CHUNK)
+        col_ok = cols < D
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            update = tl.load(update_ptr + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + sample[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0)
+            x = _gated_update(x, update, gate, HAS_GATE)
+            tl.store(x_out_ptr + row_offsets + cols[None, :], x.to(tl.bfloat16), mask=mask)
+        n = tl.minimum(D - start, CHUNK).to(tl.float32)
+        chunk_mean = div_rn(tl.sum(x, axis=1), n)
+        deviation = tl.where(mask, x - chunk_mean[:, None], 0.0)
+        chunk_m2 = tl.sum(deviation * deviation, axis=1)
+        count = start * 1.0  # values merged so far: every earlier chunk is full
+        total = count + n
+        delta = chunk_mean - mean
+        mean += delta * div_rn(n, total)
+        m2 += chunk_m2 + delta * delta * div_rn(count * n, total)
+    rstd = div_rn(1.0, tl.sqrt_rn(div_rn(m2, D * 1.0) + eps))
+    if RESIDUAL:
+        tl.debug_barrier()  # make this program's stores of the new stream visible to all its threads
+
+    # Pass 2: normalize, modulate or scale, round (and quantize) chunk by chunk.
+    for start in range(0, D, CHUNK):
+        cols = start + tl.arange(0, CHUNK)
+        col_ok = cols < D
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(in_ptr + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean[:, None]) * rstd[:, None]
+        if AFFINE:
+            weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0)
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
+            y = y * weight[None, :] + bias[None, :]
+        if MODULATE:
+            shift = tl.load(shift_ptr + sample[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0)
+            scale = tl.load(scale_ptr + sample[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0)
+            y = to_bf16(y).to(tl.float32) * (1.0 + scale) + shift
+        out = to_bf16(y)
+        if QUANTIZE_OUT:
+            # Rows past M and columns past D are zeros of the quantization tile, not normalized values.
+            q, q_scale = quantize_tile(tl.where(mask, out.to(tl.float32), 0.0))
+            tl.store(out_ptr + row_offsets + cols[None, :], q, mask=mask)
+            tl.store(out_scale_ptr + pid * tl.cdiv(D, CHUNK) + start // CHUNK, q_scale)
+        else:
+            tl.store(out_ptr + row_offsets + cols[None, :], out, mask=mask)
+
+
+@triton.jit
+def _gated_residual_kernel(
+    x_ptr,
+    update_ptr,
+    gate_ptr,
+    out_ptr,
+    M,
+    D,
+    rows_per_sample,
+    stride_gate,
+    HAS_GATE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (rows < M)[:, None] & (cols < D)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    update = tl.load(update_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(
+        gate_ptr + (rows // rows_per_sample)[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0
+    )
+    tl.store(out_ptr + offsets, _gated_update(x, update, gate, HAS_GATE).to(tl.bfloat16), mask=mask)
+
+
+def _per_sample(t: torch.Tensor | None, batch: int, dim: int, name: str) -> tuple[torch.Tensor | None, int]:
+    """A [B, 1, D] / [B, D] / [1, D] fp32 tensor as ([b, D] with unit column stride, row stride; 0 = shared)."""
+    if t is None:
+        return None, 0
+    rows = t.reshape(-1, dim)
+    if t.dtype != torch.float32 or rows.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{name} must be fp32 of shape [{batch}, 1, {dim}] or [1, 1, {dim}], got {t.dtype} {tuple(t.shape)}"
+        )
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows, (rows.stride(0) if rows.shape[0] == batch and batch > 1 else 0)
+
+
+def _check_stream(x: torch.Tensor, name: str = "x") -> None:
+    if x.dim() != 3 or x.dtype != torch.bfloat16 or not x.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous bf16 [B, L, D] tensor, got {x.dtype} {tuple(x.shape)}")
+
+
+def _layer_norm(
+    x: torch.Tensor,
+    *,
+    eps: float,
+    quantize: bool,
+    update: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, Normed]:
+    _check_stream(x)
+    batch, length, dim = x.shape
+    rows = batch * length
+    if update is not None:
+        _check_stream(update, "update")
+        if update.shape != x.shape:
+            raise ValueError(f"update shape {tuple(update.shape)} != x shape {tuple(x.shape)}")
+    gate, stride_gate = _per_sample(gate, batch, dim, "gate")
+    shift, stride_shift = _per_sample(shift, batch, dim, "shift")
+    scale, stride_scale = _per_sample(scale, batch, dim, "scale")
+    if weight is not None and (weight.dtype != torch.float32 or bias is None or bias.dtype != torch.float32):
+        raise ValueError("affine LayerNorm takes fp32 weight and bias")
+
+    x_out = torch.empty_like(x) if update is not None else None
+    block_rows = QUANT_BLOCK if quantize else _ROWS_BF16
+    if quantize:
+        out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        out_scale = torch.empty(scale_shape(rows, dim), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty_like(x)
+        out_scale = None
+    unused = x  # placeholder for pointer arguments a configuration never reads
+    _layer_norm_kernel[(triton.cdiv(rows, block_rows),)](
+        x,
+        update if update is not None else unused,
+        gate if gate is not None else unused,
+        x_out if x_out is not None else unused,
+        out,
+        out_scale if out_scale is not None else unused,
+        weight if weight is not None else unused,
+        bias if bias is not None else unused,
+        shift if shift is not None else unused,
+        scale if scale is not None else unused,
+        rows,
+        dim,
+        length,
+        stride_gate,
+        stride_shift,
+        stride_scale,
+        eps,
+        RESIDUAL=update is not None,
+        HAS_GATE=gate is not None,
+        AFFINE=weight is not None,
+        MODULATE=shift is not None,
+        QUANTIZE_OUT=quantize,
+        BLOCK_ROWS=block_rows,
+        CHUNK=_CHUNK,
+        num_warps=8 if quantize else 4,
+        enable_fp_fusion=False,
+    )
+    return x_out, ((out, out_scale) if quantize else out)
+
+
+def layer_norm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, quantize: bool = False
+) -> Normed:
+    """``bf16(fp32(bf16(LN(x))) * (1 + scale) + shift)``; int8 + tile scales if ``quantize``."""
+    return _layer_norm(x, eps=eps, quantize=quantize, shift=shift, scale=scale)[1]
+
+
+def layer_norm_affine(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6, quantize: bool = False
+) -> Normed:
+    """``bf16(LN(x) * weight + bias)`` with fp32 weight and bias; int8 + tile scales if ``quantize``."""
+    return _layer_norm(x, eps=eps, quantize=quantize, weight=weight, bias=bias)[1]
+
+
+def residual_layer_norm_modulate(
+    x: torch.Tensor,
+    update: torch.Tensor,
+    gate: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    quantize: bool = False,
+) -> tuple[torch.Tensor, Normed]:
+    """``x = gated_residual(x, update, gate)`` followed by ``layer_norm_modulate(x, ...)``, in one pass."""
+    x_new, out = _layer_norm(
+        x, eps=eps, quantize=quantize, update=update, gate=gate, shift=shift, scale=scale
+    )
+    return x_new, out
+
+
+def residual_layer_norm_affine(
+    x: torch.Tensor,
+    update: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-6,
+    quantize: bool = False,
+) -> tuple[torch.Tensor, Normed]:
+    """``x = gated_residual(x, update, gate)`` followed by ``layer_norm_affine(x, ...)``, in one pass."""
+    x_new, out = _layer_norm(
+        x, eps=eps, quantize=quantize, update=update, gate=gate, weight=weight, bias=bias
+    )
+    return x_new, out
+
+
+def gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """``bf16(x + bf16(update * bf16(gate)))`` (``bf16(x + update)`` without a gate), a new tensor."""
+    _check_stream(x)
+    _check_stream(update, "update")
+    batch, length, dim = x.shape
+    gate, stride_gate = _per_sample(gate, batch, dim, "gate")
+    out = torch.empty_like(x)
+    rows = batch * length
+    block_rows, block_cols = 16, 128
+    _gated_residual_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(dim, block_cols))](
+        x,
+        update,
+        gate if gate is not None else x,
+        out,
+        rows,
+        dim,
+        length,
+        stride_gate,
+        HAS_GATE=gate is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out

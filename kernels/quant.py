@@ -1,0 +1,114 @@
+"""Blockwise int8 quantization (upstream-spec §5.3) as Triton building blocks.
+
+A tile of 128 rows x 128 columns of a row-major [M, K] matrix shares one fp32 scale:
+amax = max(1e-8, max |x|), q = saturate_int8(round_half_even(x * (128 / amax))), scale = amax / 128.
++amax maps to 128 and saturates to 127. Rows are tiled on the flattened matrix, so a tile may hold
+rows of two samples. ``quantize_tile`` is shared by the standalone quantizer below, the GEMM prologue
+(kernels/int8_gemm.py) and the norm kernels that emit int8 directly (kernels/norms.py), so every path
+produces the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import libdevice
+
+from .rounding import INTERPRETED, div_rn, round_half_even, to_bf16
+
+QUANT_BLOCK = 128
+
+
+@triton.jit
+def quantize_tile(x):
+    """fp32 tile (out-of-range elements loaded as 0) -> (int8 tile, its fp32 scale)."""
+    amax = tl.maximum(tl.max(tl.abs(x)), 1e-8)
+    multiplier = div_rn(128.0, amax)  # IEEE, as the reference divides
+    q = tl.clamp(round_half_even(x * multiplier), -128.0, 127.0)
+    return q.to(tl.int8), amax * (1.0 / 128.0)
+
+
+@triton.jit
+def _tanh_emulated(u):
+    u = tl.clamp(u, -15.0, 15.0)  # tanh is +-1 in fp32 beyond; keeps exp finite
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+# The interpreter has no libdevice; its stand-in is within a few fp32 ulps.
+_tanh = _tanh_emulated if INTERPRETED else libdevice.tanh
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # PyTorch's tanh-approximate GELU in fp32, in its order of operations.
+    inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
+    return 0.5 * x * (1.0 + _tanh(inner))
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm, K_BLOCKS, GELU: tl.constexpr, BLOCK: tl.constexpr
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GELU:  # the bf16 tensor the unfused GELU would write (GELU(0) = 0 keeps the padding zero)
+        x = to_bf16(_gelu_tanh(x)).to(tl.float32)
+    q, scale = quantize_tile(x)
+    tl.store(q_ptr + rows64 * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(scale_ptr + pid_m * K_BLOCKS + pid_k, scale)
+
+
+def scale_shape(rows: int, cols: int) -> tuple[int, int]:
+    """Shape of the per-tile scale grid of a [rows, cols] matrix."""
+    return triton.cdiv(rows, QUANT_BLOCK), triton.cdiv(cols, QUANT_BLOCK)
+
+
+def quantize_blockwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a bf16/fp16 ``[..., K]`` activation per 128x128 tile of its flattened ``[M, K]`` view.
+
+    Returns int8 ``[..., K]`` and fp32 scales ``[ceil(M/128), ceil(K/128)]``.
+    """
+    return _quantize(x, gelu=False)
+
+
+def gelu_tanh_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_blockwise(gelu_tanh(x))`` in one pass, for the FFN's second linear.
+
+    The GELU output is rounded to x's dtype before quantization, as the unfused ops do. On a GPU
+    libdevice's tanhf is the one PyTorch's GELU calls, but the two compilers may contract the
+    polynomial's multiply-adds differently, so rare elements can land one rounding apart.
+    """
+    return _quantize(x, gelu=True)
+
+
+def _quantize(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    allowed = (torch.bfloat16,) if gelu else (torch.bfloat16, torch.float16)
+    if x.dtype not in allowed:
+        raise ValueError(f"int8 activation quantization takes {', '.join(map(str, allowed))}, got {x.dtype}")
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    rows, cols = flat.shape
+    q = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
+    scales = torch.empty(scale_shape(rows, cols), dtype=torch.float32, device=x.device)
+    grid = scales.shape
+    _quantize_kernel[grid](
+        flat,
+        q,
+        scales,
+        rows,
+        cols,
+        flat.stride(0),
+        q.stride(0),
+        grid[1],
+        GELU=gelu,
+        BLOCK=QUANT_BLOCK,
+        num_warps=8,
+    )
+    return q.view(x.shape), scales

@@ -1,0 +1,116 @@
+"""RMSNorm over the full model width, fused with interleaved 3D RoPE (spec §3.4, §3.5, §5.5).
+
+For one token row x [D] (D = heads * head_dim, the output of the q or k projection):
+    y = bf16(fp32(x) * (1 / sqrt(mean(x^2) + eps)) * weight)        fp32 weight, one rounding
+    out[2p]   = bf16(y[2p] * cos - y[2p+1] * sin)                     pair p of a head, fp32 math
+    out[2p+1] = bf16(y[2p] * sin + y[2p+1] * cos)
+with the angle of pair p % (head_dim / 2) at the token's position. One read and one write of x instead
+of the reference's chain of fp32 temporaries. ``rms_norm`` is the same kernel without the rotation
+(cross-attention's q and k). Runs without fp contraction, so products and sums round
+separately as in the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rounding import div_rn, to_bf16
+
+# Whole rows per program: about this many elements (one row when a row is larger).
+_ELEMENTS_PER_PROGRAM = 4096
+
+
+@triton.jit
+def _rms_norm_rope_kernel(
+    x_ptr,
+    out_ptr,
+    weight_ptr,
+    cos_ptr,
+    sin_ptr,
+    M,
+    L,
+    D,
+    eps,
+    ROTATE: tl.constexpr,
+    HALF_HEAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_PAIRS: tl.constexpr,
+):
+    # A tile is [rows, channel pairs, 2]: the last axis holds the (even, odd) channels of a pair.
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    pairs = tl.arange(0, BLOCK_PAIRS)
+    row_ok = rows < M
+    pair_ok = pairs < D // 2
+    mask = row_ok[:, None, None] & pair_ok[None, :, None]
+    offsets = rows.to(tl.int64)[:, None, None] * D + 2 * pairs[None, :, None] + tl.arange(0, 2)[None, None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    rstd = div_rn(1.0, tl.sqrt_rn(div_rn(tl.sum(tl.sum(x * x, axis=2), axis=1), D * 1.0) + eps))
+    weight = tl.load(
+        weight_ptr + 2 * pairs[:, None] + tl.arange(0, 2)[None, :], mask=pair_ok[:, None], other=0.0
+    )
+    y = to_bf16(x * rstd[:, None, None] * weight[None, :, :])
+    if ROTATE:
+        even, odd = tl.split(y.to(tl.float32))
+        angle = (rows % L)[:, None] * HALF_HEAD + (pairs % HALF_HEAD)[None, :]
+        angle_ok = row_ok[:, None] & pair_ok[None, :]
+        cos = tl.load(cos_ptr + angle, mask=angle_ok, other=0.0)
+        sin = tl.load(sin_ptr + angle, mask=angle_ok, other=0.0)
+        y = tl.join(to_bf16(even * cos - odd * sin), to_bf16(even * sin + odd * cos))
+    tl.store(out_ptr + offsets, y, mask=mask)
+
+
+def rms_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """RMS-normalize bf16 ``x`` [B, L, D] with fp32 ``weight`` [D] and rotate every head's channel pairs.
+
+    ``cos``/``sin`` are fp32 [L, head_dim / 2] (cos and sin of the rotation angles of each position);
+    the head dim follows from their width. Returns a new bf16 [B, L, D] tensor.
+    """
+    length, dim = x.shape[-2:]
+    half_head = cos.shape[-1]
+    if cos.shape != (length, half_head) or sin.shape != cos.shape or dim % (2 * half_head):
+        raise ValueError(
+            f"cos/sin must be [{length}, head_dim/2] with head_dim dividing {dim}, got {tuple(cos.shape)}"
+        )
+    return _launch(x, weight, eps, (cos.float().contiguous(), sin.float().contiguous()))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``bf16(fp32(x) / sqrt(mean(x^2) + eps) * weight)`` over the last dim of bf16 ``x`` [B, L, D]."""
+    return _launch(x, weight, eps, None)
+
+
+def _launch(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, rotation: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    if x.dim() != 3 or x.dtype != torch.bfloat16 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous bf16 [B, L, D] tensor, got {x.dtype} {tuple(x.shape)}")
+    batch, length, dim = x.shape
+    if weight.shape != (dim,) or weight.dtype != torch.float32:
+        raise ValueError(f"weight must be fp32 [{dim}], got {weight.dtype} {tuple(weight.shape)}")
+    cos, sin = rotation if rotation is not None else (weight, weight)  # unread without a rotation
+    out = torch.empty_like(x)
+    rows = batch * length
+    block_pairs = triton.next_power_of_2(dim // 2)
+    block_rows = max(1, _ELEMENTS_PER_PROGRAM // (2 * block_pairs))
+    _rms_norm_rope_kernel[(triton.cdiv(rows, block_rows),)](
+        x,
+        out,
+        weight,
+        cos,
+        sin,
+        rows,
+        length,
+        dim,
+        eps,
+        ROTATE=rotation is not None,
+        HALF_HEAD=cos.shape[-1] if rotation is not None else 1,
+        BLOCK_ROWS=block_rows,
+        BLOCK_PAIRS=block_pairs,
+        num_warps=4 if dim <= 2048 else 8,
+        enable_fp_fusion=False,
+    )
+    return out

@@ -1,0 +1,275 @@
+"""W8A8 int8 linear and fused norm kernels on one GPU, against bf16 ``F.linear`` and eager PyTorch.
+
+Usage (repository root, CUDA GPU): python scripts/bench_kernels_linear.py --out bench_linear.json
+
+Linear rows, at the six Wan block-linear shapes (1.3B 480p: M = 32760; 14B 720p: M = 75600):
+  * ``bf16 F.linear``                      the baseline (cuBLAS)
+  * ``int8 quantize + GEMM``               what Int8Linear runs for a bf16 input: quantize_blockwise, then
+                                           int8_gemm on the int8 activation (quantization included)
+  * ``int8 GEMM, quantize in prologue``    int8_gemm on the bf16 activation, tiles quantized on load
+  * ``int8 GEMM on int8 input``            the GEMM alone, as when the producing norm kernel emits int8
+  * ``torch._int_mm (no scales)``          a ceiling: PyTorch's plain int8 matmul, no scales, no bias
+  * ``check``                              the kernel's first 256 rows against the PyTorch reference
+                                           (bit-exact expected), and its error relative to bf16 F.linear
+Norm rows (B = 1, L and D of both models): fused kernels against the DiT block's eager PyTorch ops,
+with ulp statistics against them (statistics summed in another order move an intermediate by an ulp
+in rare elements; where modulation cancels, shift ~ -h * (1 + scale), that shows as a few ulps of
+the small result, so look at exact_fraction first).
+Times are CUDA-event medians after warm-up (and after Triton autotuning). Prints a table, writes JSON.
+Targets (performance.md): int8 (quantization included) >= 1.0x bf16 at every shape, >= 1.3x at 14B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (label, M, K, N) — M is B * L tokens at 81 frames.
+LINEAR_SHAPES = [
+    ("1.3B q/k/v/o 1536->1536", 32760, 1536, 1536),
+    ("1.3B ffn.0 1536->8960", 32760, 1536, 8960),
+    ("1.3B ffn.2 8960->1536", 32760, 8960, 1536),
+    ("14B q/k/v/o 5120->5120", 75600, 5120, 5120),
+    ("14B ffn.0 5120->13824", 75600, 5120, 13824),
+    ("14B ffn.2 13824->5120", 75600, 13824, 5120),
+]
+# (label, L, D, FFN width)
+NORM_SHAPES = [("1.3B 480p", 32760, 1536, 8960), ("14B 720p", 75600, 5120, 13824)]
+HEAD_DIM = 128
+EPS = 1e-6
+CHECK_ROWS = 256
+
+
+def _import_turbovideo() -> None:
+    """Make ``turbovideo`` and ``turbovideo.kernels`` importable from a bare checkout too."""
+    try:
+        import turbovideo.kernels  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(ROOT / "src"))
+        spec = importlib.util.spec_from_file_location(
+            "turbovideo.kernels",
+            ROOT / "kernels" / "__init__.py",
+            submodule_search_locations=[str(ROOT / "kernels")],
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["turbovideo.kernels"] = package
+        spec.loader.exec_module(package)
+
+
+_import_turbovideo()
+
+from turbovideo.kernels import int8_gemm as gemm_module  # noqa: E402
+from turbovideo.kernels import norms  # noqa: E402
+from turbovideo.kernels.int8_gemm import int8_gemm  # noqa: E402
+from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise  # noqa: E402
+from turbovideo.kernels.rope import rms_norm_rope  # noqa: E402
+
+from turbovideo.models import int8 as reference  # noqa: E402
+from turbovideo.models.layers import apply_rope  # noqa: E402
+
+
+def time_ms(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
+    """Median CUDA-event time of fn in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _ulp_stats(out: torch.Tensor, expected: torch.Tensor) -> dict:
+    distance = (out.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
+    return {"max_ulp": int(distance.max()), "exact_fraction": round((distance == 0).float().mean().item(), 6)}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(((a.float() - b.float()).norm() / b.float().norm()).item(), 6)
+
+
+def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> list[dict]:
+    """Timings of one linear shape [m, k] x [n, k]^T against bf16 F.linear, and its correctness check."""
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    weight = (torch.randn(n, k, device=device) / k**0.5).to(torch.bfloat16)
+    bias = (0.1 * torch.randn(n, device=device)).to(torch.bfloat16)
+    qw, sw = reference.quantize_blockwise(weight)
+    qx, sx = quantize_blockwise(x)
+    rows = []
+
+    def add(name: str, ms: float | None, **extra) -> None:
+        row = {"shape": label, "name": name, "ms": None if ms is None else round(ms, 4)}
+        if ms is not None:
+            row["tflops"] = round(2 * m * k * n / ms / 1e9, 1)
+            row["speedup_vs_bf16"] = round(bf16_ms / ms, 3)
+        rows.append({**row, **extra})
+
+    bf16_ms = time_ms(lambda: F.linear(x, weight, bias))
+    add("bf16 F.linear", bf16_ms)
+    add("int8 quantize + GEMM", time_ms(lambda: quantize_then_gemm(x, qw, sw, bias)))
+    add(
+        "int8 GEMM, quantize in prologue",
+        time_ms(lambda: int8_gemm(x, qw, sw, bias)),
+        config=_chosen_config(gemm_module._gemm_quantizing),
+    )
+    add(
+        "int8 GEMM on int8 input",
+        time_ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx)),
+        config=_chosen_config(gemm_module._gemm_prequantized),
+    )
+    add("quantize_blockwise alone", time_ms(lambda: quantize_blockwise(x)))
+    add("torch._int_mm (no scales)", time_ms(lambda: torch._int_mm(qx, qw.t())))
+
+    head = x[:CHECK_ROWS]
+    expected = reference.int8_linear_reference(head, qw, sw, bias)
+    add(
+        "check: quantize + GEMM vs reference",
+        None,
+        **_ulp_stats(quantize_then_gemm(head, qw, sw, bias), expected),
+    )
+    add("check: prologue GEMM vs reference", None, **_ulp_stats(int8_gemm(head, qw, sw, bias), expected))
+    add("check: int8 vs bf16 F.linear", None, rel_l2=_rel(expected, F.linear(head, weight, bias)))
+    return rows
+
+
+def _chosen_config(autotuner) -> str:
+    """The launch config Triton's autotuner picked for the last shape, e.g. "128x128 w8 s4"."""
+    config = getattr(autotuner, "best_config", None)
+    if config is None:
+        return ""
+    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+
+
+def quantize_then_gemm(
+    x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """What Int8Linear runs on CUDA for a bf16 input."""
+    qx, sx = quantize_blockwise(x)
+    return int8_gemm(qx, qw, sw, bias, a_scale=sx)
+
+
+def norm_rows(device: torch.device, label: str, length: int, dim: int, ffn_dim: int) -> list[dict]:
+    """Fused elementwise kernels at one (L, D) against the DiT block's eager PyTorch ops, with ulp checks."""
+    heads = dim // HEAD_DIM
+    x = torch.randn(1, length, dim, device=device).to(torch.bfloat16)
+    hidden = torch.randn(1, length, ffn_dim, device=device).to(torch.bfloat16)
+    update = torch.randn(1, length, dim, device=device).to(torch.bfloat16)
+    shift, scale, gate = (torch.randn(1, 6, dim, device=device) * 0.5).chunk(6, dim=1)[:3]
+    weight = 1 + 0.1 * torch.randn(dim, device=device)
+    bias = 0.1 * torch.randn(dim, device=device)
+    angles = torch.rand(length, HEAD_DIM // 2, device=device) * 50
+    cos, sin = torch.cos(angles), torch.sin(angles)
+
+    def eager_modulate(stream: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(stream.float(), (dim,), eps=EPS).to(torch.bfloat16)
+        return (h.float() * (1 + scale) + shift).to(torch.bfloat16)
+
+    def eager_affine(stream: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(stream.float(), (dim,), weight, bias, EPS).to(torch.bfloat16)
+
+    def eager_residual(stream: torch.Tensor) -> torch.Tensor:
+        return stream + update * gate.to(torch.bfloat16)
+
+    def eager_rms_rope(q: torch.Tensor) -> torch.Tensor:
+        q32 = q.float()
+        normed = (q32 * torch.rsqrt(q32.square().mean(-1, keepdim=True) + EPS) * weight).to(torch.bfloat16)
+        return apply_rope(normed.unflatten(-1, (heads, HEAD_DIM)), angles).flatten(-2)
+
+    cases = [
+        (
+            "LN + modulation",
+            lambda: eager_modulate(x),
+            lambda: norms.layer_norm_modulate(x, shift, scale, EPS),
+        ),
+        (  # unfused: eager norm, then the standalone quantization kernel
+            "LN + modulation -> int8",
+            lambda: quantize_blockwise(eager_modulate(x)),
+            lambda: norms.layer_norm_modulate(x, shift, scale, EPS, quantize=True),
+        ),
+        ("affine LN (norm3)", lambda: eager_affine(x), lambda: norms.layer_norm_affine(x, weight, bias, EPS)),
+        ("gated residual", lambda: eager_residual(x), lambda: norms.gated_residual(x, update, gate)),
+        (
+            "gated residual + affine LN",
+            lambda: eager_affine(eager_residual(x)),
+            lambda: norms.residual_layer_norm_affine(x, update, gate, weight, bias, EPS)[1],
+        ),
+        (
+            "RMSNorm + RoPE (one of q, k)",
+            lambda: eager_rms_rope(x),
+            lambda: rms_norm_rope(x, weight, cos, sin, EPS),
+        ),
+        (  # the FFN hidden [L, ffn_dim]: unfused is PyTorch's GELU, then the standalone quantization kernel
+            f"GELU -> int8 (ffn.2 input, width {ffn_dim})",
+            lambda: quantize_blockwise(F.gelu(hidden, approximate="tanh")),
+            lambda: gelu_tanh_quantize(hidden),
+        ),
+    ]
+    rows = []
+    for name, eager, fused in cases:
+        eager_ms, fused_ms = time_ms(eager), time_ms(fused)
+        row = {"shape": f"{label} L={length} D={dim}", "name": name, "ms": round(fused_ms, 4)}
+        row.update(eager_ms=round(eager_ms, 4), speedup_vs_eager=round(eager_ms / fused_ms, 2))
+        expected, out = eager(), fused()
+        if isinstance(out, tuple):  # int8: a value differs only where the bf16 norm is an ulp off
+            row["int8_mismatches"] = int((out[0] != expected[0]).sum())
+        else:
+            row.update(_ulp_stats(out, expected))
+        rows.append(row)
+    return rows
+
+
+def run(device: torch.device | str = "cuda") -> list[dict]:
+    """Every linear and norm row (see the module docstring) on ``device``."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        for shape in LINEAR_SHAPES:
+            rows += linear_rows(device, *shape)
+            torch.cuda.empty_cache()
+        for shape in NORM_SHAPES:
+            rows += norm_rows(device, *shape)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    keys = ["shape", "name", "ms"] + sorted({k for r in rows for k in r} - {"shape", "name", "ms"})
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        print("  ".join(str("" if r.get(k) is None else r[k]).ljust(widths[k]) for k in keys))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, help="path of the JSON results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels_linear.py needs a CUDA GPU")
+    import triton
+
+    rows = run("cuda")
+    print_table(rows)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

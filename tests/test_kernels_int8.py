@@ -1,0 +1,161 @@
+"""Triton int8 quantizer and W8A8 GEMM against the PyTorch reference in turbovideo.models.int8.
+
+Without a GPU the kernels run in Triton's interpreter (conftest.py turns it on); on a GPU the same
+tests run the compiled kernels. Both must match the reference bit for bit.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, when run on its own
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from turbovideo.kernels.int8_gemm import int8_gemm, int8_linear  # noqa: E402
+from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise  # noqa: E402
+from turbovideo.kernels.rounding import INTERPRETED  # noqa: E402
+
+from turbovideo.models import int8 as reference  # noqa: E402
+
+DEVICE = "cpu" if INTERPRETED else "cuda"
+
+
+def _bf16(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.bfloat16, device=DEVICE)
+
+
+def test_quantizer_rounds_ties_to_even_and_saturates() -> None:
+    # amax 64 -> multiplier 2: x*2 lands exactly on .5 ties; +amax maps to 128 and saturates to 127.
+    values = [0.25, 0.75, 1.25, 1.75, -0.25, -0.75, -1.25, 3.25, 64.0, -64.0, 0.0, 31.75]
+    x = torch.zeros(128, 128, dtype=torch.bfloat16, device=DEVICE)
+    x[5, : len(values)] = _bf16([values])
+    q, scale = quantize_blockwise(x)
+    expected = [0, 2, 2, 4, 0, -2, -2, 6, 127, -128, 0, 64]
+    assert q[5, : len(values)].tolist() == expected
+    assert scale.tolist() == [[0.5]]  # 64 / 128
+    assert torch.count_nonzero(q).item() == len(values) - 3
+
+
+def test_quantizer_all_zero_tile_uses_the_amax_floor() -> None:
+    x = torch.zeros(130, 256, dtype=torch.bfloat16, device=DEVICE)
+    x[129, 200] = 3.0  # only the second row tile, second column tile is non-zero
+    q, scale = quantize_blockwise(x)
+    floor = torch.tensor(1e-8, dtype=torch.float32) / 128
+    assert scale.shape == (2, 2)
+    assert scale[0, 0].item() == scale[0, 1].item() == scale[1, 0].item() == floor.item()
+    assert scale[1, 1].item() == 3.0 / 128
+    assert torch.count_nonzero(q).item() == 1 and q[129, 200].item() == 127
+
+
+@pytest.mark.parametrize(
+    ("shape", "spread"),
+    [((2, 100, 256), 1.0), ((1, 300, 384), 30.0), ((3, 45, 200), 1e-3)],
+    ids=["tiles-straddle-samples", "three-row-tiles", "ragged-k"],
+)
+def test_quantizer_matches_reference_bit_for_bit(shape: tuple[int, int, int], spread: float) -> None:
+    x = (torch.randn(shape, device=DEVICE) * spread).to(torch.bfloat16)
+    x[0, 3, :7] = 0.0  # a few exact zeros and a tile-wide outlier
+    x[-1, -1, 5] = 40.0 * spread
+    q, scale = quantize_blockwise(x)
+    ref_q, ref_scale = reference.quantize_blockwise(x.reshape(-1, shape[-1]))
+    assert q.shape == x.shape and q.dtype == torch.int8
+    assert torch.equal(q.reshape(-1, shape[-1]), ref_q)
+    assert torch.equal(scale, ref_scale)
+
+
+def test_gelu_quantizer_equals_quantizing_the_gelu_output() -> None:
+    x = (torch.randn(2, 150, 384, device=DEVICE) * 3).to(torch.bfloat16)
+    x[0, 0, :4] = torch.tensor([0.0, -30.0, 30.0, -0.5])  # zero, both saturated tails, the negative dip
+    q, scale = gelu_tanh_quantize(x)
+    ref_q, ref_scale = reference.quantize_blockwise(F.gelu(x, approximate="tanh").reshape(-1, 384))
+    # tanh implementations differ by an fp32 ulp or so; after bf16 rounding that moves at most rare
+    # values by one int8 step.
+    step = (q.reshape(-1, 384).int() - ref_q.int()).abs()
+    assert step.max().item() <= 1 and (step > 0).float().mean().item() < 1e-3
+    assert torch.allclose(scale, ref_scale, rtol=2**-7, atol=0)
+    assert q[0, 0, :3].tolist() == [0, 0, 127]  # GELU(30) = 30 is the tile's amax
+
+
+def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight = torch.randn(n, k, device=DEVICE) / k**0.5
+    weight[0, :] *= 20.0  # one tile row with a much larger scale
+    q, scale = reference.quantize_blockwise(weight)
+    bias = (0.1 * torch.randn(n, device=DEVICE)).to(torch.bfloat16)
+    return q, scale, bias
+
+
+@pytest.mark.parametrize(
+    ("batch", "length", "k", "n"),
+    [(2, 100, 256, 128), (1, 200, 384, 200), (3, 37, 256, 256)],
+    ids=["b2-k256-n128", "m200-k384-n200", "b3-odd-n256"],
+)
+def test_gemm_on_prequantized_activation_matches_reference(batch: int, length: int, k: int, n: int) -> None:
+    x = torch.randn(batch, length, k, device=DEVICE).to(torch.bfloat16)
+    qx, sx = quantize_blockwise(x)
+    qw, sw, bias = _weight(n, k)
+    out = int8_gemm(qx, qw, sw, bias, a_scale=sx)
+    assert out.shape == (batch, length, n) and out.dtype == torch.bfloat16
+    expected = reference.int8_gemm_reference(qx.reshape(-1, k), sx, qw, sw).to(torch.bfloat16) + bias
+    assert torch.equal(out.reshape(-1, n), expected)
+    no_bias = int8_gemm(qx, qw, sw, None, a_scale=sx).reshape(-1, n)
+    assert torch.equal(
+        no_bias, reference.int8_gemm_reference(qx.reshape(-1, k), sx, qw, sw).to(torch.bfloat16)
+    )
+
+
+@pytest.mark.parametrize(("batch", "length", "k", "n"), [(2, 100, 384, 200), (1, 128, 256, 128)])
+def test_gemm_quantizing_bf16_activation_matches_reference_linear(
+    batch: int, length: int, k: int, n: int
+) -> None:
+    x = (torch.randn(batch, length, k, device=DEVICE) * 4).to(torch.bfloat16)
+    qw, sw, bias = _weight(n, k)
+    out = int8_gemm(x, qw, sw, bias)
+    expected = reference.int8_linear_reference(x.reshape(-1, k), qw, sw, bias)
+    assert torch.equal(out.reshape(-1, n), expected)
+
+
+def test_gemm_is_the_spec_formula_in_float64() -> None:
+    """Anchor independent of the reference: dequantized float64 product, bf16-rounded, then + bias."""
+    k, n = 384, 160
+    x = torch.randn(2, 70, k, device=DEVICE).to(torch.bfloat16)
+    qx, sx = quantize_blockwise(x)
+    qw, sw, bias = _weight(n, k)
+    out = int8_gemm(qx, qw, sw, bias, a_scale=sx).reshape(-1, n).double()
+
+    def dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        tiles = s.double().repeat_interleave(128, 0).repeat_interleave(128, 1)
+        return q.double() * tiles[: q.shape[0], : q.shape[1]]
+
+    exact = dequant(qx.reshape(-1, k), sx) @ dequant(qw, sw).T
+    # Two bf16 roundings (product, bias add) allow about 2^-8 relative, plus fp32 accumulation noise.
+    error = (out - (exact + bias.double())).abs()
+    assert (error <= exact.abs() * 2**-7 + bias.double().abs() * 2**-8 + 1e-3).all()
+
+
+def test_gemm_rejects_mismatched_operands() -> None:
+    qw, sw, bias = _weight(128, 256)
+    x = torch.randn(4, 256, device=DEVICE).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="a_scale"):
+        int8_gemm(quantize_blockwise(x)[0], qw, sw, bias)
+    with pytest.raises(ValueError, match="features"):
+        int8_gemm(x[:, :128], qw, sw, bias)
+    with pytest.raises(ValueError, match="bf16"):
+        int8_gemm(x.float(), qw, sw, bias)
+
+
+def test_int8_linear_takes_bf16_or_prequantized_activations() -> None:
+    layer = reference.Int8Linear(256, 200).to(DEVICE)
+    layer._randomize_(torch.Generator(device=DEVICE).manual_seed(1))
+    x = torch.randn(2, 70, 256, device=DEVICE).to(torch.bfloat16)
+    prequantized = reference.QuantizedActivation(*quantize_blockwise(x))
+    expected = reference.int8_linear_reference(x.reshape(-1, 256), layer.int8_weight, layer.scale, layer.bias)
+    reference.set_int8_impl(int8_linear)
+    try:
+        from_bf16, from_int8 = layer(x), layer(prequantized)
+    finally:
+        reference.set_int8_impl(None)
+    assert from_bf16.shape == from_int8.shape == (2, 70, 200)
+    assert torch.equal(from_bf16.reshape(-1, 200), expected)
+    assert torch.equal(from_int8, from_bf16)
+    # The default implementation: the kernels on CUDA, the reference (same bits) elsewhere.
+    assert torch.equal(layer(prequantized), from_bf16)
