@@ -4,18 +4,14 @@ Without a GPU the kernels run in Triton's interpreter (conftest.py turns it on);
 tests run the compiled kernels. Both must match the reference bit for bit.
 """
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
+from turbovideo.kernels.int8_gemm import int8_gemm, int8_linear
+from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise
+from turbovideo.kernels.rounding import INTERPRETED
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, when run on its own
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from turbovideo.kernels.int8_gemm import int8_gemm, int8_linear  # noqa: E402
-from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise  # noqa: E402
-from turbovideo.kernels.rounding import INTERPRETED  # noqa: E402
-
-from turbovideo.models import int8 as reference  # noqa: E402
+from turbovideo.models import int8 as reference
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
 

@@ -6,19 +6,15 @@ rare elements an intermediate differs by one bf16 ulp (checked against the magni
 terms, since a cancelling sum turns it into more ulps of the small result).
 """
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
+from turbovideo.kernels import norms
+from turbovideo.kernels.rope import rms_norm, rms_norm_rope
+from turbovideo.kernels.rounding import INTERPRETED
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, when run on its own
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from turbovideo.kernels import norms  # noqa: E402
-from turbovideo.kernels.rope import rms_norm, rms_norm_rope  # noqa: E402
-from turbovideo.kernels.rounding import INTERPRETED  # noqa: E402
-
-from turbovideo.models.int8 import quantize_blockwise  # noqa: E402
-from turbovideo.models.layers import RMSNorm, apply_rope, rope_angles  # noqa: E402
+from turbovideo.models.int8 import quantize_blockwise
+from turbovideo.models.layers import RMSNorm, apply_rope, rope_angles
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
 EPS = 1e-6

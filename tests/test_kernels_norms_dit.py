@@ -5,19 +5,15 @@ output, on with the Triton GEMM for the fused one. Without a GPU the kernels run
 interpreter (conftest.py).
 """
 
-import os
+import pytest
+import torch
+from turbovideo.kernels import norms, quant, rope
+from turbovideo.kernels.int8_gemm import int8_linear
+from turbovideo.kernels.rounding import INTERPRETED
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, when run on its own
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from turbovideo.kernels import norms, quant, rope  # noqa: E402
-from turbovideo.kernels.int8_gemm import int8_linear  # noqa: E402
-from turbovideo.kernels.rounding import INTERPRETED  # noqa: E402
-
-from turbovideo.models import DIT_CONFIGS, build_dit  # noqa: E402
-from turbovideo.models import dit as dit_module  # noqa: E402
-from turbovideo.models import int8 as int8_module  # noqa: E402
+from turbovideo.models import DIT_CONFIGS, build_dit
+from turbovideo.models import dit as dit_module
+from turbovideo.models import int8 as int8_module
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
 
