@@ -11,6 +11,7 @@ _EXPORTS = {
     "load_dit": "dit",
     "DIT_CONFIGS": "dit",
     "DiTConfig": "dit",
+    "DiTInputs": "dit",
     "WanDiT": "dit",
     "build_vae": "vae",
     "load_vae": "vae",

@@ -49,6 +49,7 @@ class WorkerConfig:
     durable_dir: Path  # where videos are kept when an upload fails
     on_runpod: bool
     report_progress: bool
+    sp_degree: int | None = None  # GPUs one request spreads over; None: every visible GPU
 
 
 def is_on_runpod(env: Mapping[str, str]) -> bool:
@@ -72,6 +73,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         durable_dir=cache_dir / "outputs" if VOLUME_ROOT.is_dir() else output_dir,
         on_runpod=on_runpod,
         report_progress=bool(env.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
+        sp_degree=_sp_degree(env.get("SP_DEGREE", "")),
     )
 
 
@@ -102,6 +104,17 @@ def _variant(value: str) -> str:
     if variant not in VARIANTS:
         raise ConfigError(f"CHECKPOINT_VARIANT={value!r} is not valid; use one of {', '.join(VARIANTS)}")
     return variant
+
+
+def _sp_degree(value: str) -> int | None:
+    if not value.strip():
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ConfigError(
+            f"SP_DEGREE={value!r} is not valid; use the number of GPUs one request spreads over "
+            "(1 turns multi-GPU off), or leave it unset to use every visible GPU"
+        )
+    return int(value)
 
 
 def _bucket(env: Mapping[str, str]) -> BucketConfig | None:

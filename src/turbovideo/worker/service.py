@@ -9,11 +9,13 @@ memory or lost its CUDA context also asks RunPod to replace the worker (``refres
 from __future__ import annotations
 
 import base64
+import functools
 import logging
+import os
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,11 @@ from runpod.serverless import progress_update
 
 from turbovideo.catalog import ModelSpec
 from turbovideo.errors import InputError, one_line
+from turbovideo.parallel import ParallelError, parallelize
 from turbovideo.pipeline import GenerationRequest, GenerationResult, ProgressEvent, VideoPipeline
 from turbovideo.worker.checkpoints import ensure_checkpoints
 from turbovideo.worker.compile_cache import configure_compile_cache
-from turbovideo.worker.config import WorkerConfig, use_quantized
+from turbovideo.worker.config import ConfigError, WorkerConfig, use_quantized
 from turbovideo.worker.inputs import load_image
 from turbovideo.worker.schema import MAX_SEED, VideoRequest, VideoResponse, parse_request
 from turbovideo.worker.storage import BucketStorage, LocalStorage, Storage, UploadError, safe_job_id
@@ -70,6 +73,7 @@ class VideoService:
             pipelines[spec.name] = VideoPipeline.load(spec, checkpoint_dir, quantized=quantized)
             variant = "" if spec.is_random else f" ({'quant' if quantized else 'bf16'} checkpoints)"
             logger.info("loaded %s%s", spec.name, variant)
+        _spread_over_gpus(pipelines.values(), config.sp_degree)
         if config.bucket is not None:
             storage: Storage = BucketStorage(config.bucket, config.durable_dir)
         else:
@@ -164,6 +168,17 @@ class VideoService:
         return fields
 
 
+def _spread_over_gpus(pipelines: Iterable[VideoPipeline], sp_degree: int | None) -> None:
+    """With several GPUs, every request's DiT work runs on all of them (turbovideo.parallel)."""
+    from turbovideo.worker.startup import SECRET_VARIABLES, configure_logging
+
+    secret_values = [os.environ[name] for name in SECRET_VARIABLES if os.environ.get(name)]
+    try:
+        parallelize(pipelines, sp_degree, initializer=functools.partial(configure_logging, secret_values))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _generation_request(request: VideoRequest, spec: ModelSpec, image: Any) -> GenerationRequest:
     seed = request.seed if request.seed is not None and request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
     return GenerationRequest(
@@ -200,6 +215,9 @@ def error_response(exc: BaseException, job_id: str) -> dict[str, Any]:
             "the GPU ran out of memory; ask for fewer frames, samples or a lower resolution "
             "(this worker is being replaced)"
         )
+    elif isinstance(exc, ParallelError):
+        code = "E_CUDA"
+        message = f"the multi-GPU group failed ({one_line(str(exc), 300)}); this worker is being replaced, retry the job"
     elif is_cuda_broken(exc):
         code = "E_CUDA"
         message = f"the GPU failed ({one_line(str(exc), 200)}); this worker is being replaced, retry the job"

@@ -21,6 +21,7 @@ import torch
 
 from turbovideo.errors import one_line
 from turbovideo.models.checkpoint import CheckpointError
+from turbovideo.parallel.errors import ParallelError
 from turbovideo.worker.checkpoints import CheckpointDownloadError
 from turbovideo.worker.config import ConfigError, load_config
 
@@ -68,6 +69,11 @@ def describe_startup_error(exc: BaseException) -> StartupFailure:
     if isinstance(exc, CheckpointError):
         return StartupFailure(
             f"{one_line(str(exc), 1000)}; delete the file from CACHE_DIR so the next start downloads it again"
+        )
+    if isinstance(exc, ParallelError):
+        return StartupFailure(
+            f"the multi-GPU group did not start ({one_line(str(exc), 300)}); the worker asks to be replaced",
+            refresh=True,
         )
     if isinstance(exc, torch.OutOfMemoryError):
         return StartupFailure(
