@@ -82,7 +82,17 @@ MODELS: dict[str, ModelSpec] = {
         ),
         # Embedded defaults: the real code path on CPU with seeded random weights.
         ModelSpec("tiny-t2v", "t2v", "tiny-t2v", None, ("tiny-t2v",), "tiny", 80.0, "tiny", "tiny"),
-        ModelSpec("tiny-i2v", "i2v", "tiny-i2v", None, ("tiny-i2v-high", "tiny-i2v-low"), "tiny", 200.0, "tiny", "tiny"),
+        ModelSpec(
+            "tiny-i2v",
+            "i2v",
+            "tiny-i2v",
+            None,
+            ("tiny-i2v-high", "tiny-i2v-low"),
+            "tiny",
+            200.0,
+            "tiny",
+            "tiny",
+        ),
     )
 }
 
