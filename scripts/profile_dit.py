@@ -1,0 +1,110 @@
+"""Where a DiT forward spends its GPU time: one profiled forward, kernels grouped by kind.
+
+    python scripts/profile_dit.py --out profile_dit.json [--model wan2.1-t2v-1.3b] [--latent 21x60x104]
+
+Random weights, bf16, the attention backend `auto` picks. Prints the top kernels and the time per
+group (GEMM, attention, elementwise/norm, other); writes both as JSON. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from turbovideo.models import DIT_CONFIGS, build_dit
+
+# Kernel-name fragments per group; the first group that matches wins.
+GROUPS = {
+    "gemm": ("gemm", "cutlass", "sm90_xmma", "nvjet", "int8_gemm", "_int_mm"),
+    "attention": ("sparse", "sla", "attn", "flash", "fmha", "sdpa", "cudnn"),
+    "elementwise/norm": (
+        "norm",
+        "rope",
+        "residual",
+        "elementwise",
+        "vectorized",
+        "reduce",
+        "gelu",
+        "silu",
+        "mul",
+        "add",
+    ),
+}
+
+
+def group_of(name: str) -> str:
+    lowered = name.lower()
+    for group, fragments in GROUPS.items():
+        if any(fragment in lowered for fragment in fragments):
+            return group
+    return "other"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="wan2.1-t2v-1.3b", choices=sorted(DIT_CONFIGS))
+    parser.add_argument("--latent", default="21x60x104", help="T x H x W of the 16-channel latent")
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+
+    device = torch.device("cuda")
+    config = DIT_CONFIGS[args.model]
+    frames, height, width = (int(v) for v in args.latent.split("x"))
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, 16, frames, height, width, device=device, generator=g).bfloat16()
+    t = torch.tensor([988.0], device=device, dtype=torch.bfloat16)
+    context = torch.randn(1, 512, config.text_dim, device=device, generator=g).bfloat16()
+    y = None
+    if config.task == "i2v":
+        y = torch.randn(1, config.cond_dim, frames, height, width, device=device, generator=g).bfloat16()
+    model = build_dit(args.model, device=device)
+    with torch.no_grad():
+        for _ in range(2):  # compile and autotune outside the profile
+            model(x, t, context, y)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(x, t, context, y)
+            torch.cuda.synchronize()
+
+    kernels = [
+        (event.key, event.device_time_total / 1e3, event.count)
+        for event in prof.key_averages()
+        if event.device_time_total > 0
+    ]
+    kernels.sort(key=lambda row: -row[1])
+    groups: dict[str, float] = defaultdict(float)
+    for name, ms, _ in kernels:
+        groups[group_of(name)] += ms
+    total = sum(groups.values())
+
+    print(
+        f"{config.label} forward, latent {args.latent}, attention {model.attention_backend}: {total:.1f} ms of kernels"
+    )
+    for group, ms in sorted(groups.items(), key=lambda item: -item[1]):
+        print(f"  {group:18s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
+    print(f"top {args.top} kernels:")
+    for name, ms, count in kernels[: args.top]:
+        print(f"  {ms:8.2f} ms  x{count:<4d} [{group_of(name)}] {name[:90]}")
+    with open(args.out, "w") as f:
+        json.dump(
+            {
+                "model": args.model,
+                "latent": args.latent,
+                "attention": model.attention_backend,
+                "total_ms": total,
+                "groups_ms": groups,
+                "kernels": [{"name": n, "ms": ms, "count": c, "group": group_of(n)} for n, ms, c in kernels],
+            },
+            f,
+            indent=2,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
