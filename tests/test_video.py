@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from turbovideo.pipeline.video import to_uint8_frames, write_mp4, write_thumbnail
+from turbovideo.pipeline.video import Mp4Stream, to_uint8_frames, write_mp4, write_thumbnail
 
 
 def test_uint8_rounding_matches_upstream_saver():
@@ -32,11 +32,15 @@ def _read(path):
     return meta, frames
 
 
-def test_mp4_round_trip(tmp_path):
+def _clip(num_frames: int = 9) -> np.ndarray:
     # Smooth gradients that brighten over time: easy for x264, and every frame differs.
     rows, cols = np.meshgrid(np.linspace(40, 160, 48), np.linspace(0, 60, 80), indexing="ij")
-    frames = np.stack([np.stack([rows + cols + 5 * t, rows, cols + 100], axis=-1) for t in range(9)])
-    frames = frames.astype(np.uint8)
+    frames = np.stack([np.stack([rows + cols + 5 * t, rows, cols + 100], axis=-1) for t in range(num_frames)])
+    return frames.astype(np.uint8)
+
+
+def test_mp4_round_trip(tmp_path):
+    frames = _clip()
     path = tmp_path / "clip.mp4"
     write_mp4(frames, path, fps=12)
 
@@ -51,6 +55,26 @@ def test_mp4_round_trip(tmp_path):
     # +faststart moves the moov atom in front of the media data.
     data = path.read_bytes()
     assert data.index(b"moov") < data.index(b"mdat")
+
+
+def test_streaming_in_chunks_writes_the_same_file_as_all_at_once(tmp_path):
+    # The pipeline feeds each latent frame's pixel frames (1, then 4 at a time) as they decode.
+    frames = _clip(9)
+    write_mp4(frames, tmp_path / "whole.mp4", fps=16)
+    stream = Mp4Stream(tmp_path / "chunks.mp4", 80, 48, fps=16)
+    for chunk in (frames[:1], frames[1:5], frames[5:]):
+        stream.add(chunk)
+    assert stream.close() == tmp_path / "chunks.mp4"
+    assert (tmp_path / "chunks.mp4").read_bytes() == (tmp_path / "whole.mp4").read_bytes()
+
+
+def test_a_chunk_of_the_wrong_size_is_refused_and_the_stream_still_closes(tmp_path):
+    stream = Mp4Stream(tmp_path / "clip.mp4", 80, 48, fps=16)
+    stream.add(_clip(2))
+    with pytest.raises(ValueError, match="do not fit"):
+        stream.add(np.zeros((1, 48, 82, 3), np.uint8))
+    stream.close()
+    assert len(_read(tmp_path / "clip.mp4")[1]) == 2
 
 
 def test_odd_sizes_are_refused(tmp_path):

@@ -139,10 +139,15 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def decode(
-        self, latent: torch.Tensor, progress: Callable[[int, int], None] | None = None
+        self,
+        latent: torch.Tensor,
+        progress: Callable[[int, int], None] | None = None,
+        on_frames: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Normalised latent ``[B, 16, T, h, w]`` -> video ``[B, 3, 1 + 4(T-1), 8h, 8w]``, float32, about
-        [-1, 1] (not clamped). ``progress(done, total)`` is called after each latent frame."""
+        [-1, 1] (not clamped). ``progress(done, total)`` is called after each latent frame, and
+        ``on_frames(frames)`` with its new pixel frames ``[B, 3, n, 8h, 8w]`` (a view of the output),
+        so a caller can encode them while the next ones decode."""
         batch, _, num_latent, height, width = _check_latent(latent, self.config.z_dim)
         x = self.conv2(denormalize_latent(latent.to(device=self.device, dtype=self.dtype)))
         video = torch.empty(
@@ -155,6 +160,8 @@ class WanVAE(nn.Module):
         for i in range(num_latent):
             frames = self.decoder(x[:, :, i : i + 1], cache)
             video[:, :, start : start + frames.shape[2]] = frames
+            if on_frames is not None:
+                on_frames(video[:, :, start : start + frames.shape[2]])
             start += frames.shape[2]
             if progress is not None:
                 progress(i + 1, num_latent)

@@ -54,7 +54,7 @@ from turbovideo.pipeline.request import (
 )
 from turbovideo.pipeline.resolution import latent_frames
 from turbovideo.pipeline.sampler import expert_per_step, rf_times, sample
-from turbovideo.pipeline.video import to_uint8_frames, write_mp4, write_thumbnail
+from turbovideo.pipeline.video import Mp4Stream, to_uint8_frames, write_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,12 @@ class VideoPipeline:
         pipe._place_for(pipe._default_request())
         return pipe
 
+    def run_experts_with(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Call each DiT expert through ``wrap(expert)`` from now on (e.g. the multi-GPU runner of
+        turbovideo.parallel). The wrapper must use the expert's own weights: the memory plan keeps
+        moving those."""
+        self.experts = [wrap(expert) for expert in self.experts]
+
     # ----------------------------------------------------------------- requests
 
     def validate(self, request: GenerationRequest) -> None:
@@ -226,14 +232,18 @@ class VideoPipeline:
         clock.lap("denoise")
 
         self._enter({VAE})
-        videos = self.vae.decode(latent, lambda done, total: report(ProgressEvent("decode", done, total)))
-        clock.lap("decode")
-
-        paths = self._mux(videos, Path(out_dir), request.fps, report)
+        muxer = _Muxer(Path(out_dir), request.num_samples, width, height, request.fps)
+        try:
+            videos = self.vae.decode(
+                latent, lambda done, total: report(ProgressEvent("decode", done, total)), muxer.add
+            )
+            clock.lap("decode")
+        finally:
+            paths = muxer.close(report)  # also on failure: no ffmpeg process is left behind
         clock.lap("mux")
         return GenerationResult(
             videos=paths,
-            thumbnail=Path(out_dir) / "thumbnail.jpg",
+            thumbnail=muxer.thumbnail,
             width=width,
             height=height,
             num_frames=videos.shape[2],
@@ -292,19 +302,6 @@ class VideoPipeline:
             ode=request.ode,
             on_step=lambda i: report(ProgressEvent("denoise", i + 1, total)),
         )
-
-    def _mux(self, videos: torch.Tensor, out_dir: Path, fps: int, report: Progress) -> list[Path]:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for index, video in enumerate(videos):
-            frames = to_uint8_frames(video)
-            if index == 0:
-                write_thumbnail(frames[0], out_dir / "thumbnail.jpg")
-            path = out_dir / f"sample_{index}.mp4"
-            write_mp4(frames, path, fps)
-            paths.append(path)
-            report(ProgressEvent("mux", index + 1, len(videos)))
-        return paths
 
     # ----------------------------------------------------------------- memory
 
@@ -452,3 +449,29 @@ def _file_identity(path: Path) -> str:
     """Name, size and modification time: changes when the file is replaced, cheap to compute."""
     stat = path.stat()
     return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class _Muxer:
+    """One mp4 per sample, fed chunk by chunk while the VAE decodes (the "mux" stage is what is left
+    after the decode), plus the thumbnail from the first frame of sample 0."""
+
+    def __init__(self, out_dir: Path, samples: int, width: int, height: int, fps: int) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.thumbnail = out_dir / "thumbnail.jpg"
+        self._first_chunk = True
+        self._streams = [Mp4Stream(out_dir / f"sample_{i}.mp4", width, height, fps) for i in range(samples)]
+
+    def add(self, chunk: torch.Tensor) -> None:
+        frames = to_uint8_frames(chunk)  # [B, n, H, W, 3]
+        if self._first_chunk:
+            write_thumbnail(frames[0, 0], self.thumbnail)
+            self._first_chunk = False
+        for stream, sample_frames in zip(self._streams, frames, strict=True):
+            stream.add(sample_frames)
+
+    def close(self, report: Progress) -> list[Path]:
+        paths = []
+        for index, stream in enumerate(self._streams):
+            paths.append(stream.close())
+            report(ProgressEvent("mux", index + 1, len(self._streams)))
+        return paths
