@@ -26,14 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    from turbovideo.catalog import MODELS
-    from turbovideo.pipeline import GenerationRequest, ProgressEvent, VideoPipeline
-except ImportError:  # a bare checkout where the package is not installed (no Triton kernels then)
-    sys.path.insert(0, str(ROOT / "src"))
-    from turbovideo.catalog import MODELS
-    from turbovideo.pipeline import GenerationRequest, ProgressEvent, VideoPipeline
+from turbovideo.catalog import MODELS
+from turbovideo.pipeline import GenerationRequest, ProgressEvent, VideoPipeline
 
 DEFAULT_SET = ("TurboWan2.1-T2V-1.3B-480P", "TurboWan2.1-T2V-14B-720P", "TurboWan2.2-I2V-A14B-720P")
 # performance.md targets (H100), seconds.

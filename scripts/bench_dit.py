@@ -14,45 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from turbovideo.benchmark import median_ms, peak_gib, rel_error
 from turbovideo.models import DIT_CONFIGS, build_dit
 from turbovideo.models.attention import select_attention
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn`` over ``iters`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
 def bench_forwards(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -78,7 +48,7 @@ def bench_forwards(args: argparse.Namespace, device: torch.device) -> list[dict]
         model.set_attention(name, topk=args.topk)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        ms = median_ms(forward, device, args.warmup, args.iters)
+        ms = median_ms(forward, device, args.iters, args.warmup)
         outputs.append(forward().float())
         what = f"{config.label} forward bf16, {name}"
         rows.append(
@@ -102,13 +72,13 @@ def bench_attention(args: argparse.Namespace, device: torch.device, tokens: int,
         qh, kh, vh = (z.transpose(1, 2).contiguous() for z in (q, k, v))
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             ms = median_ms(
-                lambda: F.scaled_dot_product_attention(qh, kh, vh), device, args.warmup, args.iters
+                lambda: F.scaled_dot_product_attention(qh, kh, vh), device, args.iters, args.warmup
             )
         rows.append({"what": f"attention H={heads} L={tokens}, SDPA", "backend": "cudnn-sdpa", "ms": ms})
     sla = select_attention("sla", device)
     proj_l = torch.nn.Linear(128, 128, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
-        ms = median_ms(lambda: sla(q, k, v, proj_l=proj_l, topk=args.topk), device, args.warmup, args.iters)
+        ms = median_ms(lambda: sla(q, k, v, proj_l=proj_l, topk=args.topk), device, args.iters, args.warmup)
     rows.append({"what": f"attention H={heads} L={tokens}, SLA {args.topk}", "backend": sla.name, "ms": ms})
     return rows
 

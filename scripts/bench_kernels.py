@@ -14,56 +14,20 @@ import importlib.util
 import json
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from turbovideo.kernels import sagesla, sla
+
+from turbovideo.benchmark import median_ms, rel_error
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"wan-1.3B-480p": (12, 32760), "wan-14B-720p": (40, 75600)}
 TOPKS = (0.10, 0.15)
 TARGET_MS = {"wan-1.3B-480p": 2.0, "wan-14B-720p": 25.0}  # SLA module at topk 0.10 (performance.md)
 HEAD_DIM = 128
-
-
-def _import_kernels():
-    """turbovideo.kernels, also from a bare checkout where the package is not installed."""
-    try:
-        import turbovideo.kernels  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(ROOT / "src"))
-        spec = importlib.util.spec_from_file_location(
-            "turbovideo.kernels",
-            ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")],
-        )
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["turbovideo.kernels"] = package
-        spec.loader.exec_module(package)
-    from turbovideo.kernels import sagesla, sla
-
-    return sla, sagesla
-
-
-def time_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
-    """Median CUDA-event time of fn in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def check_sla_rows(sla, q, k, v, weight, bias, topk, blkq, blkk, out, samples: int = 48) -> dict:
@@ -131,12 +95,12 @@ def bench_shape(
     q_t, k_t, v_t = (x.transpose(1, 2) for x in (q, k, v))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         dense = F.scaled_dot_product_attention(q_t, k_t, v_t).transpose(1, 2)
-        dense_ms = time_ms(lambda: F.scaled_dot_product_attention(q_t, k_t, v_t), iters)
+        dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q_t, k_t, v_t), iters=iters, warmup=3)
     rows.add(
         "dense cuDNN SDPA", dense_ms, tflops=round(4 * length * length * HEAD_DIM * heads / dense_ms / 1e9, 1)
     )
     full = sla.sla_attention(q, k, v, torch.zeros_like(weight), torch.zeros_like(bias), 1.0)
-    rows.add("check: SLA topk 1.0 with proj_l = 0 vs dense", None, rel_l2=round(_rel(full, dense), 5))
+    rows.add("check: SLA topk 1.0 with proj_l = 0 vs dense", None, rel_l2=round(rel_error(full, dense), 5))
     del full, dense
 
     for topk in TOPKS:
@@ -155,7 +119,7 @@ def bench_sla(
     blkq, blkk = sla.SLA_BLOCKS
     out = sla.sla_attention(q, k, v, weight, bias, topk)
     check = check_sla_rows(sla, q, k, v, weight, bias, topk, blkq, blkk, out)
-    total = time_ms(lambda: sla.sla_attention(q, k, v, weight, bias, topk), iters)
+    total = median_ms(lambda: sla.sla_attention(q, k, v, weight, bias, topk), iters=iters, warmup=3)
     rows.add(
         f"SLA module topk {topk:.2f}",
         total,
@@ -169,14 +133,16 @@ def bench_sla(
     sparse_flops = 4 * length * index.shape[-1] * blkk * HEAD_DIM * heads
     rows.add(
         f"  part: linear state + k pooling, topk {topk:.2f}",
-        time_ms(lambda: sla.linear_state(k, v, blkk), iters),
+        median_ms(lambda: sla.linear_state(k, v, blkk), iters=iters, warmup=3),
     )
     rows.add(
         f"  part: selection (q pooling, score, top-k), topk {topk:.2f}",
-        time_ms(lambda: sla.select_blocks(q, state, topk, blkq), iters),
+        median_ms(lambda: sla.select_blocks(q, state, topk, blkq), iters=iters, warmup=3),
     )
     for name, lin in (("sparse + linear epilogue", linear), ("sparse only", None)):
-        ms = time_ms(lambda lin=lin: sla.block_sparse_attention(q, k, v, index, blkq, blkk, lin), iters)
+        ms = median_ms(
+            lambda lin=lin: sla.block_sparse_attention(q, k, v, index, blkq, blkk, lin), iters=iters, warmup=3
+        )
         rows.add(f"  part: {name}, topk {topk:.2f}", ms, tflops=round(sparse_flops / ms / 1e9, 1))
     if not sweep:
         return
@@ -188,7 +154,7 @@ def bench_sla(
     ):
         name = f"  sweep: sparse + linear, {cfg}"
         try:
-            ms = time_ms(
+            ms = median_ms(
                 lambda cfg=cfg: sla.block_sparse_attention(q, k, v, index, blkq, blkk, linear, cfg), iters
             )
             rows.add(name, ms, tflops=round(sparse_flops / ms / 1e9, 1))
@@ -205,7 +171,7 @@ def bench_sagesla(
     blkq, blkk = sagesla.selection_blocks(sagesla.cuda_arch(q.device))
     out = sagesla.sagesla_attention(q, k, v, weight, bias, topk)
     check = check_sla_rows(sla, q, k, v, weight, bias, topk, blkq, blkk, out)
-    ms = time_ms(lambda: sagesla.sagesla_attention(q, k, v, weight, bias, topk), iters)
+    ms = median_ms(lambda: sagesla.sagesla_attention(q, k, v, weight, bias, topk), iters=iters, warmup=3)
     rows.add(
         f"SageSLA module topk {topk:.2f}",
         ms,
@@ -245,7 +211,6 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
-    sla, sagesla = _import_kernels()
     torch.manual_seed(0)
     device = torch.device("cuda")
     rows = []

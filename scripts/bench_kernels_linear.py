@@ -22,16 +22,21 @@ Targets (performance.md): int8 (quantization included) >= 1.0x bf16 at every sha
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from turbovideo.kernels import int8_gemm as gemm_module
+from turbovideo.kernels import norms
+from turbovideo.kernels.int8_gemm import int8_gemm
+from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise
+from turbovideo.kernels.rope import rms_norm_rope
 
-ROOT = Path(__file__).resolve().parent.parent
+from turbovideo.benchmark import median_ms, rel_error
+from turbovideo.models import int8 as reference
+from turbovideo.models.layers import apply_rope
 
 # (label, M, K, N) — M is B * L tokens at 81 frames.
 LINEAR_SHAPES = [
@@ -49,56 +54,13 @@ EPS = 1e-6
 CHECK_ROWS = 256
 
 
-def _import_turbovideo() -> None:
-    """Make ``turbovideo`` and ``turbovideo.kernels`` importable from a bare checkout too."""
-    try:
-        import turbovideo.kernels  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(ROOT / "src"))
-        spec = importlib.util.spec_from_file_location(
-            "turbovideo.kernels",
-            ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")],
-        )
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["turbovideo.kernels"] = package
-        spec.loader.exec_module(package)
-
-
-_import_turbovideo()
-
-from turbovideo.kernels import int8_gemm as gemm_module  # noqa: E402
-from turbovideo.kernels import norms  # noqa: E402
-from turbovideo.kernels.int8_gemm import int8_gemm  # noqa: E402
-from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise  # noqa: E402
-from turbovideo.kernels.rope import rms_norm_rope  # noqa: E402
-
-from turbovideo.models import int8 as reference  # noqa: E402
-from turbovideo.models.layers import apply_rope  # noqa: E402
-
-
-def time_ms(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
-    """Median CUDA-event time of fn in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def _ms(fn) -> float:
+    return median_ms(fn, "cuda", iters=20, warmup=3)
 
 
 def _ulp_stats(out: torch.Tensor, expected: torch.Tensor) -> dict:
     distance = (out.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
     return {"max_ulp": int(distance.max()), "exact_fraction": round((distance == 0).float().mean().item(), 6)}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return round(((a.float() - b.float()).norm() / b.float().norm()).item(), 6)
 
 
 def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> list[dict]:
@@ -117,21 +79,21 @@ def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> lis
             row["speedup_vs_bf16"] = round(bf16_ms / ms, 3)
         rows.append({**row, **extra})
 
-    bf16_ms = time_ms(lambda: F.linear(x, weight, bias))
+    bf16_ms = _ms(lambda: F.linear(x, weight, bias))
     add("bf16 F.linear", bf16_ms)
-    add("int8 quantize + GEMM", time_ms(lambda: quantize_then_gemm(x, qw, sw, bias)))
+    add("int8 quantize + GEMM", _ms(lambda: quantize_then_gemm(x, qw, sw, bias)))
     add(
         "int8 GEMM, quantize in prologue",
-        time_ms(lambda: int8_gemm(x, qw, sw, bias)),
+        _ms(lambda: int8_gemm(x, qw, sw, bias)),
         config=_chosen_config(gemm_module._gemm_quantizing),
     )
     add(
         "int8 GEMM on int8 input",
-        time_ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx)),
+        _ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx)),
         config=_chosen_config(gemm_module._gemm_prequantized),
     )
-    add("quantize_blockwise alone", time_ms(lambda: quantize_blockwise(x)))
-    add("torch._int_mm (no scales)", time_ms(lambda: torch._int_mm(qx, qw.t())))
+    add("quantize_blockwise alone", _ms(lambda: quantize_blockwise(x)))
+    add("torch._int_mm (no scales)", _ms(lambda: torch._int_mm(qx, qw.t())))
 
     head = x[:CHECK_ROWS]
     expected = reference.int8_linear_reference(head, qw, sw, bias)
@@ -141,7 +103,11 @@ def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> lis
         **_ulp_stats(quantize_then_gemm(head, qw, sw, bias), expected),
     )
     add("check: prologue GEMM vs reference", None, **_ulp_stats(int8_gemm(head, qw, sw, bias), expected))
-    add("check: int8 vs bf16 F.linear", None, rel_l2=_rel(expected, F.linear(head, weight, bias)))
+    add(
+        "check: int8 vs bf16 F.linear",
+        None,
+        rel_l2=round(rel_error(expected, F.linear(head, weight, bias)), 6),
+    )
     return rows
 
 
@@ -219,7 +185,7 @@ def norm_rows(device: torch.device, label: str, length: int, dim: int, ffn_dim: 
     ]
     rows = []
     for name, eager, fused in cases:
-        eager_ms, fused_ms = time_ms(eager), time_ms(fused)
+        eager_ms, fused_ms = _ms(eager), _ms(fused)
         row = {"shape": f"{label} L={length} D={dim}", "name": name, "ms": round(fused_ms, 4)}
         row.update(eager_ms=round(eager_ms, 4), speedup_vs_eager=round(eager_ms / fused_ms, 2))
         expected, out = eager(), fused()

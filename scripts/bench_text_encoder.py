@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -22,34 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+from turbovideo.benchmark import median_ms, peak_gib, rel_error
+from turbovideo.models.text_encoder import UMT5Encoder, build_text_encoder
+
 UPSTREAM_H100_MS = 54.0  # performance.md: upstream umT5-XXL encode of 512 tokens on an H100
-
-try:
-    from turbovideo.models.text_encoder import UMT5Encoder, build_text_encoder
-except ImportError:  # a bare checkout where the package is not installed
-    sys.path.insert(0, str(ROOT / "src"))
-    from turbovideo.models.text_encoder import UMT5Encoder, build_text_encoder
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
 
 
 def linear_flops(encoder: UMT5Encoder, tokens: int) -> float:
@@ -79,10 +54,6 @@ def linears_only(encoder: UMT5Encoder, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the rows")
@@ -110,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     flops = linear_flops(encoder, args.tokens) + attention_flops(encoder, args.tokens)
     with torch.inference_mode():
         output = encoder(ids, mask)
-        ms = time_ms(lambda: encoder(ids, mask), device, args.iters, args.warmup)
+        ms = median_ms(lambda: encoder(ids, mask), device, args.iters, args.warmup)
         rows = [{"case": "encoder bf16", "ms": ms, "tflops": flops / ms / 1e9}]
         x = torch.randn(args.tokens, encoder.dim, device=device, dtype=torch.bfloat16)
-        ms = time_ms(linears_only(encoder, x), device, args.iters, args.warmup)
+        ms = median_ms(linears_only(encoder, x), device, args.iters, args.warmup)
         rows.append(
             {
                 "case": "floor: bf16 linears only",
@@ -121,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tflops": linear_flops(encoder, args.tokens) / ms / 1e9,
             }
         )
-        peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        peak = peak_gib(device)
         accuracy = {}
         if not args.skip_fp32:
             reference = copy.deepcopy(encoder).float()
@@ -130,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"umT5 text encoder ({args.config}), {args.tokens} tokens, batch 1, bf16, {name}")
-    print(f"random-weight build {build_s:.1f} s; peak memory during encode {peak_gib or 0:.2f} GiB")
+    print(f"random-weight build {build_s:.1f} s; peak memory during encode {peak or 0:.2f} GiB")
     print(f"{'case':40s} {'ms':>9s} {'TFLOP/s':>9s}")
     for row in rows:
         print(f"{row['case']:40s} {row['ms']:9.2f} {row['tflops']:9.1f}")
@@ -144,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": args.tokens,
         "iters": args.iters,
         "build_s": build_s,
-        "peak_gib": peak_gib,
+        "peak_gib": peak,
         "upstream_h100_ms": UPSTREAM_H100_MS,
         "rows": rows,
         "accuracy": accuracy,

@@ -15,46 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from turbovideo.benchmark import median_ms, rel_error
+from turbovideo.models.vae import WanVAE, build_vae, pixel_frames
+
 UPSTREAM_H100_S = {"decode 480p": 1.82, "decode 720p": 4.73, "encode 720p": 2.93}  # performance.md
 TARGET_DECODE_480P_S = 1.0
 
-try:
-    from turbovideo.models.vae import WanVAE, build_vae, pixel_frames
-except ImportError:  # a bare checkout where the package is not installed
-    sys.path.insert(0, str(ROOT / "src"))
-    from turbovideo.models.vae import WanVAE, build_vae, pixel_frames
 
-
-def time_s(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
-    """Median time of ``fn`` in seconds (CUDA events on a GPU, wall clock on a CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
-    return statistics.median(times)
-
-
-def peak_gib(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float | None]:
+def run_with_peak(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float | None]:
     """Run ``fn`` once; its result and the peak memory allocated above what was held before."""
     if device.type != "cuda":
         return fn(), None
@@ -67,10 +41,6 @@ def peak_gib(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torc
     return result, (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in text.lower().split("x"))
 
@@ -79,8 +49,8 @@ def bench_case(
     vae: WanVAE, name: str, fn: Callable[[], torch.Tensor], args, device, keep: bool = False
 ) -> tuple[dict, torch.Tensor | None]:
     """One timed row: time, peak memory above the held tensors; returns the output when ``keep``."""
-    output, peak = peak_gib(fn, device)
-    seconds = time_s(fn, device, args.iters, args.warmup)
+    output, peak = run_with_peak(fn, device)
+    seconds = median_ms(fn, device, args.iters, args.warmup) / 1e3
     row = {"case": name, "fast": vae.fast, "s": seconds, "peak_gib": peak}
     return row, output if keep else None
 

@@ -224,24 +224,6 @@ def _fill(record: dict, upstream: Measured, ours: Measured) -> None:
 # our package (also from a bare checkout, where it is not pip-installed)
 
 
-def import_turbovideo() -> None:
-    try:
-        import turbovideo.kernels  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, str(ROOT / "src"))
-    spec = importlib.util.spec_from_file_location(
-        "turbovideo.kernels",
-        ROOT / "kernels" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "kernels")],
-    )
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["turbovideo.kernels"] = package
-    spec.loader.exec_module(package)
-
-
 # ----------------------------------------------------------------------------------------------
 # DiT
 
@@ -682,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.perf_counter()
     device = torch.device(args.device)
     up = import_upstream(args.upstream)  # first: its stand-ins (e.g. ftfy) also serve our imports
-    import_turbovideo()
+
     setting = (tiny_setting if args.tiny else real_setting)(device, args.repeats)
     # The fp32 yardsticks must be true fp32 (cuDNN convs default to TF32); bf16 work is unaffected.
     torch.backends.cuda.matmul.allow_tf32 = False

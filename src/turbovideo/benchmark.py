@@ -1,0 +1,42 @@
+"""Timing and error helpers shared by the GPU benchmark scripts in scripts/."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def median_ms(
+    fn: Callable[[], object], device: torch.device | str = "cuda", iters: int = 10, warmup: int = 2
+) -> float:
+    """Median milliseconds of ``fn`` after ``warmup`` calls: CUDA events on a GPU, wall clock elsewhere."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error ||a - b|| / ||b||, computed in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def peak_gib(device: torch.device | str) -> float | None:
+    """Peak allocated GPU memory since the last reset, in GiB (None off the GPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else None
