@@ -15,6 +15,7 @@ rows are labelled "extrapolated". Prints a table and writes JSON to --out.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -131,9 +132,6 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         "mp4_bytes": mp4_bytes,
         "targets_s": TARGETS.get(name, {}),
     }
-    del pipe
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -182,11 +180,6 @@ def main() -> int:
 
     names = list(DEFAULT_SET) if args.model == "all" else [args.model]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rows = []
-    for name in names:
-        print(f"# {name} ...", file=sys.stderr, flush=True)
-        rows.append(bench_model(name, args, device))
-    print_table(rows)
     report = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -194,11 +187,26 @@ def main() -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "args": vars(args),
-        "results": rows,
+        "results": [],
+        "errors": {},
     }
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    for name in names:
+        print(f"# {name} ...", file=sys.stderr, flush=True)
+        try:
+            report["results"].append(bench_model(name, args, device))
+        except Exception as exc:  # one model that does not fit must not lose the others' rows
+            report["errors"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            print(f"# {name} failed: {report['errors'][name]}", file=sys.stderr, flush=True)
+        # The pipeline is gone once bench_model returns; give its GPU memory back before the next.
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    print_table(report["results"])
+    for name, error in report["errors"].items():
+        print(f"{name}: FAILED ({error})")
     print(f"wrote {args.out}")
-    return 0
+    return 1 if report["errors"] else 0
 
 
 if __name__ == "__main__":
