@@ -14,6 +14,7 @@ from .sla import SAGESLA_SM90_BLOCKS, SLA_BLOCKS, add_linear_branch, linear_stat
 
 # The archs SpargeAttn's build compiles kernels for (its setup.py filters TORCH_CUDA_ARCH_LIST to these).
 SUPPORTED_ARCHS = ("sm80", "sm86", "sm87", "sm89", "sm90")
+HEAD_DIMS = (64, 128)  # what SpargeAttn's kernels are built for
 NOT_INSTALLED = (
     "attention=sagesla needs SpargeAttn (spas_sage_attn), which is not installed; use attention=sla"
 )
@@ -76,7 +77,7 @@ def sagesla_attention(
     sparge = sparge_modules()
     if sparge is None:
         raise RuntimeError(NOT_INSTALLED)
-    if q.shape[-1] not in (64, 128):
+    if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"SageSLA needs head dim 64 or 128; got {q.shape[-1]}")
     arch = cuda_arch(q.device)
     blkq, blkk = selection_blocks(arch)

@@ -69,4 +69,5 @@ register_attention(
     sagesla.is_available,
     priority=KERNEL_PRIORITY,
     unavailable_message=_sagesla_unavailable_message(),
+    head_dims=sagesla.HEAD_DIMS,
 )

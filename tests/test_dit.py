@@ -114,6 +114,18 @@ def test_a_registered_backend_drops_in_by_priority_and_device(registry):
     assert model.attention_backend == "sla-fast"
 
 
+def test_a_backend_limited_to_some_head_dims_is_skipped_by_auto_and_refused_explicitly(registry):
+    # SpargeAttn's kernels exist for head dims 64 and 128 only; the tiny models have 32.
+    registry.register_attention(
+        "sagesla", registry.SLAReference(name="sagesla-stand-in"), priority=30, head_dims=(64, 128)
+    )
+    assert registry.select_attention("auto", "cpu", head_dim=128).name == "sagesla-stand-in"
+    assert registry.select_attention("auto", "cpu", head_dim=32).name == "sla-reference"
+    assert build_dit("tiny-t2v").attention_backend == "sla-reference"
+    with pytest.raises(InputError, match="head dim 32; use attention=sla"):
+        registry.select_attention("sagesla", "cpu", head_dim=32)
+
+
 def test_build_is_seeded_and_meta_allocates_nothing():
     a, b = build_dit("tiny-t2v"), build_dit("tiny-t2v")
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())

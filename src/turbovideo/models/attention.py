@@ -74,6 +74,11 @@ class _Candidate:
     make: Callable[[], AttentionBackend]
     available: Callable[[torch.device], bool]
     priority: int
+    head_dims: tuple[int, ...] | None  # None: any head dim
+
+    def runs(self, device: torch.device, head_dim: int | None) -> bool:
+        fits = head_dim is None or self.head_dims is None or head_dim in self.head_dims
+        return fits and self.available(device)
 
 
 _REGISTRY: dict[str, list[_Candidate]] = {}
@@ -90,49 +95,58 @@ def register_attention(
     *,
     priority: int = 0,
     unavailable_message: str | None = None,
+    head_dims: tuple[int, ...] | None = None,
 ) -> None:
     """Offer an implementation under the public ``name``; the available one with the highest priority wins.
 
     ``factory_or_impl`` is either a backend (an object with a ``name``) or a no-argument factory, called
-    only when selected so that heavy imports stay lazy. ``available(device)`` says whether it runs there.
+    only when selected so that heavy imports stay lazy. ``available(device)`` says whether it runs there;
+    ``head_dims`` limits it to models with those attention head dims (e.g. SpargeAttn's 64 and 128).
     """
     if name not in PUBLIC_NAMES or name == "auto":
         raise ValueError(f"attention backends register under one of sagesla, sla, dense, not {name!r}")
     is_impl = hasattr(factory_or_impl, "name") and not isinstance(factory_or_impl, type)
     make = (lambda: factory_or_impl) if is_impl else factory_or_impl
-    _REGISTRY.setdefault(name, []).append(_Candidate(make, available, priority))
+    _REGISTRY.setdefault(name, []).append(_Candidate(make, available, priority, head_dims))
     _REGISTRY[name].sort(key=lambda c: -c.priority)
     if unavailable_message:
         _UNAVAILABLE[name] = unavailable_message
 
 
-def select_attention(requested: str, device: torch.device | str) -> AttentionBackend:
-    """The backend for ``requested`` ("auto", "sagesla", "sla", "dense", or an implementation name) on ``device``."""
+def select_attention(
+    requested: str, device: torch.device | str, head_dim: int | None = None
+) -> AttentionBackend:
+    """The backend for ``requested`` ("auto", "sagesla", "sla", "dense", or an implementation name) on
+    ``device``, for a model whose attention heads are ``head_dim`` wide (None: any)."""
     _load_plugins()
     device = torch.device(device)
     if requested == "auto":
         for name in AUTO_ORDER:
-            backend = _first_available(name, device)
+            backend = _first_available(name, device, head_dim)
             if backend is not None:
                 return backend
         raise InputError("no attention backend is available on " + str(device))
     if requested in PUBLIC_NAMES:
-        backend = _first_available(requested, device)
+        backend = _first_available(requested, device, head_dim)
         if backend is None:
+            if _first_available(requested, device, None) is not None:
+                raise InputError(
+                    f"attention={requested} does not support this model's head dim {head_dim}; use attention=sla"
+                )
             raise InputError(
                 _UNAVAILABLE.get(requested, f"attention={requested} is not available on {device}")
             )
         return backend
     for candidates in _REGISTRY.values():
         for candidate in candidates:
-            if candidate.available(device) and (backend := candidate.make()).name == requested:
+            if candidate.runs(device, head_dim) and (backend := candidate.make()).name == requested:
                 return backend
     raise InputError(f"unknown attention {requested!r}; use one of {', '.join(PUBLIC_NAMES)}")
 
 
-def _first_available(name: str, device: torch.device) -> AttentionBackend | None:
+def _first_available(name: str, device: torch.device, head_dim: int | None) -> AttentionBackend | None:
     for candidate in _REGISTRY.get(name, []):
-        if candidate.available(device):
+        if candidate.runs(device, head_dim):
             return candidate.make()
     return None
 

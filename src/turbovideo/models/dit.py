@@ -230,7 +230,7 @@ class WanDiT(nn.Module):
 
     def set_attention(self, name: str = "auto", topk: float | None = None) -> None:
         """Select the self-attention backend for the device the weights are on (call again after moving)."""
-        backend = select_attention(name, self.patch_embedding.weight.device)
+        backend = select_attention(name, self.patch_embedding.weight.device, self.config.head_dim)
         if topk is not None:
             if not 0.0 < topk <= 1.0:
                 raise ValueError(f"sla_topk must be in (0, 1], got {topk}")

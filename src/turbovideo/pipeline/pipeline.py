@@ -20,6 +20,7 @@ from torch import nn
 from turbovideo import catalog
 from turbovideo.catalog import ModelSpec
 from turbovideo.models import (
+    DIT_CONFIGS,
     CheckpointError,
     build_dit,
     build_text_encoder,
@@ -202,7 +203,7 @@ class VideoPipeline:
     def validate(self, request: GenerationRequest) -> None:
         """Raise ``InputError`` with one line for an invalid request; touches no model."""
         check_request(request, self.spec)
-        select_attention(request.attention, self.device)
+        select_attention(request.attention, self.device, DIT_CONFIGS[self.spec.dit_config].head_dim)
 
     @torch.inference_mode()
     def generate(
