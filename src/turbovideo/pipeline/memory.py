@@ -109,10 +109,10 @@ class DeviceSlot:
 
     def __init__(self, module: nn.Module, device: torch.device) -> None:
         self.module = module
-        self.device = device
+        self.device = canonical_device(device)
         self.nbytes = module_bytes(module)
         self._host: dict[tuple[nn.Module, str], torch.Tensor] | None = None
-        self._on_device = all(t.device == device for _, t in _tensors(module))
+        self._on_device = all(t.device == self.device for _, t in _tensors(module))
 
     @property
     def on_device(self) -> bool:
@@ -155,11 +155,19 @@ class DeviceSlot:
                 _assign(key, tensor)
 
 
+def canonical_device(device: str | torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:N`` (the current device): tensors report their index, so comparisons need it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def slot_for(module: nn.Module, device: torch.device) -> DeviceSlot:
     """The module's one slot for ``device``: pipelines sharing a module (the umT5 and VAE of one
     checkpoint folder) share its slot, so they agree on where its weights are."""
     slot = getattr(module, "_device_slot", None)
-    if slot is None or slot.device != device:
+    if slot is None or slot.device != canonical_device(device):
         slot = DeviceSlot(module, device)
         module._device_slot = slot
     return slot

@@ -38,6 +38,7 @@ from turbovideo.pipeline.memory import (
     TEXT_ACTIVATION_BYTES,
     Placement,
     Stage,
+    canonical_device,
     dit_activation_bytes,
     plan,
     prefer_quantized,
@@ -396,10 +397,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None`` -> the current CUDA device if there is one, else the CPU; "cuda" gets its index."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    return canonical_device(device)
 
 
 # The VAE, umT5 and tokenizer that every model shares, per set of files (by inode, so the per-model
