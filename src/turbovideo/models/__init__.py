@@ -3,8 +3,7 @@
 Public names are resolved lazily so that importing one model does not import the others.
 """
 
-from importlib import import_module
-from typing import Any
+from turbovideo.lazy import lazy_exports
 
 _EXPORTS = {
     "build_dit": "dit",
@@ -30,9 +29,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

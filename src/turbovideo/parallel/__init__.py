@@ -9,8 +9,7 @@ GPUs do share (performance.md).
 Public names are resolved lazily, so that ``ParallelError`` can be imported without loading the models.
 """
 
-from importlib import import_module
-from typing import Any
+from turbovideo.lazy import lazy_exports
 
 _EXPORTS = {
     "ParallelError": "errors",
@@ -27,9 +26,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
