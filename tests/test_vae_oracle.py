@@ -79,8 +79,8 @@ def test_decode_matches_diffusers(models, latent_frames: int, fast: bool) -> Non
 class _Forgetful(FeatureCache):
     """A broken cache: every temporal conv sees zeros before each chunk instead of the previous frames."""
 
-    def conv(self, conv, x, activation=None):
-        out = super().conv(conv, x, activation)
+    def conv(self, conv, x, activation=None, bias=True):
+        out = super().conv(conv, x, activation, bias)
         self.remember(conv, None)
         return out
 

@@ -9,12 +9,14 @@ Tensors are ``[B, C, T, H, W]``.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .vae_cache import Activation, FeatureCache
+from .vae_ops import add_bias_, norm_silu_into, rms_norm_last_dim, upsample_nearest2x
 
 
 class RMSNorm(nn.Module):
@@ -32,21 +34,19 @@ class RMSNorm(nn.Module):
     def over_last_dim(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
         """The same norm on ``[..., C]`` (channels last)."""
         if fast:
-            return self._fused(x)
+            return rms_norm_last_dim(x, self.gamma.flatten())
         return F.normalize(x, dim=-1) * self.scale * self.gamma.flatten()
 
-    def norm_silu(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        """SiLU(norm(x)), written into ``out`` (fast path) or returned as a new tensor (eager path)."""
+    def norm_silu(
+        self, x: torch.Tensor, out: torch.Tensor | None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """SiLU(norm(x)), written into ``out`` (fast path) or returned as a new tensor (eager path).
+
+        ``bias`` (fast path only) is the producing conv's bias, added to ``x`` as it is read.
+        """
         if out is None:
             return F.silu(self(x))
-        torch.ops.aten.silu.out(self._fused(_channels_to_last(x)), out=_channels_to_last(out))
-        return out
-
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        # x / ||x|| * sqrt(C) is x * rsqrt(mean(x^2)). rms_norm adds eps to mean(x^2) where upstream
-        # clamps ||x|| at 1e-12: the same for any input that is not all zeros (both give 0 there).
-        dim = x.shape[-1]
-        return F.rms_norm(x, (dim,), self.gamma.flatten().to(x.dtype), eps=1e-24 / dim)
+        return norm_silu_into(x, self.gamma.flatten(), out, bias)
 
 
 def _channels_to_last(x: torch.Tensor) -> torch.Tensor:
@@ -71,9 +71,9 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, kernel, stride=stride, padding=padding)
 
     def forward(  # type: ignore[override]
-        self, x: torch.Tensor, cache: FeatureCache, activation: Activation | None = None
+        self, x: torch.Tensor, cache: FeatureCache, activation: Activation | None = None, bias: bool = True
     ) -> torch.Tensor:
-        return cache.conv(self, x, activation)
+        return cache.conv(self, x, activation, bias)
 
 
 def _conv3x3x3(in_dim: int, out_dim: int) -> CausalConv3d:
@@ -98,10 +98,18 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        skip = x if self.shortcut is None else self.shortcut(x)
-        h = conv1(x, cache, norm1.norm_silu)
-        h = conv2(h, cache, norm2.norm_silu)
-        return h.add_(skip)
+        if not cache.fast:  # upstream's op sequence
+            skip = x if self.shortcut is None else self.shortcut(x)
+            h = conv1(x, cache, norm1.norm_silu)
+            h = conv2(h, cache, norm2.norm_silu)
+            return h.add_(skip)
+        # Each conv bias is added by the pass that reads the conv's output next: conv1's by norm2,
+        # conv2's and the shortcut's by the residual add.
+        h = conv1(x, cache, norm1.norm_silu, bias=False)
+        h = conv2(h, cache, partial(norm2.norm_silu, bias=conv1.bias), bias=False)
+        if self.shortcut is None:
+            return add_bias_(h, conv2.bias, x)
+        return add_bias_(h, conv2.bias, F.conv3d(x, self.shortcut.weight), self.shortcut.bias)
 
 
 class AttentionBlock(nn.Module):
@@ -164,7 +172,13 @@ class Resample(nn.Module):
     def _per_frame(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         batch, dim, frames, height, width = x.shape
         # Views (no copy) when x is channels-last: frames become a channels-last 2D batch.
-        images = self.resample(x.transpose(1, 2).reshape(batch * frames, dim, height, width))
+        images = x.transpose(1, 2).reshape(batch * frames, dim, height, width)
+        if cache.fast:
+            resize, conv = self.resample
+            images = upsample_nearest2x(images) if self.mode.startswith("up") else resize(images)
+            images = add_bias_(F.conv2d(images, conv.weight, None, conv.stride, conv.padding), conv.bias)
+        else:
+            images = self.resample(images)
         x = images.reshape(batch, frames, *images.shape[1:]).transpose(1, 2)
         return x.contiguous(memory_format=cache.memory_format)
 

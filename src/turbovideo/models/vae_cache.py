@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vae_ops import add_bias_
+
 # Writes the activation of ``x`` into ``out`` (fast path) or returns it (eager path, out=None).
 Activation = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -45,13 +47,20 @@ class FeatureCache:
         """Set the slot of ``conv`` by hand: ``None`` marks it as started with no history (zeros)."""
         self._history[conv] = None if frames is None else frames.clone()
 
-    def conv(self, conv: nn.Conv3d, x: torch.Tensor, activation: Activation | None = None) -> torch.Tensor:
-        """Run the causal ``conv`` on ``activation(x)`` preceded by the remembered frames."""
+    def conv(
+        self, conv: nn.Conv3d, x: torch.Tensor, activation: Activation | None = None, bias: bool = True
+    ) -> torch.Tensor:
+        """Run the causal ``conv`` on ``activation(x)`` preceded by the remembered frames.
+
+        ``bias=False`` (fast path only) leaves the bias for the caller to fuse into the next pass.
+        """
         if self.fast:
-            return self._conv_fast(conv, x, activation)
+            return self._conv_fast(conv, x, activation, bias)
         return self._conv_eager(conv, x, activation)
 
-    def _conv_fast(self, conv: nn.Conv3d, x: torch.Tensor, activation: Activation | None) -> torch.Tensor:
+    def _conv_fast(
+        self, conv: nn.Conv3d, x: torch.Tensor, activation: Activation | None, bias: bool
+    ) -> torch.Tensor:
         keep = _history_frames(conv)
         batch, _, frames, height, width = x.shape
         buffer = torch.empty(
@@ -72,7 +81,8 @@ class FeatureCache:
             activation(x, chunk)
         # Clone: a view would keep the whole buffer alive until the next chunk.
         self._history[conv] = buffer[:, :, frames:].clone()
-        return F.conv3d(buffer, conv.weight, conv.bias, conv.stride, (0, *conv.padding[1:]))
+        out = F.conv3d(buffer, conv.weight, None, conv.stride, (0, *conv.padding[1:]))
+        return add_bias_(out, conv.bias) if bias else out
 
     def _conv_eager(self, conv: nn.Conv3d, x: torch.Tensor, activation: Activation | None) -> torch.Tensor:
         keep = _history_frames(conv)
