@@ -8,7 +8,8 @@ TRITON_CACHE_DIR, which the worker points at <CACHE_DIR>/triton on the network v
 (turbovideo.worker.compile_cache). Running this once per volume, on the GPU type the endpoint uses,
 spares every new worker that compile on its first request. It runs a one-block copy of each
 model's DiT with random weights at the request's frame size: the same kernels at the same shapes
-as a real request, without the checkpoints. The settings follow the worker's environment (MODELS,
+as a real request, without the checkpoints, and a random-weight VAE decodes two latent frames of
+each size (its norm, bias and upsampling kernels). The settings follow the worker's environment (MODELS,
 CHECKPOINT_VARIANT, CACHE_DIR); the flags override them. Without CUDA there is nothing to compile.
 """
 
@@ -30,6 +31,7 @@ from turbovideo.models.dit import WanDiT
 from turbovideo.models.dit_configs import DIT_CONFIGS, DiTConfig
 from turbovideo.models.random_init import materialize
 from turbovideo.models.tokenizer import MAX_LENGTH as TEXT_TOKENS
+from turbovideo.models.vae import WanVAE, build_vae
 from turbovideo.pipeline.resolution import ASPECT_RATIOS, latent_frames, table_size
 from turbovideo.worker.compile_cache import configure_compile_cache
 from turbovideo.worker.config import ConfigError, load_config, use_quantized
@@ -74,6 +76,19 @@ def warm_dit(
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - started)
     return model.attention_backend, seconds[0], seconds[1]
+
+
+def warm_vae(vae: WanVAE, latent: tuple[int, int, int], device: torch.device) -> tuple[float, float]:
+    """Decode two latent frames of ``latent``'s size twice (the VAE's Triton kernels; cuDNN's conv
+    search is per process and not cached); returns (first s, second s)."""
+    x = torch.randn(1, vae.config.z_dim, 2, *latent[1:], device=device)
+    seconds = []
+    for _ in range(2):
+        started = time.perf_counter()
+        vae.decode(x)
+        torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return seconds[0], seconds[1]
 
 
 def import_kernels() -> list[str]:
@@ -163,6 +178,7 @@ def run_all(
         f"{'model':28} {'variant':7} {'size':9} {'latent':12} {'attention':13} {'first s':>8} {'warm s':>8}"
     )
     rows = []
+    vae = build_vae(device=device)
     for spec in specs:
         config = DIT_CONFIGS[spec.dit_config]
         for aspect in aspect_ratios:
@@ -181,6 +197,7 @@ def run_all(
                 rows.append(
                     {
                         "model": spec.name,
+                        "part": "dit",
                         "variant": variant,
                         "width": width,
                         "height": height,
@@ -191,6 +208,21 @@ def run_all(
                         "compile_s": max(first - warm, 0.0),
                     }
                 )
+            first, warm = warm_vae(vae, latent, device)
+            print(
+                f"{'  VAE decode':28} {'bf16':7} {f'{width}x{height}':9} {'2x' + 'x'.join(map(str, latent[1:])):12} {'':13} {first:8.2f} {warm:8.3f}"
+            )
+            rows.append(
+                {
+                    "model": "wan2.1-vae",
+                    "part": "vae",
+                    "width": width,
+                    "height": height,
+                    "first_s": first,
+                    "warm_s": warm,
+                    "compile_s": max(first - warm, 0.0),
+                }
+            )
     return rows
 
 
