@@ -26,6 +26,7 @@ from .layers import (
     RMSNorm,
     apply_rope,
     linear_fp32,
+    linear_gelu,
     patchify,
     rope_angles,
     timestep_embedding,
@@ -169,7 +170,7 @@ class Block(nn.Module):
             hidden = gelu_tanh_quantize(self.ffn[0](linear_input(h)))
             y = self.ffn[2](QuantizedActivation(*hidden))
         else:
-            y = self.ffn(h)
+            y = self.ffn[2](linear_gelu(h, self.ffn[0]))
         return norms.gated_residual(x, y, gate2)
 
 
