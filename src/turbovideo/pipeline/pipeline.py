@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,7 +57,7 @@ from turbovideo.pipeline.request import (
 )
 from turbovideo.pipeline.resolution import latent_frames
 from turbovideo.pipeline.sampler import expert_per_step, rf_times, sample
-from turbovideo.pipeline.video import Mp4Stream, to_uint8_frames, write_thumbnail
+from turbovideo.pipeline.video import Mp4Stream, to_uint8_frames_async, write_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -457,18 +458,21 @@ class _Muxer:
     def __init__(self, out_dir: Path, samples: int, width: int, height: int, fps: int) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.thumbnail = out_dir / "thumbnail.jpg"
-        self._first_chunk = True
+        self._first_frame: tuple[np.ndarray, Callable[[], None]] | None = None
         self._streams = [Mp4Stream(out_dir / f"sample_{i}.mp4", width, height, fps) for i in range(samples)]
 
     def add(self, chunk: torch.Tensor) -> None:
-        frames = to_uint8_frames(chunk)  # [B, n, H, W, 3]
-        if self._first_chunk:
-            write_thumbnail(frames[0, 0], self.thumbnail)
-            self._first_chunk = False
+        frames, ready = to_uint8_frames_async(chunk)  # [B, n, H, W, 3]
+        if self._first_frame is None:
+            self._first_frame = frames[0, 0], ready
         for stream, sample_frames in zip(self._streams, frames, strict=True):
-            stream.add(sample_frames)
+            stream.add(sample_frames, ready)
 
     def close(self, report: Progress) -> list[Path]:
+        if self._first_frame is not None:
+            frame, ready = self._first_frame
+            ready()
+            write_thumbnail(frame, self.thumbnail)
         paths = []
         for index, stream in enumerate(self._streams):
             paths.append(stream.close())
