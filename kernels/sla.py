@@ -29,11 +29,12 @@ SAGESLA_SM90_BLOCKS = (64, 128)  # SageSLA on Hopper selects with these
 @dataclass(frozen=True)
 class SparseConfig:
     """Launch parameters of the sparse kernel: a program owns ``block_m`` query rows (a divisor of BLKQ)
-    and consumes one selected key block of BLKK rows per step."""
+    and consumes ``step_blocks`` selected key blocks (``step_blocks * BLKK`` keys) per step."""
 
     block_m: int
     num_warps: int
     num_stages: int
+    step_blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,17 @@ def _key_tile_launch(blkk: int, head_dim: int, rows: int) -> tuple[int, int]:
     return num_warps, 3 if blkk * head_dim <= 64 * 128 else 2
 
 
-def default_sparse_config(blkq: int, blkk: int, head_dim: int) -> SparseConfig:
-    """H100 choice for the sparse kernel: query tiles of up to 64 rows, one selected key block per step.
+def default_sparse_config(blkq: int, blkk: int) -> SparseConfig:
+    """H100 choice for the sparse kernel: query tiles of up to 128 rows against 128 keys per step, 8 warps.
 
-    64-row tiles with 4 warps beat 128 rows with 8 warps on an H100 (sweep in scripts/bench_kernels.py:
-    2.21 vs 2.41 ms at H=12 L=32760, 33.5 vs 36.4 ms at H=40 L=75600, topk 0.10).
+    Sweep in scripts/bench_kernels.py (topk 0.10, sparse + linear kernel): 128 rows x 2 blocks of 64 keys
+    took 29.8 ms at H=40 L=75600 against 35.8 ms for 64 rows x 1 block (4 warps), and 2.25 ms at H=12
+    L=32760, within run-to-run noise of the best there. Three 128-key K/V tiles in flight exceed shared
+    memory, so two stages.
     """
-    block_m = min(blkq, 64)
-    return SparseConfig(block_m, *_key_tile_launch(blkk, head_dim, block_m))
+    step_blocks = max(1, 128 // blkk)
+    block_m = min(blkq, 128)
+    return SparseConfig(block_m, num_warps=8, num_stages=2, step_blocks=step_blocks)
 
 
 @triton.jit
@@ -311,6 +315,7 @@ def _sparse_attention_kernel(
     BLKQ: tl.constexpr,
     BLKK: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    STEP_BLOCKS: tl.constexpr,
     D: tl.constexpr,
     HAS_LINEAR: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -321,6 +326,10 @@ def _sparse_attention_kernel(
     h = bh % H
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < L
+    # Each step gathers STEP_BLOCKS selected key blocks into one tile of KEYS rows.
+    KEYS: tl.constexpr = STEP_BLOCKS * BLKK
+    key_slot = tl.arange(0, KEYS) // BLKK
+    key_row = tl.arange(0, KEYS) % BLKK
     d = tl.arange(0, D)
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -336,9 +345,10 @@ def _sparse_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for j in tl.range(0, kk):
-        cols = tl.load(index_row + j) * BLKK + tl.arange(0, BLKK)
-        col_valid = cols < L  # only the last key block can reach past L
+    for j in tl.range(0, kk, STEP_BLOCKS):
+        slot_used = j + key_slot < kk  # the last step may hold fewer than STEP_BLOCKS blocks
+        cols = tl.load(index_row + j + key_slot, mask=slot_used, other=0) * BLKK + key_row
+        col_valid = slot_used & (cols < L)  # only the last key block can reach past L
         col_off = cols.to(tl.int64)[:, None]
         k = tl.load(k_base + col_off * stride_kl + d[None, :] * stride_kd, mask=col_valid[:, None], other=0.0)
         v = tl.load(v_base + col_off * stride_vl + d[None, :] * stride_vd, mask=col_valid[:, None], other=0.0)
@@ -395,7 +405,7 @@ def block_sparse_attention(
         raise ValueError(
             f"block_index must be int32 [{batch}, {heads}, {n_qblocks}, kk]; got {block_index.shape}"
         )
-    config = config or default_sparse_config(blkq, blkk, dim)
+    config = config or default_sparse_config(blkq, blkk)
     if blkq % config.block_m:
         raise ValueError(f"BLOCK_M {config.block_m} must divide BLKQ {blkq}")
     block_index = block_index.contiguous()
@@ -429,6 +439,7 @@ def block_sparse_attention(
         BLKQ=blkq,
         BLKK=blkk,
         BLOCK_M=config.block_m,
+        STEP_BLOCKS=config.step_blocks,
         D=dim,
         HAS_LINEAR=linear is not None,
         PRECISION=_dot_precision(q.dtype),

@@ -148,7 +148,8 @@ def bench_sla(
         return
     for cfg in (
         sla.SparseConfig(128, 8, 2),
-        sla.SparseConfig(128, 8, 3),
+        sla.SparseConfig(128, 8, 2, step_blocks=2),
+        sla.SparseConfig(128, 8, 3, step_blocks=2),
         sla.SparseConfig(64, 4, 2),
         sla.SparseConfig(64, 4, 3),
     ):

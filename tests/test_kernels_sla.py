@@ -87,6 +87,22 @@ def test_sla_matches_float64(batch, length, heads, dim, blkq, blkk, topk):
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("step_blocks", [2, 4])
+def test_several_key_blocks_per_step_give_the_one_block_result(step_blocks):
+    """kk = 5 selected blocks: steps of 2 or 4 blocks end on a partly used step."""
+    q, k, v = _qkv(2, 300, 2, 32)
+    weight, bias = _proj(32)
+    state = sla.linear_state(k, v, 32)
+    index = sla.select_blocks(q, state, 0.5, 64)
+    assert index.shape[-1] == 5
+    one = sla.block_sparse_attention(
+        q, k, v, index, 64, 32, (state, weight, bias), sla.SparseConfig(64, 4, 2)
+    )
+    config = sla.SparseConfig(64, 4, 2, step_blocks)
+    several = sla.block_sparse_attention(q, k, v, index, 64, 32, (state, weight, bias), config)
+    torch.testing.assert_close(several, one, rtol=1e-5, atol=1e-6)
+
+
 def test_linear_state_sums():
     q, k, v = _qkv(2, 150, 2, 32)
     state = sla.linear_state(k, v, 16)
