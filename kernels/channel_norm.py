@@ -40,6 +40,22 @@ def _launch(channels: int, rows: int, batch: int) -> tuple[int, int, tuple[int, 
 
 
 @triton.jit
+def _row_tile(R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile: sample, row offsets [BLOCK_R, 1] (int64), channels, channel and tile masks."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = (rows < R)[:, None] & col_ok[None, :]
+    return tl.program_id(1).to(tl.int64), rows.to(tl.int64)[:, None], cols, col_ok, mask
+
+
+@triton.jit
+def _per_channel(ptr, cols, col_ok):
+    """A [1, BLOCK_C] fp32 row of per-channel values (zero past C)."""
+    return tl.load(ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _rms_norm_silu_kernel(
     x_ptr,
     out_ptr,
@@ -56,21 +72,14 @@ def _rms_norm_silu_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    mask = (rows < R)[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
+    b, rows64, cols, col_ok, mask = _row_tile(R, C, BLOCK_R, BLOCK_C)
     x = tl.load(x_ptr + b * stride_xb + rows64 * stride_xr + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     if HAS_BIAS:
-        x += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        x = tl.where(mask, x, 0.0)
+        x = tl.where(mask, x + _per_channel(bias_ptr, cols, col_ok), 0.0)
     # Upstream: x / max(||x||, 1e-12) * sqrt(C) * gamma.
     norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
-    gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = x / norm[:, None] * (scale * gamma)[None, :]
+    y = x / norm[:, None] * (scale * _per_channel(gamma_ptr, cols, col_ok))
     y = y / (1.0 + tl.exp(-y))
     tl.store(
         out_ptr + b * stride_ob + rows64 * stride_or + cols[None, :],
@@ -124,21 +133,14 @@ def _add_bias_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    mask = (rows < R)[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
+    b, rows64, cols, col_ok, mask = _row_tile(R, C, BLOCK_R, BLOCK_C)
     y_ptrs = y_ptr + b * stride_yb + rows64 * stride_yr + cols[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + _per_channel(bias_ptr, cols, col_ok)
     if HAS_RESIDUAL:
-        y += tl.load(res_ptr + b * stride_rb + rows64 * stride_rr + cols[None, :], mask=mask, other=0.0).to(
-            tl.float32
-        )
+        residual = tl.load(res_ptr + b * stride_rb + rows64 * stride_rr + cols[None, :], mask=mask, other=0.0)
+        y += residual.to(tl.float32)
     if HAS_RESIDUAL_BIAS:
-        y += tl.load(res_bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y += _per_channel(res_bias_ptr, cols, col_ok)
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
