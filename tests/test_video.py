@@ -12,7 +12,8 @@ from turbovideo.pipeline.video import Mp4Stream, to_uint8_frames, write_mp4, wri
 def test_uint8_rounding_matches_upstream_saver():
     # [3, F=1, H=1, W=6]: clamp, (1+x)/2, floor(v*255+0.5)
     values = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0, -0.5]).reshape(1, 1, 1, 6).expand(3, 1, 1, 6)
-    frames = to_uint8_frames(values)
+    frames, ready = to_uint8_frames(values)
+    ready()
     assert frames.shape == (1, 1, 6, 3) and frames.dtype == np.uint8
     assert frames[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255, 64]
 
@@ -20,9 +21,19 @@ def test_uint8_rounding_matches_upstream_saver():
 def test_frame_layout_is_time_height_width_channel():
     video = torch.zeros(3, 2, 4, 6)
     video[0, 1, 2, 5] = 1.0  # red channel, second frame, row 2, column 5
-    frames = to_uint8_frames(video)
+    frames, ready = to_uint8_frames(video)
+    ready()
     assert frames.shape == (2, 4, 6, 3)
     assert frames[1, 2, 5].tolist() == [255, 128, 128]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous copy needs a GPU")
+def test_gpu_frames_arrive_in_pinned_memory_once_ready():
+    video = torch.rand(2, 3, 5, 16, 24) * 2 - 1
+    expected, _ = to_uint8_frames(video)
+    frames, ready = to_uint8_frames(video.cuda())
+    ready()
+    np.testing.assert_array_equal(frames, expected)
 
 
 def _read(path):

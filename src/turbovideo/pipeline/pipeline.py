@@ -57,7 +57,7 @@ from turbovideo.pipeline.request import (
 )
 from turbovideo.pipeline.resolution import latent_frames
 from turbovideo.pipeline.sampler import expert_per_step, rf_times, sample
-from turbovideo.pipeline.video import Mp4Stream, to_uint8_frames_async, write_thumbnail
+from turbovideo.pipeline.video import Mp4Stream, to_uint8_frames, write_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class _Muxer:
         self._streams = [Mp4Stream(out_dir / f"sample_{i}.mp4", width, height, fps) for i in range(samples)]
 
     def add(self, chunk: torch.Tensor) -> None:
-        frames, ready = to_uint8_frames_async(chunk)  # [B, n, H, W, 3]
+        frames, ready = to_uint8_frames(chunk)  # [B, n, H, W, 3]
         if self._first_frame is None:
             self._first_frame = frames[0, 0], ready
         for stream, sample_frames in zip(self._streams, frames, strict=True):

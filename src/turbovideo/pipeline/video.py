@@ -21,15 +21,9 @@ CRF = 25
 PRESET = "veryfast"
 
 
-def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """Decoded video [..., 3, F, H, W] in about [-1, 1] -> uint8 frames [..., F, H, W, 3] on the CPU."""
-    frames, ready = to_uint8_frames_async(video)
-    ready()
-    return frames
-
-
-def to_uint8_frames_async(video: torch.Tensor) -> tuple[np.ndarray, Callable[[], None]]:
-    """``to_uint8_frames`` without waiting for the GPU: the array is valid once ``ready()`` returned.
+def to_uint8_frames(video: torch.Tensor) -> tuple[np.ndarray, Callable[[], None]]:
+    """Decoded video [..., 3, F, H, W] in about [-1, 1] -> uint8 frames [..., F, H, W, 3] on the CPU,
+    without waiting for the GPU: the array is valid once ``ready()`` has returned.
 
     Same rounding as upstream's saver: v = (1 + clamp(x, -1, 1)) / 2, then floor(v * 255 + 0.5).
     The conversion runs where the video is (the GPU), so only uint8 bytes cross to the host, and they
