@@ -33,9 +33,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the non-channel dims of {list(x.shape)} {x.stride()} do not form rows") from error
 
 
-def _launch(channels: int, rows: int, batch: int) -> tuple[int, int, tuple[int, int]]:
+def row_tile_shape(channels: int) -> tuple[int, int]:
+    """(rows, channels) of a program's tile over a channels-last tensor: all channels, padded to a
+    power of two, and enough rows for ~8K elements (memory-bound kernels)."""
     block_c = triton.next_power_of_2(channels)
-    block_r = max(1, _ELEMENTS_PER_PROGRAM // block_c)
+    return max(1, _ELEMENTS_PER_PROGRAM // block_c), block_c
+
+
+def _launch(channels: int, rows: int, batch: int) -> tuple[int, int, tuple[int, int]]:
+    block_r, block_c = row_tile_shape(channels)
     return block_r, block_c, (triton.cdiv(rows, block_r), batch)
 
 

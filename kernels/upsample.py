@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-_ELEMENTS_PER_PROGRAM = 8192
+from .channel_norm import row_tile_shape
 
 
 @triton.jit
@@ -42,8 +42,7 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
         memory_format=torch.channels_last,
     )
     pixels = batch * height * width
-    block_c = triton.next_power_of_2(channels)
-    block_p = max(1, _ELEMENTS_PER_PROGRAM // block_c)
+    block_p, block_c = row_tile_shape(channels)
     _upsample2x_kernel[(triton.cdiv(pixels, block_p),)](
         x, out, pixels, height, width, channels, BLOCK_P=block_p, BLOCK_C=block_c
     )
