@@ -105,6 +105,13 @@ def _block_mean(x, blk, L, BLK: tl.constexpr):
 
 
 @triton.jit
+def _head_rows(ptr, b, h, rows, d, stride_b, stride_l, stride_h, stride_d):
+    """Pointers to ``rows`` x ``d`` of head ``h`` of sample ``b`` in a strided [B, L, H, D] tensor."""
+    base = ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    return base + rows.to(tl.int64)[:, None] * stride_l + d[None, :] * stride_d
+
+
+@triton.jit
 def _kv_state_kernel(
     k_ptr,
     v_ptr,
@@ -132,8 +139,6 @@ def _kv_state_kernel(
     n_splits = tl.num_programs(0)
     b = bh // H
     h = bh % H
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     d = tl.arange(0, D)
     kv = tl.zeros([D, D], dtype=tl.float32)
     phi_sum = tl.zeros([D], dtype=tl.float32)
@@ -143,10 +148,10 @@ def _kv_state_kernel(
     for blk in tl.range(first, last):
         rows = blk * BLKK + tl.arange(0, BLKK)
         valid = rows < L
-        row_off = rows.to(tl.int64)[:, None]
-        k = tl.load(k_base + row_off * stride_kl + d[None, :] * stride_kd, mask=valid[:, None], other=0.0)
-        v = tl.load(v_base + row_off * stride_vl + d[None, :] * stride_vd, mask=valid[:, None], other=0.0)
-        k = k.to(tl.float32)
+        k_ptrs = _head_rows(k_ptr, b, h, rows, d, stride_kb, stride_kl, stride_kh, stride_kd)
+        v_ptrs = _head_rows(v_ptr, b, h, rows, d, stride_vb, stride_vl, stride_vh, stride_vd)
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
         tl.store(kblock_ptr + (bh.to(tl.int64) * n_kblocks + blk) * D + d, _block_mean(k, blk, L, BLKK))
         k_sum += tl.sum(k, axis=0)
         phi = tl.where(valid[:, None], _softmax_rows(k), 0.0)
@@ -220,12 +225,8 @@ def _block_mean_kernel(
     h = bh % H
     rows = blk * BLK + tl.arange(0, BLK)
     d = tl.arange(0, D)
-    base = x_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    x = tl.load(
-        base + rows.to(tl.int64)[:, None] * stride_l + d[None, :] * stride_d,
-        mask=(rows < L)[:, None],
-        other=0.0,
-    )
+    x_ptrs = _head_rows(x_ptr, b, h, rows, d, stride_b, stride_l, stride_h, stride_d)
+    x = tl.load(x_ptrs, mask=(rows < L)[:, None], other=0.0)
     tl.store(out_ptr + (bh.to(tl.int64) * n_blocks + blk) * D + d, _block_mean(x.to(tl.float32), blk, L, BLK))
 
 
@@ -331,14 +332,8 @@ def _sparse_attention_kernel(
     key_slot = tl.arange(0, KEYS) // BLKK
     key_row = tl.arange(0, KEYS) % BLKK
     d = tl.arange(0, D)
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    q = tl.load(
-        q_base + rows.to(tl.int64)[:, None] * stride_ql + d[None, :] * stride_qd,
-        mask=row_valid[:, None],
-        other=0.0,
-    )
+    q_ptrs = _head_rows(q_ptr, b, h, rows, d, stride_qb, stride_ql, stride_qh, stride_qd)
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
     qblock = (tile * BLOCK_M) // BLKQ
     index_row = index_ptr + (bh.to(tl.int64) * n_qblocks + qblock) * kk
 
@@ -349,9 +344,10 @@ def _sparse_attention_kernel(
         slot_used = j + key_slot < kk  # the last step may hold fewer than STEP_BLOCKS blocks
         cols = tl.load(index_row + j + key_slot, mask=slot_used, other=0) * BLKK + key_row
         col_valid = slot_used & (cols < L)  # only the last key block can reach past L
-        col_off = cols.to(tl.int64)[:, None]
-        k = tl.load(k_base + col_off * stride_kl + d[None, :] * stride_kd, mask=col_valid[:, None], other=0.0)
-        v = tl.load(v_base + col_off * stride_vl + d[None, :] * stride_vd, mask=col_valid[:, None], other=0.0)
+        k_ptrs = _head_rows(k_ptr, b, h, cols, d, stride_kb, stride_kl, stride_kh, stride_kd)
+        v_ptrs = _head_rows(v_ptr, b, h, cols, d, stride_vb, stride_vl, stride_vh, stride_vd)
+        k = tl.load(k_ptrs, mask=col_valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s += tl.where(col_valid, 0.0, float("-inf"))[None, :]
         # Base-2 online softmax; qk_scale = log2(e)/sqrt(D) > 0 commutes with the max, so each logit
@@ -368,12 +364,8 @@ def _sparse_attention_kernel(
         o_s = o.to(q.dtype)
         o_l = _linear_branch(q, kv_ptr + bh * D * D, ksum_ptr + bh * D, w_ptr, bias_ptr, D, PRECISION)
         o = o_s.to(tl.float32) + o_l
-    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(
-        o_base + rows.to(tl.int64)[:, None] * stride_ol + d[None, :] * stride_od,
-        o.to(o_ptr.dtype.element_ty),
-        mask=row_valid[:, None],
-    )
+    o_ptrs = _head_rows(o_ptr, b, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
 def _proj_params(
@@ -480,37 +472,17 @@ def _add_linear_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     mask = (rows < L)[:, None]
     d = tl.arange(0, D)
     q = tl.load(
-        q_ptr
-        + b.to(tl.int64) * stride_qb
-        + h.to(tl.int64) * stride_qh
-        + rows[:, None] * stride_ql
-        + d[None, :] * stride_qd,
-        mask=mask,
-        other=0.0,
+        _head_rows(q_ptr, b, h, rows, d, stride_qb, stride_ql, stride_qh, stride_qd), mask=mask, other=0.0
     )
-    o = tl.load(
-        o_s_ptr
-        + b.to(tl.int64) * stride_sb
-        + h.to(tl.int64) * stride_sh
-        + rows[:, None] * stride_sl
-        + d[None, :] * stride_sd,
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)
+    o_s_ptrs = _head_rows(o_s_ptr, b, h, rows, d, stride_sb, stride_sl, stride_sh, stride_sd)
+    o = tl.load(o_s_ptrs, mask=mask, other=0.0).to(tl.float32)
     o += _linear_branch(q, kv_ptr + bh * D * D, ksum_ptr + bh * D, w_ptr, bias_ptr, D, PRECISION)
-    tl.store(
-        o_ptr
-        + b.to(tl.int64) * stride_ob
-        + h.to(tl.int64) * stride_oh
-        + rows[:, None] * stride_ol
-        + d[None, :] * stride_od,
-        o.to(o_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    o_ptrs = _head_rows(o_ptr, b, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def add_linear_branch(
