@@ -10,10 +10,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import boto3
 import imageio_ffmpeg
 import pytest
-from moto.server import ThreadedMotoServer
+from s3_server import loopback_s3
 
 REPO = Path(__file__).resolve().parents[1]
 ACCESS_KEY = "AKIAHANDLERTEST00001"
@@ -79,16 +78,8 @@ def test_test_input_json_is_a_valid_request():
 
 @pytest.fixture
 def bucket():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    admin = boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b"
-    )
-    admin.create_bucket(Bucket="videos")
-    yield endpoint, admin
-    server.stop()
+    with loopback_s3() as server:
+        yield server
 
 
 def free_port() -> int:

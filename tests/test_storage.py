@@ -6,10 +6,9 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from moto.server import ThreadedMotoServer
+from s3_server import loopback_s3
 
 from turbovideo.worker.config import BucketConfig
 from turbovideo.worker.storage import BucketStorage, LocalStorage, UploadError, region_for, safe_job_id
@@ -20,22 +19,8 @@ SECRET_KEY = "s3cr3t-worker-test-key-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    # The fake server's own access log prints presigned URLs; it is not the worker's log under test.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    admin = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-    )
-    admin.create_bucket(Bucket="videos")
-    yield endpoint
-    server.stop()
+    with loopback_s3(ACCESS_KEY, SECRET_KEY) as (endpoint, _):
+        yield endpoint
 
 
 def bucket_at(endpoint: str, prefix: str = "renders") -> BucketConfig:

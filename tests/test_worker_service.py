@@ -14,15 +14,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import imageio_ffmpeg
 import pytest
 import torch
 from botocore.exceptions import EndpointConnectionError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from moto.server import ThreadedMotoServer
 from PIL import Image
+from s3_server import loopback_s3
 from test_inputs import bomb_png
 
 from turbovideo.catalog import MODELS
@@ -64,17 +63,8 @@ def local(pipelines, tmp_path):
 
 @pytest.fixture(scope="module")
 def s3():
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the fake server's access log is not ours
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    admin = boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b"
-    )
-    admin.create_bucket(Bucket="videos")
-    yield endpoint, admin
-    server.stop()
+    with loopback_s3() as server:
+        yield server
 
 
 def bucket_service(pipelines, endpoint, durable: Path) -> VideoService:

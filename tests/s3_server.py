@@ -1,0 +1,33 @@
+"""A real S3 API on loopback (moto's server) for the delivery tests: boto3 talks HTTP to it."""
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import boto3
+from moto.server import ThreadedMotoServer
+
+BUCKET = "videos"
+
+
+@contextlib.contextmanager
+def loopback_s3(access_key: str = "a", secret_key: str = "b") -> Iterator[tuple[str, object]]:
+    """Start a server with the bucket ``videos``; yields (endpoint URL, an admin boto3 client)."""
+    # The fake server's own access log prints presigned URLs; it is not the worker's log under test.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        admin = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+        )
+        admin.create_bucket(Bucket=BUCKET)
+        yield endpoint, admin
+    finally:
+        server.stop()
