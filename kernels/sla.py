@@ -1,17 +1,18 @@
 """Sparse-linear attention (SLA, upstream-spec §4.1) as Triton kernels on the DiT's [B, L, H, D] layout.
 
-Three launches plus a few small torch ops per call:
+Four launches plus a few small torch ops per call:
 
 1. ``linear_state``: one pass over k and v computing, per (batch, head), KV = φ(k)ᵀ v and ksum = Σ φ(k)
    (φ = softmax over the head dim) and, in the same pass, the key-block means and the mean of k over L
    that the selection needs.
-2. ``select_blocks``: query-block means of q (Triton), then the pooled score against the smoothed key
-   blocks and top-k on the small [B, H, nQ, nK] matrix (torch).
+2. ``select_blocks``: query-block means of q (Triton), the pooled score against the smoothed key
+   blocks (one batched matmul), then top-k per row of the small [B, H, nQ, nK] score (Triton).
 3. ``block_sparse_attention``: flash-attention over the selected key blocks only, with the linear branch
    (φ(q)·KV / (1e-5 + φ(q)·ksum), then proj_l) and the sum o_s + o_l fused into its epilogue.
 
-Inputs may be any strided views (e.g. slices of a packed qkv tensor): layouts are absorbed in kernel
-strides, nothing is transposed or made contiguous. Accumulation is fp32 throughout; upstream rounds every
+Inputs may be any strided views with a unit head-dim stride (e.g. slices of a packed qkv tensor):
+layouts are absorbed in kernel strides and bulk-copy descriptors, nothing is transposed or made
+contiguous. Accumulation is fp32 throughout; upstream rounds every
 intermediate tensor op to bf16, so the two differ by bf16 rounding only.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 SLA_BLOCKS = (128, 64)  # (BLKQ, BLKK) of attention_type "sla"
@@ -28,13 +30,11 @@ SAGESLA_SM90_BLOCKS = (64, 128)  # SageSLA on Hopper selects with these
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """Launch parameters of the sparse kernel: a program owns ``block_m`` query rows (a divisor of BLKQ)
-    and consumes ``step_blocks`` selected key blocks (``step_blocks * BLKK`` keys) per step."""
+    """Launch parameters of the sparse kernel: a program owns ``block_m`` query rows (a divisor of BLKQ)."""
 
     block_m: int
     num_warps: int
     num_stages: int
-    step_blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -68,27 +68,25 @@ def _check_blocks(blkq: int, blkk: int) -> None:
             raise ValueError(f"SLA {name} must be a power of two of at least 16; got {size}")
 
 
-def _key_tile_launch(blkk: int, head_dim: int, rows: int) -> tuple[int, int]:
-    """(num_warps, num_stages) for a kernel streaming [blkk, head_dim] K/V tiles against ``rows`` rows.
+def _state_launch(blkk: int, head_dim: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of the linear-state kernel for [blkk, head_dim] K/V tiles.
 
-    Compiled for sm90 these avoid register spills (a 128x128 fp32 tile needs 8 warps); three K/V tiles
-    in flight fit shared memory for 64-key tiles, two for 128-key tiles.
+    H100 sweep (bf16, D = 128, BLKK 64): 4 warps with three tiles in flight took 0.18 ms at H=12
+    L=32760 and 1.1 ms at H=40 L=75600, against 0.30 ms and 2.3 ms with 8 warps and two, although
+    ptxas then keeps 24 bytes on the stack. 128-key tiles need 8 warps (4 spill hundreds of bytes),
+    and three of them in flight exceed shared memory.
     """
-    num_warps = 8 if max(rows, blkk) * head_dim >= 128 * 128 else 4
-    return num_warps, 3 if blkk * head_dim <= 64 * 128 else 2
+    return (4, 3) if blkk * head_dim <= 64 * 128 else (8, 2)
 
 
 def default_sparse_config(blkq: int, blkk: int) -> SparseConfig:
-    """H100 choice for the sparse kernel: query tiles of up to 128 rows against 128 keys per step, 8 warps.
+    """H100 choice for the sparse kernel: 64 query rows per program (4 warps), three K/V tiles in flight.
 
-    Sweep in scripts/bench_kernels.py (topk 0.10, sparse + linear kernel): 128 rows x 2 blocks of 64 keys
-    took 29.8 ms at H=40 L=75600 against 35.8 ms for 64 rows x 1 block (4 warps), and 2.25 ms at H=12
-    L=32760, within run-to-run noise of the best there. Three 128-key K/V tiles in flight exceed shared
-    memory, so two stages.
+    Sweep (scripts/bench_kernels.py, topk 0.10, sparse + linear kernel, BLKK 64): 1.56 ms at H=12
+    L=32760 and 26.0 ms at H=40 L=75600, against 1.84 ms and 26.7 ms for 128 rows with 8 warps and
+    2.25 ms and 29.7 ms for the pointer-gather kernel that TMA loads replaced. Two stages lose 20 %.
     """
-    step_blocks = max(1, 128 // blkk)
-    block_m = min(blkq, 128)
-    return SparseConfig(block_m, num_warps=8, num_stages=2, step_blocks=step_blocks)
+    return SparseConfig(min(blkq, 64), num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -169,12 +167,11 @@ def linear_state(k: torch.Tensor, v: torch.Tensor, blkk: int) -> LinearState:
     batch, length, heads, dim = k.shape
     n_kblocks = triton.cdiv(length, blkk)
     bh = batch * heads
-    # Enough programs to fill the GPU (~4 per SM on an H100) while each still reduces many rows.
-    n_splits = max(1, min(n_kblocks, triton.cdiv(528, bh)))
-    blocks_per_split = triton.cdiv(n_kblocks, n_splits)
+    # Each program reduces ~16 key blocks: thousands of programs at real sizes, each writing one
+    # [D, D] partial for the sum below (the sweep's optimum was flat between 12 and 24).
+    blocks_per_split = min(n_kblocks, 16)
     n_splits = triton.cdiv(n_kblocks, blocks_per_split)
-    # The [D, D] fp32 accumulator is this kernel's large tile.
-    num_warps, num_stages = _key_tile_launch(blkk, dim, rows=dim)
+    num_warps, num_stages = _state_launch(blkk, dim)
     kv_part = torch.empty((bh, n_splits, dim, dim), dtype=torch.float32, device=k.device)
     sums_part = torch.empty((bh, n_splits, 2, dim), dtype=torch.float32, device=k.device)
     k_block_means = torch.empty((batch, heads, n_kblocks, dim), dtype=torch.float32, device=k.device)
@@ -246,18 +243,64 @@ def blocks_to_keep(topk: float, n_kblocks: int) -> int:
     return max(1, min(n_kblocks, int(topk * n_kblocks)))
 
 
+@triton.jit
+def _orderable(x):
+    """fp32 -> int32 in the same order: sign-magnitude bits made two's complement (-0.0 just below +0.0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _top_blocks_kernel(score_ptr, out_ptr, n_kblocks, kk, NK: tl.constexpr):
+    """Per score row: the kk largest, ties to the lower block, written as ascending block indices."""
+    row = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, NK)
+    valid = idx < n_kblocks
+    score = tl.load(score_ptr + row * n_kblocks + idx, mask=valid, other=0.0)
+    # Padding gets the lowest int32, below every real score (-inf included).
+    key = tl.where(valid, _orderable(score), -(2**31)).to(tl.int64)
+    # Bisect for the kk-th largest key: the largest t with at least kk keys >= t. 32 counting passes
+    # over the row cost far less than sorting it.
+    lo = tl.full([], -(2**31), tl.int64)
+    hi = tl.full([], 2**31 - 1, tl.int64)
+    for _ in tl.static_range(32):
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((key >= mid).to(tl.int32)) >= kk
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = key > lo
+    tied = key == lo
+    # Of the blocks tied at the threshold, the lowest ones fill the remaining places.
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= kk - tl.sum(above.to(tl.int32))))
+    # Compacting by a running count keeps the chosen blocks in ascending order without a sort.
+    slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + row * kk + slot, idx, mask=chosen)
+
+
 def select_blocks(q: torch.Tensor, state: LinearState, topk: float, blkq: int) -> torch.Tensor:
     """Indices [B, H, nQ, kk] (int32, ascending) of the key blocks each query block attends to exactly.
 
     Pooled score = mean(q block) · (mean(k block) − mean(k)), no 1/sqrt(d) scale; smoothing k by its mean
-    over L changes no softmax but sharpens the ranking (spec §4.1 steps 1–4). The key block size is the
-    one ``state`` was computed with.
+    over L changes no softmax but sharpens the ranking (spec §4.1 steps 1–4). Equal scores go to the
+    lower block. The key block size is the one ``state`` was computed with.
     """
     score = block_means(q, blkq) @ (state.k_block_means - state.k_mean).transpose(-1, -2)
-    kk = blocks_to_keep(topk, score.shape[-1])
-    chosen = score.topk(kk, dim=-1, sorted=False).indices
-    # Ascending order walks K/V forwards in memory and makes the result independent of topk's order.
-    return chosen.sort(dim=-1).values.to(torch.int32)
+    return top_blocks(score, blocks_to_keep(topk, score.shape[-1]))
+
+
+def top_blocks(score: torch.Tensor, kk: int) -> torch.Tensor:
+    """The kk highest-scoring blocks of each row of a contiguous fp32 score [..., nK], as ascending int32
+    indices [..., kk]; of equal scores the lower block wins (a deterministic torch.topk)."""
+    *lead, n_kblocks = score.shape
+    if not 1 <= kk <= n_kblocks:
+        raise ValueError(f"kk must be in 1..{n_kblocks}; got {kk}")
+    # Ascending order walks K/V forwards in memory and fixes the sparse kernel's summation order.
+    chosen = torch.empty((*lead, kk), dtype=torch.int32, device=score.device)
+    nk = triton.next_power_of_2(n_kblocks)
+    _top_blocks_kernel[(score[..., 0].numel(),)](
+        score.contiguous(), chosen, n_kblocks, kk, NK=nk, num_warps=max(1, min(8, nk // 256))
+    )
+    return chosen
 
 
 @triton.jit
@@ -284,8 +327,8 @@ def _linear_branch(
 @triton.jit
 def _sparse_attention_kernel(
     q_ptr,
-    k_ptr,
-    v_ptr,
+    k_desc,
+    v_desc,
     o_ptr,
     index_ptr,
     kv_ptr,
@@ -301,14 +344,6 @@ def _sparse_attention_kernel(
     stride_ql,
     stride_qh,
     stride_qd,
-    stride_kb,
-    stride_kl,
-    stride_kh,
-    stride_kd,
-    stride_vb,
-    stride_vl,
-    stride_vh,
-    stride_vd,
     stride_ob,
     stride_ol,
     stride_oh,
@@ -316,7 +351,6 @@ def _sparse_attention_kernel(
     BLKQ: tl.constexpr,
     BLKK: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    STEP_BLOCKS: tl.constexpr,
     D: tl.constexpr,
     HAS_LINEAR: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -327,10 +361,7 @@ def _sparse_attention_kernel(
     h = bh % H
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < L
-    # Each step gathers STEP_BLOCKS selected key blocks into one tile of KEYS rows.
-    KEYS: tl.constexpr = STEP_BLOCKS * BLKK
-    key_slot = tl.arange(0, KEYS) // BLKK
-    key_row = tl.arange(0, KEYS) % BLKK
+    key_row = tl.arange(0, BLKK)
     d = tl.arange(0, D)
     q_ptrs = _head_rows(q_ptr, b, h, rows, d, stride_qb, stride_ql, stride_qh, stride_qd)
     q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
@@ -340,16 +371,14 @@ def _sparse_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for j in tl.range(0, kk, STEP_BLOCKS):
-        slot_used = j + key_slot < kk  # the last step may hold fewer than STEP_BLOCKS blocks
-        cols = tl.load(index_row + j + key_slot, mask=slot_used, other=0) * BLKK + key_row
-        col_valid = slot_used & (cols < L)  # only the last key block can reach past L
-        k_ptrs = _head_rows(k_ptr, b, h, cols, d, stride_kb, stride_kl, stride_kh, stride_kd)
-        v_ptrs = _head_rows(v_ptr, b, h, cols, d, stride_vb, stride_vl, stride_vh, stride_vd)
-        k = tl.load(k_ptrs, mask=col_valid[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=col_valid[:, None], other=0.0)
+    for j in tl.range(0, kk):
+        # A selected key block is BLKK consecutive rows of one head: one bulk tensor copy each for K and V,
+        # zero-filled past L.
+        first_key = tl.load(index_row + j) * BLKK
+        k = k_desc.load([b, first_key, h, 0]).reshape(BLKK, D)
+        v = v_desc.load([b, first_key, h, 0]).reshape(BLKK, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s += tl.where(col_valid, 0.0, float("-inf"))[None, :]
+        s = tl.where((first_key + key_row < L)[None, :], s, float("-inf"))
         # Base-2 online softmax; qk_scale = log2(e)/sqrt(D) > 0 commutes with the max, so each logit
         # costs one FMA.
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
@@ -366,6 +395,18 @@ def _sparse_attention_kernel(
         o = o_s.to(tl.float32) + o_l
     o_ptrs = _head_rows(o_ptr, b, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+def _key_block_descriptor(x: torch.Tensor, blkk: int) -> TensorDescriptor:
+    """A bulk-copy (TMA) descriptor reading one head's ``blkk`` rows of x [B, L, H, D] at a time.
+
+    TMA needs a unit head-dim stride and 16-byte aligned base and strides; the views the DiT passes
+    (contiguous tensors, slices of a packed qkv) have them, anything else is copied once.
+    """
+    aligned = x.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
+    if x.stride(-1) != 1 or not aligned:
+        x = x.contiguous()
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, blkk, 1, x.shape[-1]])
 
 
 def _proj_params(
@@ -411,8 +452,8 @@ def block_sparse_attention(
     grid = (triton.cdiv(length, config.block_m), batch * heads)
     _sparse_attention_kernel[grid](
         q,
-        k,
-        v,
+        _key_block_descriptor(k, blkk),
+        _key_block_descriptor(v, blkk),
         out,
         block_index,
         kv,
@@ -425,13 +466,10 @@ def block_sparse_attention(
         block_index.shape[3],
         dim**-0.5 * LOG2E,
         *q.stride(),
-        *k.stride(),
-        *v.stride(),
         *out.stride(),
         BLKQ=blkq,
         BLKK=blkk,
         BLOCK_M=config.block_m,
-        STEP_BLOCKS=config.step_blocks,
         D=dim,
         HAS_LINEAR=linear is not None,
         PRECISION=_dot_precision(q.dtype),

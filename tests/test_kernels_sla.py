@@ -87,20 +87,29 @@ def test_sla_matches_float64(batch, length, heads, dim, blkq, blkk, topk):
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("step_blocks", [2, 4])
-def test_several_key_blocks_per_step_give_the_one_block_result(step_blocks):
-    """kk = 5 selected blocks: steps of 2 or 4 blocks end on a partly used step."""
-    q, k, v = _qkv(2, 300, 2, 32)
-    weight, bias = _proj(32)
+def test_equal_scores_keep_the_lower_blocks():
+    q, k, v = _qkv(1, 300, 2, 32)
     state = sla.linear_state(k, v, 32)
-    index = sla.select_blocks(q, state, 0.5, 64)
-    assert index.shape[-1] == 5
-    one = sla.block_sparse_attention(
-        q, k, v, index, 64, 32, (state, weight, bias), sla.SparseConfig(64, 4, 2)
+    index = sla.select_blocks(torch.zeros_like(q), state, 0.5, 64)  # every pooled score is 0
+    assert index.shape == (1, 2, 5, 5)
+    assert (index == torch.arange(5, dtype=torch.int32)).all()
+
+
+def test_top_blocks_is_a_deterministic_topk():
+    score = torch.tensor(
+        [
+            [0.5, -1.0, 2.0, 2.0, -0.0, 0.0, float("-inf"), 3.0],  # tie at the cut: the lower block wins
+            [-3.0, -1.0, -2.0, -1.0, -5.0, -4.0, -6.0, -7.0],  # all negative
+        ]
     )
-    config = sla.SparseConfig(64, 4, 2, step_blocks)
-    several = sla.block_sparse_attention(q, k, v, index, 64, 32, (state, weight, bias), config)
-    torch.testing.assert_close(several, one, rtol=1e-5, atol=1e-6)
+    assert sla.top_blocks(score, 3).tolist() == [[2, 3, 7], [1, 2, 3]]
+    assert sla.top_blocks(score, 5).tolist() == [[0, 2, 3, 5, 7], [0, 1, 2, 3, 5]]  # +0.0 above -0.0
+    assert sla.top_blocks(score, 8).tolist() == [list(range(8))] * 2
+    wide = torch.randn(3, 2, 300)
+    expected = wide.topk(40, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(sla.top_blocks(wide, 40).long(), expected)
+    with pytest.raises(ValueError, match="kk must be in 1..8"):
+        sla.top_blocks(score, 0)
 
 
 def test_linear_state_sums():

@@ -54,6 +54,7 @@ def _compile(kernel, pointer_types: dict, constexprs: dict, num_warps: int, num_
         "registers": int(regs),
         "stack": int(stack),
         "async_copies": compiled.asm["ttgir"].count("async_copy_global_to_local"),
+        "tma_copies": compiled.asm["ttgir"].count("async_tma_copy_global_to_local"),
     }
 
 
@@ -61,24 +62,18 @@ def _compile_report() -> list[dict]:
     from turbovideo.kernels import sla
 
     bf16 = "*bf16"
-    sparse_types = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr", "kv_ptr", "w_ptr"), bf16)
+    sparse_types = dict.fromkeys(("q_ptr", "o_ptr", "kv_ptr", "w_ptr"), bf16)
     sparse_types.update(index_ptr="*i32", ksum_ptr="*fp32", bias_ptr="*fp32", qk_scale="fp32")
     report = []
     for blkq, blkk in (sla.SLA_BLOCKS, sla.SAGESLA_SM90_BLOCKS):
         config = sla.default_sparse_config(blkq, blkk)
+        key_desc = f"tensordesc<bf16[1, {blkk}, 1, 128]>"
         for has_linear in (True, False):
-            constexprs = dict(
-                BLKQ=blkq,
-                BLKK=blkk,
-                BLOCK_M=config.block_m,
-                STEP_BLOCKS=config.step_blocks,
-                D=128,
-                HAS_LINEAR=has_linear,
-            )
+            constexprs = dict(BLKQ=blkq, BLKK=blkk, BLOCK_M=config.block_m, D=128, HAS_LINEAR=has_linear)
             report.append(
                 _compile(
                     sla._sparse_attention_kernel,
-                    sparse_types,
+                    {**sparse_types, "k_desc": key_desc, "v_desc": key_desc},
                     {**constexprs, "PRECISION": "tf32"},
                     config.num_warps,
                     config.num_stages,
@@ -87,13 +82,17 @@ def _compile_report() -> list[dict]:
         state_types = dict(
             k_ptr=bf16, v_ptr=bf16, kv_part_ptr="*fp32", sums_part_ptr="*fp32", kblock_ptr="*fp32"
         )
-        launch = sla._key_tile_launch(blkk, 128, rows=128)
+        launch = sla._state_launch(blkk, 128)
         report.append(
             _compile(sla._kv_state_kernel, state_types, dict(BLKK=blkk, D=128, PRECISION="tf32"), *launch)
         )
         report.append(
             _compile(sla._block_mean_kernel, dict(x_ptr=bf16, out_ptr="*fp32"), dict(BLK=blkq, D=128), 4, 3)
         )
+    # Top-k over the 1182 key blocks of a 14B 720p row, the widest in use.
+    report.append(
+        _compile(sla._top_blocks_kernel, dict(score_ptr="*fp32", out_ptr="*i32"), dict(NK=2048), 8, 1)
+    )
     linear_types = dict.fromkeys(("q_ptr", "o_s_ptr", "o_ptr", "kv_ptr", "w_ptr"), bf16)
     linear_types.update(ksum_ptr="*fp32", bias_ptr="*fp32")
     report.append(
@@ -120,16 +119,19 @@ def test_kernels_compile_for_h100_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 9
+    assert len(report) == 10
     for kernel in report:
         # The linear branch in the sparse kernel's epilogue runs once per program after the key loop;
         # with 128-row tiles ptxas puts a few bytes of it on the stack (the same kernel without the
         # epilogue has none), which costs nothing measurable. The key loop itself must not spill.
         epilogue_only = kernel["name"] == "_sparse_attention_kernel" and kernel["constexprs"]["HAS_LINEAR"]
-        assert kernel["stack"] <= (32 if epilogue_only else 0), f"{kernel['name']} spills registers: {kernel}"
+        # The linear-state kernel with 4 warps keeps 24 bytes on the stack and still runs 40 % faster
+        # than with 8 warps and none (sla._state_launch); hundreds of bytes would be a real spill.
+        allowed = 32 if epilogue_only or kernel["name"] == "_kv_state_kernel" else 0
+        assert kernel["stack"] <= allowed, f"{kernel['name']} spills registers: {kernel}"
         assert kernel["shared"] <= H100_MAX_SHARED, f"{kernel['name']} needs too much shared memory: {kernel}"
-    # K/V tiles stream through cp.async stages rather than synchronous loads.
-    assert all(k["async_copies"] > 0 for k in report if k["name"] == "_sparse_attention_kernel")
+    # K/V tiles stream through bulk tensor copies (TMA) in flight ahead of their use.
+    assert all(k["tma_copies"] > 0 for k in report if k["name"] == "_sparse_attention_kernel")
 
 
 if __name__ == "__main__":
