@@ -82,8 +82,8 @@ def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("batch", "length", "k", "n"),
-    [(2, 100, 256, 128), (1, 200, 384, 200), (3, 37, 256, 256)],
-    ids=["b2-k256-n128", "m200-k384-n200", "b3-odd-n256"],
+    [(2, 100, 256, 128), (1, 200, 384, 200), (3, 37, 256, 256), (1, 50, 200, 136)],
+    ids=["b2-k256-n128", "m200-k384-n200", "b3-odd-n256", "ragged-k200"],
 )
 def test_gemm_on_prequantized_activation_matches_reference(batch: int, length: int, k: int, n: int) -> None:
     x = torch.randn(batch, length, k, device=DEVICE).to(torch.bfloat16)
@@ -99,7 +99,9 @@ def test_gemm_on_prequantized_activation_matches_reference(batch: int, length: i
     )
 
 
-@pytest.mark.parametrize(("batch", "length", "k", "n"), [(2, 100, 384, 200), (1, 128, 256, 128)])
+@pytest.mark.parametrize(
+    ("batch", "length", "k", "n"), [(2, 100, 384, 200), (1, 128, 256, 128), (1, 60, 136, 72)]
+)
 def test_gemm_quantizing_bf16_activation_matches_reference_linear(
     batch: int, length: int, k: int, n: int
 ) -> None:
