@@ -125,10 +125,25 @@ def _configs(quantize_a: bool) -> list[triton.Config]:
     ]
 
 
+def _drop_wide_tiles_before_hopper(
+    configs: list[triton.Config], named_args: dict, **_
+) -> list[triton.Config]:
+    # Without warpgroup MMA (sm_8x) 128x256 tiles spill kilobytes of registers: not worth autotuning.
+    out = named_args["c_ptr"]
+    if out.is_cuda and torch.cuda.get_device_capability(out.device)[0] < 9:
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= 128]
+    return configs
+
+
 # BLOCK_M is 128 in every config, so the activation scale is one scalar per tile and K block.
 _AUTOTUNE_KEY = ["M", "N", "K_BLOCKS", "HAS_BIAS"]
-_gemm_prequantized = triton.autotune(_configs(quantize_a=False), key=_AUTOTUNE_KEY)(_int8_gemm_kernel)
-_gemm_quantizing = triton.autotune(_configs(quantize_a=True), key=_AUTOTUNE_KEY)(_int8_gemm_kernel)
+_PRUNE = {"early_config_prune": _drop_wide_tiles_before_hopper}
+_gemm_prequantized = triton.autotune(_configs(quantize_a=False), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)(
+    _int8_gemm_kernel
+)
+_gemm_quantizing = triton.autotune(_configs(quantize_a=True), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)(
+    _int8_gemm_kernel
+)
 
 
 def _tma_rows(x: torch.Tensor) -> torch.Tensor:

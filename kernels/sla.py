@@ -16,6 +16,7 @@ contiguous. Accumulation is fp32 throughout; upstream rounds every
 intermediate tensor op to bf16, so the two differ by bf16 rounding only.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -79,14 +80,42 @@ def _state_launch(blkk: int, head_dim: int) -> tuple[int, int]:
     return (4, 3) if blkk * head_dim <= 64 * 128 else (8, 2)
 
 
-def default_sparse_config(blkq: int, blkk: int) -> SparseConfig:
-    """H100 choice for the sparse kernel: 64 query rows per program (4 warps), three K/V tiles in flight.
+@dataclass(frozen=True)
+class GpuLimits:
+    """What the sparse kernel's launch depends on: compute capability (e.g. 90) and shared memory per program."""
 
-    Sweep (scripts/bench_kernels.py, topk 0.10, sparse + linear kernel, BLKK 64): 1.56 ms at H=12
+    capability: int
+    shared_bytes: int
+
+
+@functools.cache
+def gpu_limits(device: torch.device) -> GpuLimits | None:
+    """``device``'s limits (227 KB of shared memory on an H100, 99 KB on Ada and RTX Ampere); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return GpuLimits(10 * major + minor, shared)
+
+
+def default_sparse_config(
+    blkq: int, blkk: int, head_dim: int = 128, gpu: GpuLimits | None = None
+) -> SparseConfig:
+    """64 query rows per program with three K/V tiles in flight, fewer where shared memory is short.
+
+    H100 sweep (scripts/bench_kernels.py, topk 0.10, sparse + linear kernel, BLKK 64): 1.56 ms at H=12
     L=32760 and 26.0 ms at H=40 L=75600, against 1.84 ms and 26.7 ms for 128 rows with 8 warps and
-    2.25 ms and 29.7 ms for the pointer-gather kernel that TMA loads replaced. Two stages lose 20 %.
+    2.25 ms and 29.7 ms for the pointer-gather kernel that TMA loads replaced; two stages lose 20 %.
+    Hopper's warpgroup MMA holds the tile in 4 warps; mma.sync on older GPUs needs 8 not to spill.
     """
-    return SparseConfig(min(blkq, 64), num_warps=4, num_stages=3)
+    block_m = min(blkq, 64)
+    num_warps = 4 if gpu is None or gpu.capability >= 90 else 8
+    # Q stays resident; each stage holds a K and a V tile in bf16.
+    stages = 3
+    while gpu is not None and stages > 1 and (block_m + 2 * stages * blkk) * head_dim * 2 > gpu.shared_bytes:
+        stages -= 1
+    return SparseConfig(block_m, num_warps, stages)
 
 
 @triton.jit
@@ -438,7 +467,7 @@ def block_sparse_attention(
         raise ValueError(
             f"block_index must be int32 [{batch}, {heads}, {n_qblocks}, kk]; got {block_index.shape}"
         )
-    config = config or default_sparse_config(blkq, blkk)
+    config = config or default_sparse_config(blkq, blkk, dim, gpu_limits(q.device))
     if blkq % config.block_m:
         raise ValueError(f"BLOCK_M {config.block_m} must divide BLKQ {blkq}")
     block_index = block_index.contiguous()
