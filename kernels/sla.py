@@ -326,31 +326,27 @@ def top_blocks(score: torch.Tensor, kk: int) -> torch.Tensor:
     # Ascending order walks K/V forwards in memory and fixes the sparse kernel's summation order.
     chosen = torch.empty((*lead, kk), dtype=torch.int32, device=score.device)
     nk = triton.next_power_of_2(n_kblocks)
+    # One warp per row: its counting passes reduce with shuffles alone, no shared memory or barriers
+    # (H100: 0.72 ms for the 23,640 rows of 1182 blocks at 14B 720p, against 1.02 ms with 8 warps).
     _top_blocks_kernel[(score[..., 0].numel(),)](
-        score.contiguous(), chosen, n_kblocks, kk, NK=nk, num_warps=max(1, min(8, nk // 256))
+        score.contiguous(), chosen, n_kblocks, kk, NK=nk, num_warps=1
     )
     return chosen
 
 
 @triton.jit
-def _linear_branch(
-    q,
-    kv_ptr,
-    ksum_ptr,
-    w_ptr,
-    bias_ptr,
-    D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """proj_l(φ(q)·KV / (1e-5 + φ(q)·ksum)) for one [rows, D] tile of q; kv/ksum point at this (b, h)."""
+def _linear_branch(q, kvw_ptr, ksum_ptr, bias_ptr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """proj_l(φ(q)·KV / (1e-5 + φ(q)·ksum)) for one [rows, D] tile of q, as φ(q)·(KV·Wᵀ) / (...) + b.
+
+    The normaliser is one number per row, so proj_l's weight folds into KV once per (b, h) (``_linear_params``)
+    and the epilogue needs one product instead of two. kvw/ksum point at this (b, h).
+    """
     d = tl.arange(0, D)
     phi = _softmax_rows(q.to(tl.float32))
-    kv = tl.load(kv_ptr + d[:, None] * D + d[None, :])
+    kvw = tl.load(kvw_ptr + d[:, None] * D + d[None, :])
     denominator = tl.sum(phi * tl.load(ksum_ptr + d)[None, :], axis=1) + 1e-5
-    o_l = tl.dot(phi.to(kv.dtype), kv, input_precision=PRECISION) / denominator[:, None]
-    # proj_l weight is [out, in]; read it transposed so the product is o_l · Wᵀ.
-    w_t = tl.load(w_ptr + d[None, :] * D + d[:, None])
-    return tl.dot(o_l.to(w_t.dtype), w_t, input_precision=PRECISION) + tl.load(bias_ptr + d)[None, :]
+    o_l = tl.dot(phi.to(kvw.dtype), kvw, input_precision=PRECISION) / denominator[:, None]
+    return o_l + tl.load(bias_ptr + d)[None, :]
 
 
 @triton.jit
@@ -360,9 +356,8 @@ def _sparse_attention_kernel(
     v_desc,
     o_ptr,
     index_ptr,
-    kv_ptr,
+    kvw_ptr,
     ksum_ptr,
-    w_ptr,
     bias_ptr,
     L,
     H,
@@ -420,7 +415,7 @@ def _sparse_attention_kernel(
     if HAS_LINEAR:
         # Round o_s to the compute dtype as upstream does; holding it narrow also frees registers meanwhile.
         o_s = o.to(q.dtype)
-        o_l = _linear_branch(q, kv_ptr + bh * D * D, ksum_ptr + bh * D, w_ptr, bias_ptr, D, PRECISION)
+        o_l = _linear_branch(q, kvw_ptr + bh * D * D, ksum_ptr + bh * D, bias_ptr, D, PRECISION)
         o = o_s.to(tl.float32) + o_l
     o_ptrs = _head_rows(o_ptr, b, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_valid[:, None])
@@ -438,11 +433,16 @@ def _key_block_descriptor(x: torch.Tensor, blkk: int) -> TensorDescriptor:
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, blkk, 1, x.shape[-1]])
 
 
-def _proj_params(
-    weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # proj_l runs in the compute dtype (upstream: autocast bf16 over an fp32 Linear); bias added in fp32.
-    return weight.to(dtype).contiguous(), bias.to(torch.float32).contiguous()
+def _linear_params(
+    state: LinearState, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KV·Wᵀ [B*H, D, D], ksum, bias in fp32) for ``_linear_branch``.
+
+    proj_l runs in the compute dtype (upstream: autocast bf16 over an fp32 Linear): KV·Wᵀ is a product of
+    compute-dtype operands with fp32 accumulation, rounded once to the compute dtype.
+    """
+    kvw = torch.matmul(state.kv, weight.to(state.kv.dtype).T)
+    return kvw, state.ksum, bias.to(torch.float32).contiguous()
 
 
 def block_sparse_attention(
@@ -472,12 +472,8 @@ def block_sparse_attention(
         raise ValueError(f"BLOCK_M {config.block_m} must divide BLKQ {blkq}")
     block_index = block_index.contiguous()
     out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
-    if linear is None:
-        kv = ksum = weight = bias = out  # never read: HAS_LINEAR is False
-    else:
-        state, weight, bias = linear
-        weight, bias = _proj_params(weight, bias, q.dtype)
-        kv, ksum = state.kv, state.ksum
+    # Never read when HAS_LINEAR is False.
+    kvw, ksum, bias = (out, out, out) if linear is None else _linear_params(*linear)
     grid = (triton.cdiv(length, config.block_m), batch * heads)
     _sparse_attention_kernel[grid](
         q,
@@ -485,9 +481,8 @@ def block_sparse_attention(
         _key_block_descriptor(v, blkk),
         out,
         block_index,
-        kv,
+        kvw,
         ksum,
-        weight,
         bias,
         length,
         heads,
@@ -513,9 +508,8 @@ def _add_linear_kernel(
     q_ptr,
     o_s_ptr,
     o_ptr,
-    kv_ptr,
+    kvw_ptr,
     ksum_ptr,
-    w_ptr,
     bias_ptr,
     L,
     H,
@@ -547,7 +541,7 @@ def _add_linear_kernel(
     )
     o_s_ptrs = _head_rows(o_s_ptr, b, h, rows, d, stride_sb, stride_sl, stride_sh, stride_sd)
     o = tl.load(o_s_ptrs, mask=mask, other=0.0).to(tl.float32)
-    o += _linear_branch(q, kv_ptr + bh * D * D, ksum_ptr + bh * D, w_ptr, bias_ptr, D, PRECISION)
+    o += _linear_branch(q, kvw_ptr + bh * D * D, ksum_ptr + bh * D, bias_ptr, D, PRECISION)
     o_ptrs = _head_rows(o_ptr, b, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=mask)
 
@@ -559,16 +553,15 @@ def add_linear_branch(
     batch, length, heads, dim = q.shape
     if o_s.shape != q.shape:
         raise ValueError(f"o_s must have q's shape {tuple(q.shape)}; got {tuple(o_s.shape)}")
-    weight, bias = _proj_params(proj_weight, proj_bias, q.dtype)
+    kvw, ksum, bias = _linear_params(state, proj_weight, proj_bias)
     out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
     block_m = 64
     _add_linear_kernel[(triton.cdiv(length, block_m), batch * heads)](
         q,
         o_s,
         out,
-        state.kv,
-        state.ksum,
-        weight,
+        kvw,
+        ksum,
         bias,
         length,
         heads,

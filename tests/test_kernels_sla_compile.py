@@ -66,7 +66,7 @@ def _compile_report() -> list[dict]:
     from turbovideo.kernels import sla
 
     bf16 = "*bf16"
-    sparse_types = dict.fromkeys(("q_ptr", "o_ptr", "kv_ptr", "w_ptr"), bf16)
+    sparse_types = dict.fromkeys(("q_ptr", "o_ptr", "kvw_ptr"), bf16)
     sparse_types.update(index_ptr="*i32", ksum_ptr="*fp32", bias_ptr="*fp32", qk_scale="fp32")
     report = []
     for blkq, blkk in (sla.SLA_BLOCKS, sla.SAGESLA_SM90_BLOCKS):
@@ -110,9 +110,9 @@ def _compile_report() -> list[dict]:
     )
     # Top-k over the 1182 key blocks of a 14B 720p row, the widest in use.
     report.append(
-        _compile(sla._top_blocks_kernel, dict(score_ptr="*fp32", out_ptr="*i32"), dict(NK=2048), 8, 1)
+        _compile(sla._top_blocks_kernel, dict(score_ptr="*fp32", out_ptr="*i32"), dict(NK=2048), 1, 1)
     )
-    linear_types = dict.fromkeys(("q_ptr", "o_s_ptr", "o_ptr", "kv_ptr", "w_ptr"), bf16)
+    linear_types = dict.fromkeys(("q_ptr", "o_s_ptr", "o_ptr", "kvw_ptr"), bf16)
     linear_types.update(ksum_ptr="*fp32", bias_ptr="*fp32")
     report.append(
         _compile(sla._add_linear_kernel, linear_types, dict(BLOCK_M=64, D=128, PRECISION="tf32"), 4, 3)
