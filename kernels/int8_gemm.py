@@ -19,13 +19,15 @@ block and the scale work per accumulator element is one subtraction and one fuse
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .quant import QUANT_BLOCK, quantize_blockwise, quantize_tile, scale_shape
-from .rounding import INTERPRETED, to_bf16
+from .rounding import to_bf16
 
 # I2F conversion issues at a fraction of the FMA rate. For |P| < 2^22, an int32 accumulator started at
 # the bits of 1.5 * 2^23 instead of 0 ends as the bits of the float 1.5 * 2^23 + P, exactly, so one
@@ -99,51 +101,28 @@ def _int8_gemm_kernel(
     tl.store(c_ptrs, out, mask=(rows < M)[:, None] & col_ok[None, :])
 
 
-def _set_block_shapes(args: dict) -> None:
-    args["a_desc"].block_shape = [args["BLOCK_M"], QUANT_BLOCK]
-    args["w_desc"].block_shape = [args["BLOCK_N"], QUANT_BLOCK]
+@dataclass(frozen=True)
+class GemmLaunch:
+    """Tile shape and pipelining of one int8 GEMM launch; BLOCK_M is always one 128-row scale tile."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"128x{self.block_n} w{self.num_warps} s{self.num_stages}"
 
 
-def _configs(quantize_a: bool) -> list[triton.Config]:
-    if INTERPRETED:  # the interpreter runs every config it is given; one large tile keeps CI fast
-        shapes = [(128, 128, 8, 1)]
-    elif quantize_a:  # quantizing bf16 tiles in the prologue spills with 128x256 tiles (ptxas, sm_90a)
-        shapes = [(128, 128, 8, 3), (128, 128, 8, 4)]
-    else:
-        # (BLOCK_M, BLOCK_N, warps, stages). H100 sweep at the six Wan shapes: 128x256 tiles with TMA
-        # loads and the biased accumulator ran 4-10 % faster than the best 128x128 pointer-load kernel
-        # before, although ptxas keeps 88 bytes of them on the stack; 128x128 stays for small shapes.
-        shapes = [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4)]
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8},
-            num_warps=warps,
-            num_stages=stages,
-            pre_hook=_set_block_shapes,
-        )
-        for bm, bn, warps, stages in shapes
-    ]
+def gemm_launch(quantize_a: bool, device: torch.device) -> GemmLaunch:
+    """A fixed choice, no autotuning: a new worker's first request neither times configs nor varies.
 
-
-def _drop_wide_tiles_before_hopper(
-    configs: list[triton.Config], named_args: dict, **_
-) -> list[triton.Config]:
-    # Without warpgroup MMA (sm_8x) 128x256 tiles spill kilobytes of registers: not worth autotuning.
-    out = named_args["c_ptr"]
-    if out.is_cuda and torch.cuda.get_device_capability(out.device)[0] < 9:
-        return [c for c in configs if c.kwargs["BLOCK_N"] <= 128]
-    return configs
-
-
-# BLOCK_M is 128 in every config, so the activation scale is one scalar per tile and K block.
-_AUTOTUNE_KEY = ["M", "N", "K_BLOCKS", "HAS_BIAS"]
-_PRUNE = {"early_config_prune": _drop_wide_tiles_before_hopper}
-_gemm_prequantized = triton.autotune(_configs(quantize_a=False), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)(
-    _int8_gemm_kernel
-)
-_gemm_quantizing = triton.autotune(_configs(quantize_a=True), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)(
-    _int8_gemm_kernel
-)
+    H100 sweep at the six Wan shapes: 128x256 tiles with TMA loads and the biased accumulator ran 4-10 %
+    faster than the best 128x128 kernel before them (ptxas keeps 88 bytes of them on the stack); three
+    stages were within noise of four. Quantizing bf16 tiles in the prologue spills with 128x256 tiles,
+    and without warpgroup MMA (sm_8x) they spill kilobytes, so both keep 128x128.
+    """
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return GemmLaunch(256 if hopper and not quantize_a else 128, num_warps=8, num_stages=3)
 
 
 def _tma_rows(x: torch.Tensor) -> torch.Tensor:
@@ -156,9 +135,8 @@ def _tma_rows(x: torch.Tensor) -> torch.Tensor:
     return padded[:, : x.shape[1]]
 
 
-def _descriptor(x: torch.Tensor) -> TensorDescriptor:
-    # The block's row count is set per autotuned config by _set_block_shapes.
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [QUANT_BLOCK, QUANT_BLOCK])
+def _descriptor(x: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [block_rows, QUANT_BLOCK])
 
 
 def int8_gemm(
@@ -185,24 +163,21 @@ def int8_gemm(
     if a.dtype == torch.int8:
         if a_scale is None or a_scale.shape != scale_shape(m, k):
             raise ValueError(f"int8 activation needs a_scale of shape {scale_shape(m, k)}")
-        launch, a_scale_arg = _gemm_prequantized, a_scale.contiguous()
+        a_scale_arg = a_scale.contiguous()
     elif a.dtype == torch.bfloat16 and a_scale is None:
-        launch, a_scale_arg = _gemm_quantizing, weight_scale  # unread placeholder
+        a_scale_arg = weight_scale  # unread placeholder
     else:
         raise ValueError(f"activation must be int8 with a_scale, or bf16 without, got {a.dtype}")
     if bias is not None and bias.dtype != torch.bfloat16:
         raise ValueError(f"bias must be bf16, got {bias.dtype}")
 
     out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
-    weight = _tma_rows(weight)
-
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    launch[grid](
-        _descriptor(flat),
+    launch = gemm_launch(a.dtype != torch.int8, a.device)
+    grid = (triton.cdiv(m, QUANT_BLOCK) * triton.cdiv(n, launch.block_n),)
+    _int8_gemm_kernel[grid](
+        _descriptor(flat, QUANT_BLOCK),
         a_scale_arg,
-        _descriptor(weight),
+        _descriptor(_tma_rows(weight), launch.block_n),
         weight_scale.contiguous(),
         bias if bias is not None else weight_scale,  # unread placeholder when there is no bias
         out,
@@ -212,6 +187,11 @@ def int8_gemm(
         triton.cdiv(k, QUANT_BLOCK),
         HAS_BIAS=bias is not None,
         QUANTIZE_A=a.dtype != torch.int8,
+        BLOCK_M=QUANT_BLOCK,
+        BLOCK_N=launch.block_n,
+        GROUP_M=8,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     return out.view(*a.shape[:-1], n)
 

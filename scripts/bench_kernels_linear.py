@@ -15,7 +15,7 @@ Norm rows (B = 1, L and D of both models): fused kernels against the DiT block's
 with ulp statistics against them (statistics summed in another order move an intermediate by an ulp
 in rare elements; where modulation cancels, shift ~ -h * (1 + scale), that shows as a few ulps of
 the small result, so look at exact_fraction first).
-Times are CUDA-event medians after warm-up (and after Triton autotuning). Prints a table, writes JSON.
+Times are CUDA-event medians after warm-up. Prints a table, writes JSON.
 Targets (performance.md): int8 (quantization included) >= 1.0x bf16 at every shape, >= 1.3x at 14B.
 """
 
@@ -85,12 +85,12 @@ def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> lis
     add(
         "int8 GEMM, quantize in prologue",
         _ms(lambda: int8_gemm(x, qw, sw, bias)),
-        config=_chosen_config(gemm_module._gemm_quantizing),
+        config=str(gemm_module.gemm_launch(True, x.device)),
     )
     add(
         "int8 GEMM on int8 input",
         _ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx)),
-        config=_chosen_config(gemm_module._gemm_prequantized),
+        config=str(gemm_module.gemm_launch(False, x.device)),
     )
     add("quantize_blockwise alone", _ms(lambda: quantize_blockwise(x)))
     add("torch._int_mm (no scales)", _ms(lambda: torch._int_mm(qx, qw.t())))
@@ -109,14 +109,6 @@ def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> lis
         rel_l2=round(rel_error(expected, F.linear(head, weight, bias)), 6),
     )
     return rows
-
-
-def _chosen_config(autotuner) -> str:
-    """The launch config Triton's autotuner picked for the last shape, e.g. "128x128 w8 s4"."""
-    config = getattr(autotuner, "best_config", None)
-    if config is None:
-        return ""
-    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
 
 
 def quantize_then_gemm(
