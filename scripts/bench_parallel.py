@@ -39,7 +39,7 @@ def timed_run(forward, timesteps: list[torch.Tensor], device: torch.device) -> t
 
 
 def measure(forward, timesteps, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
-    forward(timesteps[0])  # warm-up: Triton autotuning and compilation
+    forward(timesteps[0])  # warm-up: Triton compilation
     runs = [timed_run(forward, timesteps, device) for _ in range(repeats)]
     return statistics.median(seconds for seconds, _ in runs), runs[0][1]
 

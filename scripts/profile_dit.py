@@ -64,7 +64,7 @@ def main() -> int:
         y = torch.randn(1, config.cond_dim, frames, height, width, device=device, generator=g).bfloat16()
     model = build_dit(args.model, device=device)
     with torch.no_grad():
-        for _ in range(2):  # compile and autotune outside the profile
+        for _ in range(2):  # compile outside the profile
             model(x, t, context, y)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
