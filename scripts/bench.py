@@ -6,8 +6,8 @@
 
 For each model: build ``VideoPipeline.random`` (umT5, VAE and DiT(s) at the real sizes, seeded random
 weights, bf16), run one request to warm up (kernel compiles, cuDNN algorithm choice, allocator), then
-time a second, warm request with a new prompt (so the text encoder runs): prompt encode (+ I2V image encode), every DiT step,
-VAE decode and mp4 mux, synchronising the GPU at each progress event, and the peak GPU memory of that
+time a second, warm request with a new prompt (so the text encoder runs): prompt encode (+ I2V image
+encode), every DiT step, VAE decode and mp4 mux, synchronising the GPU at each progress event, and the peak GPU memory of that
 request. ``--blocks N`` keeps N DiT blocks per expert and scales the DiT time by num_layers / N; those
 rows are labelled "extrapolated". Prints a table and writes JSON to --out.
 """
