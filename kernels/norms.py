@@ -288,7 +288,8 @@ def gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | N
     gate, stride_gate = _per_sample(gate, batch, dim, "gate")
     out = torch.empty_like(x)
     rows = batch * length
-    block_rows, block_cols = 16, 128
+    # H100 sweep: 16x512 tiles with 8 warps ran 5-8 % faster than 16x128 with 4 (1.3B and 14B widths).
+    block_rows, block_cols = 16, 512
     _gated_residual_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(dim, block_cols))](
         x,
         update,
@@ -301,7 +302,7 @@ def gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | N
         HAS_GATE=gate is not None,
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
-        num_warps=4,
+        num_warps=8,
         enable_fp_fusion=False,
     )
     return out
