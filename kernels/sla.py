@@ -69,17 +69,6 @@ def _check_blocks(blkq: int, blkk: int) -> None:
             raise ValueError(f"SLA {name} must be a power of two of at least 16; got {size}")
 
 
-def _state_launch(blkk: int, head_dim: int) -> tuple[int, int]:
-    """(num_warps, num_stages) of the linear-state kernel for [blkk, head_dim] K/V tiles.
-
-    H100 sweep (bf16, D = 128, BLKK 64): 4 warps with three tiles in flight took 0.18 ms at H=12
-    L=32760 and 1.1 ms at H=40 L=75600, against 0.30 ms and 2.3 ms with 8 warps and two, although
-    ptxas then keeps 24 bytes on the stack. 128-key tiles need 8 warps (4 spill hundreds of bytes),
-    and three of them in flight exceed shared memory.
-    """
-    return (4, 3) if blkk * head_dim <= 64 * 128 else (8, 2)
-
-
 @dataclass(frozen=True)
 class GpuLimits:
     """What the sparse kernel's launch depends on: compute capability (e.g. 90) and shared memory per program."""
@@ -97,6 +86,23 @@ def gpu_limits(device: torch.device) -> GpuLimits | None:
     major, minor = torch.cuda.get_device_capability(index)
     shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
     return GpuLimits(10 * major + minor, shared)
+
+
+def _state_launch(blkk: int, head_dim: int, gpu: GpuLimits | None) -> tuple[int, int]:
+    """(num_warps, num_stages) of the linear-state kernel for [blkk, head_dim] K/V tiles.
+
+    H100 sweep (bf16, D = 128, BLKK 64): 4 warps with three tiles in flight took 0.18 ms at H=12
+    L=32760 and 1.1 ms at H=40 L=75600, against 0.30 ms and 2.3 ms with 8 warps and two, although
+    ptxas then keeps 24 bytes on the stack. 128-key tiles, and any tile without warpgroup MMA
+    (sm_8x), need 8 warps: 4 spill hundreds of bytes. Stages drop where shared memory is short.
+    """
+    tile = blkk * head_dim * 2  # one bf16 K or V tile
+    hopper = gpu is None or gpu.capability >= 90
+    num_warps = 4 if hopper and tile <= 64 * 128 * 2 else 8
+    stages = 3 if tile <= 64 * 128 * 2 else 2
+    while gpu is not None and stages > 1 and 2 * stages * tile > gpu.shared_bytes:
+        stages -= 1
+    return num_warps, stages
 
 
 def default_sparse_config(
@@ -200,7 +206,7 @@ def linear_state(k: torch.Tensor, v: torch.Tensor, blkk: int) -> LinearState:
     # [D, D] partial for the sum below (the sweep's optimum was flat between 12 and 24).
     blocks_per_split = min(n_kblocks, 16)
     n_splits = triton.cdiv(n_kblocks, blocks_per_split)
-    num_warps, num_stages = _state_launch(blkk, dim)
+    num_warps, num_stages = _state_launch(blkk, dim, gpu_limits(k.device))
     kv_part = torch.empty((bh, n_splits, dim, dim), dtype=torch.float32, device=k.device)
     sums_part = torch.empty((bh, n_splits, 2, dim), dtype=torch.float32, device=k.device)
     k_block_means = torch.empty((batch, heads, n_kblocks, dim), dtype=torch.float32, device=k.device)

@@ -68,6 +68,7 @@ def _compile_report() -> list[dict]:
     bf16 = "*bf16"
     sparse_types = dict.fromkeys(("q_ptr", "o_ptr", "kvw_ptr"), bf16)
     sparse_types.update(index_ptr="*i32", ksum_ptr="*fp32", bias_ptr="*fp32", qk_scale="fp32")
+    state_types = dict(k_ptr=bf16, v_ptr=bf16, kv_part_ptr="*fp32", sums_part_ptr="*fp32", kblock_ptr="*fp32")
     report = []
     for blkq, blkk in (sla.SLA_BLOCKS, sla.SAGESLA_SM90_BLOCKS):
         config = sla.default_sparse_config(blkq, blkk)
@@ -83,10 +84,7 @@ def _compile_report() -> list[dict]:
                     config.num_stages,
                 )
             )
-        state_types = dict(
-            k_ptr=bf16, v_ptr=bf16, kv_part_ptr="*fp32", sums_part_ptr="*fp32", kblock_ptr="*fp32"
-        )
-        launch = sla._state_launch(blkk, 128)
+        launch = sla._state_launch(blkk, 128, None)
         report.append(
             _compile(sla._kv_state_kernel, state_types, dict(BLKK=blkk, D=128, PRECISION="tf32"), *launch)
         )
@@ -96,7 +94,8 @@ def _compile_report() -> list[dict]:
     # Ada and RTX Ampere (the 24 GB cards) allow 99 KB of shared memory per program and have no warpgroup
     # MMA; their compiler turns the bulk-copy descriptor loads into pointer loads.
     blkq, blkk = sla.SLA_BLOCKS
-    config = sla.default_sparse_config(blkq, blkk, 128, sla.GpuLimits(89, ADA_MAX_SHARED))
+    ada = sla.GpuLimits(89, ADA_MAX_SHARED)
+    config = sla.default_sparse_config(blkq, blkk, 128, ada)
     key_desc = f"tensordesc<bf16[1, {blkk}, 1, 128]>"
     report.append(
         _compile(
@@ -106,6 +105,12 @@ def _compile_report() -> list[dict]:
             config.num_warps,
             config.num_stages,
             arch=89,
+        )
+    )
+    launch = sla._state_launch(blkk, 128, ada)
+    report.append(
+        _compile(
+            sla._kv_state_kernel, state_types, dict(BLKK=blkk, D=128, PRECISION="tf32"), *launch, arch=89
         )
     )
     # Top-k over the 1182 key blocks of a 14B 720p row, the widest in use.
@@ -138,7 +143,7 @@ def test_kernels_compile_for_h100_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 11
+    assert len(report) == 12
     for kernel in report:
         # The linear branch in the sparse kernel's epilogue runs once per program after the key loop;
         # with 128-row tiles ptxas puts a few bytes of it on the stack (the same kernel without the
