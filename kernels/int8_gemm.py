@@ -11,10 +11,13 @@ with one fp32 rounding per step (a fused multiply-add, as upstream's kernel and 
 turbovideo.models.int8.int8_gemm_reference do), then y = bf16(acc) and y = bf16(y + bias) with a
 bf16 bias (the model is bf16 throughout). Bit-identical to the reference: the int32 partials are
 exact and each accumulation step rounds once in both. Both operands are K-major, the layout int8
-tensor cores read fastest (``tl.dot(a, w.T)``), and stream in through bulk tensor copies (TMA).
+tensor cores read fastest (``tl.dot(a, w.T)``), and stream in through bulk tensor copies (TMA) on
+Hopper, through pointer loads pipelined as async copies before it.
 
-A tile of BLOCK_M = 128 rows is one activation scale row, so the activation scale is a scalar per K
-block and the scale work per accumulator element is one subtraction and one fused multiply-add.
+A tile of BLOCK_M = 64 or 128 rows lies in one activation scale row, so the activation scale is a
+scalar per K block and the scale work per accumulator element is one subtraction and one fused
+multiply-add. That work waits for each K block's MMA; small tiles let several programs share an SM,
+so one's scale work overlaps another's MMA (``gemm_launch``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .gpu import GpuLimits, gpu_limits
 from .quant import QUANT_BLOCK, quantize_blockwise, quantize_tile, scale_shape
 from .rounding import to_bf16
 
@@ -44,23 +48,27 @@ def _int32_to_fp32(biased):
 
 @triton.jit
 def _int8_gemm_kernel(
-    a_desc,
+    a_src,  # a bulk-copy (TMA) descriptor of a [M, K] if TMA, else a pointer to it
     a_scale_ptr,
-    w_desc,
+    w_src,  # the same for w [N, K]
     w_scale_ptr,
     bias_ptr,
     c_ptr,
     M,
     N,
+    K,
+    stride_am,
+    stride_wn,
     stride_cm,
-    K_BLOCKS,
     HAS_BIAS: tl.constexpr,
     QUANTIZE_A: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = 128
+    K_BLOCKS = tl.cdiv(K, BLOCK_K)
     # Grouped launch order: consecutive programs share weight columns in L2.
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -74,24 +82,34 @@ def _int8_gemm_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    a_scale_row = a_scale_ptr + ((pid_m * BLOCK_M) // 128) * K_BLOCKS
-    w_scale_rows = w_scale_ptr + (cols // 128) * K_BLOCKS
+    # Tiles of at most 128 rows and columns lie in one scale block each: one scale per K block.
+    tl.static_assert(BLOCK_M <= BLOCK_K and BLOCK_N <= BLOCK_K)
+    a_scale_row = a_scale_ptr + ((pid_m * BLOCK_M) // BLOCK_K) * K_BLOCKS
+    w_scale_row = w_scale_ptr + ((pid_n * BLOCK_N) // BLOCK_K) * K_BLOCKS
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K_BLOCKS):
-        # Bulk tensor copies (TMA) zero-fill past M, N and K, where zeros add nothing to the products.
-        a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
-        w = w_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
+        # Zeros past M, N and K add nothing to the products; bulk tensor copies (TMA) fill them in.
+        if TMA:
+            a = a_src.load([pid_m * BLOCK_M, kb * BLOCK_K])
+            w = w_src.load([pid_n * BLOCK_N, kb * BLOCK_K])
+        else:
+            ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = (ks < K)[None, :]
+            a_ptrs = a_src + rows.to(tl.int64)[:, None] * stride_am + ks[None, :]
+            w_ptrs = w_src + cols.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+            a = tl.load(a_ptrs, mask=(rows < M)[:, None] & k_ok, other=0)
+            w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok, other=0)
         if QUANTIZE_A:
             a, a_scale = quantize_tile(a.to(tl.float32))
         else:
             a_scale = tl.load(a_scale_row + kb)
-        w_scale = tl.load(w_scale_rows + kb, mask=col_ok, other=0.0)
+        w_scale = tl.load(w_scale_row + kb)
         partial = tl.dot(
             a, tl.trans(w), tl.full((BLOCK_M, BLOCK_N), _MAGIC_BITS, tl.int32), out_dtype=tl.int32
         )
         # One rounding per K block, like upstream's fused multiply-add (and the reference).
-        acc = tl.fma(_int32_to_fp32(partial), (a_scale * w_scale)[None, :], acc)
+        acc = tl.fma(_int32_to_fp32(partial), a_scale * w_scale, acc)
 
     out = to_bf16(acc)
     if HAS_BIAS:  # added after rounding, in bf16, as a separate bias add would
@@ -103,26 +121,45 @@ def _int8_gemm_kernel(
 
 @dataclass(frozen=True)
 class GemmLaunch:
-    """Tile shape and pipelining of one int8 GEMM launch; BLOCK_M is always one 128-row scale tile."""
+    """Tile shape and pipelining of one int8 GEMM launch. ``block_m`` is 64 or 128 (within one scale
+    row; 128 when the kernel quantizes the activation, whose scale tile it must see whole).
+    ``group_m`` row tiles run next to each other and share weight columns in L2. ``tma``: operands
+    arrive through bulk tensor copies (Hopper and later) instead of pointer loads.
+    """
 
+    block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    group_m: int = 8
+    tma: bool = True
 
     def __str__(self) -> str:
-        return f"128x{self.block_n} w{self.num_warps} s{self.num_stages}"
+        tile = f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages} g{self.group_m}"
+        return tile if self.tma else f"{tile} pointers"
 
 
-def gemm_launch(quantize_a: bool, device: torch.device) -> GemmLaunch:
+def gemm_launch(quantize_a: bool, gpu: GpuLimits | None) -> GemmLaunch:
     """A fixed choice, no autotuning: a new worker's first request neither times configs nor varies.
 
-    H100 sweep at the six Wan shapes: 128x256 tiles with TMA loads and the biased accumulator ran 4-10 %
-    faster than the best 128x128 kernel before them (ptxas keeps 88 bytes of them on the stack); three
-    stages were within noise of four. Quantizing bf16 tiles in the prologue spills with 128x256 tiles,
-    and without warpgroup MMA (sm_8x) they spill kilobytes, so both keep 128x128.
+    Hopper, int8 activations (the DiT's): 64x128 tiles, one warpgroup, three stages. Three programs fit
+    an SM, so one's int32->fp32 scale work runs while another's MMA does. H100 sweep at the six Wan
+    shapes (bit-exact in every variant): 11-23 % faster than the 128x256 tiles (8 warps) before them,
+    which had the MMA idle during each K block's scale work; 64x64 tiles and 8 warps lost 15-40 %,
+    grouping 16-32 row tiles beat 8 by 2-6 %. Quantizing bf16 tiles on load needs a whole 128-row scale
+    tile: 128x128 with 8 warps. Before Hopper there is no warpgroup MMA (4 warps spill kilobytes) and no
+    TMA: Triton's stand-in for a descriptor load there does not pipeline and spills with Triton 3.4
+    (the image's), so operands come through pointer loads, pipelined as async copies, with as many
+    stages as shared memory holds (99 KB on Ada). Off CUDA (the interpreter) the TMA path runs.
     """
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    return GemmLaunch(256 if hopper and not quantize_a else 128, num_warps=8, num_stages=3)
+    hopper = gpu is None or gpu.hopper
+    if gpu is not None and hopper and not quantize_a:
+        return GemmLaunch(64, 128, num_warps=4, num_stages=3, group_m=32)
+    stage_bytes = QUANT_BLOCK * QUANT_BLOCK * (2 if quantize_a else 1) + QUANT_BLOCK * QUANT_BLOCK
+    stages = 3
+    while gpu is not None and stages > 1 and stages * stage_bytes > gpu.shared_bytes:
+        stages -= 1
+    return GemmLaunch(QUANT_BLOCK, QUANT_BLOCK, num_warps=8, num_stages=stages, tma=hopper)
 
 
 def _tma_rows(x: torch.Tensor) -> torch.Tensor:
@@ -145,18 +182,22 @@ def int8_gemm(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     a_scale: torch.Tensor | None = None,
+    launch: GemmLaunch | None = None,
 ) -> torch.Tensor:
     """``bf16(dequant(a) @ dequant(weight).T) + bias`` for ``a`` [..., K] -> bf16 [..., N].
 
     ``a`` is either int8 with ``a_scale`` (from ``quantize_blockwise`` or a kernel that emits int8)
-    or bf16 without it, in which case each 128x128 tile is quantized inside the GEMM.
+    or bf16 without it, in which case each 128x128 tile is quantized inside the GEMM. ``launch``
+    defaults to ``gemm_launch`` for a's GPU.
     """
     n, k = weight.shape
     if weight.dtype != torch.int8 or weight.stride(-1) != 1:
         raise ValueError("weight must be a row-major int8 [N, K] tensor")
     if a.shape[-1] != k:
         raise ValueError(f"activation has {a.shape[-1]} features, weight expects {k}")
-    flat = _tma_rows(a.reshape(-1, k))
+    flat = a.reshape(-1, k)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
     m = flat.shape[0]
     if weight_scale.shape != scale_shape(n, k):
         raise ValueError(f"weight scale shape {tuple(weight_scale.shape)} != {scale_shape(n, k)}")
@@ -171,25 +212,33 @@ def int8_gemm(
     if bias is not None and bias.dtype != torch.bfloat16:
         raise ValueError(f"bias must be bf16, got {bias.dtype}")
 
+    quantize_on_load = a.dtype != torch.int8
+    launch = launch or gemm_launch(quantize_on_load, gpu_limits(a.device))
+    if quantize_on_load and launch.block_m != QUANT_BLOCK:
+        raise ValueError(f"quantizing on load needs {QUANT_BLOCK}-row tiles, not {launch.block_m}")
+    if launch.tma:
+        flat, weight = _tma_rows(flat), _tma_rows(weight)
     out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
-    launch = gemm_launch(a.dtype != torch.int8, a.device)
-    grid = (triton.cdiv(m, QUANT_BLOCK) * triton.cdiv(n, launch.block_n),)
+    grid = (triton.cdiv(m, launch.block_m) * triton.cdiv(n, launch.block_n),)
     _int8_gemm_kernel[grid](
-        _descriptor(flat, QUANT_BLOCK),
+        _descriptor(flat, launch.block_m) if launch.tma else flat,
         a_scale_arg,
-        _descriptor(_tma_rows(weight), launch.block_n),
+        _descriptor(weight, launch.block_n) if launch.tma else weight,
         weight_scale.contiguous(),
         bias if bias is not None else weight_scale,  # unread placeholder when there is no bias
         out,
         m,
         n,
+        k,
+        flat.stride(0),
+        weight.stride(0),
         out.stride(0),
-        triton.cdiv(k, QUANT_BLOCK),
         HAS_BIAS=bias is not None,
-        QUANTIZE_A=a.dtype != torch.int8,
-        BLOCK_M=QUANT_BLOCK,
+        QUANTIZE_A=quantize_on_load,
+        BLOCK_M=launch.block_m,
         BLOCK_N=launch.block_n,
-        GROUP_M=8,
+        GROUP_M=launch.group_m,
+        TMA=launch.tma,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )

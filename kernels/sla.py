@@ -16,13 +16,14 @@ contiguous. Accumulation is fp32 throughout; upstream rounds every
 intermediate tensor op to bf16, so the two differ by bf16 rounding only.
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .gpu import GpuLimits, gpu_limits
 
 LOG2E = 1.4426950408889634
 SLA_BLOCKS = (128, 64)  # (BLKQ, BLKK) of attention_type "sla"
@@ -31,11 +32,15 @@ SAGESLA_SM90_BLOCKS = (64, 128)  # SageSLA on Hopper selects with these
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """Launch parameters of the sparse kernel: a program owns ``block_m`` query rows (a divisor of BLKQ)."""
+    """Launch parameters of the sparse kernel: a program owns ``block_m`` query rows (a divisor of BLKQ).
+
+    ``tma``: K/V blocks arrive through bulk tensor copies (Hopper and later) instead of pointer loads.
+    """
 
     block_m: int
     num_warps: int
     num_stages: int
+    tma: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,25 +74,6 @@ def _check_blocks(blkq: int, blkk: int) -> None:
             raise ValueError(f"SLA {name} must be a power of two of at least 16; got {size}")
 
 
-@dataclass(frozen=True)
-class GpuLimits:
-    """What the sparse kernel's launch depends on: compute capability (e.g. 90) and shared memory per program."""
-
-    capability: int
-    shared_bytes: int
-
-
-@functools.cache
-def gpu_limits(device: torch.device) -> GpuLimits | None:
-    """``device``'s limits (227 KB of shared memory on an H100, 99 KB on Ada and RTX Ampere); None off CUDA."""
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-    return GpuLimits(10 * major + minor, shared)
-
-
 def _state_launch(blkk: int, head_dim: int, gpu: GpuLimits | None) -> tuple[int, int]:
     """(num_warps, num_stages) of the linear-state kernel for [blkk, head_dim] K/V tiles.
 
@@ -97,7 +83,7 @@ def _state_launch(blkk: int, head_dim: int, gpu: GpuLimits | None) -> tuple[int,
     (sm_8x), need 8 warps: 4 spill hundreds of bytes. Stages drop where shared memory is short.
     """
     tile = blkk * head_dim * 2  # one bf16 K or V tile
-    hopper = gpu is None or gpu.capability >= 90
+    hopper = gpu is None or gpu.hopper
     num_warps = 4 if hopper and tile <= 64 * 128 * 2 else 8
     stages = 3 if tile <= 64 * 128 * 2 else 2
     while gpu is not None and stages > 1 and 2 * stages * tile > gpu.shared_bytes:
@@ -112,16 +98,20 @@ def default_sparse_config(
 
     H100 sweep (scripts/bench_kernels.py, topk 0.10, sparse + linear kernel, BLKK 64): 1.56 ms at H=12
     L=32760 and 26.0 ms at H=40 L=75600, against 1.84 ms and 26.7 ms for 128 rows with 8 warps and
-    2.25 ms and 29.7 ms for the pointer-gather kernel that TMA loads replaced; two stages lose 20 %.
-    Hopper's warpgroup MMA holds the tile in 4 warps; mma.sync on older GPUs needs 8 not to spill.
+    2.25 ms and 29.7 ms for pointer loads; two stages lose 20 %. Hopper's warpgroup MMA holds the tile
+    in 4 warps; mma.sync on older GPUs needs 8 not to spill. Older GPUs have no TMA, and Triton's
+    stand-in for a descriptor load there neither pipelines nor fits in registers (ptxas: 0.4-1.7 KB of
+    spills per thread with Triton 3.4, the image's), so they load K/V through pointers, which
+    pipeline with async copies and do not spill.
     """
     block_m = min(blkq, 64)
-    num_warps = 4 if gpu is None or gpu.capability >= 90 else 8
+    hopper = gpu is None or gpu.hopper
+    num_warps = 4 if hopper else 8
     # Q stays resident; each stage holds a K and a V tile in bf16.
     stages = 3
     while gpu is not None and stages > 1 and (block_m + 2 * stages * blkk) * head_dim * 2 > gpu.shared_bytes:
         stages -= 1
-    return SparseConfig(block_m, num_warps, stages)
+    return SparseConfig(block_m, num_warps, stages, tma=hopper)
 
 
 @triton.jit
@@ -279,32 +269,28 @@ def blocks_to_keep(topk: float, n_kblocks: int) -> int:
 
 
 @triton.jit
-def _orderable(x):
-    """fp32 -> int32 in the same order: sign-magnitude bits made two's complement (-0.0 just below +0.0)."""
-    bits = x.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
 def _top_blocks_kernel(score_ptr, out_ptr, n_kblocks, kk, NK: tl.constexpr):
     """Per score row: the kk largest, ties to the lower block, written as ascending block indices."""
     row = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, NK)
     valid = idx < n_kblocks
     score = tl.load(score_ptr + row * n_kblocks + idx, mask=valid, other=0.0)
-    # Padding gets the lowest int32, below every real score (-inf included).
-    key = tl.where(valid, _orderable(score), -(2**31)).to(tl.int64)
-    # Bisect for the kk-th largest key: the largest t with at least kk keys >= t. 32 counting passes
-    # over the row cost far less than sorting it.
-    lo = tl.full([], -(2**31), tl.int64)
-    hi = tl.full([], 2**31 - 1, tl.int64)
-    for _ in tl.static_range(32):
-        mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((key >= mid).to(tl.int32)) >= kk
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    above = key > lo
-    tied = key == lo
+    # Unsigned keys in score order: non-negative floats get the sign bit set, negative ones all bits
+    # flipped (so -0.0 sits just below +0.0). Padding gets 0, below every real score (-inf included).
+    bits = score.to(tl.uint32, bitcast=True)
+    flip = tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+    key = tl.where(valid, bits ^ flip, 0)
+    # The kk-th largest key, built from its top bit down: keep a bit if at least kk keys reach the
+    # prefix with it set. 32 counting passes over the row cost far less than sorting it.
+    threshold = tl.full([], 0, tl.uint32)
+    bit = tl.full([], 0x80000000, tl.uint32)
+    for _ in range(32):
+        candidate = threshold | bit
+        enough = tl.sum((key >= candidate).to(tl.int32)) >= kk
+        threshold = tl.where(enough, candidate, threshold)
+        bit = bit >> 1
+    above = key > threshold
+    tied = key == threshold
     # Of the blocks tied at the threshold, the lowest ones fill the remaining places.
     chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= kk - tl.sum(above.to(tl.int32))))
     # Compacting by a running count keeps the chosen blocks in ascending order without a sort.
@@ -333,7 +319,8 @@ def top_blocks(score: torch.Tensor, kk: int) -> torch.Tensor:
     chosen = torch.empty((*lead, kk), dtype=torch.int32, device=score.device)
     nk = triton.next_power_of_2(n_kblocks)
     # One warp per row: its counting passes reduce with shuffles alone, no shared memory or barriers
-    # (H100: 0.72 ms for the 23,640 rows of 1182 blocks at 14B 720p, against 1.02 ms with 8 warps).
+    # (H100, the 23,640 rows of 1182 blocks at 14B 720p: 0.46 ms, against 0.51 ms with 2 warps, 0.70 ms
+    # for a signed bisection of int64 keys and 1.30 ms for torch.topk + sort).
     _top_blocks_kernel[(score[..., 0].numel(),)](
         score.contiguous(), chosen, n_kblocks, kk, NK=nk, num_warps=1
     )
@@ -358,8 +345,8 @@ def _linear_branch(q, kvw_ptr, ksum_ptr, bias_ptr, D: tl.constexpr, PRECISION: t
 @triton.jit
 def _sparse_attention_kernel(
     q_ptr,
-    k_desc,
-    v_desc,
+    k_src,  # a bulk-copy (TMA) descriptor of K [B, L, H, D] if TMA, else a pointer to it
+    v_src,
     o_ptr,
     index_ptr,
     kvw_ptr,
@@ -374,6 +361,14 @@ def _sparse_attention_kernel(
     stride_ql,
     stride_qh,
     stride_qd,
+    stride_kb,
+    stride_kl,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vl,
+    stride_vh,
+    stride_vd,
     stride_ob,
     stride_ol,
     stride_oh,
@@ -383,6 +378,7 @@ def _sparse_attention_kernel(
     BLOCK_M: tl.constexpr,
     D: tl.constexpr,
     HAS_LINEAR: tl.constexpr,
+    TMA: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -402,11 +398,19 @@ def _sparse_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for j in tl.range(0, kk):
-        # A selected key block is BLKK consecutive rows of one head: one bulk tensor copy each for K and V,
-        # zero-filled past L.
+        # A selected key block is BLKK consecutive rows of one head: one bulk tensor copy each for K and V
+        # (zero-filled past L), or a masked gather.
         first_key = tl.load(index_row + j) * BLKK
-        k = k_desc.load([b, first_key, h, 0]).reshape(BLKK, D)
-        v = v_desc.load([b, first_key, h, 0]).reshape(BLKK, D)
+        if TMA:
+            k = k_src.load([b, first_key, h, 0]).reshape(BLKK, D)
+            v = v_src.load([b, first_key, h, 0]).reshape(BLKK, D)
+        else:
+            keys = first_key + key_row
+            key_ok = (keys < L)[:, None]
+            k_ptrs = _head_rows(k_src, b, h, keys, d, stride_kb, stride_kl, stride_kh, stride_kd)
+            v_ptrs = _head_rows(v_src, b, h, keys, d, stride_vb, stride_vl, stride_vh, stride_vd)
+            k = tl.load(k_ptrs, mask=key_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=key_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = tl.where((first_key + key_row < L)[None, :], s, float("-inf"))
         # Base-2 online softmax; qk_scale = log2(e)/sqrt(D) > 0 commutes with the max, so each logit
@@ -483,8 +487,8 @@ def block_sparse_attention(
     grid = (triton.cdiv(length, config.block_m), batch * heads)
     _sparse_attention_kernel[grid](
         q,
-        _key_block_descriptor(k, blkk),
-        _key_block_descriptor(v, blkk),
+        _key_block_descriptor(k, blkk) if config.tma else k,
+        _key_block_descriptor(v, blkk) if config.tma else v,
         out,
         block_index,
         kvw,
@@ -496,12 +500,15 @@ def block_sparse_attention(
         block_index.shape[3],
         dim**-0.5 * LOG2E,
         *q.stride(),
+        *k.stride(),
+        *v.stride(),
         *out.stride(),
         BLKQ=blkq,
         BLKK=blkk,
         BLOCK_M=config.block_m,
         D=dim,
         HAS_LINEAR=linear is not None,
+        TMA=config.tma,
         PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from turbovideo.kernels import int8_gemm as gemm_module
 from turbovideo.kernels import norms
+from turbovideo.kernels.gpu import gpu_limits
 from turbovideo.kernels.int8_gemm import int8_gemm
 from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise
 from turbovideo.kernels.rope import rms_norm_rope
@@ -85,12 +86,12 @@ def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> lis
     add(
         "int8 GEMM, quantize in prologue",
         _ms(lambda: int8_gemm(x, qw, sw, bias)),
-        config=str(gemm_module.gemm_launch(True, x.device)),
+        config=str(gemm_module.gemm_launch(True, gpu_limits(x.device))),
     )
     add(
         "int8 GEMM on int8 input",
         _ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx)),
-        config=str(gemm_module.gemm_launch(False, x.device)),
+        config=str(gemm_module.gemm_launch(False, gpu_limits(x.device))),
     )
     add("quantize_blockwise alone", _ms(lambda: quantize_blockwise(x)))
     add("torch._int_mm (no scales)", _ms(lambda: torch._int_mm(qx, qw.t())))

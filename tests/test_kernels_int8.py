@@ -7,13 +7,20 @@ tests run the compiled kernels. Both must match the reference bit for bit.
 import pytest
 import torch
 import torch.nn.functional as F
-from turbovideo.kernels.int8_gemm import int8_gemm, int8_linear
+from turbovideo.kernels.int8_gemm import GemmLaunch, int8_gemm, int8_linear
 from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise
 from turbovideo.kernels.rounding import INTERPRETED
 
 from turbovideo.models import int8 as reference
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
+# The device's own launch, Hopper's 64-row tiles, and the pointer loads of GPUs without TMA.
+_POINTERS = GemmLaunch(128, 128, 8, 3, tma=False)
+LAUNCHES = pytest.mark.parametrize(
+    "launch", [None, GemmLaunch(64, 128, 4, 3, group_m=32), _POINTERS], ids=["device", "64-row", "pointers"]
+)
+# Quantizing on load needs whole 128-row scale tiles.
+QUANTIZING_LAUNCHES = pytest.mark.parametrize("launch", [None, _POINTERS], ids=["device", "pointers"])
 
 
 def _bf16(rows: list[list[float]]) -> torch.Tensor:
@@ -85,15 +92,18 @@ def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     [(2, 100, 256, 128), (1, 200, 384, 200), (3, 37, 256, 256), (1, 50, 200, 136)],
     ids=["b2-k256-n128", "m200-k384-n200", "b3-odd-n256", "ragged-k200"],
 )
-def test_gemm_on_prequantized_activation_matches_reference(batch: int, length: int, k: int, n: int) -> None:
+@LAUNCHES
+def test_gemm_on_prequantized_activation_matches_reference(
+    batch: int, length: int, k: int, n: int, launch: GemmLaunch | None
+) -> None:
     x = torch.randn(batch, length, k, device=DEVICE).to(torch.bfloat16)
     qx, sx = quantize_blockwise(x)
     qw, sw, bias = _weight(n, k)
-    out = int8_gemm(qx, qw, sw, bias, a_scale=sx)
+    out = int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch)
     assert out.shape == (batch, length, n) and out.dtype == torch.bfloat16
     expected = reference.int8_gemm_reference(qx.reshape(-1, k), sx, qw, sw).to(torch.bfloat16) + bias
     assert torch.equal(out.reshape(-1, n), expected)
-    no_bias = int8_gemm(qx, qw, sw, None, a_scale=sx).reshape(-1, n)
+    no_bias = int8_gemm(qx, qw, sw, None, a_scale=sx, launch=launch).reshape(-1, n)
     assert torch.equal(
         no_bias, reference.int8_gemm_reference(qx.reshape(-1, k), sx, qw, sw).to(torch.bfloat16)
     )
@@ -102,12 +112,13 @@ def test_gemm_on_prequantized_activation_matches_reference(batch: int, length: i
 @pytest.mark.parametrize(
     ("batch", "length", "k", "n"), [(2, 100, 384, 200), (1, 128, 256, 128), (1, 60, 136, 72)]
 )
+@QUANTIZING_LAUNCHES
 def test_gemm_quantizing_bf16_activation_matches_reference_linear(
-    batch: int, length: int, k: int, n: int
+    batch: int, length: int, k: int, n: int, launch: GemmLaunch | None
 ) -> None:
     x = (torch.randn(batch, length, k, device=DEVICE) * 4).to(torch.bfloat16)
     qw, sw, bias = _weight(n, k)
-    out = int8_gemm(x, qw, sw, bias)
+    out = int8_gemm(x, qw, sw, bias, launch=launch)
     expected = reference.int8_linear_reference(x.reshape(-1, k), qw, sw, bias)
     assert torch.equal(out.reshape(-1, n), expected)
 
@@ -139,6 +150,8 @@ def test_gemm_rejects_mismatched_operands() -> None:
         int8_gemm(x[:, :128], qw, sw, bias)
     with pytest.raises(ValueError, match="bf16"):
         int8_gemm(x.float(), qw, sw, bias)
+    with pytest.raises(ValueError, match="128-row tiles"):
+        int8_gemm(x, qw, sw, bias, launch=GemmLaunch(64, 128, 4, 3))
 
 
 def test_int8_linear_takes_bf16_or_prequantized_activations() -> None:

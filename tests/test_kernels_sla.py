@@ -87,6 +87,17 @@ def test_sla_matches_float64(batch, length, heads, dim, blkq, blkk, topk):
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("blkq", "blkk"), [sla.SLA_BLOCKS, sla.SAGESLA_SM90_BLOCKS])
+def test_pointer_loads_equal_bulk_copies(blkq, blkk):
+    # GPUs without TMA gather K/V blocks through pointers: same blocks, same zeros past L, same result.
+    q, k, v = _qkv(2, 300, 2, 64)  # strided views, partial last blocks
+    v = v.contiguous()  # K and V strides differ
+    weight, bias = _proj(64)
+    configs = (sla.SparseConfig(64, 4, 3, tma=True), sla.SparseConfig(64, 8, 2, tma=False))
+    bulk, gathered = (sla.sla_attention(q, k, v, weight, bias, 0.5, blkq, blkk, config) for config in configs)
+    assert torch.equal(bulk, gathered)
+
+
 def test_equal_scores_keep_the_lower_blocks():
     q, k, v = _qkv(1, 300, 2, 32)
     state = sla.linear_state(k, v, 32)
