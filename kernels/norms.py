@@ -228,7 +228,9 @@ def _layer_norm(
         QUANTIZE_OUT=quantize,
         BLOCK_ROWS=block_rows,
         CHUNK=_CHUNK,
-        num_warps=8 if quantize else 4,
+        # 128-row programs (whole int8 tiles) are few: 16 warps keep more of each in flight (H100:
+        # 0.23 / 0.28 ms instead of 0.26 / 0.54 ms with 8 at 1.3B, without / with the residual add).
+        num_warps=16 if quantize else 4,
         enable_fp_fusion=False,
     )
     return x_out, ((out, out_scale) if quantize else out)
