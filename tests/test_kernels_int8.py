@@ -7,7 +7,8 @@ tests run the compiled kernels. Both must match the reference bit for bit.
 import pytest
 import torch
 import torch.nn.functional as F
-from turbovideo.kernels.int8_gemm import GemmLaunch, int8_gemm, int8_linear
+from turbovideo.kernels.gpu import GpuLimits
+from turbovideo.kernels.int8_gemm import GemmLaunch, gemm_launch, int8_gemm, int8_linear
 from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise
 from turbovideo.kernels.rounding import INTERPRETED
 
@@ -170,3 +171,19 @@ def test_int8_linear_takes_bf16_or_prequantized_activations() -> None:
     assert torch.equal(from_int8, from_bf16)
     # The default implementation: the kernels on CUDA, the reference (same bits) elsewhere.
     assert torch.equal(layer(prequantized), from_bf16)
+
+
+def test_launch_follows_the_gpu() -> None:
+    hopper, a100, ada = GpuLimits(90, 227 * 1024), GpuLimits(80, 163 * 1024), GpuLimits(89, 99 * 1024)
+    # Hopper: bulk tensor copies; 64-row tiles on int8 input, whole 128-row scale tiles to quantize on load.
+    assert gemm_launch(False, hopper) == GemmLaunch(64, 128, 4, 3, group_m=32, tma=True)
+    assert gemm_launch(True, hopper).block_m == 128 and gemm_launch(True, hopper).tma
+    # Before Hopper: pointer loads, and only as many stages as shared memory holds.
+    assert [gemm_launch(quantize, gpu).num_stages for gpu in (a100, ada) for quantize in (False, True)] == [
+        3,
+        3,
+        3,
+        2,
+    ]
+    assert not any(gemm_launch(quantize, gpu).tma for gpu in (a100, ada) for quantize in (False, True))
+    assert gemm_launch(False, None).tma  # the interpreter runs the Hopper path

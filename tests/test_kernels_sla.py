@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from turbovideo.kernels import sagesla, sla, sla_backends  # noqa: E402
+from turbovideo.kernels.gpu import GpuLimits  # noqa: E402
 
 from turbovideo.errors import InputError  # noqa: E402
 from turbovideo.models import attention  # noqa: E402
@@ -96,6 +97,13 @@ def test_pointer_loads_equal_bulk_copies(blkq, blkk):
     configs = (sla.SparseConfig(64, 4, 3, tma=True), sla.SparseConfig(64, 8, 2, tma=False))
     bulk, gathered = (sla.sla_attention(q, k, v, weight, bias, 0.5, blkq, blkk, config) for config in configs)
     assert torch.equal(bulk, gathered)
+
+
+def test_sparse_launch_follows_the_gpu():
+    hopper, ada = GpuLimits(90, 227 * 1024), GpuLimits(89, 99 * 1024)
+    assert sla.default_sparse_config(128, 64, 128, hopper) == sla.SparseConfig(64, 4, 3, tma=True)
+    # No warpgroup MMA or TMA before Hopper: 8 warps, pointer loads, stages that fit 99 KB.
+    assert sla.default_sparse_config(128, 64, 128, ada) == sla.SparseConfig(64, 8, 2, tma=False)
 
 
 def test_equal_scores_keep_the_lower_blocks():
