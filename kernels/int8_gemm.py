@@ -152,14 +152,13 @@ def gemm_launch(quantize_a: bool, gpu: GpuLimits | None) -> GemmLaunch:
     (the image's), so operands come through pointer loads, pipelined as async copies, with as many
     stages as shared memory holds (99 KB on Ada). Off CUDA (the interpreter) the TMA path runs.
     """
-    hopper = gpu is None or gpu.hopper
-    if gpu is not None and hopper and not quantize_a:
+    if gpu is not None and gpu.hopper and not quantize_a:
         return GemmLaunch(64, 128, num_warps=4, num_stages=3, group_m=32)
     stage_bytes = QUANT_BLOCK * QUANT_BLOCK * (2 if quantize_a else 1) + QUANT_BLOCK * QUANT_BLOCK
     stages = 3
     while gpu is not None and stages > 1 and stages * stage_bytes > gpu.shared_bytes:
         stages -= 1
-    return GemmLaunch(QUANT_BLOCK, QUANT_BLOCK, num_warps=8, num_stages=stages, tma=hopper)
+    return GemmLaunch(QUANT_BLOCK, QUANT_BLOCK, num_warps=8, num_stages=stages, tma=gpu is None or gpu.hopper)
 
 
 def _tma_rows(x: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,7 @@ def default_sparse_config(
 
     H100 sweep (scripts/bench_kernels.py, topk 0.10, sparse + linear kernel, BLKK 64): 1.56 ms at H=12
     L=32760 and 26.0 ms at H=40 L=75600, against 1.84 ms and 26.7 ms for 128 rows with 8 warps and
-    2.25 ms and 29.7 ms for pointer loads; two stages lose 20 %. Hopper's warpgroup MMA holds the tile
+    2.25 ms and 29.7 ms for the pointer-gather kernel before TMA; two stages lose 20 %. Hopper's warpgroup MMA holds the tile
     in 4 warps; mma.sync on older GPUs needs 8 not to spill. Older GPUs have no TMA, and Triton's
     stand-in for a descriptor load there neither pipelines nor fits in registers (ptxas: 0.4-1.7 KB of
     spills per thread with Triton 3.4, the image's), so they load K/V through pointers, which
