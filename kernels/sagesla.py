@@ -1,7 +1,9 @@
 """SageSLA (upstream-spec §4.3): SLA whose sparse branch runs in SpargeAttn's int8 QK / fp8-or-fp16 PV kernels.
 
-Block selection and the linear branch are ours (kernels/sla.py); only the quantization and the sparse
-kernel come from ``spas_sage_attn``, which is optional: nothing here imports it until a call needs it.
+Block selection and the linear branch are ours (kernels/sla.py), and so is the per-block int8
+quantization of q and k (``quantize_blocks``), which reads the DiT's [B, L, H, D] layout where
+SpargeAttn's reads contiguous [B, H, L, D] copies. V's fp8 preparation and the sparse kernel come from
+``spas_sage_attn``, which is optional: nothing here imports it until a call needs it.
 """
 
 import functools
@@ -9,7 +11,10 @@ import importlib
 from types import SimpleNamespace
 
 import torch
+import triton
+import triton.language as tl
 
+from .rounding import to_bf16
 from .sla import SAGESLA_SM90_BLOCKS, SLA_BLOCKS, add_linear_branch, linear_state, select_blocks
 
 # The archs SpargeAttn's build compiles kernels for (its setup.py filters TORCH_CUDA_ARCH_LIST to these).
@@ -48,6 +53,66 @@ def is_available(device: torch.device) -> bool:
 def selection_blocks(arch: str) -> tuple[int, int]:
     """(BLKQ, BLKK) SageSLA selects with on ``arch`` (spec §4.2): Hopper's kernel tiles 64 x 128."""
     return SAGESLA_SM90_BLOCKS if arch == "sm90" else SLA_BLOCKS
+
+
+@triton.jit
+def _quantize_blocks_kernel(
+    x_ptr,
+    mean_ptr,
+    q_ptr,
+    scale_ptr,
+    L,
+    H,
+    n_blocks,
+    stride_xb,
+    stride_xl,
+    stride_xh,
+    BLK: tl.constexpr,
+    D: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = blk * BLK + tl.arange(0, BLK)
+    d = tl.arange(0, D)
+    row_ok = (rows < L)[:, None]
+    head = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    x = tl.load(head + rows.to(tl.int64)[:, None] * stride_xl + d[None, :], mask=row_ok, other=0.0)
+    # SpargeAttn's quantizer, operation for operation (its kernel reads [B, H, L, D] copies): the mean
+    # subtracted and rounded to bf16, scale = amax / 127 + 1e-7, round half away from zero, truncate.
+    x = x.to(tl.float32)
+    if HAS_MEAN:
+        mean = tl.load(mean_ptr + bh * D + d).to(tl.float32)
+        x = tl.where(row_ok, to_bf16(x - mean[None, :]).to(tl.float32), 0.0)
+    scale = tl.max(tl.abs(x)) / 127.0
+    scale += 1e-7
+    q = x / scale
+    q += 0.5 * tl.where(q >= 0, 1, -1)
+    out_ptrs = q_ptr + bh.to(tl.int64) * L * D + rows.to(tl.int64)[:, None] * D + d[None, :]
+    tl.store(out_ptrs, q.to(tl.int8), mask=row_ok)
+    tl.store(scale_ptr + bh * n_blocks + blk, scale)
+
+
+def quantize_blocks(
+    x: torch.Tensor, blk: int, mean: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block int8 of x [B, L, H, D] (bf16, any strides with a unit head-dim stride), minus ``mean``
+    [B, H, 1, D] if given: (int8 [B, H, L, D] contiguous, fp32 scales [B, H, ceil(L / blk)]), the
+    layout and values SpargeAttn's kernels take."""
+    batch, length, heads, dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n_blocks = triton.cdiv(length, blk)
+    q = torch.empty((batch, heads, length, dim), dtype=torch.int8, device=x.device)
+    scales = torch.empty((batch, heads, n_blocks), dtype=torch.float32, device=x.device)
+    mean_arg = mean.to(x.dtype).contiguous() if mean is not None else x
+    _quantize_blocks_kernel[(n_blocks, batch * heads)](
+        x, mean_arg, q, scales, length, heads, n_blocks, x.stride(0), x.stride(1), x.stride(2),
+        BLK=blk, D=dim, HAS_MEAN=mean is not None, num_warps=4,
+    )  # fmt: skip
+    return q, scales
 
 
 def block_lut(block_index: torch.Tensor, n_kblocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,15 +155,17 @@ def sagesla_attention(
 
 def _sparse_branch(sparge, arch, q, k, v, state, lut, count, blkq, blkk) -> torch.Tensor:
     """SpargeAttn's block-sparse attention; returns [B, H, L, D]."""
-    # Its kernels and quantizers read contiguous [B, H, L, D] ("HND", tensor_layout 1) in bf16.
-    q, k, v = (x.transpose(1, 2).to(torch.bfloat16).contiguous() for x in (q, k, v))
-    batch, heads, length, dim = q.shape
-    k_mean = state.k_mean.to(torch.bfloat16)
-    q_int8, q_scale, k_int8, k_scale = sparge.utils.get_vanilla_qk_quant(q, k, k_mean, blkq, blkk)
+    # Its kernels read [B, H, L, D] ("HND", tensor_layout 1): the int8 q, k come that way from
+    # quantize_blocks; v goes through SpargeAttn's own preparation.
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    batch, length, heads, dim = q.shape
+    q_int8, q_scale = quantize_blocks(q, blkq)
+    k_int8, k_scale = quantize_blocks(k, blkk, state.k_mean)
+    v = v.transpose(1, 2).contiguous()
     scale = dim**-0.5
     layout, causal, per_block = 1, False, 1
     if arch in ("sm80", "sm86", "sm87"):
-        o_s = torch.empty(q.shape, dtype=torch.float16, device=q.device)
+        o_s = torch.empty(v.shape, dtype=torch.float16, device=q.device)
         no_skip = torch.full((heads,), _NO_PV_SKIP, dtype=torch.float32, device=q.device)
         sparge.qattn.qk_int8_sv_f16_accum_f16_block_sparse_attn_inst_buf_with_pv_threshold(
             q_int8, k_int8, v.to(torch.float16), o_s, lut, count, no_skip, q_scale, k_scale,
@@ -112,7 +179,7 @@ def _sparse_branch(sparge, arch, q, k, v, state, lut, count, blkq, blkk) -> torc
     v_fp8 = torch.empty(v_t.shape, dtype=torch.float8_e4m3fn, device=v.device)
     v_scale = torch.empty((batch, heads, dim), dtype=torch.float32, device=v.device)
     sparge.fused.scale_fuse_quant_cuda(v_t, v_fp8, v_scale, length, 2.25, layout)
-    o_s = torch.empty_like(q)
+    o_s = torch.empty_like(v)
     if arch == "sm90":
         sparge.qattn.qk_int8_sv_f8_accum_f32_block_sparse_attn_inst_buf_fuse_v_scale_sm90(
             q_int8,

@@ -222,6 +222,34 @@ def test_sagesla_lut_decodes_to_the_selected_blocks():
     assert torch.equal(lut[..., :3].cumsum(-1).int(), index)
 
 
+def _sparge_quantize64(x_hnd: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SpargeAttn's per-block quantizer in torch: scale = amax / 127 + 1e-7, round half away, truncate."""
+    batch, heads, length, dim = x_hnd.shape
+    q = torch.empty(x_hnd.shape, dtype=torch.int8)
+    scales = torch.empty(batch, heads, -(-length // blk))
+    for i, start in enumerate(range(0, length, blk)):
+        block = x_hnd[:, :, start : start + blk].float()
+        scale = block.abs().amax(dim=(2, 3)) / 127.0 + 1e-7
+        values = block / scale[:, :, None, None]
+        q[:, :, start : start + blk] = (values + 0.5 * torch.where(values >= 0, 1.0, -1.0)).to(torch.int8)
+        scales[:, :, i] = scale
+    return q, scales
+
+
+@pytest.mark.parametrize("with_mean", [False, True])
+def test_sagesla_quantizer_reads_the_dit_layout(with_mean):
+    # Values on a 1/4 grid keep the bf16 mean subtraction exact in the interpreter too.
+    packed = (torch.randint(-32, 33, (2, 150, 2, 3, 64)) / 4).to(torch.bfloat16)
+    x = packed[:, :, 0]  # a strided [B, L, H, D] view, as a packed qkv projection yields
+    mean = (torch.randint(-4, 5, (2, 3, 1, 64)) / 4).float() if with_mean else None
+    q, scales = sagesla.quantize_blocks(x, 64, mean)
+    x_hnd = x.transpose(1, 2) - (mean.to(torch.bfloat16) if with_mean else 0)
+    expected_q, expected_scales = _sparge_quantize64(x_hnd, 64)
+    assert q.shape == (2, 3, 150, 64) and q.is_contiguous() and scales.shape == (2, 3, 3)
+    assert torch.equal(q, expected_q)
+    assert torch.equal(scales, expected_scales)
+
+
 def test_sagesla_block_sizes_follow_the_arch():
     assert sagesla.selection_blocks("sm90") == (64, 128)
     assert sagesla.selection_blocks("sm80") == sagesla.selection_blocks("sm89") == (128, 64)
