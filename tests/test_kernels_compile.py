@@ -1,5 +1,6 @@
-"""The SLA and int8 kernels compile for each GPU generation (H100 sm_90, A100 sm_80, Ada sm_89) without
-spilling registers or overflowing shared memory, and stream their operands in ahead of use.
+"""The SLA, SageSLA-quantizer and int8 kernels compile for each GPU generation (H100 sm_90, A100 sm_80,
+Ada sm_89) without spilling registers or overflowing shared memory, and stream their operands in ahead
+of use.
 
 Triton's interpreter (the CPU tests) accepts code that the GPU compiler rejects, so this compiles the
 production launch configurations ahead of time with Triton's bundled ptxas; no GPU is needed. Triton
@@ -82,7 +83,7 @@ def _compile(
 
 
 def _compile_report() -> list[dict]:
-    from turbovideo.kernels import int8_gemm, sla
+    from turbovideo.kernels import int8_gemm, sagesla, sla
     from turbovideo.kernels.gpu import GpuLimits
 
     # Hopper; A100; Ada and RTX Ampere (the 24 GB cards), which have 99 KB of shared memory per program.
@@ -148,6 +149,13 @@ def _compile_report() -> list[dict]:
     report.append(
         _compile(sla._add_linear_kernel, linear_types, dict(BLOCK_M=64, D=128, PRECISION="tf32"), 4, 3)
     )
+    # SageSLA's per-block q/k quantizer, on every GPU SpargeAttn runs on.
+    quant_types = dict(x_ptr=bf16, mean_ptr=bf16, q_ptr="*i8", scale_ptr="*fp32")
+    for gpu in gpus:
+        constexprs = dict(BLK=128, D=128, HAS_MEAN=True)
+        report.append(
+            _compile(sagesla._quantize_blocks_kernel, quant_types, constexprs, 4, 1, arch=gpu.capability)
+        )
     # The int8 GEMM on int8 activations (the DiT's) and on bf16 ones quantized as they load.
     for gpu in gpus:
         for quantize_a in (False, True):
@@ -203,7 +211,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 20
+    assert len(report) == 23
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %
