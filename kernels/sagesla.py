@@ -115,6 +115,73 @@ def quantize_blocks(
     return q, scales
 
 
+# V's fp8 values span +-_V_FP8_RANGE (SpargeAttn's choice: scale = amax / 2.25), far inside e4m3's 448.
+_V_FP8_RANGE = 2.25
+_V_TILE = 64  # tokens per program of the fp8 kernel (divides the 128-token padding; 128 spill registers)
+
+
+@triton.jit
+def _channel_amax_kernel(
+    v_ptr, out_ptr, L, H, n_chunks, stride_b, stride_l, stride_h, CHUNK: tl.constexpr, D: tl.constexpr
+):
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = chunk * CHUNK + tl.arange(0, CHUNK)
+    d = tl.arange(0, D)
+    head = v_ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    v = tl.load(
+        head + rows.to(tl.int64)[:, None] * stride_l + d[None, :], mask=(rows < L)[:, None], other=0.0
+    )
+    tl.store(out_ptr + (bh.to(tl.int64) * n_chunks + chunk) * D + d, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+
+
+@triton.jit
+def _v_fp8_kernel(
+    v_ptr, amax_ptr, out_ptr, L, H, padded, stride_b, stride_l, stride_h,
+    RANGE: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    positions = tile * TILE + tl.arange(0, TILE)
+    # The fp8 MMA reads each 16 tokens reordered: tokens 0..15 of a group sit at positions
+    # 0 1 4 5 8 9 12 13 2 3 6 7 10 11 14 15, so position p holds token 8 ((p // 2) % 2) + 2 (p // 4) + p % 2
+    # of its group. Gathering rows in that order keeps the stores contiguous.
+    p = positions % 16
+    tokens = positions - p + 8 * ((p // 2) % 2) + 2 * (p // 4) + p % 2
+    d = tl.arange(0, D)
+    head = v_ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    rows = head + tokens.to(tl.int64)[:, None] * stride_l + d[None, :]
+    v = tl.load(rows, mask=(tokens < L)[:, None], other=0.0)
+    values = v.to(tl.float32) * (RANGE / tl.load(amax_ptr + bh * D + d))[None, :]
+    out = out_ptr + bh.to(tl.int64) * D * padded + d[:, None] * padded + positions[None, :]
+    tl.store(out, tl.trans(values.to(tl.float8e4nv)))
+
+
+def prepare_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """V [B, L, H, D] (bf16, unit head-dim stride) as SpargeAttn's sm89/sm90 kernels read it: fp8 e4m3
+    [B, H, D, L padded to 128] with each 16 tokens in the fp8 MMA's order and zeros past L, and the
+    per-channel scales [B, H, D] (amax / 2.25). One pass for the amax, one for the values: SpargeAttn's
+    own preparation needs a [B, H, L, D] copy, a transposed padded copy and a pass over that."""
+    batch, length, heads, dim = v.shape
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    chunk = 256
+    n_chunks = triton.cdiv(length, chunk)
+    partial = torch.empty((batch * heads, n_chunks, dim), dtype=torch.float32, device=v.device)
+    strides = (v.stride(0), v.stride(1), v.stride(2))
+    _channel_amax_kernel[(n_chunks, batch * heads)](
+        v, partial, length, heads, n_chunks, *strides, CHUNK=chunk, D=dim, num_warps=4
+    )
+    # An all-zero channel would give 0 / 0 (SpargeAttn's NaN); the smallest normal keeps it zero.
+    amax = partial.amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    padded = triton.cdiv(length, 128) * 128
+    values = torch.empty((batch, heads, dim, padded), dtype=torch.float8_e4m3fn, device=v.device)
+    _v_fp8_kernel[(padded // _V_TILE, batch * heads)](
+        v, amax, values, length, heads, padded, *strides, RANGE=_V_FP8_RANGE, TILE=_V_TILE, D=dim, num_warps=4
+    )
+    return values, (amax / _V_FP8_RANGE).view(batch, heads, dim)
+
+
 def block_lut(block_index: torch.Tensor, n_kblocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """SpargeAttn's sparse layout from ascending block indices [B, H, nQ, kk].
 
@@ -155,31 +222,25 @@ def sagesla_attention(
 
 def _sparse_branch(sparge, arch, q, k, v, state, lut, count, blkq, blkk) -> torch.Tensor:
     """SpargeAttn's block-sparse attention; returns [B, H, L, D]."""
-    # Its kernels read [B, H, L, D] ("HND", tensor_layout 1): the int8 q, k come that way from
-    # quantize_blocks; v goes through SpargeAttn's own preparation.
+    # Its kernels read [B, H, L, D] ("HND", tensor_layout 1) int8 q, k (quantize_blocks writes them so)
+    # and, from sm89 on, the fp8 V of prepare_v_fp8.
     q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     batch, length, heads, dim = q.shape
     q_int8, q_scale = quantize_blocks(q, blkq)
     k_int8, k_scale = quantize_blocks(k, blkk, state.k_mean)
-    v = v.transpose(1, 2).contiguous()
     scale = dim**-0.5
     layout, causal, per_block = 1, False, 1
-    if arch in ("sm80", "sm86", "sm87"):
-        o_s = torch.empty(v.shape, dtype=torch.float16, device=q.device)
+    fp16_pv = arch in ("sm80", "sm86", "sm87")  # Ampere's kernel takes V in fp16 and writes fp16
+    out_dtype = torch.float16 if fp16_pv else torch.bfloat16
+    o_s = torch.empty((batch, heads, length, dim), dtype=out_dtype, device=q.device)
+    if fp16_pv:
         no_skip = torch.full((heads,), _NO_PV_SKIP, dtype=torch.float32, device=q.device)
         sparge.qattn.qk_int8_sv_f16_accum_f16_block_sparse_attn_inst_buf_with_pv_threshold(
-            q_int8, k_int8, v.to(torch.float16), o_s, lut, count, no_skip, q_scale, k_scale,
-            layout, causal, per_block, scale, 0,
+            q_int8, k_int8, v.transpose(1, 2).to(torch.float16).contiguous(), o_s, lut, count, no_skip,
+            q_scale, k_scale, layout, causal, per_block, scale, 0,
         )  # fmt: skip
         return o_s
-    # sm89/sm90: V transposed, padded to 128 tokens and quantized per channel to fp8 (scale amax / 2.25).
-    padded = (length + 127) // 128 * 128
-    v_t = torch.empty((batch, heads, dim, padded), dtype=v.dtype, device=v.device)
-    sparge.fused.transpose_pad_permute_cuda(v, v_t, layout)
-    v_fp8 = torch.empty(v_t.shape, dtype=torch.float8_e4m3fn, device=v.device)
-    v_scale = torch.empty((batch, heads, dim), dtype=torch.float32, device=v.device)
-    sparge.fused.scale_fuse_quant_cuda(v_t, v_fp8, v_scale, length, 2.25, layout)
-    o_s = torch.empty_like(v)
+    v_fp8, v_scale = prepare_v_fp8(v)
     if arch == "sm90":
         sparge.qattn.qk_int8_sv_f8_accum_f32_block_sparse_attn_inst_buf_fuse_v_scale_sm90(
             q_int8,

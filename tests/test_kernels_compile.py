@@ -156,6 +156,21 @@ def _compile_report() -> list[dict]:
         report.append(
             _compile(sagesla._quantize_blocks_kernel, quant_types, constexprs, 4, 1, arch=gpu.capability)
         )
+    # Its fp8 V preparation, where SpargeAttn uses fp8 (sm89, sm90).
+    for arch in (90, 89):
+        report.append(
+            _compile(
+                sagesla._channel_amax_kernel,
+                dict(v_ptr=bf16, out_ptr="*fp32"),
+                dict(CHUNK=256, D=128),
+                4,
+                1,
+                arch=arch,
+            )
+        )
+        fp8_types = dict(v_ptr=bf16, amax_ptr="*fp32", out_ptr="*fp8e4nv")
+        constexprs = dict(RANGE=sagesla._V_FP8_RANGE, TILE=sagesla._V_TILE, D=128)
+        report.append(_compile(sagesla._v_fp8_kernel, fp8_types, constexprs, 4, 1, arch=arch))
     # The int8 GEMM on int8 activations (the DiT's) and on bf16 ones quantized as they load.
     for gpu in gpus:
         for quantize_a in (False, True):
@@ -211,7 +226,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 23
+    assert len(report) == 27
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %

@@ -250,6 +250,22 @@ def test_sagesla_quantizer_reads_the_dit_layout(with_mean):
     assert torch.equal(scales, expected_scales)
 
 
+def test_sagesla_v_fp8_layout():
+    # Multiples of 1/4 up to 2.25, with 2.25 in every channel, are exact in e4m3 at scale 1: this checks the
+    # layout (transposed, padded to 128 tokens, the fp8 MMA's order within 16) and the scales.
+    packed = (torch.randint(-9, 10, (2, 150, 2, 3, 32)) / 4).to(torch.bfloat16)
+    packed[:, 7] = 2.25
+    v = packed[:, :, 1]  # a strided [B, L, H, D] view
+    values, scales = sagesla.prepare_v_fp8(v)
+    assert values.shape == (2, 3, 32, 256) and values.dtype == torch.float8_e4m3fn
+    assert torch.equal(scales, torch.ones(2, 3, 32))
+    position = [0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15]  # of each token of a group of 16
+    expected = torch.zeros(2, 3, 32, 256)
+    for token in range(150):
+        expected[..., 16 * (token // 16) + position[token % 16]] = v[:, token].float()
+    assert torch.equal(values.float(), expected)
+
+
 def test_sagesla_block_sizes_follow_the_arch():
     assert sagesla.selection_blocks("sm90") == (64, 128)
     assert sagesla.selection_blocks("sm80") == sagesla.selection_blocks("sm89") == (128, 64)
