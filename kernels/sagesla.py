@@ -1,9 +1,10 @@
 """SageSLA (upstream-spec §4.3): SLA whose sparse branch runs in SpargeAttn's int8 QK / fp8-or-fp16 PV kernels.
 
-Block selection and the linear branch are ours (kernels/sla.py), and so is the per-block int8
-quantization of q and k (``quantize_blocks``), which reads the DiT's [B, L, H, D] layout where
-SpargeAttn's reads contiguous [B, H, L, D] copies. V's fp8 preparation and the sparse kernel come from
-``spas_sage_attn``, which is optional: nothing here imports it until a call needs it.
+Block selection and the linear branch are ours (kernels/sla.py), and so are the per-block int8
+quantization of q and k (``quantize_blocks``) and V's fp8 preparation (``prepare_v_fp8``): they read
+the DiT's [B, L, H, D] layout where SpargeAttn's versions need [B, H, L, D] copies, and produce the
+same bits. Only the sparse kernels come from ``spas_sage_attn``, which is optional: nothing here
+imports it until a call needs it.
 """
 
 import functools
