@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .rounding import to_bf16
-from .sla import SAGESLA_SM90_BLOCKS, SLA_BLOCKS, add_linear_branch, linear_state, select_blocks
+from .sla import SAGESLA_SM90_BLOCKS, SLA_BLOCKS, _head_rows, add_linear_branch, linear_state, select_blocks
 
 # The archs SpargeAttn's build compiles kernels for (its setup.py filters TORCH_CUDA_ARCH_LIST to these).
 SUPPORTED_ARCHS = ("sm80", "sm86", "sm87", "sm89", "sm90")
@@ -74,13 +74,14 @@ def _quantize_blocks_kernel(
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     rows = blk * BLK + tl.arange(0, BLK)
     d = tl.arange(0, D)
     row_ok = (rows < L)[:, None]
-    head = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
-    x = tl.load(head + rows.to(tl.int64)[:, None] * stride_xl + d[None, :], mask=row_ok, other=0.0)
+    x = tl.load(
+        _head_rows(x_ptr, bh // H, bh % H, rows, d, stride_xb, stride_xl, stride_xh, 1),
+        mask=row_ok,
+        other=0.0,
+    )
     # SpargeAttn's quantizer, operation for operation (its kernel reads [B, H, L, D] copies): the mean
     # subtracted and rounded to bf16, scale = amax / 127 + 1e-7, round half away from zero, truncate.
     x = x.to(tl.float32)
@@ -129,10 +130,8 @@ def _channel_amax_kernel(
     bh = tl.program_id(1)
     rows = chunk * CHUNK + tl.arange(0, CHUNK)
     d = tl.arange(0, D)
-    head = v_ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
-    v = tl.load(
-        head + rows.to(tl.int64)[:, None] * stride_l + d[None, :], mask=(rows < L)[:, None], other=0.0
-    )
+    v_ptrs = _head_rows(v_ptr, bh // H, bh % H, rows, d, stride_b, stride_l, stride_h, 1)
+    v = tl.load(v_ptrs, mask=(rows < L)[:, None], other=0.0)
     tl.store(out_ptr + (bh.to(tl.int64) * n_chunks + chunk) * D + d, tl.max(tl.abs(v.to(tl.float32)), axis=0))
 
 
@@ -150,9 +149,8 @@ def _v_fp8_kernel(
     p = positions % 16
     tokens = positions - p + 8 * ((p // 2) % 2) + 2 * (p // 4) + p % 2
     d = tl.arange(0, D)
-    head = v_ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
-    rows = head + tokens.to(tl.int64)[:, None] * stride_l + d[None, :]
-    v = tl.load(rows, mask=(tokens < L)[:, None], other=0.0)
+    v_ptrs = _head_rows(v_ptr, bh // H, bh % H, tokens, d, stride_b, stride_l, stride_h, 1)
+    v = tl.load(v_ptrs, mask=(tokens < L)[:, None], other=0.0)
     values = v.to(tl.float32) * (RANGE / tl.load(amax_ptr + bh * D + d))[None, :]
     out = out_ptr + bh.to(tl.int64) * D * padded + d[:, None] * padded + positions[None, :]
     tl.store(out, tl.trans(values.to(tl.float8e4nv)))
