@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from turbovideo.kernels import sagesla, sla
 
-from turbovideo.benchmark import median_ms, rel_error
+from turbovideo.benchmark import back_to_back_ms, median_ms, rel_error
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"wan-1.3B-480p": (12, 32760), "wan-14B-720p": (40, 75600)}
@@ -130,7 +130,7 @@ def bench_sla(
     )
     rows.add(
         f"SLA module topk {topk:.2f}, {BACK_TO_BACK} back-to-back calls, per call",
-        back_to_back_ms(lambda: sla.sla_attention(q, k, v, weight, bias, topk), iters),
+        back_to_back_ms(lambda: sla.sla_attention(q, k, v, weight, bias, topk), iters, BACK_TO_BACK),
     )
     state = sla.linear_state(k, v, blkk)
     index = sla.select_blocks(q, state, topk, blkq)
@@ -188,15 +188,8 @@ def bench_sagesla(
     )
     rows.add(
         f"SageSLA module topk {topk:.2f}, {BACK_TO_BACK} back-to-back calls, per call",
-        back_to_back_ms(lambda: sagesla.sagesla_attention(q, k, v, weight, bias, topk), iters),
+        back_to_back_ms(lambda: sagesla.sagesla_attention(q, k, v, weight, bias, topk), iters, BACK_TO_BACK),
     )
-
-
-def back_to_back_ms(module, iters: int) -> float:
-    """Per-call time of BACK_TO_BACK calls queued at once. Inside the DiT the CPU queues layers ahead of
-    the GPU, so the launch latency of a module's dozen small launches, exposed when one call runs
-    alone, is hidden there."""
-    return median_ms(lambda: [module() for _ in range(BACK_TO_BACK)], iters=iters, warmup=1) / BACK_TO_BACK
 
 
 def linear_rows(device: torch.device) -> list[dict]:
