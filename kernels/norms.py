@@ -24,10 +24,19 @@ import triton.language as tl
 from .quant import QUANT_BLOCK, quantize_tile, scale_shape
 from .rounding import div_rn, to_bf16
 
-# Columns per step of the row passes.
-_CHUNK = QUANT_BLOCK
-# Rows per program of the row passes (any count works; per-row math does not depend on it).
-_ROWS = 8
+
+def _row_pass_shape(dim: int, stats_only: bool) -> tuple[int, int]:
+    """(rows per program, columns per step) of ``_layer_norm_kernel``; per-row math depends only on the
+    step width, as the order in which chunk statistics merge.
+
+    H200 sweep (4 warps, 10 calls back to back): 8 rows x 256 columns took 0.078 / 0.040 ms at 1.3B's
+    width (bf16 output / statistics only; 128 columns: 0.087 / 0.043) and 0.211 ms for the statistics
+    at 14B's; writing 14B's bf16 output, one row in 2048-column steps took 0.50 ms against 0.61-0.67.
+    """
+    if dim > 2048 and not stats_only:
+        return 1, 2048
+    return 8, 256
+
 
 Normed = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -292,7 +301,8 @@ def _layer_norm(
     out = stats = None if quantize else torch.empty_like(x)
     if quantize:
         stats = torch.empty((rows, 2), dtype=torch.float32, device=x.device)
-    _layer_norm_kernel[(triton.cdiv(rows, _ROWS),)](
+    block_rows, chunk = _row_pass_shape(dim, stats_only=quantize)
+    _layer_norm_kernel[(triton.cdiv(rows, block_rows),)](
         x,
         update if update is not None else unused,
         gate if gate is not None else unused,
@@ -315,8 +325,8 @@ def _layer_norm(
         AFFINE=weight is not None,
         MODULATE=shift is not None,
         STATS_ONLY=quantize,
-        BLOCK_ROWS=_ROWS,
-        CHUNK=_CHUNK,
+        BLOCK_ROWS=block_rows,
+        CHUNK=chunk,
         num_warps=4,
         enable_fp_fusion=False,
     )

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import div_rn, round_half_even, to_bf16
+from .rounding import div_rn, round_to_int32, to_bf16
 
 QUANT_BLOCK = 128
 
@@ -24,7 +24,8 @@ def quantize_tile(x):
     """fp32 tile (out-of-range elements loaded as 0) -> (int8 tile, its fp32 scale)."""
     amax = tl.maximum(tl.max(tl.abs(x)), 1e-8)
     multiplier = div_rn(128.0, amax)  # IEEE, as the reference divides
-    q = tl.clamp(round_half_even(x * multiplier), -128.0, 127.0)
+    # |x * multiplier| <= 128 (+ rounding): within round_to_int32's range; only +128 saturates.
+    q = tl.minimum(tl.maximum(round_to_int32(x * multiplier), -128), 127)
     return q.to(tl.int8), amax * (1.0 / 128.0)
 
 
