@@ -438,26 +438,47 @@ def test_spargeattn_source_is_patched_only_for_cuda_13(tmp_path, release, keeps_
     assert "-include,cassert" in (source / "setup.py").read_text()  # the checkout is never modified
 
 
-def test_spargeattn_build_refuses_old_checkouts_and_missing_nvcc(tmp_path):
-    source = sparge_source(tmp_path)
+def git_commit_all(repo: Path) -> None:
+    """Make ``repo`` a git repository with one commit holding everything in it."""
     git = {
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@t",
         "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t",
     }
-    for command in (["init", "-q"], ["add", "setup.py"], ["commit", "-qm", "old"]):
-        subprocess.run(["git", "-C", str(source), *command], check=True, env={**os.environ, **git})
-    old = run_script(
+    for command in (["init", "-q"], ["add", "."], ["commit", "-qm", "old"]):
+        subprocess.run(["git", "-C", str(repo), *command], check=True, env={**os.environ, **git})
+
+
+def prepare_spargeattn(tmp_path: Path, source: Path) -> subprocess.CompletedProcess:
+    return run_script(
         str(BUILDER / "build_spargeattn.sh"),
         "--src",
         str(source),
         "--prepare-only",
         env={"CUDA_HOME": str(fake_cuda(tmp_path, "12.8")), "TMPDIR": str(tmp_path)},
     )
+
+
+def test_spargeattn_build_refuses_old_checkouts_and_missing_nvcc(tmp_path):
+    source = sparge_source(tmp_path)
+    git_commit_all(source)
+    old = prepare_spargeattn(tmp_path, source)
     assert old.returncode != 0 and "older than SpargeAttn 01c4b48" in old.stderr
     no_nvcc = run_script(str(BUILDER / "build_spargeattn.sh"), env={"CUDA_HOME": str(tmp_path / "none")})
     assert no_nvcc.returncode == 1 and "no nvcc" in no_nvcc.stderr
+
+
+def test_spargeattn_copy_inside_another_repository_is_not_judged_by_its_history(tmp_path):
+    # E.g. SpargeAttn copied into a project's git-ignored third_party/: the project's history is not its.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README").write_text("another project\n")
+    git_commit_all(project)
+    source = sparge_source(project)
+    result = prepare_spargeattn(tmp_path, source)
+    assert result.returncode == 0, result.stderr
+    assert "not a git checkout" in result.stderr
 
 
 # -------------------------------------------------------------------------------------------- warm-up
