@@ -298,9 +298,8 @@ def _layer_norm(
     # Quantized output: the statistics pass writes each row's (mean, rstd), then one program per
     # 128x128 tile normalizes and quantizes it. A program holding 128 whole rows instead (the tile's
     # rows need their statistics first) re-read its rows from DRAM and was 1.7x slower than bf16 output.
-    out = stats = None if quantize else torch.empty_like(x)
-    if quantize:
-        stats = torch.empty((rows, 2), dtype=torch.float32, device=x.device)
+    out = None if quantize else torch.empty_like(x)
+    stats = torch.empty((rows, 2), dtype=torch.float32, device=x.device) if quantize else None
     block_rows, chunk = _row_pass_shape(dim, stats_only=quantize)
     _layer_norm_kernel[(triton.cdiv(rows, block_rows),)](
         x,
@@ -351,7 +350,8 @@ def _layer_norm(
         AFFINE=weight is not None,
         MODULATE=shift is not None,
         BLOCK=QUANT_BLOCK,
-        num_warps=8,
+        # H200, 10 calls back to back: 0.085 / 0.58 ms at 1.3B / 14B width, against 0.091 / 0.63 with 8.
+        num_warps=16,
         enable_fp_fusion=False,
     )
     return x_out, (q, q_scale)
