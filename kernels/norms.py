@@ -24,6 +24,11 @@ import triton.language as tl
 from .quant import QUANT_BLOCK, quantize_tile, scale_shape
 from .rounding import div_rn, to_bf16
 
+# Warps of a row-pass program and of a 128x128 quantized-tile program. H200, 10 calls back to back:
+# the tile pass took 0.085 / 0.58 ms at 1.3B / 14B width with 16, against 0.091 / 0.63 with 8.
+_ROW_WARPS = 4
+_TILE_WARPS = 16
+
 
 def _row_pass_shape(dim: int, stats_only: bool) -> tuple[int, int]:
     """(rows per program, columns per step) of ``_layer_norm_kernel``; per-row math depends only on the
@@ -326,7 +331,7 @@ def _layer_norm(
         STATS_ONLY=quantize,
         BLOCK_ROWS=block_rows,
         CHUNK=chunk,
-        num_warps=4,
+        num_warps=_ROW_WARPS,
         enable_fp_fusion=False,
     )
     if not quantize:
@@ -350,8 +355,7 @@ def _layer_norm(
         AFFINE=weight is not None,
         MODULATE=shift is not None,
         BLOCK=QUANT_BLOCK,
-        # H200, 10 calls back to back: 0.085 / 0.58 ms at 1.3B / 14B width, against 0.091 / 0.63 with 8.
-        num_warps=16,
+        num_warps=_TILE_WARPS,
         enable_fp_fusion=False,
     )
     return x_out, (q, q_scale)

@@ -1,4 +1,4 @@
-"""The SLA, SageSLA-quantizer and int8 kernels compile for each GPU generation (H100 sm_90, A100 sm_80,
+"""The SLA, SageSLA-quantizer, int8 and LayerNorm kernels compile for each GPU generation (H100 sm_90, A100 sm_80,
 Ada sm_89) without spilling registers or overflowing shared memory, and stream their operands in ahead
 of use.
 
@@ -83,7 +83,7 @@ def _compile(
 
 
 def _compile_report() -> list[dict]:
-    from turbovideo.kernels import int8_gemm, sagesla, sla
+    from turbovideo.kernels import int8_gemm, norms, sagesla, sla
     from turbovideo.kernels.gpu import GpuLimits
 
     # Hopper; A100; Ada and RTX Ampere (the 24 GB cards), which have 99 KB of shared memory per program.
@@ -205,6 +205,33 @@ def _compile_report() -> list[dict]:
                     ),  # Wan's feature counts are multiples of 16, and Triton specialises on it
                 )
             )
+    # The fused LayerNorm passes every DiT block runs (their int8 output also on the 24 GB cards):
+    # statistics only and wide bf16 output, each with the residual add, then the quantized-tile pass.
+    norm_types = dict.fromkeys(("x_ptr", "update_ptr", "x_out_ptr", "out_ptr"), bf16)
+    fp32_args = ("gate_ptr", "stats_ptr", "out_scale_ptr", "weight_ptr", "bias_ptr", "shift_ptr", "scale_ptr")
+    norm_types.update(dict.fromkeys(fp32_args, "*fp32"), eps="fp32")
+    for gpu in gpus:
+        for stats_only in (True, False):
+            rows, chunk = norms._row_pass_shape(5120, stats_only)
+            constexprs = dict(
+                RESIDUAL=True, HAS_GATE=True, AFFINE=False, MODULATE=True, STATS_ONLY=stats_only
+            )
+            constexprs.update(BLOCK_ROWS=rows, CHUNK=chunk)
+            report.append(
+                _compile(
+                    norms._layer_norm_kernel, norm_types, constexprs, norms._ROW_WARPS, 3, arch=gpu.capability
+                )
+            )
+        report.append(
+            _compile(
+                norms._quantize_normed_kernel,
+                {**norm_types, "out_ptr": "*i8"},
+                dict(AFFINE=False, MODULATE=True, BLOCK=128),
+                norms._TILE_WARPS,
+                3,
+                arch=gpu.capability,
+            )
+        )
     return report
 
 
@@ -226,7 +253,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 27
+    assert len(report) == 36
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %
