@@ -37,8 +37,8 @@ def round_to_int32(x):
     Adding 1.5 * 2^23 rounds x to an integer as IEEE addition rounds (ties to even) and leaves it in
     the low mantissa bits; the sum's bits minus those of 1.5 * 2^23 are that integer. Conversion
     instructions issue at a fraction of the add rate: with rint and a float-to-int conversion instead,
-    the GEMM that quantizes on load took 17.9 ms at 14B's q/k/v/o shape (now 12.3) and GELU -> int8 1.52 ms
-    (now 1.28; H200).
+    the GEMM that quantizes on load took 17.9 ms at 14B's q/k/v/o shape (now 12.3) and GELU -> int8
+    1.52 ms (now 1.28; H200).
     """
     return add_rn(x, 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
 
