@@ -1,6 +1,6 @@
-"""The SLA, SageSLA-quantizer, int8 and LayerNorm kernels compile for each GPU generation (H100 sm_90, A100 sm_80,
-Ada sm_89) without spilling registers or overflowing shared memory, and stream their operands in ahead
-of use.
+"""The SLA, SageSLA-quantizer, int8 and LayerNorm kernels compile for each GPU generation (H100 sm_90,
+A100 sm_80, Ada sm_89) without spilling registers or overflowing shared memory, and stream their
+operands in ahead of use.
 
 Triton's interpreter (the CPU tests) accepts code that the GPU compiler rejects, so this compiles the
 production launch configurations ahead of time with Triton's bundled ptxas; no GPU is needed. Triton
@@ -205,18 +205,17 @@ def _compile_report() -> list[dict]:
                     ),  # Wan's feature counts are multiples of 16, and Triton specialises on it
                 )
             )
-    # The fused LayerNorm passes every DiT block runs (their int8 output also on the 24 GB cards):
-    # statistics only and wide bf16 output, each with the residual add, then the quantized-tile pass.
+    # The fused LayerNorm passes every DiT block runs (their int8 output also on the 24 GB cards), each
+    # with the residual add: norm3's affine bf16 output at 1.3B's width, norm2's modulated statistics
+    # at 14B's, then the quantized-tile pass.
     norm_types = dict.fromkeys(("x_ptr", "update_ptr", "x_out_ptr", "out_ptr"), bf16)
     fp32_args = ("gate_ptr", "stats_ptr", "out_scale_ptr", "weight_ptr", "bias_ptr", "shift_ptr", "scale_ptr")
     norm_types.update(dict.fromkeys(fp32_args, "*fp32"), eps="fp32")
     for gpu in gpus:
-        for stats_only in (True, False):
-            rows, chunk = norms._row_pass_shape(5120, stats_only)
-            constexprs = dict(
-                RESIDUAL=True, HAS_GATE=True, AFFINE=False, MODULATE=True, STATS_ONLY=stats_only
-            )
-            constexprs.update(BLOCK_ROWS=rows, CHUNK=chunk)
+        for dim, affine, stats_only in ((1536, True, False), (5120, False, True)):
+            rows, chunk = norms._row_pass_shape(dim)
+            constexprs = dict(RESIDUAL=True, HAS_GATE=affine, AFFINE=affine, MODULATE=not affine)
+            constexprs.update(STATS_ONLY=stats_only, BLOCK_ROWS=rows, CHUNK=chunk)
             report.append(
                 _compile(
                     norms._layer_norm_kernel, norm_types, constexprs, norms._ROW_WARPS, 3, arch=gpu.capability

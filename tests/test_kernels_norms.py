@@ -21,14 +21,15 @@ EPS = 1e-6
 
 
 def _assert_one_rounding_apart(out: torch.Tensor, expected: torch.Tensor, terms: torch.Tensor) -> None:
-    """out may differ from expected by one bf16 ulp of the largest term that was summed (``terms``, fp32).
+    """out may differ from expected by an intermediate's rounding carried through, plus the final
+    rounding on the other side: two bf16 ulps of the largest term that was summed (``terms``, fp32).
 
     Statistics summed in another order move an intermediate by an ulp at most; where the final sum
     cancels (e.g. shift close to -h * (1 + scale)) that is several ulps of the small result.
     """
     assert out.dtype == expected.dtype == torch.bfloat16 and out.shape == expected.shape
     error = (out.float() - expected.float()).abs()
-    assert (error <= terms * 2**-7).all()
+    assert (error <= terms * 2**-6).all()
     assert (error > 0).float().mean().item() < 0.01  # and only where a rounding was a near-tie
 
 
@@ -51,8 +52,9 @@ def _modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> 
     return (_layer_norm_ref(x).float() * (1 + scale) + shift).to(torch.bfloat16)
 
 
-SHAPES = [(2, 37, 64), (1, 45, 320), (3, 50, 256)]
-SHAPE_IDS = ["tiny-dim-b2", "odd-dim", "tiles-straddle-samples"]
+# The last is wider than 2048, where rows are reduced in wider steps (kernels.norms._row_pass_shape).
+SHAPES = [(2, 37, 64), (1, 45, 320), (3, 50, 256), (1, 1000, 2304)]
+SHAPE_IDS = ["tiny-dim-b2", "odd-dim", "tiles-straddle-samples", "wide-rows"]
 
 
 @pytest.mark.parametrize(("batch", "length", "dim"), SHAPES, ids=SHAPE_IDS)
