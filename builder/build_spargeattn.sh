@@ -56,12 +56,14 @@ if [[ -z "$src" ]]; then
     git -C "$work/src" checkout --quiet "$SPARGEATTN_COMMIT"
 else
     [[ -f "$src/setup.py" ]] || die "$src has no setup.py; is it a SpargeAttn checkout?"
-    # Only a checkout of its own: a plain copy inside another repository would report that one's history.
-    if [[ "$(git -C "$src" rev-parse --show-toplevel 2>/dev/null)" == "$(cd "$src" && pwd -P)" ]]; then
+    # Only a checkout of its own with history: a plain copy inside another repository would report that
+    # one's history.
+    if [[ "$(git -C "$src" rev-parse --show-toplevel 2>/dev/null)" == "$(cd "$src" && pwd -P)" ]] &&
+        git -C "$src" rev-parse --verify --quiet HEAD >/dev/null; then
         git -C "$src" merge-base --is-ancestor "$OLDEST_USABLE_COMMIT" HEAD ||
             die "$src is older than SpargeAttn ${OLDEST_USABLE_COMMIT:0:7} (fix sm90 pad_size), which SageSLA needs"
     else
-        echo "warning: $src is not a git checkout; cannot check it includes ${OLDEST_USABLE_COMMIT:0:7}" >&2
+        echo "warning: $src is not a git checkout of its own; cannot check it includes ${OLDEST_USABLE_COMMIT:0:7}" >&2
     fi
     mkdir "$work/src"
     cp -a "$src/." "$work/src/"

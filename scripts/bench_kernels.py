@@ -21,14 +21,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from turbovideo.kernels import sagesla, sla
 
-from turbovideo.benchmark import back_to_back_ms, median_ms, rel_error
+from turbovideo.benchmark import BACK_TO_BACK_CALLS, back_to_back_ms, median_ms, rel_error
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"wan-1.3B-480p": (12, 32760), "wan-14B-720p": (40, 75600)}
 TOPKS = (0.10, 0.15)
 TARGET_MS = {"wan-1.3B-480p": 2.0, "wan-14B-720p": 25.0}  # SLA module at topk 0.10 (performance.md)
 HEAD_DIM = 128
-BACK_TO_BACK = 10
 
 
 def check_sla_rows(sla, q, k, v, weight, bias, topk, blkq, blkk, out, samples: int = 48) -> dict:
@@ -129,8 +128,8 @@ def bench_sla(
         **{key: round(value, 5) for key, value in check.items()},
     )
     rows.add(
-        f"SLA module topk {topk:.2f}, {BACK_TO_BACK} back-to-back calls, per call",
-        back_to_back_ms(lambda: sla.sla_attention(q, k, v, weight, bias, topk), iters, BACK_TO_BACK),
+        f"SLA module topk {topk:.2f}, {BACK_TO_BACK_CALLS} back-to-back calls, per call",
+        back_to_back_ms(lambda: sla.sla_attention(q, k, v, weight, bias, topk), iters),
     )
     state = sla.linear_state(k, v, blkk)
     index = sla.select_blocks(q, state, topk, blkq)
@@ -187,8 +186,8 @@ def bench_sagesla(
         **{key: round(value, 5) for key, value in check.items()},
     )
     rows.add(
-        f"SageSLA module topk {topk:.2f}, {BACK_TO_BACK} back-to-back calls, per call",
-        back_to_back_ms(lambda: sagesla.sagesla_attention(q, k, v, weight, bias, topk), iters, BACK_TO_BACK),
+        f"SageSLA module topk {topk:.2f}, {BACK_TO_BACK_CALLS} back-to-back calls, per call",
+        back_to_back_ms(lambda: sagesla.sagesla_attention(q, k, v, weight, bias, topk), iters),
     )
 
 

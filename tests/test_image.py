@@ -478,7 +478,7 @@ def test_spargeattn_copy_inside_another_repository_is_not_judged_by_its_history(
     source = sparge_source(project)
     result = prepare_spargeattn(tmp_path, source)
     assert result.returncode == 0, result.stderr
-    assert "not a git checkout" in result.stderr
+    assert "not a git checkout of its own" in result.stderr
 
 
 # -------------------------------------------------------------------------------------------- warm-up

@@ -32,7 +32,10 @@ def median_ms(
     return statistics.median(times)
 
 
-def back_to_back_ms(fn: Callable[[], object], iters: int = 10, calls: int = 10) -> float:
+BACK_TO_BACK_CALLS = 10
+
+
+def back_to_back_ms(fn: Callable[[], object], iters: int = 10, calls: int = BACK_TO_BACK_CALLS) -> float:
     """Per-call milliseconds of ``calls`` calls queued at once (CUDA). Inside the DiT the CPU queues
     layers ahead of the GPU, so a call's launch latency (Python, Triton's launcher, descriptors), which
     a call timed alone waits on, is hidden there; short kernels are timed this way to match."""
