@@ -26,6 +26,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .gpu import GpuLimits, gpu_limits
 
 LOG2E = 1.4426950408889634
+# Keys one linear-state program reduces, each program writing one [D, D] partial for a final sum: enough
+# programs to fill the GPU at the 1.3B shape (H100 sweep at BLKK 64: flat between 768 and 1536 rows;
+# H200 at BLKK 128: 0.222 ms against 0.258 ms with 2048 rows, the same at the 14B shape).
+STATE_ROWS_PER_PROGRAM = 1024
 SLA_BLOCKS = (128, 64)  # (BLKQ, BLKK) of attention_type "sla"
 SAGESLA_SM90_BLOCKS = (64, 128)  # SageSLA on Hopper selects with these
 
@@ -79,13 +83,15 @@ def _state_launch(blkk: int, head_dim: int, gpu: GpuLimits | None) -> tuple[int,
 
     H100 sweep (bf16, D = 128, BLKK 64): 4 warps with three tiles in flight took 0.18 ms at H=12
     L=32760 and 1.1 ms at H=40 L=75600, against 0.30 ms and 2.3 ms with 8 warps and two, although
-    ptxas then keeps 24 bytes on the stack. 128-key tiles, and any tile without warpgroup MMA
-    (sm_8x), need 8 warps: 4 spill hundreds of bytes. Stages drop where shared memory is short.
+    ptxas then keeps 24 bytes on the stack. 128-key tiles (SageSLA's selection on Hopper), and any tile
+    without warpgroup MMA (sm_8x), need 8 warps: 4 spill hundreds of bytes; three stages beat two there
+    too (H200, BLKK 128: 0.214 against 0.222 ms at the 1.3B shape, 1.31 against 1.40 ms at the 14B one).
+    Stages drop where shared memory is short.
     """
     tile = blkk * head_dim * 2  # one bf16 K or V tile
     hopper = gpu is None or gpu.hopper
     num_warps = 4 if hopper and tile <= 64 * 128 * 2 else 8
-    stages = 3 if tile <= 64 * 128 * 2 else 2
+    stages = 3
     while gpu is not None and stages > 1 and 2 * stages * tile > gpu.shared_bytes:
         stages -= 1
     return num_warps, stages
@@ -192,9 +198,7 @@ def linear_state(k: torch.Tensor, v: torch.Tensor, blkk: int) -> LinearState:
     batch, length, heads, dim = k.shape
     n_kblocks = triton.cdiv(length, blkk)
     bh = batch * heads
-    # Each program reduces ~16 key blocks: thousands of programs at real sizes, each writing one
-    # [D, D] partial for the sum below (the sweep's optimum was flat between 12 and 24).
-    blocks_per_split = min(n_kblocks, 16)
+    blocks_per_split = min(n_kblocks, max(1, STATE_ROWS_PER_PROGRAM // blkk))
     n_splits = triton.cdiv(n_kblocks, blocks_per_split)
     num_warps, num_stages = _state_launch(blkk, dim, gpu_limits(k.device))
     kv_part = torch.empty((bh, n_splits, dim, dim), dtype=torch.float32, device=k.device)

@@ -131,7 +131,10 @@ def test_top_blocks_is_a_deterministic_topk():
         sla.top_blocks(score, 0)
 
 
-def test_linear_state_sums():
+@pytest.mark.parametrize("rows_per_program", [sla.STATE_ROWS_PER_PROGRAM, 48])
+def test_linear_state_sums(rows_per_program, monkeypatch):
+    # 48 rows: three 16-key blocks per program, so 10 blocks take four programs, the last with one block.
+    monkeypatch.setattr(sla, "STATE_ROWS_PER_PROGRAM", rows_per_program)
     q, k, v = _qkv(2, 150, 2, 32)
     state = sla.linear_state(k, v, 16)
     k64, v64 = k.double().transpose(1, 2), v.double().transpose(1, 2)
