@@ -1,8 +1,9 @@
 """Where a DiT forward spends its GPU time: one profiled forward, kernels grouped by kind.
 
-    python scripts/profile_dit.py --out profile_dit.json [--model wan2.1-t2v-1.3b] [--latent 21x60x104]
+    python scripts/profile_dit.py --out profile_dit.json [--model wan2.1-t2v-1.3b] [--latent 21x60x104] [--quant]
 
-Random weights, bf16, the attention backend `auto` picks. Prints the top kernels and the time per
+Random weights, bf16 (``--quant``: int8 W8A8 block linears, as the ``-quant`` checkpoints), the attention
+backend `auto` picks. Prints the top kernels and the time per
 group (GEMM, attention, elementwise/norm, other); writes both as JSON. Needs a CUDA GPU.
 """
 
@@ -28,6 +29,7 @@ GROUPS = {
         "elementwise",
         "vectorized",
         "reduce",
+        "quant",
         "gelu",
         "silu",
         "mul",
@@ -50,6 +52,7 @@ def main() -> int:
     parser.add_argument("--model", default="wan2.1-t2v-1.3b", choices=sorted(DIT_CONFIGS))
     parser.add_argument("--latent", default="21x60x104", help="T x H x W of the 16-channel latent")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--quant", action="store_true", help="int8 W8A8 block linears")
     args = parser.parse_args()
 
     device = torch.device("cuda")
@@ -62,7 +65,7 @@ def main() -> int:
     y = None
     if config.task == "i2v":
         y = torch.randn(1, config.cond_dim, frames, height, width, device=device, generator=g).bfloat16()
-    model = build_dit(args.model, device=device)
+    model = build_dit(args.model, device=device, quantized=args.quant)
     with torch.no_grad():
         for _ in range(2):  # compile outside the profile
             model(x, t, context, y)
@@ -83,7 +86,8 @@ def main() -> int:
     total = sum(groups.values())
 
     print(
-        f"{config.label} forward, latent {args.latent}, attention {model.attention_backend}: {total:.1f} ms of kernels"
+        f"{config.label} forward{' (int8 linears)' if args.quant else ''}, latent {args.latent}, "
+        f"attention {model.attention_backend}: {total:.1f} ms of kernels"
     )
     for group, ms in sorted(groups.items(), key=lambda item: -item[1]):
         print(f"  {group:18s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
@@ -95,6 +99,7 @@ def main() -> int:
             {
                 "model": args.model,
                 "latent": args.latent,
+                "quantized": args.quant,
                 "attention": model.attention_backend,
                 "total_ms": total,
                 "groups_ms": groups,
