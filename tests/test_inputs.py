@@ -75,6 +75,27 @@ def test_unusable_images_are_input_errors(value, fragment):
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("size", [(1, 9), (900, 100)])
+def test_slivers_are_refused_before_decoding(size):
+    with pytest.raises(InputError, match=f"within 8:1 of each other, got {size[0]}x{size[1]}"):
+        inputs.load_image(base64.b64encode(png_bytes(size)).decode())
+    assert inputs.load_image(base64.b64encode(png_bytes((800, 100))).decode()).size == (800, 100)
+
+
+def test_exif_orientation_is_applied():
+    # Stored landscape with "rotate 90° clockwise to display" (orientation 6): the user sees portrait.
+    buffer = io.BytesIO()
+    stored = Image.new("RGB", (64, 32), (200, 30, 40))
+    stored.paste((10, 220, 30), (0, 0, 8, 8))  # a marker in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(buffer, format="JPEG", exif=exif, quality=95)
+    image = inputs.load_image(base64.b64encode(buffer.getvalue()).decode())
+    assert image.size == (32, 64)
+    red, green, _ = image.getpixel((28, 3))  # the marker is now in the top-right corner
+    assert green > 150 and red < 100
+
+
 def test_base64_size_is_checked_before_decoding(monkeypatch):
     monkeypatch.setattr(inputs, "MAX_IMAGE_BYTES", 1000)
     monkeypatch.setattr(inputs.base64, "b64decode", lambda *a, **k: pytest.fail("decoded an oversized image"))
@@ -135,6 +156,10 @@ class _Images(BaseHTTPRequestHandler):
             "/huge-declared": lambda: self._send(200, b"", {"Content-Length": str(10**9)}, length=False),
             "/huge-streamed": self._stream_forever,
             "/slow": self._slow,
+            "/cut-short": lambda: self._send(
+                200, self.png[:50], {"Content-Length": str(len(self.png))}, False
+            ),
+            "/bad-chunk": self._bad_chunk,
         }
         routes.get(self.path, routes["/missing"])()
 
@@ -155,6 +180,13 @@ class _Images(BaseHTTPRequestHandler):
                 self.wfile.write(b"\0" * 65536)
         except OSError:
             pass
+
+    def _bad_chunk(self):
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"10\r\n" + self.png[:16] + b"\r\nzz\r\n")  # "zz" is no chunk size
+        self.close_connection = True
 
     def _slow(self):
         self.send_response(200)
@@ -213,6 +245,8 @@ def test_redirects_are_followed(allowed):
         ("/missing", "answered HTTP 404"),
         ("/huge-declared", "image must be at most 20 MB, got 953.7 MB"),
         ("/huge-streamed", "image must be at most 20 MB"),
+        ("/cut-short", "download ended after 50 of"),
+        ("/bad-chunk", "image URL download failed"),
     ],
 )
 def test_bad_urls_are_input_errors(allowed, path, fragment):

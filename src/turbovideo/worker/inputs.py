@@ -21,12 +21,15 @@ import time
 import warnings
 from urllib.parse import urljoin, urlsplit
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from turbovideo.errors import InputError, one_line
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 50_000_000  # about 8K x 6K; a 48 MP phone photo still fits
+# Longest side over shortest. Video frames are at most 16:9; a sliver of a few pixels by millions cost
+# minutes and tens of GB in the antialiased resize while fitting the byte and pixel limits.
+MAX_IMAGE_ASPECT = 8
 FETCH_TIMEOUT_S = 15.0
 MAX_REDIRECTS = 5
 MAX_URL_CHARS = 2048
@@ -82,11 +85,16 @@ def open_image(data: bytes) -> Image.Image:
                     raise InputError(
                         f"image must have at most {MAX_IMAGE_PIXELS} pixels, got {width}x{height}"
                     )
+                if max(width, height) > MAX_IMAGE_ASPECT * min(width, height):
+                    raise InputError(
+                        f"image sides must be within {MAX_IMAGE_ASPECT}:1 of each other, got {width}x{height}"
+                    )
                 probe.verify()
             # verify() leaves the image unusable; decoding starts again from the bytes.
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 image.load()
-                return image.convert("RGB")
+                # Upright as it is displayed: phone photos store the camera's rotation in EXIF.
+                return ImageOps.exif_transpose(image).convert("RGB")
     except InputError:
         raise
     except UnidentifiedImageError:
@@ -205,9 +213,11 @@ def _read_body(
         connection.socket_for_timeouts.settimeout(deadline.remaining())
         try:
             chunk = response.read1(64 * 1024)
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:  # HTTPException: a broken chunked body
             raise InputError(f"image URL download failed ({_reason(exc)})") from None
         if not chunk:
+            if declared and declared.isdigit() and size < int(declared):
+                raise InputError(f"image URL download ended after {size} of {declared} bytes")
             return b"".join(chunks)
         size += len(chunk)
         if size > max_bytes:
