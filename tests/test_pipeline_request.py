@@ -36,6 +36,7 @@ IMAGE = Image.new("RGB", (64, 48), (10, 20, 30))
         (T2V, {"seed": -1}, "seed must be between 0 and"),
         (T2V, {"attention": "flash"}, "attention must be one of auto, sagesla, sla, dense, got 'flash'"),
         (T2V, {"prompt": "  "}, "prompt must not be empty"),
+        (T2V, {"prompt": "&nbsp;\u200b"}, "prompt must not be empty"),
         (T2V, {"task": "i2v", "image": IMAGE}, "model TurboWan2.1-T2V-1.3B-480P does t2v only"),
         (T2V, {"image": IMAGE}, "task 't2v' takes no input image"),
         (

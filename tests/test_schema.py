@@ -54,6 +54,9 @@ def test_every_field_accepts_a_valid_value():
         ({"prompt": "x" * 5000}, "prompt must be at most 2000 characters, got 5000"),
         ({"prompt": ""}, "prompt must not be empty"),
         ({"prompt": " \n\t"}, "prompt must not be empty"),
+        ({"prompt": "&amp;nbsp; \ufeff"}, "prompt must not be empty"),  # nothing left once cleaned
+        ({"prompt": "\u200b\u200d"}, "prompt must not be empty"),  # zero-width characters only
+        ({"prompt": "a \ud800"}, "prompt must be valid Unicode text, got an unpaired surrogate"),
         ({}, "prompt is required"),
         ({"prompt": None}, "prompt must be a string, got null"),
         ({"prompt": ["a"]}, "prompt must be a string, got a list"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import logging
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,12 @@ def clean_text(text: str) -> str:
     """
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return _WHITESPACE.sub(" ", text).strip()
+
+
+def is_blank(text: str) -> bool:
+    """Whether nothing visible is left of ``text`` once cleaned as the encoder sees it (e.g. "&nbsp;",
+    a byte-order mark or zero-width spaces alone)."""
+    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in clean_text(text))
 
 
 @dataclass(frozen=True)

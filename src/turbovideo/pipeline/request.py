@@ -10,6 +10,7 @@ from PIL import Image
 
 from turbovideo.catalog import DEFAULT_FPS, DEFAULT_FRAMES, MAX_FRAMES, MIN_FRAMES, ModelSpec
 from turbovideo.errors import InputError
+from turbovideo.models.tokenizer import is_blank
 from turbovideo.pipeline.resolution import (
     ASPECT_RATIOS,
     MAX_SIDE,
@@ -73,7 +74,7 @@ class GenerationResult:
 
 def check_request(request: GenerationRequest, spec: ModelSpec) -> None:
     """Raise ``InputError`` (one line naming the field and the limit) for the first invalid value."""
-    if not request.prompt or not request.prompt.strip():
+    if is_blank(request.prompt):
         raise InputError("prompt must not be empty")
     if request.task not in ("t2v", "i2v"):
         raise InputError(f"task must be 't2v' or 'i2v', got {request.task!r}")

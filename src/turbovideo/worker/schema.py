@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from turbovideo.catalog import DEFAULT_FPS, DEFAULT_FRAMES, MAX_FRAMES, MIN_FRAMES
 from turbovideo.errors import InputError
+from turbovideo.models.tokenizer import is_blank
 
 MAX_PROMPT_CHARS = 2000
 MAX_SAMPLES = 4
@@ -32,7 +33,7 @@ def _four_k_plus_one(frames: int) -> int:
 
 
 def _not_blank(prompt: str) -> str:
-    if not prompt.strip():
+    if is_blank(prompt):
         raise ValueError("prompt must not be empty")
     return prompt
 
@@ -116,6 +117,8 @@ def _describe(error: Any) -> str:
         return str(ctx.get("error", error["msg"]))
     if kind == "string_too_long":
         return f"{field} must be at most {ctx['max_length']} characters, got {len(value)}"
+    if kind == "string_unicode":
+        return f"{field} must be valid Unicode text, got an unpaired surrogate"
     if kind == "string_too_short":
         return f"{field} must not be empty"
     if kind == "literal_error":
