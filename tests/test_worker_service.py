@@ -136,15 +136,6 @@ def test_i2v_from_a_url_infers_the_task_and_draws_a_seed(local, allowed_first_ho
     assert read_video(answer["video_path"])[0] == 5
 
 
-def test_base64_over_the_payload_limit_is_refused_and_the_video_kept(local, monkeypatch, tmp_path):
-    monkeypatch.setattr(service, "MAX_BASE64_BYTES", 100)
-    answer = local.handle({"id": "job-big", "input": {"prompt": "a", "return_base64": True, **FAST}})
-    assert answer["error"].startswith("E_INPUT: return_base64 would answer")
-    kept = tmp_path / "outputs" / "job-big"
-    assert str(kept.resolve()) in answer["error"]
-    assert read_video(kept / "sample_0.mp4")[0] == 5
-
-
 HOSTILE = [
     ({"prompt": 5}, "E_INPUT: prompt must be a string, got 5"),
     ({"prompt": "a", "num_frames": 80}, "E_INPUT: num_frames must be 4k+1 between 5 and 161, got 80"),
@@ -332,3 +323,76 @@ def test_any_json_gets_an_answer_never_an_exception(local, payload):
 @given(key=field_names, value=json_values)
 def test_one_odd_field_in_a_valid_request_gets_an_answer(local, key, value):
     assert_answered(local.handle({"id": "fuzz", "input": {"prompt": "p", **FAST, key: value}}))
+
+
+def test_base64_over_the_payload_limit_is_skipped_with_a_warning(local, monkeypatch):
+    monkeypatch.setattr(service, "MAX_BASE64_BYTES", 100)
+    answer = local.handle({"id": "job-big", "input": {"prompt": "a", "return_base64": True, **FAST}})
+    assert "error" not in answer and "video_base64" not in answer
+    assert read_video(answer["video_path"])[0] == 5
+    assert answer["warnings"] == [
+        answer["warnings"][0]  # the size varies with the encoder's output
+    ] and answer["warnings"][0].startswith("return_base64 skipped: the files would answer")
+
+
+def test_upload_happens_before_base64_is_judged_too_large(pipelines, s3, tmp_path, monkeypatch):
+    monkeypatch.setattr(service, "MAX_BASE64_BYTES", 100)
+    endpoint, admin = s3
+    answer = bucket_service(pipelines, endpoint, tmp_path / "durable").handle(
+        {"id": "job-big-up", "input": {"prompt": "a", "return_base64": True, **FAST}}
+    )
+    assert "error" not in answer and answer["video_url"] and "video_base64" not in answer
+    assert admin.get_object(Bucket="videos", Key="out/job-big-up/sample_0.mp4")["ContentLength"] > 0
+    assert answer["warnings"][0].startswith("return_base64 skipped")
+
+
+def test_bucket_down_with_base64_still_answers_the_video(pipelines, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    answer = bucket_service(pipelines, dead, tmp_path / "durable").handle(
+        {"id": "job-b64", "input": {"prompt": "a", "return_base64": True, **FAST}}
+    )
+    kept = tmp_path / "durable" / "job-b64"
+    assert "error" not in answer and "video_url" not in answer
+    assert base64.b64decode(answer["video_base64"]) == (kept / "sample_0.mp4").read_bytes()
+    assert answer["warnings"] == [answer["warnings"][0]] and answer["warnings"][0].endswith(
+        f"the video was kept at {kept.resolve()}"
+    )
+
+
+def test_a_missing_bucket_is_not_retried_and_says_so(pipelines, s3, tmp_path):
+    endpoint, _ = s3
+    bucket = BucketConfig(endpoint, ACCESS_KEY, SECRET_KEY, "no-such-bucket", "out")
+    worker = VideoService(pipelines, BucketStorage(bucket, tmp_path / "durable", attempts=3))
+    answer = worker.handle({"id": "job-nb", "input": {"prompt": "a", **FAST}})
+    assert answer["error"].startswith(
+        "E_UPLOAD: upload to bucket 'no-such-bucket' failed after 1 attempt (NoSuchBucket"
+    )
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_files_of_a_failed_upload_go_to_the_spare_folder_when_the_volume_refuses(pipelines, tmp_path, spare):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    blocked = tmp_path / "volume"
+    blocked.write_text("a file where the folder should be")  # as a full or read-only volume would refuse
+    bucket = BucketConfig(dead, ACCESS_KEY, SECRET_KEY, "videos", "out")
+    spare_dir = tmp_path / "outputs" if spare else None
+    storage = BucketStorage(bucket, blocked, spare_dir=spare_dir, attempts=1)
+    answer = VideoService(pipelines, storage).handle({"id": "job-sp", "input": {"prompt": "a", **FAST}})
+    assert answer["error"].startswith("E_UPLOAD: upload to bucket 'videos' failed after 1 attempt (")
+    if spare:
+        kept = tmp_path / "outputs" / "job-sp"
+        assert answer["error"].endswith(f"the video was kept at {kept.resolve()}")
+        assert read_video(kept / "sample_0.mp4")[0] == 5
+    else:
+        assert "keeping the files failed too (NotADirectoryError" in answer["error"]
+
+
+def test_a_prompt_past_the_encoder_limit_is_answered_with_a_warning(local):
+    answer = local.handle({"id": "job-long", "input": {"prompt": "x " * 999, **FAST}})
+    assert "error" not in answer
+    assert answer["warnings"] == ["the prompt has 1997 tokens; the text encoder read only its first 511"]
+    assert "warnings" not in local.handle({"id": "job-short", "input": {"prompt": "a fox", **FAST}})

@@ -127,6 +127,8 @@ def _generate(args: argparse.Namespace) -> int:
         f"attention {result.attention_backend}: {timings}",
         file=sys.stderr,
     )
+    for warning in result.warnings:
+        print(f"turbovideo: warning: {warning}", file=sys.stderr)
     for target in targets:
         print(target)
     return 0

@@ -96,6 +96,10 @@ class PromptTokenizer:
     def clean(self, text: str) -> str:
         return clean_text(text)
 
+    def token_count(self, text: str) -> int:
+        """Tokens of the cleaned text, without ``</s>``: over ``max_length - 1``, ``encode`` cuts it."""
+        return len(self._tokenizer.encode(self.clean(text), add_special_tokens=False).ids)
+
     def encode(self, prompts: list[str]) -> TokenBatch:
         """Clean and tokenize ``prompts``; a prompt longer than 511 tokens is cut and logged."""
         ids = torch.full((len(prompts), self.max_length), self.pad_id, dtype=torch.long)

@@ -255,7 +255,14 @@ class VideoPipeline:
             seed=request.seed,
             attention_backend=self.experts[0].attention_backend,
             timings=clock.timings(),
+            warnings=self._prompt_warnings(request.prompt),
         )
+
+    def _prompt_warnings(self, prompt: str) -> list[str]:
+        tokens, keep = self.tokenizer.token_count(prompt), self.tokenizer.max_length - 1
+        if tokens <= keep:
+            return []
+        return [f"the prompt has {tokens} tokens; the text encoder read only its first {keep}"]
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         text = self.tokenizer.clean(prompt)

@@ -70,6 +70,7 @@ class GenerationResult:
     seed: int
     attention_backend: str
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what the caller should know about a finished run
 
 
 def check_request(request: GenerationRequest, spec: ModelSpec) -> None:

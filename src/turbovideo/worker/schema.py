@@ -89,6 +89,7 @@ class VideoResponse(BaseModel):
     model: str
     attention_backend: str
     timings: dict[str, float]
+    warnings: list[str] | None = None  # the job succeeded, but not quite as asked (one line each)
 
 
 def parse_request(payload: Any) -> VideoRequest:

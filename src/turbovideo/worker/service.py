@@ -75,7 +75,7 @@ class VideoService:
             logger.info("loaded %s%s", spec.name, variant)
         _spread_over_gpus(pipelines.values(), config.sp_degree)
         if config.bucket is not None:
-            storage: Storage = BucketStorage(config.bucket, config.durable_dir)
+            storage: Storage = BucketStorage(config.bucket, config.durable_dir, spare_dir=config.output_dir)
         else:
             storage = LocalStorage(config.output_dir)
             if config.on_runpod:
@@ -110,8 +110,7 @@ class VideoService:
         with tempfile.TemporaryDirectory(prefix=f"turbovideo-{job_id}-") as scratch:
             result = pipeline.generate(generation, Path(scratch), progress=self._progress(job))
             delivering = time.perf_counter()
-            encoded = self._encode(job_id, result) if request.return_base64 else {}
-            delivered = self.storage.deliver(job_id, result.videos, result.thumbnail, request.expires_in)
+            delivered, warnings = self._deliver(job_id, result, request)
         finished = time.perf_counter()
         timings = {
             "input": fetched - started,
@@ -121,7 +120,6 @@ class VideoService:
         }
         response = VideoResponse(
             **delivered,
-            **encoded,
             seed=result.seed,
             width=result.width,
             height=result.height,
@@ -131,6 +129,7 @@ class VideoService:
             model=spec.name,
             attention_backend=result.attention_backend,
             timings={stage: round(seconds, 3) for stage, seconds in timings.items()},
+            warnings=[*result.warnings, *warnings] or None,
         )
         logger.info("job %s: done in %.1f s", job_id, timings["total"])
         return response.model_dump(exclude_none=True)
@@ -152,20 +151,39 @@ class VideoService:
             return None
         return lambda event: progress_update(job, f"{event.stage} {event.step}/{event.total}")
 
-    def _encode(self, job_id: str, result: GenerationResult) -> dict[str, Any]:
-        files = [*result.videos, result.thumbnail]
-        size = sum(4 * ((path.stat().st_size + 2) // 3) for path in files)
-        if size > MAX_BASE64_BYTES:
-            kept = self.storage.keep(job_id, files)
-            raise InputError(
-                f"return_base64 would answer {size / 1e6:.1f} MB, over the {MAX_BASE64_BYTES / 1e6:g} MB "
-                f"response limit; ask without return_base64 (the video was kept at {kept})"
-            )
-        *videos, thumbnail = [base64.b64encode(path.read_bytes()).decode("ascii") for path in files]
-        fields: dict[str, Any] = {"video_base64": videos[0], "thumbnail_base64": thumbnail}
-        if len(videos) > 1:
-            fields["videos_base64"] = videos
-        return fields
+    def _deliver(
+        self, job_id: str, result: GenerationResult, request: VideoRequest
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The response fields naming the files (URLs or paths, plus base64 where asked and it fits)
+        and warnings. The files always reach the storage first; base64 is an extra, so when a failed
+        upload leaves the base64 as the only copy the client gets, the job still succeeds."""
+        warnings: list[str] = []
+        # Read before delivery moves the files.
+        encoded = _encode(result, warnings) if request.return_base64 else {}
+        try:
+            delivered = self.storage.deliver(job_id, result.videos, result.thumbnail, request.expires_in)
+        except UploadError as exc:
+            if not encoded:
+                raise
+            return encoded, [*warnings, str(exc)]
+        return {**delivered, **encoded}, warnings
+
+
+def _encode(result: GenerationResult, warnings: list[str]) -> dict[str, Any]:
+    """The files as base64 response fields, or none (and a warning) past RunPod's payload limit."""
+    files = [*result.videos, result.thumbnail]
+    size = sum(4 * ((path.stat().st_size + 2) // 3) for path in files)
+    if size > MAX_BASE64_BYTES:
+        warnings.append(
+            f"return_base64 skipped: the files would answer {size / 1e6:.1f} MB, over the "
+            f"{MAX_BASE64_BYTES / 1e6:g} MB response limit"
+        )
+        return {}
+    *videos, thumbnail = [base64.b64encode(path.read_bytes()).decode("ascii") for path in files]
+    fields: dict[str, Any] = {"video_base64": videos[0], "thumbnail_base64": thumbnail}
+    if len(videos) > 1:
+        fields["videos_base64"] = videos
+    return fields
 
 
 def _spread_over_gpus(pipelines: Iterable[VideoPipeline], sp_degree: int | None) -> None:

@@ -2,7 +2,7 @@
 
 A generation writes into a scratch folder; delivery then moves the files to their final place.
 Nothing is lost on the way: when an upload fails for good, the files are moved to a durable folder
-(the network volume when one is mounted) and the error says where.
+(the network volume when one is mounted; the worker's own disk if that fails too) and the error says where.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from turbovideo.errors import one_line
 from turbovideo.worker.config import BucketConfig
@@ -36,9 +37,6 @@ class UploadError(RuntimeError):
 class Storage(Protocol):
     def deliver(self, job_id: str, videos: list[Path], thumbnail: Path, expires_in: int) -> dict[str, Any]:
         """Move the job's files to their final place and return the response fields naming them."""
-
-    def keep(self, job_id: str, files: list[Path]) -> Path:
-        """Move files that will not be delivered somewhere they survive the job; returns the folder."""
 
 
 def safe_job_id(job_id: Any) -> str:
@@ -71,16 +69,21 @@ class LocalStorage:
             fields["video_paths"] = [str(p) for p in video_paths]
         return fields
 
-    def keep(self, job_id: str, files: list[Path]) -> Path:
-        return move_files(files, self.output_dir / job_id)[0].parent
-
 
 class BucketStorage:
     """Uploads to ``{prefix}/{job_id}/sample_{i}.mp4`` and ``thumbnail.jpg`` and answers presigned GET URLs."""
 
-    def __init__(self, bucket: BucketConfig, durable_dir: Path, *, attempts: int = UPLOAD_ATTEMPTS) -> None:
+    def __init__(
+        self,
+        bucket: BucketConfig,
+        durable_dir: Path,
+        *,
+        spare_dir: Path | None = None,
+        attempts: int = UPLOAD_ATTEMPTS,
+    ) -> None:
         self.bucket = bucket
-        self.durable_dir = durable_dir
+        # Where files of a failed upload go: the durable folder, else the spare (e.g. a full volume).
+        self.keep_dirs = [durable_dir] + ([spare_dir] if spare_dir and spare_dir != durable_dir else [])
         self.attempts = attempts
         self.client = boto3.client(
             "s3",
@@ -110,11 +113,12 @@ class BucketStorage:
             for path, name in uploads:
                 self._put(path, self.key(job_id, name))
         except (BotoCoreError, ClientError, OSError) as exc:
-            kept = self.keep(job_id, [*videos, thumbnail])
-            raise UploadError(
-                f"upload to bucket {self.bucket.name!r} failed after {self.attempts} attempts "
-                f"({type(exc).__name__}: {one_line(str(exc))}); the video was kept at {kept}"
-            ) from exc
+            attempts = _attempts_made(exc, self.attempts)
+            failure = (
+                f"upload to bucket {self.bucket.name!r} failed after {attempts} attempt{'s' * (attempts != 1)} "
+                f"({type(exc).__name__}: {one_line(str(exc))})"
+            )
+            raise UploadError(f"{failure}; {self._keep(job_id, [*videos, thumbnail])}") from exc
         lifetime = max(1, min(expires_in, MAX_EXPIRES_S))
         urls = [self._presign(self.key(job_id, name), lifetime) for _, name in uploads]
         *video_urls, thumbnail_url = urls
@@ -123,8 +127,23 @@ class BucketStorage:
             fields["videos"] = video_urls
         return fields
 
-    def keep(self, job_id: str, files: list[Path]) -> Path:
-        return move_files(files, self.durable_dir / job_id)[0].parent
+    def _keep(self, job_id: str, files: list[Path]) -> str:
+        """Move the files of a failed upload to the first keep folder that takes them; says where."""
+        holding: list[Path] = []  # folders that took files
+        error: OSError | None = None
+        for folder in self.keep_dirs:
+            left = [path for path in files if path.exists()]  # what a folder that filled up did not take
+            try:
+                move_files(left, folder / job_id)
+                holding.append((folder / job_id).resolve())
+                return f"the video was kept at {' and '.join(map(str, holding))}"
+            except OSError as exc:
+                logger.warning("could not keep job %s's files in %s: %s", job_id, folder, exc)
+                error = exc
+                if any(not path.exists() for path in left):
+                    holding.append((folder / job_id).resolve())
+        partly = f"; some of them are at {' and '.join(map(str, holding))}" if holding else ""
+        return f"keeping the files failed too ({type(error).__name__}: {one_line(str(error), 200)}){partly}"
 
     def _put(self, path: Path, key: str) -> None:
         content_type = _CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
@@ -137,6 +156,16 @@ class BucketStorage:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket.name, "Key": key}, ExpiresIn=lifetime_s
         )
+
+
+def _attempts_made(exc: BaseException, configured: int) -> int:
+    """How many times the upload was tried: botocore retries connection failures and throttling,
+    not a missing bucket, refused credentials or a bad parameter."""
+    if isinstance(exc, ClientError):
+        return exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+        return configured
+    return 1
 
 
 def region_for(endpoint_url: str) -> str:
