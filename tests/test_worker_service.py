@@ -181,6 +181,16 @@ HOSTILE = [
 ]
 
 
+def test_settings_are_checked_before_the_image_is_fetched(local, monkeypatch):
+    monkeypatch.setattr(inputs, "fetch_url", lambda *a, **k: pytest.fail("fetched the image first"))
+    url = {"image": "https://example.com/photo.png"}
+    for payload, expected in [
+        ({"prompt": "a", "model": "tiny-t2v", **url}, "E_INPUT: task 't2v' takes no input image"),
+        ({"prompt": "a", "resolution": "720p", **url}, "E_INPUT: resolution must be one of tiny"),
+    ]:
+        assert local.handle({"id": "early", "input": payload})["error"].startswith(expected)
+
+
 def test_hostile_requests_get_one_line_and_the_worker_keeps_serving(local, allowed_first_hop):
     cases = [
         *HOSTILE,

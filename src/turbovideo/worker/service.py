@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from runpod.serverless import progress_update
 
 from turbovideo.catalog import ModelSpec
@@ -94,10 +95,13 @@ class VideoService:
         started = time.perf_counter()
         request = parse_request(job.get("input") if isinstance(job, dict) else None)
         spec = self._choose_model(request)
+        pipeline = self.pipelines[spec.name]
+        # All but the image's own size is checked before a download; the real image is checked after.
+        stand_in = Image.new("RGB", (1, 1)) if request.image is not None else None
+        pipeline.validate(_generation_request(request, spec, stand_in))
         image = load_image(request.image) if request.image is not None else None
         fetched = time.perf_counter()
         generation = _generation_request(request, spec, image)
-        pipeline = self.pipelines[spec.name]
         pipeline.validate(generation)
         logger.info(
             "job %s: %s, %d frames, %d step(s), seed %d",
