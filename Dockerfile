@@ -13,7 +13,7 @@
 #   BAKE_MODEL            a catalog model (or comma-separated list) whose checkpoints are baked into
 #                         /models; the image then runs offline from them. Empty: use the volume.
 #   BAKE_VARIANT          bf16 or quant: the checkpoint variant baked (and then served)
-# See README "Container image" for sizes, build times and deployment.
+# See README "Deploy on RunPod (container image)" for sizes, build times and deployment.
 
 ARG CUDA_VERSION=12.8.1
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from turbovideo.benchmark import benchmark_device
 from turbovideo.catalog import MODELS
 from turbovideo.pipeline import GenerationRequest, ProgressEvent, VideoPipeline
 
@@ -168,7 +169,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="all", help=f"'all' ({', '.join(DEFAULT_SET)}) or a catalog name")
     parser.add_argument("--out", required=True, help="where to write the JSON results")
-    parser.add_argument("--device", default=None, help="default: cuda if available")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run (use a tiny model)")
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--resolution", default=None, help="default: the model's (480p / 720p)")
@@ -181,7 +182,7 @@ def main() -> int:
     args = parser.parse_args()
 
     names = list(DEFAULT_SET) if args.model == "all" else [args.model]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = benchmark_device("bench.py", args.device, cpu_smoke=True)
     report = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"

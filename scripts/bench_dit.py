@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from turbovideo.benchmark import median_ms, peak_gib, rel_error
+from turbovideo.benchmark import benchmark_device, median_ms, peak_gib, rel_error
 from turbovideo.models import DIT_CONFIGS, build_dit
 from turbovideo.models.attention import select_attention
 
@@ -93,10 +93,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA GPU; pass --device cpu for a smoke run", file=sys.stderr)
-        return 2
+    device = benchmark_device("bench_dit.py", args.device, cpu_smoke=True)
     # The fp32 reference must really be fp32.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

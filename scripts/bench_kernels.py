@@ -13,7 +13,6 @@ import argparse
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from turbovideo.kernels import sagesla, sla
 
-from turbovideo.benchmark import BACK_TO_BACK_CALLS, back_to_back_ms, median_ms, rel_error
+from turbovideo.benchmark import BACK_TO_BACK_CALLS, back_to_back_ms, benchmark_device, median_ms, rel_error
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"wan-1.3B-480p": (12, 32760), "wan-14B-720p": (40, 75600)}
@@ -220,8 +219,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--no-sweep", action="store_true", help="skip the sparse-kernel launch-config sweep")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_kernels.py needs a CUDA GPU")
+    benchmark_device("bench_kernels.py")
     torch.manual_seed(0)
     device = torch.device("cuda")
     rows = []

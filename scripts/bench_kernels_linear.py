@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from turbovideo.kernels.int8_gemm import int8_gemm
 from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise
 from turbovideo.kernels.rope import rms_norm_rope
 
-from turbovideo.benchmark import back_to_back_ms, rel_error
+from turbovideo.benchmark import back_to_back_ms, benchmark_device, rel_error
 from turbovideo.models import int8 as reference
 from turbovideo.models.layers import apply_rope
 
@@ -222,8 +221,7 @@ def main() -> None:
     )
     parser.add_argument("--out", required=True, help="path of the JSON results")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_kernels_linear.py needs a CUDA GPU")
+    benchmark_device("bench_kernels_linear.py")
     import triton
 
     rows = run("cuda")

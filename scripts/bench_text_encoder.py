@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from turbovideo.benchmark import median_ms, peak_gib, rel_error
+from turbovideo.benchmark import benchmark_device, median_ms, peak_gib, rel_error
 from turbovideo.models.text_encoder import UMT5Encoder, build_text_encoder
 
 UPSTREAM_H100_MS = 54.0  # performance.md: upstream umT5-XXL encode of 512 tokens on an H100
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-fp32", action="store_true", help="skip the fp32 accuracy reference (needs 4x memory)"
     )
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = benchmark_device("bench_text_encoder.py", args.device, cpu_smoke=True)
 
     begin = time.perf_counter()
     encoder = build_text_encoder(args.config, device=device, dtype=torch.bfloat16)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from turbovideo.benchmark import median_ms, rel_error
+from turbovideo.benchmark import benchmark_device, median_ms, rel_error
 from turbovideo.models.vae import WanVAE, build_vae, pixel_frames
 
 UPSTREAM_H100_S = {"decode 480p": 1.82, "decode 720p": 4.73, "encode 720p": 2.93}  # performance.md
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32 accuracy reference")
     parser.add_argument("--skip-encode", action="store_true")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = benchmark_device("bench_vae.py", args.device, cpu_smoke=True)
 
     vae = build_vae(args.config, device=device, dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(0)

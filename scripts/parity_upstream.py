@@ -663,7 +663,12 @@ def main(argv: list[str] | None = None) -> int:
 
     begin = time.perf_counter()
     device = torch.device(args.device)
-    up = import_upstream(args.upstream)  # first: its stand-ins (e.g. ftfy) also serve our imports
+    try:
+        up = import_upstream(args.upstream)  # first: its stand-ins (e.g. ftfy) also serve our imports
+    except FileNotFoundError as exc:
+        raise SystemExit(
+            f"parity_upstream.py: {exc}; fetch thu-ml/TurboDiffusion there or pass --upstream"
+        ) from None
 
     setting = (tiny_setting if args.tiny else real_setting)(device, args.repeats)
     # The fp32 yardsticks must be true fp32 (cuDNN convs default to TF32); bf16 work is unaffected.

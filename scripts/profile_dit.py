@@ -16,6 +16,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from turbovideo.benchmark import benchmark_device
 from turbovideo.models import DIT_CONFIGS, build_dit
 
 # Kernel-name fragments per group; the first group that matches wins.
@@ -55,7 +56,7 @@ def main() -> int:
     parser.add_argument("--quant", action="store_true", help="int8 W8A8 block linears")
     args = parser.parse_args()
 
-    device = torch.device("cuda")
+    device = benchmark_device("profile_dit.py")
     config = DIT_CONFIGS[args.model]
     frames, height, width = (int(v) for v in args.latent.split("x"))
     g = torch.Generator(device=device).manual_seed(0)

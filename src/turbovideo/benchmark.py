@@ -9,6 +9,18 @@ from collections.abc import Callable
 import torch
 
 
+def benchmark_device(script: str, requested: str | None = "cuda", *, cpu_smoke: bool = False) -> torch.device:
+    """``requested`` as a device, or a one-line exit when it is CUDA and this machine has none.
+
+    ``cpu_smoke``: the script also runs (small configurations) with ``--device cpu``, so say so.
+    """
+    device = torch.device(requested or "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        hint = "; pass --device cpu with a tiny configuration for a smoke run" if cpu_smoke else ""
+        raise SystemExit(f"{script} needs a CUDA GPU{hint}")
+    return device
+
+
 def median_ms(
     fn: Callable[[], object], device: torch.device | str = "cuda", iters: int = 10, warmup: int = 2
 ) -> float:
