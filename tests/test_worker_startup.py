@@ -9,7 +9,7 @@ import torch
 from turbovideo.models.checkpoint import CheckpointError
 from turbovideo.worker.checkpoints import CheckpointDownloadError
 from turbovideo.worker.config import ConfigError
-from turbovideo.worker.startup import RedactSecrets, create_handler, describe_startup_error
+from turbovideo.worker.startup import RedactSecrets, configure_logging, create_handler, describe_startup_error
 
 JOB = {"id": "job-1", "input": {"prompt": "a red fox"}}
 
@@ -93,3 +93,15 @@ def test_redaction_blanks_secrets_and_signed_queries():
     assert "hf_SECRETTOKEN123" not in text and "abc123" not in text
     assert "token ***" in text and "k.mp4?<signature redacted> done" in text
     assert "a short word stays" in text
+
+
+def test_one_redacting_handler_prints_each_line(monkeypatch, capfd):
+    root = logging.getLogger()
+    sdk_style = logging.StreamHandler()  # what the runpod SDK's logging.basicConfig leaves on the root
+    monkeypatch.setattr(root, "handlers", [sdk_style])
+    configure_logging(["hf_SECRETTOKEN123"])
+    configure_logging(["hf_SECRETTOKEN123"])
+    assert [getattr(h, "turbovideo", False) for h in root.handlers] == [True]
+    logging.getLogger("turbovideo.test").warning("token hf_SECRETTOKEN123")
+    err = capfd.readouterr().err
+    assert err.count("token ***") == 1 and "hf_SECRETTOKEN123" not in err

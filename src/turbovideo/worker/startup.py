@@ -125,8 +125,15 @@ class RedactSecrets(logging.Filter):
 
 
 def configure_logging(secrets: list[str]) -> None:
-    """INFO logs to stderr through the redacting filter; idempotent."""
+    """INFO logs to stderr through the redacting filter; idempotent.
+
+    The runpod SDK calls ``logging.basicConfig`` when imported (``rp_upload``): its plain root handler
+    would print every line a second time, unredacted, so plain stream handlers on the root go.
+    """
     root = logging.getLogger()
+    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        if not getattr(handler, "turbovideo", False):
+            root.removeHandler(handler)
     for handler in root.handlers:
         if getattr(handler, "turbovideo", False):
             handler.filters = [RedactSecrets(secrets)]
