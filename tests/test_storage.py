@@ -6,10 +6,12 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import botocore.endpoint
 import pytest
 from botocore.exceptions import EndpointConnectionError
 from s3_server import loopback_s3
 
+from turbovideo.worker import storage as storage_module
 from turbovideo.worker.config import BucketConfig
 from turbovideo.worker.storage import BucketStorage, LocalStorage, UploadError, region_for, safe_job_id
 
@@ -162,3 +164,65 @@ def test_job_ids_become_one_safe_path_component(raw, expected):
 )
 def test_signing_region_follows_the_endpoint(endpoint, region):
     assert region_for(endpoint) == region
+
+
+def _dead_endpoint() -> str:
+    with socket.socket() as probe:  # a port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_the_error_counts_the_attempts_made_once_the_retry_budget_is_spent(tmp_path, monkeypatch):
+    monkeypatch.setattr(botocore.endpoint.time, "sleep", lambda seconds: None)  # no backoff waits
+    storage = BucketStorage(bucket_at(_dead_endpoint()), tmp_path / "durable", attempts=4)
+    messages = []
+    for job in range(60):  # botocore's client-wide retry budget covers about 50 retried failures
+        video = tmp_path / f"scratch-{job}" / "sample.mp4"
+        video.parent.mkdir()
+        video.write_bytes(b"v")
+        (video.parent / "thumb.jpg").write_bytes(b"t")
+        with pytest.raises(UploadError) as caught:
+            storage.deliver(f"job-{job}", [video], video.parent / "thumb.jpg", expires_in=60)
+        messages.append(str(caught.value))
+    assert "failed after 4 attempts (EndpointConnectionError" in messages[0]
+    assert "failed after 1 attempt (EndpointConnectionError" in messages[-1]
+
+
+def test_a_volume_that_fills_up_leaves_no_partial_copy(job_files, tmp_path, monkeypatch):
+    videos, thumbnail = job_files
+    volume, spare = tmp_path / "volume", tmp_path / "spare"
+    real_move = storage_module.shutil.move
+
+    def move(source, target):
+        if Path(target).is_relative_to(volume):  # a copy across filesystems, cut short by a full disk
+            Path(target).write_bytes(Path(source).read_bytes()[:100])
+            raise OSError(28, "No space left on device")
+        return real_move(source, target)
+
+    monkeypatch.setattr(storage_module.shutil, "move", move)
+    storage = BucketStorage(bucket_at(_dead_endpoint()), volume, spare_dir=spare, attempts=1)
+    with pytest.raises(UploadError) as caught:
+        storage.deliver("job-5", videos, thumbnail, expires_in=60)
+    assert str(caught.value).endswith(f"the video was kept at {(spare / 'job-5').resolve()}")
+    assert not (volume / "job-5").exists()
+    assert sorted(p.name for p in (spare / "job-5").iterdir()) == ["thumb.jpg", "video_0.mp4", "video_1.mp4"]
+
+
+def test_a_file_no_folder_takes_does_not_stop_the_others(job_files, tmp_path, monkeypatch):
+    videos, thumbnail = job_files
+    real_move = storage_module.shutil.move
+
+    def move(source, target):
+        if Path(source).name == "video_1.mp4":
+            raise OSError(5, "Input/output error")
+        return real_move(source, target)
+
+    monkeypatch.setattr(storage_module.shutil, "move", move)
+    storage = BucketStorage(bucket_at(_dead_endpoint()), tmp_path / "volume", attempts=1)
+    with pytest.raises(UploadError) as caught:
+        storage.deliver("job-6", videos, thumbnail, expires_in=60)
+    kept = (tmp_path / "volume" / "job-6").resolve()
+    assert str(caught.value).endswith(
+        f"the video was kept at {kept}; video_1.mp4 could not be kept (OSError: [Errno 5] Input/output error)"
+    )
+    assert sorted(p.name for p in kept.iterdir()) == ["thumb.jpg", "video_0.mp4"]

@@ -75,7 +75,7 @@ class GenerationResult:
 
 def check_request(request: GenerationRequest, spec: ModelSpec) -> None:
     """Raise ``InputError`` (one line naming the field and the limit) for the first invalid value."""
-    if is_blank(request.prompt):
+    if not request.prompt or is_blank(request.prompt):
         raise InputError("prompt must not be empty")
     if request.task not in ("t2v", "i2v"):
         raise InputError(f"task must be 't2v' or 'i2v', got {request.task!r}")

@@ -16,8 +16,7 @@ from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
-from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from turbovideo.errors import one_line
 from turbovideo.worker.config import BucketConfig
@@ -84,7 +83,6 @@ class BucketStorage:
         self.bucket = bucket
         # Where files of a failed upload go: the durable folder, else the spare (e.g. a full volume).
         self.keep_dirs = [durable_dir] + ([spare_dir] if spare_dir and spare_dir != durable_dir else [])
-        self.attempts = attempts
         self.client = boto3.client(
             "s3",
             endpoint_url=bucket.endpoint_url,
@@ -101,6 +99,10 @@ class BucketStorage:
                 read_timeout=60,
             ),
         )
+        # Requests actually sent for the current file: botocore's retry budget is shared by all jobs of
+        # this client and runs dry in a long outage, after which a failure is not retried at all.
+        self._sends = 0
+        self.client.meta.events.register("before-send.s3.PutObject", self._count_send)
 
     def key(self, job_id: str, filename: str) -> str:
         return "/".join(part for part in (self.bucket.prefix, job_id, filename) if part)
@@ -113,11 +115,8 @@ class BucketStorage:
             for path, name in uploads:
                 self._put(path, self.key(job_id, name))
         except (BotoCoreError, ClientError, OSError) as exc:
-            attempts = _attempts_made(exc, self.attempts)
-            failure = (
-                f"upload to bucket {self.bucket.name!r} failed after {attempts} attempt{'s' * (attempts != 1)} "
-                f"({type(exc).__name__}: {one_line(str(exc))})"
-            )
+            tries = f" after {self._sends} attempt{'s' * (self._sends != 1)}" if self._sends else ""
+            failure = f"upload to bucket {self.bucket.name!r} failed{tries} ({type(exc).__name__}: {one_line(str(exc))})"
             raise UploadError(f"{failure}; {self._keep(job_id, [*videos, thumbnail])}") from exc
         lifetime = max(1, min(expires_in, MAX_EXPIRES_S))
         urls = [self._presign(self.key(job_id, name), lifetime) for _, name in uploads]
@@ -128,24 +127,34 @@ class BucketStorage:
         return fields
 
     def _keep(self, job_id: str, files: list[Path]) -> str:
-        """Move the files of a failed upload to the first keep folder that takes them; says where."""
-        holding: list[Path] = []  # folders that took files
+        """Move each file of a failed upload to the first keep folder that takes it; says where."""
+        held: dict[Path, None] = {}  # folders that took files, in order
+        lost: list[str] = []
         error: OSError | None = None
-        for folder in self.keep_dirs:
-            left = [path for path in files if path.exists()]  # what a folder that filled up did not take
-            try:
-                move_files(left, folder / job_id)
-                holding.append((folder / job_id).resolve())
-                return f"the video was kept at {' and '.join(map(str, holding))}"
-            except OSError as exc:
-                logger.warning("could not keep job %s's files in %s: %s", job_id, folder, exc)
-                error = exc
-                if any(not path.exists() for path in left):
-                    holding.append((folder / job_id).resolve())
-        partly = f"; some of them are at {' and '.join(map(str, holding))}" if holding else ""
-        return f"keeping the files failed too ({type(error).__name__}: {one_line(str(error), 200)}){partly}"
+        for path in files:
+            for folder in self.keep_dirs:
+                try:
+                    held[move_files([path], folder / job_id)[0].parent] = None
+                    break
+                except OSError as exc:  # e.g. a full or read-only volume
+                    logger.warning("could not keep %s of job %s in %s: %s", path.name, job_id, folder, exc)
+                    error = exc
+                    _discard_partial(folder / job_id / path.name, path)
+            else:
+                lost.append(path.name)
+        kept = f"the video was kept at {' and '.join(map(str, held))}" if held else ""
+        if not lost:
+            return kept
+        reason = f"({type(error).__name__}: {one_line(str(error), 200)})"
+        if not held:
+            return f"keeping the files failed too {reason}; the video is lost"
+        return f"{kept}; {', '.join(lost)} could not be kept {reason}"
+
+    def _count_send(self, **_: Any) -> None:
+        self._sends += 1
 
     def _put(self, path: Path, key: str) -> None:
+        self._sends = 0
         content_type = _CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
         with path.open("rb") as body:
             self.client.put_object(Bucket=self.bucket.name, Key=key, Body=body, ContentType=content_type)
@@ -158,14 +167,15 @@ class BucketStorage:
         )
 
 
-def _attempts_made(exc: BaseException, configured: int) -> int:
-    """How many times the upload was tried: botocore retries connection failures and throttling,
-    not a missing bucket, refused credentials or a bad parameter."""
-    if isinstance(exc, ClientError):
-        return exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
-    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
-        return configured
-    return 1
+def _discard_partial(target: Path, source: Path) -> None:
+    """Remove what a failed move left at ``target`` (a copy cut short across filesystems) while the
+    source is still whole, and the folder if that is now empty."""
+    try:
+        if source.exists():
+            target.unlink(missing_ok=True)
+        target.parent.rmdir()
+    except OSError:
+        pass  # nothing there, a folder that holds other files, or a path that is no folder
 
 
 def region_for(endpoint_url: str) -> str:
