@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 
 import boto3
@@ -31,3 +32,10 @@ def loopback_s3(access_key: str = "a", secret_key: str = "b") -> Iterator[tuple[
         yield endpoint, admin
     finally:
         server.stop()
+
+
+def dead_endpoint() -> str:
+    """An S3 endpoint URL on a loopback port nothing listens on: every request is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"

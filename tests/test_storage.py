@@ -1,7 +1,6 @@
 """Delivery: uploads to an S3 server on loopback (moto), presigned URLs, and nothing lost on failure."""
 
 import logging
-import socket
 import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -9,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import botocore.endpoint
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from s3_server import loopback_s3
+from s3_server import dead_endpoint, loopback_s3
 
 from turbovideo.worker import storage as storage_module
 from turbovideo.worker.config import BucketConfig
@@ -92,9 +91,7 @@ def test_single_sample_has_no_list_and_short_lifetimes_are_kept(s3_endpoint, job
 
 
 def test_server_down_keeps_the_files_and_says_where(job_files, tmp_path):
-    with socket.socket() as probe:  # a port nothing listens on: connection refused
-        probe.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    dead = dead_endpoint()
     videos, thumbnail = job_files
     contents = [p.read_bytes() for p in videos]
     storage = BucketStorage(bucket_at(dead), tmp_path / "durable", attempts=2)
@@ -166,15 +163,9 @@ def test_signing_region_follows_the_endpoint(endpoint, region):
     assert region_for(endpoint) == region
 
 
-def _dead_endpoint() -> str:
-    with socket.socket() as probe:  # a port nothing listens on: connection refused
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}"
-
-
 def test_the_error_counts_the_attempts_made_once_the_retry_budget_is_spent(tmp_path, monkeypatch):
     monkeypatch.setattr(botocore.endpoint.time, "sleep", lambda seconds: None)  # no backoff waits
-    storage = BucketStorage(bucket_at(_dead_endpoint()), tmp_path / "durable", attempts=4)
+    storage = BucketStorage(bucket_at(dead_endpoint()), tmp_path / "durable", attempts=4)
     messages = []
     for job in range(60):  # botocore's client-wide retry budget covers about 50 retried failures
         video = tmp_path / f"scratch-{job}" / "sample.mp4"
@@ -200,7 +191,7 @@ def test_a_volume_that_fills_up_leaves_no_partial_copy(job_files, tmp_path, monk
         return real_move(source, target)
 
     monkeypatch.setattr(storage_module.shutil, "move", move)
-    storage = BucketStorage(bucket_at(_dead_endpoint()), volume, spare_dir=spare, attempts=1)
+    storage = BucketStorage(bucket_at(dead_endpoint()), volume, spare_dir=spare, attempts=1)
     with pytest.raises(UploadError) as caught:
         storage.deliver("job-5", videos, thumbnail, expires_in=60)
     assert str(caught.value).endswith(f"the video was kept at {(spare / 'job-5').resolve()}")
@@ -218,7 +209,7 @@ def test_a_file_no_folder_takes_does_not_stop_the_others(job_files, tmp_path, mo
         return real_move(source, target)
 
     monkeypatch.setattr(storage_module.shutil, "move", move)
-    storage = BucketStorage(bucket_at(_dead_endpoint()), tmp_path / "volume", attempts=1)
+    storage = BucketStorage(bucket_at(dead_endpoint()), tmp_path / "volume", attempts=1)
     with pytest.raises(UploadError) as caught:
         storage.deliver("job-6", videos, thumbnail, expires_in=60)
     kept = (tmp_path / "volume" / "job-6").resolve()

@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import logging
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +20,7 @@ from botocore.exceptions import EndpointConnectionError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from s3_server import loopback_s3
+from s3_server import dead_endpoint, loopback_s3
 from test_inputs import bomb_png
 
 from turbovideo.catalog import MODELS
@@ -228,9 +227,7 @@ def test_upload_to_the_bucket_answers_urls(pipelines, s3, tmp_path, caplog):
 
 def test_bucket_down_answers_e_upload_and_keeps_a_playable_video(pipelines, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    dead = dead_endpoint()
     answer = bucket_service(pipelines, dead, tmp_path / "durable").handle(
         {"id": "job-down", "input": {"prompt": "a", **FAST}}
     )
@@ -357,9 +354,7 @@ def test_upload_happens_before_base64_is_judged_too_large(pipelines, s3, tmp_pat
 
 
 def test_bucket_down_with_base64_still_answers_the_video(pipelines, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    dead = dead_endpoint()
     answer = bucket_service(pipelines, dead, tmp_path / "durable").handle(
         {"id": "job-b64", "input": {"prompt": "a", "return_base64": True, **FAST}}
     )
@@ -383,9 +378,7 @@ def test_a_missing_bucket_is_not_retried_and_says_so(pipelines, s3, tmp_path):
 
 @pytest.mark.parametrize("spare", [True, False])
 def test_files_of_a_failed_upload_go_to_the_spare_folder_when_the_volume_refuses(pipelines, tmp_path, spare):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    dead = dead_endpoint()
     blocked = tmp_path / "volume"
     blocked.write_text("a file where the folder should be")  # as a full or read-only volume would refuse
     bucket = BucketConfig(dead, ACCESS_KEY, SECRET_KEY, "videos", "out")
