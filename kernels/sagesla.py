@@ -26,6 +26,13 @@ NOT_INSTALLED = (
 )
 # SpargeAttn's per-head PV-skipping threshold; this value disables skipping, as upstream runs it.
 _NO_PV_SKIP = 1e6
+# SpargeAttn launches its kernels without a stream, i.e. on the legacy default stream: on any other
+# stream they race the kernels that produce their inputs (seen on an H200: illegal memory accesses),
+# and a CUDA graph capture cannot record them.
+DEFAULT_STREAM_ONLY = (
+    "attention=sagesla runs SpargeAttn's kernels, which launch on the default CUDA stream only; "
+    "call it outside torch.cuda.stream() and CUDA graph capture, or use attention=sla"
+)
 
 
 @functools.cache
@@ -210,6 +217,8 @@ def sagesla_attention(
         raise RuntimeError(NOT_INSTALLED)
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"SageSLA needs head dim 64 or 128; got {q.shape[-1]}")
+    if torch.cuda.current_stream(q.device) != torch.cuda.default_stream(q.device):
+        raise RuntimeError(DEFAULT_STREAM_ONLY)
     arch = cuda_arch(q.device)
     blkq, blkk = selection_blocks(arch)
     state = linear_state(k, v, blkk)
