@@ -3,8 +3,8 @@
 ``HEAD/GET /{repo}/resolve/{revision}/{path}`` answers the way the Hub does: small ("git") files
 directly with a git-sha1 ETag; LFS files with a 302 to a second server on another port (the "CDN",
 so the client treats it as another host) carrying X-Linked-Etag (sha256) and X-Linked-Size. Both
-serve Range requests with 206. Faults on demand: drop the connection after N body bytes, go slowly,
-claim a wrong size or hash. Every request is recorded so tests can count network use.
+serve Range requests with 206. Faults on demand: drop the connection after N body bytes, answer
+body GETs with an HTTP error, go slowly, claim a wrong size or hash. Every request is recorded so tests can count network use.
 
 Also holds ``read_only_dir``, the one filesystem fault helper the cache tests share.
 """
@@ -66,6 +66,8 @@ class HubServer:
         self.requests: list[Request] = []
         self.drop_after: int | None = None  # bytes of body per response before the connection is cut
         self.drops_left = 0  # how many responses to cut; then serve normally
+        self.error_status = 503  # what the next ``errors_left`` file-body GETs are answered with
+        self.errors_left = 0
         self.delay_s = 0.0  # pause after every chunk
         self.chunk = 64 * 1024
         self._lock = threading.Lock()
@@ -150,6 +152,14 @@ class HubServer:
             h.end_headers()
             return
         _, served = found
+        with self._lock:
+            fail = not head and (role == "cdn" or not served.lfs) and self.errors_left > 0
+            self.errors_left -= fail
+        if fail:
+            h.send_response(self.error_status)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         if role == "hub":
             h_meta = {"X-Repo-Commit": COMMIT, "ETag": f'"{served.etag()}"'}
             if served.lfs:

@@ -35,6 +35,11 @@ def fake_files(spec: ModelSpec = SPEC, quantized: bool = False) -> dict[tuple[st
     }
 
 
+@pytest.fixture(autouse=True)
+def _no_retry_pauses(monkeypatch):
+    monkeypatch.setattr(checkpoints, "RETRY_DELAYS_S", (0.0, 0.0))
+
+
 @pytest.fixture
 def hub():
     with HubServer(fake_files()) as server:
@@ -109,6 +114,21 @@ def test_dropped_connection_is_resumed_with_range(hub, tmp_path):
     assert_model_dir(model_dir, hub)
     first, again = (r.range for r in hub.body_gets(DIT.repo, DIT.filename))
     assert first is None and again.startswith("bytes=") and 0 < int(again[6:-1]) <= 15 * MIB
+
+
+def test_a_server_error_during_a_download_is_tried_again(hub, tmp_path):
+    hub.errors_left = 1
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert_model_dir(model_dir, hub)
+    assert hub.errors_left == 0
+
+
+def test_a_lasting_server_error_gives_up_as_transient(hub, tmp_path):
+    hub.errors_left = 100
+    with pytest.raises(CheckpointDownloadError, match="HTTP 503") as info:
+        ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert info.value.transient
+    assert 100 - hub.errors_left == len(checkpoints.RETRY_DELAYS_S) + 1  # tries, then gives up
 
 
 _CHILD = """
@@ -205,8 +225,9 @@ def test_corrupt_download_is_rejected_and_removed(tmp_path, lie, expected):
 def test_missing_file_on_the_hub(tmp_path):
     files = fake_files()
     del files[(DIT.repo, DIT.filename)]
-    with HubServer(files) as hub, pytest.raises(CheckpointDownloadError, match="does not exist"):
+    with HubServer(files) as hub, pytest.raises(CheckpointDownloadError, match="does not exist") as info:
         ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert not info.value.transient
 
 
 def test_read_only_cache_dir_is_a_clear_error(hub, tmp_path):

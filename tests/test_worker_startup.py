@@ -54,6 +54,11 @@ def test_offline_without_a_cached_checkpoint_is_answered(tmp_path):
             False,
         ),
         (
+            CheckpointDownloadError("the Hub answered HTTP 503 for x.pth", transient=True),
+            "the Hub answered HTTP 503 for x.pth; the worker asks to be replaced",
+            True,
+        ),
+        (
             CheckpointError("checkpoint file /c/x.pth is truncated"),
             "checkpoint file /c/x.pth is truncated;",
             False,

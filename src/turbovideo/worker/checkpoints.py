@@ -44,13 +44,24 @@ RUNPOD_VOLUME = Path("/runpod-volume")
 REVISION = "main"
 POLL_S = 1.0  # how often a waiting worker looks at someone else's download
 PROGRESS_EVERY_S = 5.0
+# Pauses before the second and third try of a download that failed on the network or the server's
+# side (5xx, a broken connection, damaged bytes); huggingface_hub retries its metadata requests
+# itself, but one failed body GET ends its download.
+RETRY_DELAYS_S = (5.0, 30.0)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class CheckpointDownloadError(RuntimeError):
-    """A checkpoint could not be made available; the message is one actionable sentence."""
+    """A checkpoint could not be made available; the message is one actionable sentence.
+
+    ``transient``: the network or the server failed, so a later attempt may succeed unchanged.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def default_cache_dir() -> Path:
@@ -145,7 +156,7 @@ def _fetch_all(
                 try:
                     # Someone may have finished it between our look and our lock.
                     if not _is_complete(cache_dir, f):
-                        _download(f, target, lock, token=token, endpoint=endpoint, report=report)
+                        _download_with_retries(f, target, lock, token=token, endpoint=endpoint, report=report)
                 finally:
                     lock.release()
             pending.remove(f)
@@ -163,6 +174,26 @@ def _describe_wait(cache_dir: Path, f: HubFile) -> str:
     so_far = sum(p.stat().st_size for p in target.parent.glob(f".{target.name}.*.partial"))
     who = f"{owner.get('host', 'another worker')} (pid {owner.get('pid', '?')})"
     return f"waiting for {who} to download {f.repo}/{f.filename} ({_gb(so_far)} so far)"
+
+
+def _download_with_retries(
+    f: HubFile,
+    target: Path,
+    lock: VolumeLock,
+    *,
+    token: str | None,
+    endpoint: str | None,
+    report: Callable[[str], None],
+) -> None:
+    """``_download``, tried again after transient failures (a partial file is resumed, not restarted)."""
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return _download(f, target, lock, token=token, endpoint=endpoint, report=report)
+        except CheckpointDownloadError as e:
+            if not e.transient or delay is None:
+                raise
+            report(f"{e}; trying again in {delay:.0f} s")
+            time.sleep(delay)
 
 
 def _download(
@@ -197,10 +228,11 @@ def _download(
         found = f"{got} bytes" if size is not None and got != size else f"sha256 {digest}"
         raise CheckpointDownloadError(
             f"{name} arrived with {found}, not what the Hub announced ({size} bytes, sha256 {sha256}); "
-            "removed it, retry"
+            "removed it",
+            transient=True,
         )
     if not lock.held:
-        raise CheckpointDownloadError(f"another worker took over the download of {name}; retry")
+        raise CheckpointDownloadError(f"another worker took over the download of {name}", transient=True)
     os.replace(partial, target)
     _fsync_dir(target.parent)
     _write_marker(target, f, meta.commit_hash, meta.etag, got, sha256)
@@ -226,7 +258,8 @@ def _locate(
     except Exception as e:  # network layer: DNS, refused, timeout, TLS
         raise CheckpointDownloadError(
             f"could not reach {host} to fetch {name} ({_first_line(e)}); check the network, or pre-seed "
-            "the cache and set HF_HUB_OFFLINE=1"
+            "the cache and set HF_HUB_OFFLINE=1",
+            transient=True,
         ) from e
     if meta.etag is None:
         raise CheckpointDownloadError(f"{host} gave no ETag for {name}; is HF_ENDPOINT a Hugging Face Hub?")
@@ -271,7 +304,8 @@ def _fill_partial(
             except Exception as e:  # the connection kept failing after http_get's own retries
                 raise CheckpointDownloadError(
                     f"download of {name} from {host} broke off ({_first_line(e)}); the partial file is kept "
-                    "and the next start resumes it"
+                    "for the next attempt to resume",
+                    transient=True,
                 ) from e
             fh.flush()
             os.fsync(fh.fileno())
@@ -281,7 +315,8 @@ def _fill_partial(
             partial.unlink(missing_ok=True)
             raise CheckpointDownloadError(
                 f"{name} from {host} arrived with the wrong size, not the {size} bytes the Hub announced; "
-                "removed it, retry"
+                "removed it",
+                transient=True,
             ) from e
         raise _filesystem_error(e, partial.parent) from e
 
@@ -451,8 +486,11 @@ def _hub_error(e, name: str) -> CheckpointDownloadError:
             f"access to {name} was refused (HTTP {status}); set HF_TOKEN to a token that can read it"
         )
     if status == 404:
-        return CheckpointDownloadError(f"{name} does not exist on the Hub (HTTP 404)")
-    return CheckpointDownloadError(f"the Hub answered HTTP {status} for {name}; retry later")
+        return CheckpointDownloadError(
+            f"{name} does not exist on the Hub (HTTP 404); check HF_ENDPOINT, or pre-seed the cache"
+        )
+    transient = status is None or status >= 500 or status in (408, 429)
+    return CheckpointDownloadError(f"the Hub answered HTTP {status} for {name}", transient=transient)
 
 
 def _link_model_dir(cache_dir: Path, name: str, files: tuple[HubFile, ...]) -> Path:

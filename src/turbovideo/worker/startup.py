@@ -3,8 +3,9 @@
 A worker that exits on a bad setting is restarted by RunPod into the same wall: every attempt pays
 for the container start (and perhaps a download) and the user sees silent restarts. So a failed
 start is turned into one sentence that says what to change, and the worker stays up answering
-every job with ``E_STARTUP: <sentence>``. Only a broken CUDA context, which a fresh worker on
-another host may not have, also asks RunPod to replace the worker.
+every job with ``E_STARTUP: <sentence>``. Only what a fresh worker may not meet (a broken CUDA
+context, a Hub or network failure that outlasted the download's own retries) also asks RunPod to
+replace the worker: the replacement starts again, resuming any partial download.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
 
 def describe_startup_error(exc: BaseException) -> StartupFailure:
     """One actionable sentence for a failed start."""
+    if isinstance(exc, CheckpointDownloadError) and exc.transient:
+        return StartupFailure(f"{one_line(str(exc), 1000)}; the worker asks to be replaced", refresh=True)
     if isinstance(exc, (ConfigError, CheckpointDownloadError)):
         return StartupFailure(one_line(str(exc), 1000))
     if isinstance(exc, CheckpointError):
