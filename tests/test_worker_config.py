@@ -94,3 +94,27 @@ def test_offline_and_progress_flags():
 )
 def test_checkpoint_variant_follows_gpu_memory_unless_set(variant, gpu_bytes, quantized):
     assert use_quantized(variant, gpu_bytes) is quantized
+
+
+@pytest.mark.parametrize("token", ["hf_abcdefghijklmnop\n", " hf_abcdefghijklmnop "])
+def test_hf_token_is_trimmed(token):
+    assert load_config({"HF_TOKEN": token, "CACHE_DIR": "/tmp/c"}).hf_token == "hf_abcdefghijklmnop"
+
+
+@pytest.mark.parametrize("token", ["hf_abc defghijklmnop", "hf_abcdéfghijklmnop", "hf_abc\x00defghijklmnop"])
+def test_a_hf_token_no_header_can_carry_is_refused_without_echoing_it(token):
+    with pytest.raises(ConfigError, match=r"^HF_TOKEN contains spaces or characters") as info:
+        load_config({"HF_TOKEN": token, "CACHE_DIR": "/tmp/c"})
+    assert "hf_abc" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["r2.example.com", "acct.r2.cloudflarestorage.com/videos", "ftp://x.example"])
+def test_a_bucket_endpoint_without_scheme_is_a_config_error(url):
+    with pytest.raises(ConfigError, match=r"^BUCKET_ENDPOINT_URL=.* is not an http\(s\) URL"):
+        load_config({**BUCKET_ENV, "BUCKET_ENDPOINT_URL": url, "CACHE_DIR": "/tmp/c"})
+
+
+def test_output_dir_that_is_a_file_is_a_config_error(tmp_path):
+    (tmp_path / "out").write_text("")
+    with pytest.raises(ConfigError, match=r"^OUTPUT_DIR=.* is a file"):
+        load_config({"OUTPUT_DIR": str(tmp_path / "out"), "CACHE_DIR": "/tmp/c"})

@@ -75,6 +75,16 @@ def test_startup_errors_become_one_sentence(exc, start, refresh):
     assert failure.refresh is refresh
 
 
+def test_the_startup_sentence_carries_no_secret(monkeypatch, tmp_path):
+    # A library quoting the token in its error (huggingface_hub quoted a bad header) must not reach clients.
+    def failing(env):
+        raise ConfigError("request failed: Illegal header value b'Bearer hf_SECRETTOKEN123'")
+
+    monkeypatch.setattr("turbovideo.worker.startup.load_config", failing)
+    answer = create_handler({"HF_TOKEN": "hf_SECRETTOKEN123 ", "CACHE_DIR": str(tmp_path)})(dict(JOB))
+    assert answer["error"] == "E_STARTUP: request failed: Illegal header value b'Bearer ***'"
+
+
 def test_redaction_blanks_secrets_and_signed_queries():
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -98,6 +108,20 @@ def test_redaction_blanks_secrets_and_signed_queries():
     assert "hf_SECRETTOKEN123" not in text and "abc123" not in text
     assert "token ***" in text and "k.mp4?<signature redacted> done" in text
     assert "a short word stays" in text
+
+
+def test_huggingface_hub_logs_once_through_the_redacting_handler(monkeypatch, capfd):
+    import huggingface_hub.utils.logging  # noqa: F401  (adds its own stream handler at import)
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    monkeypatch.setattr(hub_logger, "handlers", [logging.StreamHandler()])  # as its import leaves it
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    configure_logging([])
+    logging.getLogger("huggingface_hub.file_download").warning(
+        "Error while downloading from https://cdn/x?Expires=1&Signature=SECRETSIG: peer closed"
+    )
+    err = capfd.readouterr().err
+    assert err.count("Error while downloading") == 1 and "SECRETSIG" not in err
 
 
 def test_one_redacting_handler_prints_each_line(monkeypatch, capfd):

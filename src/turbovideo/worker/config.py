@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from turbovideo.catalog import ALIASES, MODELS, ModelSpec, resolve_models
 from turbovideo.pipeline.memory import prefer_quantized
@@ -62,10 +63,14 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     on_runpod = is_on_runpod(env)
     cache_dir = Path(env["CACHE_DIR"]).expanduser() if env.get("CACHE_DIR") else default_cache_dir()
     output_dir = Path(env.get("OUTPUT_DIR") or "outputs").expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(
+            f"OUTPUT_DIR={str(output_dir)!r} is a file; point it at a directory (created if missing)"
+        )
     return WorkerConfig(
         models=_served_models(env.get("MODELS", "").strip(), on_runpod),
         variant=_variant(env.get("CHECKPOINT_VARIANT", "auto")),
-        hf_token=env.get("HF_TOKEN") or None,
+        hf_token=_hf_token(env.get("HF_TOKEN", "")),
         cache_dir=cache_dir,
         offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
         bucket=_bucket(env),
@@ -106,6 +111,19 @@ def _variant(value: str) -> str:
     return variant
 
 
+def _hf_token(value: str) -> str | None:
+    # Pasted tokens often carry a newline or space; inside an HTTP header any such character fails
+    # every request with an error that quotes the token. Never echo the value.
+    token = value.strip()
+    if not token:
+        return None
+    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        raise ConfigError(
+            "HF_TOKEN contains spaces or characters other than printable ASCII; set it to the token alone (hf_...)"
+        )
+    return token
+
+
 def _sp_degree(value: str) -> int | None:
     if not value.strip():
         return None
@@ -127,8 +145,15 @@ def _bucket(env: Mapping[str, str]) -> BucketConfig | None:
             f"{', '.join(present)} set but {', '.join(missing)} missing; set all of "
             f"{', '.join(_BUCKET_VARS)} to upload videos, or none of them to keep videos in OUTPUT_DIR"
         )
+    endpoint_url = env["BUCKET_ENDPOINT_URL"].strip()
+    parsed = urlparse(endpoint_url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(
+            f"BUCKET_ENDPOINT_URL={endpoint_url!r} is not an http(s) URL; use the bucket service's endpoint "
+            "with its scheme, e.g. https://<account id>.r2.cloudflarestorage.com"
+        )
     return BucketConfig(
-        endpoint_url=env["BUCKET_ENDPOINT_URL"].strip(),
+        endpoint_url=endpoint_url,
         access_key_id=env["BUCKET_ACCESS_KEY_ID"].strip(),
         secret_access_key=env["BUCKET_SECRET_ACCESS_KEY"].strip(),
         name=env["BUCKET_NAME"].strip(),

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -44,7 +44,9 @@ class StartupFailure:
 def create_handler(env: Mapping[str, str] | None = None) -> Handler:
     """Load everything the worker serves and return its job handler (a failed-start one if loading failed)."""
     env = os.environ if env is None else env
-    configure_logging([env[name] for name in SECRET_VARIABLES if env.get(name)])
+    secrets = [env[name] for name in SECRET_VARIABLES if env.get(name)]
+    secrets += [s.strip() for s in secrets]  # what clients and libraries actually send
+    configure_logging(secrets)
     try:
         config = load_config(env)
         # Imported here so that a broken install (a kernel that does not import) is a failed start too.
@@ -55,6 +57,8 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
         service = VideoService.from_config(config)
     except Exception as exc:  # any failed start is answered to jobs, not crash-looped
         failure = describe_startup_error(exc)
+        # The sentence goes to every client: no secret a library quoted in an error may ride along.
+        failure = replace(failure, message=RedactSecrets(secrets).redact(failure.message))
         logger.error(
             "the worker could not start: %s", failure.message, exc_info=not isinstance(exc, ConfigError)
         )
@@ -130,13 +134,17 @@ class RedactSecrets(logging.Filter):
 def configure_logging(secrets: list[str]) -> None:
     """INFO logs to stderr through the redacting filter; idempotent.
 
-    The runpod SDK calls ``logging.basicConfig`` when imported (``rp_upload``): its plain root handler
-    would print every line a second time, unredacted, so plain stream handlers on the root go.
+    Libraries install plain stream handlers of their own: the runpod SDK calls ``logging.basicConfig``
+    when imported (``rp_upload``) and huggingface_hub puts one on its logger at import. Each would print
+    every line a second time, unredacted (signed CDN URLs included), so they go.
     """
+    import huggingface_hub.utils.logging  # noqa: F401  (so its handler exists now and can go)
+
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
-        if not getattr(handler, "turbovideo", False):
-            root.removeHandler(handler)
+    for logger_ in (root, logging.getLogger("huggingface_hub")):
+        for handler in [h for h in logger_.handlers if type(h) is logging.StreamHandler]:
+            if not getattr(handler, "turbovideo", False):
+                logger_.removeHandler(handler)
     for handler in root.handlers:
         if getattr(handler, "turbovideo", False):
             handler.filters = [RedactSecrets(secrets)]
