@@ -342,6 +342,17 @@ def test_base64_over_the_payload_limit_is_skipped_with_a_warning(local, monkeypa
     ] and answer["warnings"][0].startswith("return_base64 skipped: the files would answer")
 
 
+def test_the_base64_limit_counts_every_copy_sent(local, monkeypatch):
+    job = {"prompt": "a", "return_base64": True, "num_samples": 2, "seed": 3, **FAST}
+    answer = local.handle({"id": "job-two", "input": job})
+    sent = sum(len(answer[k]) for k in ("video_base64", "thumbnail_base64")) + sum(
+        len(v) for v in answer["videos_base64"]
+    )
+    monkeypatch.setattr(service, "MAX_BASE64_BYTES", sent - 1)
+    again = local.handle({"id": "job-two-again", "input": job})
+    assert "video_base64" not in again and again["warnings"][0].startswith("return_base64 skipped")
+
+
 def test_upload_happens_before_base64_is_judged_too_large(pipelines, s3, tmp_path, monkeypatch):
     monkeypatch.setattr(service, "MAX_BASE64_BYTES", 100)
     endpoint, admin = s3

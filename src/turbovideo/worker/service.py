@@ -176,7 +176,9 @@ class VideoService:
 def _encode(result: GenerationResult, warnings: list[str]) -> dict[str, Any]:
     """The files as base64 response fields, or none (and a warning) past RunPod's payload limit."""
     files = [*result.videos, result.thumbnail]
-    size = sum(4 * ((path.stat().st_size + 2) // 3) for path in files)
+    sizes = [4 * ((path.stat().st_size + 2) // 3) for path in files]
+    # With several samples the first is sent twice: as video_base64 and as videos_base64[0].
+    size = sum(sizes) + (sizes[0] if len(result.videos) > 1 else 0)
     if size > MAX_BASE64_BYTES:
         warnings.append(
             f"return_base64 skipped: the files would answer {size / 1e6:.1f} MB, over the "
