@@ -99,14 +99,22 @@ def test_image_selects_tiny_i2v_and_samples_get_numbered_files(tmp_path, capsys)
         (["--num_frames", "0"], "num_frames must be 4k+1 between 5 and 161, got 0"),
         (["--aspect_ratio", "1:2"], "aspect_ratio must be one of"),
         (["--model", "wan-9000"], "unknown model 'wan-9000'"),
-        (["--model", "TurboWan2.1-T2V-1.3B-480P"], "python scripts/download_checkpoints.py --model"),
+        (
+            ["--model", "TurboWan2.1-T2V-1.3B-480P"],
+            "--dest DIR, then pass --checkpoint_dir DIR/models/TurboWan2.1-T2V-1.3B-480P-bf16",
+        ),
         (["--image", "/nonexistent.png"], "cannot read image /nonexistent.png"),
+        (["--image", "__big__"], "image must have at most 50000000 pixels"),
         (["--model", "tiny-i2v"], "task 'i2v' needs an input image"),
         (["--attention_type", "flash"], "attention must be one of"),
         (["--resolution", "720p"], "resolution must be one of tiny for model tiny-t2v"),
     ],
 )
 def test_bad_values_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    if "__big__" in argv:  # 8000 x 8000 is past the pixel limit and Pillow's own bomb check
+        big = tmp_path.parent / f"{tmp_path.name}-big.png"
+        Image.new("L", (8000, 8000)).save(big)
+        argv = [str(big) if a == "__big__" else a for a in argv]
     with pytest.raises(SystemExit) as exited:
         main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.mp4"), *argv])
     assert exited.value.code == 2
@@ -114,3 +122,27 @@ def test_bad_values_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert message in err
     assert err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_out_naming_a_directory_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path)])
+    assert exited.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == f"turbovideo: --out {tmp_path} is a directory; name the video file, e.g. {tmp_path / 'video.mp4'}\n"
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_image_is_used_upright_by_its_exif_orientation(tmp_path, capsys):
+    image = tmp_path / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: viewers rotate it to portrait
+    Image.new("RGB", (128, 64), (200, 20, 20)).save(image, exif=exif)
+    out = tmp_path / "clip.mp4"
+    argv = ["generate", "--model", "tiny", "--prompt", "p", "--image", str(image), "--out", str(out)]
+    assert main([*argv, "--num_frames", "5", "--num_steps", "1", "--adaptive_resolution"]) == 0
+    meta, _ = _frames(str(out))
+    width, height = meta["size"]
+    assert height > width

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from turbovideo.catalog import ALIASES, DEFAULT_FPS, DEFAULT_FRAMES, MODELS, ModelSpec
 from turbovideo.errors import InputError
@@ -77,9 +77,16 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(args: argparse.Namespace) -> int:
     spec = _spec(args.model, with_image=args.image is not None)
     if not spec.is_random and args.checkpoint_dir is None:
+        variant = "quant" if args.quant else "bf16"
         _fail(
             f"turbovideo: model {spec.name} needs its checkpoints: run python scripts/download_checkpoints.py "
-            f"--model {spec.name} --dest DIR, then pass --checkpoint_dir DIR",
+            f"--model {spec.name} --variant {variant} --dest DIR, then pass "
+            f"--checkpoint_dir DIR/models/{spec.name}-{variant}",
+            USAGE_ERROR,
+        )
+    if args.out.is_dir():
+        _fail(
+            f"turbovideo: --out {args.out} is a directory; name the video file, e.g. {args.out / 'video.mp4'}",
             USAGE_ERROR,
         )
     # Heavy imports (torch, the models) only once the command line is known to be usable.
@@ -149,13 +156,17 @@ def _default_frames(spec: ModelSpec) -> int:
 
 
 def _open_image(path: Path | None) -> Image.Image | None:
+    """The image as the endpoint would use it: upright by its EXIF orientation, within its limits."""
     if path is None:
         return None
+    from turbovideo.worker.inputs import open_image
+
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
+        return open_image(path.read_bytes())
+    except OSError as err:
         _fail(f"turbovideo: cannot read image {path}: {err}", USAGE_ERROR)
+    except InputError as err:
+        _fail(f"turbovideo: {path}: {err}", USAGE_ERROR)
 
 
 def _targets(out: Path, count: int) -> list[Path]:
