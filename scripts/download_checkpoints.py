@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                     sizes[name] = (model_dir / f.filename).stat().st_size
                     print(f"  {sizes[name] / 1e9:10.3f} GB  {name}")
                 print(f"{spec.name} ({'quant' if quantized else 'bf16'}) ready in {model_dir}")
-    except (CheckpointDownloadError, ValueError) as e:
+    except (CheckpointDownloadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"total {sum(sizes.values()) / 1e9:.3f} GB in {dest}")

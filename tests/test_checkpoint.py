@@ -1,5 +1,8 @@
 """The shared checkpoint reader and loader (models/checkpoint.py)."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -75,6 +78,20 @@ def test_unreadable_files_raise_one_sentence(tmp_path):
         with pytest.raises(CheckpointError) as info:
             read_state_dict(path)
         assert expected in str(info.value) and "\n" not in str(info.value), path.name
+
+
+def test_a_damaged_file_behind_a_link_is_named_by_where_its_bytes_are(tmp_path):
+    # The worker's models/<name>/ folders link into the cache; deleting the link would fix nothing.
+    cached = tmp_path / "repo" / "dit.pth"
+    cached.parent.mkdir()
+    cached.write_bytes(b"PK\x03\x04 not really a zip")
+    link = tmp_path / "models" / "dit.pth"
+    link.parent.mkdir()
+    link.symlink_to(Path("..") / "repo" / "dit.pth")
+    with pytest.raises(
+        CheckpointError, match=rf"^{re.escape(str(cached.resolve()))} \(\d+ bytes\) is truncated"
+    ):
+        read_state_dict(link)
 
 
 def test_load_into_casts_to_the_declared_dtype_and_allocates_from_the_file():

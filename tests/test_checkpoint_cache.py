@@ -254,6 +254,27 @@ def test_file_larger_than_the_free_space_is_a_clear_error(tmp_path):
         ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
 
 
+_FULL_DISK_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+from turbovideo.worker import checkpoints
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+try:
+    checkpoints._atomic_write(Path(sys.argv[1]) / ".x.pth.complete", b"{}" * 100)
+except checkpoints.CheckpointDownloadError as e:
+    print(e)
+"""
+
+
+def test_a_marker_the_disk_cannot_take_is_a_clear_error_and_leaves_nothing(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CHILD, str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.stdout.startswith(f"the cache at {tmp_path} is full"), done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_default_cache_dir_follows_env_then_volume_then_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CACHE_DIR", str(tmp_path / "explicit"))
     assert default_cache_dir() == tmp_path / "explicit"

@@ -53,7 +53,8 @@ def _read_safetensors(path: Path) -> Mapping:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(
-            f"{path.name} ({path.stat().st_size} bytes) is truncated or is not a safetensors file: {_first_line(exc)}"
+            f"{_real(path)} ({path.stat().st_size} bytes) is truncated or is not a safetensors file: "
+            f"{_first_line(exc)}"
         ) from exc
 
 
@@ -71,9 +72,15 @@ def _read_torch(path: Path) -> Mapping:
             return load(mmap=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
-            f"{path.name} ({path.stat().st_size} bytes) is truncated or is not a PyTorch checkpoint: "
+            f"{_real(path)} ({path.stat().st_size} bytes) is truncated or is not a PyTorch checkpoint: "
             f"{_first_line(exc)}"
         ) from exc
+
+
+def _real(path: Path) -> Path:
+    """Where the bytes are: the worker's model folders hold links into the cache, so a damaged file is
+    only fixed by deleting the file the link points to."""
+    return path.resolve() if path.is_symlink() else path
 
 
 def _unnest(raw: object, path: Path) -> Mapping:
@@ -84,7 +91,7 @@ def _unnest(raw: object, path: Path) -> Mapping:
         raw = nested[0]
     if not isinstance(raw, Mapping) or not _is_tensor_dict(raw):
         kind = type(raw).__name__
-        raise CheckpointError(f"{path.name} does not hold a state dict of tensors (found a {kind})")
+        raise CheckpointError(f"{_real(path)} does not hold a state dict of tensors (found a {kind})")
     return raw
 
 

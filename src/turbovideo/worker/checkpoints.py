@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -431,12 +432,16 @@ def _write_marker(
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _filesystem_error(e, path.parent) from e
     _fsync_dir(path.parent)
 
 
@@ -506,8 +511,8 @@ def _link_model_dir(cache_dir: Path, name: str, files: tuple[HubFile, ...]) -> P
             source = os.path.relpath(_target(cache_dir, f), link.parent)
             if link.is_symlink() and os.readlink(link) == source:
                 continue
-            tmp = link.with_name(f".{link.name}.{os.getpid()}.link")
-            tmp.unlink(missing_ok=True)
+            # Unique per writer: workers in containers are all pid 1 and may link the same folder at once.
+            tmp = link.with_name(f".{link.name}.{secrets.token_hex(8)}.link")
             try:
                 tmp.symlink_to(source)
             except OSError:  # a filesystem without symlinks: a hard link reads the same

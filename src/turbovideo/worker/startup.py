@@ -75,7 +75,7 @@ def describe_startup_error(exc: BaseException) -> StartupFailure:
         return StartupFailure(one_line(str(exc), 1000))
     if isinstance(exc, CheckpointError):
         return StartupFailure(
-            f"{one_line(str(exc), 1000)}; delete the file from CACHE_DIR so the next start downloads it again"
+            f"{one_line(str(exc), 1000)}; delete that file so the next start downloads it again"
         )
     if isinstance(exc, ParallelError):
         return StartupFailure(
