@@ -114,7 +114,19 @@ def test_a_bucket_endpoint_without_scheme_is_a_config_error(url):
         load_config({**BUCKET_ENV, "BUCKET_ENDPOINT_URL": url, "CACHE_DIR": "/tmp/c"})
 
 
-def test_output_dir_that_is_a_file_is_a_config_error(tmp_path):
-    (tmp_path / "out").write_text("")
-    with pytest.raises(ConfigError, match=r"^OUTPUT_DIR=.* is a file"):
-        load_config({"OUTPUT_DIR": str(tmp_path / "out"), "CACHE_DIR": "/tmp/c"})
+@pytest.mark.parametrize("inside", ["file", "file/videos"])
+def test_an_output_dir_that_cannot_be_made_is_a_config_error(tmp_path, inside):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^OUTPUT_DIR=.* cannot be created \(.*\); point it at a writable"):
+        load_config({"OUTPUT_DIR": str(tmp_path / inside), "CACHE_DIR": "/tmp/c"})
+
+
+def test_output_dir_is_created_at_start(tmp_path):
+    assert load_config({"OUTPUT_DIR": str(tmp_path / "a" / "b"), "CACHE_DIR": "/tmp/c"}).output_dir.is_dir()
+
+
+def test_failed_uploads_go_to_the_volume_when_the_cache_is_baked_into_the_image(monkeypatch, tmp_path):
+    monkeypatch.setattr(config_module, "VOLUME_ROOT", tmp_path / "volume")
+    (tmp_path / "volume").mkdir()
+    config = load_config({"CACHE_DIR": str(tmp_path / "models"), "OUTPUT_DIR": str(tmp_path / "o")})
+    assert config.durable_dir == tmp_path / "volume" / "turbovideo" / "outputs"

@@ -62,11 +62,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     env = os.environ if env is None else env
     on_runpod = is_on_runpod(env)
     cache_dir = Path(env["CACHE_DIR"]).expanduser() if env.get("CACHE_DIR") else default_cache_dir()
-    output_dir = Path(env.get("OUTPUT_DIR") or "outputs").expanduser()
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(
-            f"OUTPUT_DIR={str(output_dir)!r} is a file; point it at a directory (created if missing)"
-        )
+    output_dir = _output_dir(env.get("OUTPUT_DIR") or "outputs")
     return WorkerConfig(
         models=_served_models(env.get("MODELS", "").strip(), on_runpod),
         variant=_variant(env.get("CHECKPOINT_VARIANT", "auto")),
@@ -75,11 +71,34 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
         bucket=_bucket(env),
         output_dir=output_dir,
-        durable_dir=cache_dir / "outputs" if VOLUME_ROOT.is_dir() else output_dir,
+        durable_dir=_durable_dir(cache_dir, output_dir),
         on_runpod=on_runpod,
         report_progress=bool(env.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
         sp_degree=_sp_degree(env.get("SP_DEGREE", "")),
     )
+
+
+def _output_dir(value: str) -> Path:
+    """OUTPUT_DIR, created now: a directory that cannot be written would fail jobs after their work."""
+    path = Path(value).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"OUTPUT_DIR={value!r} cannot be created ({e.strerror}); point it at a writable directory"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"OUTPUT_DIR={value!r} is not writable; point it at a writable directory")
+    return path
+
+
+def _durable_dir(cache_dir: Path, output_dir: Path) -> Path:
+    """Where videos whose upload failed are kept: on the network volume when one is mounted (next to
+    the cache if the cache is on it; a cache baked into the image is not), else in OUTPUT_DIR."""
+    if not VOLUME_ROOT.is_dir():
+        return output_dir
+    on_volume = cache_dir.resolve().is_relative_to(VOLUME_ROOT.resolve())
+    return (cache_dir if on_volume else VOLUME_ROOT / "turbovideo") / "outputs"
 
 
 def use_quantized(variant: str, gpu_memory_bytes: int | None) -> bool:
