@@ -56,6 +56,15 @@ def test_existing_triton_cache_dir_is_respected(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "volume" / "inductor")
 
 
+def test_a_chosen_triton_cache_dir_that_refuses_writes_is_replaced(tmp_path, monkeypatch, caplog):
+    with read_only_dir(tmp_path / "mine") as mine, caplog.at_level(logging.WARNING):
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(mine))
+        assert configure_compile_cache(tmp_path / "volume") == tmp_path / "volume" / "triton"
+    assert (
+        caplog.records[0].getMessage().startswith(f"compile cache: TRITON_CACHE_DIR={mine} is not writable")
+    )
+
+
 def test_nothing_usable_leaves_defaults_and_does_not_raise(tmp_path):
     with read_only_dir(tmp_path / "volume") as volume, read_only_dir(tmp_path / "local"):
         assert configure_compile_cache(volume) is None

@@ -2,7 +2,7 @@
 
 Triton writes its cache without handling a full or read-only disk gracefully, so we only point it at
 the volume after proving a real write succeeds there and enough space is left; otherwise the caches
-go to local disk for this start. Variables the user already set are left alone.
+go to local disk for this start. Directories the user already chose are kept when they take a write.
 """
 
 from __future__ import annotations
@@ -26,13 +26,24 @@ def local_compile_root() -> Path:
 
 
 def configure_compile_cache(cache_dir: Path, *, min_free_bytes: int = MIN_FREE_BYTES) -> Path | None:
-    """Set TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR under ``cache_dir`` unless already set.
+    """Set TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR under ``cache_dir`` unless already set to a
+    directory that takes a write.
 
     Falls back to a local directory (one log line) when ``cache_dir`` is not writable or nearly full.
     Never raises. Returns the Triton cache directory in effect, or None when neither place works
     (then Triton keeps its own default).
     """
-    unset = [(var, sub) for var, sub in _CACHES if not os.environ.get(var)]
+    unset = []
+    for var, sub in _CACHES:
+        chosen = os.environ.get(var)
+        problem = _probe(Path(chosen), 0) if chosen else None
+        if problem is not None:
+            logger.warning(
+                "compile cache: %s=%s is %s; choosing another place for this start", var, chosen, problem
+            )
+            del os.environ[var]
+        if not chosen or problem is not None:
+            unset.append((var, sub))
     if unset:
         root = _usable_root(Path(cache_dir), min_free_bytes)
         if root is not None:
