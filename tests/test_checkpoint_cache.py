@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -273,6 +274,17 @@ def test_a_marker_the_disk_cannot_take_is_a_clear_error_and_leaves_nothing(tmp_p
     )
     assert done.stdout.startswith(f"the cache at {tmp_path} is full"), done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_that_fit_one_by_one_but_not_together_are_refused_before_downloading(tmp_path):
+    files = fake_files()
+    free = shutil.disk_usage(tmp_path).free
+    lfs = [served for served in files.values() if served.lfs]
+    for served in lfs[:2]:
+        served.size = free * 6 // 10  # the Hub claims each takes 60 % of the free space
+    with HubServer(files) as hub, pytest.raises(CheckpointDownloadError, match="not enough space"):
+        ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert not [r for r in hub.requests if r.method == "GET"]
 
 
 def test_default_cache_dir_follows_env_then_volume_then_home(tmp_path, monkeypatch):

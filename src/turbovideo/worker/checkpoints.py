@@ -107,6 +107,7 @@ def ensure_checkpoints(
             f"--dest {cache_dir}`"
         )
     if pending:
+        _check_room_for(pending, cache_dir, token=token, endpoint=endpoint)
         _fetch_all(pending, cache_dir, token=token, endpoint=endpoint, report=report)
     return _link_model_dir(cache_dir, f"{spec.name}-{variant}", files)
 
@@ -126,6 +127,20 @@ def _is_complete(cache_dir: Path, f: HubFile) -> bool:
         return target.stat().st_size == marker["size"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def _check_room_for(
+    pending: list[HubFile], cache_dir: Path, *, token: str | None, endpoint: str | None
+) -> None:
+    """Refuse up front when the volume cannot take every missing file (less what partials already
+    hold): file by file, a too-small volume would be found out only after the first downloads."""
+    needed = 0
+    for f in pending:
+        target = _target(cache_dir, f)
+        have = sum(p.stat().st_size for p in target.parent.glob(f".{target.name}.*.partial"))
+        needed += max(0, (_locate(f, token=token, endpoint=endpoint)[0].size or 0) - have)
+    _make_dirs(cache_dir)
+    _check_free_space(cache_dir, needed)
 
 
 def _fetch_all(
