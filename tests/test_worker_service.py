@@ -410,3 +410,12 @@ def test_a_prompt_past_the_encoder_limit_is_answered_with_a_warning(local):
     assert "error" not in answer
     assert answer["warnings"] == ["the prompt has 1997 tokens; the text encoder read only its first 511"]
     assert "warnings" not in local.handle({"id": "job-short", "input": {"prompt": "a fox", **FAST}})
+
+
+def test_the_tiny_alias_picks_its_model_by_task(local):
+    # README lists `tiny` among the model names; as a request's model it means tiny-t2v or tiny-i2v.
+    text = local.handle({"id": "alias-t2v", "input": {"prompt": "a", "model": "tiny", **FAST}})
+    image = local.handle(
+        {"id": "alias-i2v", "input": {"prompt": "a", "model": "tiny", "image": png_b64(), **FAST}}
+    )
+    assert (text["model"], image["model"]) == ("tiny-t2v", "tiny-i2v")

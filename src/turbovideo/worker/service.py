@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from runpod.serverless import progress_update
 
-from turbovideo.catalog import ModelSpec
+from turbovideo.catalog import ALIASES, ModelSpec
 from turbovideo.errors import InputError, one_line
 from turbovideo.parallel import ParallelError, parallelize
 from turbovideo.pipeline import GenerationRequest, GenerationResult, ProgressEvent, VideoPipeline
@@ -139,15 +139,19 @@ class VideoService:
         return response.model_dump(exclude_none=True)
 
     def _choose_model(self, request: VideoRequest) -> ModelSpec:
+        """The named model, or the first served one for the task; an alias (``tiny``) names its
+        models, chosen among by task like the command line does."""
         served = ", ".join(self.pipelines)
-        if request.model is not None:
-            if request.model not in self.pipelines:
-                raise ModelError(f"model {request.model!r} is not served by this worker; served: {served}")
-            return self.pipelines[request.model].spec
+        names = ALIASES.get(request.model, (request.model,)) if request.model else tuple(self.pipelines)
+        candidates = [self.pipelines[name].spec for name in names if name in self.pipelines]
+        if request.model is not None and not candidates:
+            raise ModelError(f"model {request.model!r} is not served by this worker; served: {served}")
+        if request.model in self.pipelines:
+            return candidates[0]
         task = request.task or ("i2v" if request.image is not None else "t2v")
-        for pipeline in self.pipelines.values():
-            if pipeline.spec.task == task:
-                return pipeline.spec
+        for spec in candidates:
+            if spec.task == task:
+                return spec
         raise ModelError(f"no model for task {task!r} is served by this worker; served: {served}")
 
     def _progress(self, job: dict[str, Any]) -> Callable[[ProgressEvent], None] | None:
