@@ -6,7 +6,8 @@
 # Without MODELS it runs the tiny random-weight models on the CPU: the whole real code path in
 # seconds, but the video is noise. With MODELS set (e.g. MODELS=TurboWan2.1-T2V-1.3B-480P) and a
 # CUDA GPU it downloads that model into CACHE_DIR once and makes a real video. The optional third
-# argument adds request fields (see README: request fields).
+# argument adds request fields (see README: request fields); with "num_samples" above 1 the videos
+# are written as out_0.mp4, out_1.mp4, ...
 set -euo pipefail
 
 prompt="${1:?usage: $0 \"prompt\" [out.mp4] [extra request fields as JSON]}"
@@ -26,14 +27,29 @@ export MODELS="${MODELS:-tiny}"
 
 job="$("$python" -c '
 import json, sys
-fields = json.loads(sys.argv[2])
+try:
+    fields = json.loads(sys.argv[2])
+except ValueError as e:
+    sys.exit(f"the extra request fields are not valid JSON ({e}): {sys.argv[2]}")
+if not isinstance(fields, dict):
+    sys.exit(f"the extra request fields must be a JSON object such as {{\"seed\": 7}}, got: {sys.argv[2]}")
 print(json.dumps({"id": "quickstart", "input": {"prompt": sys.argv[1], **fields}}))
 ' "$prompt" "$extra")"
+mkdir -p "$(dirname "$out")"
 
 outputs="${OUTPUT_DIR:-$repo/outputs}"
+rm -rf "$outputs/quickstart"  # this script's own job folder: no samples of an earlier run may be copied
 # No bucket and no RunPod markers: one local job whose files land in $outputs/quickstart/.
 env -u BUCKET_ENDPOINT_URL -u BUCKET_ACCESS_KEY_ID -u BUCKET_SECRET_ACCESS_KEY -u BUCKET_NAME \
   -u RUNPOD_WEBHOOK_GET_JOB -u RUNPOD_POD_ID OUTPUT_DIR="$outputs" \
   "$python" "$repo/handler.py" --test_input "$job"
-cp "$outputs/quickstart/sample_0.mp4" "$out"
-echo "wrote $out"
+samples=("$outputs"/quickstart/sample_*.mp4)
+if [ "${#samples[@]}" -eq 1 ]; then
+  cp "${samples[0]}" "$out"
+  echo "wrote $out"
+else
+  for i in "${!samples[@]}"; do
+    cp "$outputs/quickstart/sample_$i.mp4" "${out%.mp4}_$i.mp4"
+    echo "wrote ${out%.mp4}_$i.mp4"
+  done
+fi

@@ -57,6 +57,35 @@ def test_quickstart_runs_handler_test_input_and_copies_a_playable_video(tmp_path
     assert "'seed': 3" in run.stdout and "'model': 'tiny-t2v'" in run.stdout
 
 
+def test_quickstart_writes_every_sample_into_a_new_folder(tmp_path):
+    out = tmp_path / "new" / "fox.mp4"
+    fields = json.dumps({"num_frames": 5, "num_steps": 1, "num_samples": 2})
+    run = subprocess.run(
+        ["bash", "scripts/runpod_quickstart.sh", "a red fox", str(out), fields],
+        cwd=REPO,
+        env=worker_env(tmp_path, MODELS=""),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fox_0.mp4", "fox_1.mp4"]
+
+
+@pytest.mark.parametrize("fields", ['{"seed": 7', "[1, 2]"])
+def test_quickstart_with_bad_extra_fields_says_so_in_one_line(tmp_path, fields):
+    run = subprocess.run(
+        ["bash", "scripts/runpod_quickstart.sh", "a red fox", str(tmp_path / "x.mp4"), fields],
+        cwd=REPO,
+        env=worker_env(tmp_path, MODELS=""),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1 and run.stderr.count("\n") == 1
+    assert run.stderr.startswith("the extra request fields")
+
+
 def test_test_input_with_a_failed_start_prints_the_error_and_exits_1(tmp_path):
     run = subprocess.run(
         [sys.executable, "handler.py", "--test_input", json.dumps(JOB)],
