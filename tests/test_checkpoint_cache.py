@@ -296,3 +296,30 @@ def test_default_cache_dir_follows_env_then_volume_then_home(tmp_path, monkeypat
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "turbovideo"
     (tmp_path / "volume").mkdir()
     assert default_cache_dir() == tmp_path / "volume" / "turbovideo"
+
+
+@pytest.mark.parametrize("damaged", [True, False])
+def test_a_cached_file_damaged_since_its_download_is_removed_at_start(hub, tmp_path, damaged):
+    from turbovideo.worker.startup import create_handler
+
+    ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    lfs = [f for f in SPEC.files(False) if hub.files[(f.repo, f.filename)].lfs]
+    if damaged:  # a byte flipped on the volume; the size still matches the marker
+        for f in lfs:
+            data = bytearray(target(tmp_path, f).read_bytes())
+            data[100] ^= 0xFF
+            target(tmp_path, f).write_bytes(data)
+    env = {
+        "MODELS": SPEC.name,
+        "CACHE_DIR": str(tmp_path),
+        "HF_HUB_OFFLINE": "1",
+        "CHECKPOINT_VARIANT": "bf16",
+    }
+    answer = create_handler(env)({"id": "j", "input": {"prompt": "a"}})
+    gone = [f for f in SPEC.files(False) if not target(tmp_path, f).exists()]
+    if damaged:
+        assert answer["refresh_worker"] is True and "so it was removed" in answer["error"]
+        assert len(gone) == 1 and gone[0] in lfs and not marker(tmp_path, gone[0]).exists()
+    else:  # the fake files are not checkpoints, but exactly as the Hub serves them: nothing to heal
+        assert "refresh_worker" not in answer and "delete that file" in answer["error"]
+        assert gone == []

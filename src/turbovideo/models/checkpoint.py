@@ -9,8 +9,6 @@ sentence instead of a KeyError or a pickle traceback.
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -27,7 +25,14 @@ _NESTING_KEYS = ("state_dict", "model", "ema")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or does not fit the module; the message is one sentence."""
+    """A checkpoint file is missing, unreadable or does not fit the module; the message is one sentence.
+
+    ``path``: the file whose bytes could not be read, where that is the problem (a damaged download).
+    """
+
+    def __init__(self, message: str, *, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def read_state_dict(path: str | Path) -> StateDict:
@@ -54,7 +59,8 @@ def _read_safetensors(path: Path) -> Mapping:
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(
             f"{_real(path)} ({path.stat().st_size} bytes) is truncated or is not a safetensors file: "
-            f"{_first_line(exc)}"
+            f"{_first_line(exc)}",
+            path=_real(path),
         ) from exc
 
 
@@ -70,10 +76,11 @@ def _read_torch(path: Path) -> Mapping:
             if "mmap" not in str(exc) and "zip" not in str(exc):
                 raise
             return load(mmap=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # unpickling damaged bytes fails in many ways (IndexError, KeyError, ...)
         raise CheckpointError(
             f"{_real(path)} ({path.stat().st_size} bytes) is truncated or is not a PyTorch checkpoint: "
-            f"{_first_line(exc)}"
+            f"{_first_line(exc)}",
+            path=_real(path),
         ) from exc
 
 

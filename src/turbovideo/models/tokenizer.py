@@ -142,7 +142,9 @@ def load_tokenizer(directory: str | Path | None) -> PromptTokenizer:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable JSON
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{file} is not a readable tokenizers file: {first_line}") from exc
+        raise CheckpointError(
+            f"{file} is not a readable tokenizers file: {first_line}", path=file.resolve()
+        ) from exc
     return PromptTokenizer(tokenizer, source=str(file))
 
 

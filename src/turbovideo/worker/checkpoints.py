@@ -112,6 +112,23 @@ def ensure_checkpoints(
     return _link_model_dir(cache_dir, f"{spec.name}-{variant}", files)
 
 
+def discard_if_damaged(cache_dir: Path, path: Path) -> bool:
+    """Whether ``path``, a cached file that failed to load, no longer has the sha256 it was verified
+    with at download; it and its marker are then removed, so the next start downloads it again."""
+    path = Path(path).resolve()
+    marker = _sidecar(path, "complete")
+    try:
+        path.relative_to(Path(cache_dir).resolve())
+        record = json.loads(marker.read_text())
+        if not record.get("sha256_verified") or _sha256_of(path) == record.get("etag"):
+            return False
+        marker.unlink()  # first: a file without its marker counts as missing, never as complete
+        path.unlink(missing_ok=True)
+    except (ValueError, OSError, AttributeError):
+        return False
+    return True
+
+
 def _target(cache_dir: Path, f: HubFile) -> Path:
     return cache_dir / f.repo / f.filename
 

@@ -23,8 +23,8 @@ import torch
 from turbovideo.errors import one_line
 from turbovideo.models.checkpoint import CheckpointError
 from turbovideo.parallel.errors import ParallelError
-from turbovideo.worker.checkpoints import CheckpointDownloadError
-from turbovideo.worker.config import ConfigError, load_config
+from turbovideo.worker.checkpoints import CheckpointDownloadError, discard_if_damaged
+from turbovideo.worker.config import ConfigError, WorkerConfig, load_config
 
 logger = logging.getLogger("turbovideo.worker")
 
@@ -47,6 +47,7 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
     secrets = [env[name] for name in SECRET_VARIABLES if env.get(name)]
     secrets += [s.strip() for s in secrets]  # what clients and libraries actually send
     configure_logging(secrets)
+    config: WorkerConfig | None = None
     try:
         config = load_config(env)
         # Imported here so that a broken install (a kernel that does not import) is a failed start too.
@@ -56,7 +57,7 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
             raise RuntimeError("CUDA is not available (torch.cuda.is_available() is False)")
         service = VideoService.from_config(config)
     except Exception as exc:  # any failed start is answered to jobs, not crash-looped
-        failure = describe_startup_error(exc)
+        failure = _heal_or_describe(exc, config)
         # The sentence goes to every client: no secret a library quoted in an error may ride along.
         failure = replace(failure, message=RedactSecrets(secrets).redact(failure.message))
         logger.error(
@@ -65,6 +66,20 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
         return failed_start_handler(failure)
     logger.info("worker ready: serving %s", ", ".join(service.pipelines))
     return service.handle
+
+
+def _heal_or_describe(exc: BaseException, config: WorkerConfig | None) -> StartupFailure:
+    """``describe_startup_error``, unless the file that failed to load was damaged on the volume after
+    its download: then it is removed and a replacement worker downloads it again, with nobody having
+    to reach the volume."""
+    if isinstance(exc, CheckpointError) and exc.path and config is not None:
+        if discard_if_damaged(config.cache_dir, exc.path):
+            return StartupFailure(
+                f"{one_line(str(exc), 1000)}; the file no longer matches the sha256 it was verified with at "
+                "download, so it was removed and the worker asks to be replaced (the replacement downloads it again)",
+                refresh=True,
+            )
+    return describe_startup_error(exc)
 
 
 def describe_startup_error(exc: BaseException) -> StartupFailure:
