@@ -45,6 +45,19 @@ def test_other_modes_are_converted_to_rgb(mode):
     assert inputs.load_image(f"data:image/png;base64,{data}").mode == "RGB"
 
 
+def test_url_safe_and_unpadded_base64_is_accepted():
+    # An image whose standard base64 has "+" or "/" and ends in padding.
+    data = next(
+        d
+        for width in range(20, 60)
+        if (d := png_bytes(size=(width, 16)))
+        and len(d) % 3
+        and {"+", "/"} & set(base64.b64encode(d).decode())
+    )
+    encoded = base64.urlsafe_b64encode(data).decode().rstrip("=")
+    assert inputs.load_image(encoded).tobytes() == Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
 def test_base64_with_line_breaks_is_accepted():
     encoded = base64.encodebytes(png_bytes()).decode()  # MIME style, a newline every 76 characters
     assert "\n" in encoded

@@ -68,10 +68,16 @@ def decode_base64(text: str) -> bytes:
         raise InputError(
             f"image must be at most {_megabytes(MAX_IMAGE_BYTES)}, got about {_megabytes(len(compact) // 4 * 3)}"
         )
+    # The URL-safe alphabet ("-_" for "+/") and dropped padding are common encoder choices, not errors.
+    compact = compact.replace("-", "+").replace("_", "/")
+    compact += "=" * (-len(compact) % 4)
     try:
         return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
-        raise InputError("image is neither an http(s) URL nor valid base64") from None
+        raise InputError(
+            "image is neither an http(s) URL nor valid base64 (it has characters outside the base64 alphabet, "
+            "or its length fits no base64 text)"
+        ) from None
 
 
 def open_image(data: bytes) -> Image.Image:
