@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from turbovideo.catalog import HubFile, ModelSpec
-from turbovideo.worker.locking import VolumeLock, read_owner
+from turbovideo.worker.locking import STALE_AFTER_S, VolumeLock, read_owner
 
 if TYPE_CHECKING:
     from huggingface_hub import HfFileMetadata
@@ -206,7 +206,10 @@ def _describe_wait(cache_dir: Path, f: HubFile) -> str:
     owner = read_owner(_sidecar(target, "lock")) or {}
     so_far = sum(p.stat().st_size for p in target.parent.glob(f".{target.name}.*.partial"))
     who = f"{owner.get('host', 'another worker')} (pid {owner.get('pid', '?')})"
-    return f"waiting for {who} to download {f.repo}/{f.filename} ({_gb(so_far)} so far)"
+    return (
+        f"waiting for {who} to download {f.repo}/{f.filename} ({_gb(so_far)} so far; "
+        f"taken over if it stops for {STALE_AFTER_S:.0f} s)"
+    )
 
 
 def _download_with_retries(
