@@ -208,7 +208,7 @@ def _describe_wait(cache_dir: Path, f: HubFile) -> str:
     who = f"{owner.get('host', 'another worker')} (pid {owner.get('pid', '?')})"
     return (
         f"waiting for {who} to download {f.repo}/{f.filename} ({_gb(so_far)} so far; "
-        f"taken over if it stops for {STALE_AFTER_S:.0f} s)"
+        f"taken over if that worker is gone for {STALE_AFTER_S:.0f} s)"
     )
 
 
