@@ -18,6 +18,7 @@ from hub_server import HubServer, Served, read_only_dir
 from turbovideo.catalog import MODELS, HubFile, ModelSpec
 from turbovideo.worker import checkpoints
 from turbovideo.worker.checkpoints import CheckpointDownloadError, default_cache_dir, ensure_checkpoints
+from turbovideo.worker.locking import VolumeLock
 
 SPEC = MODELS["TurboWan2.1-T2V-1.3B-480P"]
 DIT = SPEC.dit_files(False)[0]
@@ -132,6 +133,24 @@ def test_a_lasting_server_error_gives_up_as_transient(hub, tmp_path):
     assert 100 - hub.errors_left == len(checkpoints.RETRY_DELAYS_S) + 1  # tries, then gives up
 
 
+def test_a_retry_never_runs_after_another_worker_took_the_lock(hub, tmp_path):
+    hub.errors_left = 1
+    dit = target(tmp_path, DIT)
+    dit.parent.mkdir(parents=True)
+    lock = VolumeLock(checkpoints._sidecar(dit, "lock"), stale_after=0.2)
+    assert lock.try_acquire()
+
+    def report(message: str) -> None:
+        if "trying again" in message:  # meanwhile another worker judged us dead and took the file
+            lock.path.write_text(json.dumps({"token": "theirs"}))
+            time.sleep(0.3)  # our heartbeat notices
+
+    with pytest.raises(checkpoints._LockLost):
+        checkpoints._download_with_retries(DIT, dit, lock, token=None, endpoint=hub.endpoint, report=report)
+    assert len(hub.body_gets(DIT.repo, DIT.filename)) == 1  # only the failed try
+    lock.release()
+
+
 _CHILD = """
 import sys
 from pathlib import Path
@@ -217,10 +236,12 @@ def test_stale_lock_of_a_vanished_worker_is_broken(hub, tmp_path):
 def test_corrupt_download_is_rejected_and_removed(tmp_path, lie, expected):
     files = fake_files()
     files[(DIT.repo, DIT.filename)] = Served(files[(DIT.repo, DIT.filename)].content, **lie)
-    with HubServer(files) as hub, pytest.raises(CheckpointDownloadError, match=expected):
+    with HubServer(files) as hub, pytest.raises(CheckpointDownloadError, match=expected) as info:
         ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
     dit_dir = target(tmp_path, DIT).parent
     assert sorted(p.name for p in dit_dir.iterdir()) == []
+    # Bytes that keep arriving wrong are a setting (a proxy, a mirror), not bad luck: no retry loop.
+    assert not info.value.transient and len(hub.body_gets(DIT.repo, DIT.filename)) == 1
 
 
 def test_missing_file_on_the_hub(tmp_path):
@@ -287,6 +308,19 @@ def test_files_that_fit_one_by_one_but_not_together_are_refused_before_downloadi
     assert not [r for r in hub.requests if r.method == "GET"]
 
 
+def test_room_is_checked_for_all_models_together(tmp_path):
+    other = MODELS["TurboWan2.1-T2V-14B-480P"]
+    files = fake_files() | fake_files(other)
+    free = shutil.disk_usage(tmp_path).free
+    for f in (DIT, other.dit_files(False)[0]):
+        files[(f.repo, f.filename)].size = free * 6 // 10
+    with HubServer(files) as hub:
+        for spec in (SPEC, other):  # each model fits on its own
+            checkpoints.check_room(spec.files(False), tmp_path, endpoint=hub.endpoint)
+        with pytest.raises(CheckpointDownloadError, match="not enough space"):
+            checkpoints.check_room([*SPEC.files(False), *other.files(False)], tmp_path, endpoint=hub.endpoint)
+
+
 def test_default_cache_dir_follows_env_then_volume_then_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CACHE_DIR", str(tmp_path / "explicit"))
     assert default_cache_dir() == tmp_path / "explicit"
@@ -298,8 +332,12 @@ def test_default_cache_dir_follows_env_then_volume_then_home(tmp_path, monkeypat
     assert default_cache_dir() == tmp_path / "volume" / "turbovideo"
 
 
-@pytest.mark.parametrize("damaged", [True, False])
-def test_a_cached_file_damaged_since_its_download_is_removed_at_start(hub, tmp_path, damaged):
+@pytest.mark.parametrize(
+    ("damaged", "offline"),
+    [(True, False), (True, True), (False, False)],
+    ids=["damaged", "offline", "intact"],
+)
+def test_a_cached_file_that_fails_to_load_is_checked_against_its_sha256(hub, tmp_path, damaged, offline):
     from turbovideo.worker.startup import create_handler
 
     ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
@@ -309,17 +347,16 @@ def test_a_cached_file_damaged_since_its_download_is_removed_at_start(hub, tmp_p
             data = bytearray(target(tmp_path, f).read_bytes())
             data[100] ^= 0xFF
             target(tmp_path, f).write_bytes(data)
-    env = {
-        "MODELS": SPEC.name,
-        "CACHE_DIR": str(tmp_path),
-        "HF_HUB_OFFLINE": "1",
-        "CHECKPOINT_VARIANT": "bf16",
-    }
+    env = {"MODELS": SPEC.name, "CACHE_DIR": str(tmp_path), "CHECKPOINT_VARIANT": "bf16"}
+    env |= {"HF_HUB_OFFLINE": "1"} if offline else {"HF_ENDPOINT": hub.endpoint}
     answer = create_handler(env)({"id": "j", "input": {"prompt": "a"}})
     gone = [f for f in SPEC.files(False) if not target(tmp_path, f).exists()]
-    if damaged:
+    if damaged and not offline:  # removed; the replacement worker downloads it again
         assert answer["refresh_worker"] is True and "so it was removed" in answer["error"]
         assert len(gone) == 1 and gone[0] in lfs and not marker(tmp_path, gone[0]).exists()
-    else:  # the fake files are not checkpoints, but exactly as the Hub serves them: nothing to heal
-        assert "refresh_worker" not in answer and "delete that file" in answer["error"]
-        assert gone == []
+        return
+    assert "refresh_worker" not in answer and gone == []
+    if offline:  # nobody could download it again: left for a person to replace
+        assert answer["error"].endswith("(offline mode, HF_HUB_OFFLINE, forbids downloading it again)")
+    else:  # the fake files are not checkpoints, but exactly as the Hub serves them
+        assert "downloading it again would not help" in answer["error"]

@@ -115,14 +115,19 @@ def test_a_bucket_endpoint_without_scheme_is_a_config_error(url):
 
 
 @pytest.mark.parametrize("inside", ["file", "file/videos"])
-def test_an_output_dir_that_cannot_be_made_is_a_config_error(tmp_path, inside):
+def test_an_output_dir_that_cannot_be_a_directory_is_a_config_error(tmp_path, inside):
     (tmp_path / "file").write_text("")
-    with pytest.raises(ConfigError, match=r"^OUTPUT_DIR=.* cannot be created \(.*\); point it at a writable"):
+    with pytest.raises(
+        ConfigError, match=rf"^OUTPUT_DIR=.* cannot be a directory: {tmp_path / 'file'} is a file"
+    ):
         load_config({"OUTPUT_DIR": str(tmp_path / inside), "CACHE_DIR": "/tmp/c"})
+    # With a bucket it only holds what a failed upload leaves, and the upload path copes without it.
+    load_config({**BUCKET_ENV, "OUTPUT_DIR": str(tmp_path / inside), "CACHE_DIR": "/tmp/c"})
 
 
-def test_output_dir_is_created_at_start(tmp_path):
-    assert load_config({"OUTPUT_DIR": str(tmp_path / "a" / "b"), "CACHE_DIR": "/tmp/c"}).output_dir.is_dir()
+def test_the_output_dir_check_creates_nothing(tmp_path):
+    assert load_config({"OUTPUT_DIR": str(tmp_path / "a" / "b"), "CACHE_DIR": "/tmp/c"})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_uploads_go_to_the_volume_when_the_cache_is_baked_into_the_image(monkeypatch, tmp_path):

@@ -9,7 +9,13 @@ import torch
 from turbovideo.models.checkpoint import CheckpointError
 from turbovideo.worker.checkpoints import CheckpointDownloadError
 from turbovideo.worker.config import ConfigError
-from turbovideo.worker.startup import RedactSecrets, configure_logging, create_handler, describe_startup_error
+from turbovideo.worker.startup import (
+    RedactSecrets,
+    configure_logging,
+    create_handler,
+    describe_startup_error,
+    secret_values,
+)
 
 JOB = {"id": "job-1", "input": {"prompt": "a red fox"}}
 
@@ -83,6 +89,14 @@ def test_the_startup_sentence_carries_no_secret(monkeypatch, tmp_path):
     monkeypatch.setattr("turbovideo.worker.startup.load_config", failing)
     answer = create_handler({"HF_TOKEN": "hf_SECRETTOKEN123 ", "CACHE_DIR": str(tmp_path)})(dict(JOB))
     assert answer["error"] == "E_STARTUP: request failed: Illegal header value b'Bearer ***'"
+
+
+def test_secret_values_include_what_clients_send():
+    # Every process that logs (also the other GPUs' workers) must blank the trimmed token too.
+    assert secret_values({"HF_TOKEN": "hf_SECRETTOKEN123\n", "OTHER": "x"}) == [
+        "hf_SECRETTOKEN123\n",
+        "hf_SECRETTOKEN123",
+    ]
 
 
 def test_redaction_blanks_secrets_and_signed_queries():

@@ -76,6 +76,8 @@ def _read_torch(path: Path) -> Mapping:
             if "mmap" not in str(exc) and "zip" not in str(exc):
                 raise
             return load(mmap=False)
+    except MemoryError:
+        raise  # the host, not the file
     except Exception as exc:  # unpickling damaged bytes fails in many ways (IndexError, KeyError, ...)
         raise CheckpointError(
             f"{_real(path)} ({path.stat().st_size} bytes) is truncated or is not a PyTorch checkpoint: "

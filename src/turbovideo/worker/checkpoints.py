@@ -28,7 +28,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -52,6 +52,10 @@ RETRY_DELAYS_S = (5.0, 30.0)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class _LockLost(Exception):
+    """Another worker broke our lock (it judged us dead) and now downloads the file itself."""
 
 
 class CheckpointDownloadError(RuntimeError):
@@ -107,26 +111,37 @@ def ensure_checkpoints(
             f"--dest {cache_dir}`"
         )
     if pending:
-        _check_room_for(pending, cache_dir, token=token, endpoint=endpoint)
+        check_room(pending, cache_dir, token=token, endpoint=endpoint)
         _fetch_all(pending, cache_dir, token=token, endpoint=endpoint, report=report)
     return _link_model_dir(cache_dir, f"{spec.name}-{variant}", files)
 
 
-def discard_if_damaged(cache_dir: Path, path: Path) -> bool:
-    """Whether ``path``, a cached file that failed to load, no longer has the sha256 it was verified
-    with at download; it and its marker are then removed, so the next start downloads it again."""
+def verify_cached(cache_dir: Path, path: Path, *, discard: bool) -> bool | None:
+    """Whether ``path``, a file of the cache, still has the sha256 it was verified with at download;
+    None when that cannot be told (not in the cache, no sha256 on record, changed meanwhile).
+
+    ``discard``: a damaged file is removed with its marker, so the next start downloads it again.
+    """
     path = Path(path).resolve()
     marker = _sidecar(path, "complete")
     try:
         path.relative_to(Path(cache_dir).resolve())
-        record = json.loads(marker.read_text())
-        if not record.get("sha256_verified") or _sha256_of(path) == record.get("etag"):
-            return False
-        marker.unlink()  # first: a file without its marker counts as missing, never as complete
-        path.unlink(missing_ok=True)
+        text = marker.read_text()
+        record = json.loads(text)
+        if not record.get("sha256_verified"):
+            return None
+        inode = path.stat().st_ino
+        if _sha256_of(path) == record.get("etag"):
+            return True
+        # Another worker may have replaced the file while we hashed: only remove what we hashed.
+        if path.stat().st_ino != inode or marker.read_text() != text:
+            return None
+        if discard:
+            marker.unlink()  # first: a file without its marker counts as missing, never as complete
+            path.unlink(missing_ok=True)
     except (ValueError, OSError, AttributeError):
-        return False
-    return True
+        return None
+    return False
 
 
 def _target(cache_dir: Path, f: HubFile) -> Path:
@@ -146,16 +161,27 @@ def _is_complete(cache_dir: Path, f: HubFile) -> bool:
         return False
 
 
-def _check_room_for(
-    pending: list[HubFile], cache_dir: Path, *, token: str | None, endpoint: str | None
+def check_room(
+    files: Iterable[HubFile], cache_dir: Path, *, token: str | None = None, endpoint: str | None = None
 ) -> None:
-    """Refuse up front when the volume cannot take every missing file (less what partials already
-    hold): file by file, a too-small volume would be found out only after the first downloads."""
+    """Refuse up front when the volume cannot take every file still missing (less what partials
+    already hold): file by file, a too-small volume would be found out only after the first downloads.
+
+    Advisory: when the Hub does not answer, the downloads themselves (with their retries) decide.
+    """
     needed = 0
-    for f in pending:
+    for f in dict.fromkeys(files):  # models share files
+        if _is_complete(cache_dir, f):
+            continue
+        try:
+            size = _locate(f, token=token, endpoint=endpoint)[0].size or 0
+        except CheckpointDownloadError:
+            return
         target = _target(cache_dir, f)
+        if target.is_file() and target.stat().st_size == size:
+            continue  # in place without its marker: adopted after a hash check, no space needed
         have = sum(p.stat().st_size for p in target.parent.glob(f".{target.name}.*.partial"))
-        needed += max(0, (_locate(f, token=token, endpoint=endpoint)[0].size or 0) - have)
+        needed += max(0, size - have)
     _make_dirs(cache_dir)
     _check_free_space(cache_dir, needed)
 
@@ -190,6 +216,9 @@ def _fetch_all(
                     # Someone may have finished it between our look and our lock.
                     if not _is_complete(cache_dir, f):
                         _download_with_retries(f, target, lock, token=token, endpoint=endpoint, report=report)
+                except _LockLost:
+                    report(f"another worker took over the download of {f.repo}/{f.filename}; waiting for it")
+                    continue
                 finally:
                     lock.release()
             pending.remove(f)
@@ -230,6 +259,8 @@ def _download_with_retries(
                 raise
             report(f"{e}; trying again in {delay:.0f} s")
             time.sleep(delay)
+            if not lock.held:
+                raise _LockLost from e
 
 
 def _download(
@@ -264,11 +295,10 @@ def _download(
         found = f"{got} bytes" if size is not None and got != size else f"sha256 {digest}"
         raise CheckpointDownloadError(
             f"{name} arrived with {found}, not what the Hub announced ({size} bytes, sha256 {sha256}); "
-            "removed it",
-            transient=True,
+            "removed it, retry"
         )
     if not lock.held:
-        raise CheckpointDownloadError(f"another worker took over the download of {name}", transient=True)
+        raise _LockLost
     os.replace(partial, target)
     _fsync_dir(target.parent)
     _write_marker(target, f, meta.commit_hash, meta.etag, got, sha256)
@@ -292,10 +322,10 @@ def _locate(
     except HfHubHTTPError as e:
         raise _hub_error(e, name) from e
     except Exception as e:  # network layer: DNS, refused, timeout, TLS
+        # Not transient: huggingface_hub already retried, and DNS or TLS failures are settings.
         raise CheckpointDownloadError(
             f"could not reach {host} to fetch {name} ({_first_line(e)}); check the network, or pre-seed "
-            "the cache and set HF_HUB_OFFLINE=1",
-            transient=True,
+            "the cache and set HF_HUB_OFFLINE=1"
         ) from e
     if meta.etag is None:
         raise CheckpointDownloadError(f"{host} gave no ETag for {name}; is HF_ENDPOINT a Hugging Face Hub?")
@@ -351,8 +381,7 @@ def _fill_partial(
             partial.unlink(missing_ok=True)
             raise CheckpointDownloadError(
                 f"{name} from {host} arrived with the wrong size, not the {size} bytes the Hub announced; "
-                "removed it",
-                transient=True,
+                "removed it, retry"
             ) from e
         raise _filesystem_error(e, partial.parent) from e
 

@@ -62,14 +62,17 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     env = os.environ if env is None else env
     on_runpod = is_on_runpod(env)
     cache_dir = Path(env["CACHE_DIR"]).expanduser() if env.get("CACHE_DIR") else default_cache_dir()
-    output_dir = _output_dir(env.get("OUTPUT_DIR") or "outputs")
+    bucket = _bucket(env)
+    output_dir = Path(env.get("OUTPUT_DIR") or "outputs").expanduser()
+    if bucket is None:  # videos go there; with a bucket it only holds files a failed upload left
+        _check_output_dir(output_dir)
     return WorkerConfig(
         models=_served_models(env.get("MODELS", "").strip(), on_runpod),
         variant=_variant(env.get("CHECKPOINT_VARIANT", "auto")),
         hf_token=_hf_token(env.get("HF_TOKEN", "")),
         cache_dir=cache_dir,
         offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
-        bucket=_bucket(env),
+        bucket=bucket,
         output_dir=output_dir,
         durable_dir=_durable_dir(cache_dir, output_dir),
         on_runpod=on_runpod,
@@ -78,18 +81,16 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     )
 
 
-def _output_dir(value: str) -> Path:
-    """OUTPUT_DIR, created now: a directory that cannot be written would fail jobs after their work."""
-    path = Path(value).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+def _check_output_dir(path: Path) -> None:
+    """OUTPUT_DIR must be a directory the worker can create or write: otherwise every job would
+    fail after its work. Checked without creating anything."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"OUTPUT_DIR={str(path)!r} cannot be a directory: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"OUTPUT_DIR={value!r} cannot be created ({e.strerror}); point it at a writable directory"
-        ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"OUTPUT_DIR={value!r} is not writable; point it at a writable directory")
-    return path
+            f"OUTPUT_DIR={str(path)!r} is not writable ({existing}); point it at a writable directory"
+        )
 
 
 def _durable_dir(cache_dir: Path, output_dir: Path) -> Path:

@@ -27,7 +27,7 @@ from turbovideo.catalog import ALIASES, ModelSpec
 from turbovideo.errors import InputError, one_line
 from turbovideo.parallel import ParallelError, parallelize
 from turbovideo.pipeline import GenerationRequest, GenerationResult, ProgressEvent, VideoPipeline
-from turbovideo.worker.checkpoints import ensure_checkpoints
+from turbovideo.worker.checkpoints import check_room, ensure_checkpoints
 from turbovideo.worker.compile_cache import configure_compile_cache
 from turbovideo.worker.config import ConfigError, WorkerConfig, use_quantized
 from turbovideo.worker.inputs import load_image
@@ -61,6 +61,12 @@ class VideoService:
         configure_compile_cache(config.cache_dir)
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         quantized = use_quantized(config.variant, gpu_bytes)
+        if not config.offline:  # all models' files at once: each model's own check sees only its files
+            check_room(
+                [f for spec in config.models for f in spec.files(quantized)],
+                config.cache_dir,
+                token=config.hf_token,
+            )
         pipelines = {}
         for spec in config.models:
             checkpoint_dir = ensure_checkpoints(
@@ -198,11 +204,12 @@ def _encode(result: GenerationResult, warnings: list[str]) -> dict[str, Any]:
 
 def _spread_over_gpus(pipelines: Iterable[VideoPipeline], sp_degree: int | None) -> None:
     """With several GPUs, every request's DiT work runs on all of them (turbovideo.parallel)."""
-    from turbovideo.worker.startup import SECRET_VARIABLES, configure_logging
+    from turbovideo.worker.startup import configure_logging, secret_values
 
-    secret_values = [os.environ[name] for name in SECRET_VARIABLES if os.environ.get(name)]
     try:
-        parallelize(pipelines, sp_degree, initializer=functools.partial(configure_logging, secret_values))
+        parallelize(
+            pipelines, sp_degree, initializer=functools.partial(configure_logging, secret_values(os.environ))
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

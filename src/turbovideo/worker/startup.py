@@ -23,7 +23,7 @@ import torch
 from turbovideo.errors import one_line
 from turbovideo.models.checkpoint import CheckpointError
 from turbovideo.parallel.errors import ParallelError
-from turbovideo.worker.checkpoints import CheckpointDownloadError, discard_if_damaged
+from turbovideo.worker.checkpoints import CheckpointDownloadError, verify_cached
 from turbovideo.worker.config import ConfigError, WorkerConfig, load_config
 
 logger = logging.getLogger("turbovideo.worker")
@@ -44,8 +44,7 @@ class StartupFailure:
 def create_handler(env: Mapping[str, str] | None = None) -> Handler:
     """Load everything the worker serves and return its job handler (a failed-start one if loading failed)."""
     env = os.environ if env is None else env
-    secrets = [env[name] for name in SECRET_VARIABLES if env.get(name)]
-    secrets += [s.strip() for s in secrets]  # what clients and libraries actually send
+    secrets = secret_values(env)
     configure_logging(secrets)
     config: WorkerConfig | None = None
     try:
@@ -69,17 +68,36 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
 
 
 def _heal_or_describe(exc: BaseException, config: WorkerConfig | None) -> StartupFailure:
-    """``describe_startup_error``, unless the file that failed to load was damaged on the volume after
-    its download: then it is removed and a replacement worker downloads it again, with nobody having
-    to reach the volume."""
-    if isinstance(exc, CheckpointError) and exc.path and config is not None:
-        if discard_if_damaged(config.cache_dir, exc.path):
-            return StartupFailure(
-                f"{one_line(str(exc), 1000)}; the file no longer matches the sha256 it was verified with at "
-                "download, so it was removed and the worker asks to be replaced (the replacement downloads it again)",
-                refresh=True,
-            )
-    return describe_startup_error(exc)
+    """``describe_startup_error``, after checking a cached file that failed to load against the sha256
+    it was verified with at download. A damaged one is removed and a replacement worker downloads it
+    again, with nobody having to reach the volume (offline, someone must replace it)."""
+    if not (isinstance(exc, CheckpointError) and exc.path and config is not None):
+        return describe_startup_error(exc)
+    error = one_line(str(exc), 1000)
+    intact = verify_cached(config.cache_dir, exc.path, discard=not config.offline)
+    if intact is None:
+        return describe_startup_error(exc)
+    if intact:
+        return StartupFailure(
+            f"{error}; the file still has the sha256 it was downloaded with, so downloading it again would "
+            "not help: check that this worker version supports the model"
+        )
+    if config.offline:
+        return StartupFailure(
+            f"{error}; the file no longer matches the sha256 it was verified with at download: replace it "
+            "(offline mode, HF_HUB_OFFLINE, forbids downloading it again)"
+        )
+    return StartupFailure(
+        f"{error}; the file no longer matches the sha256 it was verified with at download, so it was "
+        "removed and the worker asks to be replaced (the replacement downloads it again)",
+        refresh=True,
+    )
+
+
+def secret_values(env: Mapping[str, str]) -> list[str]:
+    """The values of SECRET_VARIABLES, as set and as clients send them (trimmed)."""
+    values = [env[name] for name in SECRET_VARIABLES if env.get(name)]
+    return values + [v.strip() for v in values]
 
 
 def describe_startup_error(exc: BaseException) -> StartupFailure:
