@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -146,7 +147,10 @@ def test_a_retry_never_runs_after_another_worker_took_the_lock(hub, tmp_path):
             time.sleep(0.3)  # our heartbeat notices
 
     with pytest.raises(checkpoints._LockLost):
-        checkpoints._download_with_retries(DIT, dit, lock, token=None, endpoint=hub.endpoint, report=report)
+        download = functools.partial(
+            checkpoints._download, DIT, dit, lock, token=None, endpoint=hub.endpoint, report=report
+        )
+        checkpoints._with_retries(download, lock, report)
     assert len(hub.body_gets(DIT.repo, DIT.filename)) == 1  # only the failed try
     lock.release()
 

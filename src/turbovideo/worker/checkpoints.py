@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -215,7 +216,10 @@ def _fetch_all(
                 try:
                     # Someone may have finished it between our look and our lock.
                     if not _is_complete(cache_dir, f):
-                        _download_with_retries(f, target, lock, token=token, endpoint=endpoint, report=report)
+                        download = functools.partial(
+                            _download, f, target, lock, token=token, endpoint=endpoint, report=report
+                        )
+                        _with_retries(download, lock, report)
                 except _LockLost:
                     report(f"another worker took over the download of {f.repo}/{f.filename}; waiting for it")
                     continue
@@ -241,19 +245,12 @@ def _describe_wait(cache_dir: Path, f: HubFile) -> str:
     )
 
 
-def _download_with_retries(
-    f: HubFile,
-    target: Path,
-    lock: VolumeLock,
-    *,
-    token: str | None,
-    endpoint: str | None,
-    report: Callable[[str], None],
-) -> None:
-    """``_download``, tried again after transient failures (a partial file is resumed, not restarted)."""
+def _with_retries(download: Callable[[], None], lock: VolumeLock, report: Callable[[str], None]) -> None:
+    """``download()``, tried again after transient failures (a partial file is resumed, not restarted)
+    for as long as we hold its lock."""
     for delay in (*RETRY_DELAYS_S, None):
         try:
-            return _download(f, target, lock, token=token, endpoint=endpoint, report=report)
+            return download()
         except CheckpointDownloadError as e:
             if not e.transient or delay is None:
                 raise
