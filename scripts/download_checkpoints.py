@@ -13,7 +13,12 @@ import sys
 from pathlib import Path
 
 from turbovideo.catalog import resolve_models
-from turbovideo.worker.checkpoints import CheckpointDownloadError, default_cache_dir, ensure_checkpoints
+from turbovideo.worker.checkpoints import (
+    CheckpointDownloadError,
+    check_room,
+    default_cache_dir,
+    ensure_checkpoints,
+)
 
 VARIANTS = {"bf16": (False,), "quant": (True,), "both": (False, True)}
 
@@ -32,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes: dict[str, int] = {}  # shared files count once in the total
     try:
         specs = resolve_models(args.model)
+        wanted = [f for spec in specs for quantized in VARIANTS[args.variant] for f in spec.files(quantized)]
+        check_room(wanted, dest, token=args.token)
         for spec in specs:
             for quantized in VARIANTS[args.variant]:
                 model_dir = ensure_checkpoints(spec, quantized, dest, token=args.token, progress=print)

@@ -135,3 +135,9 @@ def test_failed_uploads_go_to_the_volume_when_the_cache_is_baked_into_the_image(
     (tmp_path / "volume").mkdir()
     config = load_config({"CACHE_DIR": str(tmp_path / "models"), "OUTPUT_DIR": str(tmp_path / "o")})
     assert config.durable_dir == tmp_path / "volume" / "turbovideo" / "outputs"
+
+
+def test_an_output_dir_behind_a_broken_link_is_a_config_error(tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match=r"^OUTPUT_DIR=.* cannot be a directory: .*/out is a broken link"):
+        load_config({"OUTPUT_DIR": str(tmp_path / "out" / "videos"), "CACHE_DIR": "/tmp/c"})

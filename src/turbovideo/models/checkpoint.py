@@ -79,6 +79,8 @@ def _read_torch(path: Path) -> Mapping:
     except MemoryError:
         raise  # the host, not the file
     except Exception as exc:  # unpickling damaged bytes fails in many ways (IndexError, KeyError, ...)
+        if "can't allocate memory" in str(exc):  # torch's own CPU allocator running out: the host again
+            raise
         raise CheckpointError(
             f"{_real(path)} ({path.stat().st_size} bytes) is truncated or is not a PyTorch checkpoint: "
             f"{_first_line(exc)}",

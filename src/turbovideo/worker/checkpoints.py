@@ -28,6 +28,8 @@ import os
 import re
 import secrets
 import shutil
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -62,12 +64,15 @@ class _LockLost(Exception):
 class CheckpointDownloadError(RuntimeError):
     """A checkpoint could not be made available; the message is one actionable sentence.
 
-    ``transient``: the network or the server failed, so a later attempt may succeed unchanged.
+    ``transient``: the network or the server failed, so a later attempt (also a fresh worker's) may
+    succeed unchanged. ``retry``: worth another try in this process (also bytes that arrived damaged,
+    which a fresh worker would not fix if they keep arriving so); defaults to ``transient``.
     """
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    def __init__(self, message: str, *, transient: bool = False, retry: bool | None = None) -> None:
         super().__init__(message)
         self.transient = transient
+        self.retry = transient if retry is None else retry
 
 
 def default_cache_dir() -> Path:
@@ -97,8 +102,7 @@ def ensure_checkpoints(
     if spec.repo is None:
         return None
     report = progress or logger.info
-    if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    offline = _offline(offline)
     cache_dir = Path(cache_dir)
     variant = "quant" if quantized else "bf16"
     files = spec.files(quantized)
@@ -112,7 +116,6 @@ def ensure_checkpoints(
             f"--dest {cache_dir}`"
         )
     if pending:
-        check_room(pending, cache_dir, token=token, endpoint=endpoint)
         _fetch_all(pending, cache_dir, token=token, endpoint=endpoint, report=report)
     return _link_model_dir(cache_dir, f"{spec.name}-{variant}", files)
 
@@ -123,10 +126,9 @@ def verify_cached(cache_dir: Path, path: Path, *, discard: bool) -> bool | None:
 
     ``discard``: a damaged file is removed with its marker, so the next start downloads it again.
     """
-    path = Path(path).resolve()
-    marker = _sidecar(path, "complete")
     try:
-        path.relative_to(Path(cache_dir).resolve())
+        path = _cached_file(Path(cache_dir), Path(path))
+        marker = _sidecar(path, "complete")
         text = marker.read_text()
         record = json.loads(text)
         if not record.get("sha256_verified"):
@@ -143,6 +145,25 @@ def verify_cached(cache_dir: Path, path: Path, *, discard: bool) -> bool | None:
     except (ValueError, OSError, AttributeError):
         return None
     return False
+
+
+def _cached_file(cache_dir: Path, path: Path) -> Path:
+    """The cache's own copy of ``path``: resolved through a symbolic link, or for a hard link (models/
+    folders on filesystems without symlinks) the file in <repo>/ that shares its inode."""
+    path = path.resolve()
+    if not _sidecar(path, "complete").exists():
+        with contextlib.suppress(OSError):
+            for candidate in cache_dir.resolve().glob(f"*/*/{path.name}"):
+                if candidate != path and os.path.samefile(candidate, path):
+                    return candidate
+    path.relative_to(cache_dir.resolve())  # ValueError outside the cache
+    return path
+
+
+def _offline(offline: bool | None) -> bool:
+    if offline is None:
+        return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return offline
 
 
 def _target(cache_dir: Path, f: HubFile) -> Path:
@@ -163,19 +184,28 @@ def _is_complete(cache_dir: Path, f: HubFile) -> bool:
 
 
 def check_room(
-    files: Iterable[HubFile], cache_dir: Path, *, token: str | None = None, endpoint: str | None = None
+    files: Iterable[HubFile],
+    cache_dir: Path,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+    offline: bool | None = None,
 ) -> None:
     """Refuse up front when the volume cannot take every file still missing (less what partials
-    already hold): file by file, a too-small volume would be found out only after the first downloads.
+    already hold): file by file (``ensure_checkpoints`` per model), a too-small volume would be found
+    out only after the first downloads. Call it with every file a start or a script will fetch.
 
-    Advisory: when the Hub does not answer, the downloads themselves (with their retries) decide.
+    Advisory: when the Hub does not answer at once, the downloads themselves (with their retries) decide.
+    Offline (``None`` follows ``HF_HUB_OFFLINE``) nothing is downloaded, so nothing is checked.
     """
+    if _offline(offline):
+        return
     needed = 0
     for f in dict.fromkeys(files):  # models share files
         if _is_complete(cache_dir, f):
             continue
         try:
-            size = _locate(f, token=token, endpoint=endpoint)[0].size or 0
+            size = _locate(f, token=token, endpoint=endpoint, retries=False)[0].size or 0
         except CheckpointDownloadError:
             return
         target = _target(cache_dir, f)
@@ -183,8 +213,9 @@ def check_room(
             continue  # in place without its marker: adopted after a hash check, no space needed
         have = sum(p.stat().st_size for p in target.parent.glob(f".{target.name}.*.partial"))
         needed += max(0, size - have)
-    _make_dirs(cache_dir)
-    _check_free_space(cache_dir, needed)
+    if needed:
+        _make_dirs(cache_dir)
+        _check_free_space(cache_dir, needed)
 
 
 def _fetch_all(
@@ -246,17 +277,17 @@ def _describe_wait(cache_dir: Path, f: HubFile) -> str:
 
 
 def _with_retries(download: Callable[[], None], lock: VolumeLock, report: Callable[[str], None]) -> None:
-    """``download()``, tried again after transient failures (a partial file is resumed, not restarted)
+    """``download()``, tried again after failures worth it (a partial file is resumed, not restarted)
     for as long as we hold its lock."""
     for delay in (*RETRY_DELAYS_S, None):
         try:
             return download()
         except CheckpointDownloadError as e:
-            if not e.transient or delay is None:
+            if not e.retry or delay is None:
                 raise
             report(f"{e}; trying again in {delay:.0f} s")
             time.sleep(delay)
-            if not lock.held:
+            if not lock.confirm():
                 raise _LockLost from e
 
 
@@ -286,16 +317,24 @@ def _download(
         if stale != partial:  # left from an older revision of the file
             stale.unlink(missing_ok=True)
     started = time.monotonic()
-    got, digest = _fill_partial(partial, source, headers, size, sha256 is not None, name, report)
+    # From here the partial file may become another worker's if it takes the lock over: whatever
+    # happened, we touch the partial again only after confirming the lock is still ours.
+    try:
+        got, digest = _fill_partial(partial, source, headers, size, sha256 is not None, name, report, lock)
+    except CheckpointDownloadError:
+        if not lock.confirm():
+            raise _LockLost from None
+        raise
+    if not lock.confirm():
+        raise _LockLost
     if (size is not None and got != size) or digest != sha256:
         partial.unlink(missing_ok=True)
         found = f"{got} bytes" if size is not None and got != size else f"sha256 {digest}"
         raise CheckpointDownloadError(
             f"{name} arrived with {found}, not what the Hub announced ({size} bytes, sha256 {sha256}); "
-            "removed it, retry"
+            "removed it",
+            retry=True,
         )
-    if not lock.held:
-        raise _LockLost
     os.replace(partial, target)
     _fsync_dir(target.parent)
     _write_marker(target, f, meta.commit_hash, meta.etag, got, sha256)
@@ -303,7 +342,7 @@ def _download(
 
 
 def _locate(
-    f: HubFile, *, token: str | None, endpoint: str | None
+    f: HubFile, *, token: str | None, endpoint: str | None, retries: bool = True
 ) -> tuple[HfFileMetadata, str, dict[str, str]]:
     """Ask the Hub for the file's size, ETag and download URL: (metadata, url, request headers)."""
     # Imported here: huggingface_hub reads its environment (HF_ENDPOINT, HF_HUB_OFFLINE) at import.
@@ -315,14 +354,14 @@ def _locate(
     url = hf_hub_url(f.repo, f.filename, revision=REVISION, endpoint=endpoint)
     host = urlparse(url).netloc
     try:
-        meta = get_hf_file_metadata(url, token=token, endpoint=endpoint, retry_on_errors=True)
+        meta = get_hf_file_metadata(url, token=token, endpoint=endpoint, retry_on_errors=retries)
     except HfHubHTTPError as e:
         raise _hub_error(e, name) from e
     except Exception as e:  # network layer: DNS, refused, timeout, TLS
-        # Not transient: huggingface_hub already retried, and DNS or TLS failures are settings.
         raise CheckpointDownloadError(
             f"could not reach {host} to fetch {name} ({_first_line(e)}); check the network, or pre-seed "
-            "the cache and set HF_HUB_OFFLINE=1"
+            "the cache and set HF_HUB_OFFLINE=1",
+            transient=not _is_a_setting(e),
         ) from e
     if meta.etag is None:
         raise CheckpointDownloadError(f"{host} gave no ETag for {name}; is HF_ENDPOINT a Hugging Face Hub?")
@@ -333,6 +372,19 @@ def _locate(
     return meta, source, headers
 
 
+def _is_a_setting(e: BaseException) -> bool:
+    """A host name that does not resolve or a certificate that does not verify: fixed by a setting,
+    not by waiting (unlike refused connections, timeouts and resets, as during an outage)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        if isinstance(seen, socket.gaierror) and seen.errno != socket.EAI_AGAIN:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _fill_partial(
     partial: Path,
     source: str,
@@ -341,8 +393,10 @@ def _fill_partial(
     hash_it: bool,
     name: str,
     report: Callable[[str], None],
+    lock: VolumeLock,
 ) -> tuple[int, str | None]:
-    """Append the missing bytes to ``partial`` with a Range request; returns (its size, its sha256)."""
+    """Append the missing bytes to ``partial`` with a Range request; returns (its size, its sha256).
+    Stops (``_LockLost``) when another worker has taken the file's lock over."""
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.file_download import http_get
 
@@ -354,7 +408,7 @@ def _fill_partial(
                 fh.truncate(0)
                 have = 0
             _check_free_space(partial.parent, (size or 0) - have)
-            writer = _PartialWriter(fh, hash_it, size, name, report)
+            writer = _PartialWriter(fh, hash_it, size, name, report, lock)
             report(f"downloading {name} ({_gb(size)})" + (f", resuming at {_gb(have)}" if have else ""))
             try:
                 http_get(
@@ -362,7 +416,7 @@ def _fill_partial(
                 )
             except HfHubHTTPError as e:
                 raise _hub_error(e, name) from e
-            except OSError:
+            except (OSError, _LockLost):
                 raise  # the file system, or the size check: both handled below
             except Exception as e:  # the connection kept failing after http_get's own retries
                 raise CheckpointDownloadError(
@@ -375,10 +429,13 @@ def _fill_partial(
             return os.fstat(fh.fileno()).st_size, writer.hexdigest()
     except OSError as e:
         if e.errno is None:  # huggingface_hub's consistency check: the body length differs from the size
+            if not lock.confirm():
+                raise _LockLost from e
             partial.unlink(missing_ok=True)
             raise CheckpointDownloadError(
                 f"{name} from {host} arrived with the wrong size, not the {size} bytes the Hub announced; "
-                "removed it, retry"
+                "removed it",
+                retry=True,
             ) from e
         raise _filesystem_error(e, partial.parent) from e
 
@@ -396,8 +453,9 @@ class _PartialWriter:
     """
 
     def __init__(
-        self, fh, hash_it: bool, total: int | None, name: str, report: Callable[[str], None]
+        self, fh, hash_it: bool, total: int | None, name: str, report: Callable[[str], None], lock: VolumeLock
     ) -> None:
+        self._lock = lock
         self._fh = fh
         self._hash_it = hash_it
         self._total = total
@@ -419,6 +477,8 @@ class _PartialWriter:
             self._hash.update(data)
         now = time.monotonic()
         if now - self._last_report >= PROGRESS_EVERY_S:
+            if not self._lock.confirm():
+                raise _LockLost  # the file is another worker's now: stop writing into its partial
             done = self._fh.tell()
             rate = (done - self._last_bytes) / (now - self._last_report)
             share = f" ({100 * done / self._total:.0f}%)" if self._total else ""

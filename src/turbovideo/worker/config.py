@@ -84,10 +84,22 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
 def _check_output_dir(path: Path) -> None:
     """OUTPUT_DIR must be a directory the worker can create or write: otherwise every job would
     fail after its work. Checked without creating anything."""
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        for existing in (path, *path.parents):
+            if existing.is_symlink() and not existing.exists():
+                raise ConfigError(
+                    f"OUTPUT_DIR={str(path)!r} cannot be a directory: {existing} is a broken link"
+                )
+            if existing.exists():
+                break
+        writable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+    except OSError as e:
+        raise ConfigError(
+            f"OUTPUT_DIR={str(path)!r} cannot be checked ({e.strerror}); point it at a writable directory"
+        ) from None
     if not existing.is_dir():
         raise ConfigError(f"OUTPUT_DIR={str(path)!r} cannot be a directory: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not writable:
         raise ConfigError(
             f"OUTPUT_DIR={str(path)!r} is not writable ({existing}); point it at a writable directory"
         )

@@ -99,6 +99,15 @@ class VolumeLock:
             return True
         return False
 
+    def confirm(self) -> bool:
+        """Whether the lock file still names us, read now (the heartbeat notices a takeover only at
+        its next beat)."""
+        owner = read_owner(self.path)
+        if self._token is None or owner is None or owner.get("token") != self._token:
+            self._lost.set()
+            return False
+        return True
+
     def release(self) -> None:
         if self._token is None:
             return

@@ -61,12 +61,8 @@ class VideoService:
         configure_compile_cache(config.cache_dir)
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         quantized = use_quantized(config.variant, gpu_bytes)
-        if not config.offline:  # all models' files at once: each model's own check sees only its files
-            check_room(
-                [f for spec in config.models for f in spec.files(quantized)],
-                config.cache_dir,
-                token=config.hf_token,
-            )
+        wanted = [f for spec in config.models for f in spec.files(quantized)]  # all models at once
+        check_room(wanted, config.cache_dir, token=config.hf_token, offline=config.offline)
         pipelines = {}
         for spec in config.models:
             checkpoint_dir = ensure_checkpoints(
