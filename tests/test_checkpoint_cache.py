@@ -8,8 +8,10 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -147,9 +149,12 @@ def test_a_worker_whose_lock_was_taken_over_stops_touching_the_file(hub, tmp_pat
         hub.errors_left = 1
         trigger = "trying again"
 
+    taken_at: list[int] = []
+
     def report(message: str) -> None:
         if message.startswith(trigger) or trigger in message:  # another worker judged us dead
             lock.path.write_text(json.dumps({"token": "theirs"}))
+            taken_at.extend(p.stat().st_size for p in dit.parent.glob(f".{dit.name}.*.partial"))
 
     download = functools.partial(
         checkpoints._download, DIT, dit, lock, token=None, endpoint=hub.endpoint, report=report
@@ -157,9 +162,9 @@ def test_a_worker_whose_lock_was_taken_over_stops_touching_the_file(hub, tmp_pat
     with pytest.raises(checkpoints._LockLost):
         checkpoints._with_retries(download, lock, report)
     assert not dit.exists() and not marker(tmp_path, DIT).exists()
-    if when == "during the transfer":  # stopped writing; the partial is the new owner's to continue
+    if when == "during the transfer":  # not one more byte: the partial is the new owner's to continue
         (partial,) = dit.parent.glob(f".{dit.name}.*.partial")
-        assert 0 < partial.stat().st_size < DIT_SIZE
+        assert 0 < partial.stat().st_size == taken_at[0] < DIT_SIZE
     else:  # no second try without the lock
         assert len(hub.body_gets(DIT.repo, DIT.filename)) == 1
     lock.release()
@@ -173,6 +178,23 @@ def test_refused_connections_are_transient_but_tls_failures_are_a_setting(hub, s
     with pytest.raises(CheckpointDownloadError, match="could not reach") as info:
         checkpoints._locate(DIT, token=None, endpoint=endpoint, retries=False)
     assert info.value.transient is transient
+
+
+def test_a_cut_tls_handshake_is_transient(tmp_path):
+    # A server that accepts and hangs up at once, as an overloaded load balancer may.
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def hang_up() -> None:
+        for _ in range(3):
+            connection, _ = server.accept()
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    with pytest.raises(CheckpointDownloadError, match="could not reach") as info:
+        checkpoints._locate(DIT, token=None, endpoint=f"https://127.0.0.1:{port}", retries=False)
+    server.close()
+    assert info.value.transient
 
 
 def test_a_hard_linked_model_file_is_checked_against_the_cache_copy(hub, tmp_path):

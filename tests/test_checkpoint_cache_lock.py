@@ -61,3 +61,33 @@ def test_holder_notices_when_its_lock_is_taken_over(tmp_path):
     assert not lock.held
     lock.release()
     assert read_owner(path) == {"token": "someone-else"}  # not ours to delete
+
+
+def test_an_unreadable_lock_file_is_not_mistaken_for_a_takeover(tmp_path):
+    path = tmp_path / "x.lock"
+    lock = VolumeLock(path)
+    assert lock.try_acquire()
+    record = path.read_bytes()
+    path.unlink()
+    path.mkdir()  # reading it now fails with an OSError, as a flaky network filesystem may
+    try:
+        assert lock.confirm() and lock.held
+    finally:
+        path.rmdir()
+        path.write_bytes(record)
+    path.write_text(json.dumps({"token": "theirs"}))
+    assert not lock.confirm() and not lock.held
+    lock.release()
+    assert read_owner(path) == {"token": "theirs"}  # the new owner's lock stays
+
+
+def test_a_lock_this_process_left_behind_is_taken_at_once(tmp_path):
+    path = tmp_path / "x.lock"
+    first = VolumeLock(path)
+    assert first.try_acquire()
+    owner = read_owner(path)
+    first.release()
+    path.write_text(json.dumps(owner))  # as if the release had failed to remove it
+    second = VolumeLock(path)
+    assert second.try_acquire()
+    second.release()

@@ -154,10 +154,20 @@ def _cached_file(cache_dir: Path, path: Path) -> Path:
     if not _sidecar(path, "complete").exists():
         with contextlib.suppress(OSError):
             for candidate in cache_dir.resolve().glob(f"*/*/{path.name}"):
-                if candidate != path and os.path.samefile(candidate, path):
+                # Cache copies carry markers; other models' folders hold more links to the same file.
+                if _sidecar(candidate, "complete").exists() and os.path.samefile(candidate, path):
                     return candidate
     path.relative_to(cache_dir.resolve())  # ValueError outside the cache
     return path
+
+
+def _partial_bytes(target: Path) -> int:
+    """Bytes the partial files of ``target`` hold (another worker may remove one as we look)."""
+    total = 0
+    for partial in target.parent.glob(f".{target.name}.*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            total += partial.stat().st_size
+    return total
 
 
 def _offline(offline: bool | None) -> bool:
@@ -206,12 +216,13 @@ def check_room(
             continue
         try:
             size = _locate(f, token=token, endpoint=endpoint, retries=False)[0].size or 0
-        except CheckpointDownloadError:
+        except CheckpointDownloadError as e:
+            logger.warning("free space not checked up front (%s); each download checks its own file", e)
             return
         target = _target(cache_dir, f)
         if target.is_file() and target.stat().st_size == size:
             continue  # in place without its marker: adopted after a hash check, no space needed
-        have = sum(p.stat().st_size for p in target.parent.glob(f".{target.name}.*.partial"))
+        have = _partial_bytes(target)
         needed += max(0, size - have)
     if needed:
         _make_dirs(cache_dir)
@@ -268,7 +279,7 @@ def _fetch_all(
 def _describe_wait(cache_dir: Path, f: HubFile) -> str:
     target = _target(cache_dir, f)
     owner = read_owner(_sidecar(target, "lock")) or {}
-    so_far = sum(p.stat().st_size for p in target.parent.glob(f".{target.name}.*.partial"))
+    so_far = _partial_bytes(target)
     who = f"{owner.get('host', 'another worker')} (pid {owner.get('pid', '?')})"
     return (
         f"waiting for {who} to download {f.repo}/{f.filename} ({_gb(so_far)} so far; "
@@ -373,14 +384,21 @@ def _locate(
 
 
 def _is_a_setting(e: BaseException) -> bool:
-    """A host name that does not resolve or a certificate that does not verify: fixed by a setting,
-    not by waiting (unlike refused connections, timeouts and resets, as during an outage)."""
+    """A host name that does not resolve, a certificate that does not verify, TLS spoken to a plain
+    port, a proxy that refuses us (4xx): fixed by a setting, not by waiting (unlike refused connections,
+    timeouts, resets and cut handshakes, as during an outage)."""
     seen: BaseException | None = e
     while seen is not None:
-        if isinstance(seen, ssl.SSLError):
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        if isinstance(seen, ssl.SSLError) and getattr(seen, "reason", None) == "WRONG_VERSION_NUMBER":
             return True
         if isinstance(seen, socket.gaierror) and seen.errno != socket.EAI_AGAIN:
             return True
+        if type(seen).__name__ == "ProxyError" and str(seen).lstrip().startswith("4"):
+            return (
+                True  # httpx's and httpcore's: the proxy's own status line, e.g. "407 Proxy Authentication…"
+            )
         seen = seen.__cause__ or seen.__context__
     return False
 
@@ -402,8 +420,10 @@ def _fill_partial(
 
     host = urlparse(source).netloc
     try:
-        with open(partial, "a+b") as fh:
-            have = fh.tell()
+        # Writes go to explicit offsets, not appended: if another worker takes the lock over and resumes
+        # this file, a write of ours still in flight puts the same bytes (same ETag) where they belong.
+        with os.fdopen(os.open(partial, os.O_RDWR | os.O_CREAT, 0o644), "r+b") as fh:
+            have = fh.seek(0, os.SEEK_END)
             if size is not None and have > size:
                 fh.truncate(0)
                 have = 0
@@ -472,13 +492,14 @@ class _PartialWriter:
             _hash_prefix(self._fh.fileno(), self._fh.tell(), self._hash)
 
     def write(self, data: bytes) -> int:
+        now = time.monotonic()
+        tick = now - self._last_report >= PROGRESS_EVERY_S
+        if tick and not self._lock.confirm():
+            raise _LockLost  # the file is another worker's now: stop writing into its partial
         n = self._fh.write(data)
         if self._hash is not None:
             self._hash.update(data)
-        now = time.monotonic()
-        if now - self._last_report >= PROGRESS_EVERY_S:
-            if not self._lock.confirm():
-                raise _LockLost  # the file is another worker's now: stop writing into its partial
+        if tick:
             done = self._fh.tell()
             rate = (done - self._last_bytes) / (now - self._last_report)
             share = f" ({100 * done / self._total:.0f}%)" if self._total else ""

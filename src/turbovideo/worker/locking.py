@@ -23,6 +23,10 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 STALE_AFTER_S = 120.0
+CONFIRM_READS = 3
+# Tokens of the locks this process holds now: a lock file naming this process with another token is
+# one a failed release left behind.
+_HELD_TOKENS: set[str] = set()
 
 
 def _machine() -> dict[str, str]:
@@ -90,6 +94,7 @@ class VolumeLock:
             finally:
                 os.close(fd)
             self._token = token
+            _HELD_TOKENS.add(token)
             self._lost.clear()
             self._stop.clear()
             self._heartbeat = threading.Thread(
@@ -101,12 +106,26 @@ class VolumeLock:
 
     def confirm(self) -> bool:
         """Whether the lock file still names us, read now (the heartbeat notices a takeover only at
-        its next beat)."""
-        owner = read_owner(self.path)
-        if self._token is None or owner is None or owner.get("token") != self._token:
-            self._lost.set()
+        its next beat). Only a file naming someone else, or one missing on a second look (a breaker
+        moves a fresh lock aside only for an instant), counts as lost; a read that fails on a flaky
+        network filesystem does not."""
+        if self._token is None or self._lost.is_set():
             return False
-        return True
+        for attempt in range(CONFIRM_READS):
+            try:
+                owner = json.loads(self.path.read_text())
+            except FileNotFoundError:
+                owner = None
+            except (OSError, ValueError):
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            if owner is not None and owner.get("token") == self._token:
+                return True
+            if owner is not None or attempt > 0:
+                self._lost.set()
+                return False
+            time.sleep(0.05)
+        return True  # unreadable throughout: the heartbeat decides
 
     def release(self) -> None:
         if self._token is None:
@@ -118,15 +137,14 @@ class VolumeLock:
         if owner is not None and owner.get("token") == self._token:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        _HELD_TOKENS.discard(self._token)
         self._token = None
         self._heartbeat = None
 
     def _beat(self) -> None:
         while not self._stop.wait(self.stale_after / 4):
-            owner = read_owner(self.path)
-            if owner is None or owner.get("token") != self._token:
+            if not self.confirm():
                 logger.warning("lock %s was taken over by another worker", self.path)
-                self._lost.set()
                 return
             with contextlib.suppress(OSError):
                 os.utime(self.path)
@@ -135,6 +153,8 @@ class VolumeLock:
         me = _machine()
         if owner is not None and all(owner.get(k) == v for k, v in me.items()):
             if isinstance(owner.get("pid"), int) and not _process_alive(owner["pid"]):
+                return True
+            if owner.get("pid") == os.getpid() and owner.get("token") not in _HELD_TOKENS:
                 return True
         if time.time() - mtime_ns / 1e9 > self.stale_after:
             return True
