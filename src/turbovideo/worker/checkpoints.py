@@ -14,6 +14,11 @@ means "no network needed", so a warm volume costs no Hub requests and works with
 
 huggingface_hub's own ``hf_hub_download`` deletes its partial file on any failure, so an interrupted
 28 GB download would restart from zero; we use its lower-level metadata and ranged-GET helpers instead.
+
+Failures are sorted by what fixes them (``CheckpointDownloadError``): ``retry`` ones are tried again in
+this process (server errors, dropped or refused connections, damaged bytes); ``transient`` ones are
+those a fresh worker may beat, so a start that still fails with one asks to be replaced. A worker
+whose lock another worker took over (it judged us dead) stops touching the file and waits again.
 """
 
 from __future__ import annotations
