@@ -136,6 +136,33 @@ def test_a_lasting_server_error_gives_up_as_transient(hub, tmp_path):
     assert 100 - hub.errors_left == len(checkpoints.RETRY_DELAYS_S) + 1  # tries, then gives up
 
 
+def test_a_partial_longer_than_the_file_is_started_over_once(hub, tmp_path):
+    dit = target(tmp_path, DIT)
+    dit.parent.mkdir(parents=True)
+    etag = hub.files[(DIT.repo, DIT.filename)].etag()
+    checkpoints._sidecar(dit, f"{etag[:16]}.partial").write_bytes(os.urandom(DIT_SIZE + MIB))
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert_model_dir(model_dir, hub)
+    assert hub.full_gets(DIT.repo, DIT.filename) == 1
+
+
+def test_a_rewind_after_a_takeover_does_not_touch_the_new_owners_partial(tmp_path):
+    # http_get rewinds (seek + truncate) when a server ignores the Range header.
+    partial = tmp_path / ".x.pth.0123.partial"
+    partial.write_bytes(b"x" * 1000)
+    lock = VolumeLock(tmp_path / ".x.pth.lock")
+    assert lock.try_acquire()
+    with open(partial, "r+b") as fh:
+        writer = checkpoints._PartialWriter(fh, True, 2000, "x.pth", lambda _: None, lock)
+        (tmp_path / ".x.pth.lock").write_text(json.dumps({"token": "theirs"}))
+        with pytest.raises(checkpoints._LockLost):
+            writer.seek(0)
+        with pytest.raises(checkpoints._LockLost):
+            writer.truncate()
+    assert partial.read_bytes() == b"x" * 1000
+    lock.release()
+
+
 @pytest.mark.parametrize("when", ["during the pause before a retry", "during the transfer"])
 def test_a_worker_whose_lock_was_taken_over_stops_touching_the_file(hub, tmp_path, monkeypatch, when):
     dit = target(tmp_path, DIT)

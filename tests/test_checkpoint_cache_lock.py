@@ -91,3 +91,14 @@ def test_a_lock_this_process_left_behind_is_taken_at_once(tmp_path):
     second = VolumeLock(path)
     assert second.try_acquire()
     second.release()
+
+
+def test_a_new_owners_record_still_being_written_is_a_takeover(tmp_path):
+    path = tmp_path / "x.lock"
+    lock = VolumeLock(path)
+    assert lock.try_acquire()
+    path.unlink()  # a breaker moved ours aside ...
+    path.touch()  # ... and created its own, its record not written yet
+    assert not lock.confirm()
+    lock.release()
+    assert path.exists()  # not ours to remove

@@ -431,7 +431,7 @@ def _fill_partial(
             have = fh.seek(0, os.SEEK_END)
             if size is not None and have > size:
                 fh.truncate(0)
-                have = 0
+                have = fh.seek(0)
             _check_free_space(partial.parent, (size or 0) - have)
             writer = _PartialWriter(fh, hash_it, size, name, report, lock)
             report(f"downloading {name} ({_gb(size)})" + (f", resuming at {_gb(have)}" if have else ""))
@@ -499,8 +499,8 @@ class _PartialWriter:
     def write(self, data: bytes) -> int:
         now = time.monotonic()
         tick = now - self._last_report >= PROGRESS_EVERY_S
-        if tick and not self._lock.confirm():
-            raise _LockLost  # the file is another worker's now: stop writing into its partial
+        if tick:
+            self._confirm_lock()
         n = self._fh.write(data)
         if self._hash is not None:
             self._hash.update(data)
@@ -516,14 +516,20 @@ class _PartialWriter:
         return self._fh.tell()
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._confirm_lock()  # http_get rewinds to restart: writes that follow must still be ours
         pos = self._fh.seek(offset, whence)
         self._rehash()
         return pos
 
     def truncate(self, size: int | None = None) -> int:
+        self._confirm_lock()
         new = self._fh.truncate(size)
         self._rehash()
         return new
+
+    def _confirm_lock(self) -> None:
+        if not self._lock.confirm():
+            raise _LockLost  # the file is another worker's now: stop writing into its partial
 
     def hexdigest(self) -> str | None:
         return None if self._hash is None else self._hash.hexdigest()

@@ -81,9 +81,11 @@ class VolumeLock:
             raise RuntimeError(f"{self.path} is already held by this process")
         for _ in range(2):  # second try only right after breaking a stale lock
             token = secrets.token_hex(8)
+            _HELD_TOKENS.add(token)  # before the record exists: this process never takes it for an orphan
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
+                _HELD_TOKENS.discard(token)
                 if self._break_if_stale():
                     continue
                 return False
@@ -91,6 +93,9 @@ class VolumeLock:
             try:
                 os.write(fd, json.dumps(owner).encode())
                 os.fsync(fd)
+            except BaseException:
+                _HELD_TOKENS.discard(token)
+                raise
             finally:
                 os.close(fd)
             self._token = token
@@ -106,26 +111,37 @@ class VolumeLock:
 
     def confirm(self) -> bool:
         """Whether the lock file still names us, read now (the heartbeat notices a takeover only at
-        its next beat). Only a file naming someone else, or one missing on a second look (a breaker
-        moves a fresh lock aside only for an instant), counts as lost; a read that fails on a flaky
-        network filesystem does not."""
+        its next beat). A file naming someone else (or half written: ours was complete before we held
+        it) or one still missing on a later look (a breaker moves a fresh lock aside only for an
+        instant) counts as lost; a read that fails on a flaky network filesystem does not."""
         if self._token is None or self._lost.is_set():
             return False
+        seen_gone = False
         for attempt in range(CONFIRM_READS):
-            try:
-                owner = json.loads(self.path.read_text())
-            except FileNotFoundError:
-                owner = None
-            except (OSError, ValueError):
-                time.sleep(0.05 * (attempt + 1))
-                continue
-            if owner is not None and owner.get("token") == self._token:
+            look = self._look()
+            if look == "ours":
                 return True
-            if owner is not None or attempt > 0:
+            # A file gone twice, or gone and then unreadable, has changed hands.
+            if look == "theirs" or (seen_gone and look in ("gone", "unreadable")):
                 self._lost.set()
                 return False
-            time.sleep(0.05)
-        return True  # unreadable throughout: the heartbeat decides
+            seen_gone = seen_gone or look == "gone"
+            time.sleep(0.05 * (attempt + 1))
+        if seen_gone:
+            self._lost.set()
+        return not seen_gone  # unreadable throughout: the heartbeat decides later
+
+    def _look(self) -> str:
+        """The lock file right now: "ours", "theirs", "gone" or "unreadable"."""
+        try:
+            owner = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return "gone"
+        except OSError:
+            return "unreadable"
+        except ValueError:  # ours was complete before we held it: this is a new owner's, half written
+            return "theirs"
+        return "ours" if isinstance(owner, dict) and owner.get("token") == self._token else "theirs"
 
     def release(self) -> None:
         if self._token is None:
@@ -154,7 +170,12 @@ class VolumeLock:
         if owner is not None and all(owner.get(k) == v for k, v in me.items()):
             if isinstance(owner.get("pid"), int) and not _process_alive(owner["pid"]):
                 return True
-            if owner.get("pid") == os.getpid() and owner.get("token") not in _HELD_TOKENS:
+            # Our own process (with a known pid namespace), but no lock it holds: a failed release's.
+            if (
+                me["pid_namespace"]
+                and owner.get("pid") == os.getpid()
+                and owner.get("token") not in _HELD_TOKENS
+            ):
                 return True
         if time.time() - mtime_ns / 1e9 > self.stale_after:
             return True
