@@ -36,7 +36,7 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -175,10 +175,14 @@ def _partial_bytes(target: Path) -> int:
     return total
 
 
+def hub_offline(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (in ``env``, default the process environment) forbids downloads."""
+    env = os.environ if env is None else env
+    return env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _offline(offline: bool | None) -> bool:
-    if offline is None:
-        return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    return offline
+    return hub_offline() if offline is None else offline
 
 
 def _target(cache_dir: Path, f: HubFile) -> Path:
@@ -400,10 +404,9 @@ def _is_a_setting(e: BaseException) -> bool:
             return True
         if isinstance(seen, socket.gaierror) and seen.errno != socket.EAI_AGAIN:
             return True
+        # httpx's and httpcore's ProxyError carry the proxy's status line, e.g. "407 Proxy Authentication…".
         if type(seen).__name__ == "ProxyError" and str(seen).lstrip().startswith("4"):
-            return (
-                True  # httpx's and httpcore's: the proxy's own status line, e.g. "407 Proxy Authentication…"
-            )
+            return True
         seen = seen.__cause__ or seen.__context__
     return False
 

@@ -14,12 +14,11 @@ from urllib.parse import urlparse
 
 from turbovideo.catalog import ALIASES, MODELS, ModelSpec, resolve_models
 from turbovideo.pipeline.memory import prefer_quantized
-from turbovideo.worker.checkpoints import default_cache_dir
+from turbovideo.worker.checkpoints import default_cache_dir, hub_offline
 
 # Serverless workers mount the network volume here; outputs that must survive go onto it.
 VOLUME_ROOT = Path("/runpod-volume")
 VARIANTS = ("auto", "bf16", "quant")
-_TRUE = ("1", "true", "yes", "on")
 _BUCKET_VARS = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME")
 
 
@@ -71,7 +70,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         variant=_variant(env.get("CHECKPOINT_VARIANT", "auto")),
         hf_token=_hf_token(env.get("HF_TOKEN", "")),
         cache_dir=cache_dir,
-        offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
+        offline=hub_offline(env),
         bucket=bucket,
         output_dir=output_dir,
         durable_dir=_durable_dir(cache_dir, output_dir),

@@ -4,8 +4,9 @@ A worker that exits on a bad setting is restarted by RunPod into the same wall: 
 for the container start (and perhaps a download) and the user sees silent restarts. So a failed
 start is turned into one sentence that says what to change, and the worker stays up answering
 every job with ``E_STARTUP: <sentence>``. Only what a fresh worker may not meet (a broken CUDA
-context, a Hub or network failure that outlasted the download's own retries) also asks RunPod to
-replace the worker: the replacement starts again, resuming any partial download.
+context, a Hub or network failure that outlasted the download's own retries, a cached checkpoint
+damaged since its download and removed here) also asks RunPod to replace the worker: the
+replacement starts again, resuming any partial download.
 """
 
 from __future__ import annotations
