@@ -129,8 +129,8 @@ def test_modulation_is_per_sample() -> None:
 
 @pytest.mark.parametrize(
     ("batch", "grid", "heads", "head_dim"),
-    [(2, (3, 4, 5), 2, 32), (1, (2, 3, 3), 3, 128)],
-    ids=["tiny-b2", "head128"],
+    [(2, (3, 4, 5), 2, 32), (1, (2, 3, 3), 3, 128), (1, (1, 3, 3), 20, 128)],
+    ids=["tiny-b2", "head128", "rows-in-chunks"],  # the last: 2560 wide, past one 2048-column program
 )
 def test_rms_norm_rope_matches_reference(
     batch: int, grid: tuple[int, int, int], heads: int, head_dim: int
