@@ -148,11 +148,13 @@ def test_rms_norm_rope_matches_reference(
     _assert_one_rounding_apart(out, expected, magnitude)
 
 
-def test_rms_norm_without_rotation_matches_reference() -> None:
-    x = (torch.randn(2, 300, 64, device=DEVICE) * 3).to(torch.bfloat16)  # cross-attention's k: 512-ish rows
-    norm = RMSNorm(64, EPS).to(DEVICE)
+# cross-attention's k (512-ish rows), and rows wider than one 2048-column program (read in chunks)
+@pytest.mark.parametrize(("rows", "dim"), [(300, 64), (7, 2560)], ids=["narrow", "rows-in-chunks"])
+def test_rms_norm_without_rotation_matches_reference(rows: int, dim: int) -> None:
+    x = (torch.randn(2, rows, dim, device=DEVICE) * 3).to(torch.bfloat16)
+    norm = RMSNorm(dim, EPS).to(DEVICE)
     with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(64, device=DEVICE))
+        norm.weight.copy_(1 + 0.1 * torch.randn(dim, device=DEVICE))
         expected = norm(x)
     _assert_one_rounding_apart(rms_norm(x, norm.weight.detach(), EPS), expected, expected.float().abs())
 
