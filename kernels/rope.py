@@ -67,6 +67,7 @@ def _rms_norm_rope_kernel(
     HALF_HEAD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     CHUNK: tl.constexpr,
+    WHOLE_ROWS: tl.constexpr,  # CHUNK >= D: one step, x stays in registers
 ):
     # Rows load and store as plain [rows, CHUNK] tiles (16-byte accesses); the rotation views a tile as
     # [rows, channel pairs, 2], the last axis holding the (even, odd) channels of a pair. A row wider
@@ -75,7 +76,7 @@ def _rms_norm_rope_kernel(
     row_ok = rows < M
     row_offsets = rows.to(tl.int64)[:, None] * D
     cols = tl.arange(0, CHUNK)
-    if CHUNK >= D:
+    if WHOLE_ROWS:
         mask = row_ok[:, None] & (cols < D)[None, :]
         x = tl.load(x_ptr + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = div_rn(1.0, tl.sqrt_rn(div_rn(tl.sum(x * x, axis=1), D * 1.0) + eps))
@@ -119,6 +120,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return _launch(x, weight, eps, None)
 
 
+def _launch_shape(dim: int) -> tuple[int, int]:
+    """(rows per program, columns per step) for rows of ``dim`` channels.
+
+    H100 sweep: one 1536-wide row per program (1.3B), 4 warps, ran 28-30 % faster than 4096-element
+    [rows, pairs, 2] tiles, whose 4-byte accesses did not vectorize. Wider rows go in 1024-column
+    chunks, two rows per program: 14B's 5120-wide rows padded to 8192 columns held 128 values per
+    thread and took 0.72 ms a call at 720p, in chunks 0.49 ms (H200, 10 calls back to back).
+    """
+    return (1, triton.next_power_of_2(dim)) if dim <= 2048 else (2, 1024)
+
+
 def _launch(
     x: torch.Tensor, weight: torch.Tensor, eps: float, rotation: tuple[torch.Tensor, torch.Tensor] | None
 ) -> torch.Tensor:
@@ -130,12 +142,7 @@ def _launch(
     cos, sin = rotation if rotation is not None else (weight, weight)  # unread without a rotation
     out = torch.empty_like(x)
     rows = batch * length
-    # H100 sweep: one 1536-wide row per program (1.3B), 4 warps, ran 28-30 % faster than 4096-element
-    # [rows, pairs, 2] tiles, whose 4-byte accesses did not vectorize. Wider rows go in 1024-column
-    # chunks, two rows per program: 14B's 5120-wide rows padded to 8192 columns held 128 values per
-    # thread and took 0.72 ms a call at 720p, in chunks 0.49 ms (H200, 10 calls back to back).
-    chunk = triton.next_power_of_2(dim) if dim <= 2048 else 1024
-    block_rows = 1 if dim <= 2048 else 2
+    block_rows, chunk = _launch_shape(dim)
     _rms_norm_rope_kernel[(triton.cdiv(rows, block_rows),)](
         x,
         out,
@@ -150,6 +157,7 @@ def _launch(
         HALF_HEAD=cos.shape[-1] if rotation is not None else 1,
         BLOCK_ROWS=block_rows,
         CHUNK=chunk,
+        WHOLE_ROWS=chunk >= dim,
         num_warps=4,
         enable_fp_fusion=False,
     )

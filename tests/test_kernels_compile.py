@@ -1,4 +1,4 @@
-"""The SLA, SageSLA-quantizer, int8 and LayerNorm kernels compile for each GPU generation (H100 sm_90,
+"""The SLA, SageSLA-quantizer, int8, LayerNorm and RMSNorm + RoPE kernels compile for each GPU generation (H100 sm_90,
 A100 sm_80, Ada sm_89) without spilling registers or overflowing shared memory, and stream their
 operands in ahead of use.
 
@@ -83,7 +83,7 @@ def _compile(
 
 
 def _compile_report() -> list[dict]:
-    from turbovideo.kernels import int8_gemm, norms, sagesla, sla
+    from turbovideo.kernels import int8_gemm, norms, rope, sagesla, sla
     from turbovideo.kernels.gpu import GpuLimits
 
     # Hopper; A100; Ada and RTX Ampere (the 24 GB cards), which have 99 KB of shared memory per program.
@@ -231,6 +231,18 @@ def _compile_report() -> list[dict]:
                 arch=gpu.capability,
             )
         )
+    # RMSNorm + RoPE of q and k at both widths (14B's in chunks), and cross-attention's RMSNorm at 14B's.
+    rope_types = dict(
+        x_ptr=bf16, out_ptr=bf16, weight_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", eps="fp32"
+    )
+    for gpu in gpus:
+        for dim, rotate in ((1536, True), (5120, True), (5120, False)):
+            rows, chunk = rope._launch_shape(dim)
+            constexprs = dict(ROTATE=rotate, HALF_HEAD=64 if rotate else 1, BLOCK_ROWS=rows, CHUNK=chunk)
+            constexprs.update(WHOLE_ROWS=chunk >= dim)
+            report.append(
+                _compile(rope._rms_norm_rope_kernel, rope_types, constexprs, 4, 3, arch=gpu.capability)
+            )
     return report
 
 
@@ -252,7 +264,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 36
+    assert len(report) == 45
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %
