@@ -1,6 +1,7 @@
 """The tiny models end to end: request -> mp4 files, on the CPU with seeded random weights."""
 
 import re
+import threading
 from dataclasses import replace
 
 import imageio_ffmpeg
@@ -117,6 +118,28 @@ def test_i2v_adaptive_resolution_and_expert_switch(i2v, tmp_path):
         GenerationRequest(prompt="a red fox", task="i2v", image=image, num_frames=5, num_steps=2), tmp_path
     )
     assert (high[0], low[0]) == (4, 2)  # 2 steps stay on the high-noise expert
+
+
+def test_the_result_names_the_attention_of_the_expert_that_ran(i2v, tmp_path):
+    i2v.experts[0].set_attention("auto")
+    # The boundary above the first step's time: the high-noise expert never runs.
+    request = GenerationRequest(
+        prompt="x", task="i2v", image=Image.new("RGB", (64, 64)), num_frames=5, num_steps=1,
+        attention="dense", boundary=0.999,
+    )  # fmt: skip
+    result = i2v.generate(request, tmp_path)
+    assert result.attention_backend == i2v.experts[1].attention_backend == "dense"
+    assert i2v.experts[0].attention_backend != "dense"
+
+
+def test_a_failing_sample_leaves_no_encoder_running(t2v, tmp_path):
+    (tmp_path / "sample_0.mp4").mkdir()  # ffmpeg cannot write the first sample
+    request = GenerationRequest(prompt="a red fox", num_frames=5, num_steps=1, num_samples=3)
+    with pytest.raises(OSError):
+        t2v.generate(request, tmp_path)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("mux-")]
+    for name in ("sample_1.mp4", "sample_2.mp4"):  # the others were finished, not abandoned
+        assert _read(tmp_path / name)[1].shape[0] == 5
 
 
 def test_i2v_fixed_size_distorts_the_image(i2v, tmp_path):

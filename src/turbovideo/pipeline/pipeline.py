@@ -7,6 +7,7 @@ denoise (rCM sampling with the DiT, switching I2V experts at the boundary), deco
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -231,7 +232,7 @@ class VideoPipeline:
             report(ProgressEvent("encode", 2, encode_total))
         clock.lap("encode")
 
-        latent = self._denoise(request, context, condition, width, height, report)
+        latent, attention_backend = self._denoise(request, context, condition, width, height, report)
         clock.lap("denoise")
 
         self._enter({VAE})
@@ -253,7 +254,7 @@ class VideoPipeline:
             fps=request.fps,
             duration_s=videos.shape[2] / request.fps,
             seed=request.seed,
-            attention_backend=self.experts[0].attention_backend,
+            attention_backend=attention_backend,
             timings=clock.timings(),
             warnings=self._prompt_warnings(request.prompt),
         )
@@ -281,7 +282,9 @@ class VideoPipeline:
         width: int,
         height: int,
         report: Progress,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, str]:
+        """The denoised latent, and the attention backend of the expert that ran the last step (an
+        I2V request whose boundary sits above the first step's time never runs the high-noise one)."""
         sigma_max = request.sigma_max if request.sigma_max is not None else self.spec.default_sigma_max
         times = rf_times(sigma_max, request.num_steps)
         expert_index = (
@@ -304,7 +307,7 @@ class VideoPipeline:
 
         generator = torch.Generator(device=self.device).manual_seed(request.seed)
         total = request.num_steps
-        return sample(
+        latent = sample(
             velocity,
             shape,
             times,
@@ -312,6 +315,7 @@ class VideoPipeline:
             ode=request.ode,
             on_step=lambda i: report(ProgressEvent("denoise", i + 1, total)),
         )
+        return latent, self.experts[expert_index[-1]].attention_backend
 
     # ----------------------------------------------------------------- memory
 
@@ -466,7 +470,13 @@ class _Muxer:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.thumbnail = out_dir / "thumbnail.jpg"
         self._first_frame: tuple[np.ndarray, Callable[[], None]] | None = None
-        self._streams = [Mp4Stream(out_dir / f"sample_{i}.mp4", width, height, fps) for i in range(samples)]
+        self._streams: list[Mp4Stream] = []
+        try:
+            for i in range(samples):
+                self._streams.append(Mp4Stream(out_dir / f"sample_{i}.mp4", width, height, fps))
+        except BaseException:
+            self._close_all()
+            raise
 
     def add(self, chunk: torch.Tensor) -> None:
         frames, ready = to_uint8_frames(chunk)  # [B, n, H, W, 3]
@@ -476,12 +486,28 @@ class _Muxer:
             stream.add(sample_frames, ready)
 
     def close(self, report: Progress) -> list[Path]:
+        """Finish the thumbnail and every stream; the first failure is raised once all are closed (each
+        stream holds an ffmpeg process and a thread, which a long-lived worker must not leak)."""
+        errors: list[BaseException] = []
         if self._first_frame is not None:
             frame, ready = self._first_frame
-            ready()
-            write_thumbnail(frame, self.thumbnail)
-        paths = []
+            try:
+                ready()
+                write_thumbnail(frame, self.thumbnail)
+            except BaseException as exc:
+                errors.append(exc)
         for index, stream in enumerate(self._streams):
-            paths.append(stream.close())
+            try:
+                stream.close()
+            except BaseException as exc:
+                errors.append(exc)
+                continue
             report(ProgressEvent("mux", index + 1, len(self._streams)))
-        return paths
+        if errors:
+            raise errors[0]
+        return [stream.path for stream in self._streams]
+
+    def _close_all(self) -> None:
+        for stream in self._streams:
+            with contextlib.suppress(BaseException):
+                stream.close()
