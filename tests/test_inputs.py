@@ -9,10 +9,12 @@ import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from turbovideo.errors import InputError
+from turbovideo.pipeline.conditioning import image_to_tensor
 from turbovideo.worker import inputs
 
 
@@ -43,6 +45,17 @@ def test_base64_png_becomes_an_rgb_image():
 def test_other_modes_are_converted_to_rgb(mode):
     data = base64.b64encode(png_bytes(mode=mode, color=(1, 2, 3, 4) if mode == "RGBA" else 7)).decode()
     assert inputs.load_image(f"data:image/png;base64,{data}").mode == "RGB"
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    # Pillow opens it as mode I;16 and its convert("RGB") clips every value above 255 to white.
+    levels = np.array([[0, 255, 256, 32768, 65535]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG")
+    image = inputs.load_image(base64.b64encode(buffer.getvalue()).decode())
+    assert np.asarray(image)[0, :, 0].tolist() == [0, 0, 1, 128, 255]
+    pixels = image_to_tensor(Image.fromarray(levels), 5, 1)[0, 0, 0]  # the pipeline's own path too
+    assert pixels.tolist() == pytest.approx([v / 127.5 - 1 for v in (0, 0, 1, 128, 255)], abs=1e-6)
 
 
 def test_url_safe_and_unpadded_base64_is_accepted():

@@ -18,9 +18,18 @@ from PIL import Image
 MASK_CHANNELS = 4
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, as upstream's ``convert("RGB")`` gives, except for 16-bit grayscale (PNG), which Pillow
+    would clip at 255 (a mostly white frame): its values are scaled to 8 bits first. Alpha is dropped."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(values.astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
     """PIL image -> [1, 3, height, width] float32 in [-1, 1], resized without cropping."""
-    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]
+    pixels = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1)[None]
     resized = F.interpolate(
         pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False
     )

@@ -24,6 +24,7 @@ from urllib.parse import urljoin, urlsplit
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from turbovideo.errors import InputError, one_line
+from turbovideo.pipeline.conditioning import to_rgb
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 50_000_000  # about 8K x 6K; a 48 MP phone photo still fits
@@ -100,7 +101,7 @@ def open_image(data: bytes) -> Image.Image:
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 image.load()
                 # Upright as it is displayed: phone photos store the camera's rotation in EXIF.
-                return ImageOps.exif_transpose(image).convert("RGB")
+                return to_rgb(ImageOps.exif_transpose(image))
     except InputError:
         raise
     except UnidentifiedImageError:
