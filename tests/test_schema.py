@@ -66,7 +66,7 @@ def test_every_field_accepts_a_valid_value():
         ({"prompt": "a", "seed": -2}, "seed must be an integer between -1 and 4294967295 or null, got -2"),
         (
             {"prompt": "a", "sigma_max": "80"},
-            "sigma_max must be a number between 0.1 and 1000.0 or null, got '80'",
+            "sigma_max must be a number between 0.1 and 10000.0 or null, got '80'",
         ),
         ({"prompt": "a", "sla_topk": 0}, "sla_topk must be a number greater than 0.0 and at most 1.0, got 0"),
         (

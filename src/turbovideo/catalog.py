@@ -20,6 +20,14 @@ MIN_FRAMES = 5
 MAX_FRAMES = 161
 DEFAULT_FRAMES = 81
 DEFAULT_FPS = 16
+# Request limits the endpoint and the command line share.
+MAX_SAMPLES = 4
+MAX_FPS = 60
+# Upstream suggests sigma_max above the defaults (80 T2V, 200 I2V), e.g. 1600, for less diverse output.
+SIGMA_MAX_RANGE = (0.1, 10000.0)
+# torch's CPU generator keeps only the low 32 bits of a seed (2**32 draws seed 0's noise there), so a
+# seed is a 32-bit number: the same seed then means the same noise wherever it runs.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from turbovideo.catalog import DEFAULT_FPS, DEFAULT_FRAMES, MAX_FRAMES, MIN_FRAMES, ModelSpec
+from turbovideo.catalog import (
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    MAX_FPS,
+    MAX_FRAMES,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MIN_FRAMES,
+    SIGMA_MAX_RANGE,
+    ModelSpec,
+)
 from turbovideo.errors import InputError
 from turbovideo.models.tokenizer import is_blank
 from turbovideo.pipeline.resolution import (
@@ -23,10 +32,6 @@ from turbovideo.pipeline.resolution import (
 from turbovideo.pipeline.sampler import MAX_STEPS
 
 ATTENTION_CHOICES = ("auto", "sagesla", "sla", "dense")
-MAX_SAMPLES = 4
-MAX_FPS = 60
-# torch.Generator.manual_seed takes any 64-bit value; we keep to the non-negative half.
-MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -105,8 +110,9 @@ def check_request(request: GenerationRequest, spec: ModelSpec) -> None:
         )
     if not 1 <= request.num_steps <= MAX_STEPS:
         raise InputError(f"num_steps must be between 1 and {MAX_STEPS}, got {request.num_steps}")
-    if request.sigma_max is not None and not (math.isfinite(request.sigma_max) and request.sigma_max > 0):
-        raise InputError(f"sigma_max must be a positive number, got {request.sigma_max}")
+    low, high = SIGMA_MAX_RANGE
+    if request.sigma_max is not None and not low <= request.sigma_max <= high:  # NaN fails both
+        raise InputError(f"sigma_max must be between {low:g} and {high:g}, got {request.sigma_max}")
     if not 0 <= request.seed <= MAX_SEED:
         raise InputError(f"seed must be between 0 and {MAX_SEED}, got {request.seed}")
     if not 1 <= request.num_samples <= MAX_SAMPLES:

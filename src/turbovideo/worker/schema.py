@@ -14,13 +14,20 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import annotated_types
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from turbovideo.catalog import DEFAULT_FPS, DEFAULT_FRAMES, MAX_FRAMES, MIN_FRAMES
+from turbovideo.catalog import (
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    MAX_FPS,
+    MAX_FRAMES,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MIN_FRAMES,
+    SIGMA_MAX_RANGE,
+)
 from turbovideo.errors import InputError
 from turbovideo.models.tokenizer import is_blank
 
 MAX_PROMPT_CHARS = 2000
-MAX_SAMPLES = 4
-MAX_SEED = 2**32 - 1
 # Presigned URLs live at most 7 days (S3 and R2 both refuse longer); longer requests are clamped.
 MAX_EXPIRES_S = 7 * 24 * 3600
 DEFAULT_EXPIRES_S = 24 * 3600
@@ -54,14 +61,14 @@ class VideoRequest(BaseModel):
         DEFAULT_FRAMES
     )
     num_steps: Annotated[int, Field(ge=1, le=4)] = 4
-    sigma_max: Annotated[float, Field(ge=0.1, le=1000.0)] | None = None
+    sigma_max: Annotated[float, Field(ge=SIGMA_MAX_RANGE[0], le=SIGMA_MAX_RANGE[1])] | None = None
     seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] | None = None  # None or -1: a random seed
     num_samples: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] = 1
     attention: Literal["auto", "sagesla", "sla"] = "auto"
     sla_topk: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     ode: bool = False
     boundary: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
-    fps: Annotated[int, Field(ge=1, le=60)] = DEFAULT_FPS
+    fps: Annotated[int, Field(ge=1, le=MAX_FPS)] = DEFAULT_FPS
     expires_in: Annotated[int, Field(ge=1)] = DEFAULT_EXPIRES_S
     return_base64: bool = False
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from runpod.serverless import progress_update
 
-from turbovideo.catalog import ALIASES, ModelSpec
+from turbovideo.catalog import ALIASES, MAX_SEED, ModelSpec
 from turbovideo.errors import InputError, one_line
 from turbovideo.parallel import ParallelError, parallelize
 from turbovideo.pipeline import GenerationRequest, GenerationResult, ProgressEvent, VideoPipeline
@@ -31,7 +31,7 @@ from turbovideo.worker.checkpoints import check_room, ensure_checkpoints
 from turbovideo.worker.compile_cache import configure_compile_cache
 from turbovideo.worker.config import ConfigError, WorkerConfig, use_quantized
 from turbovideo.worker.inputs import load_image
-from turbovideo.worker.schema import MAX_SEED, VideoRequest, VideoResponse, parse_request
+from turbovideo.worker.schema import VideoRequest, VideoResponse, parse_request
 from turbovideo.worker.storage import BucketStorage, LocalStorage, Storage, UploadError, safe_job_id
 
 logger = logging.getLogger(__name__)
