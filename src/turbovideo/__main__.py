@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", type=Path, help="input image for image-to-video")
     gen.add_argument("--model", default="tiny", help=f"one of {', '.join([*MODELS, *ALIASES])}")
-    gen.add_argument("--out", type=Path, default=Path("output/generated_video.mp4"))
+    gen.add_argument("--out", default="output/generated_video.mp4")  # a str: Path drops a trailing "/"
     gen.add_argument("--checkpoint_dir", type=Path, help="folder with the model's files (Hub filenames)")
     gen.add_argument("--num_steps", type=int, default=4)
     gen.add_argument("--sigma_max", type=float, help="default: 80 for T2V, 200 for I2V")
@@ -84,9 +85,10 @@ def _generate(args: argparse.Namespace) -> int:
             f"--checkpoint_dir DIR/models/{spec.name}-{variant}",
             USAGE_ERROR,
         )
-    if args.out.is_dir():
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", os.sep)):
         _fail(
-            f"turbovideo: --out {args.out} is a directory; name the video file, e.g. {args.out / 'video.mp4'}",
+            f"turbovideo: --out {out} is a directory; name the video file, e.g. {out / 'video.mp4'}",
             USAGE_ERROR,
         )
     # Heavy imports (torch, the models) only once the command line is known to be usable.
@@ -117,7 +119,6 @@ def _generate(args: argparse.Namespace) -> int:
         pipe = VideoPipeline.load(
             spec, args.checkpoint_dir, quantized=args.quant, attention=request.attention
         )
-        out: Path = args.out
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".turbovideo-") as scratch:
             result = pipe.generate(request, Path(scratch), ProgressBar(sys.stderr))
