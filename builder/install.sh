@@ -7,8 +7,9 @@
 #   --deps-only  requirements only, not the project (the Dockerfile caches this layer separately)
 #   WHEEL ...    extra wheels to install as well, e.g. the SpargeAttn wheel from build_spargeattn.sh
 #
-# The image and CI both run this script with the same requirements-runtime.txt and constraints.txt,
-# so the two cannot drift; only the torch line differs. It ends with `pip check`.
+# The image and a CI test (tests/test_image_install.py) both run this script with the same
+# requirements-runtime.txt and constraints.txt, so the two cannot drift; only the torch line differs.
+# It ends with `pip check`.
 set -euo pipefail
 
 builder="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
