@@ -142,6 +142,17 @@ def test_a_failing_sample_leaves_no_encoder_running(t2v, tmp_path):
         assert _read(tmp_path / name)[1].shape[0] == 5
 
 
+def test_a_progress_callback_that_fails_leaves_no_encoder_running(t2v, tmp_path):
+    def report(event):
+        if event.stage == "mux":  # e.g. a progress bar writing to a closed pipe
+            raise BrokenPipeError
+
+    request = GenerationRequest(prompt="a red fox", num_frames=5, num_steps=1, num_samples=3)
+    with pytest.raises(BrokenPipeError):
+        t2v.generate(request, tmp_path, report)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("mux-")]
+
+
 def test_i2v_fixed_size_distorts_the_image(i2v, tmp_path):
     image = Image.new("RGB", (30, 90), (0, 0, 0))
     request = GenerationRequest(

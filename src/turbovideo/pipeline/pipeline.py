@@ -21,6 +21,7 @@ from torch import nn
 
 from turbovideo import catalog
 from turbovideo.catalog import ModelSpec
+from turbovideo.errors import one_line
 from turbovideo.models import (
     DIT_CONFIGS,
     CheckpointError,
@@ -486,25 +487,32 @@ class _Muxer:
             stream.add(sample_frames, ready)
 
     def close(self, report: Progress) -> list[Path]:
-        """Finish the thumbnail and every stream; the first failure is raised once all are closed (each
-        stream holds an ffmpeg process and a thread, which a long-lived worker must not leak)."""
-        errors: list[BaseException] = []
-        if self._first_frame is not None:
-            frame, ready = self._first_frame
-            try:
-                ready()
-                write_thumbnail(frame, self.thumbnail)
-            except BaseException as exc:
-                errors.append(exc)
-        for index, stream in enumerate(self._streams):
-            try:
-                stream.close()
-            except BaseException as exc:
-                errors.append(exc)
-                continue
-            report(ProgressEvent("mux", index + 1, len(self._streams)))
+        """Finish the thumbnail and every stream, then raise the first failure: each stream holds an ffmpeg
+        process and a thread, which a long-lived worker must not leak. An interrupt closes the rest
+        without waiting on their errors and goes on; the mux progress is reported once all are done."""
+        errors: list[Exception] = []
+        try:
+            if self._first_frame is not None:
+                frame, ready = self._first_frame
+                try:
+                    ready()
+                    write_thumbnail(frame, self.thumbnail)
+                except Exception as exc:
+                    errors.append(exc)
+            for stream in self._streams:
+                try:
+                    stream.close()
+                except Exception as exc:
+                    errors.append(exc)
+        except BaseException:
+            self._close_all()
+            raise
+        for extra in errors[1:]:
+            log.warning("another sample failed as well: %s", one_line(str(extra)))
         if errors:
             raise errors[0]
+        for index in range(len(self._streams)):
+            report(ProgressEvent("mux", index + 1, len(self._streams)))
         return [stream.path for stream in self._streams]
 
     def _close_all(self) -> None:
