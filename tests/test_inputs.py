@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from turbovideo.errors import InputError
-from turbovideo.pipeline.conditioning import image_to_tensor
+from turbovideo.pipeline.conditioning import image_to_tensor, to_rgb
 from turbovideo.worker import inputs
 
 
@@ -56,6 +56,11 @@ def test_16_bit_grayscale_is_scaled_not_clipped():
     assert np.asarray(image)[0, :, 0].tolist() == [0, 0, 1, 128, 255]
     pixels = image_to_tensor(Image.fromarray(levels), 5, 1)[0, 0, 0]  # the pipeline's own path too
     assert pixels.tolist() == pytest.approx([v / 127.5 - 1 for v in (0, 0, 1, 128, 255)], abs=1e-6)
+    # A 32-bit I image is scaled only when it holds 16-bit values; within 0-255 it is 8-bit data.
+    as_int32 = Image.fromarray(levels.astype(np.int32), mode="I")
+    assert np.asarray(to_rgb(as_int32))[0, :, 0].tolist() == [0, 0, 1, 128, 255]
+    eight_bit = Image.fromarray(np.array([[0, 100, 255]], dtype=np.int32), mode="I")
+    assert np.asarray(to_rgb(eight_bit))[0, :, 0].tolist() == [0, 100, 255]
 
 
 def test_url_safe_and_unpadded_base64_is_accepted():
