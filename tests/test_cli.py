@@ -135,9 +135,10 @@ def test_out_naming_a_directory_is_refused_before_any_work(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_out_ending_in_a_separator_is_a_directory_too(tmp_path, capsys):
+@pytest.mark.parametrize("tail", ["/", "/."])
+def test_out_ending_in_a_separator_is_a_directory_too(tmp_path, capsys, tail):
     with pytest.raises(SystemExit) as exited:  # it used to write a file named "new" there
-        main(["generate", "--model", "tiny", "--prompt", "x", "--out", f"{tmp_path / 'new'}/"])
+        main(["generate", "--model", "tiny", "--prompt", "x", "--out", f"{tmp_path / 'new'}{tail}"])
     assert exited.value.code == 2
     assert capsys.readouterr().err.startswith(f"turbovideo: --out {tmp_path / 'new'} is a directory;")
     assert not list(tmp_path.iterdir())

@@ -86,7 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
             USAGE_ERROR,
         )
     out = Path(args.out)
-    if out.is_dir() or args.out.endswith(("/", os.sep)):
+    if out.is_dir() or os.path.basename(args.out) in ("", ".", ".."):  # "new/" or "new/.": a folder
         _fail(
             f"turbovideo: --out {out} is a directory; name the video file, e.g. {out / 'video.mp4'}",
             USAGE_ERROR,

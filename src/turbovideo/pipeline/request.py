@@ -112,7 +112,7 @@ def check_request(request: GenerationRequest, spec: ModelSpec) -> None:
         raise InputError(f"num_steps must be between 1 and {MAX_STEPS}, got {request.num_steps}")
     low, high = SIGMA_MAX_RANGE
     if request.sigma_max is not None and not low <= request.sigma_max <= high:  # NaN fails both
-        raise InputError(f"sigma_max must be between {low:g} and {high:g}, got {request.sigma_max}")
+        raise InputError(f"sigma_max must be between {low} and {high}, got {request.sigma_max}")
     if not 0 <= request.seed <= MAX_SEED:
         raise InputError(f"seed must be between 0 and {MAX_SEED}, got {request.seed}")
     if not 1 <= request.num_samples <= MAX_SAMPLES:
