@@ -488,8 +488,8 @@ class _Muxer:
 
     def close(self, report: Progress) -> list[Path]:
         """Finish the thumbnail and every stream, then raise the first failure: each stream holds an ffmpeg
-        process and a thread, which a long-lived worker must not leak. An interrupt closes the rest
-        without waiting on their errors and goes on; the mux progress is reported once all are done."""
+        process and a thread, which a long-lived worker must not leak. An interrupt (KeyboardInterrupt,
+        SystemExit) is raised once the rest are closed. The mux progress is reported when all are done."""
         errors: list[Exception] = []
         try:
             if self._first_frame is not None:
