@@ -21,6 +21,7 @@ MAX_FRAMES = 161
 DEFAULT_FRAMES = 81
 DEFAULT_FPS = 16
 # Request limits the endpoint and the command line share.
+MAX_STEPS = 4  # rCM's schedule has three intermediate angles (pipeline.sampler.MID_ANGLES)
 MAX_SAMPLES = 4
 MAX_FPS = 60
 # Upstream suggests sigma_max above the defaults (80 T2V, 200 I2V), e.g. 1600, for less diverse output.

@@ -14,6 +14,7 @@ from turbovideo.catalog import (
     MAX_FRAMES,
     MAX_SAMPLES,
     MAX_SEED,
+    MAX_STEPS,
     MIN_FRAMES,
     SIGMA_MAX_RANGE,
     ModelSpec,
@@ -29,7 +30,6 @@ from turbovideo.pipeline.resolution import (
     is_valid_frame_count,
     table_size,
 )
-from turbovideo.pipeline.sampler import MAX_STEPS
 
 ATTENTION_CHOICES = ("auto", "sagesla", "sla", "dense")
 

@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-MAX_STEPS = 4
+from turbovideo.catalog import MAX_STEPS
+
 # Intermediate TrigFlow angles shared by every model; a run with N steps uses the first N-1.
-MID_ANGLES = (1.5, 1.4, 1.0)
+MID_ANGLES = (1.5, 1.4, 1.0)[: MAX_STEPS - 1]
 
 # velocity(step_index, x_bf16, timestep_bf16[B]) -> rectified-flow velocity (eps - x0), any float dtype.
 VelocityFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]

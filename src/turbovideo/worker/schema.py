@@ -21,6 +21,7 @@ from turbovideo.catalog import (
     MAX_FRAMES,
     MAX_SAMPLES,
     MAX_SEED,
+    MAX_STEPS,
     MIN_FRAMES,
     SIGMA_MAX_RANGE,
 )
@@ -60,7 +61,7 @@ class VideoRequest(BaseModel):
     num_frames: Annotated[int, Field(ge=MIN_FRAMES, le=MAX_FRAMES), AfterValidator(_four_k_plus_one)] = (
         DEFAULT_FRAMES
     )
-    num_steps: Annotated[int, Field(ge=1, le=4)] = 4
+    num_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = MAX_STEPS
     sigma_max: Annotated[float, Field(ge=SIGMA_MAX_RANGE[0], le=SIGMA_MAX_RANGE[1])] | None = None
     seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] | None = None  # None or -1: a random seed
     num_samples: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] = 1
