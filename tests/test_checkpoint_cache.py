@@ -19,7 +19,7 @@ import pytest
 from hub_server import HubServer, Served, read_only_dir
 
 from turbovideo.catalog import MODELS, HubFile, ModelSpec
-from turbovideo.worker import checkpoints
+from turbovideo.worker import checkpoints, hub_transfer
 from turbovideo.worker.checkpoints import CheckpointDownloadError, default_cache_dir, ensure_checkpoints
 from turbovideo.worker.locking import VolumeLock
 
@@ -91,7 +91,7 @@ def test_first_download_then_no_network_and_offline(hub, tmp_path, monkeypatch):
 
 
 def test_big_files_report_bytes_so_far(hub, tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoints, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(hub_transfer, "PROGRESS_EVERY_S", 0.0)
     messages: list[str] = []
     ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint, progress=messages.append)
     assert [m for m in messages if m.startswith(f"{DIT.repo}/{DIT.filename}: ") and "%)" in m][-1].startswith(
@@ -153,11 +153,11 @@ def test_a_rewind_after_a_takeover_does_not_touch_the_new_owners_partial(tmp_pat
     lock = VolumeLock(tmp_path / ".x.pth.lock")
     assert lock.try_acquire()
     with open(partial, "r+b") as fh:
-        writer = checkpoints._PartialWriter(fh, True, 2000, "x.pth", lambda _: None, lock)
+        writer = hub_transfer._PartialWriter(fh, True, 2000, "x.pth", lambda _: None, lock)
         (tmp_path / ".x.pth.lock").write_text(json.dumps({"token": "theirs"}))
-        with pytest.raises(checkpoints._LockLost):
+        with pytest.raises(hub_transfer.LockLost):
             writer.seek(0)
-        with pytest.raises(checkpoints._LockLost):
+        with pytest.raises(hub_transfer.LockLost):
             writer.truncate()
     assert partial.read_bytes() == b"x" * 1000
     lock.release()
@@ -170,7 +170,7 @@ def test_a_worker_whose_lock_was_taken_over_stops_touching_the_file(hub, tmp_pat
     lock = VolumeLock(checkpoints._sidecar(dit, "lock"))
     assert lock.try_acquire()
     if when == "during the transfer":
-        monkeypatch.setattr(checkpoints, "PROGRESS_EVERY_S", 0.0)  # the writer looks at the lock every chunk
+        monkeypatch.setattr(hub_transfer, "PROGRESS_EVERY_S", 0.0)  # the writer looks at the lock every chunk
         trigger = f"{DIT.repo}/{DIT.filename}: "
     else:
         hub.errors_left = 1
@@ -186,7 +186,7 @@ def test_a_worker_whose_lock_was_taken_over_stops_touching_the_file(hub, tmp_pat
     download = functools.partial(
         checkpoints._download, DIT, dit, lock, token=None, endpoint=hub.endpoint, report=report
     )
-    with pytest.raises(checkpoints._LockLost):
+    with pytest.raises(hub_transfer.LockLost):
         checkpoints._with_retries(download, lock, report)
     assert not dit.exists() and not marker(tmp_path, DIT).exists()
     if when == "during the transfer":  # not one more byte: the partial is the new owner's to continue
@@ -203,7 +203,7 @@ def test_refused_connections_are_transient_but_tls_failures_are_a_setting(hub, s
     port = hub.endpoint.rsplit(":", 1)[1]
     endpoint = f"https://127.0.0.1:{port}" if scheme == "https" else "http://127.0.0.1:1"
     with pytest.raises(CheckpointDownloadError, match="could not reach") as info:
-        checkpoints._locate(DIT, token=None, endpoint=endpoint, retries=False)
+        hub_transfer.locate(DIT, token=None, endpoint=endpoint, retries=False)
     assert info.value.transient is transient
 
 
@@ -219,7 +219,7 @@ def test_a_cut_tls_handshake_is_transient(tmp_path):
 
     threading.Thread(target=hang_up, daemon=True).start()
     with pytest.raises(CheckpointDownloadError, match="could not reach") as info:
-        checkpoints._locate(DIT, token=None, endpoint=f"https://127.0.0.1:{port}", retries=False)
+        hub_transfer.locate(DIT, token=None, endpoint=f"https://127.0.0.1:{port}", retries=False)
     server.close()
     assert info.value.transient
 
@@ -373,7 +373,7 @@ def test_file_larger_than_the_free_space_is_a_clear_error(tmp_path):
 _FULL_DISK_CHILD = """
 import resource, signal, sys
 from pathlib import Path
-from turbovideo.worker import checkpoints
+from turbovideo.worker import checkpoints, hub_transfer
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
 try:

@@ -12,72 +12,50 @@ Several workers may start at once on one network volume: each file is downloaded
 worker takes its lock first while the others take the remaining files or wait. A completion marker
 means "no network needed", so a warm volume costs no Hub requests and works with HF_HUB_OFFLINE=1.
 
-huggingface_hub's own ``hf_hub_download`` deletes its partial file on any failure, so an interrupted
-28 GB download would restart from zero; we use its lower-level metadata and ranged-GET helpers instead.
-
-Failures are sorted by what fixes them (``CheckpointDownloadError``): ``retry`` ones are tried again in
-this process (server errors, dropped or refused connections, damaged bytes); ``transient`` ones are
-those a fresh worker may beat, so a start that still fails with one asks to be replaced. A worker
-whose lock another worker took over (it judged us dead) stops touching the file and waits again.
+The transfer of one file (resumable, hashed, guarded by its lock) is hub_transfer.py's; here is
+which files to fetch, who fetches each, how a finished one is recorded and checked later. Failures
+are ``CheckpointDownloadError``s, sorted by what fixes them (see hub_transfer.py): ``retry`` ones are
+tried again in this process, ``transient`` ones ask for a fresh worker when a start still fails. A
+worker whose lock another worker took over (it judged us dead) stops touching the file and waits again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
-import hashlib
 import json
 import logging
 import os
 import re
 import secrets
-import shutil
-import socket
-import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 from turbovideo.catalog import HubFile, ModelSpec
+from turbovideo.worker.hub_transfer import (
+    REVISION,
+    CheckpointDownloadError,
+    LockLost,
+    check_free_space,
+    filesystem_error,
+    fill_partial,
+    format_size,
+    locate,
+    sha256_of,
+)
 from turbovideo.worker.locking import STALE_AFTER_S, VolumeLock, read_owner
-
-if TYPE_CHECKING:
-    from huggingface_hub import HfFileMetadata
 
 logger = logging.getLogger(__name__)
 
 RUNPOD_VOLUME = Path("/runpod-volume")
-REVISION = "main"
 POLL_S = 1.0  # how often a waiting worker looks at someone else's download
-PROGRESS_EVERY_S = 5.0
+WAIT_REPORT_EVERY_S = 20.0
 # Pauses before the second and third try of a download that failed on the network or the server's
 # side (5xx, a broken connection, damaged bytes); huggingface_hub retries its metadata requests
 # itself, but one failed body GET ends its download.
 RETRY_DELAYS_S = (5.0, 30.0)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-class _LockLost(Exception):
-    """Another worker broke our lock (it judged us dead) and now downloads the file itself."""
-
-
-class CheckpointDownloadError(RuntimeError):
-    """A checkpoint could not be made available; the message is one actionable sentence.
-
-    ``transient``: the network or the server failed, so a later attempt (also a fresh worker's) may
-    succeed unchanged. ``retry``: worth another try in this process (also bytes that arrived damaged,
-    which a fresh worker would not fix if they keep arriving so); defaults to ``transient``.
-    """
-
-    def __init__(self, message: str, *, transient: bool = False, retry: bool | None = None) -> None:
-        super().__init__(message)
-        self.transient = transient
-        self.retry = transient if retry is None else retry
 
 
 def default_cache_dir() -> Path:
@@ -139,7 +117,7 @@ def verify_cached(cache_dir: Path, path: Path, *, discard: bool) -> bool | None:
         if not record.get("sha256_verified"):
             return None
         inode = path.stat().st_ino
-        if _sha256_of(path) == record.get("etag"):
+        if sha256_of(path) == record.get("etag"):
             return True
         # Another worker may have replaced the file while we hashed: only remove what we hashed.
         if path.stat().st_ino != inode or marker.read_text() != text:
@@ -224,7 +202,7 @@ def check_room(
         if _is_complete(cache_dir, f):
             continue
         try:
-            size = _locate(f, token=token, endpoint=endpoint, retries=False)[0].size or 0
+            size = locate(f, token=token, endpoint=endpoint, retries=False)[0].size or 0
         except CheckpointDownloadError as e:
             logger.warning("free space not checked up front (%s); each download checks its own file", e)
             return
@@ -235,7 +213,7 @@ def check_room(
         needed += max(0, size - have)
     if needed:
         _make_dirs(cache_dir)
-        _check_free_space(cache_dir, needed)
+        check_free_space(cache_dir, needed)
 
 
 def _fetch_all(
@@ -261,7 +239,7 @@ def _fetch_all(
                 try:
                     acquired = lock.try_acquire()
                 except OSError as e:
-                    raise _filesystem_error(e, target.parent) from e
+                    raise filesystem_error(e, target.parent) from e
                 if not acquired:
                     continue
                 try:
@@ -271,7 +249,7 @@ def _fetch_all(
                             _download, f, target, lock, token=token, endpoint=endpoint, report=report
                         )
                         _with_retries(download, lock, report)
-                except _LockLost:
+                except LockLost:
                     report(f"another worker took over the download of {f.repo}/{f.filename}; waiting for it")
                     continue
                 finally:
@@ -279,7 +257,7 @@ def _fetch_all(
             pending.remove(f)
             progressed = True
         if pending and not progressed:
-            if time.monotonic() - last_wait_report > 4 * PROGRESS_EVERY_S:
+            if time.monotonic() - last_wait_report > WAIT_REPORT_EVERY_S:
                 last_wait_report = time.monotonic()
                 report(_describe_wait(cache_dir, pending[0]))
             time.sleep(POLL_S)
@@ -291,7 +269,7 @@ def _describe_wait(cache_dir: Path, f: HubFile) -> str:
     so_far = _partial_bytes(target)
     who = f"{owner.get('host', 'another worker')} (pid {owner.get('pid', '?')})"
     return (
-        f"waiting for {who} to download {f.repo}/{f.filename} ({_gb(so_far)} so far; "
+        f"waiting for {who} to download {f.repo}/{f.filename} ({format_size(so_far)} so far; "
         f"taken over if that worker is gone for {STALE_AFTER_S:.0f} s)"
     )
 
@@ -308,7 +286,7 @@ def _with_retries(download: Callable[[], None], lock: VolumeLock, report: Callab
             report(f"{e}; trying again in {delay:.0f} s")
             time.sleep(delay)
             if not lock.confirm():
-                raise _LockLost from e
+                raise LockLost from e
 
 
 def _download(
@@ -322,14 +300,14 @@ def _download(
 ) -> None:
     """Fetch one file into its partial, verify it, rename it into place, then write its marker."""
     name = f"{f.repo}/{f.filename}"
-    meta, source, headers = _locate(f, token=token, endpoint=endpoint)
+    meta, source, headers = locate(f, token=token, endpoint=endpoint)
     size = meta.size
     sha256 = meta.etag if _SHA256.fullmatch(meta.etag) else None
 
     # A file put in place by hand (or renamed just before a crash) is adopted once it verifies.
-    if target.exists() and target.stat().st_size == size and (sha256 is None or _sha256_of(target) == sha256):
+    if target.exists() and target.stat().st_size == size and (sha256 is None or sha256_of(target) == sha256):
         _write_marker(target, f, meta.commit_hash, meta.etag, size, sha256)
-        report(f"verified {name} already in place ({_gb(size)})")
+        report(f"verified {name} already in place ({format_size(size)})")
         return
 
     partial = _sidecar(target, f"{meta.etag[:16]}.partial")
@@ -340,13 +318,13 @@ def _download(
     # From here the partial file may become another worker's if it takes the lock over: whatever
     # happened, we touch the partial again only after confirming the lock is still ours.
     try:
-        got, digest = _fill_partial(partial, source, headers, size, sha256 is not None, name, report, lock)
+        got, digest = fill_partial(partial, source, headers, size, sha256 is not None, name, report, lock)
     except CheckpointDownloadError:
         if not lock.confirm():
-            raise _LockLost from None
+            raise LockLost from None
         raise
     if not lock.confirm():
-        raise _LockLost
+        raise LockLost
     if (size is not None and got != size) or digest != sha256:
         partial.unlink(missing_ok=True)
         found = f"{got} bytes" if size is not None and got != size else f"sha256 {digest}"
@@ -358,217 +336,7 @@ def _download(
     os.replace(partial, target)
     _fsync_dir(target.parent)
     _write_marker(target, f, meta.commit_hash, meta.etag, got, sha256)
-    report(f"fetched {name} ({_gb(got)}) in {time.monotonic() - started:.1f} s")
-
-
-def _locate(
-    f: HubFile, *, token: str | None, endpoint: str | None, retries: bool = True
-) -> tuple[HfFileMetadata, str, dict[str, str]]:
-    """Ask the Hub for the file's size, ETag and download URL: (metadata, url, request headers)."""
-    # Imported here: huggingface_hub reads its environment (HF_ENDPOINT, HF_HUB_OFFLINE) at import.
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.utils import build_hf_headers
-
-    name = f"{f.repo}/{f.filename}"
-    url = hf_hub_url(f.repo, f.filename, revision=REVISION, endpoint=endpoint)
-    host = urlparse(url).netloc
-    try:
-        meta = get_hf_file_metadata(url, token=token, endpoint=endpoint, retry_on_errors=retries)
-    except HfHubHTTPError as e:
-        raise _hub_error(e, name) from e
-    except Exception as e:  # network layer: DNS, refused, timeout, TLS
-        raise CheckpointDownloadError(
-            f"could not reach {host} to fetch {name} ({_first_line(e)}); check the network, or pre-seed "
-            "the cache and set HF_HUB_OFFLINE=1",
-            transient=not _is_a_setting(e),
-        ) from e
-    if meta.etag is None:
-        raise CheckpointDownloadError(f"{host} gave no ETag for {name}; is HF_ENDPOINT a Hugging Face Hub?")
-    headers = build_hf_headers(token=token)
-    source = meta.location or url
-    if urlparse(source).netloc != host:
-        headers.pop("authorization", None)  # a signed CDN URL must not receive the Hub token
-    return meta, source, headers
-
-
-def _is_a_setting(e: BaseException) -> bool:
-    """A host name that does not resolve, a certificate that does not verify, TLS spoken to a plain
-    port, a proxy that refuses us (4xx): fixed by a setting, not by waiting (unlike refused connections,
-    timeouts, resets and cut handshakes, as during an outage)."""
-    seen: BaseException | None = e
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        if isinstance(seen, ssl.SSLError) and getattr(seen, "reason", None) == "WRONG_VERSION_NUMBER":
-            return True
-        if isinstance(seen, socket.gaierror) and seen.errno != socket.EAI_AGAIN:
-            return True
-        # httpx's and httpcore's ProxyError carry the proxy's status line, e.g. "407 Proxy Authentication…".
-        if type(seen).__name__ == "ProxyError" and str(seen).lstrip().startswith("4"):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _fill_partial(
-    partial: Path,
-    source: str,
-    headers: dict[str, str],
-    size: int | None,
-    hash_it: bool,
-    name: str,
-    report: Callable[[str], None],
-    lock: VolumeLock,
-) -> tuple[int, str | None]:
-    """Append the missing bytes to ``partial`` with a Range request; returns (its size, its sha256).
-    Stops (``_LockLost``) when another worker has taken the file's lock over."""
-    from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.file_download import http_get
-
-    host = urlparse(source).netloc
-    try:
-        # Writes go to explicit offsets, not appended: if another worker takes the lock over and resumes
-        # this file, a write of ours still in flight puts the same bytes (same ETag) where they belong.
-        with os.fdopen(os.open(partial, os.O_RDWR | os.O_CREAT, 0o644), "r+b") as fh:
-            have = fh.seek(0, os.SEEK_END)
-            if size is not None and have > size:
-                fh.truncate(0)
-                have = fh.seek(0)
-            _check_free_space(partial.parent, (size or 0) - have)
-            writer = _PartialWriter(fh, hash_it, size, name, report, lock)
-            report(f"downloading {name} ({_gb(size)})" + (f", resuming at {_gb(have)}" if have else ""))
-            try:
-                http_get(
-                    source, writer, resume_size=have, headers=headers, expected_size=size, tqdm_class=_NoBar
-                )
-            except HfHubHTTPError as e:
-                raise _hub_error(e, name) from e
-            except (OSError, _LockLost):
-                raise  # the file system, or the size check: both handled below
-            except Exception as e:  # the connection kept failing after http_get's own retries
-                raise CheckpointDownloadError(
-                    f"download of {name} from {host} broke off ({_first_line(e)}); the partial file is kept "
-                    "for the next attempt to resume",
-                    transient=True,
-                ) from e
-            fh.flush()
-            os.fsync(fh.fileno())
-            return os.fstat(fh.fileno()).st_size, writer.hexdigest()
-    except OSError as e:
-        if e.errno is None:  # huggingface_hub's consistency check: the body length differs from the size
-            if not lock.confirm():
-                raise _LockLost from e
-            partial.unlink(missing_ok=True)
-            raise CheckpointDownloadError(
-                f"{name} from {host} arrived with the wrong size, not the {size} bytes the Hub announced; "
-                "removed it",
-                retry=True,
-            ) from e
-        raise _filesystem_error(e, partial.parent) from e
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
-
-
-class _PartialWriter:
-    """The file object http_get writes to: appends to the partial file, hashing and reporting on the way.
-
-    http_get may rewind (when a server ignores our Range header); the hash then restarts from what is
-    left on disk so it always covers exactly the file's bytes.
-    """
-
-    def __init__(
-        self, fh, hash_it: bool, total: int | None, name: str, report: Callable[[str], None], lock: VolumeLock
-    ) -> None:
-        self._lock = lock
-        self._fh = fh
-        self._hash_it = hash_it
-        self._total = total
-        self._name = name
-        self._report = report
-        self._rehash()
-        self._last_report = time.monotonic()
-        self._last_bytes = fh.tell()
-
-    def _rehash(self) -> None:
-        self._hash = hashlib.sha256() if self._hash_it else None
-        if self._hash is not None:
-            self._fh.flush()
-            _hash_prefix(self._fh.fileno(), self._fh.tell(), self._hash)
-
-    def write(self, data: bytes) -> int:
-        now = time.monotonic()
-        tick = now - self._last_report >= PROGRESS_EVERY_S
-        if tick:
-            self._confirm_lock()
-        n = self._fh.write(data)
-        if self._hash is not None:
-            self._hash.update(data)
-        if tick:
-            done = self._fh.tell()
-            rate = (done - self._last_bytes) / (now - self._last_report)
-            share = f" ({100 * done / self._total:.0f}%)" if self._total else ""
-            self._report(f"{self._name}: {_gb(done)} of {_gb(self._total)}{share}, {rate / 1e6:.0f} MB/s")
-            self._last_report, self._last_bytes = now, done
-        return n
-
-    def tell(self) -> int:
-        return self._fh.tell()
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._confirm_lock()  # http_get rewinds to restart: writes that follow must still be ours
-        pos = self._fh.seek(offset, whence)
-        self._rehash()
-        return pos
-
-    def truncate(self, size: int | None = None) -> int:
-        self._confirm_lock()
-        new = self._fh.truncate(size)
-        self._rehash()
-        return new
-
-    def _confirm_lock(self) -> None:
-        if not self._lock.confirm():
-            raise _LockLost  # the file is another worker's now: stop writing into its partial
-
-    def hexdigest(self) -> str | None:
-        return None if self._hash is None else self._hash.hexdigest()
-
-
-class _NoBar:
-    """Stands in for tqdm inside http_get: we report progress through the callback instead."""
-
-    def __init__(self, **_: object) -> None:
-        pass
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        pass
-
-    def update(self, n: int) -> None:
-        pass
-
-
-def _hash_prefix(fd: int, length: int, h) -> None:
-    pos = 0
-    while pos < length:
-        block = os.pread(fd, min(16 << 20, length - pos), pos)
-        if not block:
-            break
-        h.update(block)
-        pos += len(block)
-
-
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        _hash_prefix(fh.fileno(), os.fstat(fh.fileno()).st_size, h)
-    return h.hexdigest()
+    report(f"fetched {name} ({format_size(got)}) in {time.monotonic() - started:.1f} s")
 
 
 def _write_marker(
@@ -597,7 +365,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _filesystem_error(e, path.parent) from e
+        raise filesystem_error(e, path.parent) from e
     _fsync_dir(path.parent)
 
 
@@ -615,43 +383,7 @@ def _make_dirs(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _filesystem_error(e, path) from e
-
-
-def _check_free_space(directory: Path, needed: int) -> None:
-    free = shutil.disk_usage(directory).free
-    if needed > free:
-        raise CheckpointDownloadError(
-            f"not enough space in {directory}: need {_gb(needed)} more, {_gb(free)} free; "
-            "enlarge the volume or point CACHE_DIR elsewhere"
-        )
-
-
-def _filesystem_error(e: OSError, directory: Path) -> CheckpointDownloadError:
-    if e.errno in _FULL_DISK:
-        return CheckpointDownloadError(
-            f"the cache at {directory} is full ({e.strerror}); enlarge the volume or point CACHE_DIR elsewhere"
-        )
-    if e.errno in _READ_ONLY:
-        return CheckpointDownloadError(
-            f"the cache at {directory} is not writable ({e.strerror}); point CACHE_DIR at a writable directory "
-            "or pre-seed it with scripts/download_checkpoints.py"
-        )
-    return CheckpointDownloadError(f"cannot use the cache at {directory}: {e}")
-
-
-def _hub_error(e, name: str) -> CheckpointDownloadError:
-    status = e.response.status_code if getattr(e, "response", None) is not None else None
-    if status in (401, 403):
-        return CheckpointDownloadError(
-            f"access to {name} was refused (HTTP {status}); set HF_TOKEN to a token that can read it"
-        )
-    if status == 404:
-        return CheckpointDownloadError(
-            f"{name} does not exist on the Hub (HTTP 404); check HF_ENDPOINT, or pre-seed the cache"
-        )
-    transient = status is None or status >= 500 or status in (408, 429)
-    return CheckpointDownloadError(f"the Hub answered HTTP {status} for {name}", transient=transient)
+        raise filesystem_error(e, path) from e
 
 
 def _link_model_dir(cache_dir: Path, name: str, files: tuple[HubFile, ...]) -> Path:
@@ -675,15 +407,5 @@ def _link_model_dir(cache_dir: Path, name: str, files: tuple[HubFile, ...]) -> P
                 os.link(_target(cache_dir, f), tmp)
             os.replace(tmp, link)
     except OSError as e:
-        raise _filesystem_error(e, model_dir) from e
+        raise filesystem_error(e, model_dir) from e
     return model_dir
-
-
-def _gb(n: int | None) -> str:
-    if n is None:
-        return "unknown size"
-    if n >= 1e9:
-        return f"{n / 1e9:.2f} GB"
-    if n >= 1e6:
-        return f"{n / 1e6:.1f} MB"
-    return f"{n / 1e3:.1f} kB"
