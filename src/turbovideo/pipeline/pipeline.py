@@ -7,7 +7,6 @@ denoise (rCM sampling with the DiT, switching I2V experts at the boundary), deco
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -15,13 +14,11 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from turbovideo import catalog
 from turbovideo.catalog import ModelSpec
-from turbovideo.errors import one_line
 from turbovideo.models import (
     DIT_CONFIGS,
     CheckpointError,
@@ -59,7 +56,7 @@ from turbovideo.pipeline.request import (
 )
 from turbovideo.pipeline.resolution import latent_frames
 from turbovideo.pipeline.sampler import expert_per_step, rf_times, sample
-from turbovideo.pipeline.video import Mp4Stream, to_uint8_frames, write_thumbnail
+from turbovideo.pipeline.video import SampleMuxer
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +234,14 @@ class VideoPipeline:
         clock.lap("denoise")
 
         self._enter({VAE})
-        muxer = _Muxer(Path(out_dir), request.num_samples, width, height, request.fps)
+        muxer = SampleMuxer(Path(out_dir), request.num_samples, width, height, request.fps)
         try:
             videos = self.vae.decode(
                 latent, lambda done, total: report(ProgressEvent("decode", done, total)), muxer.add
             )
             clock.lap("decode")
-        finally:
-            paths = muxer.close(report)  # also on failure: no ffmpeg process is left behind
+        finally:  # also on failure: no ffmpeg process is left behind
+            paths = muxer.close(lambda done, total: report(ProgressEvent("mux", done, total)))
         clock.lap("mux")
         return GenerationResult(
             videos=paths,
@@ -461,61 +458,3 @@ def _file_identity(path: Path) -> str:
     """Name, size and modification time: changes when the file is replaced, cheap to compute."""
     stat = path.stat()
     return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
-class _Muxer:
-    """One mp4 per sample, fed chunk by chunk while the VAE decodes (the "mux" stage is what is left
-    after the decode), plus the thumbnail from the first frame of sample 0."""
-
-    def __init__(self, out_dir: Path, samples: int, width: int, height: int, fps: int) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.thumbnail = out_dir / "thumbnail.jpg"
-        self._first_frame: tuple[np.ndarray, Callable[[], None]] | None = None
-        self._streams: list[Mp4Stream] = []
-        try:
-            for i in range(samples):
-                self._streams.append(Mp4Stream(out_dir / f"sample_{i}.mp4", width, height, fps))
-        except BaseException:
-            self._close_all()
-            raise
-
-    def add(self, chunk: torch.Tensor) -> None:
-        frames, ready = to_uint8_frames(chunk)  # [B, n, H, W, 3]
-        if self._first_frame is None:
-            self._first_frame = frames[0, 0], ready
-        for stream, sample_frames in zip(self._streams, frames, strict=True):
-            stream.add(sample_frames, ready)
-
-    def close(self, report: Progress) -> list[Path]:
-        """Finish the thumbnail and every stream, then raise the first failure: each stream holds an ffmpeg
-        process and a thread, which a long-lived worker must not leak. An interrupt (KeyboardInterrupt,
-        SystemExit) is raised once the rest are closed. The mux progress is reported when all are done."""
-        errors: list[Exception] = []
-        try:
-            if self._first_frame is not None:
-                frame, ready = self._first_frame
-                try:
-                    ready()
-                    write_thumbnail(frame, self.thumbnail)
-                except Exception as exc:
-                    errors.append(exc)
-            for stream in self._streams:
-                try:
-                    stream.close()
-                except Exception as exc:
-                    errors.append(exc)
-        except BaseException:
-            self._close_all()
-            raise
-        for extra in errors[1:]:
-            log.warning("another sample failed as well: %s", one_line(str(extra)))
-        if errors:
-            raise errors[0]
-        for index in range(len(self._streams)):
-            report(ProgressEvent("mux", index + 1, len(self._streams)))
-        return [stream.path for stream in self._streams]
-
-    def _close_all(self) -> None:
-        for stream in self._streams:
-            with contextlib.suppress(BaseException):
-                stream.close()

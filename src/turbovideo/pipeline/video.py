@@ -1,8 +1,9 @@
-"""Decoded video tensors to mp4 files and a JPEG thumbnail."""
+"""Decoded video tensors to mp4 files (one per sample, fed while the VAE decodes) and a JPEG thumbnail."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -12,6 +13,10 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image
+
+from turbovideo.errors import one_line
+
+log = logging.getLogger(__name__)
 
 # Upstream writes through imageio with quality 5, which imageio maps to x264 -crf 25 (the quality
 # knob, kept). It leaves x264 at its default preset, "medium"; "veryfast" encodes an 81-frame 480p
@@ -118,3 +123,62 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
 def write_thumbnail(frame: np.ndarray, path: Path) -> None:
     """Save one uint8 frame [H, W, 3] as a JPEG."""
     Image.fromarray(frame).save(path, format="JPEG", quality=90)
+
+
+class SampleMuxer:
+    """One mp4 per sample, fed chunk by chunk while the VAE decodes (the "mux" stage is what is left
+    after the decode), plus the thumbnail from the first frame of sample 0."""
+
+    def __init__(self, out_dir: Path, samples: int, width: int, height: int, fps: int) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.thumbnail = out_dir / "thumbnail.jpg"
+        self._first_frame: tuple[np.ndarray, Callable[[], None]] | None = None
+        self._streams: list[Mp4Stream] = []
+        try:
+            for i in range(samples):
+                self._streams.append(Mp4Stream(out_dir / f"sample_{i}.mp4", width, height, fps))
+        except BaseException:
+            self._close_all()
+            raise
+
+    def add(self, chunk: torch.Tensor) -> None:
+        frames, ready = to_uint8_frames(chunk)  # [B, n, H, W, 3]
+        if self._first_frame is None:
+            self._first_frame = frames[0, 0], ready
+        for stream, sample_frames in zip(self._streams, frames, strict=True):
+            stream.add(sample_frames, ready)
+
+    def close(self, on_muxed: Callable[[int, int], None]) -> list[Path]:
+        """Finish the thumbnail and every stream, then raise the first failure: each stream holds an ffmpeg
+        process and a thread, which a long-lived worker must not leak. An interrupt (KeyboardInterrupt,
+        SystemExit) is raised once the rest are closed. ``on_muxed(done, total)`` is called per sample once
+        all are done."""
+        errors: list[Exception] = []
+        try:
+            if self._first_frame is not None:
+                frame, ready = self._first_frame
+                try:
+                    ready()
+                    write_thumbnail(frame, self.thumbnail)
+                except Exception as exc:
+                    errors.append(exc)
+            for stream in self._streams:
+                try:
+                    stream.close()
+                except Exception as exc:
+                    errors.append(exc)
+        except BaseException:
+            self._close_all()
+            raise
+        for extra in errors[1:]:
+            log.warning("another sample failed as well: %s", one_line(str(extra)))
+        if errors:
+            raise errors[0]
+        for index in range(len(self._streams)):
+            on_muxed(index + 1, len(self._streams))
+        return [stream.path for stream in self._streams]
+
+    def _close_all(self) -> None:
+        for stream in self._streams:
+            with contextlib.suppress(BaseException):
+                stream.close()
