@@ -44,6 +44,8 @@ WORKER_VARIABLES = {
     "BUCKET_PREFIX",
     "OUTPUT_DIR",
     "TRITON_CACHE_DIR",
+    "SP_DEGREE",
+    "WARMUP",
 }
 # Read by the RunPod platform, not by our code (runpod.md §1.10: cold-start limit).
 PLATFORM_VARIABLES = {"RUNPOD_INIT_TIMEOUT"}

@@ -280,3 +280,29 @@ def test_models_of_one_cache_share_the_text_encoder_and_vae(tmp_path):
     assert a.text_encoder is b.text_encoder and a.vae is b.vae
     assert a.experts[0] is not b.experts[0]
     assert a._slots["text_encoder"] is b._slots["text_encoder"]
+
+
+@pytest.mark.parametrize("name", ["tiny-t2v", "tiny-i2v"])
+def test_a_warm_up_runs_the_default_shape_and_leaves_no_trace(name, t2v, i2v, tmp_path, monkeypatch):
+    pipe = t2v if name == "tiny-t2v" else i2v
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    cached = dict(pipe.prompt_cache._entries)
+    steps: list[int] = []
+    hook = pipe.experts[0].register_forward_hook(lambda module, args, out: steps.append(args[0].shape[2]))
+    try:
+        assert pipe.warm_up() > 0
+    finally:
+        hook.remove()
+    # One step at the default request's latent frame count (81 frames -> 21).
+    assert steps == [21]
+    assert pipe.prompt_cache._entries == cached  # the warm-up prompt took no cache slot
+    assert not list(tmp_path.iterdir())  # its video went with its scratch folder
+
+
+def test_a_warmed_up_pipeline_gives_the_same_video(t2v, tmp_path):
+    request = GenerationRequest(prompt="a red fox", num_frames=5, num_steps=1, seed=11)
+    fresh = VideoPipeline.load(MODELS["tiny-t2v"], device="cpu")
+    before = _read(fresh.generate(request, tmp_path / "fresh").videos[0])[1]
+    t2v.warm_up()
+    after = _read(t2v.generate(request, tmp_path / "warmed").videos[0])[1]
+    assert np.array_equal(before, after)

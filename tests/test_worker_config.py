@@ -83,6 +83,18 @@ def test_offline_and_progress_flags():
 
 
 @pytest.mark.parametrize(
+    "value, warm_up", [("", None), ("auto", None), ("1", True), (" On", True), ("0", False), ("false", False)]
+)
+def test_warm_up_is_automatic_unless_set(value, warm_up):
+    assert load_config({"WARMUP": value, "CACHE_DIR": "/c"}).warm_up is warm_up
+
+
+def test_an_unknown_warm_up_value_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"WARMUP='later' is not valid; use auto .*, 1 .* or 0"):
+        load_config({"WARMUP": "later", "CACHE_DIR": "/c"})
+
+
+@pytest.mark.parametrize(
     "variant, gpu_bytes, quantized",
     [
         ("auto", None, False),  # CPU

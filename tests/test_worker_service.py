@@ -26,7 +26,7 @@ from test_inputs import bomb_png
 from turbovideo.catalog import MODELS
 from turbovideo.pipeline import VideoPipeline
 from turbovideo.worker import inputs, service
-from turbovideo.worker.config import BucketConfig
+from turbovideo.worker.config import BucketConfig, load_config
 from turbovideo.worker.schema import VideoRequest
 from turbovideo.worker.service import VideoService
 from turbovideo.worker.storage import BucketStorage, LocalStorage
@@ -419,3 +419,25 @@ def test_the_tiny_alias_picks_its_model_by_task(local):
         {"id": "alias-i2v", "input": {"prompt": "a", "model": "tiny", "image": png_b64(), **FAST}}
     )
     assert (text["model"], image["model"]) == ("tiny-t2v", "tiny-i2v")
+
+
+def _started(tmp_path, **env) -> VideoService:
+    config = {"MODELS": "tiny-t2v", "CACHE_DIR": str(tmp_path / "cache"), "OUTPUT_DIR": str(tmp_path / "out")}
+    return VideoService.from_config(load_config({**config, **env}))
+
+
+@pytest.mark.parametrize("setting, warmed", [({"WARMUP": "1"}, True), ({}, False)])  # unset: only on a GPU
+def test_a_start_warms_up_each_model_when_asked(setting, warmed, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    _started(tmp_path, **setting)
+    assert ("warmed up tiny-t2v in" in caplog.text) is warmed
+
+
+def test_a_failed_warm_up_is_logged_and_the_worker_still_serves(tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO)
+    with monkeypatch.context() as patched:
+        patched.setattr("tempfile.tempdir", str(tmp_path / "gone"))  # scratch space refused
+        service = _started(tmp_path, WARMUP="1")
+    assert "warm-up of tiny-t2v failed (FileNotFoundError" in caplog.text
+    answer = service.handle({"id": "after-warm-up", "input": {"prompt": "a red fox", **FAST}})
+    assert "error" not in answer and read_video(answer["video_path"])[0] == 5

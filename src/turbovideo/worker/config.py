@@ -50,6 +50,7 @@ class WorkerConfig:
     on_runpod: bool
     report_progress: bool
     sp_degree: int | None = None  # GPUs one request spreads over; None: every visible GPU
+    warm_up: bool | None = None  # one throwaway generation per model at start; None: on a GPU
 
 
 def is_on_runpod(env: Mapping[str, str]) -> bool:
@@ -77,6 +78,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         on_runpod=on_runpod,
         report_progress=bool(env.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
         sp_degree=_sp_degree(env.get("SP_DEGREE", "")),
+        warm_up=_warm_up(env.get("WARMUP", "")),
     )
 
 
@@ -164,6 +166,19 @@ def _sp_degree(value: str) -> int | None:
             "(1 turns multi-GPU off), or leave it unset to use every visible GPU"
         )
     return int(value)
+
+
+def _warm_up(value: str) -> bool | None:
+    choice = value.strip().lower()
+    if choice in ("", "auto"):
+        return None
+    if choice in ("1", "true", "yes", "on"):
+        return True
+    if choice in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(
+        f"WARMUP={value!r} is not valid; use auto (warm up when a GPU is present), 1 (always) or 0 (never)"
+    )
 
 
 def _bucket(env: Mapping[str, str]) -> BucketConfig | None:

@@ -77,6 +77,9 @@ class VideoService:
             variant = "" if spec.is_random else f" ({'quant' if quantized else 'bf16'} checkpoints)"
             logger.info("loaded %s%s", spec.name, variant)
         _spread_over_gpus(pipelines.values(), config.sp_degree)
+        if torch.cuda.is_available() if config.warm_up is None else config.warm_up:
+            for pipeline in pipelines.values():
+                _warm_up(pipeline)
         if config.bucket is not None:
             storage: Storage = BucketStorage(config.bucket, config.durable_dir, spare_dir=config.output_dir)
         else:
@@ -208,6 +211,23 @@ def _spread_over_gpus(pipelines: Iterable[VideoPipeline], sp_degree: int | None)
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _warm_up(pipeline: VideoPipeline) -> None:
+    """One throwaway generation, so the first job runs at warm speed. A failure is logged, not fatal:
+    the jobs then answer for whatever is wrong (E_OOM, E_CUDA) as they would without a warm-up."""
+    name = pipeline.spec.name
+    try:
+        seconds = pipeline.warm_up()
+    except Exception as exc:
+        logger.warning(
+            "warm-up of %s failed (%s: %s); its first job pays for loading kernels instead",
+            name,
+            type(exc).__name__,
+            one_line(str(exc), 300),
+        )
+        return
+    logger.info("warmed up %s in %.1f s", name, seconds)
 
 
 def _generation_request(request: VideoRequest, spec: ModelSpec, image: Any) -> GenerationRequest:
