@@ -2,6 +2,7 @@
 
 import base64
 import io
+import ipaddress
 import socket
 import struct
 import threading
@@ -148,6 +149,10 @@ def test_base64_size_is_checked_before_decoding(monkeypatch):
         "http://[::1]/a.png",
         "http://[::ffff:127.0.0.1]/a.png",
         "http://[fd00::1]/a.png",
+        "http://[64:ff9b::a9fe:a9fe]/latest/",  # NAT64 to 169.254.169.254
+        "http://[64:ff9b:1::a00:1]/a.png",  # local-use NAT64 to 10.0.0.1
+        "http://[2002:a9fe:a9fe::1]/a.png",  # 6to4 via 169.254.169.254
+        "http://[::10.0.0.1]/a.png",  # IPv4-compatible
         "http://localhost/a.png",
         "https://localhost:8443/a.png",
     ],
@@ -191,6 +196,14 @@ class _Images(BaseHTTPRequestHandler):
                 200, self.png[:50], {"Content-Length": str(len(self.png))}, False
             ),
             "/bad-chunk": self._bad_chunk,
+            "/to-bad-host": lambda: self._send(302, b"", {"Location": "http://[oops/x.png"}),
+            "/caf%C3%A9.png": lambda: self._send(200, self.png, {"Content-Type": "image/png"}),
+            # UTF-8 bytes in the header, as servers send them (send_header writes Latin-1).
+            "/to-utf8": lambda: self._send(302, b"", {"Location": "/caf\xc3\xa9.png"}),
+            "/trickle-headers": lambda: self._trickle(b"HTTP/1.1 200 OK\r\nX-Slow: "),
+            "/trickle-chunk": lambda: self._trickle(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;"  # then a chunk extension
+            ),
         }
         routes.get(self.path, routes["/missing"])()
 
@@ -230,6 +243,18 @@ class _Images(BaseHTTPRequestHandler):
                 time.sleep(0.05)
         except OSError:
             pass
+
+    def _trickle(self, head):
+        # Every byte arrives well within a socket timeout; only a deadline on the whole fetch ends it.
+        try:
+            self.wfile.write(head)
+            for _ in range(40):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+        self.close_connection = True
 
     def log_message(self, *args):
         pass
@@ -278,6 +303,7 @@ def test_redirects_are_followed(allowed):
         ("/huge-streamed", "image must be at most 20 MB"),
         ("/cut-short", "download ended after 50 of"),
         ("/bad-chunk", "image URL download failed"),
+        ("/to-bad-host", "image URL redirected to an invalid URL"),
     ],
 )
 def test_bad_urls_are_input_errors(allowed, path, fragment):
@@ -291,3 +317,27 @@ def test_download_time_is_bounded(allowed):
     with pytest.raises(InputError, match="longer than 0.5 s|timed out"):
         inputs.fetch_url(f"{allowed}/slow", timeout_s=0.5)
     assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("url", ["http://[oops/x.png", "https://[not-an-ip]/x.png"])
+def test_a_malformed_host_is_an_input_error(url):
+    with pytest.raises(InputError, match="image URL is not a valid URL"):
+        inputs.load_image(url)
+
+
+@pytest.mark.parametrize("path", ["/caf\u00e9.png", "/to-utf8"])
+def test_non_ascii_paths_are_sent_percent_encoded_as_browsers_do(allowed, path):
+    assert inputs.load_image(f"{allowed}{path}").size == (40, 30)
+
+
+@pytest.mark.parametrize("path", ["/trickle-headers", "/trickle-chunk"])
+def test_a_server_trickling_bytes_cannot_outlast_the_fetch_limit(allowed, path):
+    started = time.monotonic()
+    with pytest.raises(InputError, match="longer than 1 s"):
+        inputs.fetch_url(f"{allowed}{path}", timeout_s=1)
+    assert time.monotonic() - started < 2.0
+
+
+def test_nat64_and_6to4_addresses_of_public_hosts_stay_allowed():
+    for address in ("64:ff9b::808:808", "2002:808:808::1", "2606:4700::1111"):
+        assert inputs._is_public(ipaddress.ip_address(address)), address

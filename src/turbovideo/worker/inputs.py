@@ -17,9 +17,10 @@ import ipaddress
 import re
 import socket
 import ssl
+import threading
 import time
 import warnings
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -126,19 +127,27 @@ def fetch_url(url: str, *, timeout_s: float = FETCH_TIMEOUT_S, max_bytes: int = 
                 location = response.getheader("Location")
                 if not location:
                     raise InputError(f"image URL answered HTTP {response.status} without a Location")
-                url = urljoin(url, location.strip())
+                # http.client decodes header bytes as Latin-1; servers send UTF-8 there.
+                location = location.strip().encode("latin-1").decode("utf-8", "surrogateescape")
+                try:
+                    url = urljoin(url, location)
+                except ValueError as exc:  # e.g. an unclosed [ in the host
+                    raise InputError(f"image URL redirected to an invalid URL ({_reason(exc)})") from None
                 continue
             if response.status != 200:
                 raise InputError(f"image URL answered HTTP {response.status}, expected 200")
             return _read_body(connection, response, deadline, max_bytes)
         finally:
             response.close()
-            connection.close()
+            connection.finish()
     raise InputError(f"image URL redirected more than {MAX_REDIRECTS} times")
 
 
 def _get(url: str, deadline: _Deadline) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. "http://[oops/": an unclosed or invalid bracketed host
+        raise InputError(f"image URL is not a valid URL ({_reason(exc)})") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise InputError(f"image URL must use http or https, got {scheme or 'no scheme'}:")
@@ -153,11 +162,20 @@ def _get(url: str, deadline: _Deadline) -> tuple[http.client.HTTPConnection, htt
     connection_class = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
     connection = connection_class(host, port, address, timeout=deadline.remaining())
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # As browsers do: characters HTTP cannot carry (non-ASCII, spaces) are sent percent-encoded.
+    target = quote(target, safe="".join(map(chr, range(0x21, 0x7F))), errors="surrogateescape")
+    # The socket timeout bounds each read, not the whole response: a server sending a header byte
+    # at a time would hold the worker for hours. At the deadline the socket is shut down.
+    watchdog = threading.Timer(deadline.remaining(), connection.abort)
+    watchdog.daemon = True
+    watchdog.start()
+    connection.watchdog = watchdog
     try:
         connection.request("GET", target, headers={"User-Agent": "turbovideo", "Accept": "image/*"})
         return connection, connection.getresponse()
     except (OSError, http.client.HTTPException) as exc:
-        connection.close()
+        connection.finish()
+        deadline.remaining()  # the watchdog's doing: say so
         raise InputError(f"image URL could not be fetched from {host} ({_reason(exc)})") from None
 
 
@@ -179,9 +197,28 @@ def _public_address(host: str, port: int) -> str:
 
 
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return _is_public(ip.ipv4_mapped)
+        if not all(_is_public(inner) for inner in _tunnelled_ipv4(ip)):
+            return False
     return ip.is_global and not ip.is_multicast
+
+
+# IPv6 ranges whose last 32 bits name the IPv4 host reached: NAT64 (RFC 6052, RFC 8215) and the
+# deprecated IPv4-compatible form.
+_IPV4_SUFFIXED = tuple(map(ipaddress.IPv6Network, ("64:ff9b::/96", "64:ff9b:1::/48", "::/96")))
+
+
+def _tunnelled_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 hosts an IPv6 address leads to through a translator or tunnel (NAT64, 6to4, Teredo):
+    on a host with such a route, 64:ff9b::a9fe:a9fe is the metadata service."""
+    inner = [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)] if any(ip in net for net in _IPV4_SUFFIXED) else []
+    if ip.sixtofour is not None:
+        inner.append(ip.sixtofour)
+    if ip.teredo is not None:
+        inner.extend(ip.teredo)
+    return inner
 
 
 class _PinnedHTTP(http.client.HTTPConnection):
@@ -192,6 +229,23 @@ class _PinnedHTTP(http.client.HTTPConnection):
         self.address = address
         # http.client drops ``sock`` once a closing response arrives; reads still need its timeout.
         self.socket_for_timeouts: socket.socket | None = None
+        self.watchdog: threading.Timer | None = None
+
+    def abort(self) -> None:
+        """Called from the watchdog thread: wake any blocked read or write with EOF or an error."""
+        sock = self.socket_for_timeouts
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def finish(self) -> None:
+        """Close for good. (Not ``close``: http.client calls that itself on a closing response,
+        before its body is read, and the watchdog must outlive it.)"""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.close()
 
     def connect(self) -> None:
         self.sock = self.socket_for_timeouts = socket.create_connection(
@@ -221,8 +275,10 @@ def _read_body(
         try:
             chunk = response.read1(64 * 1024)
         except (OSError, http.client.HTTPException) as exc:  # HTTPException: a broken chunked body
+            deadline.remaining()
             raise InputError(f"image URL download failed ({_reason(exc)})") from None
         if not chunk:
+            deadline.remaining()  # an EOF from the watchdog is a timeout, not a short body
             if declared and declared.isdigit() and size < int(declared):
                 raise InputError(f"image URL download ended after {size} of {declared} bytes")
             return b"".join(chunks)
