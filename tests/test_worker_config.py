@@ -62,6 +62,19 @@ def test_a_complete_bucket_is_used_and_the_prefix_trimmed():
     )
 
 
+@pytest.mark.parametrize("name", ["videos/renders", "s3://videos", "my videos"])
+def test_a_bucket_name_no_s3_client_can_send_is_refused_at_start(name):
+    with pytest.raises(
+        ConfigError, match="BUCKET_NAME=.* is not a bucket name .* put a folder inside it in BUCKET_PREFIX"
+    ):
+        load_config({**BUCKET_ENV, "BUCKET_NAME": name, "CACHE_DIR": "/tmp/c"})
+
+
+def test_an_access_point_arn_is_a_bucket_name():
+    arn = "arn:aws:s3:us-east-1:123456789012:accesspoint/videos"
+    assert load_config({**BUCKET_ENV, "BUCKET_NAME": arn, "CACHE_DIR": "/tmp/c"}).bucket.name == arn
+
+
 def test_a_partial_bucket_is_a_config_error_naming_what_is_missing():
     env = {k: v for k, v in BUCKET_ENV.items() if k != "BUCKET_NAME"}
     with pytest.raises(ConfigError, match="but BUCKET_NAME missing"):
