@@ -405,6 +405,36 @@ def test_files_of_a_failed_upload_go_to_the_spare_folder_when_the_volume_refuses
         assert "keeping the files failed too (NotADirectoryError" in answer["error"]
 
 
+def _blocked(folder: Path) -> Path:
+    folder.write_text("a file where the folder should be")  # as a full or read-only disk would refuse
+    return folder
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_an_output_dir_that_refuses_the_files_answers_e_upload_and_keeps_them_in_the_spare(
+    pipelines, tmp_path, spare
+):
+    blocked = _blocked(tmp_path / "outputs")
+    storage = LocalStorage(blocked, spare_dir=tmp_path / "volume" if spare else None)
+    answer = VideoService(pipelines, storage).handle({"id": "job-full", "input": {"prompt": "a", **FAST}})
+    assert answer["error"].startswith(f"E_UPLOAD: saving the video in OUTPUT_DIR {blocked} failed (")
+    if spare:
+        kept = (tmp_path / "volume" / "job-full").resolve()
+        assert answer["error"].endswith(f"the video was kept at {kept}")
+        assert read_video(kept / "sample_0.mp4")[0] == 5
+    else:
+        assert answer["error"].endswith("the video is lost")
+
+
+def test_an_output_dir_that_refuses_the_files_still_answers_the_base64_video(pipelines, tmp_path):
+    storage = LocalStorage(_blocked(tmp_path / "outputs"))
+    job = {"id": "job-b64", "input": {"prompt": "a", "return_base64": True, **FAST}}
+    answer = VideoService(pipelines, storage).handle(job)
+    assert "error" not in answer
+    assert base64.b64decode(answer["video_base64"])[4:8] == b"ftyp"
+    assert answer["warnings"][-1].startswith("saving the video in OUTPUT_DIR")
+
+
 def test_a_prompt_past_the_encoder_limit_is_answered_with_a_warning(local):
     answer = local.handle({"id": "job-long", "input": {"prompt": "x " * 999, **FAST}})
     assert "error" not in answer

@@ -83,7 +83,7 @@ class VideoService:
         if config.bucket is not None:
             storage: Storage = BucketStorage(config.bucket, config.durable_dir, spare_dir=config.output_dir)
         else:
-            storage = LocalStorage(config.output_dir)
+            storage = LocalStorage(config.output_dir, spare_dir=config.durable_dir)
             if config.on_runpod:
                 logger.warning("no BUCKET_* configured: videos stay on this worker in %s", config.output_dir)
         return cls(pipelines, storage, report_progress=config.report_progress)

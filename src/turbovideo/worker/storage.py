@@ -3,6 +3,7 @@
 A generation writes into a scratch folder; delivery then moves the files to their final place.
 Nothing is lost on the way: when an upload fails for good, the files are moved to a durable folder
 (the network volume when one is mounted; the worker's own disk if that fails too) and the error says where.
+Without a bucket, a local folder that refuses the files (a full disk) hands them to the volume the same way.
 """
 
 from __future__ import annotations
@@ -56,13 +57,23 @@ def move_files(files: list[Path], folder: Path) -> list[Path]:
 
 
 class LocalStorage:
-    """No bucket: videos stay in ``OUTPUT_DIR/<job_id>/`` and the response names their paths."""
+    """No bucket: videos stay in ``OUTPUT_DIR/<job_id>/`` and the response names their paths. When
+    OUTPUT_DIR refuses them (a full or read-only disk), they are kept in ``spare_dir`` if it takes them."""
 
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, *, spare_dir: Path | None = None) -> None:
         self.output_dir = output_dir
+        self.keep_dirs = [output_dir] + ([spare_dir] if spare_dir and spare_dir != output_dir else [])
 
     def deliver(self, job_id: str, videos: list[Path], thumbnail: Path, expires_in: int) -> dict[str, Any]:
-        *video_paths, thumbnail_path = move_files([*videos, thumbnail], self.output_dir / job_id)
+        files = [*videos, thumbnail]
+        folder = self.output_dir / job_id
+        try:
+            *video_paths, thumbnail_path = move_files(files, folder)
+        except OSError as exc:
+            failure = f"saving the video in OUTPUT_DIR {self.output_dir} failed ({type(exc).__name__}: {one_line(str(exc), 200)})"
+            # Files that made it stay; the rest try OUTPUT_DIR once more, then the spare folder.
+            where = [path if path.exists() else folder / path.name for path in files]
+            raise UploadError(f"{failure}; {keep_files(job_id, where, self.keep_dirs)}") from exc
         fields: dict[str, Any] = {"video_path": str(video_paths[0]), "thumbnail_path": str(thumbnail_path)}
         if len(video_paths) > 1:
             fields["video_paths"] = [str(p) for p in video_paths]
@@ -117,7 +128,9 @@ class BucketStorage:
         except (BotoCoreError, ClientError, OSError) as exc:
             tries = f" after {self._sends} attempt{'s' * (self._sends != 1)}" if self._sends else ""
             failure = f"upload to bucket {self.bucket.name!r} failed{tries} ({type(exc).__name__}: {one_line(str(exc))})"
-            raise UploadError(f"{failure}; {self._keep(job_id, [*videos, thumbnail])}") from exc
+            raise UploadError(
+                f"{failure}; {keep_files(job_id, [*videos, thumbnail], self.keep_dirs)}"
+            ) from exc
         lifetime = max(1, min(expires_in, MAX_EXPIRES_S))
         urls = [self._presign(self.key(job_id, name), lifetime) for _, name in uploads]
         *video_urls, thumbnail_url = urls
@@ -125,30 +138,6 @@ class BucketStorage:
         if len(video_urls) > 1:
             fields["videos"] = video_urls
         return fields
-
-    def _keep(self, job_id: str, files: list[Path]) -> str:
-        """Move each file of a failed upload to the first keep folder that takes it; says where."""
-        held: dict[Path, None] = {}  # folders that took files, in order
-        lost: list[str] = []
-        error: OSError | None = None
-        for path in files:
-            for folder in self.keep_dirs:
-                try:
-                    held[move_files([path], folder / job_id)[0].parent] = None
-                    break
-                except OSError as exc:  # e.g. a full or read-only volume
-                    logger.warning("could not keep %s of job %s in %s: %s", path.name, job_id, folder, exc)
-                    error = exc
-                    _discard_partial(folder / job_id / path.name, path)
-            else:
-                lost.append(path.name)
-        kept = f"the video was kept at {' and '.join(map(str, held))}" if held else ""
-        if not lost:
-            return kept
-        reason = f"({type(error).__name__}: {one_line(str(error), 200)})"
-        if not held:
-            return f"keeping the files failed too {reason}; the video is lost"
-        return f"{kept}; {', '.join(lost)} could not be kept {reason}"
 
     def _count_send(self, **_: Any) -> None:
         self._sends += 1
@@ -165,6 +154,32 @@ class BucketStorage:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket.name, "Key": key}, ExpiresIn=lifetime_s
         )
+
+
+def keep_files(job_id: str, files: list[Path], folders: list[Path]) -> str:
+    """Move each file of a failed delivery to ``<folder>/<job_id>/`` of the first folder that takes it;
+    says where."""
+    held: dict[Path, None] = {}  # folders that took files, in order
+    lost: list[str] = []
+    error: OSError | None = None
+    for path in files:
+        for folder in folders:
+            try:
+                held[move_files([path], folder / job_id)[0].parent] = None
+                break
+            except OSError as exc:  # e.g. a full or read-only volume
+                logger.warning("could not keep %s of job %s in %s: %s", path.name, job_id, folder, exc)
+                error = exc
+                _discard_partial(folder / job_id / path.name, path)
+        else:
+            lost.append(path.name)
+    kept = f"the video was kept at {' and '.join(map(str, held))}" if held else ""
+    if not lost:
+        return kept
+    reason = f"({type(error).__name__}: {one_line(str(error), 200)})"
+    if not held:
+        return f"keeping the files failed too {reason}; the video is lost"
+    return f"{kept}; {', '.join(lost)} could not be kept {reason}"
 
 
 def _discard_partial(target: Path, source: Path) -> None:
