@@ -6,6 +6,8 @@ inputs, so any difference beyond fp32 rounding is a bug in the sharding.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import timedelta
 
@@ -175,6 +177,38 @@ def test_a_model_the_followers_cannot_rebuild_is_refused():
 def test_a_follower_that_cannot_start_fails_the_start():
     with pytest.raises(ParallelError, match="GPU rank 1 failed: RuntimeError: injected start failure"):
         SequenceParallelGroup.start(2, backend="gloo", timeout_s=TIMEOUT_S, initializer=_fail_to_start)
+
+
+_DIES_WHILE_JOINING = """
+import os, sys, threading, time
+from turbovideo.parallel import ParallelError, SequenceParallelGroup
+
+
+def die_after_saying_ready():  # as a follower whose NCCL setup kills it while it joins the group
+    threading.Timer(0.05, os._exit, (7,)).start()
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    try:
+        SequenceParallelGroup.start(2, backend="gloo", timeout_s=60, initializer=die_after_saying_ready)
+    except ParallelError as exc:
+        print(f"{time.monotonic() - started:.1f} s: {exc}", flush=True)
+        os._exit(0)  # not waiting for the abandoned join, which gives up at the group's timeout
+    sys.exit("the start did not fail")
+"""
+
+
+def test_a_follower_that_dies_while_joining_fails_the_start_at_once(tmp_path):
+    # In a process of its own: a failed join is final for a process (torch.distributed's group
+    # naming has moved on, so no later group there could meet fresh followers), as for a worker.
+    script = tmp_path / "dies_while_joining.py"
+    script.write_text(_DIES_WHILE_JOINING)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seconds, message = done.stdout.strip().split(" s: ", 1)
+    assert "GPU rank 1 exited unexpectedly (exit code 7)" in message
+    assert float(seconds) < 15  # not the group's 60 s
 
 
 def test_head_counts_that_do_not_split_are_refused_in_one_sentence():

@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -183,13 +184,15 @@ class SequenceParallelGroup:
             group._await_ready()
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group(
-                backend,
-                init_method=init_method,
-                rank=0,
-                world_size=world_size,
-                timeout=timedelta(seconds=timeout_s),
-                device_id=device if device.type == "cuda" else None,
+            group._join(
+                lambda: dist.init_process_group(
+                    backend,
+                    init_method=init_method,
+                    rank=0,
+                    world_size=world_size,
+                    timeout=timedelta(seconds=timeout_s),
+                    device_id=device if device.type == "cuda" else None,
+                )
             )
         except BaseException as exc:
             raise group._fail(exc) from exc
@@ -277,6 +280,31 @@ class SequenceParallelGroup:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"GPU ranks {sorted(waiting)} did not start within {self.timeout_s:g} s")
             wait([*self._pipes, *(p.sentinel for p in self._processes)], timeout=0.1)
+
+    def _join(self, init: Callable[[], None]) -> None:
+        """Run ``init`` (joining the process group, which blocks until every rank joins or the timeout)
+        while watching the followers: one that dies after saying "ready" fails the start at once.
+
+        The abandoned join gives up at the group's timeout. A failed start is final for the process:
+        torch.distributed's group naming has moved on, so no later group here could meet fresh followers."""
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                if self.device.type == "cuda":
+                    torch.cuda.set_device(self.device)
+                init()
+            except BaseException as exc:  # handed to the calling thread
+                failure.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="turbovideo-join", daemon=True).start()
+        while not done.wait(0.1):
+            self._check_followers()
+        if failure:
+            raise failure[0]
 
     def _finish(self) -> None:
         """Wait for this rank's queued GPU work, watching the followers; gloo collectives are already done."""
