@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from turbovideo.models.checkpoint import CheckpointError
+from turbovideo.parallel import ParallelError
 from turbovideo.worker.checkpoints import CheckpointDownloadError
 from turbovideo.worker.config import ConfigError
 from turbovideo.worker.startup import (
@@ -70,6 +71,18 @@ def test_offline_without_a_cached_checkpoint_is_answered(tmp_path):
             False,
         ),
         (torch.OutOfMemoryError("CUDA out of memory"), "the models do not fit in GPU memory", False),
+        (  # a follower holds every served DiT: a fresh worker would run out the same way
+            ParallelError(
+                "GPU rank 1 failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 270 MiB"
+            ),
+            "the models do not fit in the memory of every GPU",
+            False,
+        ),
+        (
+            ParallelError("GPU rank 1 exited unexpectedly (exit code 7)"),
+            "the multi-GPU group did not start",
+            True,
+        ),
         (RuntimeError("CUDA error: no kernel image is available\nfor execution"), "CUDA is unusable", True),
         (ImportError("No module named 'spas_sage_attn'"), "the worker could not start (ImportError:", False),
     ],

@@ -111,6 +111,12 @@ def describe_startup_error(exc: BaseException) -> StartupFailure:
         return StartupFailure(
             f"{one_line(str(exc), 1000)}; delete that file so the next start downloads it again"
         )
+    if isinstance(exc, ParallelError) and "out of memory" in str(exc).lower():
+        # A follower holds every served DiT on its GPU: a fresh worker runs out the same way.
+        return StartupFailure(
+            f"the models do not fit in the memory of every GPU ({one_line(str(exc), 300)}); set "
+            "CHECKPOINT_VARIANT=quant, serve fewer MODELS, set SP_DEGREE=1, or deploy on GPUs with more memory"
+        )
     if isinstance(exc, ParallelError):
         return StartupFailure(
             f"the multi-GPU group did not start ({one_line(str(exc), 300)}); the worker asks to be replaced",
