@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from turbovideo.catalog import MODELS
+from turbovideo.pipeline import GenerationRequest, VideoPipeline
 from turbovideo.pipeline.memory import (
     DeviceSlot,
     Stage,
@@ -154,3 +156,48 @@ def test_device_slot_round_trip_through_pinned_memory():
     assert all(torch.equal(v, expected[k]) for k, v in module.state_dict().items())
     slot.to_host()
     assert module.weight.data_ptr() == host_ptr  # the pinned copy is made once and reused
+
+
+class _SimulatedGPU:
+    """Just enough of torch.cuda for VideoPipeline._place_for on a CPU: free memory is what the slots
+    placed on cuda:0 leave of ``total``; moving a slot flips its flag instead of copying."""
+
+    def __init__(self, monkeypatch, total: int) -> None:
+        self.total = total
+        self.slots: dict[int, DeviceSlot] = {}
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (self.total - self.used(), total))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+        monkeypatch.setattr(DeviceSlot, "to_device", lambda slot: setattr(slot, "_on_device", True))
+        monkeypatch.setattr(DeviceSlot, "to_host", lambda slot: setattr(slot, "_on_device", False))
+        monkeypatch.setattr(DeviceSlot, "pin", lambda slot: None)
+
+    def used(self) -> int:
+        return sum(slot.nbytes for slot in self.slots.values() if slot.on_device)
+
+    def adopt(self, pipe: VideoPipeline, sizes: dict[str, int]) -> VideoPipeline:
+        pipe.device = torch.device("cuda", 0)
+        for name, slot in pipe._slots.items():
+            slot.device, slot._on_device, slot.nbytes = pipe.device, False, sizes[name]
+            self.slots[id(slot)] = slot
+        return pipe
+
+
+def test_a_second_served_model_moves_the_first_ones_idle_weights_off_the_gpu(monkeypatch):
+    # MODELS=<14B T2V>,<A14B I2V> on a 48 GB card: the T2V model fits whole and stays resident; the
+    # I2V request must not then stack an expert on top of it (68.9 GB) but move the idle T2V weights.
+    gpu = _SimulatedGPU(monkeypatch, total=48 * GB)
+    t2v = gpu.adopt(
+        VideoPipeline.random(MODELS["tiny-t2v"]), {"text_encoder": UMT5, "dit": DIT_14B, "vae": VAE}
+    )
+    i2v_sizes = {"text_encoder": UMT5, "dit_high": DIT_14B, "dit_low": DIT_14B, "vae": VAE}
+    i2v = gpu.adopt(VideoPipeline.random(MODELS["tiny-i2v"]), i2v_sizes)
+    t2v._place_for(GenerationRequest(prompt="-", task="t2v"))
+    assert gpu.used() > 40 * GB
+    i2v._place_for(GenerationRequest(prompt="-", task="i2v"))
+    i2v._enter({"dit_high"})  # the first denoising step
+    assert gpu.used() <= 48 * GB
+    assert not any(slot.on_device for slot in t2v._slots.values())
+    t2v._place_for(GenerationRequest(prompt="-", task="t2v"))  # the T2V model takes its place back
+    assert all(slot.on_device for name, slot in t2v._slots.items() if name in t2v.placement.resident)
+    assert gpu.used() <= 48 * GB

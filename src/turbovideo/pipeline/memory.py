@@ -9,6 +9,7 @@ during decode), the small VAE last.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -113,6 +114,7 @@ class DeviceSlot:
         self.nbytes = module_bytes(module)
         self._host: dict[tuple[nn.Module, str], torch.Tensor] | None = None
         self._on_device = all(t.device == self.device for _, t in _tensors(module))
+        _LIVE_SLOTS.add(self)
 
     @property
     def on_device(self) -> bool:
@@ -153,6 +155,15 @@ class DeviceSlot:
             # The module lives on the host: run from the pinned copy and let the original go.
             for key, tensor in self._host.items():
                 _assign(key, tensor)
+
+
+_LIVE_SLOTS: weakref.WeakSet[DeviceSlot] = weakref.WeakSet()
+
+
+def slots_on(device: torch.device) -> list[DeviceSlot]:
+    """Every live slot whose weights are on ``device`` now (those of every loaded pipeline)."""
+    device = canonical_device(device)
+    return [slot for slot in list(_LIVE_SLOTS) if slot.device == device and slot.on_device]
 
 
 def canonical_device(device: str | torch.device) -> torch.device:

@@ -45,6 +45,7 @@ from turbovideo.pipeline.memory import (
     plan,
     prefer_quantized,
     slot_for,
+    slots_on,
     usable_bytes,
     vae_activation_bytes,
 )
@@ -371,13 +372,16 @@ class VideoPipeline:
             return
         width, height = frame_size(request, self.spec)
         sizes = {name: slot.nbytes for name, slot in self._slots.items()}
-        free, _ = torch.cuda.mem_get_info(self.device)
-        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        ours = sum(slot.nbytes for slot in self._slots.values() if slot.on_device)
-        budget = usable_bytes(free + cached + ours)
-        if self.gpu_memory_limit is not None:
-            budget = min(budget, self.gpu_memory_limit)
-        placement = plan(budget, sizes, self._stages(request, width, height), self._offload_order)
+        stages = self._stages(request, width, height)
+        placement = plan(self._budget(), sizes, stages, self._offload_order)
+        own = {id(slot) for slot in self._slots.values()}
+        others = [slot for slot in slots_on(self.device) if id(slot) not in own]
+        if not placement.fits and others:
+            # Other served models' idle weights go to host memory (each brings its own back when it runs).
+            for slot in others:
+                slot.to_host()
+            placement = plan(self._budget(), sizes, stages, self._offload_order)
+        budget = self._budget()
         if not placement.fits:
             log.warning(
                 "the request needs about %.1f GiB of GPU memory but %.1f GiB are usable; trying anyway",
@@ -394,6 +398,16 @@ class VideoPipeline:
         self._enter(set())
         for name in placement.swapped:
             self._slots[name].pin()
+
+    def _budget(self) -> int:
+        """What this pipeline's placement may use: free memory, the allocator's cache and its own weights."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        ours = sum(slot.nbytes for slot in self._slots.values() if slot.on_device)
+        budget = usable_bytes(free + cached + ours)
+        if self.gpu_memory_limit is not None:
+            budget = min(budget, self.gpu_memory_limit)
+        return budget
 
     def _enter(self, active: set[str]) -> None:
         """Put ``active`` and the resident modules on the device and the other modules on the host."""
