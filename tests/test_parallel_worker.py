@@ -43,8 +43,9 @@ def test_jobs_run_on_both_ranks_until_one_dies(tmp_path):
 
 
 def test_sp_degree_is_checked_at_start(tmp_path):
-    with pytest.raises(ConfigError, match="SP_DEGREE='two' is not valid"):
-        _config(tmp_path, SP_DEGREE="two")
+    for value in ("two", "\u00b2", "0"):  # "²" passes str.isdigit
+        with pytest.raises(ConfigError, match=f"SP_DEGREE='{value}' is not valid"):
+            _config(tmp_path, SP_DEGREE=value)
     # The tiny DiT has 2 heads: 3 ranks cannot share them (refused before any process starts).
     with pytest.raises(
         ConfigError, match="tiny T2V has 2 attention heads, which 3 GPUs cannot split evenly; use 2 GPUs"

@@ -162,14 +162,15 @@ def _hf_token(value: str) -> str | None:
 
 
 def _sp_degree(value: str) -> int | None:
-    if not value.strip():
+    text = value.strip()
+    if not text:
         return None
-    if not value.strip().isdigit() or int(value) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # isdigit alone takes "²"
         raise ConfigError(
             f"SP_DEGREE={value!r} is not valid; use the number of GPUs one request spreads over "
             "(1 turns multi-GPU off), or leave it unset to use every visible GPU"
         )
-    return int(value)
+    return int(text)
 
 
 def _warm_up(value: str) -> bool | None:
