@@ -191,7 +191,9 @@ class _Images(BaseHTTPRequestHandler):
             "/missing": lambda: self._send(404, b"nope", {}),
             "/huge-declared": lambda: self._send(200, b"", {"Content-Length": str(10**9)}, length=False),
             "/huge-streamed": self._stream_forever,
-            "/slow": self._slow,
+            "/slow": lambda: self._trickle(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"\0", 100, 0.05
+            ),
             "/cut-short": lambda: self._send(
                 200, self.png[:50], {"Content-Length": str(len(self.png))}, False
             ),
@@ -232,26 +234,14 @@ class _Images(BaseHTTPRequestHandler):
         self.wfile.write(b"10\r\n" + self.png[:16] + b"\r\nzz\r\n")  # "zz" is no chunk size
         self.close_connection = True
 
-    def _slow(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "100")
-        self.end_headers()
-        try:
-            for _ in range(100):
-                self.wfile.write(b"\0")
-                self.wfile.flush()
-                time.sleep(0.05)
-        except OSError:
-            pass
-
-    def _trickle(self, head):
+    def _trickle(self, head, byte=b"x", count=40, pause_s=0.1):
         # Every byte arrives well within a socket timeout; only a deadline on the whole fetch ends it.
         try:
             self.wfile.write(head)
-            for _ in range(40):
-                self.wfile.write(b"x")
+            for _ in range(count):
+                self.wfile.write(byte)
                 self.wfile.flush()
-                time.sleep(0.1)
+                time.sleep(pause_s)
         except OSError:
             pass
         self.close_connection = True
