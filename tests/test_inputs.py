@@ -150,7 +150,8 @@ def test_base64_size_is_checked_before_decoding(monkeypatch):
         "http://[::ffff:127.0.0.1]/a.png",
         "http://[fd00::1]/a.png",
         "http://[64:ff9b::a9fe:a9fe]/latest/",  # NAT64 to 169.254.169.254
-        "http://[64:ff9b:1::a00:1]/a.png",  # local-use NAT64 to 10.0.0.1
+        "http://[64:ff9b:1::a00:1]/a.png",  # local-use NAT64
+        "http://[64:ff9b:1:808:8:800::]/a.png",  # local-use NAT64 /48 embedding of a public 8.8.8.8
         "http://[2002:a9fe:a9fe::1]/a.png",  # 6to4 via 169.254.169.254
         "http://[::10.0.0.1]/a.png",  # IPv4-compatible
         "http://localhost/a.png",
@@ -313,6 +314,11 @@ def test_download_time_is_bounded(allowed):
 def test_a_malformed_host_is_an_input_error(url):
     with pytest.raises(InputError, match="image URL is not a valid URL"):
         inputs.load_image(url)
+
+
+def test_a_lone_surrogate_in_the_path_is_an_input_error(allowed):
+    with pytest.raises(InputError, match="image URL is not a valid URL"):
+        inputs.load_image(f"{allowed}/a\ud800.png")
 
 
 @pytest.mark.parametrize("path", ["/caf\u00e9.png", "/to-utf8"])

@@ -62,7 +62,7 @@ def test_a_complete_bucket_is_used_and_the_prefix_trimmed():
     )
 
 
-@pytest.mark.parametrize("name", ["videos/renders", "s3://videos", "my videos"])
+@pytest.mark.parametrize("name", ["videos/renders", "s3://videos", "my videos", "arn:videos/renders"])
 def test_a_bucket_name_no_s3_client_can_send_is_refused_at_start(name):
     with pytest.raises(
         ConfigError, match="BUCKET_NAME=.* is not a bucket name .* put a folder inside it in BUCKET_PREFIX"

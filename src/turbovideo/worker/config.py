@@ -7,7 +7,6 @@ settings becomes one ``ConfigError`` sentence instead of a surprise in the middl
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,6 @@ from turbovideo.worker.checkpoints import default_cache_dir, hub_offline
 # Serverless workers mount the network volume here; outputs that must survive go onto it.
 VOLUME_ROOT = Path("/runpod-volume")
 VARIANTS = ("auto", "bf16", "quant")
-# What S3 clients (botocore) accept as a bucket: a name or an access-point ARN; anything else would
-# fail every upload after the job's work.
-_BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}|arn:\S+")
 _BUCKET_VARS = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME")
 
 
@@ -204,7 +200,11 @@ def _bucket(env: Mapping[str, str]) -> BucketConfig | None:
             "with its scheme, e.g. https://<account id>.r2.cloudflarestorage.com"
         )
     name = env["BUCKET_NAME"].strip()
-    if not _BUCKET_NAME.fullmatch(name):
+    # What botocore sends (a name or an access-point ARN); anything else fails every upload after the
+    # work. Imported here: only a worker with a bucket loads botocore.
+    from botocore.handlers import VALID_BUCKET, VALID_S3_ARN
+
+    if not (VALID_BUCKET.search(name) or VALID_S3_ARN.search(name)):
         raise ConfigError(
             f"BUCKET_NAME={name!r} is not a bucket name (letters, digits, '.', '-', '_'); set it to the bucket "
             "alone, e.g. videos, and put a folder inside it in BUCKET_PREFIX"

@@ -163,7 +163,10 @@ def _get(url: str, deadline: _Deadline) -> tuple[http.client.HTTPConnection, htt
     connection = connection_class(host, port, address, timeout=deadline.remaining())
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     # As browsers do: characters HTTP cannot carry (non-ASCII, spaces) are sent percent-encoded.
-    target = quote(target, safe="".join(map(chr, range(0x21, 0x7F))), errors="surrogateescape")
+    try:
+        target = quote(target, safe="".join(map(chr, range(0x21, 0x7F))), errors="surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"), which JSON allows
+        raise InputError("image URL is not a valid URL (a character has no UTF-8 form)") from None
     # The socket timeout bounds each read, not the whole response: a server sending a header byte
     # at a time would hold the worker for hours. At the deadline the socket is shut down.
     watchdog = threading.Timer(deadline.remaining(), connection.abort)
@@ -200,14 +203,15 @@ def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return _is_public(ip.ipv4_mapped)
-        if not all(_is_public(inner) for inner in _tunnelled_ipv4(ip)):
+        if ip in _LOCAL_NAT64 or not all(_is_public(inner) for inner in _tunnelled_ipv4(ip)):
             return False
     return ip.is_global and not ip.is_multicast
 
 
-# IPv6 ranges whose last 32 bits name the IPv4 host reached: NAT64 (RFC 6052, RFC 8215) and the
-# deprecated IPv4-compatible form.
-_IPV4_SUFFIXED = tuple(map(ipaddress.IPv6Network, ("64:ff9b::/96", "64:ff9b:1::/48", "::/96")))
+# IPv6 ranges whose last 32 bits name the IPv4 host reached: well-known NAT64 (RFC 6052) and the
+# deprecated IPv4-compatible form. Local-use NAT64 (RFC 8215) reaches a local network by definition.
+_IPV4_SUFFIXED = tuple(map(ipaddress.IPv6Network, ("64:ff9b::/96", "::/96")))
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
 def _tunnelled_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
