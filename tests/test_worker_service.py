@@ -24,6 +24,7 @@ from s3_server import dead_endpoint, loopback_s3
 from test_inputs import bomb_png
 
 from turbovideo.catalog import MODELS
+from turbovideo.parallel import ParallelError
 from turbovideo.pipeline import VideoPipeline
 from turbovideo.worker import inputs, service
 from turbovideo.worker.config import BucketConfig, load_config
@@ -471,3 +472,14 @@ def test_a_failed_warm_up_is_logged_and_the_worker_still_serves(tmp_path, caplog
     assert "warm-up of tiny-t2v failed (FileNotFoundError" in caplog.text
     answer = service.handle({"id": "after-warm-up", "input": {"prompt": "a red fox", **FAST}})
     assert "error" not in answer and read_video(answer["video_path"])[0] == 5
+
+
+def test_a_warm_up_that_breaks_the_multi_gpu_group_fails_the_start(tmp_path, monkeypatch):
+    # A follower out of memory in the warm-up leaves the group broken for every job: the start's
+    # answer (describe_startup_error) says what to change instead of jobs asking for replacements.
+    def broken_group(self):
+        raise ParallelError("GPU rank 1 failed: OutOfMemoryError: CUDA out of memory")
+
+    monkeypatch.setattr(VideoPipeline, "warm_up", broken_group)
+    with pytest.raises(ParallelError, match="out of memory"):
+        _started(tmp_path, WARMUP="1")

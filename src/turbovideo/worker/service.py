@@ -215,10 +215,13 @@ def _spread_over_gpus(pipelines: Iterable[VideoPipeline], sp_degree: int | None)
 
 def _warm_up(pipeline: VideoPipeline) -> None:
     """One throwaway generation, so the first job runs at warm speed. A failure is logged, not fatal:
-    the jobs then answer for whatever is wrong (E_OOM, E_CUDA) as they would without a warm-up."""
+    the jobs then answer for whatever is wrong (E_OOM, E_CUDA) as they would without a warm-up. Only a
+    broken multi-GPU group fails the start: no job could run, and the start's answer says what to change."""
     name = pipeline.spec.name
     try:
         seconds = pipeline.warm_up()
+    except ParallelError:
+        raise
     except Exception as exc:
         logger.warning(
             "warm-up of %s failed (%s: %s); its first job pays for loading kernels instead",
