@@ -77,7 +77,7 @@ class VideoService:
             variant = "" if spec.is_random else f" ({'quant' if quantized else 'bf16'} checkpoints)"
             logger.info("loaded %s%s", spec.name, variant)
         _spread_over_gpus(pipelines.values(), config.sp_degree)
-        if torch.cuda.is_available() if config.warm_up is None else config.warm_up:
+        if config.warm_up or (config.warm_up is None and torch.cuda.is_available()):
             for pipeline in pipelines.values():
                 _warm_up(pipeline)
         if config.bucket is not None:
