@@ -23,6 +23,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     would clip at 255 (a mostly white frame): its values are scaled to 8 bits first. That covers mode
     ``I;16*`` and a 32-bit ``I`` image holding values above 255 (older Pillows open 16-bit PNGs so); an
     ``I`` image within 0-255 is plain 8-bit data. Alpha is dropped."""
+    if image.mode == "RGB":  # already decoded so by the worker: no copy
+        return image
     if image.mode.startswith("I;16"):
         values = np.asarray(image).astype(np.uint16) >> 8
     elif image.mode == "I" and image.getextrema()[1] > 255:

@@ -373,15 +373,16 @@ class VideoPipeline:
         width, height = frame_size(request, self.spec)
         sizes = {name: slot.nbytes for name, slot in self._slots.items()}
         stages = self._stages(request, width, height)
-        placement = plan(self._budget(), sizes, stages, self._offload_order)
+        budget = self._budget()
+        placement = plan(budget, sizes, stages, self._offload_order)
         own = {id(slot) for slot in self._slots.values()}
         others = [slot for slot in slots_on(self.device) if id(slot) not in own]
         if not placement.fits and others:
             # Other served models' idle weights go to host memory (each brings its own back when it runs).
             for slot in others:
                 slot.to_host()
-            placement = plan(self._budget(), sizes, stages, self._offload_order)
-        budget = self._budget()
+            budget = self._budget()
+            placement = plan(budget, sizes, stages, self._offload_order)
         if not placement.fits:
             log.warning(
                 "the request needs about %.1f GiB of GPU memory but %.1f GiB are usable; trying anyway",

@@ -78,7 +78,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         on_runpod=on_runpod,
         report_progress=bool(env.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
         sp_degree=_sp_degree(env.get("SP_DEGREE", "")),
-        warm_up=_warm_up(env.get("WARMUP", "")),
+        warm_up=_warm_up_choice(env.get("WARMUP", "")),
     )
 
 
@@ -169,7 +169,7 @@ def _sp_degree(value: str) -> int | None:
     return int(text)
 
 
-def _warm_up(value: str) -> bool | None:
+def _warm_up_choice(value: str) -> bool | None:
     choice = value.strip().lower()
     if choice in ("", "auto"):
         return None
