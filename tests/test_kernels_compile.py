@@ -214,23 +214,27 @@ def _compile_report() -> list[dict]:
     for gpu in gpus:
         for dim, affine, stats_only in ((1536, True, False), (5120, False, True)):
             rows, chunk = norms._row_pass_shape(dim)
-            constexprs = dict(RESIDUAL=True, HAS_GATE=affine, AFFINE=affine, MODULATE=not affine)
+            constexprs = dict(
+                RESIDUAL=True, HAS_GATE=affine, AFFINE=affine, MODULATE=not affine, SHARED_MOD=True
+            )
             constexprs.update(STATS_ONLY=stats_only, BLOCK_ROWS=rows, CHUNK=chunk)
             report.append(
                 _compile(
                     norms._layer_norm_kernel, norm_types, constexprs, norms._ROW_WARPS, 3, arch=gpu.capability
                 )
             )
-        report.append(
-            _compile(
-                norms._quantize_normed_kernel,
-                {**norm_types, "out_ptr": "*i8"},
-                dict(AFFINE=False, MODULATE=True, BLOCK=128),
-                norms._TILE_WARPS,
-                3,
-                arch=gpu.capability,
+        for shared_mod, warps in ((True, norms._TILE_WARPS), (False, norms._TILE_WARPS_GATHERED)):
+            report.append(
+                _compile(
+                    norms._quantize_normed_kernel,
+                    {**norm_types, "out_ptr": "*i8"},
+                    dict(AFFINE=False, MODULATE=True, SHARED_MOD=shared_mod, BLOCK=128),
+                    warps,
+                    3,
+                    arch=gpu.capability,
+                    divisible=("D",),  # every Wan width is a multiple of 16: loads vectorize
+                )
             )
-        )
     # RMSNorm + RoPE of q and k at both widths (14B's in chunks), and cross-attention's RMSNorm at 14B's.
     rope_types = dict(
         x_ptr=bf16, out_ptr=bf16, weight_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", eps="fp32"
@@ -264,7 +268,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 45
+    assert len(report) == 48
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %
