@@ -172,6 +172,19 @@ def test_every_resolved_address_is_checked(monkeypatch):
         inputs.fetch_url("http://images.example.test/a.png")
 
 
+def test_a_hanging_name_lookup_cannot_outlast_the_fetch_limit(monkeypatch):
+    # The resolver's own timeouts (5 s per try and server in glibc) can add up past the documented limit.
+    release = threading.Event()
+    monkeypatch.setattr(inputs.socket, "getaddrinfo", lambda *a, **k: release.wait(30) and [])
+    started = time.monotonic()
+    try:
+        with pytest.raises(InputError, match="longer than 0.5 s"):
+            inputs.fetch_url("http://slow-dns.example.test/a.png", timeout_s=0.5)
+        assert time.monotonic() - started < 1.5
+    finally:
+        release.set()
+
+
 def test_unresolvable_host_is_an_input_error():
     with pytest.raises(InputError, match="does not resolve"):
         inputs.fetch_url("http://no-such-host.invalid/a.png")

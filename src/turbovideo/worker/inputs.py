@@ -158,7 +158,7 @@ def _get(url: str, deadline: _Deadline) -> tuple[http.client.HTTPConnection, htt
         port = parts.port or (443 if scheme == "https" else 80)
     except ValueError:
         raise InputError("image URL has an invalid port") from None
-    address = _public_address(host, port)
+    address = _public_address(host, port, deadline)
     connection_class = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
     connection = connection_class(host, port, address, timeout=deadline.remaining())
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -182,13 +182,9 @@ def _get(url: str, deadline: _Deadline) -> tuple[http.client.HTTPConnection, htt
         raise InputError(f"image URL could not be fetched from {host} ({_reason(exc)})") from None
 
 
-def _public_address(host: str, port: int) -> str:
+def _public_address(host: str, port: int, deadline: _Deadline) -> str:
     """Resolve ``host`` and return an address to connect to, refusing any non-public address."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        raise InputError(f"image URL host {host!r} does not resolve") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    addresses = list(dict.fromkeys(info[4][0] for info in _resolve(host, port, deadline)))
     if f"{host}:{port}" not in ALLOWED_PRIVATE_NETLOCS:
         for address in addresses:
             if not _is_public(ipaddress.ip_address(address.split("%", 1)[0])):
@@ -197,6 +193,28 @@ def _public_address(host: str, port: int) -> str:
                     "only public http(s) URLs are fetched"
                 )
     return addresses[0]
+
+
+def _resolve(host: str, port: int, deadline: _Deadline) -> list[tuple]:
+    """``getaddrinfo`` within the fetch's deadline. A lookup cannot be cancelled, and the resolver's
+    own timeouts (5 s per try and name server with glibc) add up past it, so it runs on a daemon
+    thread that is left behind when the deadline passes."""
+    answer: dict[str, list | None] = {}
+
+    def lookup() -> None:
+        try:
+            answer["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            answer["infos"] = None
+
+    thread = threading.Thread(target=lookup, name="image-url-lookup", daemon=True)
+    thread.start()
+    thread.join(deadline.remaining())
+    if "infos" not in answer:
+        raise InputError(f"image URL took longer than {deadline.limit_s:g} s to download")
+    if not answer["infos"]:
+        raise InputError(f"image URL host {host!r} does not resolve")
+    return answer["infos"]
 
 
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
