@@ -161,3 +161,21 @@ def test_one_redacting_handler_prints_each_line(monkeypatch, capfd):
     logging.getLogger("turbovideo.test").warning("token hf_SECRETTOKEN123")
     err = capfd.readouterr().err
     assert err.count("token ***") == 1 and "hf_SECRETTOKEN123" not in err
+
+
+@pytest.mark.parametrize("value", ["10s", "", "60.0"])
+def test_a_hub_timeout_huggingface_hub_cannot_read_is_answered_not_a_crash(tmp_path, value):
+    # huggingface_hub int()s these at import; the worker imports it before load_config. Fresh process:
+    # this one has imported huggingface_hub already.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from turbovideo.worker.startup import create_handler\n"
+        "print(create_handler()({'id': 'j', 'input': {'prompt': 'a'}})['error'])"
+    )
+    env = {**os.environ, "HF_HUB_DOWNLOAD_TIMEOUT": value, "CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().startswith(f"E_STARTUP: HF_HUB_DOWNLOAD_TIMEOUT={value!r} is not valid")

@@ -60,6 +60,7 @@ def is_on_runpod(env: Mapping[str, str]) -> bool:
 def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     """Read and check every worker variable; raises ``ConfigError`` naming the variable to fix."""
     env = os.environ if env is None else env
+    _check_hub_timeouts(env)
     on_runpod = is_on_runpod(env)
     cache_dir = Path(env["CACHE_DIR"]).expanduser() if env.get("CACHE_DIR") else default_cache_dir()
     bucket = _bucket(env)
@@ -80,6 +81,21 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         sp_degree=_sp_degree(env.get("SP_DEGREE", "")),
         warm_up=_warm_up_choice(env.get("WARMUP", "")),
     )
+
+
+def _check_hub_timeouts(env: Mapping[str, str]) -> None:
+    """huggingface_hub reads these with ``int()`` when it is imported: any other value (even an empty
+    one) would stop the worker with a traceback before it could answer a job."""
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        value = env.get(name)
+        if value is None:
+            continue
+        try:
+            int(value)
+        except ValueError:
+            raise ConfigError(
+                f"{name}={value!r} is not valid; set it to a whole number of seconds (e.g. 60) or unset it"
+            ) from None
 
 
 def _check_output_dir(path: Path) -> None:

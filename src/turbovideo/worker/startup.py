@@ -178,7 +178,10 @@ def configure_logging(secrets: list[str]) -> None:
     when imported (``rp_upload``) and huggingface_hub puts one on its logger at import. Each would print
     every line a second time, unredacted (signed CDN URLs included), so they go.
     """
-    import huggingface_hub.utils.logging  # noqa: F401  (so its handler exists now and can go)
+    try:
+        import huggingface_hub.utils.logging  # noqa: F401  (so its handler exists now and can go)
+    except Exception:  # e.g. a HF_HUB_* value it cannot parse at import: load_config names it
+        pass
 
     root = logging.getLogger()
     for logger_ in (root, logging.getLogger("huggingface_hub")):
