@@ -443,3 +443,22 @@ def test_a_cached_file_that_fails_to_load_is_checked_against_its_sha256(hub, tmp
         assert answer["error"].endswith("(offline mode, HF_HUB_OFFLINE, forbids downloading it again)")
     else:  # the fake files are not checkpoints, but exactly as the Hub serves them
         assert "downloading it again would not help" in answer["error"]
+
+
+@pytest.mark.parametrize("endpoint", ["huggingface.co", "htps://huggingface.co"])
+def test_an_hf_endpoint_without_http_is_a_setting_not_an_outage(tmp_path, endpoint):
+    with pytest.raises(CheckpointDownloadError) as info:
+        ensure_checkpoints(SPEC, False, tmp_path, endpoint=endpoint)
+    assert not info.value.transient and not info.value.retry  # a replacement worker fails the same way
+
+
+def test_huggingface_hubs_own_offline_switch_is_honoured(tmp_path, monkeypatch):
+    # huggingface_hub also goes offline on TRANSFORMERS_OFFLINE (read when it is imported).
+    assert checkpoints.hub_offline({"TRANSFORMERS_OFFLINE": "1"})
+    assert not checkpoints.hub_offline({"TRANSFORMERS_OFFLINE": "1", "HF_HUB_OFFLINE": "0"})
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointDownloadError) as info:
+        ensure_checkpoints(SPEC, False, tmp_path, endpoint="http://127.0.0.1:9", offline=False)
+    assert not info.value.transient

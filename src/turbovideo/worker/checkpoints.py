@@ -154,9 +154,11 @@ def _partial_bytes(target: Path) -> int:
 
 
 def hub_offline(env: Mapping[str, str] | None = None) -> bool:
-    """Whether ``HF_HUB_OFFLINE`` (in ``env``, default the process environment) forbids downloads."""
+    """Whether ``HF_HUB_OFFLINE`` (in ``env``, default the process environment) forbids downloads; unset
+    or empty, ``TRANSFORMERS_OFFLINE`` decides, as it does for huggingface_hub itself."""
     env = os.environ if env is None else env
-    return env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    value = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _offline(offline: bool | None) -> bool:

@@ -98,6 +98,9 @@ def _is_a_setting(e: BaseException) -> bool:
             return True
         if isinstance(seen, socket.gaierror) and seen.errno != socket.EAI_AGAIN:
             return True
+        # HF_ENDPOINT without http(s)://, or huggingface_hub's own offline switch: nothing a new worker fixes.
+        if type(seen).__name__ in ("UnsupportedProtocol", "InvalidURL", "OfflineModeIsEnabled"):
+            return True
         # httpx's and httpcore's ProxyError carry the proxy's status line, e.g. "407 Proxy Authentication…".
         if type(seen).__name__ == "ProxyError" and str(seen).lstrip().startswith("4"):
             return True
