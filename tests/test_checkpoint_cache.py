@@ -19,7 +19,7 @@ import pytest
 from hub_server import HubServer, Served, read_only_dir
 
 from turbovideo.catalog import MODELS, HubFile, ModelSpec
-from turbovideo.worker import checkpoints, hub_transfer
+from turbovideo.worker import checkpoints, hub_transfer, locking
 from turbovideo.worker.checkpoints import CheckpointDownloadError, default_cache_dir, ensure_checkpoints
 from turbovideo.worker.locking import VolumeLock
 
@@ -310,7 +310,8 @@ def test_two_processes_at_once_download_each_file_once(hub, tmp_path):
     assert waited or shared
 
 
-def test_stale_lock_of_a_vanished_worker_is_broken(hub, tmp_path):
+def test_stale_lock_of_a_vanished_worker_is_broken(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(locking, "STALE_AFTER_S", 1.0)  # its silence is still watched for half of it
     lock = target(tmp_path, DIT).with_name(f".{DIT.filename}.lock")
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"host": "gone-pod", "pid_namespace": "pid:[1]", "pid": 7, "token": "t"}))
@@ -373,7 +374,7 @@ def test_file_larger_than_the_free_space_is_a_clear_error(tmp_path):
 _FULL_DISK_CHILD = """
 import resource, signal, sys
 from pathlib import Path
-from turbovideo.worker import checkpoints, hub_transfer
+from turbovideo.worker import checkpoints, hub_transfer, locking
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
 try:

@@ -102,3 +102,31 @@ def test_a_new_owners_record_still_being_written_is_a_takeover(tmp_path):
     assert not lock.confirm()
     lock.release()
     assert path.exists()  # not ours to remove
+
+
+def test_a_live_heartbeat_stamped_by_a_clock_behind_ours_is_not_broken(tmp_path, monkeypatch):
+    # The file server (or the holder) stamps mtimes 10 min behind the waiter's clock: every stamp looks
+    # old, but the heartbeat keeps moving, so its owner is alive.
+    from turbovideo.worker import locking
+
+    path = tmp_path / "x.lock"
+    holder = VolumeLock(path, stale_after=0.8)  # beats every 0.2 s
+    assert holder.try_acquire()
+
+    class Ahead:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def time(self):
+            return time.time() + 600
+
+    monkeypatch.setattr(locking, "time", Ahead())
+    waiter = VolumeLock(path, stale_after=0.8)
+    deadline = time.monotonic() + 2.5  # three times the stale timeout
+    try:
+        while time.monotonic() < deadline:
+            assert not waiter.try_acquire(), "a live lock was broken"
+            time.sleep(0.05)
+        assert holder.held
+    finally:
+        holder.release()

@@ -60,9 +60,9 @@ def read_owner(path: Path) -> dict | None:
 class VolumeLock:
     """One lock file. ``try_acquire`` never blocks; the caller decides how to wait."""
 
-    def __init__(self, path: Path, *, stale_after: float = STALE_AFTER_S) -> None:
+    def __init__(self, path: Path, *, stale_after: float | None = None) -> None:
         self.path = path
-        self.stale_after = stale_after
+        self.stale_after = STALE_AFTER_S if stale_after is None else stale_after
         self._token: str | None = None
         self._lost = threading.Event()
         self._stop = threading.Event()
@@ -177,22 +177,25 @@ class VolumeLock:
                 and owner.get("token") not in _HELD_TOKENS
             ):
                 return True
-        if time.time() - mtime_ns / 1e9 > self.stale_after:
-            return True
         seen = ((owner or {}).get("token"), mtime_ns)
         now = time.monotonic()
         if self._observed is None or self._observed[0] != seen:
             self._observed = (seen, now)
             return False
-        return now - self._observed[1] > self.stale_after
+        silent_for = now - self._observed[1]
+        # An old mtime alone proves nothing: the clock that stamped it (the file server's, or the holder's)
+        # may run minutes behind ours. It only shortens the wait once we saw the heartbeat miss two beats.
+        if time.time() - mtime_ns / 1e9 > self.stale_after and silent_for > self.stale_after / 2:
+            return True
+        return silent_for > self.stale_after
 
     def _break_if_stale(self) -> bool:
         """Move a stale lock out of the way. True when the path is free to be created again."""
+        owner = read_owner(self.path)  # opened first: on NFS an open revalidates the cached mtime
         try:
             mtime_ns = self.path.stat().st_mtime_ns
         except FileNotFoundError:
             return True
-        owner = read_owner(self.path)
         if not self._is_stale(owner, mtime_ns):
             return False
         graveyard = self.path.with_name(f"{self.path.name}.stale-{secrets.token_hex(4)}")
