@@ -463,3 +463,31 @@ def test_huggingface_hubs_own_offline_switch_is_honoured(tmp_path, monkeypatch):
     with pytest.raises(CheckpointDownloadError) as info:
         ensure_checkpoints(SPEC, False, tmp_path, endpoint="http://127.0.0.1:9", offline=False)
     assert not info.value.transient
+
+
+def test_an_io_error_reading_an_intact_cached_file_asks_for_a_fresh_worker(hub, tmp_path, monkeypatch):
+    # The network volume fails one read (EIO) while a worker loads its checkpoints. The file is fine.
+    import builtins
+    import errno
+
+    from turbovideo.models.checkpoint import CheckpointError, read_state_dict
+    from turbovideo.worker.config import load_config
+    from turbovideo.worker.startup import _heal_or_describe
+
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    real_open = builtins.open
+
+    def flaky_open(file, *args, **kwargs):
+        if str(file).endswith(DIT.filename):
+            raise OSError(errno.EIO, "Input/output error", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", flaky_open)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(model_dir / DIT.filename)
+    monkeypatch.setattr(builtins, "open", real_open)
+    config = load_config({"MODELS": SPEC.name, "CACHE_DIR": str(tmp_path), "HF_ENDPOINT": hub.endpoint})
+    failure = _heal_or_describe(info.value, config)
+    assert failure.refresh, failure.message  # a fresh worker reads it fine; this one must not eat every job
+    assert "worker version" not in failure.message
+    assert target(tmp_path, DIT).exists() and marker(tmp_path, DIT).exists()  # nothing removed

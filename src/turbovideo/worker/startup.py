@@ -78,6 +78,12 @@ def _heal_or_describe(exc: BaseException, config: WorkerConfig | None) -> Startu
     intact = verify_cached(config.cache_dir, exc.path, discard=not config.offline)
     if intact is None:
         return describe_startup_error(exc)
+    if intact and _read_failed(exc):
+        return StartupFailure(
+            f"{error}; the file still has the sha256 it was downloaded with, so reading it failed on the "
+            "volume (an I/O error): the worker asks to be replaced",
+            refresh=True,
+        )
     if intact:
         return StartupFailure(
             f"{error}; the file still has the sha256 it was downloaded with, so downloading it again would "
@@ -93,6 +99,16 @@ def _heal_or_describe(exc: BaseException, config: WorkerConfig | None) -> Startu
         "removed and the worker asks to be replaced (the replacement downloads it again)",
         refresh=True,
     )
+
+
+def _read_failed(exc: BaseException) -> bool:
+    """Whether the file system failed (EIO, ESTALE, a timeout) under the load, not the bytes."""
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def secret_values(env: Mapping[str, str]) -> list[str]:
