@@ -166,3 +166,10 @@ def test_an_output_dir_behind_a_broken_link_is_a_config_error(tmp_path):
     (tmp_path / "out").symlink_to(tmp_path / "gone")
     with pytest.raises(ConfigError, match=r"^OUTPUT_DIR=.* cannot be a directory: .*/out is a broken link"):
         load_config({"OUTPUT_DIR": str(tmp_path / "out" / "videos"), "CACHE_DIR": "/tmp/c"})
+
+
+def test_cache_and_output_dirs_are_trimmed_like_every_other_setting(tmp_path):
+    # A value pasted with a trailing newline or space must not become a second, empty cache on the volume.
+    config = load_config({"CACHE_DIR": f" {tmp_path}/cache\n", "OUTPUT_DIR": f"{tmp_path}/out "})
+    assert config.cache_dir == tmp_path / "cache"
+    assert config.output_dir == tmp_path / "out"

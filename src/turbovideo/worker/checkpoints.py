@@ -60,8 +60,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def default_cache_dir() -> Path:
     """``CACHE_DIR``, else the network volume when one is mounted, else the user's cache."""
-    if os.environ.get("CACHE_DIR"):
-        return Path(os.environ["CACHE_DIR"]).expanduser()
+    if os.environ.get("CACHE_DIR", "").strip():
+        return Path(os.environ["CACHE_DIR"].strip()).expanduser()
     if RUNPOD_VOLUME.is_dir():
         return RUNPOD_VOLUME / "turbovideo"
     return Path.home() / ".cache" / "turbovideo"
