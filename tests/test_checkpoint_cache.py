@@ -451,6 +451,7 @@ def test_an_hf_endpoint_without_http_is_a_setting_not_an_outage(tmp_path, endpoi
     with pytest.raises(CheckpointDownloadError) as info:
         ensure_checkpoints(SPEC, False, tmp_path, endpoint=endpoint)
     assert not info.value.transient and not info.value.retry  # a replacement worker fails the same way
+    assert "HF_ENDPOINT" in str(info.value)
 
 
 def test_huggingface_hubs_own_offline_switch_is_honoured(tmp_path, monkeypatch):

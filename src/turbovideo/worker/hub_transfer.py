@@ -73,8 +73,8 @@ def locate(
         raise _hub_error(e, name) from e
     except Exception as e:  # network layer: DNS, refused, timeout, TLS
         raise CheckpointDownloadError(
-            f"could not reach {host} to fetch {name} ({_first_line(e)}); check the network, or pre-seed "
-            "the cache and set HF_HUB_OFFLINE=1",
+            f"could not reach {host or repr(url)} to fetch {name} ({_first_line(e)}); check HF_ENDPOINT "
+            "(a full http(s):// URL) and the network, or pre-seed the cache and set HF_HUB_OFFLINE=1",
             transient=not _is_a_setting(e),
         ) from e
     if meta.etag is None:
