@@ -88,6 +88,19 @@ def test_a_chunk_of_the_wrong_size_is_refused_and_the_stream_still_closes(tmp_pa
     assert len(_read(tmp_path / "clip.mp4")[1]) == 2
 
 
+def test_an_encoder_that_cannot_write_its_file_is_an_error(tmp_path):
+    # A full disk: every write fails with ENOSPC, after ffmpeg took all the frames.
+    path = tmp_path / "full.mp4"
+    path.symlink_to("/dev/full")
+    with pytest.raises(OSError, match="ffmpeg could not finish"):
+        write_mp4(_clip(5), path, fps=16)
+
+
+def test_an_output_ffmpeg_cannot_open_is_an_error(tmp_path):
+    with pytest.raises(OSError, match="ffmpeg could not write .*No such file"):
+        write_mp4(_clip(5), tmp_path / "missing" / "clip.mp4", fps=16)
+
+
 def test_odd_sizes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="even"):
         write_mp4(np.zeros((1, 15, 16, 3), np.uint8), tmp_path / "odd.mp4", fps=16)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -102,12 +104,35 @@ class Mp4Stream:
                     self._writer.send(np.ascontiguousarray(frame))
             finished = True
             self._writer.close()
+            check_finished(self.path)
         except BaseException as exc:  # surfaced by close() on the caller's thread
             self._error = exc
             with contextlib.suppress(BaseException):
                 self._writer.close()  # stops ffmpeg
             while not finished and self._chunks.get() is not None:  # drain so close() never blocks
                 pass
+
+
+def check_finished(path: Path) -> None:
+    """Raise OSError unless ``path`` is an mp4 with its index ("moov") ahead of the media data.
+
+    imageio-ffmpeg does not read ffmpeg's exit status, so an encoder that could not open its output
+    or write the trailer (a full disk) ends quietly, leaving no file or one without an index, which no
+    player opens. +faststart moves the index to the front when the file is finished, so a look at
+    the top-level boxes tells.
+    """
+    try:
+        with path.open("rb") as file:
+            while len(header := file.read(8)) == 8:
+                size, kind = struct.unpack(">I4s", header)
+                if kind == b"moov":
+                    return
+                if kind == b"mdat" or size < 8:  # media data first, or a box running to the end
+                    break
+                file.seek(size - 8, os.SEEK_CUR)
+    except OSError as exc:
+        raise OSError(f"ffmpeg could not write {path} ({exc.strerror or exc})") from None
+    raise OSError(f"ffmpeg could not finish {path}: it has no index (is the disk full?)")
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
