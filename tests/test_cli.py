@@ -108,6 +108,8 @@ def test_image_selects_tiny_i2v_and_samples_get_numbered_files(tmp_path, capsys)
         (["--model", "tiny-i2v"], "task 'i2v' needs an input image"),
         (["--attention_type", "flash"], "attention must be one of"),
         (["--resolution", "720p"], "resolution must be one of tiny for model tiny-t2v"),
+        (["--out", "__tmp__/fox.gif"], "--out must name an .mp4 file"),
+        (["--checkpoint_dir", "ckpt/models/x"], "--checkpoint_dir is for the published models; tiny-t2v"),
     ],
 )
 def test_bad_values_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
@@ -115,6 +117,7 @@ def test_bad_values_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
         big = tmp_path.parent / f"{tmp_path.name}-big.png"
         Image.new("L", (8000, 8000)).save(big)
         argv = [str(big) if a == "__big__" else a for a in argv]
+    argv = [a.replace("__tmp__", str(tmp_path)) for a in argv]
     with pytest.raises(SystemExit) as exited:
         main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.mp4"), *argv])
     assert exited.value.code == 2
@@ -155,3 +158,52 @@ def test_an_image_is_used_upright_by_its_exif_orientation(tmp_path, capsys):
     meta, _ = _frames(str(out))
     width, height = meta["size"]
     assert height > width
+
+
+def test_an_out_name_too_long_for_the_file_system_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--out", str(tmp_path / ("a" * 300 + ".mp4"))])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("turbovideo: --out ") and err.count("\n") == 1
+
+
+def test_an_unwritable_out_folder_fails_before_the_models_load(tmp_path, capsys, monkeypatch):
+    from turbovideo.pipeline import VideoPipeline
+
+    def load(*args, **kwargs):
+        raise AssertionError("loaded the models for an --out that cannot be written")
+
+    monkeypatch.setattr(VideoPipeline, "load", load)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--out", str(tmp_path / "file" / "x.mp4")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith(f"turbovideo: cannot write --out {tmp_path / 'file' / 'x.mp4'}")
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (KeyboardInterrupt(), 130, "turbovideo: interrupted"),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), 1, "CUDA out of memory"),
+    ],
+)
+def test_interrupts_and_runtime_failures_are_one_line(tmp_path, capsys, monkeypatch, error, code, message):
+    from turbovideo.pipeline import VideoPipeline
+
+    def generate(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(VideoPipeline, "generate", generate)
+    try:
+        main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.mp4")])
+    except SystemExit as exited:
+        assert exited.code == code
+    except BaseException as escaped:  # a KeyboardInterrupt escaping would stop the whole test run
+        pytest.fail(f"{type(escaped).__name__} escaped main() as a traceback")
+    else:
+        pytest.fail("main() returned")
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())

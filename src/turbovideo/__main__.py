@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -70,13 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return _generate(args)
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return _generate(args)
+    except KeyboardInterrupt:
+        _fail("turbovideo: interrupted; no video was written", 130)
 
 
 def _generate(args: argparse.Namespace) -> int:
     spec = _spec(args.model, with_image=args.image is not None)
+    if spec.is_random and args.checkpoint_dir is not None:
+        _fail(
+            f"turbovideo: --checkpoint_dir is for the published models; {spec.name} has seeded random "
+            f"weights (--model defaults to tiny): name the model, e.g. --model {next(iter(MODELS))}",
+            USAGE_ERROR,
+        )
     if not spec.is_random and args.checkpoint_dir is None:
         variant = "quant" if args.quant else "bf16"
         _fail(
@@ -86,11 +94,17 @@ def _generate(args: argparse.Namespace) -> int:
             USAGE_ERROR,
         )
     out = Path(args.out)
-    if out.is_dir() or os.path.basename(args.out) in ("", ".", ".."):  # "new/" or "new/.": a folder
+    try:
+        is_dir = out.is_dir()
+    except OSError as err:  # e.g. a name longer than the file system takes
+        _fail(f"turbovideo: --out {out}: {err.strerror}", USAGE_ERROR)
+    if is_dir or os.path.basename(args.out) in ("", ".", ".."):  # "new/" or "new/.": a folder
         _fail(
             f"turbovideo: --out {out} is a directory; name the video file, e.g. {out / 'video.mp4'}",
             USAGE_ERROR,
         )
+    if out.suffix.lower() != ".mp4":  # the file is H.264 in MP4 whatever it is named
+        _fail(f"turbovideo: --out must name an .mp4 file (the video is H.264 MP4), got {out}", USAGE_ERROR)
     # Heavy imports (torch, the models) only once the command line is known to be usable.
     from turbovideo.models import CheckpointError
     from turbovideo.pipeline import GenerationRequest, VideoPipeline
@@ -116,19 +130,25 @@ def _generate(args: argparse.Namespace) -> int:
     )
     try:
         check_request(request, spec)
-        pipe = VideoPipeline.load(
-            spec, args.checkpoint_dir, quantized=args.quant, attention=request.attention
-        )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".turbovideo-") as scratch:
+        try:  # before loading: a folder that cannot take the video fails in a second, not after minutes
+            out.parent.mkdir(parents=True, exist_ok=True)
+            scratch_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=".turbovideo-")
+        except OSError as err:
+            _fail(f"turbovideo: cannot write --out {out}: {err.strerror or err}", USAGE_ERROR)
+        with scratch_dir as scratch:
+            pipe = VideoPipeline.load(
+                spec, args.checkpoint_dir, quantized=args.quant, attention=request.attention
+            )
             result = pipe.generate(request, Path(scratch), ProgressBar(sys.stderr))
             targets = _targets(out, len(result.videos))
             for video, target in zip(result.videos, targets, strict=True):
-                shutil.move(video, target)
+                os.replace(video, target)  # same folder; refuses a directory instead of filling it
     except InputError as err:
         _fail(f"turbovideo: {err}", USAGE_ERROR)
     except (CheckpointError, OSError) as err:
         _fail(f"turbovideo: {err}", RUN_ERROR)
+    except (RuntimeError, MemoryError) as err:  # torch's out-of-memory and CUDA errors among them
+        _fail(f"turbovideo: generation failed ({type(err).__name__}): {str(err).strip()}", RUN_ERROR)
     timings = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items())
     print(
         f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
