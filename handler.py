@@ -9,13 +9,15 @@ random-weight models run on the CPU, so a fresh checkout works end to end.
 """
 
 import os
+import sys
 
 # The SDK logs every handler output at DEBUG, presigned URLs included; INFO unless asked otherwise.
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
 import runpod  # noqa: E402
 
-from turbovideo.worker.startup import create_handler  # noqa: E402
+from turbovideo.worker.startup import check_test_input, create_handler  # noqa: E402
 
 if __name__ == "__main__":
+    check_test_input(sys.argv[1:])
     runpod.serverless.start({"handler": create_handler()})

@@ -99,6 +99,22 @@ def test_test_input_with_a_failed_start_prints_the_error_and_exits_1(tmp_path):
     assert "E_STARTUP: MODELS='wan-9000' is not valid" in run.stdout
 
 
+@pytest.mark.parametrize("job", ["not json", '"a red fox"', "{}", "[]"])
+def test_a_malformed_test_input_is_one_line_before_any_model_loads(tmp_path, job):
+    # MODELS names a checkpoint that is not there: reaching the start would fail differently.
+    run = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", job],
+        cwd=REPO,
+        env=worker_env(tmp_path, MODELS="TurboWan2.1-T2V-1.3B-480P", HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert run.stderr.startswith("--test_input ") and run.stderr.count("\n") == 1, run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+
+
 def test_test_input_json_is_a_valid_request():
     from turbovideo.worker.schema import parse_request
 

@@ -11,6 +11,7 @@ replacement starts again, resuming any partial download.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -66,6 +67,26 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
         return failed_start_handler(failure)
     logger.info("worker ready: serving %s", ", ".join(service.pipelines))
     return service.handle
+
+
+def check_test_input(argv: list[str]) -> None:
+    """Exit with one line for a ``--test_input`` the SDK would only meet after the models load, and
+    then with a traceback (not JSON, not an object) or by quietly running test_input.json ({}, [])."""
+    for i, arg in enumerate(argv):
+        if arg == "--test_input" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--test_input="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        try:
+            job = json.loads(value)
+        except ValueError as e:
+            sys.exit(f"--test_input is not valid JSON ({e})")
+        if not isinstance(job, dict) or "input" not in job:
+            sys.exit(
+                '--test_input must be a JSON object with an "input" field: {"input": {"prompt": "a fox"}}'
+            )
 
 
 def _heal_or_describe(exc: BaseException, config: WorkerConfig | None) -> StartupFailure:
