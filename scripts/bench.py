@@ -200,7 +200,7 @@ def main() -> int:
     args = parser.parse_args()
 
     names = list(DEFAULT_SET) if args.model == "all" else [args.model]
-    device = benchmark_device("bench.py", args.device, cpu_smoke=True)
+    device = benchmark_device("bench.py", args.device, cpu_smoke=True, out=args.out)
     report = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"

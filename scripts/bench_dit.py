@@ -93,7 +93,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    device = benchmark_device("bench_dit.py", args.device, cpu_smoke=True)
+    device = benchmark_device("bench_dit.py", args.device, cpu_smoke=True, out=args.out)
     # The fp32 reference must really be fp32.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--no-sweep", action="store_true", help="skip the sparse-kernel launch-config sweep")
     args = parser.parse_args()
-    benchmark_device("bench_kernels.py")
+    benchmark_device("bench_kernels.py", out=args.out)
     torch.manual_seed(0)
     device = torch.device("cuda")
     rows = []

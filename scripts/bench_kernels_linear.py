@@ -221,7 +221,7 @@ def main() -> None:
     )
     parser.add_argument("--out", required=True, help="path of the JSON results")
     args = parser.parse_args()
-    benchmark_device("bench_kernels_linear.py")
+    benchmark_device("bench_kernels_linear.py", out=args.out)
     import triton
 
     rows = run("cuda")

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from turbovideo.benchmark import benchmark_device
 from turbovideo.models import DIT_CONFIGS, build_dit
 from turbovideo.parallel import SequenceParallelGroup
 
@@ -64,13 +65,12 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo smoke run)")
     args = parser.parse_args()
 
-    device = torch.device(args.device)
+    device = benchmark_device("bench_parallel.py", args.device, cpu_smoke=True, out=args.out)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("error: no CUDA GPU; pass --device cpu --gpus 2 for a smoke run", file=sys.stderr)
-            return 2
         device = torch.device("cuda", 0)
-    world = args.gpus or (torch.cuda.device_count() if device.type == "cuda" else 2)
+    world = (
+        args.gpus if args.gpus is not None else (torch.cuda.device_count() if device.type == "cuda" else 2)
+    )
     if world < 2:
         print("error: sequence parallelism needs at least 2 GPUs", file=sys.stderr)
         return 2

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-fp32", action="store_true", help="skip the fp32 accuracy reference (needs 4x memory)"
     )
     args = parser.parse_args(argv)
-    device = benchmark_device("bench_text_encoder.py", args.device, cpu_smoke=True)
+    device = benchmark_device("bench_text_encoder.py", args.device, cpu_smoke=True, out=args.out)
 
     begin = time.perf_counter()
     encoder = build_text_encoder(args.config, device=device, dtype=torch.bfloat16)

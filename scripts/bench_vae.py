@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32 accuracy reference")
     parser.add_argument("--skip-encode", action="store_true")
     args = parser.parse_args(argv)
-    device = benchmark_device("bench_vae.py", args.device, cpu_smoke=True)
+    device = benchmark_device("bench_vae.py", args.device, cpu_smoke=True, out=args.out)
 
     vae = build_vae(args.config, device=device, dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(0)

@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--quant", action="store_true", help="int8 W8A8 block linears")
     args = parser.parse_args()
 
-    device = benchmark_device("profile_dit.py")
+    device = benchmark_device("profile_dit.py", out=args.out)
     config = DIT_CONFIGS[args.model]
     frames, height, width = (int(v) for v in args.latent.split("x"))
     g = torch.Generator(device=device).manual_seed(0)

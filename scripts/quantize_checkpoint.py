@@ -10,6 +10,7 @@ one tensor at a time. OUT ending in ``.safetensors`` is written as safetensors, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from turbovideo.models.dit_checkpoint import quantize_dit_state
 
 def quantize_file(source: Path, target: Path) -> int:
     """Write the ``-quant`` layout of ``source`` to ``target``; returns the number of tensors written."""
+    if target.exists() and source.exists() and os.path.samefile(source, target):
+        # The input is memory-mapped: writing over it would destroy it mid-read (SIGBUS).
+        raise CheckpointError(f"{target} is the input file itself; name a different output file")
     state = read_state_dict(source)
     try:
         quantized = dict(quantize_dit_state(state))
@@ -45,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable target as a RuntimeError
+        print(f"error: cannot write {args.target}: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
     print(f"wrote {args.target} ({count} tensors)")
     return 0
 

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import pkgutil
 import sys
 import time
@@ -26,13 +27,19 @@ from pathlib import Path
 
 import torch
 
-from turbovideo.catalog import DEFAULT_FRAMES, ModelSpec, resolve_models
+from turbovideo.catalog import DEFAULT_FRAMES, MAX_FRAMES, MIN_FRAMES, ModelSpec, resolve_models
 from turbovideo.models.dit import WanDiT
 from turbovideo.models.dit_configs import DIT_CONFIGS, DiTConfig
 from turbovideo.models.random_init import materialize
 from turbovideo.models.tokenizer import MAX_LENGTH as TEXT_TOKENS
 from turbovideo.models.vae import WanVAE, build_vae
-from turbovideo.pipeline.resolution import ASPECT_RATIOS, latent_frames, table_size
+from turbovideo.pipeline.resolution import (
+    ASPECT_RATIOS,
+    SIZES,
+    is_valid_frame_count,
+    latent_frames,
+    table_size,
+)
 from turbovideo.worker.compile_cache import configure_compile_cache
 from turbovideo.worker.config import ConfigError, load_config, use_quantized
 
@@ -110,7 +117,7 @@ def count_files(directory: Path | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="catalog name(s) or alias, comma-separated (default: MODELS)")
-    parser.add_argument("--resolution", help="480p, 720p or tiny (default: each model's own)")
+    parser.add_argument("--resolution", choices=tuple(SIZES), help="default: each model's own")
     parser.add_argument(
         "--aspect-ratio", action="append", choices=ASPECT_RATIOS, help="repeatable (default: all five)"
     )
@@ -122,10 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, help="default: CACHE_DIR, as the worker decides it")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if not is_valid_frame_count(args.num_frames, MIN_FRAMES, MAX_FRAMES):
+        parser.error(
+            f"--num-frames must be 4k+1 between {MIN_FRAMES} and {MAX_FRAMES}, got {args.num_frames}"
+        )
 
     try:
-        config = load_config()
-        specs = resolve_models(args.model) if args.model else list(config.models)
+        specs = resolve_models(args.model) if args.model else None
+        # --model stands in for MODELS, which a RunPod pod (RUNPOD_POD_ID set) would otherwise require.
+        config = load_config({**os.environ, "MODELS": args.model} if args.model else None)
+        specs = specs or list(config.models)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

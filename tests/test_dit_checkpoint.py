@@ -1,6 +1,9 @@
 """Official-format DiT files: round trips through load_dit, the quantize script, and clear errors."""
 
+import os
 import runpy
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,6 +103,31 @@ def test_quantize_script_refuses_quantized_and_foreign_files(files, tmp_path, ca
     code, err = quantize(vae, tmp_path / "x.pth", capsys)
     assert code == 2 and "not a Wan DiT checkpoint: it looks like a VAE checkpoint" in err
     assert not (tmp_path / "qq.pth").exists() and not (tmp_path / "x.pth").exists()
+
+
+def test_quantize_script_keeps_its_input_when_told_to_write_over_it(files, tmp_path):
+    # A subprocess: writing over the memory-mapped input ends in SIGBUS, which would kill pytest.
+    _, path = files["tiny-t2v"]
+    source = tmp_path / "finetuned.pth"
+    shutil.copy(path, source)
+    for target in (source, tmp_path / "link.pth"):
+        if target != source:
+            os.link(source, target)
+        run = subprocess.run(
+            [sys.executable, str(SCRIPT), str(source), str(target)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 2 and "is the input file itself" in run.stderr, run
+        assert source.read_bytes() == path.read_bytes()
+
+
+def test_quantize_script_says_in_one_line_when_it_cannot_write(files, tmp_path, capsys):
+    _, path = files["tiny-t2v"]
+    code, err = quantize(path, tmp_path / "missing" / "q.pth", capsys)
+    assert code == 1 and err.startswith(f"error: cannot write {tmp_path / 'missing' / 'q.pth'}: ")
+    assert err.count("\n") == 1
 
 
 def test_safetensors_and_prefixed_training_exports_load(files, tmp_path):

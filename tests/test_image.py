@@ -513,3 +513,25 @@ def test_warmup_without_cuda_has_nothing_to_do(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "nothing to warm" in result.stdout
     assert f"Triton cache: {tmp_path / 'triton'}" in result.stdout
+
+
+def test_warmup_with_model_needs_no_models_variable_on_a_pod(tmp_path):
+    # README's command for a GPU pod, where RunPod sets RUNPOD_POD_ID and MODELS is not set.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "TRITON_", "TORCHINDUCTOR_"))}
+    env.pop("MODELS", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "warmup_kernels.py"),
+            "--model",
+            "tiny",
+            "--cache-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env={**env, "CUDA_VISIBLE_DEVICES": "", "RUNPOD_POD_ID": "pod-1"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "nothing to warm" in result.stdout

@@ -5,19 +5,32 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 
-def benchmark_device(script: str, requested: str | None = "cuda", *, cpu_smoke: bool = False) -> torch.device:
-    """``requested`` as a device, or a one-line exit when it is CUDA and this machine has none.
+def benchmark_device(
+    script: str, requested: str | None = "cuda", *, cpu_smoke: bool = False, out: str | Path | None = None
+) -> torch.device:
+    """``requested`` as a device, or a one-line exit when it is not one or is CUDA and this machine has none.
 
     ``cpu_smoke``: the script also runs (small configurations) with ``--device cpu``, so say so.
+    ``out``: the results file, whose folder is created and checked now, not after minutes of runs.
     """
-    device = torch.device(requested or "cuda")
+    try:
+        device = torch.device(requested or "cuda")
+    except RuntimeError:
+        raise SystemExit(f"{script}: --device must be cuda, cuda:N or cpu, got {requested!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         hint = "; pass --device cpu with a tiny configuration for a smoke run" if cpu_smoke else ""
         raise SystemExit(f"{script} needs a CUDA GPU{hint}")
+    if out is not None:
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).touch()
+        except OSError as e:
+            raise SystemExit(f"{script}: cannot write --out {out}: {e.strerror or e}") from None
     return device
 
 

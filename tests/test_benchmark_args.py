@@ -1,0 +1,18 @@
+"""The benchmark scripts' shared argument checks: one line, before any benchmark runs."""
+
+import pytest
+
+from turbovideo.benchmark import benchmark_device
+
+
+def test_a_device_that_is_not_one_is_a_one_line_exit():
+    with pytest.raises(SystemExit, match=r"bench\.py: --device must be cuda, cuda:N or cpu, got 'gpu'"):
+        benchmark_device("bench.py", "gpu", cpu_smoke=True)
+
+
+def test_the_results_file_is_checked_before_any_run(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"bench\.py: cannot write --out .*file/r\.json"):
+        benchmark_device("bench.py", "cpu", cpu_smoke=True, out=tmp_path / "file" / "r.json")
+    assert benchmark_device("bench.py", "cpu", out=tmp_path / "new" / "r.json").type == "cpu"
+    assert (tmp_path / "new").is_dir()
