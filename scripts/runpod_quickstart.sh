@@ -25,6 +25,7 @@ if [ -n "${MODELS:-}" ] && ! "$python" -c 'import sys, torch; sys.exit(not torch
 fi
 export MODELS="${MODELS:-tiny}"
 
+job_id="quickstart-$$"  # this run's own job folder under OUTPUT_DIR, removed once its videos are copied
 job="$("$python" -c '
 import json, sys
 try:
@@ -33,23 +34,23 @@ except ValueError as e:
     sys.exit(f"the extra request fields are not valid JSON ({e}): {sys.argv[2]}")
 if not isinstance(fields, dict):
     sys.exit(f"the extra request fields must be a JSON object such as {{\"seed\": 7}}, got: {sys.argv[2]}")
-print(json.dumps({"id": "quickstart", "input": {"prompt": sys.argv[1], **fields}}))
-' "$prompt" "$extra")"
+print(json.dumps({"id": sys.argv[3], "input": {"prompt": sys.argv[1], **fields}}))
+' "$prompt" "$extra" "$job_id")"
 mkdir -p "$(dirname "$out")"
 
 outputs="${OUTPUT_DIR:-$repo/outputs}"
-rm -rf "$outputs/quickstart"  # this script's own job folder: no samples of an earlier run may be copied
-# No bucket and no RunPod markers: one local job whose files land in $outputs/quickstart/.
+# No bucket and no RunPod markers: one local job whose files land in $outputs/$job_id/.
 env -u BUCKET_ENDPOINT_URL -u BUCKET_ACCESS_KEY_ID -u BUCKET_SECRET_ACCESS_KEY -u BUCKET_NAME \
   -u RUNPOD_WEBHOOK_GET_JOB -u RUNPOD_POD_ID OUTPUT_DIR="$outputs" \
   "$python" "$repo/handler.py" --test_input "$job"
-samples=("$outputs"/quickstart/sample_*.mp4)
+samples=("$outputs/$job_id"/sample_*.mp4)
 if [ "${#samples[@]}" -eq 1 ]; then
   cp "${samples[0]}" "$out"
   echo "wrote $out"
 else
   for i in "${!samples[@]}"; do
-    cp "$outputs/quickstart/sample_$i.mp4" "${out%.mp4}_$i.mp4"
+    cp "$outputs/$job_id/sample_$i.mp4" "${out%.mp4}_$i.mp4"
     echo "wrote ${out%.mp4}_$i.mp4"
   done
 fi
+rm -rf "${outputs:?}/$job_id"

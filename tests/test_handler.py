@@ -43,6 +43,9 @@ def test_quickstart_runs_handler_test_input_and_copies_a_playable_video(tmp_path
     # The script a user runs: handler.py --test_input on the tiny model, no bucket.
     out = tmp_path / "fox.mp4"
     fields = json.dumps({k: v for k, v in JOB["input"].items() if k != "prompt"})
+    mine = tmp_path / "outputs" / "quickstart" / "mine.txt"  # a user's folder that happens to be named so
+    mine.parent.mkdir(parents=True)
+    mine.write_text("keep")
     run = subprocess.run(
         ["bash", "scripts/runpod_quickstart.sh", "a red fox", str(out), fields],
         cwd=REPO,
@@ -53,7 +56,8 @@ def test_quickstart_runs_handler_test_input_and_copies_a_playable_video(tmp_path
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert read_video(out) == (5, (112, 64))
-    assert (tmp_path / "outputs" / "quickstart" / "sample_0.mp4").read_bytes() == out.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["quickstart"]  # its job folder went
+    assert mine.read_text() == "keep"
     assert "'seed': 3" in run.stdout and "'model': 'tiny-t2v'" in run.stdout
 
 

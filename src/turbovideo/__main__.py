@@ -180,10 +180,14 @@ def _open_image(path: Path | None) -> Image.Image | None:
     """The image as the endpoint would use it: upright by its EXIF orientation, within its limits."""
     if path is None:
         return None
-    from turbovideo.worker.inputs import open_image
+    from turbovideo.worker.inputs import MAX_IMAGE_BYTES, open_image
 
     try:
-        return open_image(path.read_bytes())
+        with path.open("rb") as file:  # bounded: a device file or a huge file is not read whole
+            data = file.read(MAX_IMAGE_BYTES + 1)
+        if len(data) > MAX_IMAGE_BYTES:
+            _fail(f"turbovideo: {path}: image must be at most {MAX_IMAGE_BYTES // 2**20} MB", USAGE_ERROR)
+        return open_image(data)
     except OSError as err:
         _fail(f"turbovideo: cannot read image {path}: {err}", USAGE_ERROR)
     except InputError as err:
