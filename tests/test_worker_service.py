@@ -276,6 +276,18 @@ def test_gpu_failures_ask_for_a_fresh_worker(local, monkeypatch, failure, code):
     assert answer["error"].startswith(f"{code}: ") and answer["refresh_worker"] is True
 
 
+def test_a_video_the_disk_could_not_take_says_so_and_asks_for_a_fresh_worker(local, monkeypatch):
+    from turbovideo.pipeline.video import EncodeError
+
+    def full(*args, **kwargs):
+        raise EncodeError("ffmpeg could not finish /tmp/x/sample_0.mp4: it has no index (is the disk full?)")
+
+    monkeypatch.setattr(local.pipelines["tiny-t2v"], "generate", full)
+    answer = local.handle({"id": "job-full", "input": {"prompt": "a", **FAST}})
+    assert answer["error"].startswith("E_INTERNAL: ffmpeg could not finish /tmp/x/sample_0.mp4")
+    assert answer["error"].endswith("retry the job") and answer["refresh_worker"] is True
+
+
 def test_unexpected_errors_keep_the_traceback_in_the_log(local, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise KeyError("internal detail")

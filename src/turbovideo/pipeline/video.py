@@ -113,8 +113,12 @@ class Mp4Stream:
                 pass
 
 
+class EncodeError(OSError):
+    """ffmpeg did not finish a video file (a full or failing disk under it)."""
+
+
 def check_finished(path: Path) -> None:
-    """Raise OSError unless ``path`` is an mp4 with its index ("moov") ahead of the media data.
+    """Raise EncodeError unless ``path`` is an mp4 with its index ("moov") ahead of the media data.
 
     imageio-ffmpeg does not read ffmpeg's exit status, so an encoder that could not open its output
     or write the trailer (a full disk) ends quietly, leaving no file or one without an index, which no
@@ -131,8 +135,8 @@ def check_finished(path: Path) -> None:
                     break
                 file.seek(size - 8, os.SEEK_CUR)
     except OSError as exc:
-        raise OSError(f"ffmpeg could not write {path} ({exc.strerror or exc})") from None
-    raise OSError(f"ffmpeg could not finish {path}: it has no index (is the disk full?)")
+        raise EncodeError(f"ffmpeg could not write {path} ({exc.strerror or exc})") from None
+    raise EncodeError(f"ffmpeg could not finish {path}: it has no index (is the disk full?)")
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:

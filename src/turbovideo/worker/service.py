@@ -27,6 +27,7 @@ from turbovideo.catalog import ALIASES, MAX_SEED, ModelSpec
 from turbovideo.errors import InputError, one_line
 from turbovideo.parallel import ParallelError, parallelize
 from turbovideo.pipeline import GenerationRequest, GenerationResult, ProgressEvent, VideoPipeline
+from turbovideo.pipeline.video import EncodeError
 from turbovideo.worker.checkpoints import check_room, ensure_checkpoints
 from turbovideo.worker.compile_cache import configure_compile_cache
 from turbovideo.worker.config import ConfigError, WorkerConfig, use_quantized
@@ -272,6 +273,9 @@ def error_response(exc: BaseException, job_id: str) -> dict[str, Any]:
     elif isinstance(exc, ParallelError):
         code = "E_CUDA"
         message = f"the multi-GPU group failed ({one_line(str(exc), 300)}); this worker is being replaced, retry the job"
+    elif isinstance(exc, EncodeError):  # this worker's disk: a fresh worker brings a fresh one
+        code = "E_INTERNAL"
+        message = f"{exc}; this worker is being replaced, retry the job"
     elif is_cuda_broken(exc):
         code = "E_CUDA"
         message = f"the GPU failed ({one_line(str(exc), 200)}); this worker is being replaced, retry the job"
@@ -281,7 +285,7 @@ def error_response(exc: BaseException, job_id: str) -> dict[str, Any]:
             f"unexpected {type(exc).__name__}; the worker log has the details (job {job_id})",
         )
     answer: dict[str, Any] = {"error": f"{code}: {one_line(message, 1000)}"}
-    if code in ("E_OOM", "E_CUDA"):
+    if code in ("E_OOM", "E_CUDA") or isinstance(exc, EncodeError):
         answer["refresh_worker"] = True
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
