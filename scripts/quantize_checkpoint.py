@@ -30,13 +30,20 @@ def quantize_file(source: Path, target: Path) -> int:
         quantized = dict(quantize_dit_state(state))
     except CheckpointError as exc:
         raise CheckpointError(f"{source.name}: {exc}") from None
-    if target.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    try:
+        if target.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in quantized.items()}, str(target))
-    else:
-        torch.save(quantized, target)
+            save_file({k: v.contiguous() for k, v in quantized.items()}, str(target))
+        else:
+            torch.save(quantized, target)
+    except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable target as a RuntimeError
+        raise WriteError(str(exc).strip().partition("\n")[0] or type(exc).__name__) from exc
     return len(quantized)
+
+
+class WriteError(Exception):
+    """The output file could not be written (the message is the reason)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable target as a RuntimeError
-        print(f"error: cannot write {args.target}: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+    except WriteError as exc:
+        print(f"error: cannot write {args.target}: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {args.target} ({count} tensors)")
     return 0

@@ -25,7 +25,12 @@ if [ -n "${MODELS:-}" ] && ! "$python" -c 'import sys, torch; sys.exit(not torch
 fi
 export MODELS="${MODELS:-tiny}"
 
-job_id="quickstart-$$"  # this run's own job folder under OUTPUT_DIR, removed once its videos are copied
+# OUTPUT_DIR as the worker reads it (trimmed, ~ expanded), and a job folder no earlier run can have left
+# (a container's shell has the same pid every run): removed once its videos are copied.
+outputs="$("$python" -c 'import sys; from pathlib import Path; print(Path(sys.argv[1].strip() or sys.argv[2]).expanduser())' "${OUTPUT_DIR:-}" "$repo/outputs")"
+mkdir -p "$outputs"
+job_id="$(basename "$(mktemp -d "$outputs/quickstart-XXXXXXXX")")"
+trap 'rmdir "$outputs/$job_id" 2>/dev/null || true' EXIT  # a run that failed before writing anything
 job="$("$python" -c '
 import json, sys
 try:
@@ -38,7 +43,6 @@ print(json.dumps({"id": sys.argv[3], "input": {"prompt": sys.argv[1], **fields}}
 ' "$prompt" "$extra" "$job_id")"
 mkdir -p "$(dirname "$out")"
 
-outputs="${OUTPUT_DIR:-$repo/outputs}"
 # No bucket and no RunPod markers: one local job whose files land in $outputs/$job_id/.
 env -u BUCKET_ENDPOINT_URL -u BUCKET_ACCESS_KEY_ID -u BUCKET_SECRET_ACCESS_KEY -u BUCKET_NAME \
   -u RUNPOD_WEBHOOK_GET_JOB -u RUNPOD_POD_ID OUTPUT_DIR="$outputs" \

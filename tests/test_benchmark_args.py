@@ -16,3 +16,8 @@ def test_the_results_file_is_checked_before_any_run(tmp_path):
         benchmark_device("bench.py", "cpu", cpu_smoke=True, out=tmp_path / "file" / "r.json")
     assert benchmark_device("bench.py", "cpu", out=tmp_path / "new" / "r.json").type == "cpu"
     assert (tmp_path / "new").is_dir()
+
+
+def test_a_results_path_that_is_a_directory_is_refused_before_any_run(tmp_path):
+    with pytest.raises(SystemExit, match=r"bench\.py: cannot write --out .*: Is a directory"):
+        benchmark_device("bench.py", "cpu", cpu_smoke=True, out=tmp_path)

@@ -492,3 +492,11 @@ def test_an_io_error_reading_an_intact_cached_file_asks_for_a_fresh_worker(hub, 
     assert failure.refresh, failure.message  # a fresh worker reads it fine; this one must not eat every job
     assert "worker version" not in failure.message
     assert target(tmp_path, DIT).exists() and marker(tmp_path, DIT).exists()  # nothing removed
+
+
+def test_offline_by_transformers_offline_names_that_variable(tmp_path, monkeypatch):
+    # A base image's TRANSFORMERS_OFFLINE=1 puts the worker offline; HF_HUB_OFFLINE is not set at all.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(CheckpointDownloadError, match=r"offline mode \(TRANSFORMERS_OFFLINE\)"):
+        ensure_checkpoints(SPEC, False, tmp_path)

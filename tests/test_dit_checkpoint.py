@@ -130,6 +130,21 @@ def test_quantize_script_says_in_one_line_when_it_cannot_write(files, tmp_path, 
     assert err.count("\n") == 1
 
 
+def test_quantize_script_does_not_blame_the_output_for_a_failure_reading_or_converting(
+    files, tmp_path, capsys, monkeypatch
+):
+    import turbovideo.models.dit_checkpoint as dit_checkpoint
+
+    def out_of_memory(state):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    monkeypatch.setattr(dit_checkpoint, "quantize_dit_state", out_of_memory)
+    _, path = files["tiny-t2v"]
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        quantize(path, tmp_path / "q.pth", capsys)
+    assert "cannot write" not in capsys.readouterr().err
+
+
 def test_safetensors_and_prefixed_training_exports_load(files, tmp_path):
     original, _ = files["tiny-t2v"]
     state = {k: v.contiguous() for k, v in original.state_dict().items()}

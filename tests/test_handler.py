@@ -61,6 +61,28 @@ def test_quickstart_runs_handler_test_input_and_copies_a_playable_video(tmp_path
     assert "'seed': 3" in run.stdout and "'model': 'tiny-t2v'" in run.stdout
 
 
+def test_quickstart_copies_only_this_runs_videos_and_finds_a_padded_output_dir(tmp_path):
+    # A container's shell gets the same pid every run, so an earlier run's folder (a failed copy, an
+    # interrupt) can bear this run's name; and OUTPUT_DIR pasted with a space is trimmed by the worker.
+    out = tmp_path / "fox.mp4"
+    fields = json.dumps({"num_frames": 5, "num_steps": 1})
+    script = (
+        'mkdir -p "$OUTPUT_DIR/quickstart-$$" && echo stale > "$OUTPUT_DIR/quickstart-$$/sample_1.mp4" && '
+        'OUTPUT_DIR="$OUTPUT_DIR " exec bash scripts/runpod_quickstart.sh "a red fox" "$0" "$1"'
+    )
+    run = subprocess.run(
+        ["bash", "-c", script, str(out), fields],
+        cwd=REPO,
+        env=worker_env(tmp_path, MODELS=""),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert read_video(out) == (5, (112, 64))
+    assert not (tmp_path / "fox_1.mp4").exists()
+
+
 def test_quickstart_writes_every_sample_into_a_new_folder(tmp_path):
     out = tmp_path / "new" / "fox.mp4"
     fields = json.dumps({"num_frames": 5, "num_steps": 1, "num_samples": 2})
@@ -103,7 +125,7 @@ def test_test_input_with_a_failed_start_prints_the_error_and_exits_1(tmp_path):
     assert "E_STARTUP: MODELS='wan-9000' is not valid" in run.stdout
 
 
-@pytest.mark.parametrize("job", ["not json", '"a red fox"', "{}", "[]"])
+@pytest.mark.parametrize("job", ["not json", '"a red fox"', "{}", "[]", '{"input": null}'])
 def test_a_malformed_test_input_is_one_line_before_any_model_loads(tmp_path, job):
     # MODELS names a checkpoint that is not there: reaching the start would fail differently.
     run = subprocess.run(

@@ -28,7 +28,8 @@ def benchmark_device(
     if out is not None:
         try:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).touch()
+            with open(out, "a"):  # touch() passes a directory (it only sets its times)
+                pass
         except OSError as e:
             raise SystemExit(f"{script}: cannot write --out {out}: {e.strerror or e}") from None
     return device

@@ -93,7 +93,7 @@ def ensure_checkpoints(
     if pending and offline:
         missing = pending[0]
         raise CheckpointDownloadError(
-            f"{missing.repo}/{missing.filename} is not in the cache at {cache_dir} and offline mode (HF_HUB_OFFLINE) "
+            f"{missing.repo}/{missing.filename} is not in the cache at {cache_dir} and offline mode ({offline_setting()}) "
             "forbids downloading it; "
             f"pre-seed it with `python scripts/download_checkpoints.py --model {spec.name} --variant {variant} "
             f"--dest {cache_dir}`"
@@ -159,6 +159,17 @@ def hub_offline(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     value = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or ""
     return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def offline_setting(env: Mapping[str, str] | None = None) -> str:
+    """The variable that decides offline mode, for messages: TRANSFORMERS_OFFLINE when HF_HUB_OFFLINE is
+    unset or empty and it is set (as ``hub_offline`` reads them), else HF_HUB_OFFLINE."""
+    env = os.environ if env is None else env
+    return (
+        "TRANSFORMERS_OFFLINE"
+        if not env.get("HF_HUB_OFFLINE") and env.get("TRANSFORMERS_OFFLINE")
+        else "HF_HUB_OFFLINE"
+    )
 
 
 def _offline(offline: bool | None) -> bool:

@@ -25,7 +25,7 @@ import torch
 from turbovideo.errors import one_line
 from turbovideo.models.checkpoint import CheckpointError
 from turbovideo.parallel.errors import ParallelError
-from turbovideo.worker.checkpoints import CheckpointDownloadError, verify_cached
+from turbovideo.worker.checkpoints import CheckpointDownloadError, offline_setting, verify_cached
 from turbovideo.worker.config import ConfigError, WorkerConfig, load_config
 
 logger = logging.getLogger("turbovideo.worker")
@@ -83,7 +83,7 @@ def check_test_input(argv: list[str]) -> None:
             job = json.loads(value)
         except ValueError as e:
             sys.exit(f"--test_input is not valid JSON ({e})")
-        if not isinstance(job, dict) or "input" not in job:
+        if not isinstance(job, dict) or job.get("input") is None:  # the SDK's own test: null is none
             sys.exit(
                 '--test_input must be a JSON object with an "input" field: {"input": {"prompt": "a fox"}}'
             )
@@ -113,7 +113,7 @@ def _heal_or_describe(exc: BaseException, config: WorkerConfig | None) -> Startu
     if config.offline:
         return StartupFailure(
             f"{error}; the file no longer matches the sha256 it was verified with at download: replace it "
-            "(offline mode, HF_HUB_OFFLINE, forbids downloading it again)"
+            f"(offline mode, {offline_setting()}, forbids downloading it again)"
         )
     return StartupFailure(
         f"{error}; the file no longer matches the sha256 it was verified with at download, so it was "
