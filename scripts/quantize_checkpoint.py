@@ -20,6 +20,10 @@ from turbovideo.models.checkpoint import CheckpointError, read_state_dict
 from turbovideo.models.dit_checkpoint import quantize_dit_state
 
 
+class WriteError(Exception):
+    """The output file could not be written (the message is the reason)."""
+
+
 def quantize_file(source: Path, target: Path) -> int:
     """Write the ``-quant`` layout of ``source`` to ``target``; returns the number of tensors written."""
     if target.exists() and source.exists() and os.path.samefile(source, target):
@@ -40,10 +44,6 @@ def quantize_file(source: Path, target: Path) -> int:
     except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable target as a RuntimeError
         raise WriteError(str(exc).strip().partition("\n")[0] or type(exc).__name__) from exc
     return len(quantized)
-
-
-class WriteError(Exception):
-    """The output file could not be written (the message is the reason)."""
 
 
 def main(argv: list[str] | None = None) -> int:
