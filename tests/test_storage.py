@@ -163,7 +163,7 @@ def test_signing_region_follows_the_endpoint(endpoint, region):
     assert region_for(endpoint) == region
 
 
-def test_the_error_counts_the_attempts_made_once_the_retry_budget_is_spent(tmp_path, monkeypatch):
+def test_every_upload_gets_its_retries_even_after_a_long_outage(tmp_path, monkeypatch):
     monkeypatch.setattr(botocore.endpoint.time, "sleep", lambda seconds: None)  # no backoff waits
     storage = BucketStorage(bucket_at(dead_endpoint()), tmp_path / "durable", attempts=4)
     messages = []
@@ -175,8 +175,9 @@ def test_the_error_counts_the_attempts_made_once_the_retry_budget_is_spent(tmp_p
         with pytest.raises(UploadError) as caught:
             storage.deliver(f"job-{job}", [video], video.parent / "thumb.jpg", expires_in=60)
         messages.append(str(caught.value))
-    assert "failed after 4 attempts (EndpointConnectionError" in messages[0]
-    assert "failed after 1 attempt (EndpointConnectionError" in messages[-1]
+    # botocore's standard mode stopped retrying after about a dozen such jobs ("after 1 attempt"), so
+    # one transient error then failed a paid job that a retry would have delivered.
+    assert all("failed after 4 attempts (EndpointConnectionError" in message for message in messages)
 
 
 def test_a_volume_that_fills_up_leaves_no_partial_copy(job_files, tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from turbovideo.worker.schema import MAX_EXPIRES_S
 
 logger = logging.getLogger(__name__)
 
-UPLOAD_ATTEMPTS = 4  # botocore's standard mode retries with jittered exponential backoff
+UPLOAD_ATTEMPTS = 4  # botocore's legacy mode retries with jittered exponential backoff
 _CONTENT_TYPES = {".mp4": "video/mp4", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 _AWS_HOST = re.compile(r"(?:^|\.)s3[.-](?P<region>[a-z0-9-]+)\.amazonaws\.com$")
 
@@ -105,13 +105,14 @@ class BucketStorage:
                 # boto3 >= 1.36 adds CRC32 checksum headers that R2 and other S3 look-alikes reject.
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-                retries={"mode": "standard", "total_max_attempts": attempts},
+                # "legacy": every request gets its retries. Standard mode draws them from a client-wide
+                # budget that about a dozen failed uploads spend, after which even one 500 is final.
+                retries={"mode": "legacy", "total_max_attempts": attempts},
                 connect_timeout=10,
                 read_timeout=60,
             ),
         )
-        # Requests actually sent for the current file: botocore's retry budget is shared by all jobs of
-        # this client and runs dry in a long outage, after which a failure is not retried at all.
+        # Requests actually sent for the current file (what the error reports).
         self._sends = 0
         self.client.meta.events.register("before-send.s3.PutObject", self._count_send)
 
