@@ -4,11 +4,13 @@ The tiny models load once for the module; every generation asks for 5 frames and
 takes a few seconds on two CPU cores.
 """
 
+import asyncio
 import base64
 import io
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -303,12 +305,38 @@ def test_unexpected_errors_keep_the_traceback_in_the_log(local, monkeypatch, cap
 def test_progress_is_reported_per_stage_when_running_on_runpod(pipelines, tmp_path, monkeypatch):
     sent = []
     # The SDK posts progress to RunPod's job URL, which only exists on RunPod; record what it is given.
-    monkeypatch.setattr(service, "progress_update", lambda job, text: sent.append((job["id"], text)))
+    monkeypatch.setattr(service, "post_progress", lambda job, text: sent.append((job["id"], text)))
     worker = VideoService(pipelines, LocalStorage(tmp_path), report_progress=True)
     assert "error" not in worker.handle({"id": "job-p", "input": {"prompt": "a", **FAST}})
     stages = [text.split()[0] for _, text in sent]
     assert stages[0] == "encode" and "denoise" in stages and stages[-1] == "mux"
     assert ("job-p", "denoise 1/1") in sent
+
+
+def test_progress_reaches_runpod_in_order_and_before_the_answer(pipelines, tmp_path, monkeypatch):
+    """The SDK's progress_update posts each update from a thread of its own: a slow post arrived after
+    later ones ("mux 2/2" then "mux 1/2" on /status) and after the job's own result."""
+    from runpod.serverless.modules import rp_progress
+
+    received = []
+
+    async def post(session, job_data, job):  # RunPod's job-done URL, the first post held up on the way
+        if not hasattr(post, "held"):
+            post.held = True
+            await asyncio.sleep(0.5)
+        received.append(job_data["output"])
+
+    monkeypatch.setattr(rp_progress, "send_result", post)
+    worker = VideoService(pipelines, LocalStorage(tmp_path), report_progress=True)
+    answer = worker.handle({"id": "job-order", "input": {"prompt": "a", **FAST, "num_samples": 2}})
+    arrived = list(received)
+    time.sleep(0.8)
+    assert "error" not in answer
+    assert received == arrived, "a progress update arrived after the job's answer"
+    order = ["encode", "denoise", "decode", "mux"]
+    ranks = [(order.index(text.split()[0]), int(text.split()[1].split("/")[0])) for text in arrived]
+    assert arrived[0].startswith("encode") and arrived[-1] == "mux 2/2"
+    assert ranks == sorted(ranks), arrived
 
 
 json_values = st.recursive(

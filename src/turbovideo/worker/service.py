@@ -14,14 +14,19 @@ import logging
 import os
 import secrets
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from runpod.serverless import progress_update
+
+try:  # one synchronous post (the SDK 1.12 this worker pins), so one thread can send them in order
+    from runpod.serverless.modules.rp_progress import _thread_target as post_progress
+except ImportError:  # another SDK release: its public call, which posts from a thread per update
+    from runpod.serverless import progress_update as post_progress
 
 from turbovideo.catalog import ALIASES, MAX_SEED, ModelSpec
 from turbovideo.errors import InputError, one_line
@@ -117,10 +122,15 @@ class VideoService:
             generation.num_steps,
             generation.seed,
         )
-        with tempfile.TemporaryDirectory(prefix=f"turbovideo-{job_id}-") as scratch:
-            result = pipeline.generate(generation, Path(scratch), progress=self._progress(job))
-            delivering = time.perf_counter()
-            delivered, warnings = self._deliver(job_id, result, request)
+        progress = _ProgressSender(job) if self.report_progress else None
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"turbovideo-{job_id}-") as scratch:
+                result = pipeline.generate(generation, Path(scratch), progress=progress)
+                delivering = time.perf_counter()
+                delivered, warnings = self._deliver(job_id, result, request)
+        finally:
+            if progress is not None:
+                progress.close()  # the last update lands before the answer (sent during the upload)
         finished = time.perf_counter()
         timings = {
             "input": fetched - started,
@@ -160,11 +170,6 @@ class VideoService:
                 return spec
         raise ModelError(f"no model for task {task!r} is served by this worker; served: {served}")
 
-    def _progress(self, job: dict[str, Any]) -> Callable[[ProgressEvent], None] | None:
-        if not self.report_progress:
-            return None
-        return lambda event: progress_update(job, f"{event.stage} {event.step}/{event.total}")
-
     def _deliver(
         self, job_id: str, result: GenerationResult, request: VideoRequest
     ) -> tuple[dict[str, Any], list[str]]:
@@ -181,6 +186,46 @@ class VideoService:
                 raise
             return encoded, [*warnings, str(exc)]
         return {**delivered, **encoded}, warnings
+
+
+class _ProgressSender:
+    """Posts one job's progress strings to RunPod in order, from one thread; an update not yet sent is
+    replaced by a newer one (``/status`` shows only the latest). The SDK's ``progress_update`` posts each
+    from a thread of its own, and those race: "mux 1/2" landed after "mux 2/2", and a late post after
+    the job's result."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self._job = job
+        self._pending: str | None = None
+        self._closed = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="job-progress", daemon=True)
+        self._thread.start()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        with self._wake:
+            self._pending = f"{event.stage} {event.step}/{event.total}"
+            self._wake.notify()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is pending, then stop; waits at most ``timeout_s`` for a slow post."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._pending is None and not self._closed:
+                    self._wake.wait()
+                text, self._pending = self._pending, None
+            if text is None:
+                return
+            try:
+                post_progress(self._job, text)
+            except Exception as exc:  # progress is a courtesy; the job goes on
+                logger.warning("progress update %r not sent (%s)", text, type(exc).__name__)
 
 
 def _encode(result: GenerationResult, warnings: list[str]) -> dict[str, Any]:
