@@ -113,3 +113,12 @@ def test_thumbnail_is_a_jpeg_of_the_frame(tmp_path):
     with Image.open(path) as image:
         assert image.format == "JPEG" and image.size == (48, 32)
         assert np.abs(np.asarray(image).astype(int) - frame).max() < 8
+
+
+def test_an_encoder_that_stops_taking_frames_is_an_encode_error(tmp_path):
+    # Frames larger than the pipe's buffer: ffmpeg, unable to open its output (or a full disk
+    # mid-stream), exits and the next write is a broken pipe, not a missing index.
+    from turbovideo.pipeline.video import EncodeError
+
+    with pytest.raises(EncodeError, match="ffmpeg stopped"):
+        write_mp4(np.zeros((5, 480, 832, 3), np.uint8), tmp_path / "missing" / "clip.mp4", fps=16)

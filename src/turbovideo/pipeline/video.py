@@ -101,7 +101,13 @@ class Mp4Stream:
                 frames, ready = chunk
                 ready()
                 for frame in frames:
-                    self._writer.send(np.ascontiguousarray(frame))
+                    try:
+                        self._writer.send(np.ascontiguousarray(frame))
+                    except OSError as exc:  # ffmpeg exited: an output it cannot open, a full disk
+                        log.warning("ffmpeg stopped: %s", exc)
+                        raise EncodeError(
+                            f"ffmpeg stopped before {self.path} was finished (is the disk full?)"
+                        ) from None
             finished = True
             self._writer.close()
             check_finished(self.path)
