@@ -33,6 +33,11 @@ def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def run_in_repo(argv: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """``argv`` run from the repository root as a user would, output captured as text."""
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def read_video(path) -> tuple[int, tuple[int, int]]:
     frames = imageio_ffmpeg.read_frames(str(path))
     meta = next(frames)
@@ -46,13 +51,9 @@ def test_quickstart_runs_handler_test_input_and_copies_a_playable_video(tmp_path
     mine = tmp_path / "outputs" / "quickstart" / "mine.txt"  # a user's folder that happens to be named so
     mine.parent.mkdir(parents=True)
     mine.write_text("keep")
-    run = subprocess.run(
+    run = run_in_repo(
         ["bash", "scripts/runpod_quickstart.sh", "a red fox", str(out), fields],
-        cwd=REPO,
-        env=worker_env(tmp_path, MODELS="", BUCKET_NAME="ignored"),
-        capture_output=True,
-        text=True,
-        timeout=240,
+        worker_env(tmp_path, MODELS="", BUCKET_NAME="ignored"),
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert read_video(out) == (5, (112, 64))
@@ -70,14 +71,7 @@ def test_quickstart_copies_only_this_runs_videos_and_finds_a_padded_output_dir(t
         'mkdir -p "$OUTPUT_DIR/quickstart-$$" && echo stale > "$OUTPUT_DIR/quickstart-$$/sample_1.mp4" && '
         'OUTPUT_DIR="$OUTPUT_DIR " exec bash scripts/runpod_quickstart.sh "a red fox" "$0" "$1"'
     )
-    run = subprocess.run(
-        ["bash", "-c", script, str(out), fields],
-        cwd=REPO,
-        env=worker_env(tmp_path, MODELS=""),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    run = run_in_repo(["bash", "-c", script, str(out), fields], worker_env(tmp_path, MODELS=""))
     assert run.returncode == 0, run.stdout + run.stderr
     assert read_video(out) == (5, (112, 64))
     assert not (tmp_path / "fox_1.mp4").exists()
@@ -86,13 +80,9 @@ def test_quickstart_copies_only_this_runs_videos_and_finds_a_padded_output_dir(t
 def test_quickstart_writes_every_sample_into_a_new_folder(tmp_path):
     out = tmp_path / "new" / "fox.mp4"
     fields = json.dumps({"num_frames": 5, "num_steps": 1, "num_samples": 2})
-    run = subprocess.run(
+    run = run_in_repo(
         ["bash", "scripts/runpod_quickstart.sh", "a red fox", str(out), fields],
-        cwd=REPO,
-        env=worker_env(tmp_path, MODELS=""),
-        capture_output=True,
-        text=True,
-        timeout=240,
+        worker_env(tmp_path, MODELS=""),
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert sorted(p.name for p in out.parent.iterdir()) == ["fox_0.mp4", "fox_1.mp4"]
@@ -100,12 +90,9 @@ def test_quickstart_writes_every_sample_into_a_new_folder(tmp_path):
 
 @pytest.mark.parametrize("fields", ['{"seed": 7', "[1, 2]"])
 def test_quickstart_with_bad_extra_fields_says_so_in_one_line(tmp_path, fields):
-    run = subprocess.run(
+    run = run_in_repo(
         ["bash", "scripts/runpod_quickstart.sh", "a red fox", str(tmp_path / "x.mp4"), fields],
-        cwd=REPO,
-        env=worker_env(tmp_path, MODELS=""),
-        capture_output=True,
-        text=True,
+        worker_env(tmp_path, MODELS=""),
         timeout=60,
     )
     assert run.returncode == 1 and run.stderr.count("\n") == 1
@@ -113,12 +100,9 @@ def test_quickstart_with_bad_extra_fields_says_so_in_one_line(tmp_path, fields):
 
 
 def test_test_input_with_a_failed_start_prints_the_error_and_exits_1(tmp_path):
-    run = subprocess.run(
+    run = run_in_repo(
         [sys.executable, "handler.py", "--test_input", json.dumps(JOB)],
-        cwd=REPO,
-        env=worker_env(tmp_path, MODELS="wan-9000"),
-        capture_output=True,
-        text=True,
+        worker_env(tmp_path, MODELS="wan-9000"),
         timeout=120,
     )
     assert run.returncode == 1
@@ -128,12 +112,9 @@ def test_test_input_with_a_failed_start_prints_the_error_and_exits_1(tmp_path):
 @pytest.mark.parametrize("job", ["not json", '"a red fox"', "{}", "[]", '{"input": null}'])
 def test_a_malformed_test_input_is_one_line_before_any_model_loads(tmp_path, job):
     # MODELS names a checkpoint that is not there: reaching the start would fail differently.
-    run = subprocess.run(
+    run = run_in_repo(
         [sys.executable, "handler.py", "--test_input", job],
-        cwd=REPO,
-        env=worker_env(tmp_path, MODELS="TurboWan2.1-T2V-1.3B-480P", HF_HUB_OFFLINE="1"),
-        capture_output=True,
-        text=True,
+        worker_env(tmp_path, MODELS="TurboWan2.1-T2V-1.3B-480P", HF_HUB_OFFLINE="1"),
         timeout=120,
     )
     assert run.returncode == 1
