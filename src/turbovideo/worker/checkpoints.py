@@ -58,10 +58,12 @@ RETRY_DELAYS_S = (5.0, 30.0)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def default_cache_dir() -> Path:
-    """``CACHE_DIR``, else the network volume when one is mounted, else the user's cache."""
-    if os.environ.get("CACHE_DIR", "").strip():
-        return Path(os.environ["CACHE_DIR"].strip()).expanduser()
+def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``CACHE_DIR`` (trimmed: a pasted trailing space would make a second, empty cache), else the
+    network volume when one is mounted, else the user's cache. ``env`` defaults to the process's."""
+    value = (os.environ if env is None else env).get("CACHE_DIR", "").strip()
+    if value:
+        return Path(value).expanduser()
     if RUNPOD_VOLUME.is_dir():
         return RUNPOD_VOLUME / "turbovideo"
     return Path.home() / ".cache" / "turbovideo"
@@ -153,23 +155,22 @@ def _partial_bytes(target: Path) -> int:
     return total
 
 
-def hub_offline(env: Mapping[str, str] | None = None) -> bool:
-    """Whether ``HF_HUB_OFFLINE`` (in ``env``, default the process environment) forbids downloads; unset
-    or empty, ``TRANSFORMERS_OFFLINE`` decides, as it does for huggingface_hub itself."""
-    env = os.environ if env is None else env
-    value = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().lower() in {"1", "true", "yes", "on"}
-
-
 def offline_setting(env: Mapping[str, str] | None = None) -> str:
-    """The variable that decides offline mode, for messages: TRANSFORMERS_OFFLINE when HF_HUB_OFFLINE is
-    unset or empty and it is set (as ``hub_offline`` reads them), else HF_HUB_OFFLINE."""
+    """The variable that decides offline mode (in ``env``, default the process environment):
+    ``HF_HUB_OFFLINE``, or ``TRANSFORMERS_OFFLINE`` when that one is unset or empty, as huggingface_hub
+    itself reads them."""
     env = os.environ if env is None else env
     return (
         "TRANSFORMERS_OFFLINE"
         if not env.get("HF_HUB_OFFLINE") and env.get("TRANSFORMERS_OFFLINE")
         else "HF_HUB_OFFLINE"
     )
+
+
+def hub_offline(env: Mapping[str, str] | None = None) -> bool:
+    """Whether offline mode (``offline_setting``) forbids downloads."""
+    env = os.environ if env is None else env
+    return env.get(offline_setting(env), "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _offline(offline: bool | None) -> bool:

@@ -62,9 +62,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     env = os.environ if env is None else env
     _check_hub_timeouts(env)
     on_runpod = is_on_runpod(env)
-    # Trimmed like every other setting: a pasted " /runpod-volume/turbovideo" would be a second, empty cache.
-    cache_value = env.get("CACHE_DIR", "").strip()
-    cache_dir = Path(cache_value).expanduser() if cache_value else default_cache_dir()
+    cache_dir = default_cache_dir(env)
     bucket = _bucket(env)
     output_dir = Path(env.get("OUTPUT_DIR", "").strip() or "outputs").expanduser()
     if bucket is None:  # videos go there; with a bucket it only holds files a failed upload left
