@@ -211,7 +211,7 @@ def _resolve(host: str, port: int, deadline: _Deadline) -> list[tuple]:
     thread.start()
     thread.join(deadline.remaining())
     if "infos" not in answer:
-        raise InputError(f"image URL took longer than {deadline.limit_s:g} s to download")
+        raise deadline.passed()
     if not answer["infos"]:
         raise InputError(f"image URL host {host!r} does not resolve")
     return answer["infos"]
@@ -320,8 +320,11 @@ class _Deadline:
     def remaining(self) -> float:
         left = self.end - time.monotonic()
         if left <= 0:
-            raise InputError(f"image URL took longer than {self.limit_s:g} s to download")
+            raise self.passed()
         return left
+
+    def passed(self) -> InputError:
+        return InputError(f"image URL took longer than {self.limit_s:g} s to download")
 
 
 def _megabytes(size: int) -> str:
