@@ -147,7 +147,7 @@ def norm_rows(device: torch.device, label: str, length: int, dim: int, ffn_dim: 
     def eager_rms_rope(q: torch.Tensor) -> torch.Tensor:
         q32 = q.float()
         normed = (q32 * torch.rsqrt(q32.square().mean(-1, keepdim=True) + EPS) * weight).to(torch.bfloat16)
-        return apply_rope(normed.unflatten(-1, (heads, HEAD_DIM)), angles).flatten(-2)
+        return apply_rope(normed.unflatten(-1, (heads, HEAD_DIM)), cos, sin).flatten(-2)
 
     cases = [
         (

@@ -142,7 +142,7 @@ def test_rms_norm_rope_matches_reference(
         norm.weight.copy_(1 + 0.1 * torch.randn(dim, device=DEVICE))
     angles = rope_angles(grid, head_dim, DEVICE)
     out = rms_norm_rope(x, norm.weight.detach(), torch.cos(angles), torch.sin(angles), EPS)
-    expected = apply_rope(norm(x).unflatten(-1, (heads, head_dim)), angles).flatten(-2)
+    expected = apply_rope(norm(x).unflatten(-1, (heads, head_dim)), angles.cos(), angles.sin()).flatten(-2)
     pairs = expected.float().unflatten(-1, (-1, 2))
     magnitude = pairs.norm(dim=-1, keepdim=True).expand_as(pairs).flatten(-2)  # a rotation keeps it
     _assert_one_rounding_apart(out, expected, magnitude)

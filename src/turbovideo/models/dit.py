@@ -61,19 +61,18 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, config.eps)
         self.attn_op = AttentionOp(config.head_dim, dtype)
 
-    def forward(self, x: Activation, angles: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Activation, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q, k, v = self.q(x), self.k(x), self.v(x)
         # qk-norm spans all heads, so it runs before the head split.
         if use_fused_kernels(q):
             from ..kernels.rope import rms_norm_rope
 
-            cos, sin = torch.cos(angles), torch.sin(angles)
-            q = rms_norm_rope(q, self.norm_q.weight, cos, sin, self.norm_q.eps)
-            k = rms_norm_rope(k, self.norm_k.weight, cos, sin, self.norm_k.eps)
+            q = rms_norm_rope(q, self.norm_q.weight, *rope, self.norm_q.eps)
+            k = rms_norm_rope(k, self.norm_k.weight, *rope, self.norm_k.eps)
         else:
-            q = apply_rope(self.norm_q(q).unflatten(-1, heads), angles).flatten(2)
-            k = apply_rope(self.norm_k(k).unflatten(-1, heads), angles).flatten(2)
+            q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope).flatten(2)
+            k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope).flatten(2)
         out = self.attn_op(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads))
         return self.o(out.flatten(2))
 
@@ -125,16 +124,20 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, angles: torch.Tensor
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        context: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         modulation = (self.modulation.float() + e0).chunk(6, dim=1)
         if use_fused_kernels(x):
-            return self._forward_fused(x, modulation, context, angles)
+            return self._forward_fused(x, modulation, context, rope)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation
         dtype = x.dtype
         h = (self.norm1(x).float() * (1 + scale1) + shift1).to(dtype)
         # Gated residuals round the product and then the sum to the stream dtype, as upstream does.
-        x = x + self.self_attn(h, angles) * gate1.to(dtype)
+        x = x + self.self_attn(h, rope) * gate1.to(dtype)
         x = x + self.cross_attn(self.norm3(x), context)
         h = (self.norm2(x).float() * (1 + scale2) + shift2).to(dtype)
         return x + self.ffn(h) * gate2.to(dtype)
@@ -144,7 +147,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         modulation: tuple[torch.Tensor, ...],
         context: torch.Tensor,
-        angles: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """``forward`` through turbovideo.kernels: each residual add is fused into the norm that follows it."""
         from ..kernels import norms
@@ -158,7 +161,7 @@ class Block(nn.Module):
             return QuantizedActivation(*out) if quantize else out
 
         h = norms.layer_norm_modulate(x, shift1, scale1, eps, quantize)
-        y = self.self_attn(linear_input(h), angles)
+        y = self.self_attn(linear_input(h), rope)
         x, h = norms.residual_layer_norm_affine(
             x, y, gate1, self.norm3.weight, self.norm3.bias, eps, quantize
         )
@@ -193,7 +196,9 @@ class DiTInputs:
     e: torch.Tensor  # [B, dim] fp32 time embedding; modulates the head
     e0: torch.Tensor  # [B, 6, dim] fp32; modulates every block
     context: torch.Tensor  # [B, text_len, dim] embedded text
-    angles: torch.Tensor  # [L, head_dim / 2] fp32 RoPE angles, one row per token
+    rope: tuple[
+        torch.Tensor, torch.Tensor
+    ]  # cos, sin of the RoPE angles: [L, head_dim / 2] fp32, a row per token
     grid: tuple[int, int, int]  # the (t, h, w) token grid
 
 
@@ -274,11 +279,12 @@ class WanDiT(nn.Module):
         e = linear_fp32(F.silu(linear_fp32(sinusoid, self.time_embedding[0])), self.time_embedding[2])
         e0 = linear_fp32(F.silu(e), self.time_projection[1]).unflatten(1, (6, config.dim))
         angles = rope_angles(grid, config.head_dim, x.device)
-        return tokens, DiTInputs(e, e0, self.text_embedding(context.to(dtype)), angles, grid)
+        rope = (angles.cos(), angles.sin())  # once per forward, not in every block
+        return tokens, DiTInputs(e, e0, self.text_embedding(context.to(dtype)), rope, grid)
 
     def run_blocks(self, tokens: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
         for block in self.blocks:
-            tokens = block(tokens, inputs.e0, inputs.context, inputs.angles)
+            tokens = block(tokens, inputs.e0, inputs.context, inputs.rope)
         return tokens
 
     def _with_condition(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

@@ -92,11 +92,11 @@ def _axis_angles(size: int, axis_dim: int, device: torch.device | str) -> torch.
     return torch.outer(torch.arange(size, dtype=torch.float32, device=device), omega.float())
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2p, 2p+1) of x [B, L, H, D] by angles [L, D/2]; fp32 math."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2p, 2p+1) of x [B, L, H, D] by the angles whose cos and sin are
+    given as [L, D/2] fp32; fp32 math."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    cos = torch.cos(angles)[None, :, None, :]
-    sin = torch.sin(angles)[None, :, None, :]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
     return rotated.flatten(-2).to(x.dtype)

@@ -148,7 +148,8 @@ def sharded_forward(
     check_head_split(config.label, config.num_heads, world)
     tokens, inputs = model.embed(x, t, context, y)
     length = tokens.shape[1]
-    local_inputs = dataclasses.replace(inputs, angles=local_rows(inputs.angles, 0, rank, world))
+    local_rope = tuple(local_rows(table, 0, rank, world) for table in inputs.rope)
+    local_inputs = dataclasses.replace(inputs, rope=local_rope)
     with _attention_over(model, group, length):
         tokens = model.run_blocks(local_rows(tokens, 1, rank, world), local_inputs)
     # The head works token by token, so it runs on the slice; gathering its 64 channels is cheaper
