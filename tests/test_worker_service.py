@@ -37,7 +37,7 @@ from turbovideo.worker.storage import BucketStorage, LocalStorage
 FAST = {"num_frames": 5, "num_steps": 1}
 ACCESS_KEY = "AKIASERVICETEST00001"
 SECRET_KEY = "service-test-secret-key-9f8e7d6c5b4a"
-CODES = ("E_INPUT", "E_MODEL", "E_UPLOAD", "E_OOM", "E_CUDA", "E_STARTUP", "E_INTERNAL")
+CODES = ("E_INPUT", "E_MODEL", "E_UPLOAD", "E_OOM", "E_CUDA", "E_STARTUP", "E_STOPPED", "E_INTERNAL")
 
 
 def read_video(path) -> tuple[int, tuple[int, int]]:
@@ -337,6 +337,50 @@ def test_progress_reaches_runpod_in_order_and_before_the_answer(pipelines, tmp_p
     ranks = [(order.index(text.split()[0]), int(text.split()[1].split("/")[0])) for text in arrived]
     assert arrived[0].startswith("encode") and arrived[-1] == "mux 2/2"
     assert ranks == sorted(ranks), arrived
+
+
+def test_a_job_runpod_stops_ends_at_its_next_step_and_frees_the_worker(local, pipelines, tmp_path):
+    from runpod.serverless.modules.rp_job import run_job
+
+    in_step, resume = threading.Event(), threading.Event()
+    forwards = []
+
+    def hold(module, args, out):  # keeps the job inside its first step until the test says so
+        forwards.append(args[0].shape)
+        in_step.set()
+        resume.wait(60)
+
+    hook = pipelines["tiny-t2v"].experts[0].register_forward_hook(hold)
+    job = {"id": "job-stop", "input": {"prompt": "a", "num_frames": 5, "num_steps": 4}}
+
+    async def stop_during_the_first_step() -> None:
+        task = asyncio.create_task(run_job(local.handle_async, job))  # how the SDK runs a job
+        assert await asyncio.to_thread(in_step.wait, 60)
+        task.cancel()  # what the SDK does when RunPod signals a stop (cancel or execution timeout)
+        await asyncio.sleep(0.3)
+        assert not task.done()  # it waits for the job's thread, which is still inside the step
+        resume.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(stop_during_the_first_step())
+    finally:
+        resume.set()
+        hook.remove()
+    assert len(forwards) == 1  # stopped where the step ended: no second step, no decode
+    assert not list(tmp_path.rglob("*.mp4"))
+    assert local.handle({"id": "job-stop", "input": job["input"]}, stop=_set())["error"].startswith(
+        "E_STOPPED: the job was stopped"
+    )
+    answer = asyncio.run(local.handle_async({"id": "after-stop", "input": {"prompt": "a", **FAST}}))
+    assert read_video(answer["video_path"]) == (5, (112, 64))
+
+
+def _set() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
 
 
 json_values = st.recursive(

@@ -4,11 +4,15 @@
 (RunPod shows a raised exception to the client as a JSON traceback, and a non-string error as a
 500); the traceback of an unexpected failure goes to the worker log only. A GPU that ran out of
 memory or lost its CUDA context also asks RunPod to replace the worker (``refresh_worker``).
+RunPod calls ``handle_async``, which runs ``handle`` in a thread so that a job RunPod stops
+(cancelled, or past its execution timeout) stops at its next step instead of running to the end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import functools
 import logging
 import os
@@ -49,6 +53,10 @@ _CUDA_BROKEN = ("cuda error", "illegal memory access", "device-side assert", "cu
 
 class ModelError(LookupError):
     """The request names a model this worker does not serve (answered as ``E_MODEL``)."""
+
+
+class JobStopped(Exception):
+    """RunPod stopped the job: its client cancelled it, or it ran past its execution timeout."""
 
 
 class VideoService:
@@ -94,15 +102,41 @@ class VideoService:
                 logger.warning("no BUCKET_* configured: videos stay on this worker in %s", config.output_dir)
         return cls(pipelines, storage, report_progress=config.report_progress)
 
-    def handle(self, job: dict[str, Any]) -> dict[str, Any]:
-        """The RunPod handler: a response dict, or ``{"error": ...}``; never raises."""
+    async def handle_async(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The RunPod handler: ``handle`` in a thread, so that RunPod can stop the job.
+
+        RunPod stops a job by cancelling this coroutine (SDK >= 1.10; a synchronous handler would
+        run on the SDK's event loop and could not hear it). The job then stops at its next step,
+        decoded chunk or muxed sample, and the coroutine returns only once the thread has let go of
+        the GPU, so the next job never runs beside it. No answer is sent for a stopped job.
+        """
+        stop = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(self.handle, job, stop))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            stop.set()
+            job_id = safe_job_id(job.get("id") if isinstance(job, dict) else None)
+            logger.info("job %s: stopped by RunPod; stopping at its next step", job_id)
+            while not work.done():
+                with contextlib.suppress(asyncio.CancelledError):  # asked again: still wait for the thread
+                    await asyncio.shield(work)
+            raise
+
+    def handle(self, job: dict[str, Any], stop: threading.Event | None = None) -> dict[str, Any]:
+        """A response dict, or ``{"error": ...}``; never raises. Once ``stop`` is set, the job ends
+        at its next step with ``E_STOPPED``."""
         job_id = safe_job_id(job.get("id") if isinstance(job, dict) else None)
         try:
-            return self._run(job, job_id)
+            return self._run(job, job_id, stop or threading.Event())
         except Exception as exc:  # every failure becomes a coded answer; the worker keeps serving
             return error_response(exc, job_id)
 
-    def _run(self, job: Any, job_id: str) -> dict[str, Any]:
+    def _run(self, job: Any, job_id: str, stop: threading.Event) -> dict[str, Any]:
+        def check_stop() -> None:
+            if stop.is_set():
+                raise JobStopped("the job was stopped (cancelled, or past its execution timeout)")
+
         started = time.perf_counter()
         request = parse_request(job.get("input") if isinstance(job, dict) else None)
         spec = self._choose_model(request)
@@ -111,6 +145,7 @@ class VideoService:
         stand_in = Image.new("RGB", (1, 1)) if request.image is not None else None
         pipeline.validate(_generation_request(request, spec, stand_in))
         image = load_image(request.image) if request.image is not None else None
+        check_stop()
         fetched = time.perf_counter()
         generation = _generation_request(request, spec, image)
         pipeline.validate(generation)
@@ -122,15 +157,22 @@ class VideoService:
             generation.num_steps,
             generation.seed,
         )
-        progress = _ProgressSender(job) if self.report_progress else None
+        sender = _ProgressSender(job) if self.report_progress else None
+
+        def progress(event: ProgressEvent) -> None:  # the pipeline reports between steps: stop there
+            check_stop()
+            if sender is not None:
+                sender(event)
+
         try:
             with tempfile.TemporaryDirectory(prefix=f"turbovideo-{job_id}-") as scratch:
                 result = pipeline.generate(generation, Path(scratch), progress=progress)
+                check_stop()
                 delivering = time.perf_counter()
                 delivered, warnings = self._deliver(job_id, result, request)
         finally:
-            if progress is not None:
-                progress.close()  # the last update lands before the answer (sent during the upload)
+            if sender is not None:
+                sender.close()  # the last update lands before the answer (sent during the upload)
         finished = time.perf_counter()
         timings = {
             "input": fetched - started,
@@ -305,6 +347,8 @@ def error_response(exc: BaseException, job_id: str) -> dict[str, Any]:
     """``{"error": "<CODE>: <one line>"}`` for a failed job, plus ``refresh_worker`` when the GPU is suspect."""
     if isinstance(exc, InputError):
         code, message = "E_INPUT", str(exc)
+    elif isinstance(exc, JobStopped):
+        code, message = "E_STOPPED", str(exc)
     elif isinstance(exc, ModelError):
         code, message = "E_MODEL", str(exc)
     elif isinstance(exc, UploadError):
@@ -334,7 +378,7 @@ def error_response(exc: BaseException, job_id: str) -> dict[str, Any]:
         answer["refresh_worker"] = True
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if code in ("E_INPUT", "E_MODEL"):
+    if code in ("E_INPUT", "E_MODEL", "E_STOPPED"):
         logger.info("job %s: %s", job_id, answer["error"])
     else:
         logger.error("job %s: %s", job_id, answer["error"], exc_info=code != "E_UPLOAD")

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,7 +30,8 @@ from turbovideo.worker.config import ConfigError, WorkerConfig, load_config
 
 logger = logging.getLogger("turbovideo.worker")
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+# RunPod's SDK takes both: the served handler is a coroutine (so jobs can be stopped), a failed start's is not.
+Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 # Values of these variables never reach a log line, whatever logs them.
 SECRET_VARIABLES = ("HF_TOKEN", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
 # A presigned URL's query string is a bearer credential.
@@ -66,7 +67,7 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
         )
         return failed_start_handler(failure)
     logger.info("worker ready: serving %s", ", ".join(service.pipelines))
-    return service.handle
+    return service.handle_async
 
 
 def check_test_input(argv: list[str]) -> None:
