@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import socket
+import threading
 from collections.abc import Iterator
 
 import boto3
@@ -39,3 +40,23 @@ def dead_endpoint() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def silent_endpoint() -> Iterator[str]:
+    """An S3 endpoint URL whose server takes connections and requests but never answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the listening socket closed: done
+            while True:
+                held.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for connection in held:
+            connection.close()

@@ -1,6 +1,7 @@
 """Delivery: uploads to an S3 server on loopback (moto), presigned URLs, and nothing lost on failure."""
 
 import logging
+import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -8,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import botocore.endpoint
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from s3_server import dead_endpoint, loopback_s3
+from s3_server import dead_endpoint, loopback_s3, silent_endpoint
 
 from turbovideo.worker import storage as storage_module
 from turbovideo.worker.config import BucketConfig
@@ -101,6 +102,26 @@ def test_server_down_keeps_the_files_and_says_where(job_files, tmp_path):
     assert str(kept) in str(caught.value) and "'videos'" in str(caught.value)
     assert [(kept / p.name).read_bytes() for p in videos] == contents
     assert (kept / thumbnail.name).exists()
+
+
+def test_a_bucket_that_never_answers_is_given_up_on_at_the_deadline(job_files, tmp_path):
+    videos, thumbnail = job_files
+    with silent_endpoint() as endpoint:
+        storage = BucketStorage(
+            bucket_at(endpoint), tmp_path / "durable", attempts=4, deadline_s=0.2, read_timeout_s=1.0
+        )
+        started = time.monotonic()
+        with pytest.raises(UploadError) as caught:
+            storage.deliver("job-silent", videos, thumbnail, expires_in=60)
+        elapsed = time.monotonic() - started
+    # One attempt timed out; no other started past the deadline (4 would take over 4 s per file).
+    assert "failed after 1 attempt (UploadDeadlinePassed: no attempt left within the 0.2 s" in str(
+        caught.value
+    )
+    assert elapsed < 3.5
+    assert sorted(p.name for p in (tmp_path / "durable" / "job-silent").iterdir()) == sorted(
+        p.name for p in [*videos, thumbnail]
+    )
 
 
 def test_failure_mid_upload_keeps_every_file(s3_endpoint, job_files, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -26,12 +27,20 @@ from turbovideo.worker.schema import MAX_EXPIRES_S
 logger = logging.getLogger(__name__)
 
 UPLOAD_ATTEMPTS = 4  # botocore's legacy mode retries with jittered exponential backoff
+# A job's whole upload: past it no attempt starts, and the files are kept instead. Without it a bucket
+# that accepts connections but never answers held a job for 4 attempts x 60 s per file.
+UPLOAD_DEADLINE_S = 180.0
+READ_TIMEOUT_S = 60.0
 _CONTENT_TYPES = {".mp4": "video/mp4", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 _AWS_HOST = re.compile(r"(?:^|\.)s3[.-](?P<region>[a-z0-9-]+)\.amazonaws\.com$")
 
 
 class UploadError(RuntimeError):
     """The bucket did not take the files; the message names the bucket and where the files were kept."""
+
+
+class UploadDeadlinePassed(BotoCoreError):
+    fmt = "no attempt left within the {seconds:g} s an upload may take"
 
 
 class Storage(Protocol):
@@ -90,8 +99,11 @@ class BucketStorage:
         *,
         spare_dir: Path | None = None,
         attempts: int = UPLOAD_ATTEMPTS,
+        deadline_s: float = UPLOAD_DEADLINE_S,
+        read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         self.bucket = bucket
+        self.deadline_s = deadline_s
         # Where files of a failed upload go: the durable folder, else the spare (e.g. a full volume).
         self.keep_dirs = [durable_dir] + ([spare_dir] if spare_dir and spare_dir != durable_dir else [])
         self.client = boto3.client(
@@ -109,12 +121,13 @@ class BucketStorage:
                 # budget that about a dozen failed uploads spend, after which even one 500 is final.
                 retries={"mode": "legacy", "total_max_attempts": attempts},
                 connect_timeout=10,
-                read_timeout=60,
+                read_timeout=read_timeout_s,
             ),
         )
         # Requests actually sent for the current file (what the error reports).
         self._sends = 0
-        self.client.meta.events.register("before-send.s3.PutObject", self._count_send)
+        self._give_up_at = float("inf")
+        self.client.meta.events.register("before-send.s3.PutObject", self._before_send)
 
     def key(self, job_id: str, filename: str) -> str:
         return "/".join(part for part in (self.bucket.prefix, job_id, filename) if part)
@@ -123,6 +136,7 @@ class BucketStorage:
         uploads = [(path, f"sample_{i}.mp4") for i, path in enumerate(videos)] + [
             (thumbnail, "thumbnail.jpg")
         ]
+        self._give_up_at = time.monotonic() + self.deadline_s
         try:
             for path, name in uploads:
                 self._put(path, self.key(job_id, name))
@@ -140,7 +154,10 @@ class BucketStorage:
             fields["videos"] = video_urls
         return fields
 
-    def _count_send(self, **_: Any) -> None:
+    def _before_send(self, **_: Any) -> None:
+        # Raised here, the error ends the call at once: botocore retries only its own HTTP errors.
+        if time.monotonic() > self._give_up_at:
+            raise UploadDeadlinePassed(seconds=self.deadline_s)
         self._sends += 1
 
     def _put(self, path: Path, key: str) -> None:
