@@ -12,7 +12,7 @@ from botocore.exceptions import EndpointConnectionError
 from s3_server import dead_endpoint, loopback_s3, silent_endpoint
 
 from turbovideo.worker import storage as storage_module
-from turbovideo.worker.config import BucketConfig
+from turbovideo.worker.config import BucketConfig, ConfigError
 from turbovideo.worker.storage import BucketStorage, LocalStorage, UploadError, region_for, safe_job_id
 
 ACCESS_KEY = "AKIATESTWORKER0001"
@@ -102,6 +102,23 @@ def test_server_down_keeps_the_files_and_says_where(job_files, tmp_path):
     assert str(kept) in str(caught.value) and "'videos'" in str(caught.value)
     assert [(kept / p.name).read_bytes() for p in videos] == contents
     assert (kept / thumbnail.name).exists()
+
+
+def test_the_start_up_check_refuses_a_bucket_that_is_not_there_and_only_warns_otherwise(
+    s3_endpoint, tmp_path, caplog
+):
+    BucketStorage(bucket_at(s3_endpoint), tmp_path).check()  # there: silent
+    missing = BucketConfig(s3_endpoint, ACCESS_KEY, SECRET_KEY, "vidoes", "")
+    with pytest.raises(ConfigError) as caught:
+        BucketStorage(missing, tmp_path).check()
+    assert str(caught.value) == (
+        f"BUCKET_NAME 'vidoes' is not a bucket at {s3_endpoint}: create it or correct BUCKET_NAME (NoSuchBucket)"
+    )
+    caplog.set_level(logging.WARNING)
+    started = time.monotonic()
+    BucketStorage(bucket_at(dead_endpoint()), tmp_path).check()  # unreachable now: the uploads decide
+    assert time.monotonic() - started < 5  # one attempt, not the uploads' four
+    assert "could not be checked (EndpointConnectionError" in caplog.text
 
 
 def test_a_bucket_that_never_answers_is_given_up_on_at_the_deadline(job_files, tmp_path):

@@ -31,6 +31,30 @@ def test_bad_models_are_answered_to_every_job(tmp_path):
         )
 
 
+def test_a_bucket_that_is_not_there_is_answered_before_any_model_loads(tmp_path, monkeypatch):
+    from s3_server import loopback_s3
+
+    from turbovideo.pipeline import VideoPipeline
+
+    loads = []
+    monkeypatch.setattr(VideoPipeline, "load", lambda *a, **k: loads.append(a))
+    with loopback_s3("AKIASTARTUPTEST00001", "startup-secret-0123456789") as (endpoint, _):
+        env = {
+            "MODELS": "tiny-t2v",
+            "CACHE_DIR": str(tmp_path),
+            "BUCKET_ENDPOINT_URL": endpoint,
+            "BUCKET_ACCESS_KEY_ID": "AKIASTARTUPTEST00001",
+            "BUCKET_SECRET_ACCESS_KEY": "startup-secret-0123456789",
+            "BUCKET_NAME": "renders",  # the server has only "videos"
+        }
+        answer = create_handler(env)(dict(JOB))
+    assert answer == {
+        "error": f"E_STARTUP: BUCKET_NAME 'renders' is not a bucket at {endpoint}: create it or correct "
+        "BUCKET_NAME (NoSuchBucket)"
+    }
+    assert loads == []
+
+
 def test_missing_models_on_runpod_is_answered(tmp_path):
     handler = create_handler({"RUNPOD_POD_ID": "pod", "CACHE_DIR": str(tmp_path)})
     assert handler(dict(JOB))["error"].startswith("E_STARTUP: MODELS is not set")

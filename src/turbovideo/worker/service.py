@@ -72,6 +72,13 @@ class VideoService:
     @classmethod
     def from_config(cls, config: WorkerConfig) -> VideoService:
         """Fetch checkpoints and load every served model now, so warm requests pay nothing."""
+        if config.bucket is not None:  # a wrong bucket setting fails the start before any download
+            storage: Storage = BucketStorage(config.bucket, config.durable_dir, spare_dir=config.output_dir)
+            storage.check()
+        else:
+            storage = LocalStorage(config.output_dir, spare_dir=config.durable_dir)
+            if config.on_runpod:
+                logger.warning("no BUCKET_* configured: videos stay on this worker in %s", config.output_dir)
         configure_compile_cache(config.cache_dir)
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         quantized = use_quantized(config.variant, gpu_bytes)
@@ -94,12 +101,6 @@ class VideoService:
         if config.warm_up or (config.warm_up is None and torch.cuda.is_available()):
             for pipeline in pipelines.values():
                 _warm_up(pipeline)
-        if config.bucket is not None:
-            storage: Storage = BucketStorage(config.bucket, config.durable_dir, spare_dir=config.output_dir)
-        else:
-            storage = LocalStorage(config.output_dir, spare_dir=config.durable_dir)
-            if config.on_runpod:
-                logger.warning("no BUCKET_* configured: videos stay on this worker in %s", config.output_dir)
         return cls(pipelines, storage, report_progress=config.report_progress)
 
     async def handle_async(self, job: dict[str, Any]) -> dict[str, Any]:

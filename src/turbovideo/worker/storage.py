@@ -21,7 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from turbovideo.errors import one_line
-from turbovideo.worker.config import BucketConfig
+from turbovideo.worker.config import BucketConfig, ConfigError
 from turbovideo.worker.schema import MAX_EXPIRES_S
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,12 @@ UPLOAD_ATTEMPTS = 4  # botocore's legacy mode retries with jittered exponential 
 # that accepts connections but never answers held a job for 4 attempts x 60 s per file.
 UPLOAD_DEADLINE_S = 180.0
 READ_TIMEOUT_S = 60.0
+# A bucket service's answers that mean a setting is wrong (not a permission, not the network).
+_WRONG_SETTING = {
+    "NoSuchBucket": "BUCKET_NAME {name!r} is not a bucket at {endpoint}: create it or correct BUCKET_NAME",
+    "InvalidAccessKeyId": "BUCKET_ACCESS_KEY_ID is not a key that {endpoint} knows: correct it",
+    "SignatureDoesNotMatch": "BUCKET_SECRET_ACCESS_KEY is not the secret of BUCKET_ACCESS_KEY_ID: correct it",
+}
 _CONTENT_TYPES = {".mp4": "video/mp4", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 _AWS_HOST = re.compile(r"(?:^|\.)s3[.-](?P<region>[a-z0-9-]+)\.amazonaws\.com$")
 
@@ -106,28 +112,40 @@ class BucketStorage:
         self.deadline_s = deadline_s
         # Where files of a failed upload go: the durable folder, else the spare (e.g. a full volume).
         self.keep_dirs = [durable_dir] + ([spare_dir] if spare_dir and spare_dir != durable_dir else [])
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=bucket.endpoint_url,
-            aws_access_key_id=bucket.access_key_id,
-            aws_secret_access_key=bucket.secret_access_key,
-            region_name=region_for(bucket.endpoint_url),
-            config=Config(
-                signature_version="s3v4",
-                # boto3 >= 1.36 adds CRC32 checksum headers that R2 and other S3 look-alikes reject.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-                # "legacy": every request gets its retries. Standard mode draws them from a client-wide
-                # budget that about a dozen failed uploads spend, after which even one 500 is final.
-                retries={"mode": "legacy", "total_max_attempts": attempts},
-                connect_timeout=10,
-                read_timeout=read_timeout_s,
-            ),
-        )
+        self.client = _client(bucket, attempts, read_timeout_s)
         # Requests actually sent for the current file (what the error reports).
         self._sends = 0
         self._give_up_at = float("inf")
         self.client.meta.events.register("before-send.s3.PutObject", self._before_send)
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` when a setting keeps the bucket from taking any upload (no such bucket,
+        an unknown key, a wrong secret), so the worker says so at start instead of after each job's
+        video. Anything else (a key allowed to write but not to list, an unreachable service) is only
+        logged: the uploads decide, and keep the files if they fail."""
+        endpoint = self.bucket.endpoint_url
+        try:
+            _client(self.bucket, attempts=1).list_objects_v2(Bucket=self.bucket.name, MaxKeys=1)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in _WRONG_SETTING:
+                raise ConfigError(
+                    f"{_WRONG_SETTING[code].format(name=self.bucket.name, endpoint=endpoint)} ({code})"
+                ) from None
+            logger.warning(
+                "bucket %r at %s could not be listed (%s); uploads will tell",
+                self.bucket.name,
+                endpoint,
+                code,
+            )
+        except (BotoCoreError, OSError) as exc:
+            logger.warning(
+                "bucket %r at %s could not be checked (%s: %s); uploads will tell",
+                self.bucket.name,
+                endpoint,
+                type(exc).__name__,
+                one_line(str(exc), 200),
+            )
 
     def key(self, job_id: str, filename: str) -> str:
         return "/".join(part for part in (self.bucket.prefix, job_id, filename) if part)
@@ -172,6 +190,27 @@ class BucketStorage:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket.name, "Key": key}, ExpiresIn=lifetime_s
         )
+
+
+def _client(bucket: BucketConfig, attempts: int, read_timeout_s: float = READ_TIMEOUT_S) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=bucket.endpoint_url,
+        aws_access_key_id=bucket.access_key_id,
+        aws_secret_access_key=bucket.secret_access_key,
+        region_name=region_for(bucket.endpoint_url),
+        config=Config(
+            signature_version="s3v4",
+            # boto3 >= 1.36 adds CRC32 checksum headers that R2 and other S3 look-alikes reject.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            # "legacy": every request gets its retries. Standard mode draws them from a client-wide
+            # budget that about a dozen failed uploads spend, after which even one 500 is final.
+            retries={"mode": "legacy", "total_max_attempts": attempts},
+            connect_timeout=10,
+            read_timeout=read_timeout_s,
+        ),
+    )
 
 
 def keep_files(job_id: str, files: list[Path], folders: list[Path]) -> str:
