@@ -548,6 +548,23 @@ def test_a_start_warms_up_each_model_when_asked(setting, warmed, tmp_path, caplo
     assert ("warmed up tiny-t2v in" in caplog.text) is warmed
 
 
+def test_the_warm_up_and_every_job_run_on_one_thread(tmp_path, monkeypatch):
+    # cuDNN keeps its tuned plans per thread: a job on a fresh thread would tune the VAE again.
+    threads = []
+    generate = VideoPipeline.generate
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread())
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(VideoPipeline, "generate", recording)
+    worker = _started(tmp_path, WARMUP="1")
+    for i in range(2):  # the SDK's loop, or a fresh one: the same thread either way
+        answer = asyncio.run(worker.handle_async({"id": f"job-thread-{i}", "input": {"prompt": "a", **FAST}}))
+        assert "error" not in answer
+    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] is not threading.main_thread()
+
+
 def test_a_failed_warm_up_is_logged_and_the_worker_still_serves(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
     with monkeypatch.context() as patched:
