@@ -4,8 +4,9 @@
 (RunPod shows a raised exception to the client as a JSON traceback, and a non-string error as a
 500); the traceback of an unexpected failure goes to the worker log only. A GPU that ran out of
 memory or lost its CUDA context also asks RunPod to replace the worker (``refresh_worker``).
-RunPod calls ``handle_async``, which runs ``handle`` in a thread so that a job RunPod stops
-(cancelled, or past its execution timeout) stops at its next step instead of running to the end.
+RunPod calls ``handle_async``, which runs ``handle`` on the worker's one GPU thread so that a job
+RunPod stops (cancelled, or past its execution timeout) stops at its next step instead of running to
+the end.
 """
 
 from __future__ import annotations
