@@ -377,6 +377,51 @@ def test_a_job_runpod_stops_ends_at_its_next_step_and_frees_the_worker(local, pi
     assert read_video(answer["video_path"]) == (5, (112, 64))
 
 
+def test_jobs_handed_over_at_once_run_one_after_the_other(local, pipelines, monkeypatch):
+    # RunPod's HTTP API server (--rp_serve_api, RUNPOD_REALTIME_PORT) awaits requests concurrently: two
+    # jobs on one pipeline at once would share its attention settings, memory plan and GPU group.
+    pipeline = pipelines["tiny-t2v"]
+    generate, running, most = pipeline.generate, [0], [0]
+
+    def counting(*args, **kwargs):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.2)  # wide enough for the other job to start beside it
+            return generate(*args, **kwargs)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(pipeline, "generate", counting)
+
+    async def two_at_once() -> list[dict]:
+        jobs = ({"id": f"at-once-{i}", "input": {"prompt": "a", **FAST}} for i in range(2))
+        return await asyncio.gather(*(local.handle_async(job) for job in jobs))
+
+    answers = asyncio.run(two_at_once())
+    assert all("error" not in answer for answer in answers), answers
+    assert most[0] == 1
+
+
+def test_a_job_stopped_during_its_upload_starts_no_further_upload(pipelines, s3, tmp_path):
+    endpoint, admin = s3
+    delivery = bucket_service(pipelines, endpoint, tmp_path / "durable")
+    stop, sent = threading.Event(), []
+
+    def stop_after_the_first(request, **_):  # the stop arrives while the first file is on its way
+        sent.append(request.url)
+        stop.set()
+
+    delivery.storage.client.meta.events.register("before-send.s3.PutObject", stop_after_the_first)
+    job = {"id": "job-stop-upload", "input": {"prompt": "a", "num_samples": 2, **FAST}}
+    answer = delivery.handle(job, stop=stop)
+    assert answer["error"].startswith("E_STOPPED"), answer
+    assert len(sent) == 1
+    listed = admin.list_objects_v2(Bucket="videos", Prefix="out/job-stop-upload/").get("Contents", [])
+    assert [entry["Key"] for entry in listed] == ["out/job-stop-upload/sample_0.mp4"]
+    assert not (tmp_path / "durable" / "job-stop-upload").exists()  # a stopped job's files are not kept
+
+
 def _set() -> threading.Event:
     event = threading.Event()
     event.set()

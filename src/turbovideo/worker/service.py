@@ -21,7 +21,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,9 +50,11 @@ logger = logging.getLogger(__name__)
 
 # RunPod refuses results over 10 MB on /run (20 MB on /runsync); leave room for the other fields.
 MAX_BASE64_BYTES = 9_000_000
-# Every job and the start-up warm-up run on this one thread: cuDNN's tuned convolution plans and
-# other GPU library state live per thread, and a fresh thread paid 1.3 s to tune the VAE decode again
-# (H200, 1.3B: 3.0 s against 1.6 s a request).
+# Every job and the start-up warm-up run on this one thread. One job at a time: the pipelines (memory
+# plan, attention settings, the multi-GPU group) are not shared, and RunPod's HTTP API server hands
+# over requests concurrently. One thread: cuDNN's tuned convolution plans and other GPU library state
+# live per thread, and a fresh thread paid 1.3 s to tune the VAE decode again (H200, 1.3B: 3.0 s
+# against 1.6 s a request).
 _GPU_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turbovideo-gpu")
 _CUDA_BROKEN = ("cuda error", "illegal memory access", "device-side assert", "cublas_status", "cudnn_status")
 
@@ -144,6 +146,7 @@ class VideoService:
             if stop.is_set():
                 raise JobStopped("the job was stopped (cancelled, or past its execution timeout)")
 
+        check_stop()  # stopped while it waited for the GPU thread
         started = time.perf_counter()
         request = parse_request(job.get("input") if isinstance(job, dict) else None)
         spec = self._choose_model(request)
@@ -176,7 +179,7 @@ class VideoService:
                 result = pipeline.generate(generation, Path(scratch), progress=progress)
                 check_stop()
                 delivering = time.perf_counter()
-                delivered, warnings = self._deliver(job_id, result, request)
+                delivered, warnings = self._deliver(job_id, result, request, check_stop)
         finally:
             if sender is not None:
                 sender.close()  # the last update lands before the answer (sent during the upload)
@@ -220,7 +223,11 @@ class VideoService:
         raise ModelError(f"no model for task {task!r} is served by this worker; served: {served}")
 
     def _deliver(
-        self, job_id: str, result: GenerationResult, request: VideoRequest
+        self,
+        job_id: str,
+        result: GenerationResult,
+        request: VideoRequest,
+        check_stop: Callable[[], None] | None = None,
     ) -> tuple[dict[str, Any], list[str]]:
         """The response fields naming the files (URLs or paths, plus base64 where asked and it fits)
         and warnings. The files always reach the storage first; base64 is an extra, so when a failed
@@ -229,7 +236,9 @@ class VideoService:
         # Read before delivery moves the files.
         encoded = _encode(result, warnings) if request.return_base64 else {}
         try:
-            delivered = self.storage.deliver(job_id, result.videos, result.thumbnail, request.expires_in)
+            delivered = self.storage.deliver(
+                job_id, result.videos, result.thumbnail, request.expires_in, check_stop=check_stop
+            )
         except UploadError as exc:
             if not encoded:
                 raise

@@ -12,6 +12,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -50,8 +51,16 @@ class UploadDeadlinePassed(BotoCoreError):
 
 
 class Storage(Protocol):
-    def deliver(self, job_id: str, videos: list[Path], thumbnail: Path, expires_in: int) -> dict[str, Any]:
-        """Move the job's files to their final place and return the response fields naming them."""
+    def deliver(
+        self,
+        job_id: str,
+        videos: list[Path],
+        thumbnail: Path,
+        expires_in: int,
+        check_stop: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """Move the job's files to their final place and return the response fields naming them.
+        ``check_stop`` raises once the job is stopped; no upload (or retry) starts after it has."""
 
 
 def safe_job_id(job_id: Any) -> str:
@@ -79,7 +88,14 @@ class LocalStorage:
         self.output_dir = output_dir
         self.keep_dirs = [output_dir] + ([spare_dir] if spare_dir and spare_dir != output_dir else [])
 
-    def deliver(self, job_id: str, videos: list[Path], thumbnail: Path, expires_in: int) -> dict[str, Any]:
+    def deliver(
+        self,
+        job_id: str,
+        videos: list[Path],
+        thumbnail: Path,
+        expires_in: int,
+        check_stop: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
         files = [*videos, thumbnail]
         folder = self.output_dir / job_id
         try:
@@ -116,6 +132,7 @@ class BucketStorage:
         # Requests actually sent for the current file (what the error reports).
         self._sends = 0
         self._give_up_at = float("inf")
+        self._check_stop: Callable[[], None] | None = None
         self.client.meta.events.register("before-send.s3.PutObject", self._before_send)
 
     def check(self) -> None:
@@ -150,11 +167,19 @@ class BucketStorage:
     def key(self, job_id: str, filename: str) -> str:
         return "/".join(part for part in (self.bucket.prefix, job_id, filename) if part)
 
-    def deliver(self, job_id: str, videos: list[Path], thumbnail: Path, expires_in: int) -> dict[str, Any]:
+    def deliver(
+        self,
+        job_id: str,
+        videos: list[Path],
+        thumbnail: Path,
+        expires_in: int,
+        check_stop: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
         uploads = [(path, f"sample_{i}.mp4") for i, path in enumerate(videos)] + [
             (thumbnail, "thumbnail.jpg")
         ]
         self._give_up_at = time.monotonic() + self.deadline_s
+        self._check_stop = check_stop
         try:
             for path, name in uploads:
                 self._put(path, self.key(job_id, name))
@@ -164,6 +189,8 @@ class BucketStorage:
             raise UploadError(
                 f"{failure}; {keep_files(job_id, [*videos, thumbnail], self.keep_dirs)}"
             ) from exc
+        finally:
+            self._check_stop = None
         lifetime = max(1, min(expires_in, MAX_EXPIRES_S))
         urls = [self._presign(self.key(job_id, name), lifetime) for _, name in uploads]
         *video_urls, thumbnail_url = urls
@@ -174,6 +201,8 @@ class BucketStorage:
 
     def _before_send(self, **_: Any) -> None:
         # Raised here, the error ends the call at once: botocore retries only its own HTTP errors.
+        if self._check_stop is not None:
+            self._check_stop()  # a stopped job's error passes through botocore to the caller as it is
         if time.monotonic() > self._give_up_at:
             raise UploadDeadlinePassed(seconds=self.deadline_s)
         self._sends += 1
