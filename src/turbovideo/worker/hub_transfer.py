@@ -273,24 +273,29 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+# Where the cache is set: the worker's variable, or the download script's flag.
+_CACHE_SETTING = "CACHE_DIR; --dest of download_checkpoints.py"
+
+
 def check_free_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if needed > free:
         raise CheckpointDownloadError(
             f"not enough space in {directory}: need {format_size(needed)} more, {format_size(free)} free; "
-            "enlarge the volume or point CACHE_DIR elsewhere"
+            f"enlarge the volume or point the cache elsewhere ({_CACHE_SETTING})"
         )
 
 
 def filesystem_error(e: OSError, directory: Path) -> CheckpointDownloadError:
     if e.errno in _FULL_DISK:
         return CheckpointDownloadError(
-            f"the cache at {directory} is full ({e.strerror}); enlarge the volume or point CACHE_DIR elsewhere"
+            f"the cache at {directory} is full ({e.strerror}); enlarge the volume or point the cache "
+            f"elsewhere ({_CACHE_SETTING})"
         )
     if e.errno in _READ_ONLY:
         return CheckpointDownloadError(
-            f"the cache at {directory} is not writable ({e.strerror}); point CACHE_DIR at a writable directory "
-            "or pre-seed it with scripts/download_checkpoints.py"
+            f"the cache at {directory} is not writable ({e.strerror}); point the cache at a writable directory "
+            f"({_CACHE_SETTING}) or pre-seed it with scripts/download_checkpoints.py"
         )
     return CheckpointDownloadError(f"cannot use the cache at {directory}: {e}")
 
