@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import logging
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,12 +23,12 @@ from botocore.exceptions import EndpointConnectionError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from s3_server import dead_endpoint, loopback_s3
+from s3_server import dead_endpoint, loopback_s3, silent_endpoint
 from test_inputs import bomb_png
 
 from turbovideo.catalog import MODELS
 from turbovideo.parallel import ParallelError
-from turbovideo.pipeline import VideoPipeline
+from turbovideo.pipeline import ProgressEvent, VideoPipeline
 from turbovideo.worker import inputs, service
 from turbovideo.worker.config import BucketConfig, load_config
 from turbovideo.worker.schema import VideoRequest
@@ -422,6 +423,27 @@ def test_a_job_stopped_during_its_upload_starts_no_further_upload(pipelines, s3,
     assert not (tmp_path / "durable" / "job-stop-upload").exists()  # a stopped job's files are not kept
 
 
+def test_a_stop_during_an_upload_attempt_waits_for_that_attempt_and_starts_no_retry(pipelines, tmp_path):
+    # README: an upload attempt under way finishes first (a bucket that does not answer: the read timeout).
+    with silent_endpoint() as endpoint:
+        bucket = BucketConfig(endpoint, ACCESS_KEY, SECRET_KEY, "videos", "out")
+        storage = BucketStorage(bucket, tmp_path / "durable", attempts=4, read_timeout_s=2)
+        stop, sent = threading.Event(), []
+
+        def stop_soon(**_):
+            sent.append(time.monotonic())
+            threading.Timer(0.5, stop.set).start()
+
+        storage.client.meta.events.register("before-send.s3.PutObject", stop_soon)
+        answer = VideoService(pipelines, storage).handle(
+            {"id": "job-stop-attempt", "input": {"prompt": "a", **FAST}}, stop=stop
+        )
+    assert answer["error"].startswith("E_STOPPED"), answer
+    assert len(sent) == 1  # the attempt under way ran to its read timeout; no retry started after the stop
+    assert time.monotonic() - sent[0] >= 2
+    assert not (tmp_path / "durable" / "job-stop-attempt").exists()
+
+
 def _set() -> threading.Event:
     event = threading.Event()
     event.set()
@@ -610,6 +632,31 @@ def test_the_warm_up_and_every_job_run_on_one_thread(tmp_path, monkeypatch):
     assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] is not threading.main_thread()
 
 
+def test_an_interrupted_start_stops_the_warm_up_at_its_next_step(tmp_path, monkeypatch):
+    # Ctrl-C while the start-up warm-up runs on the GPU thread: the interpreter's exit joins that thread,
+    # so a warm-up that went on to its end would hold the exit for all of it (a cold one: ~30 s).
+    started, steps = threading.Event(), []
+
+    def long_generate(self, request, out_dir, progress=None):
+        started.set()
+        for i in range(100):  # 10 s of steps
+            time.sleep(0.1)
+            steps.append(i)
+            if progress is not None:
+                progress(ProgressEvent("decode", i + 1, 100))
+        raise AssertionError("the warm-up ran to its end")
+
+    monkeypatch.setattr(VideoPipeline, "generate", long_generate)
+    main = threading.main_thread().ident
+    threading.Thread(
+        target=lambda: started.wait(60) and signal.pthread_kill(main, signal.SIGINT), daemon=True
+    ).start()
+    with pytest.raises(KeyboardInterrupt):
+        _started(tmp_path, WARMUP="1")
+    service._GPU_THREAD.submit(lambda: None).result(timeout=2)  # free at once: the exit would not wait
+    assert len(steps) < 20
+
+
 def test_a_failed_warm_up_is_logged_and_the_worker_still_serves(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
     with monkeypatch.context() as patched:
@@ -623,7 +670,7 @@ def test_a_failed_warm_up_is_logged_and_the_worker_still_serves(tmp_path, caplog
 def test_a_warm_up_that_breaks_the_multi_gpu_group_fails_the_start(tmp_path, monkeypatch):
     # A follower out of memory in the warm-up leaves the group broken for every job: the start's
     # answer (describe_startup_error) says what to change instead of jobs asking for replacements.
-    def broken_group(self):
+    def broken_group(self, progress=None):
         raise ParallelError("GPU rank 1 failed: OutOfMemoryError: CUDA out of memory")
 
     monkeypatch.setattr(VideoPipeline, "warm_up", broken_group)

@@ -260,7 +260,7 @@ class VideoPipeline:
             warnings=self._prompt_warnings(request.prompt),
         )
 
-    def warm_up(self) -> float:
+    def warm_up(self, progress: Progress | None = None) -> float:
         """Generate one throwaway video of the default request with a single step; returns seconds.
 
         A process's first request also pays for loading the compiled kernels, cuDNN's convolution
@@ -269,6 +269,7 @@ class VideoPipeline:
         expert is enough (every expert runs the same kernels at the same shapes), and the frame count
         and size are the default request's, whose shapes are the ones Triton and cuDNN specialize on.
         The prompt goes through the text encoder (so it warms up too) without entering the prompt cache.
+        ``progress`` hears each step, as in ``generate`` (and may raise to stop the warm-up there).
         """
         image = Image.new("RGB", (16, 9), (128, 128, 128)) if self.spec.task == "i2v" else None
         request = GenerationRequest(prompt="warm-up", task=self.spec.task, image=image, num_steps=1)
@@ -276,7 +277,7 @@ class VideoPipeline:
         kept, self.prompt_cache = self.prompt_cache, PromptCache(capacity=1)
         try:
             with tempfile.TemporaryDirectory(prefix="turbovideo-warm-up-") as scratch:
-                self.generate(request, Path(scratch))
+                self.generate(request, Path(scratch), progress=progress)
         finally:
             self.prompt_cache = kept
         return time.perf_counter() - started

@@ -108,7 +108,7 @@ class VideoService:
         _spread_over_gpus(pipelines.values(), config.sp_degree)
         if config.warm_up or (config.warm_up is None and torch.cuda.is_available()):
             for pipeline in pipelines.values():
-                _GPU_THREAD.submit(_warm_up, pipeline).result()
+                _warm_up_on_gpu_thread(pipeline)
         return cls(pipelines, storage, report_progress=config.report_progress)
 
     async def handle_async(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -317,15 +317,35 @@ def _spread_over_gpus(pipelines: Iterable[VideoPipeline], sp_degree: int | None)
         raise ConfigError(str(exc)) from None
 
 
-def _warm_up(pipeline: VideoPipeline) -> None:
+def _warm_up_on_gpu_thread(pipeline: VideoPipeline) -> None:
+    """``_warm_up`` on the GPU thread. Interrupted while waiting for it (Ctrl-C), the start asks it to
+    stop at its next step: the interpreter's exit waits for the GPU thread, which would otherwise
+    finish the whole warm-up first."""
+    stop = threading.Event()
+
+    def check_stop(event: ProgressEvent) -> None:
+        if stop.is_set():
+            raise JobStopped("the start was interrupted")
+
+    try:
+        _GPU_THREAD.submit(_warm_up, pipeline, check_stop).result()
+    except BaseException:
+        stop.set()
+        raise
+
+
+def _warm_up(pipeline: VideoPipeline, progress: Callable[[ProgressEvent], None] | None = None) -> None:
     """One throwaway generation, so the first job runs at warm speed. A failure is logged, not fatal:
     the jobs then answer for whatever is wrong (E_OOM, E_CUDA) as they would without a warm-up. Only a
     broken multi-GPU group fails the start: no job could run, and the start's answer says what to change."""
     name = pipeline.spec.name
     try:
-        seconds = pipeline.warm_up()
+        seconds = pipeline.warm_up(progress=progress)
     except ParallelError:
         raise
+    except JobStopped:
+        logger.info("warm-up of %s stopped: the start was interrupted", name)
+        return
     except Exception as exc:
         logger.warning(
             "warm-up of %s failed (%s: %s); its first job pays for loading kernels instead",
