@@ -60,8 +60,14 @@ else
     # one's history.
     if [[ "$(git -C "$src" rev-parse --show-toplevel 2>/dev/null)" == "$(cd "$src" && pwd -P)" ]] &&
         git -C "$src" rev-parse --verify --quiet HEAD >/dev/null; then
-        git -C "$src" merge-base --is-ancestor "$OLDEST_USABLE_COMMIT" HEAD ||
+        if git -C "$src" merge-base --is-ancestor "$OLDEST_USABLE_COMMIT" HEAD 2>/dev/null; then
+            :
+        elif [[ "$(git -C "$src" rev-parse --is-shallow-repository)" == true ]]; then
+            # `git clone --depth N` keeps only the last N commits: the check cannot see that far back.
+            echo "warning: $src is a shallow clone; cannot check it includes ${OLDEST_USABLE_COMMIT:0:7}" >&2
+        else
             die "$src is older than SpargeAttn ${OLDEST_USABLE_COMMIT:0:7} (fix sm90 pad_size), which SageSLA needs"
+        fi
     else
         echo "warning: $src is not a git checkout of its own; cannot check it includes ${OLDEST_USABLE_COMMIT:0:7}" >&2
     fi

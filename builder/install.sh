@@ -6,6 +6,7 @@
 #   --cpu        CI's torch (requirements-cpu.txt) instead of the image's CUDA 12.8 torch 2.8.0
 #   --deps-only  requirements only, not the project (the Dockerfile caches this layer separately)
 #   WHEEL ...    extra wheels to install as well, e.g. the SpargeAttn wheel from build_spargeattn.sh
+#                (its Python imports come from requirements-spargeattn.txt)
 #
 # The image and a CI test (tests/test_image_install.py) both run this script with the same
 # requirements-runtime.txt and constraints.txt, so the two cannot drift; only the torch line differs.
@@ -19,7 +20,7 @@ torch_requirements="$builder/requirements-cuda.txt"
 deps_only=0
 wheels=()
 
-usage() { sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 while (($#)); do
     case "$1" in
@@ -38,7 +39,9 @@ done
 pip() { "$python" -m pip install --no-input "$@"; }
 
 started=$SECONDS
-pip -r "$torch_requirements" -r "$builder/requirements-runtime.txt" -c "$builder/constraints.txt"
+# requirements-spargeattn.txt: what the SpargeAttn wheel imports (einops); --no-deps below skips it.
+pip -r "$torch_requirements" -r "$builder/requirements-runtime.txt" -r "$builder/requirements-spargeattn.txt" \
+    -c "$builder/constraints.txt"
 if ((${#wheels[@]})); then
     # --no-deps: a wheel must not swap the pinned torch for another one.
     pip --no-deps "${wheels[@]}"

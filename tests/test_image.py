@@ -361,10 +361,28 @@ def test_runtime_requirements_cover_the_project_dependencies():
         assert names == pinned, f"pyproject vs runtime + {torch_set}: {sorted(names ^ pinned)}"
 
 
+def test_build_backend_minimum_reads_the_license_field():
+    """setuptools before 77 refuses ``license = "<SPDX>"`` ("`project.license` must be valid exactly by
+    one definition"), so the lower bound must not let a --no-build-isolation install pick one."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (backend,) = [Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    if isinstance(pyproject["project"].get("license"), str):
+        assert not backend.specifier.contains("76.1.0"), backend
+        assert backend.specifier.contains("77.0.3"), backend
+
+
 def test_constraints_pin_only_what_requirements_do_not():
     constraints = requirement_pins(BUILDER / "constraints.txt")
     assert len(constraints) > 50  # the transitive closure, not a hand-picked few
-    for name in ("requirements-runtime.txt", "requirements-cuda.txt", "requirements-cpu.txt"):
+    for name in (
+        "requirements-runtime.txt",
+        "requirements-cuda.txt",
+        "requirements-cpu.txt",
+        "requirements-spargeattn.txt",
+    ):
         both = constraints.keys() & requirement_pins(BUILDER / name).keys()
         assert not both, f"{sorted(both)} pinned in both constraints.txt and {name}"
 
@@ -375,6 +393,23 @@ def test_spargeattn_build_tools_are_pinned():
         line = line.split("#")[0].strip()
         if line:
             assert "==" in line or normalize(line) in constraints, f"{line} is pinned nowhere"
+
+
+# The third-party modules SpargeAttn's Python package imports when the worker loads its kernels
+# (spas_sage_attn/__init__.py -> core.py, utils.py, quant_per_block.py at SPARGEATTN_COMMIT bfd980b).
+# Its setup.py declares no requirements and install.sh installs the wheel with --no-deps.
+SPARGEATTN_IMPORTS = {"torch", "triton", "einops"}
+
+
+def test_spargeattn_imports_are_installed_with_the_wheel():
+    install = (BUILDER / "install.sh").read_text()
+    installed = requirement_pins(BUILDER / "requirements-cuda.txt")  # the image's torch set
+    for name in ("requirements-runtime.txt", "requirements-spargeattn.txt"):
+        assert f'-r "$builder/{name}"' in install, f"install.sh does not install {name}"
+        installed.update(requirement_pins(BUILDER / name))
+    missing = {m for m in SPARGEATTN_IMPORTS if normalize(m) not in installed}
+    # Without einops `import spas_sage_attn._qattn` fails, and the image's SageSLA is "not installed".
+    assert not missing, f"the image would install the SpargeAttn wheel without {sorted(missing)}"
 
 
 def test_ci_installs_the_same_cpu_torch():
@@ -469,6 +504,21 @@ def test_spargeattn_build_refuses_old_checkouts_and_missing_nvcc(tmp_path):
     assert old.returncode != 0 and "older than SpargeAttn 01c4b48" in old.stderr
     no_nvcc = run_script(str(BUILDER / "build_spargeattn.sh"), env={"CUDA_HOME": str(tmp_path / "none")})
     assert no_nvcc.returncode == 1 and "no nvcc" in no_nvcc.stderr
+
+
+def test_spargeattn_shallow_clone_is_not_refused_as_old(tmp_path):
+    # `git clone --depth 1` of a current SpargeAttn has no history to find 01c4b48 in: that is no proof
+    # of an old checkout, while a full history without it (above) is.
+    (tmp_path / "origin").mkdir()
+    origin = sparge_source(tmp_path / "origin")
+    git_commit_all(origin)
+    (origin / "README.md").write_text("newer\n")
+    git_commit_all(origin)
+    shallow = tmp_path / "shallow"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", origin.as_uri(), str(shallow)], check=True)
+    result = prepare_spargeattn(tmp_path, shallow)
+    assert result.returncode == 0, result.stderr
+    assert "shallow clone" in result.stderr
 
 
 def test_spargeattn_copy_inside_another_repository_is_not_judged_by_its_history(tmp_path):

@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_image import copy_sources, dockerfile_instructions, normalize, requirement_pins
+from test_image import (
+    SPARGEATTN_IMPORTS,
+    copy_sources,
+    dockerfile_instructions,
+    normalize,
+    requirement_pins,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Installed by the venv itself or by the install script, not pinned by the requirement files.
@@ -76,7 +82,12 @@ def test_install_script_builds_a_working_worker(tmp_path):
         [str(python), "-m", "pip", "freeze", "--all"], env=env, capture_output=True, text=True, check=True
     )
     pins = {}
-    for name in ("requirements-runtime.txt", "requirements-cpu.txt", "constraints.txt"):
+    for name in (
+        "requirements-runtime.txt",
+        "requirements-cpu.txt",
+        "requirements-spargeattn.txt",
+        "constraints.txt",
+    ):
         pins.update(requirement_pins(ROOT / "builder" / name))
     for line in frozen.stdout.splitlines():
         name, _, version = line.partition("==")
@@ -84,6 +95,11 @@ def test_install_script_builds_a_working_worker(tmp_path):
         if name in UNPINNED:
             continue
         assert pins.get(name) == version, f"{name} {version} installed but pinned as {pins.get(name)}"
+
+    # What the SpargeAttn wheel imports (the image installs that wheel with --no-deps).
+    subprocess.run(
+        [str(python), "-c", "import " + ", ".join(sorted(SPARGEATTN_IMPORTS))], cwd=home, env=env, check=True
+    )
 
     started = time.monotonic()
     smoke = subprocess.run(
