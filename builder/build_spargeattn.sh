@@ -84,6 +84,12 @@ if [[ "${cuda_version%%.*}" -ge 13 ]]; then
     echo "CUDA $cuda_version: removed setup.py's forced '-include cassert' (breaks nvcc 13)"
 fi
 
+# Record the archs this wheel has kernels for: with fewer than the GPU it lands on (a 9.0-only image on
+# an L40S), turbovideo's attention=auto must not pick SageSLA there ("no kernel image" in every job).
+mkdir -p "$work/src/spas_sage_attn"
+printf '# Written by builder/build_spargeattn.sh: the GPU archs this build compiled kernels for.\nTORCH_CUDA_ARCH_LIST = "%s"\n' \
+    "$TORCH_CUDA_ARCH_LIST" >"$work/src/spas_sage_attn/_turbovideo_build.py"
+
 if ((prepare_only)); then
     echo "$work/src"
     exit 0

@@ -55,7 +55,27 @@ def cuda_arch(device: torch.device) -> str:
 
 def is_available(device: torch.device) -> bool:
     device = torch.device(device)
-    return device.type == "cuda" and sparge_modules() is not None and cuda_arch(device) in SUPPORTED_ARCHS
+    return device.type == "cuda" and sparge_modules() is not None and cuda_arch(device) in wheel_archs()
+
+
+@functools.cache
+def wheel_archs() -> tuple[str, ...]:
+    """The SUPPORTED_ARCHS the installed SpargeAttn has kernels for: those builder/build_spargeattn.sh
+    recorded it was built for (a TORCH_CUDA_ARCH_LIST=9.0 image has no sm89 kernels), else all."""
+    try:
+        built = importlib.import_module("spas_sage_attn._turbovideo_build").TORCH_CUDA_ARCH_LIST
+    except (ImportError, AttributeError):  # built some other way: nothing recorded
+        return SUPPORTED_ARCHS
+    return built_archs(built)
+
+
+def built_archs(arch_list: str) -> tuple[str, ...]:
+    """The SUPPORTED_ARCHS a TORCH_CUDA_ARCH_LIST value ("8.0;8.9;9.0+PTX", or space-separated) names.
+
+    Exact matches only: SpargeAttn's sm89 and sm90 kernels use instructions older PTX cannot JIT into.
+    """
+    listed = {"sm" + item.split("+")[0].replace(".", "") for item in arch_list.replace(" ", ";").split(";")}
+    return tuple(arch for arch in SUPPORTED_ARCHS if arch in listed)
 
 
 def selection_blocks(arch: str) -> tuple[int, int]:

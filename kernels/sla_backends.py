@@ -58,8 +58,10 @@ def _on_cuda(device: torch.device) -> bool:
 def _sagesla_unavailable_message() -> str:
     if sagesla.sparge_modules() is None:
         return sagesla.NOT_INSTALLED
-    archs = ", ".join(sagesla.SUPPORTED_ARCHS)
-    return f"attention=sagesla needs a CUDA GPU of arch {archs} for SpargeAttn; use attention=sla"
+    archs = ", ".join(sagesla.wheel_archs()) or "(none listed in its build)"
+    return (
+        f"attention=sagesla needs a CUDA GPU of arch {archs} for the installed SpargeAttn; use attention=sla"
+    )
 
 
 register_attention("sla", TritonSLA(), _on_cuda, priority=KERNEL_PRIORITY)

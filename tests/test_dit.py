@@ -87,7 +87,10 @@ def test_sagesla_where_it_cannot_run_is_one_clear_sentence():
             "attention=sagesla needs SpargeAttn (spas_sage_attn), which is not installed; use attention=sla"
         )
     else:  # a GPU machine with SpargeAttn: the CPU model still cannot use it
-        expected = "attention=sagesla needs a CUDA GPU of arch sm80, sm86, sm87, sm89, sm90 for SpargeAttn; use attention=sla"
+        expected = (
+            "attention=sagesla needs a CUDA GPU of arch sm80, sm86, sm87, sm89, sm90 for the installed "
+            "SpargeAttn; use attention=sla"
+        )
     assert str(info.value) == expected
     with pytest.raises(InputError, match="unknown attention 'flash'"):
         build_dit("tiny-t2v", attention="flash")

@@ -475,6 +475,43 @@ def test_spargeattn_source_is_patched_only_for_cuda_13(tmp_path, release, keeps_
     assert "-include,cassert" in (source / "setup.py").read_text()  # the checkout is never modified
 
 
+def test_spargeattn_wheel_records_the_archs_it_has_kernels_for(tmp_path, monkeypatch):
+    # A 9.0-only image on an sm89 card: attention=auto must not pick SageSLA ("no kernel image" in every job).
+    import sys
+    import types
+
+    from turbovideo.kernels import sagesla
+
+    result = run_script(
+        str(BUILDER / "build_spargeattn.sh"),
+        "--src",
+        str(sparge_source(tmp_path)),
+        "--prepare-only",
+        env={
+            "CUDA_HOME": str(fake_cuda(tmp_path, "12.8")),
+            "TMPDIR": str(tmp_path),
+            "TORCH_CUDA_ARCH_LIST": "9.0",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    recorded = types.ModuleType("spas_sage_attn._turbovideo_build")
+    exec(
+        (
+            Path(result.stdout.strip().splitlines()[-1]) / "spas_sage_attn" / "_turbovideo_build.py"
+        ).read_text(),
+        recorded.__dict__,
+    )
+    monkeypatch.setitem(sys.modules, "spas_sage_attn", types.ModuleType("spas_sage_attn"))
+    monkeypatch.setitem(sys.modules, "spas_sage_attn._turbovideo_build", recorded)
+    sagesla.wheel_archs.cache_clear()
+    try:
+        assert sagesla.wheel_archs() == ("sm90",)
+    finally:
+        sagesla.wheel_archs.cache_clear()
+    assert sagesla.built_archs("8.0;8.6;8.9;9.0") == ("sm80", "sm86", "sm89", "sm90")
+    assert sagesla.built_archs("8.9 9.0+PTX") == ("sm89", "sm90")
+
+
 def git_commit_all(repo: Path) -> None:
     """Make ``repo`` a git repository with one commit holding everything in it."""
     git = {
