@@ -67,6 +67,17 @@ class JobStopped(Exception):
     """RunPod stopped the job: its client cancelled it, or it ran past its execution timeout."""
 
 
+def _stop_check(stop: threading.Event, message: str) -> Callable[..., None]:
+    """A check that raises ``JobStopped(message)`` once ``stop`` is set; it takes and ignores any
+    arguments, so it also serves as a pipeline progress callback (called between steps)."""
+
+    def check(*_: Any) -> None:
+        if stop.is_set():
+            raise JobStopped(message)
+
+    return check
+
+
 class VideoService:
     """The loaded pipelines (one per served model, in ``MODELS`` order) and where videos go."""
 
@@ -142,10 +153,7 @@ class VideoService:
             return error_response(exc, job_id)
 
     def _run(self, job: Any, job_id: str, stop: threading.Event) -> dict[str, Any]:
-        def check_stop() -> None:
-            if stop.is_set():
-                raise JobStopped("the job was stopped (cancelled, or past its execution timeout)")
-
+        check_stop = _stop_check(stop, "the job was stopped (cancelled, or past its execution timeout)")
         check_stop()  # stopped while it waited for the GPU thread
         started = time.perf_counter()
         request = parse_request(job.get("input") if isinstance(job, dict) else None)
@@ -322,13 +330,8 @@ def _warm_up_on_gpu_thread(pipeline: VideoPipeline) -> None:
     stop at its next step: the interpreter's exit waits for the GPU thread, which would otherwise
     finish the whole warm-up first."""
     stop = threading.Event()
-
-    def check_stop(event: ProgressEvent) -> None:
-        if stop.is_set():
-            raise JobStopped("the start was interrupted")
-
     try:
-        _GPU_THREAD.submit(_warm_up, pipeline, check_stop).result()
+        _GPU_THREAD.submit(_warm_up, pipeline, _stop_check(stop, "the start was interrupted")).result()
     except BaseException:
         stop.set()
         raise
