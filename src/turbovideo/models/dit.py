@@ -196,9 +196,8 @@ class DiTInputs:
     e: torch.Tensor  # [B, dim] fp32 time embedding; modulates the head
     e0: torch.Tensor  # [B, 6, dim] fp32; modulates every block
     context: torch.Tensor  # [B, text_len, dim] embedded text
-    rope: tuple[
-        torch.Tensor, torch.Tensor
-    ]  # cos, sin of the RoPE angles: [L, head_dim / 2] fp32, a row per token
+    # cos, sin of the RoPE angles: [L, head_dim / 2] fp32 each, a row per token
+    rope: tuple[torch.Tensor, torch.Tensor]
     grid: tuple[int, int, int]  # the (t, h, w) token grid
 
 
