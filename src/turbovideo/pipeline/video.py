@@ -176,11 +176,13 @@ class SampleMuxer:
             self._close_all()
             raise
 
-    def add(self, chunk: torch.Tensor) -> None:
-        frames, ready = to_uint8_frames(chunk)  # [B, n, H, W, 3]
+    def add(self, chunk: torch.Tensor, first_sample: int = 0) -> None:
+        """Frames of samples ``first_sample``, ``first_sample + 1``, ... (``chunk`` is [b, 3, n, H, W])."""
+        frames, ready = to_uint8_frames(chunk)  # [b, n, H, W, 3]
         if self._first_frame is None:
             self._first_frame = frames[0, 0], ready
-        for stream, sample_frames in zip(self._streams, frames, strict=True):
+        streams = self._streams[first_sample : first_sample + len(frames)]
+        for stream, sample_frames in zip(streams, frames, strict=True):
             stream.add(sample_frames, ready)
 
     def close(self, on_muxed: Callable[[int, int], None]) -> list[Path]:
