@@ -1,5 +1,7 @@
 """Frames to mp4 and thumbnail (upstream-spec §11)."""
 
+from pathlib import Path
+
 import imageio_ffmpeg
 import numpy as np
 import pytest
@@ -122,3 +124,14 @@ def test_an_encoder_that_stops_taking_frames_is_an_encode_error(tmp_path):
 
     with pytest.raises(EncodeError, match="ffmpeg stopped"):
         write_mp4(np.zeros((5, 480, 832, 3), np.uint8), tmp_path / "missing" / "clip.mp4", fps=16)
+
+
+@pytest.mark.parametrize("folder", ["-clips", "take:2"])
+def test_a_relative_path_ffmpeg_could_read_as_an_option_or_a_protocol(tmp_path, monkeypatch, folder):
+    # `turbovideo generate --out=-clips/v.mp4` (or take:2/v.mp4) writes through a relative scratch folder;
+    # ffmpeg took "-clips/..." for an option and "take:..." for a protocol and wrote nothing.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / folder).mkdir()
+    path = Path(folder) / "clip.mp4"
+    write_mp4(_clip(5), path, fps=16)
+    assert len(_read(tmp_path / folder / "clip.mp4")[1]) == 5

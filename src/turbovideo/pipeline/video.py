@@ -66,7 +66,7 @@ class Mp4Stream:
         self._chunks: queue.Queue[tuple[np.ndarray, Callable[[], None]] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._writer = imageio_ffmpeg.write_frames(
-            str(path),
+            ffmpeg_output_name(path),
             (width, height),
             fps=fps,
             codec="libx264",
@@ -117,6 +117,12 @@ class Mp4Stream:
                 self._writer.close()  # stops ffmpeg
             while not finished and self._chunks.get() is not None:  # drain so close() never blocks
                 pass
+
+
+def ffmpeg_output_name(path: Path) -> str:
+    """``path`` as ffmpeg must be given it: absolute, so that a relative name starting with "-" is not
+    read as an option, nor one with a ":" before its first "/" as a protocol (e.g. "take:2/clip.mp4")."""
+    return os.path.abspath(path)
 
 
 class EncodeError(OSError):
