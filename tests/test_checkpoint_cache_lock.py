@@ -130,3 +130,30 @@ def test_a_live_heartbeat_stamped_by_a_clock_behind_ours_is_not_broken(tmp_path,
         assert holder.held
     finally:
         holder.release()
+
+
+_FULL_DISK_LOCK_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+from turbovideo.worker.locking import VolumeLock
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+try:
+    print(VolumeLock(Path(sys.argv[1])).try_acquire())
+except OSError as e:
+    print(e.strerror)
+"""
+
+
+def test_a_lock_record_the_disk_cannot_take_is_an_error_and_leaves_no_lock(tmp_path):
+    # 0: the first write fails (the empty file used to stay); 10: only part of the record fits, which
+    # os.write reports as a short write (the cut record used to stay, taken for the holder's own).
+    for room in (0, 10):
+        path = tmp_path / f"x{room}.lock"
+        done = subprocess.run(
+            [sys.executable, "-c", _FULL_DISK_LOCK_CHILD, str(path), str(room)],
+            capture_output=True,
+            text=True,
+        )
+        assert done.stdout.strip() == "File too large", done.stderr
+        assert not path.exists()

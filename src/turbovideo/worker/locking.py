@@ -49,6 +49,23 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written: on a nearly full disk one call may write only a part,
+    and the next one raises the reason (ENOSPC, EDQUOT, EFBIG)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _remove_if_still(path: Path, fd: int) -> None:
+    """Remove ``path`` if it is still the file open as ``fd``: a write that hung long enough may have
+    seen our nameless file broken as stale and replaced by another worker's lock."""
+    with contextlib.suppress(OSError):
+        ours, now = os.fstat(fd), path.stat()
+        if (ours.st_dev, ours.st_ino) == (now.st_dev, now.st_ino):
+            path.unlink()
+
+
 def read_owner(path: Path) -> dict | None:
     """The owner record of a lock file, or None when it is gone or not yet written."""
     try:
@@ -91,10 +108,13 @@ class VolumeLock:
                 return False
             owner = {**_machine(), "pid": os.getpid(), "token": token, "started": time.time()}
             try:
-                os.write(fd, json.dumps(owner).encode())
+                _write_all(fd, json.dumps(owner).encode())
                 os.fsync(fd)
             except BaseException:
                 _HELD_TOKENS.discard(token)
+                # An empty or cut record names nobody: left behind (a full disk), every worker would wait
+                # out the stale timeout for it, and we would take our own cut record for a new owner's.
+                _remove_if_still(self.path, fd)
                 raise
             finally:
                 os.close(fd)
