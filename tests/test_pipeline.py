@@ -96,6 +96,20 @@ def test_repeated_prompt_skips_the_text_encoder(t2v, tmp_path):
     assert calls[0] == 1  # the second prompt cleans to the same text
 
 
+def test_the_text_encoder_reads_the_prompt_cleaned_once(t2v, tmp_path):
+    # Upstream cleans a prompt once (ftfy, then HTML-unescaping twice). ftfy leaves entities alone in
+    # text with a tag, so cleaning twice unescaped "&amp;amp;lt;" one level further, to "<".
+    prompt = "a <b> sign that reads &amp;amp;lt;"
+    seen: list[torch.Tensor] = []
+    hook = t2v.text_encoder.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    try:
+        t2v.generate(GenerationRequest(prompt=prompt, num_frames=5, num_steps=1), tmp_path)
+    finally:
+        hook.remove()
+    assert len(seen) == 1
+    assert torch.equal(seen[0], t2v.tokenizer.encode([prompt]).ids)
+
+
 def test_i2v_adaptive_resolution_and_expert_switch(i2v, tmp_path):
     high, low = (_count_calls(expert) for expert in i2v.experts)
     # Tiny 16:9 is 112x64 (area 7168). A 4:3 image: w = sqrt(7168 * 4/3) = 97.8 -> 6.11 strides -> 96;

@@ -313,7 +313,9 @@ class VideoPipeline:
         cached = self.prompt_cache.get(self.encoder_id, text)
         if cached is None:
             self._enter({TEXT_ENCODER})
-            cached = encode_prompts([text], self.tokenizer, self.text_encoder)
+            # The raw prompt: the tokenizer cleans it (once, as upstream); cleaning the clean text again
+            # can change it (HTML entities one level deeper unescaped).
+            cached = encode_prompts([prompt], self.tokenizer, self.text_encoder)
             self.prompt_cache.put(self.encoder_id, text, cached)
         return cached.to(self.device, non_blocking=True)
 
