@@ -10,6 +10,13 @@ def test_a_device_that_is_not_one_is_a_one_line_exit():
         benchmark_device("bench.py", "gpu", cpu_smoke=True)
 
 
+@pytest.mark.parametrize("device", ["meta", "mps", "xla"])
+def test_a_device_type_torch_knows_but_the_benchmarks_do_not_run_on_is_a_one_line_exit(device):
+    # torch.device accepts these; the benchmarks then failed with a traceback minutes later.
+    with pytest.raises(SystemExit, match=rf"bench\.py: --device must be cuda, cuda:N or cpu, got '{device}'"):
+        benchmark_device("bench.py", device, cpu_smoke=True)
+
+
 def test_the_results_file_is_checked_before_any_run(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(SystemExit, match=r"bench\.py: cannot write --out .*file/r\.json"):

@@ -21,10 +21,17 @@ def benchmark_device(
     try:
         device = torch.device(requested or "cuda")
     except RuntimeError:
-        raise SystemExit(f"{script}: --device must be cuda, cuda:N or cpu, got {requested!r}") from None
+        device = None
+    # torch.device also takes meta, mps, xla, ...: the benchmarks would fail on them minutes later.
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise SystemExit(f"{script}: --device must be cuda, cuda:N or cpu, got {requested!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         hint = "; pass --device cpu with a tiny configuration for a smoke run" if cpu_smoke else ""
         raise SystemExit(f"{script} needs a CUDA GPU{hint}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(
+            f"{script}: --device {requested} names no GPU; this machine has {torch.cuda.device_count()}"
+        )
     if out is not None:
         try:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
