@@ -1,8 +1,9 @@
 """The benchmark scripts' shared argument checks: one line, before any benchmark runs."""
 
 import pytest
+import torch
 
-from turbovideo.benchmark import benchmark_device
+from turbovideo.benchmark import benchmark_device, peak_gib
 
 
 def test_a_device_that_is_not_one_is_a_one_line_exit():
@@ -28,3 +29,11 @@ def test_the_results_file_is_checked_before_any_run(tmp_path):
 def test_a_results_path_that_is_a_directory_is_refused_before_any_run(tmp_path):
     with pytest.raises(SystemExit, match=r"bench\.py: cannot write --out .*: Is a directory"):
         benchmark_device("bench.py", "cpu", cpu_smoke=True, out=tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_peak_memory_is_the_benchmarked_device_s():
+    torch.cuda.reset_peak_memory_stats("cuda:1")
+    block = torch.empty(2**30, dtype=torch.uint8, device="cuda:1")
+    assert peak_gib("cuda:1") >= 1.0
+    del block

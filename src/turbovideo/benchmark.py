@@ -82,4 +82,5 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def peak_gib(device: torch.device | str) -> float | None:
     """Peak allocated GPU memory since the last reset, in GiB (None off the GPU)."""
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else None
+    # The device's own counter: without it, the current device's (cuda:0 for --device cuda:1).
+    return torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
