@@ -165,6 +165,21 @@ def test_a_progress_callback_that_fails_leaves_no_encoder_running(t2v, tmp_path)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("mux-")]
 
 
+def test_a_run_stopped_during_decode_reports_no_video_muxed(t2v, tmp_path):
+    events: list[tuple[str, int]] = []
+
+    def report(event):  # e.g. the worker's stop check once the job is cancelled
+        events.append((event.stage, event.step))
+        if event.stage == "decode":
+            raise KeyboardInterrupt
+
+    request = GenerationRequest(prompt="a red fox", num_frames=9, num_steps=1, num_samples=2)
+    with pytest.raises(KeyboardInterrupt):
+        t2v.generate(request, tmp_path, report)
+    assert events == [("encode", 1), ("denoise", 1), ("decode", 1)]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("mux-")]
+
+
 def test_i2v_fixed_size_distorts_the_image(i2v, tmp_path):
     image = Image.new("RGB", (30, 90), (0, 0, 0))
     request = GenerationRequest(

@@ -244,11 +244,18 @@ class VideoPipeline:
 
         self._enter({VAE})
         muxer = SampleMuxer(Path(out_dir), request.num_samples, width, height, request.fps)
+        decoded = False
+
+        def on_muxed(done: int, total: int) -> None:
+            if decoded:  # a decode that failed (or was stopped) finished no video: report none as muxed
+                report(ProgressEvent("mux", done, total))
+
         try:
             num_frames = self._decode(latent, muxer, report)
+            decoded = True
             clock.lap("decode")
         finally:  # also on failure: no ffmpeg process is left behind
-            paths = muxer.close(lambda done, total: report(ProgressEvent("mux", done, total)))
+            paths = muxer.close(on_muxed)
         clock.lap("mux")
         return GenerationResult(
             videos=paths,
