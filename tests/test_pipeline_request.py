@@ -52,6 +52,13 @@ IMAGE = Image.new("RGB", (64, 48), (10, 20, 30))
         (T2V, {"adaptive_resolution": True}, "adaptive_resolution needs an input image"),
         (I2V, {"task": "i2v"}, "task 'i2v' needs an input image"),
         (I2V, {"task": "i2v", "image": "photo.png"}, "image must be a PIL image, got str"),
+        # Pillow makes empty images; they failed later (a division by zero, an empty resize).
+        (I2V, {"task": "i2v", "image": Image.new("RGB", (0, 0))}, "image must have pixels, got 0x0"),
+        (
+            I2V,
+            {"task": "i2v", "image": Image.new("RGB", (0, 9)), "adaptive_resolution": True},
+            "image must have pixels, got 0x9",
+        ),
         (
             I2V,
             {"task": "i2v", "image": Image.new("RGB", (4000, 10)), "adaptive_resolution": True},

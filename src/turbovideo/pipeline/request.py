@@ -92,6 +92,8 @@ def check_request(request: GenerationRequest, spec: ModelSpec) -> None:
         raise InputError("task 't2v' takes no input image; use an i2v model for image-to-video")
     if request.image is not None and not isinstance(request.image, Image.Image):
         raise InputError(f"image must be a PIL image, got {type(request.image).__name__}")
+    if request.image is not None and min(request.image.size) < 1:  # Pillow makes 0x0 images
+        raise InputError(f"image must have pixels, got {request.image.width}x{request.image.height}")
     resolution = request.resolution or spec.default_resolution
     allowed = supported_resolutions(spec)
     if resolution not in allowed:
