@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from turbovideo.models.checkpoint import CheckpointError, read_state_dict
 from turbovideo.models.dit_checkpoint import quantize_dit_state
@@ -34,16 +36,38 @@ def quantize_file(source: Path, target: Path) -> int:
         quantized = dict(quantize_dit_state(state))
     except CheckpointError as exc:
         raise CheckpointError(f"{source.name}: {exc}") from None
+    # Written beside the target and renamed over it only once complete: a full disk or a kill mid-write
+    # must neither leave a cut file under the final name nor destroy an earlier output of that name.
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
     try:
         if target.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in quantized.items()}, str(target))
+            save_file({k: v.contiguous() for k, v in quantized.items()}, str(partial))
         else:
-            torch.save(quantized, target)
-    except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable target as a RuntimeError
-        raise WriteError(str(exc).strip().partition("\n")[0] or type(exc).__name__) from exc
+            # Through a Python file object: a failed write then surfaces as an OSError that names it.
+            with open(partial, "wb") as fh:
+                torch.save(quantized, fh)
+        with open(partial, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(partial, target)
+    # torch.save reports an unwritable target as a RuntimeError, safetensors as its own SafetensorError.
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        raise WriteError(_write_failure(exc)) from exc
+    finally:
+        partial.unlink(missing_ok=True)
     return len(quantized)
+
+
+def _write_failure(exc: BaseException) -> str:
+    """Why a write failed, in one line: the OSError underneath (torch.save's own message for a full
+    disk is an internal assertion, "unexpected pos ...") or else the first line of the message."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return str(exc).strip().partition("\n")[0] or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,6 +130,35 @@ def test_quantize_script_says_in_one_line_when_it_cannot_write(files, tmp_path, 
     assert err.count("\n") == 1
 
 
+_FULL_DISK_QUANTIZE = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_quantize_script_on_a_full_disk_keeps_the_earlier_output_and_leaves_no_cut_file(
+    files, tmp_path, suffix
+):
+    _, path = files["tiny-t2v"]
+    target = tmp_path / f"q{suffix}"
+    earlier = b"an earlier quantized file"
+    target.write_bytes(earlier)
+    run = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_QUANTIZE, str(SCRIPT), str(path), str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1 and run.stderr.startswith(f"error: cannot write {target}: "), run
+    assert "File too large" in run.stderr and run.stderr.count("\n") == 1
+    assert target.read_bytes() == earlier
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 def test_quantize_script_does_not_blame_the_output_for_a_failure_reading_or_converting(
     files, tmp_path, capsys, monkeypatch
 ):
