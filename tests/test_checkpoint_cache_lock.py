@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from turbovideo.worker.locking import VolumeLock, read_owner
 
@@ -157,3 +158,18 @@ def test_a_lock_record_the_disk_cannot_take_is_an_error_and_leaves_no_lock(tmp_p
         )
         assert done.stdout.strip() == "File too large", done.stderr
         assert not path.exists()
+
+
+def test_a_lock_the_volume_will_not_let_go_is_released_with_a_warning(tmp_path, monkeypatch, caplog):
+    # A volume that turned read-only under a download (root ignores permission bits, so refuse the unlink).
+    path = tmp_path / "x.lock"
+    lock = VolumeLock(path, stale_after=5)
+    assert lock.try_acquire()
+
+    def read_only(self, missing_ok=False):
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    lock.release()  # must not replace the error that ended the work
+    assert not lock.held
+    assert "could not remove lock" in caplog.text and "Read-only file system" in caplog.text

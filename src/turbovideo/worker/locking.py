@@ -171,8 +171,14 @@ class VolumeLock:
             self._heartbeat.join()
         owner = read_owner(self.path)
         if owner is not None and owner.get("token") == self._token:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+            try:
+                self.path.unlink(missing_ok=True)
+            except (
+                OSError
+            ) as exc:  # e.g. the volume went read-only: the error that ended the work matters more
+                logger.warning(
+                    "could not remove lock %s (%s); other workers wait until it goes stale", self.path, exc
+                )
         _HELD_TOKENS.discard(self._token)
         self._token = None
         self._heartbeat = None
