@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 from collections import OrderedDict
 from pathlib import Path
 
@@ -78,7 +79,8 @@ class PromptCache:
         if path is None:
             return
         # Write then rename, so a reader never sees half a file.
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        # A random name: workers in containers sharing a volume often have the same pid.
+        partial = path.with_name(f"{path.name}.{secrets.token_hex(8)}.partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({_TENSOR_NAME: embedding}, partial)
