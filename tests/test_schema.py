@@ -87,6 +87,7 @@ def test_every_field_accepts_a_valid_value():
             "aspect_ratio must be one of '16:9', '9:16', '4:3', '3:4' or '1:1', got '2:1'",
         ),
         ({"prompt": "a", "model": 3}, "model must be a string or null, got 3"),
+        ({"prompt": "a", "model": ""}, "model must not be empty"),
         ({"prompt": "a", "image": {"url": "x"}}, "image must be a string or null, got an object"),
         ([], "input must be a JSON object of request fields, got a list"),
         ("a red fox", "input must be a JSON object of request fields, got a string"),

@@ -54,7 +54,8 @@ class VideoRequest(BaseModel):
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)]
     image: str | None = None  # http(s) URL, data URI or base64; size limits live in inputs.py
     task: Literal["t2v", "i2v"] | None = None
-    model: Annotated[str, Field(max_length=100)] | None = None
+    # "" names no model (leave the field out for the default).
+    model: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     resolution: Literal["480p", "720p", "tiny"] | None = None
     aspect_ratio: Literal["16:9", "9:16", "4:3", "3:4", "1:1"] = "16:9"
     adaptive_resolution: bool = False
