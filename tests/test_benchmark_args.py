@@ -1,5 +1,9 @@
 """The benchmark scripts' shared argument checks: one line, before any benchmark runs."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,3 +41,16 @@ def test_peak_memory_is_the_benchmarked_device_s():
     block = torch.empty(2**30, dtype=torch.uint8, device="cuda:1")
     assert peak_gib("cuda:1") >= 1.0
     del block
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")
+def test_the_memory_benchmark_checks_its_cases_and_needs_a_gpu(tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "bench_memory.py"
+
+    def run(*args):
+        return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
+
+    bad = run("--model", "tiny-t2v", "--case", "480p:81", "--out", str(tmp_path / "m.json"))
+    assert bad.returncode == 2 and "expected resolution:num_frames:num_samples, got '480p:81'" in bad.stderr
+    done = run("--model", "tiny-t2v", "--out", str(tmp_path / "m.json"))
+    assert done.returncode == 1 and done.stderr.strip() == "bench_memory.py needs a CUDA GPU"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,12 +41,14 @@ class Stage:
 
 @dataclass(frozen=True)
 class Placement:
-    """``resident`` modules stay on the GPU; ``swapped`` ones are there only while a stage runs them."""
+    """``resident`` modules stay on the GPU; ``swapped`` ones are there only while a stage runs them.
+    ``stage_bytes`` is each stage's estimated GPU memory, ``peak_bytes`` the largest."""
 
     resident: frozenset[str]
     swapped: frozenset[str]
     peak_bytes: int
     fits: bool
+    stage_bytes: Mapping[str, int] = field(default_factory=dict)
 
 
 def plan(
@@ -60,9 +62,10 @@ def plan(
     candidates = [name for name in offload_order if name in sizes]
     while True:
         resident = frozenset(sizes) - swapped
-        peak = max(_stage_bytes(stage, resident, sizes) for stage in stages)
+        per_stage = {stage.name: _stage_bytes(stage, resident, sizes) for stage in stages}
+        peak = max(per_stage.values())
         if peak <= budget_bytes or not candidates:
-            return Placement(resident, frozenset(swapped), peak, peak <= budget_bytes)
+            return Placement(resident, frozenset(swapped), peak, peak <= budget_bytes, per_stage)
         swapped.add(candidates.pop(0))
 
 
