@@ -74,6 +74,7 @@ def measure(pipe: VideoPipeline, case: str, device: torch.device) -> list[dict]:
         resolution=resolution,
         num_frames=int(frames),
         num_samples=int(samples),
+        num_steps=1,  # every step takes the same memory
     )
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
