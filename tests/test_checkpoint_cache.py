@@ -364,6 +364,19 @@ def test_pre_seeded_read_only_cache_is_used_as_is(hub, tmp_path):
     assert len(hub.requests) == seen
 
 
+def test_pre_seeded_read_only_cache_with_hard_links_is_used_as_is(hub, tmp_path):
+    # Seeded on a filesystem without symbolic links: models/<name>/ holds hard links, which a
+    # read-only volume must not have to rebuild.
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    for f in SPEC.files(False):
+        link = model_dir / f.filename
+        link.unlink()
+        os.link(target(tmp_path, f), link)
+    with read_only_dir(tmp_path):
+        assert ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint) == model_dir
+    assert not any(p.is_symlink() for p in model_dir.rglob("*"))
+
+
 def test_file_larger_than_the_free_space_is_a_clear_error(tmp_path):
     files = fake_files()
     files[(DIT.repo, DIT.filename)].size = 1 << 60  # the Hub claims an exabyte

@@ -410,15 +410,19 @@ def _link_model_dir(cache_dir: Path, name: str, files: tuple[HubFile, ...]) -> P
         for f in files:
             link = model_dir / f.filename
             link.parent.mkdir(parents=True, exist_ok=True)
-            source = os.path.relpath(_target(cache_dir, f), link.parent)
-            if link.is_symlink() and os.readlink(link) == source:
-                continue
+            target = _target(cache_dir, f)
+            source = os.path.relpath(target, link.parent)
+            if link.is_symlink():
+                if os.readlink(link) == source:
+                    continue
+            elif link.exists() and os.path.samefile(link, target):
+                continue  # the hard link a filesystem without symlinks got (maybe read-only by now)
             # Unique per writer: workers in containers are all pid 1 and may link the same folder at once.
             tmp = link.with_name(f".{link.name}.{secrets.token_hex(8)}.link")
             try:
                 tmp.symlink_to(source)
             except OSError:  # a filesystem without symlinks: a hard link reads the same
-                os.link(_target(cache_dir, f), tmp)
+                os.link(target, tmp)
             os.replace(tmp, link)
     except OSError as e:
         raise filesystem_error(e, model_dir) from e
