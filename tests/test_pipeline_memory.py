@@ -11,6 +11,7 @@ from turbovideo.errors import InputError
 from turbovideo.models import build_dit, build_text_encoder, build_vae, load_tokenizer
 from turbovideo.pipeline import GenerationRequest, VideoPipeline
 from turbovideo.pipeline.memory import (
+    TEXT_ACTIVATION_BYTES,
     DeviceSlot,
     Stage,
     dit_activation_bytes,
@@ -35,7 +36,7 @@ def _t2v_stages(width, height, frames, dim, ffn):
     tokens = latent_frames * (height // 16) * (width // 16)
     latent = 16 * latent_frames * (height // 8) * (width // 8)
     return [
-        Stage("text", ("text_encoder",), 256 << 20),
+        Stage("text", ("text_encoder",), TEXT_ACTIVATION_BYTES),
         Stage("denoise", ("dit",), dit_activation_bytes(1, tokens, dim, ffn, latent)),
         Stage("decode", ("vae",), vae_activation_bytes(frames, height, width)),
     ]
@@ -94,7 +95,7 @@ def test_a14b_i2v_on_80gb_keeps_both_experts_and_offloads_umt5():
     dit = dit_activation_bytes(1, tokens, DIM_14B, FFN_14B, latent)
     vae = vae_activation_bytes(81, 720, 1280)
     stages = [
-        Stage("text", ("text_encoder",), 256 << 20),
+        Stage("text", ("text_encoder",), TEXT_ACTIVATION_BYTES),
         Stage("image", ("vae",), vae),
         Stage("denoise-high", ("dit_high",), dit),
         Stage("denoise-low", ("dit_low",), dit),
