@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import botocore.endpoint
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from s3_server import dead_endpoint, loopback_s3, silent_endpoint
+from s3_server import dead_endpoint, loopback_s3, loopback_s3_with_keys, silent_endpoint
 
 from turbovideo.worker import storage as storage_module
 from turbovideo.worker.config import BucketConfig, ConfigError
@@ -119,6 +119,36 @@ def test_the_start_up_check_refuses_a_bucket_that_is_not_there_and_only_warns_ot
     BucketStorage(bucket_at(dead_endpoint()), tmp_path).check()  # unreachable now: the uploads decide
     assert time.monotonic() - started < 5  # one attempt, not the uploads' four
     assert "could not be checked (EndpointConnectionError" in caplog.text
+
+
+def test_the_start_up_check_names_a_wrong_key_or_secret_and_lets_a_write_only_key_through(
+    job_files, tmp_path, caplog
+):
+    with loopback_s3_with_keys() as (endpoint, keys):
+
+        def storage(key_id: str, secret: str) -> BucketStorage:
+            return BucketStorage(BucketConfig(endpoint, key_id, secret, "videos", ""), tmp_path / "kept")
+
+        storage(*keys["writer"]).check()  # a key that may list: silent
+        with pytest.raises(ConfigError) as caught:
+            storage("AKIANOSUCHKEY0000000", keys["writer"][1]).check()
+        assert (
+            str(caught.value)
+            == f"BUCKET_ACCESS_KEY_ID is not a key that {endpoint} knows: correct it (InvalidAccessKeyId)"
+        )
+        with pytest.raises(ConfigError) as caught:
+            storage(keys["writer"][0], "not-the-secret").check()
+        assert str(caught.value) == (
+            "BUCKET_SECRET_ACCESS_KEY is not the secret of BUCKET_ACCESS_KEY_ID: correct it (SignatureDoesNotMatch)"
+        )
+        # A key that may put but not list: only a warning at start, and its uploads work.
+        caplog.set_level(logging.WARNING)
+        put_only = storage(*keys["put_only"])
+        put_only.check()
+        assert "could not be listed (AccessDenied); uploads will tell" in caplog.text
+        videos, thumbnail = job_files
+        urls = put_only.deliver("job-w", videos, thumbnail, expires_in=60)
+        assert urls
 
 
 def test_a_bucket_that_never_answers_is_given_up_on_at_the_deadline(job_files, tmp_path):
