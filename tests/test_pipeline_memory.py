@@ -252,9 +252,12 @@ def test_a_model_too_big_for_its_default_request_loads_and_says_what_fits(monkey
         pipe._place_for(GenerationRequest(prompt="-"))
     # On a 16 GB card no 720p video fits, but a 480p one does; the bf16 files fit no size at all.
     gpu.total = 16 * GB
-    with pytest.raises(InputError, match="ask for a lower resolution, or fewer frames and samples together$"):
+    with pytest.raises(InputError, match="ask for resolution 480p$"):
         pipe._place_for(GenerationRequest(prompt="-", num_frames=5))
     pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=5))
+    # At 480p neither one sample of 161 frames nor four of 5 fit; one of 5 does.
+    with pytest.raises(InputError, match="ask for fewer frames and samples together$"):
+        pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=161, num_samples=4))
     gpu = _SimulatedGPU(monkeypatch, total=24 * GB)
     pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=False))
     with pytest.raises(

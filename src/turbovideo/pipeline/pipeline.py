@@ -409,7 +409,6 @@ class VideoPipeline:
         models' idle weights go to host memory first (each brings its own back when it runs)."""
         width, height = frame_size(request, self.spec)
         sizes = {name: slot.nbytes for name, slot in self._slots.items()}
-
         stages = self._stages(request, width, height)
         budget = self._budget()
         placement = plan(budget, sizes, stages, self._offload_order)
@@ -435,12 +434,13 @@ class VideoPipeline:
         )
         limits = [f"num_samples at most {samples}"] if samples else []
         limits += [f"num_frames at most {frames}"] if frames else []
+        smallest = supported_resolutions(self.spec)[0]
         if limits:
             advice = f"it fits with {' or '.join(limits)}"
-        elif fits(
-            num_samples=1, num_frames=catalog.MIN_FRAMES, resolution=supported_resolutions(self.spec)[0]
-        ):
-            advice = "ask for a lower resolution, or fewer frames and samples together"
+        elif fits(num_samples=1, num_frames=catalog.MIN_FRAMES):
+            advice = "ask for fewer frames and samples together"
+        elif fits(num_samples=1, num_frames=catalog.MIN_FRAMES, resolution=smallest):
+            advice = f"ask for resolution {smallest}"
         else:
             advice = f"model {self.spec.name} does not fit on this GPU at any size"
         return (
@@ -448,12 +448,12 @@ class VideoPipeline:
             f"{budget / GIB:.1f} GiB for it; {advice}"
         )
 
-    def _place_for(self, request: GenerationRequest) -> Placement | None:
-        """Decide ``request``'s placement and move the resident modules onto the device (None on the
-        CPU). A request that does not fit raises InputError before any module moves."""
+    def _place_for(self, request: GenerationRequest) -> None:
+        """Decide ``request``'s placement and move the resident modules onto the device. A request
+        that does not fit raises InputError before any module moves."""
         if self.device.type != "cuda":
             self._placement = None
-            return None
+            return
         placement, budget = self._plan(request)
         if not placement.fits:
             raise InputError(self._too_big(request, placement, budget))
@@ -467,7 +467,6 @@ class VideoPipeline:
         self._enter(set())
         for name in placement.swapped:
             self._slots[name].pin()
-        return placement
 
     def _budget(self) -> int:
         """What this pipeline's placement may use: free memory, the allocator's cache and its own weights."""
