@@ -237,7 +237,7 @@ def test_offloading_every_module_gives_the_same_video_on_gpu(tmp_path):
     image = Image.new("RGB", (64, 64), (90, 30, 200))
     request = GenerationRequest(prompt="a red fox", task="i2v", image=image, num_frames=5)
     offloaded.gpu_memory_limit = 1
-    frugal, _ = offloaded._plan(request)  # what the request needs with every module visiting
+    frugal, _, _ = offloaded._plan(request)  # what the request needs with every module visiting
     offloaded.gpu_memory_limit = frugal.peak_bytes
     first = _read(resident.generate(request, tmp_path / "a").videos[0])[1]
     second = _read(offloaded.generate(request, tmp_path / "b").videos[0])[1]

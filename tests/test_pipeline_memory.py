@@ -264,3 +264,21 @@ def test_a_model_too_big_for_its_default_request_loads_and_says_what_fits(monkey
         InputError, match="model TurboWan2.1-T2V-14B-720P does not fit on this GPU at any size$"
     ):
         pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=5))
+
+
+def test_a_refused_request_leaves_the_other_served_models_on_the_gpu(monkeypatch):
+    # MODELS=<1.3B>,<14B 720P> on an 80 GB card: a 14B request too big even with the 1.3B model's weights
+    # off the GPU is refused, and the 1.3B model keeps its place (its next job would reload 14 GB).
+    gpu = _SimulatedGPU(monkeypatch, total=80 * GB)
+    small = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-1.3B-480P", quantized=False))
+    small._place_for(GenerationRequest(prompt="-"))
+    used = gpu.used()
+    big = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=False))
+    with pytest.raises(InputError, match=r"it fits with num_samples at most 3 or num_frames at most \d+$"):
+        big._place_for(GenerationRequest(prompt="-", num_frames=161, num_samples=4))
+    assert gpu.used() == used
+    assert all(slot.on_device for slot in small._slots.values())
+    # A request that fits only without them still moves them.
+    big._place_for(GenerationRequest(prompt="-", num_frames=161, num_samples=3))
+    assert not any(slot.on_device for slot in small._slots.values())
+    assert gpu.used() <= 80 * GB

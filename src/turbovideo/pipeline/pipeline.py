@@ -41,6 +41,7 @@ from turbovideo.pipeline.conditioning import image_condition
 from turbovideo.pipeline.memory import (
     GIB,
     TEXT_ACTIVATION_BYTES,
+    DeviceSlot,
     Placement,
     Stage,
     canonical_device,
@@ -404,9 +405,10 @@ class VideoPipeline:
         stages.append(Stage("decode", (VAE,), vae))
         return stages
 
-    def _plan(self, request: GenerationRequest) -> tuple[Placement, int]:
-        """The placement for ``request`` and the memory it may use. When it does not fit, other served
-        models' idle weights go to host memory first (each brings its own back when it runs)."""
+    def _plan(self, request: GenerationRequest) -> tuple[Placement, int, list[DeviceSlot]]:
+        """The placement for ``request``, the memory it may use, and the other served models' slots that
+        must go to host memory first for it to fit (each brings its own back when it runs). Moves
+        nothing: a request that is refused must leave the other models where they are."""
         width, height = frame_size(request, self.spec)
         sizes = {name: slot.nbytes for name, slot in self._slots.items()}
         stages = self._stages(request, width, height)
@@ -414,12 +416,10 @@ class VideoPipeline:
         placement = plan(budget, sizes, stages, self._offload_order)
         own = {id(slot) for slot in self._slots.values()}
         others = [slot for slot in slots_on(self.device) if id(slot) not in own]
-        if not placement.fits and others:
-            for slot in others:
-                slot.to_host()
-            budget = self._budget()
-            placement = plan(budget, sizes, stages, self._offload_order)
-        return placement, budget
+        if placement.fits or not others:
+            return placement, budget, []
+        budget = self._budget(freed=sum(slot.nbytes for slot in others))
+        return plan(budget, sizes, stages, self._offload_order), budget, others
 
     def _too_big(self, request: GenerationRequest, placement: Placement, budget: int) -> str:
         """One line for a request no placement fits: what it needs, what the GPU has, and the largest
@@ -454,9 +454,11 @@ class VideoPipeline:
         if self.device.type != "cuda":
             self._placement = None
             return
-        placement, budget = self._plan(request)
+        placement, budget, evict = self._plan(request)
         if not placement.fits:
             raise InputError(self._too_big(request, placement, budget))
+        for slot in evict:
+            slot.to_host()
         if placement != self._placement:
             log.info(
                 "GPU placement: resident %s, moved on demand %s",
@@ -468,12 +470,13 @@ class VideoPipeline:
         for name in placement.swapped:
             self._slots[name].pin()
 
-    def _budget(self) -> int:
-        """What this pipeline's placement may use: free memory, the allocator's cache and its own weights."""
+    def _budget(self, freed: int = 0) -> int:
+        """What this pipeline's placement may use: free memory, the allocator's cache and its own weights,
+        plus ``freed`` bytes of other weights that would go to host memory first."""
         free, _ = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         ours = sum(slot.nbytes for slot in self._slots.values() if slot.on_device)
-        budget = usable_bytes(free + cached + ours)
+        budget = usable_bytes(free + cached + ours + freed)
         if self.gpu_memory_limit is not None:
             budget = min(budget, self.gpu_memory_limit)
         return budget
