@@ -2,6 +2,7 @@
 
 import re
 import threading
+import weakref
 from dataclasses import replace
 
 import imageio_ffmpeg
@@ -94,6 +95,26 @@ def test_repeated_prompt_skips_the_text_encoder(t2v, tmp_path):
     t2v.generate(request, tmp_path / "a")
     t2v.generate(GenerationRequest(prompt="a blue whale ", num_frames=5, num_steps=1), tmp_path / "b")
     assert calls[0] == 1  # the second prompt cleans to the same text
+
+
+def test_each_sample_decodes_once_the_previous_ones_video_is_freed(t2v, tmp_path, monkeypatch):
+    # The memory plan counts one sample's decoded fp32 video (0.9 GB at 720p, 81 frames): the one before
+    # must be gone when the next sample's decode starts.
+    decode = t2v.vae.decode
+    videos: list[weakref.ref] = []
+    earlier_alive: list[bool] = []
+
+    def tracked(latent, *args):
+        earlier_alive.append(any(video() is not None for video in videos))
+        video = decode(latent, *args)
+        videos.append(weakref.ref(video))
+        return video
+
+    monkeypatch.setattr(t2v.vae, "decode", tracked)
+    request = GenerationRequest(prompt="a red fox", num_frames=5, num_steps=1, num_samples=3)
+    result = t2v.generate(request, tmp_path)
+    assert earlier_alive == [False, False, False]
+    assert result.num_frames == 5 and len(result.videos) == 3
 
 
 def test_the_text_encoder_reads_the_prompt_cleaned_once(t2v, tmp_path):

@@ -279,14 +279,16 @@ class VideoPipeline:
         samples, num_latent = latent.shape[0], latent.shape[2]
         total = samples * num_latent
         for index in range(samples):
-            video = self.vae.decode(
+            # Only the frame count is kept: holding a sample's video (fp32, on the GPU) while the next one
+            # decodes would need two videos' memory, and the plan counts one.
+            num_frames = self.vae.decode(
                 latent[index : index + 1],
                 lambda done, _, before=index * num_latent: report(
                     ProgressEvent("decode", before + done, total)
                 ),
                 lambda frames, index=index: muxer.add(frames, index),
-            )
-        return video.shape[2]
+            ).shape[2]
+        return num_frames
 
     def warm_up(self, progress: Progress | None = None) -> float:
         """Generate one throwaway video of the default request with a single step; returns seconds.
