@@ -18,6 +18,7 @@ from turbovideo.pipeline.memory import (
     module_bytes,
     plan,
     prefer_quantized,
+    slots_on,
     usable_bytes,
     vae_activation_bytes,
 )
@@ -168,6 +169,9 @@ class _SimulatedGPU:
     def __init__(self, monkeypatch, total: int) -> None:
         self.total = total
         self.slots: dict[int, DeviceSlot] = {}
+        # A fresh card: the slots of earlier tests' pipelines (alive until garbage-collected) are not on it.
+        for slot in slots_on(torch.device("cuda", 0)):
+            monkeypatch.setattr(slot, "_on_device", False)
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (self.total - self.used(), total))
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
         monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
@@ -252,11 +256,11 @@ def test_a_model_too_big_for_its_default_request_loads_and_says_what_fits(monkey
         pipe._place_for(GenerationRequest(prompt="-"))
     # On a 16 GB card no 720p video fits, but a 480p one does; the bf16 files fit no size at all.
     gpu.total = 16 * GB
-    with pytest.raises(InputError, match="ask for resolution 480p$"):
+    with pytest.raises(InputError, match="it fits at resolution 480p$"):
         pipe._place_for(GenerationRequest(prompt="-", num_frames=5))
     pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=5))
-    # At 480p neither one sample of 161 frames nor four of 5 fit; one of 5 does.
-    with pytest.raises(InputError, match="ask for fewer frames and samples together$"):
+    # At 480p neither one sample of 161 frames nor four of 5 fit; one with fewer frames does.
+    with pytest.raises(InputError, match=r"it fits with num_samples 1 and num_frames at most \d+$"):
         pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=161, num_samples=4))
     gpu = _SimulatedGPU(monkeypatch, total=24 * GB)
     pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=False))
@@ -282,3 +286,24 @@ def test_a_refused_request_leaves_the_other_served_models_on_the_gpu(monkeypatch
     big._place_for(GenerationRequest(prompt="-", num_frames=161, num_samples=3))
     assert not any(slot.on_device for slot in small._slots.values())
     assert gpu.used() <= 80 * GB
+
+
+def test_a_refusal_suggests_only_changes_the_request_can_make(monkeypatch):
+    # 14B int8 on a 16 GB card. One 720p sample of the fewest frames: fewer frames or samples cannot be
+    # asked for; 81 of them fit at 480p only as fewer frames (one sample is the fewest samples).
+    gpu = _SimulatedGPU(monkeypatch, total=16 * GB)
+    pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=True))
+    with pytest.raises(InputError, match="; it fits at resolution 480p$"):
+        pipe._place_for(GenerationRequest(prompt="-", num_frames=5))
+    with pytest.raises(InputError, match="; it fits at resolution 480p with fewer num_frames$"):
+        pipe._place_for(GenerationRequest(prompt="-", num_frames=81))
+    # At 480p, the lowest resolution, only fewer samples and frames together fit: it says how many.
+    request = GenerationRequest(prompt="-", resolution="480p", num_frames=81, num_samples=4)
+    with pytest.raises(InputError) as refused:
+        pipe._place_for(request)
+    found = re.search(r"; it fits with num_samples 1 and num_frames at most (\d+)$", str(refused.value))
+    assert found, refused.value
+    frames = int(found[1])
+    pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=frames))
+    with pytest.raises(InputError):
+        pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=frames + 4))

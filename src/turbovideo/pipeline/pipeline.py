@@ -425,24 +425,35 @@ class VideoPipeline:
 
     def _too_big(self, request: GenerationRequest, placement: Placement, budget: int) -> str:
         """One line for a request no placement fits: what it needs, what the GPU has, and the largest
-        ``num_samples`` or ``num_frames`` that would fit with the rest unchanged."""
+        ``num_samples`` or ``num_frames`` that would fit with the rest unchanged; else both together, a
+        lower resolution, or that no size fits. It only suggests a change the request can still make."""
 
         def fits(**change: int | str) -> bool:
             return self._plan(dataclasses.replace(request, **change))[0].fits
 
+        def most_frames(**change: int | str) -> int | None:
+            below = range(request.num_frames - 4, catalog.MIN_FRAMES - 1, -4)
+            return next((f for f in below if fits(num_frames=f, **change)), None)
+
         samples = next((n for n in range(request.num_samples - 1, 0, -1) if fits(num_samples=n)), None)
-        frames = next(
-            (f for f in range(request.num_frames - 4, catalog.MIN_FRAMES - 1, -4) if fits(num_frames=f)), None
-        )
+        frames = most_frames()
         limits = [f"num_samples at most {samples}"] if samples else []
         limits += [f"num_frames at most {frames}"] if frames else []
-        smallest = supported_resolutions(self.spec)[0]
+        lowest = supported_resolutions(self.spec)[0]
+        above_lowest = (request.resolution or self.spec.default_resolution) != lowest
+        reducible = [
+            ("num_frames", request.num_frames > catalog.MIN_FRAMES),
+            ("num_samples", request.num_samples > 1),
+        ]
         if limits:
             advice = f"it fits with {' or '.join(limits)}"
-        elif fits(num_samples=1, num_frames=catalog.MIN_FRAMES):
-            advice = "ask for fewer frames and samples together"
-        elif fits(num_samples=1, num_frames=catalog.MIN_FRAMES, resolution=smallest):
-            advice = f"ask for resolution {smallest}"
+        elif request.num_samples > 1 and (together := most_frames(num_samples=1)):
+            advice = f"it fits with num_samples 1 and num_frames at most {together}"
+        elif above_lowest and fits(resolution=lowest):
+            advice = f"it fits at resolution {lowest}"
+        elif above_lowest and fits(num_samples=1, num_frames=catalog.MIN_FRAMES, resolution=lowest):
+            fewer = [name for name, more in reducible if more]  # one at least, or the line above had fit
+            advice = f"it fits at resolution {lowest} with fewer {' and '.join(fewer)}"
         else:
             advice = f"model {self.spec.name} does not fit on this GPU at any size"
         return (
