@@ -150,8 +150,12 @@ def sharded_forward(
     length = tokens.shape[1]
     local_rope = tuple(local_rows(table, 0, rank, world) for table in inputs.rope)
     local_inputs = dataclasses.replace(inputs, rope=local_rope)
+    # A copy of this rank's rows (for batch 1 a slice is a view): the full-length stream is then freed
+    # instead of staying on every GPU through the blocks, where the memory plan counts only a share.
+    local = local_rows(tokens, 1, rank, world).clone()
+    del tokens
     with _attention_over(model, group, length):
-        tokens = model.run_blocks(local_rows(tokens, 1, rank, world), local_inputs)
+        tokens = model.run_blocks(local, local_inputs)
     # The head works token by token, so it runs on the slice; gathering its 64 channels is cheaper
     # than gathering the model-width stream.
     out = gather_rows(model.head(tokens, inputs.e), 1, length, group)

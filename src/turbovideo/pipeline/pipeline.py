@@ -208,6 +208,7 @@ class VideoPipeline:
         expert's own weights: the memory plan keeps moving those."""
         self.experts = [wrap(expert) for expert in self.experts]
         self._dit_shards = shards
+        self._place_default()  # the load planned for every token on this GPU
 
     # ----------------------------------------------------------------- requests
 
