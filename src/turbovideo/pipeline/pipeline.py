@@ -473,7 +473,8 @@ class VideoPipeline:
             raise InputError(self._too_big(request, placement, budget))
         for slot in evict:
             slot.to_host()
-        if placement != self._placement:
+        before = self._placement
+        if before is None or (before.resident, before.swapped) != (placement.resident, placement.swapped):
             log.info(
                 "GPU placement: resident %s, moved on demand %s",
                 sorted(placement.resident),
