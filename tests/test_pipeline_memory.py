@@ -265,7 +265,8 @@ def test_a_model_too_big_for_its_default_request_loads_and_says_what_fits(monkey
     gpu = _SimulatedGPU(monkeypatch, total=24 * GB)
     pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=False))
     with pytest.raises(
-        InputError, match="model TurboWan2.1-T2V-14B-720P does not fit on this GPU at any size$"
+        InputError,
+        match="model TurboWan2.1-T2V-14B-720P does not fit on this GPU, not even one 480p 16:9 sample of 5 frames$",
     ):
         pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=5))
 

@@ -427,7 +427,7 @@ class VideoPipeline:
     def _too_big(self, request: GenerationRequest, placement: Placement, budget: int) -> str:
         """One line for a request no placement fits: what it needs, what the GPU has, and the largest
         ``num_samples`` or ``num_frames`` that would fit with the rest unchanged; else both together, a
-        lower resolution, or that no size fits. It only suggests a change the request can still make."""
+        lower resolution, or that not even the smallest request fits. It only suggests a change the request can still make."""
 
         def fits(**change: int | str) -> bool:
             return self._plan(dataclasses.replace(request, **change))[0].fits
@@ -456,7 +456,10 @@ class VideoPipeline:
             fewer = [name for name, more in reducible if more]  # one at least, or the line above had fit
             advice = f"it fits at resolution {lowest} with fewer {' and '.join(fewer)}"
         else:
-            advice = f"model {self.spec.name} does not fit on this GPU at any size"
+            advice = (
+                f"model {self.spec.name} does not fit on this GPU, not even one {lowest} "
+                f"{request.aspect_ratio} sample of {catalog.MIN_FRAMES} frames"
+            )
         return (
             f"this request needs about {placement.peak_bytes / GIB:.1f} GiB of GPU memory and this GPU has "
             f"{budget / GIB:.1f} GiB for it; {advice}"
