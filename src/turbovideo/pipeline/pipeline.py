@@ -427,7 +427,8 @@ class VideoPipeline:
     def _too_big(self, request: GenerationRequest, placement: Placement, budget: int) -> str:
         """One line for a request no placement fits: what it needs, what the GPU has, and the largest
         ``num_samples`` or ``num_frames`` that would fit with the rest unchanged; else both together, a
-        lower resolution, or that not even the smallest request fits. It only suggests a change the request can still make."""
+        lower resolution, or that not even the smallest request fits. It only suggests a change the
+        request can still make."""
 
         def fits(**change: int | str) -> bool:
             return self._plan(dataclasses.replace(request, **change))[0].fits
