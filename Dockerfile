@@ -38,13 +38,13 @@ RUN mkdir -p /wheels \
     && if [ -n "$TORCH_CUDA_ARCH_LIST" ]; then builder/build_spargeattn.sh --out /wheels; \
     else echo "TORCH_CUDA_ARCH_LIST is empty: SpargeAttn not built, attention=sagesla unavailable"; fi
 
-# ---- the worker -----------------------------------------------------------------------------------
+# ---- the worker's base: Python, the system packages and the pinned requirements -------------------
 # torch's wheels bring their own CUDA 12.8 libraries (cuBLAS, cuDNN, NCCL, ...), so the runtime
-# stage starts from the small "base" image. Triton compiles its launchers with the system C compiler
+# starts from the small "base" image. Triton compiles its launchers with the system C compiler
 # against Python's headers at run time, hence gcc and python3.12-dev.
 # RunPod runs amd64 only; pinning it keeps a build on an arm64 laptop from making an unusable image.
 # hadolint ignore=DL3029
-FROM --platform=linux/amd64 nvidia/cuda:${CUDA_VERSION}-base-ubuntu24.04 AS runtime
+FROM --platform=linux/amd64 nvidia/cuda:${CUDA_VERSION}-base-ubuntu24.04 AS base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 RUNPOD_LOG_LEVEL=INFO
@@ -55,10 +55,32 @@ RUN apt-get update \
     && python3.12 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
-
 # Requirements first: this multi-GB layer survives edits to the code.
 COPY builder/ builder/
 RUN builder/install.sh --deps-only
+
+# ---- baked checkpoints (BAKE_MODEL), downloaded by the worker's own cache code ----------------------
+# A stage fed only by the few files the download runs, so that editing the rest of the worker does
+# not download (and push) tens of GB again.
+FROM base AS weights
+COPY src/turbovideo/__init__.py src/turbovideo/catalog.py src/turbovideo/
+COPY src/turbovideo/worker/__init__.py src/turbovideo/worker/checkpoints.py \
+    src/turbovideo/worker/hub_transfer.py src/turbovideo/worker/locking.py src/turbovideo/worker/
+COPY scripts/download_checkpoints.py scripts/
+ARG BAKE_MODEL=""
+ARG BAKE_VARIANT=bf16
+# The token is a build secret, never a layer: --secret id=HF_TOKEN,env=HF_TOKEN (optional).
+RUN --mount=type=secret,id=HF_TOKEN,env=HF_TOKEN \
+    mkdir -p /models && if [ -n "$BAKE_MODEL" ]; then \
+    case "$BAKE_VARIANT" in bf16 | quant) ;; \
+    *) echo "BAKE_VARIANT must be bf16 or quant, not '$BAKE_VARIANT'" >&2; exit 1 ;; esac; \
+    PYTHONPATH=src python scripts/download_checkpoints.py --model "$BAKE_MODEL" --variant "$BAKE_VARIANT" --dest /models; \
+    fi
+
+# ---- the worker -----------------------------------------------------------------------------------
+FROM base AS runtime
+# Before the code, so that its layer stays cached across code edits (empty when nothing is baked).
+COPY --from=weights /models/ /models/
 COPY --from=spargeattn /wheels/ /tmp/wheels/
 COPY pyproject.toml README.md ./
 COPY src/ src/
@@ -72,13 +94,6 @@ COPY handler.py test_input.json ./
 
 ARG BAKE_MODEL=""
 ARG BAKE_VARIANT=bf16
-# The token is a build secret, never a layer: --secret id=HF_TOKEN,env=HF_TOKEN (optional).
-RUN --mount=type=secret,id=HF_TOKEN,env=HF_TOKEN \
-    if [ -n "$BAKE_MODEL" ]; then \
-    case "$BAKE_VARIANT" in bf16 | quant) ;; \
-    *) echo "BAKE_VARIANT must be bf16 or quant, not '$BAKE_VARIANT'" >&2; exit 1 ;; esac; \
-    python scripts/download_checkpoints.py --model "$BAKE_MODEL" --variant "$BAKE_VARIANT" --dest /models; \
-    fi
 # Baked: read checkpoints from /models, never the network, and serve the baked variant. Not baked:
 # these are empty, which the worker treats as unset (CACHE_DIR then follows /runpod-volume).
 # TRITON_CACHE_DIR is left to the worker (compile_cache.py), which checks the place is writable.

@@ -134,7 +134,9 @@ def test_dockerfile_shape():
     text = (ROOT / "Dockerfile").read_text()
     assert text.startswith("# syntax=docker/dockerfile:1\n")
     stages = [rest for keyword, rest in instructions if keyword == "FROM"]
-    assert len(stages) == 2 and "-devel-" in stages[0] and "-devel-" not in stages[1]
+    # SpargeAttn's build (devel), the runtime base, the baked weights and the worker on that base.
+    assert len(stages) == 4 and "-devel-" in stages[0] and "-devel-" not in stages[1]
+    assert stages[2:] == ["base AS weights", "base AS runtime"]
     assert instructions[-1] == ("CMD", '["python", "-u", "handler.py"]')
     args = {rest.split("=")[0] for keyword, rest in instructions if keyword == "ARG"}
     assert {"BAKE_MODEL", "BAKE_VARIANT", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "CUDA_VERSION"} <= args
@@ -144,6 +146,30 @@ def test_dockerfile_shape():
     assert not any(keyword in ("ARG", "ENV") and "HF_TOKEN" in rest for keyword, rest in instructions)
     # The compile cache location is the worker's decision (it checks the volume is writable).
     assert not any(keyword == "ENV" and "TRITON_CACHE_DIR" in rest for keyword, rest in instructions)
+
+
+_DOWNLOAD_IMPORTS = """
+import contextlib, io, json, runpy, sys
+sys.argv = ["download_checkpoints.py", "--help"]
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    runpy.run_path("scripts/download_checkpoints.py", run_name="__main__")
+print(json.dumps([m.__file__ for name, m in sys.modules.items() if name.startswith("turbovideo")]))
+"""
+
+
+def test_the_weights_stage_copies_every_module_the_download_imports():
+    # The stage copies only these files, so that code edits keep the baked layer: a module the download
+    # code comes to import must be copied there too, or a baked build fails.
+    instructions = dockerfile_instructions()
+    start = instructions.index(("FROM", "base AS weights"))
+    end = next(i for i in range(start + 1, len(instructions)) if instructions[i][0] == "FROM")
+    copied = set(copy_sources(instructions[start:end]))
+    result = subprocess.run(
+        [sys.executable, "-c", _DOWNLOAD_IMPORTS], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    imported = {str(Path(f).relative_to(ROOT)) for f in json.loads(result.stdout)}
+    assert "src/turbovideo/catalog.py" in imported
+    assert imported <= copied, f"the weights stage lacks {sorted(imported - copied)}"
 
 
 def image_cuda_version() -> tuple[int, int]:
