@@ -8,8 +8,9 @@ an estimate below what a stage really takes means an out-of-memory error instead
 ``VideoPipeline.random`` (real shapes, random weights) and runs each case (resolution:frames:samples)
 twice: the first run of a size also pays for cuDNN's algorithm search. For each stage it reports the
 plan's estimate (``Placement.stage_bytes``: resident weights, visiting ones, activations) and the peak
-allocated memory measured between the progress events that end the stage; "UNDER" marks a stage that
-took more than estimated. Activations do not depend on the block count, so ``--blocks`` (fewer DiT
+allocated memory measured between the progress events that end the stage (two denoising steps: the
+first window of a stage also holds the previous stage's modules until they leave, so it is left out
+where there are more); "UNDER" marks a stage that took more than estimated. Activations do not depend on the block count, so ``--blocks`` (fewer DiT
 blocks) measures a big model's activations on a smaller card; its weights are then smaller.
 Prints a table and writes JSON to --out.
 """
@@ -38,22 +39,28 @@ DEFAULT_CASES = ("480p:81:1", "480p:81:4", "720p:81:1")
 
 
 class StagePeaks:
-    """Progress callback: the peak allocated memory of each stage, reset at every event."""
+    """Progress callback: the peak allocated memory between consecutive events, by stage.
+
+    The first window of a stage also holds the modules of the stage before it until they leave the
+    GPU, so a stage of several windows (DiT steps, decoded latent frames) is measured without it."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.peaks: dict[str, int] = {}
+        self.windows: dict[str, list[int]] = {}
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
 
     def __call__(self, event: ProgressEvent) -> None:
         torch.cuda.synchronize(self.device)
-        stage = {"encode": "text" if event.step == 1 else "image", "denoise": "denoise", "mux": "decode"}.get(
+        stage = {"encode": "text" if event.step == 1 else "image", "mux": "decode"}.get(
             event.stage, event.stage
         )
-        peak = torch.cuda.max_memory_allocated(self.device)
-        self.peaks[stage] = max(self.peaks.get(stage, 0), peak)
+        self.windows.setdefault(stage, []).append(torch.cuda.max_memory_allocated(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self, stage: str) -> int:
+        windows = self.windows.get(stage, [0])
+        return max(windows[1:] if len(windows) > 1 else windows)
 
 
 def parse_case(text: str) -> str:
@@ -74,7 +81,7 @@ def measure(pipe: VideoPipeline, case: str, device: torch.device) -> list[dict]:
         resolution=resolution,
         num_frames=int(frames),
         num_samples=int(samples),
-        num_steps=1,  # every step takes the same memory
+        num_steps=2,  # every step takes the same memory; the second is measured alone
     )
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -84,12 +91,12 @@ def measure(pipe: VideoPipeline, case: str, device: torch.device) -> list[dict]:
                 pipe.generate(request, Path(scratch) / attempt, peaks)
             except InputError as exc:
                 return [{"case": case, "refused": str(exc)}]
-            runs.append(peaks.peaks)
+            runs.append(peaks)
     estimates = dict(pipe.placement.stage_bytes)
     rows = []
     for stage, estimate in estimates.items():
         measured = "denoise" if stage.startswith("denoise") else stage
-        first, again = (run.get(measured, 0) for run in runs)
+        first, again = (run.peak(measured) for run in runs)
         rows.append(
             {
                 "case": case,
