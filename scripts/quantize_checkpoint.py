@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
+from turbovideo.files import replaced_when_written
 from turbovideo.models.checkpoint import CheckpointError, read_state_dict
 from turbovideo.models.dit_checkpoint import quantize_dit_state
 
@@ -36,26 +36,21 @@ def quantize_file(source: Path, target: Path) -> int:
         quantized = dict(quantize_dit_state(state))
     except CheckpointError as exc:
         raise CheckpointError(f"{source.name}: {exc}") from None
-    # Written beside the target and renamed over it only once complete: a full disk or a kill mid-write
-    # must neither leave a cut file under the final name nor destroy an earlier output of that name.
-    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    # Renamed over the target only once complete: a full disk or a kill mid-write must neither leave a
+    # cut file under the final name nor destroy an earlier output of that name.
     try:
-        if target.suffix == ".safetensors":
-            from safetensors.torch import save_file
+        with replaced_when_written(target) as partial:
+            if target.suffix == ".safetensors":
+                from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in quantized.items()}, str(partial))
-        else:
-            # Through a Python file object: a failed write then surfaces as an OSError that names it.
-            with open(partial, "wb") as fh:
-                torch.save(quantized, fh)
-        with open(partial, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(partial, target)
+                save_file({k: v.contiguous() for k, v in quantized.items()}, str(partial))
+            else:
+                # Through a Python file object: a failed write then surfaces as an OSError that names it.
+                with open(partial, "wb") as fh:
+                    torch.save(quantized, fh)
     # torch.save reports an unwritable target as a RuntimeError, safetensors as its own SafetensorError.
     except (OSError, RuntimeError, SafetensorError) as exc:
         raise WriteError(_write_failure(exc)) from exc
-    finally:
-        partial.unlink(missing_ok=True)
     return len(quantized)
 
 

@@ -7,17 +7,16 @@ safetensors files keyed by the sha256 of both. The directory is best-effort: any
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
-import secrets
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from turbovideo.files import replaced_when_written
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +77,9 @@ class PromptCache:
         path = self._path(key)
         if path is None:
             return
-        # Write then rename, so a reader never sees half a file.
-        # A random name: workers in containers sharing a volume often have the same pid.
-        partial = path.with_name(f"{path.name}.{secrets.token_hex(8)}.partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({_TENSOR_NAME: embedding}, partial)
-            os.replace(partial, path)
+            with replaced_when_written(path) as partial:  # a reader never sees half a file
+                save_file({_TENSOR_NAME: embedding}, partial)
         except (OSError, SafetensorError) as err:
             log.warning("prompt cache: not persisted to %s (%s)", path.parent, err)
-            with contextlib.suppress(OSError):
-                partial.unlink(missing_ok=True)

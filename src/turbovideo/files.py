@@ -1,0 +1,26 @@
+"""Writing a file so that its name never points at a cut one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def replaced_when_written(path: Path) -> Iterator[Path]:
+    """Yield a hidden path beside ``path`` to write to. Once the block ends, that file is synced and
+    renamed over ``path``; if anything fails it is removed and ``path`` keeps what it held (a full disk
+    or a kill mid-write leaves no cut file under the final name). The random part keeps writers apart
+    that share a volume from containers, where every worker is pid 1."""
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
+    try:
+        yield partial
+        with open(partial, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(OSError):  # the write's own error is the one to report
+            partial.unlink(missing_ok=True)
