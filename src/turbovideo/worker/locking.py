@@ -171,11 +171,10 @@ class VolumeLock:
             self._heartbeat.join()
         owner = read_owner(self.path)
         if owner is not None and owner.get("token") == self._token:
+            # A volume gone read-only refuses this: warn, for the error that ended the work matters more.
             try:
                 self.path.unlink(missing_ok=True)
-            except (
-                OSError
-            ) as exc:  # e.g. the volume went read-only: the error that ended the work matters more
+            except OSError as exc:
                 logger.warning(
                     "could not remove lock %s (%s); other workers wait until it goes stale", self.path, exc
                 )
