@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from hub_server import read_only_dir
 
 from turbovideo.worker.locking import VolumeLock, read_owner
 
@@ -160,16 +161,14 @@ def test_a_lock_record_the_disk_cannot_take_is_an_error_and_leaves_no_lock(tmp_p
         assert not path.exists()
 
 
-def test_a_lock_the_volume_will_not_let_go_is_released_with_a_warning(tmp_path, monkeypatch, caplog):
-    # A volume that turned read-only under a download (root ignores permission bits, so refuse the unlink).
-    path = tmp_path / "x.lock"
+def test_a_lock_the_volume_will_not_let_go_is_released_with_a_warning(tmp_path, caplog):
+    # The lock's folder turns read-only under a download (as a volume remounted read-only would).
+    path = tmp_path / "locks" / "x.lock"
+    path.parent.mkdir()
     lock = VolumeLock(path, stale_after=5)
     assert lock.try_acquire()
-
-    def read_only(self, missing_ok=False):
-        raise OSError(30, "Read-only file system", str(self))
-
-    monkeypatch.setattr(Path, "unlink", read_only)
-    lock.release()  # must not replace the error that ended the work
+    with read_only_dir(path.parent):
+        lock.release()  # must not replace the error that ended the work
+        assert path.exists()
     assert not lock.held
-    assert "could not remove lock" in caplog.text and "Read-only file system" in caplog.text
+    assert "could not remove lock" in caplog.text and "other workers wait until it goes stale" in caplog.text
