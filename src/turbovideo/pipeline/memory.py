@@ -90,8 +90,9 @@ def prefer_quantized(total_device_bytes: int | None) -> bool:
 def dit_activation_bytes(batch: int, tokens: int, dim: int, ffn_dim: int, latent_elements: int) -> int:
     """Peak DiT working set: a block's tensors at its widest point (the FFN's hidden activations), as
     4 x dim + 2 x ffn_dim bf16 values a token (measured on an H200: 42.6-44.5 KB a token at the 1.3B
-    width, 90.0-90.3 KB at 14B; this gives 48.1 and 96.3), plus the float64 sampler state, noise
-    and fp32 velocity."""
+    width, 90.0-90.3 KB at 14B; this gives 48.1 and 96.3; SageSLA's int8/fp8 copies of q, k and v
+    and its block table stay below the FFN's peak), plus the float64 sampler state, noise and fp32
+    velocity."""
     block = batch * tokens * (4 * dim + 2 * ffn_dim) * 2
     sampler = latent_elements * (8 + 4 + 4 + 2)
     return block + sampler
