@@ -208,6 +208,8 @@ class _Images(BaseHTTPRequestHandler):
             "/slow": lambda: self._trickle(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"\0", 100, 0.05
             ),
+            # "\xb2" (superscript two) is a digit to str.isdigit but no number to int().
+            "/odd-length": lambda: self._send(200, self.png, {"Content-Length": "\xb2"}, False),
             "/cut-short": lambda: self._send(
                 200, self.png[:50], {"Content-Length": str(len(self.png))}, False
             ),
@@ -289,6 +291,10 @@ def test_loopback_server_is_refused_without_the_test_allow_list(image_server):
 
 def test_image_is_fetched_from_an_allowed_server(allowed):
     assert inputs.load_image(f"{allowed}/image.png").size == (40, 30)
+
+
+def test_a_content_length_that_is_no_number_is_ignored_as_http_client_does(allowed):
+    assert inputs.load_image(f"{allowed}/odd-length").size == (40, 30)
 
 
 def test_redirects_are_followed(allowed):

@@ -288,9 +288,11 @@ class _PinnedHTTPS(_PinnedHTTP):
 def _read_body(
     connection: _PinnedHTTP, response: http.client.HTTPResponse, deadline: _Deadline, max_bytes: int
 ) -> bytes:
-    declared = response.getheader("Content-Length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise InputError(f"image must be at most {_megabytes(max_bytes)}, got {_megabytes(int(declared))}")
+    header = response.getheader("Content-Length") or ""
+    # isdigit alone takes "\xb2" (superscript two), which int() refuses; http.client ignores such a length.
+    declared = int(header) if header.isascii() and header.isdigit() else None
+    if declared is not None and declared > max_bytes:
+        raise InputError(f"image must be at most {_megabytes(max_bytes)}, got {_megabytes(declared)}")
     chunks, size = [], 0
     while True:
         connection.socket_for_timeouts.settimeout(deadline.remaining())
@@ -301,7 +303,7 @@ def _read_body(
             raise InputError(f"image URL download failed ({_reason(exc)})") from None
         if not chunk:
             deadline.remaining()  # an EOF from the watchdog is a timeout, not a short body
-            if declared and declared.isdigit() and size < int(declared):
+            if declared is not None and size < declared:
                 raise InputError(f"image URL download ended after {size} of {declared} bytes")
             return b"".join(chunks)
         size += len(chunk)
