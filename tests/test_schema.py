@@ -89,6 +89,11 @@ def test_every_field_accepts_a_valid_value():
         ({"prompt": "a", "model": 3}, "model must be a string or null, got 3"),
         ({"prompt": "a", "model": ""}, "model must not be empty"),
         ({"prompt": "a", "image": {"url": "x"}}, "image must be a string or null, got an object"),
+        # JSON can carry a lone surrogate in a key too; pydantic reports it without a location.
+        (
+            {"prompt": "a", "x\ud800": 1},
+            "field names must be valid Unicode text, got 'x\\ud800' with an unpaired surrogate",
+        ),
         ([], "input must be a JSON object of request fields, got a list"),
         ("a red fox", "input must be a JSON object of request fields, got a string"),
         (None, "input must be a JSON object of request fields, got null"),

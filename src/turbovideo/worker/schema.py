@@ -117,6 +117,8 @@ def _describe(error: Any) -> str:
     kind, loc, value = error["type"], error["loc"], error.get("input")
     ctx = error.get("ctx") or {}
     if not loc:
+        if kind == "string_unicode":  # a field name: pydantic reports bad keys without a location
+            return f"field names must be valid Unicode text, got {_show(value)} with an unpaired surrogate"
         return f"input must be a JSON object of request fields, got {_json_kind(value)}"
     field = str(loc[0])
     if kind == "extra_forbidden":
