@@ -133,7 +133,20 @@ def test_a_hf_token_no_header_can_carry_is_refused_without_echoing_it(token):
     assert "hf_abc" not in str(info.value)
 
 
-@pytest.mark.parametrize("url", ["r2.example.com", "acct.r2.cloudflarestorage.com/videos", "ftp://x.example"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "r2.example.com",
+        "acct.r2.cloudflarestorage.com/videos",
+        "ftp://x.example",
+        # botocore refuses these only when the client is made (a traceback at start) or at the first
+        # upload (every job's video kept instead of delivered).
+        "https://[oops",
+        "https://acct.r2.cloudflarestorage.com:abc",
+        "https://exa mple.com",
+        "https://acct.r2.cloudflarestorage.com?x=1",
+    ],
+)
 def test_a_bucket_endpoint_without_scheme_is_a_config_error(url):
     with pytest.raises(ConfigError, match=r"^BUCKET_ENDPOINT_URL=.* is not an http\(s\) URL"):
         load_config({**BUCKET_ENV, "BUCKET_ENDPOINT_URL": url, "CACHE_DIR": "/tmp/c"})

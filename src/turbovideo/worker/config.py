@@ -209,11 +209,11 @@ def _bucket(env: Mapping[str, str]) -> BucketConfig | None:
             f"{', '.join(_BUCKET_VARS)} to upload videos, or none of them to keep videos in OUTPUT_DIR"
         )
     endpoint_url = env["BUCKET_ENDPOINT_URL"].strip()
-    parsed = urlparse(endpoint_url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    if not _is_endpoint_url(endpoint_url):
         raise ConfigError(
-            f"BUCKET_ENDPOINT_URL={endpoint_url!r} is not an http(s) URL; use the bucket service's endpoint "
-            "with its scheme, e.g. https://<account id>.r2.cloudflarestorage.com"
+            f"BUCKET_ENDPOINT_URL={endpoint_url!r} is not an http(s) URL of a host (with a numeric port, if any, "
+            "and no query); use the bucket service's endpoint with its scheme, e.g. "
+            "https://<account id>.r2.cloudflarestorage.com"
         )
     name = env["BUCKET_NAME"].strip()
     # What botocore sends (a name or an access-point ARN); anything else fails every upload after the
@@ -231,4 +231,22 @@ def _bucket(env: Mapping[str, str]) -> BucketConfig | None:
         secret_access_key=env["BUCKET_SECRET_ACCESS_KEY"].strip(),
         name=name,
         prefix=env.get("BUCKET_PREFIX", "").strip("/ "),
+    )
+
+
+def _is_endpoint_url(url: str) -> bool:
+    """Whether botocore takes ``url`` as a custom endpoint. It refuses a bad host only when the client is
+    made (a traceback at start), and a port that is no number or a query only at the first upload."""
+    from botocore.utils import is_valid_uri  # only a worker with a bucket loads botocore
+
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 (raises ValueError for a port that is no number)
+    except ValueError:  # also an unclosed [ in the host
+        return False
+    return (
+        parsed.scheme in ("http", "https")
+        and bool(parsed.netloc)
+        and not parsed.query
+        and bool(is_valid_uri(url))
     )
