@@ -224,6 +224,14 @@ def test_job_ids_become_one_safe_path_component(raw, expected):
         ("https://my-bucket.s3.us-west-2.amazonaws.com", "us-west-2"),
         ("https://s3.eu-central-1.amazonaws.com", "eu-central-1"),
         ("https://s3.amazonaws.com", "us-east-1"),
+        # The region sits behind "dualstack." or a "-fips" suffix, and China's hosts end in .com.cn.
+        ("https://s3.dualstack.eu-west-1.amazonaws.com", "eu-west-1"),
+        ("https://my-bucket.s3-fips.dualstack.us-gov-west-1.amazonaws.com", "us-gov-west-1"),
+        ("https://s3.cn-north-1.amazonaws.com.cn", "cn-north-1"),
+        ("https://s3-eu-west-1.amazonaws.com", "eu-west-1"),
+        # No region in these names: "external-1" and "accelerate" are not regions.
+        ("https://s3-external-1.amazonaws.com", "us-east-1"),
+        ("https://my-bucket.s3-accelerate.amazonaws.com", "us-east-1"),
         ("http://127.0.0.1:9000", "us-east-1"),
     ],
 )

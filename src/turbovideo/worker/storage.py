@@ -39,7 +39,11 @@ _WRONG_SETTING = {
     "SignatureDoesNotMatch": "BUCKET_SECRET_ACCESS_KEY is not the secret of BUCKET_ACCESS_KEY_ID: correct it",
 }
 _CONTENT_TYPES = {".mp4": "video/mp4", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
-_AWS_HOST = re.compile(r"(?:^|\.)s3[.-](?P<region>[a-z0-9-]+)\.amazonaws\.com$")
+# s3.<region>, s3-<region>, s3.dualstack.<region>, s3-fips.<region>, ... (.com.cn in China). A name such
+# as s3-external-1 or s3-accelerate holds no region to sign with ("external-1" is none).
+_AWS_HOST = re.compile(
+    r"(?:^|\.)s3(?:-fips)?[.-](?:dualstack\.)?(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?$"
+)
 
 
 class UploadError(RuntimeError):
