@@ -11,8 +11,13 @@ random-weight models run on the CPU, so a fresh checkout works end to end.
 import os
 import sys
 
-# The SDK logs every handler output at DEBUG, presigned URLs included; INFO unless asked otherwise.
-os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+from turbovideo.worker.config import sdk_log_level
+
+# The SDK reads its level when imported and raises on one it does not know: it gets a level it takes
+# (INFO unless asked otherwise: at DEBUG it logs every handler output, presigned URLs included), and the
+# start checks the variable as it was set, so a bad one is an E_STARTUP answer instead of a crash loop.
+ENV = dict(os.environ)
+os.environ["RUNPOD_LOG_LEVEL"] = sdk_log_level(ENV)
 
 import runpod  # noqa: E402
 
@@ -20,4 +25,4 @@ from turbovideo.worker.startup import check_test_input, create_handler  # noqa: 
 
 if __name__ == "__main__":
     check_test_input(sys.argv[1:])
-    runpod.serverless.start({"handler": create_handler()})
+    runpod.serverless.start({"handler": create_handler(ENV)})

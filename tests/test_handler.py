@@ -109,6 +109,28 @@ def test_test_input_with_a_failed_start_prints_the_error_and_exits_1(tmp_path):
     assert "E_STARTUP: MODELS='wan-9000' is not valid" in run.stdout
 
 
+def test_a_log_level_the_sdk_refuses_is_a_failed_start_not_a_crash(tmp_path):
+    # The SDK raises on it when imported, before any handler exists: the worker crash-looped.
+    run = run_in_repo(
+        [sys.executable, "handler.py", "--test_input", json.dumps(JOB)],
+        worker_env(tmp_path, RUNPOD_LOG_LEVEL="WARNING"),
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert "E_STARTUP: RUNPOD_LOG_LEVEL='WARNING' is not valid; use one of" in run.stdout
+    assert "Traceback" not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("level", ["", " warn\n"])
+def test_an_empty_or_padded_log_level_is_taken_as_the_others_are(tmp_path, level):
+    run = run_in_repo(
+        [sys.executable, "handler.py", "--test_input", json.dumps(JOB)],
+        worker_env(tmp_path, RUNPOD_LOG_LEVEL=level),
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 @pytest.mark.parametrize("job", ["not json", '"a red fox"', "{}", "[]", '{"input": null}'])
 def test_a_malformed_test_input_is_one_line_before_any_model_loads(tmp_path, job):
     # MODELS names a checkpoint that is not there: reaching the start would fail differently.

@@ -20,6 +20,9 @@ from turbovideo.worker.checkpoints import default_cache_dir, hub_offline
 VOLUME_ROOT = Path("/runpod-volume")
 VARIANTS = ("auto", "bf16", "quant")
 _BUCKET_VARS = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME")
+# The runpod SDK's levels. It reads RUNPOD_LOG_LEVEL when imported and raises on any other value (WARNING,
+# an empty one), which stopped the worker with a traceback before it could answer a job.
+SDK_LOG_LEVELS = ("NOTSET", "TRACE", "DEBUG", "INFO", "WARN", "ERROR")
 
 
 class ConfigError(ValueError):
@@ -61,6 +64,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     """Read and check every worker variable; raises ``ConfigError`` naming the variable to fix."""
     env = os.environ if env is None else env
     _check_hub_timeouts(env)
+    _check_sdk_log_level(env.get("RUNPOD_LOG_LEVEL", ""))
     on_runpod = is_on_runpod(env)
     cache_dir = default_cache_dir(env)
     bucket = _bucket(env)
@@ -96,6 +100,21 @@ def _check_hub_timeouts(env: Mapping[str, str]) -> None:
             raise ConfigError(
                 f"{name}={value!r} is not valid; set it to a whole number of seconds (e.g. 60) or unset it"
             ) from None
+
+
+def sdk_log_level(env: Mapping[str, str]) -> str:
+    """RUNPOD_LOG_LEVEL as the SDK takes it: trimmed, and INFO when unset, empty or invalid (``load_config``
+    refuses an invalid one). Not the SDK's own default, DEBUG, which logs every answer, presigned URLs included."""
+    level = env.get("RUNPOD_LOG_LEVEL", "").strip().upper()
+    return level if level in SDK_LOG_LEVELS else "INFO"
+
+
+def _check_sdk_log_level(value: str) -> None:
+    if value.strip() and value.strip().upper() not in SDK_LOG_LEVELS:
+        raise ConfigError(
+            f"RUNPOD_LOG_LEVEL={value!r} is not valid; use one of {', '.join(SDK_LOG_LEVELS)} (the runpod SDK's "
+            "names: WARN, not WARNING), or leave it unset for INFO"
+        )
 
 
 def _check_output_dir(path: Path) -> None:
