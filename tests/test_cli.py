@@ -1,5 +1,6 @@
 """``python -m turbovideo generate``: a playable file for good input, one line and exit 2 for bad input."""
 
+import io
 import subprocess
 import sys
 
@@ -207,4 +208,32 @@ def test_interrupts_and_runtime_failures_are_one_line(tmp_path, capsys, monkeypa
         pytest.fail("main() returned")
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+class _Terminal(io.StringIO):
+    """stderr on a terminal, where Ctrl-C arrives while the bar of ``stage`` reaches ``step``."""
+
+    def __init__(self, stage: str, step: str) -> None:
+        super().__init__()
+        self.stage, self.step = stage, step
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.stage in text and self.step in text:
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_a_run_stopped_mid_stage_on_a_terminal_says_so_on_a_line_of_its_own(tmp_path, monkeypatch):
+    terminal = _Terminal("denoise", "3/4")
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--num_frames", "5", "--out", str(tmp_path / "x.mp4")])
+    assert exited.value.code == 130
+    lines = terminal.getvalue().split("\n")
+    assert lines[-2] == "turbovideo: interrupted; no video was written"
+    assert lines[-3].startswith("\rdenoise") and lines[-3].endswith("2/4")  # the bar so far, ended
     assert not list(tmp_path.iterdir())

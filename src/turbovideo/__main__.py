@@ -139,7 +139,11 @@ def _generate(args: argparse.Namespace) -> int:
             pipe = VideoPipeline.load(
                 spec, args.checkpoint_dir, quantized=args.quant, attention=request.attention
             )
-            result = pipe.generate(request, Path(scratch), ProgressBar(sys.stderr))
+            bar = ProgressBar(sys.stderr)
+            try:
+                result = pipe.generate(request, Path(scratch), bar)
+            finally:  # a run that fails mid-stage: its message must not land on the bar's line
+                bar.end_line()
             targets = _targets(out, len(result.videos))
             for video, target in zip(result.videos, targets, strict=True):
                 os.replace(video, target)  # same folder; refuses a directory instead of filling it
@@ -209,15 +213,25 @@ class ProgressBar:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.redraw = stream.isatty()
+        self._line_open = False  # a redrawn bar whose stage has not finished: no newline after it yet
 
     def __call__(self, event) -> None:
         filled = round(self.WIDTH * event.step / event.total)
         line = f"{event.stage:<8}[{'#' * filled}{'.' * (self.WIDTH - filled)}] {event.step}/{event.total}"
         if self.redraw:
-            self.stream.write("\r" + line + ("\n" if event.step == event.total else ""))
+            finished = event.step == event.total
+            self.stream.write("\r" + line + ("\n" if finished else ""))
+            self._line_open = not finished
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+    def end_line(self) -> None:
+        """End a bar left unfinished, so that what is printed next starts a line of its own."""
+        if self._line_open:
+            self._line_open = False
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _fail(message: str, code: int) -> NoReturn:
