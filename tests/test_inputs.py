@@ -128,6 +128,18 @@ def test_exif_orientation_is_applied():
     assert green > 150 and red < 100
 
 
+@pytest.mark.parametrize("format", ["PNG", "WEBP"])
+@pytest.mark.parametrize("exif", [b"Exif\x00\x00garbage", b"Exif\x00\x00MM\x00*"], ids=["not-tiff", "cut"])
+def test_an_image_with_unreadable_exif_is_used_as_stored(format, exif):
+    # The pixels decode; only the EXIF block (where the orientation would be) cannot be read: it was
+    # refused as undecodable (not TIFF data) or failed with struct.error (a block cut short).
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 32), (200, 30, 40)).save(buffer, format=format, exif=exif)
+    image = inputs.load_image(base64.b64encode(buffer.getvalue()).decode())
+    assert image.size == (64, 32) and image.mode == "RGB"
+    assert np.abs(np.asarray(image, dtype=int) - (200, 30, 40)).max() <= 8  # WebP is lossy
+
+
 def test_base64_size_is_checked_before_decoding(monkeypatch):
     monkeypatch.setattr(inputs, "MAX_IMAGE_BYTES", 1000)
     monkeypatch.setattr(inputs.base64, "b64decode", lambda *a, **k: pytest.fail("decoded an oversized image"))

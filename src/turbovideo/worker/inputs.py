@@ -17,6 +17,7 @@ import ipaddress
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 import warnings
@@ -101,8 +102,7 @@ def open_image(data: bytes) -> Image.Image:
             # verify() leaves the image unusable; decoding starts again from the bytes.
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 image.load()
-                # Upright as it is displayed: phone photos store the camera's rotation in EXIF.
-                return to_rgb(ImageOps.exif_transpose(image))
+                return to_rgb(_upright(image))
     except InputError:
         raise
     except UnidentifiedImageError:
@@ -113,6 +113,15 @@ def open_image(data: bytes) -> Image.Image:
         raise InputError(f"image must have at most {MAX_IMAGE_PIXELS} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"image could not be decoded ({_reason(exc)})") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as it is displayed: phone photos store the camera's rotation in EXIF. An EXIF block that
+    cannot be read (not TIFF data, or cut short) says no rotation; the pixels decoded all the same."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (SyntaxError, ValueError, OSError, EOFError, struct.error):
+        return image
 
 
 def fetch_url(url: str, *, timeout_s: float = FETCH_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
