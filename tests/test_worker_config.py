@@ -62,6 +62,21 @@ def test_a_complete_bucket_is_used_and_the_prefix_trimmed():
     )
 
 
+@pytest.mark.parametrize("path", ["/videos", "/videos/"])
+def test_the_bucket_s3_api_url_cloudflare_shows_is_taken_as_its_endpoint(path):
+    url = "https://acct.r2.cloudflarestorage.com" + path  # the dashboard's URL ends in the bucket's name
+    config = load_config({**BUCKET_ENV, "BUCKET_ENDPOINT_URL": url, "CACHE_DIR": "/tmp/c"})
+    assert config.bucket.endpoint_url == "https://acct.r2.cloudflarestorage.com"
+
+
+def test_an_endpoint_path_that_is_not_the_bucket_is_kept():
+    url = "https://s3.example.com/storage"  # a service behind a path: botocore keeps it
+    assert (
+        load_config({**BUCKET_ENV, "BUCKET_ENDPOINT_URL": url, "CACHE_DIR": "/tmp/c"}).bucket.endpoint_url
+        == url
+    )
+
+
 @pytest.mark.parametrize("name", ["videos/renders", "s3://videos", "my videos", "arn:videos/renders"])
 def test_a_bucket_name_no_s3_client_can_send_is_refused_at_start(name):
     with pytest.raises(

@@ -245,12 +245,21 @@ def _bucket(env: Mapping[str, str]) -> BucketConfig | None:
             "alone, e.g. videos, and put a folder inside it in BUCKET_PREFIX"
         )
     return BucketConfig(
-        endpoint_url=endpoint_url,
+        endpoint_url=_without_bucket_path(endpoint_url, name),
         access_key_id=env["BUCKET_ACCESS_KEY_ID"].strip(),
         secret_access_key=env["BUCKET_SECRET_ACCESS_KEY"].strip(),
         name=name,
         prefix=env.get("BUCKET_PREFIX", "").strip("/ "),
     )
+
+
+def _without_bucket_path(endpoint_url: str, name: str) -> str:
+    """The endpoint without a trailing ``/<BUCKET_NAME>``: Cloudflare's dashboard shows a bucket's "S3 API"
+    URL so, and botocore would add the name again, filing every video under a folder named after the bucket."""
+    parsed = urlparse(endpoint_url)
+    if parsed.path.strip("/") != name:
+        return endpoint_url
+    return parsed._replace(path="").geturl()
 
 
 def _is_endpoint_url(url: str) -> bool:
