@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from turbovideo.catalog import MODELS
@@ -296,8 +297,13 @@ def test_a_refusal_suggests_only_changes_the_request_can_make(monkeypatch):
     pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=True))
     with pytest.raises(InputError, match="; it fits at resolution 480p$"):
         pipe._place_for(GenerationRequest(prompt="-", num_frames=5))
-    with pytest.raises(InputError, match="; it fits at resolution 480p with fewer num_frames$"):
+    with pytest.raises(InputError) as refused:
         pipe._place_for(GenerationRequest(prompt="-", num_frames=81))
+    found = re.search(r"; it fits at resolution 480p with num_frames at most (\d+)$", str(refused.value))
+    assert found, refused.value
+    pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=int(found[1])))
+    with pytest.raises(InputError):
+        pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=int(found[1]) + 4))
     # At 480p, the lowest resolution, only fewer samples and frames together fit: it says how many.
     request = GenerationRequest(prompt="-", resolution="480p", num_frames=81, num_samples=4)
     with pytest.raises(InputError) as refused:
@@ -308,3 +314,15 @@ def test_a_refusal_suggests_only_changes_the_request_can_make(monkeypatch):
     pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=frames))
     with pytest.raises(InputError):
         pipe._place_for(GenerationRequest(prompt="-", resolution="480p", num_frames=frames + 4))
+
+
+def test_a_model_too_big_for_any_adaptive_request_names_no_aspect_ratio(monkeypatch):
+    # A14B int8 on an 8 GB card fits no video at all; an adaptive request's shape is the image's, so the
+    # refusal must not name the request's (unused) aspect_ratio field.
+    gpu = _SimulatedGPU(monkeypatch, total=8 * GB)
+    pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.2-I2V-A14B-720P", quantized=True))
+    image = Image.new("RGB", (900, 400))
+    for adaptive, shape in ((True, ""), (False, " 16:9")):
+        request = GenerationRequest(prompt="-", task="i2v", image=image, adaptive_resolution=adaptive)
+        with pytest.raises(InputError, match=f"not even one 480p{shape} sample of 5 frames$"):
+            pipe._place_for(request)

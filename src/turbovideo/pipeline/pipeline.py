@@ -427,8 +427,8 @@ class VideoPipeline:
     def _too_big(self, request: GenerationRequest, placement: Placement, budget: int) -> str:
         """One line for a request no placement fits: what it needs, what the GPU has, and the largest
         ``num_samples`` or ``num_frames`` that would fit with the rest unchanged; else both together, a
-        lower resolution, or that not even the smallest request fits. It only suggests a change the
-        request can still make."""
+        lower resolution (with the same numbers there), or that not even the smallest request fits. It
+        only suggests a change the request can still make."""
 
         def fits(**change: int | str) -> bool:
             return self._plan(dataclasses.replace(request, **change))[0].fits
@@ -437,29 +437,33 @@ class VideoPipeline:
             below = range(request.num_frames - 4, catalog.MIN_FRAMES - 1, -4)
             return next((f for f in below if fits(num_frames=f, **change)), None)
 
-        samples = next((n for n in range(request.num_samples - 1, 0, -1) if fits(num_samples=n)), None)
-        frames = most_frames()
-        limits = [f"num_samples at most {samples}"] if samples else []
-        limits += [f"num_frames at most {frames}"] if frames else []
+        def limits(**change: str) -> str | None:
+            """The largest num_samples or num_frames that fit with ``change``, else one sample's frames."""
+            samples = next(
+                (n for n in range(request.num_samples - 1, 0, -1) if fits(num_samples=n, **change)), None
+            )
+            frames = most_frames(**change)
+            found = [f"num_samples at most {samples}"] if samples else []
+            found += [f"num_frames at most {frames}"] if frames else []
+            if found:
+                return " or ".join(found)
+            if request.num_samples > 1 and (together := most_frames(num_samples=1, **change)):
+                return f"num_samples 1 and num_frames at most {together}"
+            return None
+
         lowest = supported_resolutions(self.spec)[0]
         above_lowest = (request.resolution or self.spec.default_resolution) != lowest
-        reducible = [
-            ("num_frames", request.num_frames > catalog.MIN_FRAMES),
-            ("num_samples", request.num_samples > 1),
-        ]
-        if limits:
-            advice = f"it fits with {' or '.join(limits)}"
-        elif request.num_samples > 1 and (together := most_frames(num_samples=1)):
-            advice = f"it fits with num_samples 1 and num_frames at most {together}"
+        if found := limits():
+            advice = f"it fits with {found}"
         elif above_lowest and fits(resolution=lowest):
             advice = f"it fits at resolution {lowest}"
-        elif above_lowest and fits(num_samples=1, num_frames=catalog.MIN_FRAMES, resolution=lowest):
-            fewer = [name for name, more in reducible if more]  # one at least, or the line above had fit
-            advice = f"it fits at resolution {lowest} with fewer {' and '.join(fewer)}"
+        elif above_lowest and (found := limits(resolution=lowest)):
+            advice = f"it fits at resolution {lowest} with {found}"
         else:
+            shape = "" if request.adaptive_resolution else f" {request.aspect_ratio}"
             advice = (
-                f"model {self.spec.name} does not fit on this GPU, not even one {lowest} "
-                f"{request.aspect_ratio} sample of {catalog.MIN_FRAMES} frames"
+                f"model {self.spec.name} does not fit on this GPU, not even one {lowest}{shape} sample of "
+                f"{catalog.MIN_FRAMES} frames"
             )
         return (
             f"this request needs about {placement.peak_bytes / GIB:.1f} GiB of GPU memory and this GPU has "
