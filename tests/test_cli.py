@@ -237,3 +237,39 @@ def test_a_run_stopped_mid_stage_on_a_terminal_says_so_on_a_line_of_its_own(tmp_
     assert lines[-2] == "turbovideo: interrupted; no video was written"
     assert lines[-3].startswith("\rdenoise") and lines[-3].endswith("2/4")  # the bar so far, ended
     assert not list(tmp_path.iterdir())
+
+
+class _ClosedPipe(io.StringIO):
+    """stderr piped into a reader that has gone (``generate ... 2>&1 | head``)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stderr_does_not_stop_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stderr", _ClosedPipe())
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "--prompt", "x", "--num_frames", "5", "--out", str(out)]) == 0
+    assert _frames(out)[1] == 5
+
+
+def test_output_read_by_a_reader_that_stops_early_still_succeeds(tmp_path):
+    # `generate ... 2>&1 | head -c 1`: both streams close under the run; the video is written all the same.
+    out = tmp_path / "x.mp4"
+    argv = [
+        sys.executable,
+        "-m",
+        "turbovideo",
+        "generate",
+        "--prompt",
+        "x",
+        "--num_frames",
+        "5",
+        "--out",
+        str(out),
+    ]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run.stdout.read(1)
+    run.stdout.close()
+    assert run.wait(timeout=300) == 0
+    assert _frames(out)[1] == 5

@@ -154,15 +154,17 @@ def _generate(args: argparse.Namespace) -> int:
     except (RuntimeError, MemoryError) as err:  # torch's out-of-memory and CUDA errors among them
         _fail(f"turbovideo: generation failed ({type(err).__name__}): {str(err).strip()}", RUN_ERROR)
     timings = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items())
-    print(
+    _note(
         f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
-        f"attention {result.attention_backend}: {timings}",
-        file=sys.stderr,
+        f"attention {result.attention_backend}: {timings}"
     )
     for warning in result.warnings:
-        print(f"turbovideo: warning: {warning}", file=sys.stderr)
-    for target in targets:
-        print(target)
+        _note(f"turbovideo: warning: {warning}")
+    try:
+        for target in targets:
+            print(target, flush=True)
+    except BrokenPipeError:  # read by something that stopped early (`| head -1`): the videos are written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
     return 0
 
 
@@ -211,7 +213,7 @@ class ProgressBar:
     WIDTH = 24
 
     def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
+        self.stream: TextIO | None = stream
         self.redraw = stream.isatty()
         self._line_open = False  # a redrawn bar whose stage has not finished: no newline after it yet
 
@@ -220,18 +222,34 @@ class ProgressBar:
         line = f"{event.stage:<8}[{'#' * filled}{'.' * (self.WIDTH - filled)}] {event.step}/{event.total}"
         if self.redraw:
             finished = event.step == event.total
-            self.stream.write("\r" + line + ("\n" if finished else ""))
+            self._write("\r" + line + ("\n" if finished else ""))
             self._line_open = not finished
         else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+            self._write(line + "\n")
 
     def end_line(self) -> None:
         """End a bar left unfinished, so that what is printed next starts a line of its own."""
         if self._line_open:
             self._line_open = False
-            self.stream.write("\n")
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        # The bar is only a view: a stream closed under it (stderr piped into `head`) must not stop the run.
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except OSError:
+            self.stream = None
+
+
+def _note(text: str) -> None:
+    """A line on stderr about a finished run: its videos are written, so a closed stderr must not fail it."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _fail(message: str, code: int) -> NoReturn:
