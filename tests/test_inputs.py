@@ -301,6 +301,23 @@ def test_loopback_server_is_refused_without_the_test_allow_list(image_server):
         inputs.load_image(f"http://{image_server}/image.png")
 
 
+def test_a_host_is_reached_at_its_next_address_when_the_first_refuses(image_server, monkeypatch):
+    # The resolver lists IPv6 first, where nothing answers (a worker without IPv6, or a dead address).
+    port = int(image_server.rsplit(":", 1)[1])
+    answers = [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+    ]
+    real = socket.getaddrinfo  # what create_connection resolves an address with
+
+    def resolve(host, *args, **kwargs):
+        return answers if host == "dual.example.test" else real(host, *args, **kwargs)
+
+    monkeypatch.setattr(inputs.socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(inputs, "ALLOWED_PRIVATE_NETLOCS", {f"dual.example.test:{port}"})
+    assert inputs.load_image(f"http://dual.example.test:{port}/image.png").size == (40, 30)
+
+
 def test_image_is_fetched_from_an_allowed_server(allowed):
     assert inputs.load_image(f"{allowed}/image.png").size == (40, 30)
 

@@ -2,7 +2,7 @@
 
 A request's URL is fetched by the worker, inside the provider's network, so it must not reach
 anything a stranger could not: every hop of a redirect chain is resolved and each of its addresses
-checked, and the connection goes to the address that was checked (a second DNS answer cannot swap
+checked, and the connection goes to those checked addresses, in turn (a second DNS answer cannot swap
 in 127.0.0.1). Sizes are bounded before anything is decoded, and Pillow's pixel-count guard is an
 error here, not a warning.
 """
@@ -167,9 +167,9 @@ def _get(url: str, deadline: _Deadline) -> tuple[http.client.HTTPConnection, htt
         port = parts.port or (443 if scheme == "https" else 80)
     except ValueError:
         raise InputError("image URL has an invalid port") from None
-    address = _public_address(host, port, deadline)
+    addresses = _public_addresses(host, port, deadline)
     connection_class = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
-    connection = connection_class(host, port, address, timeout=deadline.remaining())
+    connection = connection_class(host, port, addresses, timeout=deadline.remaining())
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     # As browsers do: characters HTTP cannot carry (non-ASCII, spaces) are sent percent-encoded.
     try:
@@ -191,8 +191,8 @@ def _get(url: str, deadline: _Deadline) -> tuple[http.client.HTTPConnection, htt
         raise InputError(f"image URL could not be fetched from {host} ({_reason(exc)})") from None
 
 
-def _public_address(host: str, port: int, deadline: _Deadline) -> str:
-    """Resolve ``host`` and return an address to connect to, refusing any non-public address."""
+def _public_addresses(host: str, port: int, deadline: _Deadline) -> list[str]:
+    """Resolve ``host`` and return its addresses in the resolver's order, refusing any non-public one."""
     addresses = list(dict.fromkeys(info[4][0] for info in _resolve(host, port, deadline)))
     if f"{host}:{port}" not in ALLOWED_PRIVATE_NETLOCS:
         for address in addresses:
@@ -201,7 +201,7 @@ def _public_address(host: str, port: int, deadline: _Deadline) -> str:
                     f"image URL host {host!r} resolves to a non-public address ({address}); "
                     "only public http(s) URLs are fetched"
                 )
-    return addresses[0]
+    return addresses
 
 
 def _resolve(host: str, port: int, deadline: _Deadline) -> list[tuple]:
@@ -253,11 +253,11 @@ def _tunnelled_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 
 
 class _PinnedHTTP(http.client.HTTPConnection):
-    """An HTTP connection to an address resolved (and checked) beforehand, not re-resolved."""
+    """An HTTP connection to addresses resolved (and checked) beforehand, not re-resolved."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    def __init__(self, host: str, port: int, addresses: list[str], timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
-        self.address = address
+        self.addresses = addresses
         # http.client drops ``sock`` once a closing response arrives; reads still need its timeout.
         self.socket_for_timeouts: socket.socket | None = None
         self.watchdog: threading.Timer | None = None
@@ -279,9 +279,16 @@ class _PinnedHTTP(http.client.HTTPConnection):
         self.close()
 
     def connect(self) -> None:
-        self.sock = self.socket_for_timeouts = socket.create_connection(
-            (self.address, self.port), self.timeout
-        )
+        # Each address in turn, as create_connection does with a name: a worker without IPv6 still
+        # reaches a host whose IPv6 address the resolver lists first.
+        for address in self.addresses:
+            try:
+                self.sock = socket.create_connection((address, self.port), self.timeout)
+                break
+            except OSError:
+                if address == self.addresses[-1]:
+                    raise
+        self.socket_for_timeouts = self.sock
 
 
 class _PinnedHTTPS(_PinnedHTTP):
