@@ -90,6 +90,12 @@ def test_an_access_point_arn_is_a_bucket_name():
     assert load_config({**BUCKET_ENV, "BUCKET_NAME": arn, "CACHE_DIR": "/tmp/c"}).bucket.name == arn
 
 
+def test_a_blank_bucket_setting_counts_as_missing():
+    with pytest.raises(ConfigError, match="but BUCKET_ACCESS_KEY_ID missing"):
+        load_config({**BUCKET_ENV, "BUCKET_ACCESS_KEY_ID": "  ", "CACHE_DIR": "/tmp/c"})
+    assert load_config({k: " " for k in BUCKET_ENV} | {"CACHE_DIR": "/tmp/c"}).bucket is None
+
+
 def test_a_partial_bucket_is_a_config_error_naming_what_is_missing():
     env = {k: v for k, v in BUCKET_ENV.items() if k != "BUCKET_NAME"}
     with pytest.raises(ConfigError, match="but BUCKET_NAME missing"):

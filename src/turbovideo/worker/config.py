@@ -218,7 +218,7 @@ def _warm_up_choice(value: str) -> bool | None:
 
 
 def _bucket(env: Mapping[str, str]) -> BucketConfig | None:
-    present = [name for name in _BUCKET_VARS if env.get(name)]
+    present = [name for name in _BUCKET_VARS if env.get(name, "").strip()]  # " " is as good as unset
     if not present:
         return None
     missing = [name for name in _BUCKET_VARS if name not in present]
