@@ -302,14 +302,19 @@ def _top_blocks_kernel(score_ptr, out_ptr, n_kblocks, kk, NK: tl.constexpr):
     tl.store(out_ptr + row * kk + slot, idx, mask=chosen)
 
 
-def select_blocks(q: torch.Tensor, state: LinearState, topk: float, blkq: int) -> torch.Tensor:
+def select_blocks(
+    q: torch.Tensor, state: LinearState, topk: float, blkq: int, q_means: torch.Tensor | None = None
+) -> torch.Tensor:
     """Indices [B, H, nQ, kk] (int32, ascending) of the key blocks each query block attends to exactly.
 
     Pooled score = mean(q block) · (mean(k block) − mean(k)), no 1/sqrt(d) scale; smoothing k by its mean
     over L changes no softmax but sharpens the ranking (spec §4.1 steps 1–4). Equal scores go to the
-    lower block. The key block size is the one ``state`` was computed with.
+    lower block. The key block size is the one ``state`` was computed with; ``q_means`` are q's
+    ``block_means`` where a caller already has them.
     """
-    score = block_means(q, blkq) @ (state.k_block_means - state.k_mean).transpose(-1, -2)
+    if q_means is None:
+        q_means = block_means(q, blkq)
+    score = q_means @ (state.k_block_means - state.k_mean).transpose(-1, -2)
     return top_blocks(score, blocks_to_keep(topk, score.shape[-1]))
 
 

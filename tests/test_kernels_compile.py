@@ -150,12 +150,13 @@ def _compile_report() -> list[dict]:
         _compile(sla._add_linear_kernel, linear_types, dict(BLOCK_M=64, D=128, PRECISION="tf32"), 4, 3)
     )
     # SageSLA's per-block q/k quantizer, on every GPU SpargeAttn runs on.
-    quant_types = dict(x_ptr=bf16, mean_ptr=bf16, q_ptr="*i8", scale_ptr="*fp32")
+    quant_types = dict(x_ptr=bf16, mean_ptr=bf16, q_ptr="*i8", scale_ptr="*fp32", block_mean_ptr="*fp32")
     for gpu in gpus:
-        constexprs = dict(BLK=128, D=128, HAS_MEAN=True)
-        report.append(
-            _compile(sagesla._quantize_blocks_kernel, quant_types, constexprs, 4, 1, arch=gpu.capability)
-        )
+        for has_mean in (True, False):  # k (minus its mean); q (with the selection's block means)
+            constexprs = dict(BLK=128, D=128, HAS_MEAN=has_mean, BLOCK_MEANS=not has_mean)
+            report.append(
+                _compile(sagesla._quantize_blocks_kernel, quant_types, constexprs, 4, 1, arch=gpu.capability)
+            )
     # Its fp8 V preparation, where SpargeAttn uses fp8 (sm89, sm90).
     for arch in (90, 89):
         report.append(
@@ -268,7 +269,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 48
+    assert len(report) == 51
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %

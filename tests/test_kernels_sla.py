@@ -253,6 +253,14 @@ def test_sagesla_quantizer_reads_the_dit_layout(with_mean):
     assert torch.equal(scales, expected_scales)
 
 
+def test_sagesla_quantizer_also_yields_the_selection_block_means():
+    x = torch.randn(2, 150, 2, 3, 64).to(torch.bfloat16)[:, :, 0]
+    means = torch.full((2, 3, 3, 64), float("nan"))
+    q, scales = sagesla.quantize_blocks(x, 64, block_means=means)
+    assert torch.equal(means, sla.block_means(x, 64))  # the same sums, so the same selection
+    assert torch.equal(q, sagesla.quantize_blocks(x, 64)[0])
+
+
 def test_sagesla_v_fp8_layout():
     # Multiples of 1/4 up to 2.25, with 2.25 in every channel, are exact in e4m3 at scale 1: this checks the
     # layout (transposed, padded to 128 tokens, the fp8 MMA's order within 16) and the scales.
