@@ -70,3 +70,22 @@ def test_nothing_usable_leaves_defaults_and_does_not_raise(tmp_path):
         assert configure_compile_cache(volume) is None
     assert "TRITON_CACHE_DIR" not in os.environ and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     assert not Path(tmp_path / "local" / "turbovideo-compile").exists()
+
+
+@pytest.mark.parametrize("value", [" ", "\t"])
+def test_a_blank_cache_dir_setting_counts_as_unset(tmp_path, monkeypatch, value):
+    # An endpoint field left as a blank: taken as set, it cached kernels in a folder named " " in the
+    # working directory (the container's disk), not on the volume every worker shares.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRITON_CACHE_DIR", value)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", value)
+    assert configure_compile_cache(tmp_path / "volume") == tmp_path / "volume" / "triton"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "volume" / "inductor")
+    assert not (tmp_path / value).exists()
+
+
+def test_a_chosen_cache_dir_is_trimmed(tmp_path, monkeypatch):
+    # A pasted trailing space would make a second cache folder "triton " beside the one meant.
+    monkeypatch.setenv("TRITON_CACHE_DIR", f"{tmp_path / 'mine'} ")
+    assert configure_compile_cache(tmp_path / "volume") == tmp_path / "mine"
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")

@@ -35,14 +35,18 @@ def configure_compile_cache(cache_dir: Path, *, min_free_bytes: int = MIN_FREE_B
     """
     unset = []
     for var, sub in _CACHES:
-        chosen = os.environ.get(var)
+        # Trimmed, as CACHE_DIR is: a blank endpoint field would cache in a folder named " " in the
+        # working directory (not on the volume), a pasted trailing space in a second "triton " folder.
+        chosen = os.environ.get(var, "").strip()
         problem = _probe(Path(chosen), 0) if chosen else None
         if problem is not None:
             logger.warning(
                 "compile cache: %s=%s is %s; choosing another place for this start", var, chosen, problem
             )
-            del os.environ[var]
-        if not chosen or problem is not None:
+        if chosen and problem is None:
+            os.environ[var] = chosen
+        else:
+            os.environ.pop(var, None)
             unset.append((var, sub))
     if unset:
         root = _usable_root(Path(cache_dir), min_free_bytes)
