@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from turbovideo.catalog import resolve_models
 from turbovideo.worker.checkpoints import (
@@ -27,12 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="catalog name(s) or alias, comma-separated")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="bf16")
-    parser.add_argument(
-        "--dest", type=Path, default=None, help="cache directory (default: the worker's CACHE_DIR rule)"
-    )
+    parser.add_argument("--dest", default="", help="cache directory (default: the worker's CACHE_DIR rule)")
     parser.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN)")
     args = parser.parse_args(argv)
-    dest = args.dest or default_cache_dir()
+    # Read as the worker reads CACHE_DIR (trimmed, ~ expanded): an empty --dest "$VAR" meant the current
+    # directory, where no worker looks, and --dest=~/x a folder named "~".
+    dest = default_cache_dir({"CACHE_DIR": args.dest} if args.dest.strip() else None)
 
     sizes: dict[str, int] = {}  # shared files count once in the total
     try:

@@ -72,3 +72,21 @@ def test_random_weight_models_need_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "tiny-t2v: seeded random weights" in done.stdout and "tiny-i2v" in done.stdout
     assert not (tmp_path / "cache").exists()
+
+
+def test_dest_is_read_as_the_worker_reads_cache_dir(tmp_path):
+    # An empty --dest (a "$VAR" that is unset) meant the current directory, and a "~" was taken
+    # literally (--dest=~/x): the files landed where no worker looks for them.
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    for dest, expected in (("", tmp_path / "from-env"), ("~/cache ", home / "cache")):
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), "--model", "tiny", f"--dest={dest}"],
+            capture_output=True,
+            text=True,
+            cwd=work,
+            env={**os.environ, "HOME": str(home), "CACHE_DIR": str(tmp_path / "from-env")},
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"in {expected}\n" in done.stdout
