@@ -34,8 +34,18 @@ def assert_same(a: dict, b: dict) -> None:
         lambda s: {"state_dict": {f"net.{k}": v for k, v in s.items()}},
         lambda s: {"model": {f"module.{k}": v for k, v in s.items()}, "step": 3},
         lambda s: {k.replace("layer.", "layer._checkpoint_wrapped_module."): v for k, v in s.items()},
+        # torch.compile around DDP, and DDP around a training model that holds the DiT as .net
+        lambda s: {f"_orig_mod.module.{k}": v for k, v in s.items()},
+        lambda s: {"state_dict": {f"module.net.{k}": v for k, v in s.items()}},
     ],
-    ids=["flat", "net-prefix-nested", "module-prefix-nested", "checkpoint-wrapper-infix"],
+    ids=[
+        "flat",
+        "net-prefix-nested",
+        "module-prefix-nested",
+        "checkpoint-wrapper-infix",
+        "compiled-ddp-prefixes",
+        "ddp-net-prefixes",
+    ],
 )
 def test_pth_layouts_read_as_flat_module_keys(tmp_path, wrap):
     path = tmp_path / "m.pth"

@@ -112,9 +112,10 @@ def _is_tensor_dict(raw: Mapping) -> bool:
 
 def _normalise_keys(raw: Mapping[str, torch.Tensor]) -> StateDict:
     state = {k.replace(_WRAPPER_INFIX, ""): v for k, v in raw.items()}
-    for prefix in _STRIP_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
+    # Wrappers nest in either order (DDP around a compiled model gives "module._orig_mod.", compile
+    # around DDP "_orig_mod.module.", DDP around a trainer "module.net."): strip until none is left.
+    while prefix := next((p for p in _STRIP_PREFIXES if all(k.startswith(p) for k in state)), None):
+        state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
