@@ -37,6 +37,8 @@ def assert_same(a: dict, b: dict) -> None:
         # torch.compile around DDP, and DDP around a training model that holds the DiT as .net
         lambda s: {f"_orig_mod.module.{k}": v for k, v in s.items()},
         lambda s: {"state_dict": {f"module.net.{k}": v for k, v in s.items()}},
+        # blocks compiled one by one (model.blocks[i] = torch.compile(block))
+        lambda s: {k.replace("layer.", "layer._orig_mod."): v for k, v in s.items()},
     ],
     ids=[
         "flat",
@@ -45,6 +47,7 @@ def assert_same(a: dict, b: dict) -> None:
         "checkpoint-wrapper-infix",
         "compiled-ddp-prefixes",
         "ddp-net-prefixes",
+        "compiled-submodule-infix",
     ],
 )
 def test_pth_layouts_read_as_flat_module_keys(tmp_path, wrap):

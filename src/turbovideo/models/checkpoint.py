@@ -20,6 +20,8 @@ StateDict = dict[str, torch.Tensor]
 # Prefixes that training exports put in front of the module keys.
 _STRIP_PREFIXES = ("net.", "module.", "_orig_mod.")
 _WRAPPER_INFIX = "_checkpoint_wrapped_module."
+# torch.compile of single blocks (model.blocks[i] = torch.compile(block)) puts this inside the keys.
+_COMPILED_INFIX = "._orig_mod."
 # Containers some exports nest the state dict in.
 _NESTING_KEYS = ("state_dict", "model", "ema")
 
@@ -111,7 +113,7 @@ def _is_tensor_dict(raw: Mapping) -> bool:
 
 
 def _normalise_keys(raw: Mapping[str, torch.Tensor]) -> StateDict:
-    state = {k.replace(_WRAPPER_INFIX, ""): v for k, v in raw.items()}
+    state = {k.replace(_WRAPPER_INFIX, "").replace(_COMPILED_INFIX, "."): v for k, v in raw.items()}
     # Wrappers nest in either order (DDP around a compiled model gives "module._orig_mod.", compile
     # around DDP "_orig_mod.module.", DDP around a trainer "module.net."): strip until none is left.
     while prefix := next((p for p in _STRIP_PREFIXES if all(k.startswith(p) for k in state)), None):
