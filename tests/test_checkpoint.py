@@ -1,5 +1,6 @@
 """The shared checkpoint reader and loader (models/checkpoint.py)."""
 
+import argparse
 import re
 from pathlib import Path
 
@@ -91,6 +92,21 @@ def test_unreadable_files_raise_one_sentence(tmp_path):
         with pytest.raises(CheckpointError) as info:
             read_state_dict(path)
         assert expected in str(info.value) and "\n" not in str(info.value), path.name
+
+
+def test_a_checkpoint_holding_python_objects_is_not_called_truncated(tmp_path):
+    # Training exports often keep their arguments or a numpy step beside the weights; weights_only
+    # loading refuses those objects, but the file is intact and re-downloading it would not help.
+    path = tmp_path / "export.pth"
+    torch.save({"state_dict": small_state(), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert message == (
+        f"{path} holds Python objects besides tensors (argparse.Namespace), which are not loaded from "
+        "checkpoint files for safety; save its state dict alone with torch.save"
+    )
+    assert info.value.path is None
 
 
 def test_a_damaged_file_behind_a_link_is_named_by_where_its_bytes_are(tmp_path):

@@ -9,6 +9,7 @@ sentence instead of a KeyError or a pickle traceback.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -22,6 +23,8 @@ _STRIP_PREFIXES = ("net.", "module.", "_orig_mod.")
 _WRAPPER_INFIX = "_checkpoint_wrapped_module."
 # torch.compile of single blocks (model.blocks[i] = torch.compile(block)) puts this inside the keys.
 _COMPILED_INFIX = "._orig_mod."
+# How weights_only loading names a pickled class or function it refuses (a well-formed file).
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 # Containers some exports nest the state dict in.
 _NESTING_KEYS = ("state_dict", "model", "ema")
 
@@ -83,6 +86,12 @@ def _read_torch(path: Path) -> Mapping:
     except Exception as exc:  # unpickling damaged bytes fails in many ways (IndexError, KeyError, ...)
         if "can't allocate memory" in str(exc):  # torch's own CPU allocator running out: the host again
             raise
+        if python_object := _UNSAFE_GLOBAL.search(str(exc)):
+            # Intact bytes (no path: downloading them again would not help), just more than weights.
+            raise CheckpointError(
+                f"{_real(path)} holds Python objects besides tensors ({python_object.group(1)}), which are not "
+                "loaded from checkpoint files for safety; save its state dict alone with torch.save"
+            ) from exc
         raise CheckpointError(
             f"{_real(path)} ({path.stat().st_size} bytes) is truncated or is not a PyTorch checkpoint: "
             f"{_first_line(exc)}",
