@@ -186,6 +186,21 @@ def test_safetensors_and_prefixed_training_exports_load(files, tmp_path):
         assert torch.equal(loaded.head.head.weight, original.head.head.weight)
 
 
+def test_training_export_with_the_conv3d_patch_embedding_loads(files, tmp_path):
+    # scripts/dcp_to_pth.py upstream: nested under "state_dict", "net." keys, and the patch embedding
+    # still in Wan's Conv3d shape [D, C, 1, 2, 2] (modify_model reshapes it for the published files).
+    original, _ = files["tiny-t2v"]
+    state = {f"net.{k}": v for k, v in original.state_dict().items()}
+    state["net.patch_embedding.weight"] = original.patch_embedding.weight.unflatten(1, (16, 1, 2, 2))
+    path = tmp_path / "dcp_export.pth"
+    torch.save({"state_dict": state}, path)
+    loaded = load_dit(path, attention="dense")
+    assert torch.equal(loaded.patch_embedding.weight, original.patch_embedding.weight)
+    x, t, context, y = tiny_inputs("tiny-t2v")
+    with torch.inference_mode():
+        assert torch.equal(loaded(x, t, context, y), original(x, t, context, y))
+
+
 def test_dtypes_are_normalised_on_load(files, tmp_path):
     original, _ = files["tiny-t2v"]
     state = {k: v.float() for k, v in original.state_dict().items()}  # e.g. an fp32 proj_l or modulation

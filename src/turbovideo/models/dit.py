@@ -18,7 +18,13 @@ from torch import nn
 
 from .attention import DEFAULT_TOPK, AttentionOp, select_attention
 from .checkpoint import CheckpointError, load_into, read_state_dict
-from .dit_checkpoint import describe_dit_state, identify, is_quantized, variant_label
+from .dit_checkpoint import (
+    describe_dit_state,
+    identify,
+    is_quantized,
+    linear_patch_embedding,
+    variant_label,
+)
 from .dit_configs import DIT_CONFIGS, DiTConfig
 from .int8 import Activation, Int8Linear, QuantizedActivation
 from .layers import (
@@ -328,7 +334,7 @@ def load_dit(
     Without ``name`` the architecture is inferred from the keys; without ``quantized`` so is the layout.
     """
     path = Path(path)
-    state = read_state_dict(path)
+    state = linear_patch_embedding(read_state_dict(path))
     if name is not None:
         config = _config(name)
     else:

@@ -16,6 +16,19 @@ _QUANTIZED_WEIGHT = re.compile(r"^(blocks\.\d+\.(?:self_attn\.[qkvo]|cross_attn\
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 
 
+def linear_patch_embedding(state: StateDict) -> StateDict:
+    """``state`` with a Conv3d patch embedding [D, C, pt, ph, pw] flattened to the Linear [D, C*pt*ph*pw].
+
+    Upstream's training export (dcp_to_pth) keeps Wan's Conv3d shape; modify_model reshapes it
+    row-major for the published files (spec §2.1, §3.2). Only files with SLA's proj_l are
+    TurboDiffusion ones: an original Wan file is left as it is, to be named as such.
+    """
+    weight = state.get("patch_embedding.weight")
+    if weight is None or weight.dim() != 5 or not any(".proj_l." in key for key in state):
+        return state
+    return {**state, "patch_embedding.weight": weight.flatten(1)}
+
+
 def is_quantized(state: StateDict) -> bool:
     return any(key.endswith(".int8_weight") for key in state)
 
@@ -60,6 +73,7 @@ def quantize_dit_state(state: StateDict) -> Iterator[tuple[str, torch.Tensor]]:
 
     Each block linear's ``weight`` becomes ``int8_weight`` + ``scale``; every other tensor passes through.
     """
+    state = linear_patch_embedding(state)
     if is_quantized(state):
         raise CheckpointError(f"the file is already {describe_dit_state(state)}; nothing to quantize")
     if _patch_shape(state) is None:
