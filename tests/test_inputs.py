@@ -318,6 +318,23 @@ def test_a_host_is_reached_at_its_next_address_when_the_first_refuses(image_serv
     assert inputs.load_image(f"http://dual.example.test:{port}/image.png").size == (40, 30)
 
 
+def test_a_host_of_many_dead_addresses_cannot_outlast_the_fetch_limit(monkeypatch):
+    # Each address that never answers (a dropped SYN) waits out its connect timeout: the fetch's limit
+    # bounds all the attempts together, not each one of them.
+    answers = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"93.184.215.{i}", 80)) for i in range(4)]
+    monkeypatch.setattr(inputs.socket, "getaddrinfo", lambda *a, **k: answers)
+
+    def unanswered(address, timeout=None, *args, **kwargs):
+        time.sleep(timeout)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(inputs.socket, "create_connection", unanswered)
+    started = time.monotonic()
+    with pytest.raises(InputError, match="longer than 0.5 s"):
+        inputs.fetch_url("http://dead.example.test/a.png", timeout_s=0.5)
+    assert time.monotonic() - started < 1.0
+
+
 def test_image_is_fetched_from_an_allowed_server(allowed):
     assert inputs.load_image(f"{allowed}/image.png").size == (40, 30)
 

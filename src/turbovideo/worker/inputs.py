@@ -280,13 +280,18 @@ class _PinnedHTTP(http.client.HTTPConnection):
 
     def connect(self) -> None:
         # Each address in turn, as create_connection does with a name: a worker without IPv6 still
-        # reaches a host whose IPv6 address the resolver lists first.
+        # reaches a host whose IPv6 address the resolver lists first. All of them within the time the
+        # fetch has left (the watchdog cannot stop a connect), not that time each.
+        end = time.monotonic() + self.timeout
         for address in self.addresses:
             try:
-                self.sock = socket.create_connection((address, self.port), self.timeout)
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out")
+                self.sock = socket.create_connection((address, self.port), left)
                 break
             except OSError:
-                if address == self.addresses[-1]:
+                if address == self.addresses[-1] or time.monotonic() >= end:
                     raise
         self.socket_for_timeouts = self.sock
 
