@@ -257,20 +257,23 @@ def sagesla_attention(
         raise RuntimeError(DEFAULT_STREAM_ONLY)
     arch = cuda_arch(q.device)
     blkq, blkk = selection_blocks(arch)
-    # All from bf16: SpargeAttn's kernels read [B, H, L, D] ("HND", tensor_layout 1) int8 q, k
-    # (quantize_blocks writes them so) and, from sm89 on, the fp8 V of prepare_v_fp8.
-    dtype = q.dtype
-    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     state = linear_state(k, v, blkk)
+    # The sparse branch is all from bf16: SpargeAttn's kernels read [B, H, L, D] ("HND", tensor_layout 1)
+    # int8 q, k (quantize_blocks writes them so) and, from sm89 on, the fp8 V of prepare_v_fp8. The
+    # selection and the linear branch read q, k, v as given; q's quantizer writes the selection's block
+    # means only where they are the same numbers (bf16 q).
     batch, length, heads, dim = q.shape
-    q_means = torch.empty(
-        (batch, heads, triton.cdiv(length, blkq), dim), dtype=torch.float32, device=q.device
-    )
-    q_int8, q_scale = quantize_blocks(q, blkq, block_means=q_means)
+    q_means = None
+    if q.dtype == torch.bfloat16:
+        q_means = torch.empty(
+            (batch, heads, triton.cdiv(length, blkq), dim), dtype=torch.float32, device=q.device
+        )
+    q_int8, q_scale = quantize_blocks(q.to(torch.bfloat16), blkq, block_means=q_means)
     block_index = select_blocks(q, state, topk, blkq, q_means)
     lut, count = block_lut(block_index, state.k_block_means.shape[2])
-    o_s = _sparse_branch(sparge, arch, (q_int8, q_scale), k, v, state, lut, count, blkk)
-    return add_linear_branch(o_s.transpose(1, 2), q, state, proj_weight, proj_bias).to(dtype)
+    k_bf16, v_bf16 = (x.to(torch.bfloat16) for x in (k, v))
+    o_s = _sparse_branch(sparge, arch, (q_int8, q_scale), k_bf16, v_bf16, state, lut, count, blkk)
+    return add_linear_branch(o_s.transpose(1, 2), q, state, proj_weight, proj_bias)
 
 
 def _sparse_branch(sparge, arch, q_quantized, k, v, state, lut, count, blkk) -> torch.Tensor:

@@ -261,6 +261,32 @@ def test_sagesla_quantizer_also_yields_the_selection_block_means():
     assert torch.equal(q, sagesla.quantize_blocks(x, 64)[0])
 
 
+def test_sagesla_keeps_the_selection_and_linear_branch_in_the_input_dtype(monkeypatch):
+    # Only SpargeAttn's sparse branch reads bf16 (and 8 bits from it): an fp32 model's selection and
+    # linear branch stay fp32, as before q's quantizer also wrote the block means.
+    q, k, v = _qkv(1, 200, 2, 64)
+    weight, bias = _proj(64)
+    o_s = torch.randn(1, 2, 200, 64).to(torch.bfloat16)
+    seen = {}
+
+    def sparse_branch(sparge, arch, q_quantized, k, v, state, lut, count, blkk):
+        seen["lut"] = lut
+        return o_s
+
+    monkeypatch.setattr(sagesla, "sparge_modules", lambda: object())
+    monkeypatch.setattr(sagesla, "cuda_arch", lambda device: "sm90")
+    monkeypatch.setattr(sagesla, "_sparse_branch", sparse_branch)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: None)
+    out = sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5)
+    blkq, blkk = sagesla.selection_blocks("sm90")
+    state = sla.linear_state(k, v, blkk)
+    lut, _ = sagesla.block_lut(sla.select_blocks(q, state, 0.5, blkq), state.k_block_means.shape[2])
+    assert torch.equal(seen["lut"], lut)
+    expected = sla.add_linear_branch(o_s.transpose(1, 2), q, state, weight, bias)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
 def test_sagesla_v_fp8_layout():
     # Multiples of 1/4 up to 2.25, with 2.25 in every channel, are exact in e4m3 at scale 1: this checks the
     # layout (transposed, padded to 128 tokens, the fp8 MMA's order within 16) and the scales.
