@@ -273,3 +273,21 @@ def test_output_read_by_a_reader_that_stops_early_still_succeeds(tmp_path):
     run.stdout.close()
     assert run.wait(timeout=300) == 0
     assert _frames(out)[1] == 5
+
+
+def test_an_interrupt_with_stderr_closed_still_exits_130(tmp_path, monkeypatch):
+    class ClosedTerminal(_Terminal):
+        """Closed by the reader together with the Ctrl-C (at denoise 3/4): later writes fail."""
+
+        interrupted = False
+
+        def write(self, text: str) -> int:
+            if self.interrupted:
+                raise BrokenPipeError(32, "Broken pipe")
+            self.interrupted = self.stage in text and self.step in text
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stderr", ClosedTerminal("denoise", "3/4"))
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--num_frames", "5", "--out", str(tmp_path / "x.mp4")])
+    assert exited.value.code == 130

@@ -245,7 +245,7 @@ class ProgressBar:
 
 
 def _note(text: str) -> None:
-    """A line on stderr about a finished run: its videos are written, so a closed stderr must not fail it."""
+    """A line on stderr; a closed stderr must not change how the run ends (its exit code says it)."""
     try:
         print(text, file=sys.stderr, flush=True)
     except OSError:
@@ -253,7 +253,7 @@ def _note(text: str) -> None:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    print(message.splitlines()[0] if message else "turbovideo: failed", file=sys.stderr)
+    _note(message.splitlines()[0] if message else "turbovideo: failed")
     raise SystemExit(code)
 
 
