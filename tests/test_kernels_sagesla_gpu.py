@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from turbovideo.kernels import sagesla
+from turbovideo.kernels import sagesla, sla
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and sagesla.is_available(torch.device("cuda"))),
@@ -29,3 +29,21 @@ def test_sagesla_refuses_other_streams_instead_of_racing_them():
         pytest.raises(RuntimeError, match="default CUDA stream only"),
     ):
         sagesla.sagesla_attention(*inputs, topk=0.5)
+
+
+def test_the_fused_query_block_means_are_the_selection_pass_means():
+    # The quantizer's means replace sla.block_means in the selection. Compiled into another kernel, the
+    # same sum may run in another order (an H200 showed it), so they agree to fp32 rounding, not bits.
+    q = _inputs()[0]
+    means = torch.empty(1, 2, 16, 128, device="cuda")
+    sagesla.quantize_blocks(q, 64, block_means=means)
+    torch.testing.assert_close(means, sla.block_means(q, 64), rtol=0, atol=1e-6)
+
+
+def test_sagesla_matches_the_triton_sla_of_its_blocks():
+    # Same selection blocks and linear branch; only the sparse branch's 8-bit formats differ.
+    q, k, v, weight, bias = _inputs()
+    out = sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5)
+    blocks = sagesla.selection_blocks(sagesla.cuda_arch(q.device))
+    expected = sla.sla_attention(q, k, v, weight, bias, 0.5, *blocks)
+    assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() < 6e-2
