@@ -10,6 +10,8 @@ from PIL import Image
 
 from turbovideo.__main__ import main
 
+GENERATE = [sys.executable, "-m", "turbovideo", "generate"]  # the command line, in a subprocess
+
 
 def _frames(path):
     reader = imageio_ffmpeg.read_frames(str(path))
@@ -21,10 +23,7 @@ def test_tiny_default_run_in_a_subprocess(tmp_path):
     out = tmp_path / "fox.mp4"
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "turbovideo",
-            "generate",
+            *GENERATE,
             "--model",
             "tiny",
             "--prompt",
@@ -47,10 +46,7 @@ def test_tiny_default_run_in_a_subprocess(tmp_path):
 def test_bad_value_in_a_subprocess_exits_2_with_one_line(tmp_path):
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "turbovideo",
-            "generate",
+            *GENERATE,
             "--prompt",
             "x",
             "--num_frames",
@@ -257,10 +253,7 @@ def test_output_read_by_a_reader_that_stops_early_still_succeeds(tmp_path):
     # `generate ... 2>&1 | head -c 1`: both streams close under the run; the video is written all the same.
     out = tmp_path / "x.mp4"
     argv = [
-        sys.executable,
-        "-m",
-        "turbovideo",
-        "generate",
+        *GENERATE,
         "--prompt",
         "x",
         "--num_frames",
