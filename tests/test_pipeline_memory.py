@@ -252,7 +252,10 @@ def test_a_model_too_big_for_its_default_request_loads_and_says_what_fits(monkey
     gpu = _SimulatedGPU(monkeypatch, total=20 * GB)
     pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=True))
     pipe._place_default()
-    assert "the default request does not fit on this GPU" in caplog.text
+    assert (
+        "the default request does not fit on this GPU (81 frames at 720p 16:9, one sample); each"
+        in caplog.text
+    )
     with pytest.raises(InputError, match=r"it fits with num_frames at most \d+$"):
         pipe._place_for(GenerationRequest(prompt="-"))
     # On a 16 GB card no 720p video fits, but a 480p one does; the bf16 files fit no size at all.

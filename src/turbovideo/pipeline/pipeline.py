@@ -383,10 +383,19 @@ class VideoPipeline:
     def _place_default(self) -> None:
         """Place the modules for the default request at load. If even that does not fit, each request
         decides (and says what would fit) instead of the load failing."""
+        default = GenerationRequest(prompt="-", task=self.spec.task)
         try:
-            self._place_for(GenerationRequest(prompt="-", task=self.spec.task))
+            self._place_for(default)
         except InputError as exc:
-            log.warning("the default request does not fit on this GPU: %s", exc)
+            # Said as a note on the model, not on the caller's request, which may well fit (e.g. the CLI's).
+            log.warning(
+                "the default request does not fit on this GPU (%d frames at %s %s, one sample); each request "
+                "is checked as it comes: %s",
+                default.num_frames,
+                self.spec.default_resolution,
+                default.aspect_ratio,
+                exc,
+            )
 
     def _stages(self, request: GenerationRequest, width: int, height: int) -> list[Stage]:
         config = self.experts[0].config
