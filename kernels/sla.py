@@ -78,8 +78,9 @@ def _check_blocks(blkq: int, blkk: int) -> None:
             raise ValueError(f"SLA {name} must be a power of two of at least 16; got {size}")
 
 
-def _state_launch(blkk: int, head_dim: int, gpu: GpuLimits | None) -> tuple[int, int]:
-    """(num_warps, num_stages) of the linear-state kernel for [blkk, head_dim] K/V tiles.
+def _state_launch(blkk: int, head_dim: int, gpu: GpuLimits | None, itemsize: int = 2) -> tuple[int, int]:
+    """(num_warps, num_stages) of the linear-state kernel for [blkk, head_dim] K/V tiles of ``itemsize``
+    bytes a value (fp32 inputs, the test path, take twice the shared memory of bf16 ones).
 
     H100 sweep (bf16, D = 128, BLKK 64): 4 warps with three tiles in flight took 0.18 ms at H=12
     L=32760 and 1.1 ms at H=40 L=75600, against 0.30 ms and 2.3 ms with 8 warps and two, although
@@ -88,7 +89,7 @@ def _state_launch(blkk: int, head_dim: int, gpu: GpuLimits | None) -> tuple[int,
     too (H200, BLKK 128: 0.214 against 0.222 ms at the 1.3B shape, 1.31 against 1.40 ms at the 14B one).
     Stages drop where shared memory is short.
     """
-    tile = blkk * head_dim * 2  # one bf16 K or V tile
+    tile = blkk * head_dim * itemsize  # one K or V tile
     hopper = gpu is None or gpu.hopper
     num_warps = 4 if hopper and tile <= 64 * 128 * 2 else 8
     stages = 3
@@ -98,7 +99,7 @@ def _state_launch(blkk: int, head_dim: int, gpu: GpuLimits | None) -> tuple[int,
 
 
 def default_sparse_config(
-    blkq: int, blkk: int, head_dim: int = 128, gpu: GpuLimits | None = None
+    blkq: int, blkk: int, head_dim: int = 128, gpu: GpuLimits | None = None, itemsize: int = 2
 ) -> SparseConfig:
     """64 query rows per program with three K/V tiles in flight, fewer where shared memory is short.
 
@@ -113,9 +114,13 @@ def default_sparse_config(
     block_m = min(blkq, 64)
     hopper = gpu is None or gpu.hopper
     num_warps = 4 if hopper else 8
-    # Q stays resident; each stage holds a K and a V tile in bf16.
+    # Q stays resident; each stage holds a K and a V tile (of itemsize bytes a value: 2 for bf16).
     stages = 3
-    while gpu is not None and stages > 1 and (block_m + 2 * stages * blkk) * head_dim * 2 > gpu.shared_bytes:
+    while (
+        gpu is not None
+        and stages > 1
+        and (block_m + 2 * stages * blkk) * head_dim * itemsize > gpu.shared_bytes
+    ):
         stages -= 1
     return SparseConfig(block_m, num_warps, stages, tma=hopper)
 
@@ -200,7 +205,7 @@ def linear_state(k: torch.Tensor, v: torch.Tensor, blkk: int) -> LinearState:
     bh = batch * heads
     blocks_per_split = min(n_kblocks, max(1, STATE_ROWS_PER_PROGRAM // blkk))
     n_splits = triton.cdiv(n_kblocks, blocks_per_split)
-    num_warps, num_stages = _state_launch(blkk, dim, gpu_limits(k.device))
+    num_warps, num_stages = _state_launch(blkk, dim, gpu_limits(k.device), k.element_size())
     kv_part = torch.empty((bh, n_splits, dim, dim), dtype=torch.float32, device=k.device)
     sums_part = torch.empty((bh, n_splits, 2, dim), dtype=torch.float32, device=k.device)
     k_block_means = torch.empty((batch, heads, n_kblocks, dim), dtype=torch.float32, device=k.device)
@@ -486,7 +491,7 @@ def block_sparse_attention(
         raise ValueError(
             f"block_index must be int32 [{batch}, {heads}, {n_qblocks}, kk]; got {block_index.shape}"
         )
-    config = config or default_sparse_config(blkq, blkk, dim, gpu_limits(q.device))
+    config = config or default_sparse_config(blkq, blkk, dim, gpu_limits(q.device), q.element_size())
     if blkq % config.block_m:
         raise ValueError(f"BLOCK_M {config.block_m} must divide BLKQ {blkq}")
     block_index = block_index.contiguous()

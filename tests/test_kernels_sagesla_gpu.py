@@ -47,3 +47,15 @@ def test_sagesla_matches_the_triton_sla_of_its_blocks():
     blocks = sagesla.selection_blocks(sagesla.cuda_arch(q.device))
     expected = sla.sla_attention(q, k, v, weight, bias, 0.5, *blocks)
     assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() < 6e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sagesla_takes_other_input_dtypes(dtype):
+    # Its selection and linear branch run in the input's dtype: fp32 tiles must fit shared memory too.
+    q, k, v, weight, bias = (x.to(dtype) for x in _inputs())
+    out = sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    expected = sla.sla_attention(
+        q, k, v, weight, bias, 0.5, *sagesla.selection_blocks(sagesla.cuda_arch(q.device))
+    )
+    assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() < 6e-2

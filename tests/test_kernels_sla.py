@@ -104,6 +104,10 @@ def test_sparse_launch_follows_the_gpu():
     assert sla.default_sparse_config(128, 64, 128, hopper) == sla.SparseConfig(64, 4, 3, tma=True)
     # No warpgroup MMA or TMA before Hopper: 8 warps, pointer loads, stages that fit 99 KB.
     assert sla.default_sparse_config(128, 64, 128, ada) == sla.SparseConfig(64, 8, 2, tma=False)
+    # fp32 tiles (the test path) take twice the bytes: fewer stages, not more shared memory than there is.
+    assert sla.default_sparse_config(128, 64, 128, ada, itemsize=4).num_stages == 1
+    assert sla._state_launch(128, 128, hopper, itemsize=4) == (8, 1)
+    assert sla._state_launch(128, 128, hopper) == (8, 3)
 
 
 def test_equal_scores_keep_the_lower_blocks():
