@@ -86,6 +86,18 @@ def test_load_names_a_foreign_file(tmp_path, state, words: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_a_file_with_keys_amiss_is_named_by_its_keys_not_as_another_vae(tiny, tmp_path) -> None:
+    state = {k: v.contiguous() for k, v in tiny.state_dict().items()}
+    state["decoder.extra.weight"] = state.pop("decoder.head.2.weight")
+    path = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as info:
+        load_vae(path, name="tiny")
+    message = str(info.value)
+    assert "different Wan VAE" not in message
+    assert "missing keys (decoder.head.2.weight)" in message and "decoder.extra.weight" in message
+
+
 def test_load_rejects_a_truncated_file(tiny, tmp_path) -> None:
     path = tmp_path / "Wan2.1_VAE.pth"
     torch.save(tiny.state_dict(), path)

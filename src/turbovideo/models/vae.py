@@ -14,6 +14,7 @@ upstream; in fp32 the same formulas use the unrounded constants (what diffusers 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,7 +268,8 @@ def load_vae(
     with torch.device("meta"):
         vae = WanVAE(_config(name)).to(dtype=dtype)
     state = read_state_dict(path)
-    load_into(vae, state, source=path.name, expected="the Wan2.1 VAE (Wan2.1_VAE.pth)", describe=_describe)
+    describe = functools.partial(_describe, conv1=tuple(vae.state_dict()["decoder.conv1.weight"].shape))
+    load_into(vae, state, source=path.name, expected="the Wan2.1 VAE (Wan2.1_VAE.pth)", describe=describe)
     vae.to(device)
     vae.fast = True
     return vae.eval()
@@ -279,15 +281,16 @@ def _config(name: str) -> VAEConfig:
     return VAE_CONFIGS[name]
 
 
-def _describe(state: StateDict) -> str | None:
-    """What a file that does not fit the VAE holds instead, for the error message."""
+def _describe(state: StateDict, conv1: tuple[int, ...]) -> str | None:
+    """What a file that does not fit the VAE holds instead, for the error message. A file with this VAE's
+    ``decoder.conv1`` (shape ``conv1``) is this VAE with keys amiss, which the key lists say."""
     if "patch_embedding.weight" in state:
         return "a Wan DiT checkpoint (it has patch_embedding.weight)"
     if "token_embedding.weight" in state:
         return "the umT5 text encoder (it has token_embedding.weight)"
     if "encoder.conv_in.weight" in state:
         return "a diffusers-format AutoencoderKLWan; use the original Wan2.1_VAE.pth"
-    if "decoder.conv1.weight" in state:
+    if "decoder.conv1.weight" in state and tuple(state["decoder.conv1.weight"].shape) != conv1:
         shape = list(state["decoder.conv1.weight"].shape)
         return f"a different Wan VAE (decoder.conv1.weight is {shape}; Wan2.2_VAE.pth is not supported)"
     return None
