@@ -279,6 +279,28 @@ def test_gpu_failures_ask_for_a_fresh_worker(local, monkeypatch, failure, code):
     assert answer["error"].startswith(f"{code}: ") and answer["refresh_worker"] is True
 
 
+def test_a_broken_cuda_context_is_answered_even_though_freeing_the_cache_fails_too(local, monkeypatch):
+    # After a sticky CUDA error every CUDA call fails the same way, torch.cuda.empty_cache() included
+    # (pytorch#25873): raised from the error path, it reached RunPod as a traceback without
+    # refresh_worker, and the broken worker stayed to fail every later job. No GPU here: CUDA's part is
+    # played by what it raises.
+    from runpod.serverless.modules.rp_job import run_job
+
+    broken = "CUDA error: an illegal memory access was encountered"
+
+    def fails(*args, **kwargs):
+        raise torch.AcceleratorError(broken)
+
+    monkeypatch.setattr(local.pipelines["tiny-t2v"], "generate", fails)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", fails)
+    result = asyncio.run(run_job(local.handle_async, {"id": "job-sticky", "input": {"prompt": "a", **FAST}}))
+    assert result == {
+        "error": f"E_CUDA: the GPU failed ({broken}); this worker is being replaced, retry the job",
+        "stopPod": True,
+    }
+
+
 def test_a_video_the_disk_could_not_take_says_so_and_asks_for_a_fresh_worker(local, monkeypatch):
     from turbovideo.pipeline.video import EncodeError
 

@@ -416,7 +416,9 @@ def error_response(exc: BaseException, job_id: str) -> dict[str, Any]:
     if code in ("E_OOM", "E_CUDA") or isinstance(exc, EncodeError):
         answer["refresh_worker"] = True
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            # A broken CUDA context fails this call as well: the answer (and its refresh_worker) still goes.
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
     if code in ("E_INPUT", "E_MODEL", "E_STOPPED"):
         logger.info("job %s: %s", job_id, answer["error"])
     else:
