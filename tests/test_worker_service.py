@@ -266,6 +266,10 @@ def test_bucket_failing_mid_upload_keeps_every_file(pipelines, s3, tmp_path):
         (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "E_OOM"),
         (RuntimeError("CUDA error: an illegal memory access was encountered"), "E_CUDA"),
         (RuntimeError("CUDA error: device-side assert triggered"), "E_CUDA"),
+        # A Triton kernel's launch reports an earlier kernel's sticky fault in the driver's own words.
+        (RuntimeError("Triton Error [CUDA]: unspecified launch failure"), "E_CUDA"),
+        (RuntimeError("Triton Error [CUDA]: misaligned address"), "E_CUDA"),
+        (RuntimeError("Triton Error [CUDA]: an illegal instruction was encountered"), "E_CUDA"),
     ],
 )
 def test_gpu_failures_ask_for_a_fresh_worker(local, monkeypatch, failure, code):

@@ -56,7 +56,22 @@ MAX_BASE64_BYTES = 9_000_000
 # live per thread, and a fresh thread paid 1.3 s to tune the VAE decode again (H200, 1.3B: 3.0 s
 # against 1.6 s a request).
 _GPU_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turbovideo-gpu")
-_CUDA_BROKEN = ("cuda error", "illegal memory access", "device-side assert", "cublas_status", "cudnn_status")
+_CUDA_BROKEN = (
+    "cuda error",
+    "illegal memory access",
+    "device-side assert",
+    "cublas_status",
+    "cudnn_status",
+    # The driver's words for the other faults that break the context, as a Triton kernel's launch reports
+    # them ("Triton Error [CUDA]: misaligned address"): a launch also returns an earlier kernel's fault.
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "hardware stack error",
+    "invalid program counter",
+    "uncorrectable ecc error",
+    "launch timed out",
+)
 
 
 class ModelError(LookupError):
