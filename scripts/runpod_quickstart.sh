@@ -19,6 +19,17 @@ if [ -z "${PYTHON:-}" ] && [ -x "$repo/.venv/bin/python" ]; then
   python="$repo/.venv/bin/python"
 fi
 
+# A Python without the project (a fresh checkout not set up yet, a system python3) would otherwise end in a
+# traceback, after saying that MODELS needs a GPU.
+if ! missing="$("$python" -c 'import importlib.util as u; print(*[m for m in ("torch", "runpod", "turbovideo") if u.find_spec(m) is None])' 2>/dev/null)"; then
+  echo "$python does not run; set PYTHON to a Python 3.10+ with turbovideo installed (README: \"First two commands\")" >&2
+  exit 1
+fi
+if [ -n "$missing" ]; then
+  echo "$python cannot import $missing; set up this checkout first (README: \"First two commands\"), or set PYTHON to a Python that has turbovideo installed" >&2
+  exit 1
+fi
+
 if [ -n "${MODELS:-}" ] && ! "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   echo "MODELS=$MODELS needs a CUDA GPU and none is usable here; running the tiny CPU models instead" >&2
   MODELS=tiny

@@ -99,6 +99,26 @@ def test_quickstart_with_bad_extra_fields_says_so_in_one_line(tmp_path, fields):
     assert run.stderr.startswith("the extra request fields")
 
 
+def test_quickstart_without_the_project_installed_says_so_in_one_line(tmp_path):
+    # A fresh checkout run before its setup: the script said MODELS needed a GPU, then a traceback.
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    env = {
+        k: v for k, v in worker_env(tmp_path, MODELS="TurboWan2.1-T2V-1.3B-480P").items() if k != "PYTHONPATH"
+    }
+    for python, expected in (
+        (bare / "bin" / "python", "cannot import torch runpod turbovideo"),
+        (bare / "nope", "does not run"),
+    ):
+        run = run_in_repo(
+            ["bash", "scripts/runpod_quickstart.sh", "a red fox", str(tmp_path / "x.mp4")],
+            {**env, "PYTHON": str(python)},
+            timeout=60,
+        )
+        assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+        assert expected in run.stderr and "First two commands" in run.stderr
+
+
 def test_test_input_with_a_failed_start_prints_the_error_and_exits_1(tmp_path):
     run = run_in_repo(
         [sys.executable, "handler.py", "--test_input", json.dumps(JOB)],

