@@ -64,7 +64,9 @@ def test_missing_models_on_runpod_is_answered(tmp_path):
 def test_real_models_without_cuda_on_runpod_ask_for_another_worker(tmp_path):
     env = {"RUNPOD_POD_ID": "pod", "MODELS": "TurboWan2.1-T2V-1.3B-480P", "CACHE_DIR": str(tmp_path)}
     answer = create_handler(env)(dict(JOB))
-    assert answer["error"].startswith("E_STARTUP: CUDA is unusable on this worker (CUDA is not available")
+    # What to change, not only that CUDA is missing: a CPU endpoint, or hosts whose driver predates CUDA 12.8.
+    assert answer["error"].startswith("E_STARTUP: no usable CUDA GPU on this worker")
+    assert "GPU endpoint" in answer["error"] and "CUDA 12.8 or newer" in answer["error"]
     assert answer["refresh_worker"] is True
     assert not any(tmp_path.iterdir())  # failed before downloading anything
 

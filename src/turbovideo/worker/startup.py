@@ -38,6 +38,19 @@ SECRET_VARIABLES = ("HF_TOKEN", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KE
 _SIGNED_QUERY = re.compile(r"\?[^\s'\"]*(?:X-Amz-|Signature=)[^\s'\"]*", re.IGNORECASE)
 
 
+class NoCudaError(RuntimeError):
+    """Real models on RunPod, and torch sees no usable GPU: a CPU endpoint, or a host driver older than
+    the image's CUDA."""
+
+    def __init__(self) -> None:
+        cuda = torch.version.cuda or "12.8"  # the CUDA this torch was built for (the image's: 12.8)
+        super().__init__(
+            "no usable CUDA GPU on this worker (torch.cuda.is_available() is False): the models in MODELS need a "
+            f"GPU endpoint that allows only CUDA {cuda} or newer (an older host driver hides the GPU from this "
+            "image); the worker asks to be replaced"
+        )
+
+
 @dataclass(frozen=True)
 class StartupFailure:
     message: str  # one sentence: what is wrong and what to change
@@ -56,7 +69,7 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
         from turbovideo.worker.service import VideoService
 
         if config.on_runpod and not torch.cuda.is_available() and not all(s.is_random for s in config.models):
-            raise RuntimeError("CUDA is not available (torch.cuda.is_available() is False)")
+            raise NoCudaError()
         service = VideoService.from_config(config)
     except Exception as exc:  # any failed start is answered to jobs, not crash-looped
         failure = _heal_or_describe(exc, config)
@@ -143,6 +156,8 @@ def describe_startup_error(exc: BaseException) -> StartupFailure:
     """One actionable sentence for a failed start."""
     if isinstance(exc, CheckpointDownloadError) and exc.transient:
         return StartupFailure(f"{one_line(str(exc), 1000)}; the worker asks to be replaced", refresh=True)
+    if isinstance(exc, NoCudaError):  # a new worker may land on a host with a newer driver
+        return StartupFailure(str(exc), refresh=True)
     if isinstance(exc, (ConfigError, CheckpointDownloadError)):
         return StartupFailure(one_line(str(exc), 1000))
     if isinstance(exc, CheckpointError):
