@@ -418,6 +418,31 @@ def test_room_is_checked_for_all_models_together(tmp_path):
             checkpoints.check_room([*SPEC.files(False), *other.files(False)], tmp_path, endpoint=hub.endpoint)
 
 
+def test_room_leaves_what_runpods_disk_check_needs_on_the_container_disk(tmp_path):
+    # The SDK's disk check runs after the start: a download that left under 10 % of / free made every
+    # start download (or load), then get killed by it, with no job ever told why.
+    free = shutil.disk_usage(tmp_path).free
+    files = fake_files()
+    files[(DIT.repo, DIT.filename)].size = free // 2
+    keep_free = checkpoints.disk_check_reserve(tmp_path / "cache", 100.0, root=tmp_path)  # all of it
+    assert keep_free == shutil.disk_usage(tmp_path).total
+    with HubServer(files) as hub:
+        checkpoints.check_room(SPEC.files(False), tmp_path / "cache", endpoint=hub.endpoint)
+        with pytest.raises(CheckpointDownloadError, match="RunPod's disk check.*attach a network volume"):
+            checkpoints.check_room(
+                SPEC.files(False), tmp_path / "cache", endpoint=hub.endpoint, keep_free=keep_free
+            )
+
+
+def test_the_disk_check_reserve_applies_only_to_the_root_file_system(tmp_path):
+    assert (
+        checkpoints.disk_check_reserve(tmp_path, 10.0, root=tmp_path)
+        == shutil.disk_usage(tmp_path).total // 10
+    )
+    assert checkpoints.disk_check_reserve(tmp_path, 0.0, root=tmp_path) == 0
+    assert checkpoints.disk_check_reserve(tmp_path, 10.0, root=Path("/proc")) == 0  # another file system
+
+
 def test_default_cache_dir_follows_env_then_volume_then_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CACHE_DIR", str(tmp_path / "explicit"))
     assert default_cache_dir() == tmp_path / "explicit"

@@ -207,3 +207,18 @@ def test_cache_and_output_dirs_are_trimmed_like_every_other_setting(tmp_path):
     config = load_config({"CACHE_DIR": f" {tmp_path}/cache\n", "OUTPUT_DIR": f"{tmp_path}/out "})
     assert config.cache_dir == tmp_path / "cache"
     assert config.output_dir == tmp_path / "out"
+
+
+@pytest.mark.parametrize(
+    "env, percent",
+    [
+        ({}, 0.0),  # local: the SDK runs no fitness checks
+        ({"RUNPOD_POD_ID": "pod"}, 0.0),  # a pod: no job loop, no checks
+        ({"RUNPOD_WEBHOOK_GET_JOB": "https://api/job"}, 10.0),
+        ({"RUNPOD_WEBHOOK_GET_JOB": "https://api/job", "RUNPOD_MIN_DISK_PERCENT": "5"}, 5.0),
+        ({"RUNPOD_WEBHOOK_GET_JOB": "https://api/job", "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "True"}, 0.0),
+    ],
+)
+def test_the_sdk_disk_check_is_known_to_the_start(env, percent, tmp_path):
+    config = load_config({"MODELS": "tiny", "CACHE_DIR": str(tmp_path), **env})
+    assert config.disk_check_percent == percent

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -201,10 +202,12 @@ def check_room(
     token: str | None = None,
     endpoint: str | None = None,
     offline: bool | None = None,
+    keep_free: int = 0,
 ) -> None:
     """Refuse up front when the volume cannot take every file still missing (less what partials
-    already hold): file by file (``ensure_checkpoints`` per model), a too-small volume would be found
-    out only after the first downloads. Call it with every file a start or a script will fetch.
+    already hold), leaving ``keep_free`` bytes (``disk_check_reserve``): file by file
+    (``ensure_checkpoints`` per model), a too-small volume would be found out only after the first
+    downloads. Call it with every file a start or a script will fetch.
 
     Advisory: when the Hub does not answer at once, the downloads themselves (with their retries) decide.
     Offline (``None`` follows ``HF_HUB_OFFLINE``) nothing is downloaded, so nothing is checked.
@@ -227,7 +230,24 @@ def check_room(
         needed += max(0, size - have)
     if needed:
         _make_dirs(cache_dir)
-        check_free_space(cache_dir, needed)
+        check_free_space(cache_dir, needed, keep_free)
+
+
+def disk_check_reserve(cache_dir: Path, percent: float, root: Path = Path("/")) -> int:
+    """Bytes a download into ``cache_dir`` must leave free for RunPod's disk fitness check, which stops
+    (and restarts) a worker once ``root`` has less than ``percent`` % of its size free. It runs after the
+    start, so a start that filled the container disk that far would download, load, and be killed, on
+    every restart, without a job ever hearing why. 0 when the cache is on another file system (a
+    network volume)."""
+    if percent <= 0:
+        return 0
+    existing = next((p for p in (cache_dir, *cache_dir.parents) if p.exists()), root)
+    try:
+        if existing.stat().st_dev != root.stat().st_dev:
+            return 0
+        return int(shutil.disk_usage(root).total * percent / 100)
+    except OSError:
+        return 0
 
 
 def _fetch_all(

@@ -54,6 +54,7 @@ class WorkerConfig:
     report_progress: bool
     sp_degree: int | None = None  # GPUs one request spreads over; None: every visible GPU
     warm_up: bool | None = None  # one throwaway generation per model at start; None: on a GPU
+    disk_check_percent: float = 0.0  # free % of / that RunPod's disk fitness check needs (0: it does not run)
 
 
 def is_on_runpod(env: Mapping[str, str]) -> bool:
@@ -84,7 +85,23 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         report_progress=bool(env.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
         sp_degree=_sp_degree(env.get("SP_DEGREE", "")),
         warm_up=_warm_up_choice(env.get("WARMUP", "")),
+        disk_check_percent=_disk_check_percent(env),
     )
+
+
+def _disk_check_percent(env: Mapping[str, str]) -> float:
+    """The free share of / that the runpod SDK's disk fitness check requires once the start is done. The
+    checks run only in production (RUNPOD_WEBHOOK_GET_JOB set) unless RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true;
+    RUNPOD_MIN_DISK_PERCENT (default 10) sets the share, as in the SDK."""
+    if (
+        not env.get("RUNPOD_WEBHOOK_GET_JOB")
+        or env.get("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "").lower() == "true"
+    ):
+        return 0.0
+    try:
+        return max(0.0, float(env.get("RUNPOD_MIN_DISK_PERCENT", "10.0")))
+    except ValueError:
+        return 10.0
 
 
 def _check_hub_timeouts(env: Mapping[str, str]) -> None:

@@ -277,12 +277,20 @@ def sha256_of(path: Path) -> str:
 _CACHE_SETTING = "CACHE_DIR; --dest of download_checkpoints.py"
 
 
-def check_free_space(directory: Path, needed: int) -> None:
+def check_free_space(directory: Path, needed: int, keep_free: int = 0) -> None:
+    """``needed`` more bytes must fit in ``directory``, leaving ``keep_free`` (see ``disk_check_reserve``)."""
     free = shutil.disk_usage(directory).free
     if needed > free:
         raise CheckpointDownloadError(
             f"not enough space in {directory}: need {format_size(needed)} more, {format_size(free)} free; "
             f"enlarge the volume or point the cache elsewhere ({_CACHE_SETTING})"
+        )
+    if needed + keep_free > free:
+        raise CheckpointDownloadError(
+            f"not enough space in {directory} on the container disk: need {format_size(needed)} more, "
+            f"{format_size(free)} free, and RunPod's disk check stops a worker that leaves less than "
+            f"{format_size(keep_free)} of it free; attach a network volume (the cache then goes there) or "
+            "enlarge the container disk"
         )
 
 

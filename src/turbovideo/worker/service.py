@@ -39,7 +39,7 @@ from turbovideo.errors import InputError, one_line
 from turbovideo.parallel import ParallelError, parallelize
 from turbovideo.pipeline import GenerationRequest, GenerationResult, ProgressEvent, VideoPipeline
 from turbovideo.pipeline.video import EncodeError
-from turbovideo.worker.checkpoints import check_room, ensure_checkpoints
+from turbovideo.worker.checkpoints import check_room, disk_check_reserve, ensure_checkpoints
 from turbovideo.worker.compile_cache import configure_compile_cache
 from turbovideo.worker.config import ConfigError, WorkerConfig, use_quantized
 from turbovideo.worker.inputs import load_image
@@ -117,7 +117,10 @@ class VideoService:
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         quantized = use_quantized(config.variant, gpu_bytes)
         wanted = [f for spec in config.models for f in spec.files(quantized)]  # all models at once
-        check_room(wanted, config.cache_dir, token=config.hf_token, offline=config.offline)
+        keep_free = disk_check_reserve(config.cache_dir, config.disk_check_percent)
+        check_room(
+            wanted, config.cache_dir, token=config.hf_token, offline=config.offline, keep_free=keep_free
+        )
         pipelines = {}
         for spec in config.models:
             checkpoint_dir = ensure_checkpoints(
