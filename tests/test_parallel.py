@@ -233,3 +233,8 @@ def test_degree_follows_the_gpus_and_the_served_models():
         choose_degree(8, 8, [one_3b])
     with pytest.raises(ValueError, match="SP_DEGREE=9 asks for more GPUs than the 8 visible"):
         choose_degree(9, 8, [big])
+    # A 2-GPU Hub preset on an endpoint left at one GPU per worker: said "use 1 to 1", not what to change.
+    with pytest.raises(
+        ValueError, match="set the endpoint's GPUs per worker to 2, or SP_DEGREE to at most 1"
+    ):
+        choose_degree(2, 1, [big])

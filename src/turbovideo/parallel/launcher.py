@@ -77,8 +77,8 @@ def choose_degree(requested: int | None, available: int, heads: Sequence[tuple[s
     if requested is not None:
         if not 1 <= requested <= available:
             raise ValueError(
-                f"SP_DEGREE={requested} asks for more GPUs than the {available} visible; "
-                f"use 1 to {available}, or leave it unset to use them all"
+                f"SP_DEGREE={requested} asks for more GPUs than the {available} visible; set the endpoint's "
+                f"GPUs per worker to {requested}, or SP_DEGREE to at most {available} (unset: all of them)"
             )
         for label, count in heads:
             check_head_split(label, count, requested)
