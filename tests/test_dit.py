@@ -166,6 +166,21 @@ def test_rope_split_and_interleaved_rotation():
     torch.testing.assert_close(rope.double(), rotated, rtol=1e-6, atol=1e-6)
 
 
+def test_rope_frequencies_are_upstreams_fp32_values_bit_for_bit():
+    # Spec §3.4 (fp32 frequencies); upstream's VideoRopePosition3DEmb forms the exponent 2j/d in fp32
+    # and the frequency as 1 / 10000**exponent in fp32. Rounding the exact (float64) frequency to fp32
+    # instead gives other values for most j (by up to 3 ulp), so every angle of a 128-long axis moved.
+    def upstream(d: int) -> torch.Tensor:
+        exponent = torch.arange(0, d, 2).to(torch.float32) / d
+        return torch.outer(
+            torch.arange(128).to(torch.float32), torch.reciprocal(torch.pow(10000.0, exponent))
+        )
+
+    assert torch.equal(rope_angles((128, 1, 1), 128, "cpu")[:, :22], upstream(44))
+    assert torch.equal(rope_angles((1, 128, 1), 128, "cpu")[:, 22:43], upstream(42))
+    assert torch.equal(rope_angles((1, 1, 128), 128, "cpu")[:, 43:], upstream(42))
+
+
 def test_patchify_is_channel_outermost_and_unpatchify_channel_innermost():
     x = torch.arange(2 * 3 * 1 * 4 * 6, dtype=torch.float32).view(2, 3, 1, 4, 6)
     tokens = patchify(x, (1, 2, 2))

@@ -88,8 +88,11 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, device: torch.device 
 
 
 def _axis_angles(size: int, axis_dim: int, device: torch.device | str) -> torch.Tensor:
-    omega = torch.pow(10000.0, -torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
-    return torch.outer(torch.arange(size, dtype=torch.float32, device=device), omega.float())
+    # Upstream's fp32 recipe, op for op: exponents 2j/d in fp32, then 1 / 10000**exponent in fp32.
+    # Rounding the exact value to fp32 instead moves most frequencies by an ulp or three.
+    exponents = torch.arange(0, axis_dim, 2, device=device).float() / axis_dim
+    omega = 1.0 / (10000.0**exponents)
+    return torch.outer(torch.arange(size, dtype=torch.float32, device=device), omega)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
