@@ -215,6 +215,12 @@ class _Images(BaseHTTPRequestHandler):
             "/to-file": lambda: self._send(302, b"", {"Location": "file:///etc/passwd"}),
             "/loop": lambda: self._send(302, b"", {"Location": "/loop"}),
             "/missing": lambda: self._send(404, b"nope", {}),
+            # A share link: the page that shows the image, not the image.
+            "/share": lambda: self._send(
+                200,
+                b"\xef\xbb\xbf\n<!DOCTYPE html><html><img src=/image.png></html>",
+                {"Content-Type": "text/html"},
+            ),
             "/huge-declared": lambda: self._send(200, b"", {"Content-Length": str(10**9)}, length=False),
             "/huge-streamed": self._stream_forever,
             "/slow": lambda: self._trickle(
@@ -355,6 +361,7 @@ def test_redirects_are_followed(allowed):
         ("/to-file", "must use http or https, got file:"),
         ("/loop", "redirected more than 5 times"),
         ("/missing", "answered HTTP 404"),
+        ("/share", "image URL answered a web page (HTML), not an image"),
         ("/huge-declared", "image must be at most 20 MB, got 953.7 MB"),
         ("/huge-streamed", "image must be at most 20 MB"),
         ("/cut-short", "download ended after 50 of"),

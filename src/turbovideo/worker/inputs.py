@@ -53,6 +53,11 @@ def load_image(value: str) -> Image.Image:
     lowered = value[:16].lower()
     if lowered.startswith(("http://", "https://")):
         data = fetch_url(value)
+        if _is_web_page(data):
+            raise InputError(
+                "image URL answered a web page (HTML), not an image; use the image file's own URL "
+                "(share and viewer links answer a page)"
+            )
     elif lowered.startswith("data:"):
         match = _DATA_URI.match(value)
         if match is None:
@@ -63,6 +68,13 @@ def load_image(value: str) -> Image.Image:
     else:
         data = decode_base64(value)
     return open_image(data)
+
+
+def _is_web_page(data: bytes) -> bool:
+    """Whether a URL's bytes are an HTML page. A share link (Google Drive, Dropbox, Imgur) answers the
+    page that shows the image; "not a PNG, JPEG, ..." would puzzle a client who knows the file is one."""
+    head = data[:512].removeprefix(b"\xef\xbb\xbf").lstrip().lower()  # a UTF-8 BOM, then whitespace
+    return head.startswith((b"<!doctype html", b"<html"))
 
 
 def decode_base64(text: str) -> bytes:
