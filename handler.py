@@ -24,5 +24,5 @@ import runpod  # noqa: E402
 from turbovideo.worker.startup import check_test_input, create_handler  # noqa: E402
 
 if __name__ == "__main__":
-    check_test_input(sys.argv[1:])
+    check_test_input(sys.argv[1:], ENV)
     runpod.serverless.start({"handler": create_handler(ENV)})

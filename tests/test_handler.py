@@ -164,6 +164,22 @@ def test_a_malformed_test_input_is_one_line_before_any_model_loads(tmp_path, job
     assert "Traceback" not in run.stdout + run.stderr
 
 
+def test_handler_py_where_there_is_no_test_input_json_says_so_before_any_model_loads(tmp_path):
+    # The SDK said "test_input.json not found" only once every model had loaded (minutes on a GPU).
+    run = subprocess.run(
+        [sys.executable, str(REPO / "handler.py")],
+        cwd=tmp_path,
+        env=worker_env(tmp_path, MODELS="TurboWan2.1-T2V-1.3B-480P", HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert run.stderr.startswith(f"no test_input.json in {tmp_path}") and run.stderr.count("\n") == 1, (
+        run.stderr
+    )
+
+
 def test_test_input_json_is_a_valid_request():
     from turbovideo.worker.schema import parse_request
 

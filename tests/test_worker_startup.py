@@ -12,6 +12,7 @@ from turbovideo.worker.checkpoints import CheckpointDownloadError
 from turbovideo.worker.config import ConfigError
 from turbovideo.worker.startup import (
     RedactSecrets,
+    check_test_input,
     configure_logging,
     create_handler,
     describe_startup_error,
@@ -205,3 +206,38 @@ def test_a_hub_timeout_huggingface_hub_cannot_read_is_answered_not_a_crash(tmp_p
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().startswith(f"E_STARTUP: HF_HUB_DOWNLOAD_TIMEOUT={value!r} is not valid")
+
+
+@pytest.mark.parametrize(
+    "contents, message",
+    [
+        (None, "no test_input.json in "),
+        ("not json", "test_input.json is not valid JSON"),
+        ("[]", 'test_input.json must be a JSON object with an "input" field'),
+        ('{"input": null}', 'test_input.json must be a JSON object with an "input" field'),
+    ],
+)
+def test_a_local_run_without_a_usable_test_input_json_stops_before_loading(
+    tmp_path, monkeypatch, contents, message
+):
+    monkeypatch.chdir(tmp_path)
+    if contents is not None:
+        (tmp_path / "test_input.json").write_text(contents)
+    with pytest.raises(SystemExit) as stopped:
+        check_test_input([], {})
+    assert str(stopped.value.code).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "argv, env",
+    [
+        (["--rp_serve_api"], {}),
+        (["--rp_serve_api", "--rp_api_port", "8001"], {}),
+        ([], {"RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/x/job-take"}),
+        ([], {"RUNPOD_REALTIME_PORT": "8080"}),
+        (["--test_input", '{"input": {"prompt": "a fox"}}'], {}),
+    ],
+)
+def test_test_input_json_is_only_required_where_the_sdk_reads_it(tmp_path, monkeypatch, argv, env):
+    monkeypatch.chdir(tmp_path)  # no test_input.json here
+    check_test_input(argv, env)

@@ -18,6 +18,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,24 +84,41 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
     return service.handle_async
 
 
-def check_test_input(argv: list[str]) -> None:
-    """Exit with one line for a ``--test_input`` the SDK would only meet after the models load, and
-    then with a traceback (not JSON, not an object) or by quietly running test_input.json ({}, [])."""
-    for i, arg in enumerate(argv):
-        if arg == "--test_input" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith("--test_input="):
-            value = arg.partition("=")[2]
-        else:
-            continue
+def check_test_input(argv: list[str], env: Mapping[str, str]) -> None:
+    """Exit with one line for a local job the SDK would only read after the models load (minutes on a
+    GPU), and then refuse with a traceback (not JSON), quietly swap for test_input.json (``{}``, ``[]``),
+    or not find at all (``python handler.py`` run in a folder without test_input.json)."""
+    from runpod.serverless import parser  # the SDK's own flags, read as it reads them
+
+    args, _ = parser.parse_known_args(argv)
+    if args.test_input is not None:
+        _check_job(args.test_input, "--test_input")
+    elif _runs_test_input_json(args.rp_serve_api, env):
         try:
-            job = json.loads(value)
-        except ValueError as e:
-            sys.exit(f"--test_input is not valid JSON ({e})")
-        if not isinstance(job, dict) or job.get("input") is None:  # the SDK's own test: null is none
+            text = Path("test_input.json").read_text(encoding="utf-8")
+        except FileNotFoundError:
             sys.exit(
-                '--test_input must be a JSON object with an "input" field: {"input": {"prompt": "a fox"}}'
+                f"no test_input.json in {Path.cwd()}, and no --test_input: run from a folder that has one, or "
+                """give the job: --test_input '{"input": {"prompt": "a fox"}}'"""
             )
+        except (OSError, UnicodeDecodeError) as e:
+            sys.exit(f"test_input.json cannot be read ({e})")
+        _check_job(text, "test_input.json")
+
+
+def _runs_test_input_json(serve_api: bool, env: Mapping[str, str]) -> bool:
+    """Whether the SDK runs test_input.json: not serving an HTTP API and not in RunPod's job loop."""
+    realtime = env.get("RUNPOD_REALTIME_PORT", "0") != "0"
+    return not (serve_api or realtime or env.get("RUNPOD_WEBHOOK_GET_JOB") is not None)
+
+
+def _check_job(text: str, source: str) -> None:
+    try:
+        job = json.loads(text)
+    except ValueError as e:
+        sys.exit(f"{source} is not valid JSON ({e})")
+    if not isinstance(job, dict) or job.get("input") is None:  # the SDK's own test: null is none
+        sys.exit(f'{source} must be a JSON object with an "input" field: {{"input": {{"prompt": "a fox"}}}}')
 
 
 def _heal_or_describe(exc: BaseException, config: WorkerConfig | None) -> StartupFailure:
