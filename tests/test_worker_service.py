@@ -229,6 +229,17 @@ def test_upload_to_the_bucket_answers_urls(pipelines, s3, tmp_path, caplog):
         assert secret not in caplog.text
 
 
+def test_an_expiry_past_seven_days_is_cut_with_a_warning(pipelines, s3, tmp_path):
+    endpoint, _ = s3
+    answer = bucket_service(pipelines, endpoint, tmp_path / "durable").handle(
+        {"id": "job-week", "input": {"prompt": "a", "expires_in": 30 * 86400, **FAST}}
+    )
+    assert parse_qs(urlsplit(answer["video_url"]).query)["X-Amz-Expires"] == ["604800"]
+    assert answer["warnings"] == [
+        "expires_in 2592000 s was cut to 604800 s (7 days), the longest a presigned URL lives"
+    ]
+
+
 def test_bucket_down_answers_e_upload_and_keeps_a_playable_video(pipelines, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     dead = dead_endpoint()

@@ -43,7 +43,7 @@ from turbovideo.worker.checkpoints import check_room, disk_check_reserve, ensure
 from turbovideo.worker.compile_cache import configure_compile_cache
 from turbovideo.worker.config import ConfigError, WorkerConfig, use_quantized
 from turbovideo.worker.inputs import load_image
-from turbovideo.worker.schema import VideoRequest, VideoResponse, parse_request
+from turbovideo.worker.schema import MAX_EXPIRES_S, VideoRequest, VideoResponse, parse_request
 from turbovideo.worker.storage import BucketStorage, LocalStorage, Storage, UploadError, safe_job_id
 
 logger = logging.getLogger(__name__)
@@ -269,6 +269,11 @@ class VideoService:
             if not encoded:
                 raise
             return encoded, [*warnings, str(exc)]
+        if "video_url" in delivered and request.expires_in > MAX_EXPIRES_S:  # an app may keep the URLs
+            warnings.append(
+                f"expires_in {request.expires_in} s was cut to {MAX_EXPIRES_S} s (7 days), "
+                "the longest a presigned URL lives"
+            )
         return {**delivered, **encoded}, warnings
 
 
