@@ -65,7 +65,17 @@ def test_gemm_matches_float64_spec_formula():
     problem = scaled_problem(200, 136, 640)  # partial M and N tiles, 5 K blocks
     out = int8_gemm_reference(*problem)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), spec_formula_float64(*problem), rtol=1e-6, atol=1e-6)
+    exact = spec_formula_float64(*problem)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
+    # The fp32 accumulator is rounded after every K block, not once at the end: by hand, bit for bit.
+    qx, sx, qw, sw = problem
+    acc = torch.zeros(200, 136, dtype=torch.float32)
+    for kb in range(5):
+        cols, scales = slice(kb * 128, (kb + 1) * 128), slice(kb, kb + 1)
+        one_block = spec_formula_float64(qx[:, cols], sx[:, scales], qw[:, cols], sw[:, scales])
+        acc = (acc.double() + one_block).float()
+    assert torch.equal(out, acc)
+    assert not torch.equal(out, exact.float())  # rounding once would be told apart
 
 
 def test_gemm_partials_are_exact_at_the_int32_extreme():
