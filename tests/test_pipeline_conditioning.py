@@ -21,7 +21,7 @@ def test_uniform_image_maps_to_its_normalised_value():
 
 
 def test_resize_is_antialiased_bilinear_on_uint8():
-    # Stripes one pixel wide: antialiased downscaling averages them to grey; plain bilinear would alias.
+    # Stripes one pixel wide: antialiased downscaling averages them to grey.
     stripes = np.zeros((64, 64, 3), np.uint8)
     stripes[:, ::2] = 255
     tensor = image_to_tensor(Image.fromarray(stripes), 16, 16)
@@ -29,6 +29,12 @@ def test_resize_is_antialiased_bilinear_on_uint8():
     # Values stay on the uint8 grid (the resize rounds to uint8 before scaling).
     levels = (tensor + 1) / 2 * 255
     assert torch.allclose(levels, levels.round(), atol=1e-4)
+    # Two-pixel stripes average to grey under plain bilinear too (it samples between each pair); one
+    # lit column in four does not: plain bilinear samples only unlit columns, antialiasing averages.
+    sparse = np.zeros((64, 64, 3), np.uint8)
+    sparse[:, ::4] = 255
+    levels = (image_to_tensor(Image.fromarray(sparse), 16, 16) + 1) / 2 * 255
+    assert (levels[..., 1:-1] - 255 / 4).abs().max() < 1  # the edge columns weigh fewer pixels
 
 
 def test_grey_and_rgba_images_become_rgb():
