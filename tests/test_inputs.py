@@ -166,6 +166,8 @@ def test_base64_size_is_checked_before_decoding(monkeypatch):
         "http://[64:ff9b:1:808:8:800::]/a.png",  # local-use NAT64 /48 embedding of a public 8.8.8.8
         "http://[2002:a9fe:a9fe::1]/a.png",  # 6to4 via 169.254.169.254
         "http://[::10.0.0.1]/a.png",  # IPv4-compatible
+        "http://224.0.0.1/a.png",  # multicast, which ipaddress counts as global
+        "http://[ff0e::1]/a.png",
         "http://localhost/a.png",
         "https://localhost:8443/a.png",
     ],
