@@ -186,6 +186,28 @@ def test_every_resolved_address_is_checked(monkeypatch):
         inputs.fetch_url("http://images.example.test/a.png")
 
 
+def test_the_connection_goes_to_the_checked_address_not_a_second_lookup(monkeypatch):
+    # DNS rebinding: the name answers a public address when checked, then 127.0.0.1.
+    lookups = []
+
+    def rebinding(host, *args, **kwargs):
+        lookups.append(host)
+        ip = "93.184.215.14" if len(lookups) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 80))]
+
+    connected = []
+
+    def refused(address, *args, **kwargs):
+        connected.append(address)
+        raise ConnectionRefusedError("refused")
+
+    monkeypatch.setattr(inputs.socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(inputs.socket, "create_connection", refused)
+    with pytest.raises(InputError, match="could not be fetched"):
+        inputs.fetch_url("http://rebind.example.test/a.png")
+    assert connected == [("93.184.215.14", 80)] and lookups == ["rebind.example.test"]
+
+
 def test_a_hanging_name_lookup_cannot_outlast_the_fetch_limit(monkeypatch):
     # The resolver's own timeouts (5 s per try and server in glibc) can add up past the documented limit.
     release = threading.Event()
