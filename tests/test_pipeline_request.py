@@ -28,6 +28,7 @@ IMAGE = Image.new("RGB", (64, 48), (10, 20, 30))
         (T2V, {"sigma_max": float("nan")}, "sigma_max must be between 0.1 and 10000.0, got nan"),
         (T2V, {"sigma_max": 20000.0}, "sigma_max must be between 0.1 and 10000.0, got 20000.0"),
         (T2V, {"boundary": 1.0}, "boundary must be strictly between 0 and 1, got 1.0"),
+        (T2V, {"boundary": 0.0}, "boundary must be strictly between 0 and 1, got 0.0"),
         (T2V, {"sla_topk": 0.0}, "sla_topk must be in (0, 1], got 0.0"),
         (T2V, {"sla_topk": 1.5}, "sla_topk must be in (0, 1], got 1.5"),
         (T2V, {"num_samples": 0}, "num_samples must be between 1 and 4, got 0"),
@@ -78,6 +79,26 @@ def test_invalid_values_give_one_line(spec, changes, message):
 @pytest.mark.parametrize("spec", [T2V, TINY_T2V])
 def test_defaults_are_valid(spec):
     check_request(GenerationRequest(prompt="a red fox"), spec)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"num_frames": 5},
+        {"num_frames": 161},
+        {"num_steps": 1},
+        {"sigma_max": 0.1},
+        {"sigma_max": 10000.0},
+        {"seed": 0},
+        {"seed": 2**32 - 1},
+        {"num_samples": 4},
+        {"sla_topk": 1.0},
+        {"fps": 1},
+        {"fps": 60},
+    ],
+)
+def test_every_inclusive_limit_is_valid(changes):
+    check_request(GenerationRequest(prompt="a red fox", **changes), T2V)
 
 
 def test_valid_i2v():
