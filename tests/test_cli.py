@@ -284,3 +284,28 @@ def test_an_interrupt_with_stderr_closed_still_exits_130(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exited:
         main(["generate", "--prompt", "x", "--num_frames", "5", "--out", str(tmp_path / "x.mp4")])
     assert exited.value.code == 130
+
+
+def test_an_interrupt_while_torch_imports_is_not_lost(tmp_path, monkeypatch):
+    # torch catches a failed numpy import (a Ctrl-C landing inside it) and runs on: the run went on to
+    # write the video and exit 0. The interrupt now waits for the imports to end, then stops the run.
+    import builtins
+    import os
+    import signal
+
+    real_import = builtins.__import__
+
+    def import_catching_the_interrupt(name, *args, **kwargs):
+        if name == "turbovideo.pipeline":
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered inside the import ...
+                sum(range(1000))  # (Python runs signal handlers between bytecodes)
+            except KeyboardInterrupt:
+                pass  # ... which swallows it, as torch does around numpy
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", import_catching_the_interrupt)
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--num_frames", "5", "--out", str(tmp_path / "x.mp4")])
+    assert exited.value.code == 130
+    assert not list(tmp_path.iterdir())

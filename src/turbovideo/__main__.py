@@ -8,10 +8,13 @@ stderr and exit code 2; failures while loading or generating with one line and e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import NoReturn, TextIO
 
@@ -106,9 +109,10 @@ def _generate(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".mp4":  # the file is H.264 in MP4 whatever it is named
         _fail(f"turbovideo: --out must name an .mp4 file (the video is H.264 MP4), got {out}", USAGE_ERROR)
     # Heavy imports (torch, the models) only once the command line is known to be usable.
-    from turbovideo.models import CheckpointError
-    from turbovideo.pipeline import GenerationRequest, VideoPipeline
-    from turbovideo.pipeline.request import check_request
+    with _interrupt_held():
+        from turbovideo.models import CheckpointError
+        from turbovideo.pipeline import GenerationRequest, VideoPipeline
+        from turbovideo.pipeline.request import check_request
 
     request = GenerationRequest(
         prompt=args.prompt,
@@ -166,6 +170,26 @@ def _generate(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # read by something that stopped early (`| head -1`): the videos are written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
     return 0
+
+
+@contextlib.contextmanager
+def _interrupt_held():
+    """Hold a Ctrl-C that arrives during the block until it ends. Inside torch's import it would be lost
+    (torch catches a failed numpy import and runs on) or abort the process from C++ (pybind11)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # e.g. ignored: `nohup`, `&`
+    ):
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _spec(name: str, with_image: bool) -> ModelSpec:
