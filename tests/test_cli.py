@@ -1,6 +1,7 @@
 """``python -m turbovideo generate``: a playable file for good input, one line and exit 2 for bad input."""
 
 import io
+import os
 import subprocess
 import sys
 
@@ -309,3 +310,29 @@ def test_an_interrupt_while_torch_imports_is_not_lost(tmp_path, monkeypatch):
         main(["generate", "--prompt", "x", "--num_frames", "5", "--out", str(tmp_path / "x.mp4")])
     assert exited.value.code == 130
     assert not list(tmp_path.iterdir())
+
+
+def test_a_run_started_with_stderr_closed_writes_its_video_and_only_paths_on_stdout(tmp_path):
+    # `generate ... 2>&-`: Python has no sys.stderr. The run failed at the progress bar (exit 1, no word),
+    # and a bad value's one line went to stdout, where scripts read the video paths.
+    out = tmp_path / "x.mp4"
+    argv = [*GENERATE, "--prompt", "x", "--num_frames", "5", "--out", str(out)]
+    done = subprocess.run(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        timeout=300,
+        text=True,
+        preexec_fn=lambda: os.close(2),
+    )
+    assert done.returncode == 0 and done.stdout == f"{out}\n"
+    assert _frames(out)[1] == 5
+    bad = subprocess.run(
+        [*argv, "--num_steps", "9"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+        text=True,
+        preexec_fn=lambda: os.close(2),
+    )
+    assert bad.returncode == 2 and bad.stdout == ""

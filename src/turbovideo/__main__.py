@@ -236,9 +236,9 @@ class ProgressBar:
 
     WIDTH = 24
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream: TextIO | None = stream
-        self.redraw = stream.isatty()
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream  # None: stderr closed (`2>&-`), nothing to draw on
+        self.redraw = stream is not None and stream.isatty()
         self._line_open = False  # a redrawn bar whose stage has not finished: no newline after it yet
 
     def __call__(self, event) -> None:
@@ -270,6 +270,8 @@ class ProgressBar:
 
 def _note(text: str) -> None:
     """A line on stderr; a closed stderr must not change how the run ends (its exit code says it)."""
+    if sys.stderr is None:  # started with stderr closed: print() would put the line on stdout
+        return
     try:
         print(text, file=sys.stderr, flush=True)
     except OSError:
