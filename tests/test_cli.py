@@ -336,3 +336,22 @@ def test_a_run_started_with_stderr_closed_writes_its_video_and_only_paths_on_std
         preexec_fn=lambda: os.close(2),
     )
     assert bad.returncode == 2 and bad.stdout == ""
+
+
+def test_a_sample_name_taken_by_a_directory_is_refused_before_the_models_load(tmp_path, capsys, monkeypatch):
+    # It was found after the run: exit 1 naming the scratch file, with clip_0.mp4 written and clip_1 not.
+    from turbovideo.pipeline import VideoPipeline
+
+    def load(*args, **kwargs):
+        raise AssertionError("loaded the models for samples that cannot be written")
+
+    monkeypatch.setattr(VideoPipeline, "load", load)
+    (tmp_path / "clip_1.mp4").mkdir()
+    out = tmp_path / "clip.mp4"
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--num_samples", "2", "--out", str(out)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        f"turbovideo: --out {out}: a sample's file {tmp_path / 'clip_1.mp4'} is a directory; name another file\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["clip_1.mp4"]

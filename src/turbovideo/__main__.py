@@ -134,6 +134,10 @@ def _generate(args: argparse.Namespace) -> int:
     )
     try:
         check_request(request, spec)
+        targets = _targets(out, request.num_samples)
+        for target in targets:  # a folder by a sample's name: refused now, not once the run is done
+            if target.is_dir():
+                raise InputError(f"--out {out}: a sample's file {target} is a directory; name another file")
         try:  # before loading: a folder that cannot take the video fails in a second, not after minutes
             out.parent.mkdir(parents=True, exist_ok=True)
             scratch_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=".turbovideo-")
@@ -148,7 +152,6 @@ def _generate(args: argparse.Namespace) -> int:
                 result = pipe.generate(request, Path(scratch), bar)
             finally:  # a run that fails mid-stage: its message must not land on the bar's line
                 bar.end_line()
-            targets = _targets(out, len(result.videos))
             for video, target in zip(result.videos, targets, strict=True):
                 os.replace(video, target)  # same folder; refuses a directory instead of filling it
     except InputError as err:
