@@ -355,3 +355,13 @@ def test_a_sample_name_taken_by_a_directory_is_refused_before_the_models_load(tm
         f"turbovideo: --out {out}: a sample's file {tmp_path / 'clip_1.mp4'} is a directory; name another file\n"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["clip_1.mp4"]
+
+
+def test_a_prompt_too_long_for_the_text_encoder_is_said_once(tmp_path):
+    # The tokenizer's log line said it first ("WARNING turbovideo.models.tokenizer: prompt 0 has ...").
+    out = tmp_path / "x.mp4"
+    argv = [*GENERATE, "--prompt", "fox " * 600, "--num_frames", "5", "--num_steps", "1", "--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "tokens" in line]
+    assert len(said) == 1 and said[0].startswith("turbovideo: warning: the prompt has ")

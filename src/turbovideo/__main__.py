@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        # A cut prompt is said once, among the run's warnings ("turbovideo: warning: the prompt has ...").
+        logging.getLogger("turbovideo.models.tokenizer").setLevel(logging.ERROR)
         return _generate(args)
     except KeyboardInterrupt:
         _fail("turbovideo: interrupted; no video was written", 130)
