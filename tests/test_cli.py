@@ -101,6 +101,10 @@ def test_image_selects_tiny_i2v_and_samples_get_numbered_files(tmp_path, capsys)
             ["--model", "TurboWan2.1-T2V-1.3B-480P"],
             "--dest DIR, then pass --checkpoint_dir DIR/models/TurboWan2.1-T2V-1.3B-480P-bf16",
         ),
+        (
+            ["--model", "TurboWan2.1-T2V-1.3B-480P", "--checkpoint_dir", "ckpt/models/typo"],
+            "--checkpoint_dir ckpt/models/typo is not a folder: run python scripts/download_checkpoints.py",
+        ),
         (["--image", "/nonexistent.png"], "cannot read image /nonexistent.png"),
         (["--image", "__big__"], "image must have at most 50000000 pixels"),
         (["--model", "tiny-i2v"], "task 'i2v' needs an input image"),

@@ -90,10 +90,13 @@ def _generate(args: argparse.Namespace) -> int:
             f"weights (--model defaults to tiny): name the model, e.g. --model {next(iter(MODELS))}",
             USAGE_ERROR,
         )
-    if not spec.is_random and args.checkpoint_dir is None:
+    if not spec.is_random and (args.checkpoint_dir is None or not args.checkpoint_dir.is_dir()):
         variant = "quant" if args.quant else "bf16"
+        missing = f"model {spec.name} needs its checkpoints"
+        if args.checkpoint_dir is not None:
+            missing = f"--checkpoint_dir {args.checkpoint_dir} is not a folder"
         _fail(
-            f"turbovideo: model {spec.name} needs its checkpoints: run python scripts/download_checkpoints.py "
+            f"turbovideo: {missing}: run python scripts/download_checkpoints.py "
             f"--model {spec.name} --variant {variant} --dest DIR, then pass "
             f"--checkpoint_dir DIR/models/{spec.name}-{variant}",
             USAGE_ERROR,
