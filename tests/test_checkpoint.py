@@ -82,6 +82,7 @@ def test_unreadable_files_raise_one_sentence(tmp_path):
     empty.touch()
     cases = {
         tmp_path / "nope.pth": "does not exist",
+        tmp_path: "is a folder; name the checkpoint file in it",  # was "does not exist"
         empty: "is empty (0 bytes)",
         truncated: "is truncated or is not a PyTorch checkpoint",
         st: "is truncated or is not a safetensors file",

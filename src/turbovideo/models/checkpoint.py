@@ -46,6 +46,8 @@ def read_state_dict(path: str | Path) -> StateDict:
     ``.pth`` files are memory-mapped, so nothing is read until a tensor is used.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint file {path} is a folder; name the checkpoint file in it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
     size = path.stat().st_size
