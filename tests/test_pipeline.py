@@ -89,6 +89,20 @@ def test_same_seed_same_video_other_seed_other_video(t2v, tmp_path):
     assert not np.array_equal(first, other)
 
 
+def test_the_sampler_options_of_the_request_are_used(t2v, tmp_path):
+    # Two steps: with one, the SDE and ODE updates coincide (the last step adds no noise). 9 frames at
+    # 16:9 make 84 tokens, two key blocks of 64: top-k 0.1 keeps one of them, top-k 1.0 both.
+    base = dict(prompt="a red fox", num_frames=9, num_steps=2, seed=3)
+    assert t2v.spec.default_sigma_max != 1600.0
+
+    def run(name, **changes):
+        return _read(t2v.generate(GenerationRequest(**base, **changes), tmp_path / name).videos[0])[1]
+
+    default = run("default")
+    for changes in ({"ode": True}, {"sigma_max": 1600.0}, {"sla_topk": 1.0}):
+        assert not np.array_equal(run(str(changes), **changes), default), changes
+
+
 def test_repeated_prompt_skips_the_text_encoder(t2v, tmp_path):
     calls = _count_calls(t2v.text_encoder)
     request = GenerationRequest(prompt="a  blue\n whale", num_frames=5, num_steps=1)
