@@ -369,3 +369,24 @@ def test_a_prompt_too_long_for_the_text_encoder_is_said_once(tmp_path):
     assert done.returncode == 0, done.stderr
     said = [line for line in done.stderr.splitlines() if "tokens" in line]
     assert len(said) == 1 and said[0].startswith("turbovideo: warning: the prompt has ")
+
+
+def test_a_terminated_run_is_one_line_and_leaves_no_scratch_folder(tmp_path):
+    # `timeout 60 python -m turbovideo ...` or `kill`: the run died where it stood and left its hidden
+    # scratch folder (.turbovideo-*) in the output folder.
+    import signal
+
+    out = tmp_path / "x.mp4"
+    run = subprocess.Popen(
+        [*GENERATE, "--prompt", "x", "--num_frames", "5", "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in run.stderr:  # the models are loaded and the run is under way
+        if line.startswith("encode"):
+            break
+    run.send_signal(signal.SIGTERM)
+    rest = run.stderr.read()
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM
+    assert rest.splitlines()[-1] == "turbovideo: terminated; no video was written"
+    assert not list(tmp_path.iterdir())

@@ -71,7 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM (`kill`, `timeout`): the run stops as on Ctrl-C, so that its scratch folder goes too."""
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    on_term = None  # a SIGTERM the caller set to be ignored, or handles itself, is left alone
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):
+        on_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -80,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(args)
     except KeyboardInterrupt:
         _fail("turbovideo: interrupted; no video was written", 130)
+    except _Terminated:
+        _fail("turbovideo: terminated; no video was written", 128 + signal.SIGTERM)
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -182,20 +201,24 @@ def _generate(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _interrupt_held():
-    """Hold a Ctrl-C that arrives during the block until it ends. Inside torch's import it would be lost
-    (torch catches a failed numpy import and runs on) or abort the process from C++ (pybind11)."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # e.g. ignored: `nohup`, `&`
-    ):
+    """Hold a Ctrl-C or SIGTERM that arrives during the block until it ends. Inside torch's import it
+    would be lost (torch catches a failed numpy import and runs on) or abort the process from C++."""
+    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminate}
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    # A signal the shell set to be ignored (`nohup`, `&`) stays ignored.
+    ours = {signum: handler for signum, handler in ours.items() if signal.getsignal(signum) is handler}
     held: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    for signum in ours:
+        signal.signal(signum, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, handler in ours.items():
+            signal.signal(signum, handler)
+    if signal.SIGTERM in held:
+        raise _Terminated
     if held:
         raise KeyboardInterrupt
 
