@@ -390,3 +390,14 @@ def test_a_terminated_run_is_one_line_and_leaves_no_scratch_folder(tmp_path):
     assert run.wait(timeout=120) == 128 + signal.SIGTERM
     assert rest.splitlines()[-1] == "turbovideo: terminated; no video was written"
     assert not list(tmp_path.iterdir())
+
+
+def test_help_names_the_defaults_a_run_would_surprise_with(capsys):
+    # --out and --seed had no help: a run without --out wrote output/generated_video.mp4 unannounced,
+    # and every run without --seed drew seed 0 (the endpoint draws a random one).
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT the .mp4 to write; default: output/generated_video.mp4" in text
+    assert "--seed SEED 0 to 4294967295; default 0" in text

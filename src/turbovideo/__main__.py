@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", type=Path, help="input image for image-to-video")
     gen.add_argument("--model", default="tiny", help=f"one of {', '.join([*MODELS, *ALIASES])}")
-    gen.add_argument("--out", default="output/generated_video.mp4")  # a str: Path drops a trailing "/"
+    gen.add_argument(  # a str: Path drops a trailing "/"
+        "--out", default="output/generated_video.mp4", help="the .mp4 to write; default: %(default)s"
+    )
     gen.add_argument("--checkpoint_dir", type=Path, help="folder with the model's files (Hub filenames)")
     gen.add_argument("--num_steps", type=int, default=4)
     gen.add_argument("--sigma_max", type=float, help="default: 80 for T2V, 200 for I2V")
@@ -50,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--num_frames", type=int, help=f"4k+1; default {DEFAULT_FRAMES} ({TINY_DEFAULT_FRAMES} for tiny)"
     )
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="0 to 4294967295; default 0 (as upstream): the same seed, the same video",
+    )
     gen.add_argument("--num_samples", type=int, default=1)
     gen.add_argument("--fps", type=int, default=DEFAULT_FPS)
     gen.add_argument(
