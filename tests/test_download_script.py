@@ -58,6 +58,7 @@ def test_both_variants_are_fetched_and_summed(hub, tmp_path):
     ("args", "env", "expected"),
     [
         (("--model", "no-such-model"), {}, "unknown model"),
+        (("--model", ""), {}, "error: --model names no model; use one of TurboWan"),  # said "set MODELS"
         (("--model", SPEC.name), {"HF_HUB_OFFLINE": "1"}, f"{SPEC.name}.pth is not in the cache"),
     ],
 )
