@@ -31,7 +31,7 @@ from turbovideo.parallel import ParallelError
 from turbovideo.pipeline import ProgressEvent, VideoPipeline
 from turbovideo.worker import inputs, service
 from turbovideo.worker.config import BucketConfig, load_config
-from turbovideo.worker.schema import VideoRequest
+from turbovideo.worker.schema import VideoRequest, parse_request
 from turbovideo.worker.service import VideoService
 from turbovideo.worker.storage import BucketStorage, LocalStorage
 
@@ -107,6 +107,31 @@ def image_server():
 def allowed_first_hop(image_server, monkeypatch):
     monkeypatch.setattr(inputs, "ALLOWED_PRIVATE_NETLOCS", {image_server})
     return f"http://{image_server}"
+
+
+def test_every_request_field_reaches_the_generation():
+    # Each value differs from its default, so a field left out of the mapping shows.
+    payload = {
+        "prompt": "a red fox",
+        "task": "i2v",
+        "resolution": "tiny",
+        "aspect_ratio": "3:4",
+        "adaptive_resolution": True,
+        "num_frames": 9,
+        "num_steps": 2,
+        "sigma_max": 123.0,
+        "seed": 17,
+        "num_samples": 3,
+        "attention": "sla",
+        "sla_topk": 0.25,
+        "ode": True,
+        "boundary": 0.5,
+        "fps": 24,
+    }
+    image = Image.new("RGB", (8, 8))
+    generation = service._generation_request(parse_request(payload), MODELS["tiny-i2v"], image)
+    assert generation.image is image
+    assert {name: getattr(generation, name) for name in payload} == payload
 
 
 def test_t2v_job_answers_a_playable_video(local):
