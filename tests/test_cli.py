@@ -185,6 +185,38 @@ def test_an_unwritable_out_folder_fails_before_the_models_load(tmp_path, capsys,
     assert capsys.readouterr().err.startswith(f"turbovideo: cannot write --out {tmp_path / 'file' / 'x.mp4'}")
 
 
+def test_every_option_reaches_the_generation(tmp_path, monkeypatch):
+    # Each value differs from its default, so an option left out of the request shows.
+    from turbovideo.pipeline import VideoPipeline
+
+    seen = []
+
+    def generate(self, request, *args, **kwargs):
+        seen.append(request)
+        raise KeyboardInterrupt  # recorded; the run needs to go no further
+
+    monkeypatch.setattr(VideoPipeline, "generate", generate)
+    options = {
+        "num_steps": ("2", 2),
+        "sigma_max": ("123", 123.0),
+        "resolution": ("tiny", "tiny"),
+        "aspect_ratio": ("3:4", "3:4"),
+        "num_frames": ("9", 9),
+        "seed": ("17", 17),
+        "num_samples": ("3", 3),
+        "fps": ("24", 24),
+        "sla_topk": ("0.25", 0.25),
+        "boundary": ("0.5", 0.5),
+    }
+    argv = [arg for name, (text, _) in options.items() for arg in (f"--{name}", text)]
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.mp4"), *argv, "--ode"])
+    assert exited.value.code == 130
+    (request,) = seen
+    assert {name: getattr(request, name) for name in options} == {k: v for k, (_, v) in options.items()}
+    assert request.ode is True
+
+
 @pytest.mark.parametrize(
     ("error", "code", "message"),
     [
