@@ -93,17 +93,21 @@ def main(argv: list[str] | None = None) -> int:
         and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     ):
         on_term = signal.signal(signal.SIGTERM, _terminate)
+    # A cut prompt is said once, among the run's warnings ("turbovideo: warning: the prompt has ...");
+    # the logger is set back afterwards for a caller that runs main() in its own process.
+    tokenizer_log = logging.getLogger("turbovideo.models.tokenizer")
+    tokenizer_level = tokenizer_log.level
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        # A cut prompt is said once, among the run's warnings ("turbovideo: warning: the prompt has ...").
-        logging.getLogger("turbovideo.models.tokenizer").setLevel(logging.ERROR)
+        tokenizer_log.setLevel(logging.ERROR)
         return _generate(args)
     except KeyboardInterrupt:
         _fail("turbovideo: interrupted; no video was written", 130)
     except _Terminated:
         _fail("turbovideo: terminated; no video was written", 128 + signal.SIGTERM)
     finally:
+        tokenizer_log.setLevel(tokenizer_level)
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
 
