@@ -90,6 +90,16 @@ def test_first_download_then_no_network_and_offline(hub, tmp_path, monkeypatch):
     assert_model_dir(model_dir, hub)
 
 
+def test_a_cached_file_cut_short_after_its_marker_is_downloaded_again(hub, tmp_path):
+    # The marker records the size: a file cut on the volume (a full disk, a bad copy) is not complete.
+    ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    with open(target(tmp_path, DIT), "r+b") as fh:
+        fh.truncate(MIB)
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert_model_dir(model_dir, hub)
+    assert hub.full_gets(DIT.repo, DIT.filename) == 2
+
+
 def test_big_files_report_bytes_so_far(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(hub_transfer, "PROGRESS_EVERY_S", 0.0)
     messages: list[str] = []
