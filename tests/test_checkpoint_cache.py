@@ -100,6 +100,20 @@ def test_a_cached_file_cut_short_after_its_marker_is_downloaded_again(hub, tmp_p
     assert hub.full_gets(DIT.repo, DIT.filename) == 2
 
 
+@pytest.mark.parametrize("intact", [True, False], ids=["intact", "same-size-other-bytes"])
+def test_a_file_put_in_place_without_a_marker_is_adopted_only_when_its_sha256_matches(hub, tmp_path, intact):
+    served = hub.files[(DIT.repo, DIT.filename)].content
+    dit = target(tmp_path, DIT)
+    dit.parent.mkdir(parents=True)
+    dit.write_bytes(served if intact else os.urandom(len(served)))
+    messages: list[str] = []
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint, progress=messages.append)
+    assert_model_dir(model_dir, hub)
+    assert hub.full_gets(DIT.repo, DIT.filename) == (0 if intact else 1)
+    adopted = f"verified {DIT.repo}/{DIT.filename} already in place"
+    assert any(m.startswith(adopted) for m in messages) is intact
+
+
 def test_big_files_report_bytes_so_far(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(hub_transfer, "PROGRESS_EVERY_S", 0.0)
     messages: list[str] = []
