@@ -170,6 +170,17 @@ def test_a_partial_longer_than_the_file_is_started_over_once(hub, tmp_path):
     assert hub.full_gets(DIT.repo, DIT.filename) == 1
 
 
+def test_a_partial_of_an_older_revision_is_removed(hub, tmp_path):
+    # Its bytes belong to another version of the file: kept, it would fill the volume for nothing.
+    dit = target(tmp_path, DIT)
+    dit.parent.mkdir(parents=True)
+    old = checkpoints._sidecar(dit, "00000000deadbeef.partial")
+    old.write_bytes(os.urandom(MIB))
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert_model_dir(model_dir, hub)
+    assert not old.exists()
+
+
 def test_a_rewind_after_a_takeover_does_not_touch_the_new_owners_partial(tmp_path):
     # http_get rewinds (seek + truncate) when a server ignores the Range header.
     partial = tmp_path / ".x.pth.0123.partial"
