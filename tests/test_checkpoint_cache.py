@@ -273,6 +273,17 @@ def test_a_hard_linked_model_file_is_checked_against_the_cache_copy(hub, tmp_pat
     assert not target(tmp_path, DIT).exists() and not marker(tmp_path, DIT).exists()
 
 
+def test_a_model_link_pointing_elsewhere_is_pointed_back_at_its_file(hub, tmp_path):
+    # e.g. a folder linked by an older layout, or by hand to the wrong file.
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    link = model_dir / DIT.filename
+    link.unlink()
+    link.symlink_to(os.path.relpath(target(tmp_path, SPEC.files(False)[1]), link.parent))
+    assert ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint) == model_dir
+    assert link.is_symlink()
+    assert_model_dir(model_dir, hub)
+
+
 def test_nothing_to_fetch_touches_nothing(tmp_path):
     checkpoints.check_room([], tmp_path / "no" / "cache")
     assert not (tmp_path / "no").exists()
