@@ -273,6 +273,15 @@ def test_a_hard_linked_model_file_is_checked_against_the_cache_copy(hub, tmp_pat
     assert not target(tmp_path, DIT).exists() and not marker(tmp_path, DIT).exists()
 
 
+def test_a_cached_file_without_a_sha256_on_record_is_never_judged_damaged(hub, tmp_path):
+    # Git files' etags are not sha256s: nothing tells a damaged copy, so nothing may be removed.
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    (git_file,) = [f for f in SPEC.files(False) if f.filename.endswith("tokenizer.json")]
+    assert json.loads(marker(tmp_path, git_file).read_text())["sha256_verified"] is False
+    assert checkpoints.verify_cached(tmp_path, model_dir / git_file.filename, discard=True) is None
+    assert target(tmp_path, git_file).exists() and marker(tmp_path, git_file).exists()
+
+
 def test_a_model_link_pointing_elsewhere_is_pointed_back_at_its_file(hub, tmp_path):
     # e.g. a folder linked by an older layout, or by hand to the wrong file.
     model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
