@@ -57,6 +57,15 @@ def test_pth_layouts_read_as_flat_module_keys(tmp_path, wrap):
     assert_same(read_state_dict(path), small_state())
 
 
+def test_pth_files_are_memory_mapped_not_read_into_memory(tmp_path):
+    # A 14B DiT is ~28 GB: read whole, it would need that much host memory on top of the model.
+    path = tmp_path / "m.pth"
+    torch.save(small_state(), path)
+    state = read_state_dict(path)
+    assert str(path.resolve()) in Path("/proc/self/maps").read_text()
+    assert_same(state, small_state())
+
+
 def test_legacy_serialisation_and_safetensors(tmp_path):
     legacy = tmp_path / "legacy.pth"
     torch.save(small_state(), legacy, _use_new_zipfile_serialization=False)
