@@ -104,6 +104,28 @@ def test_unreadable_files_raise_one_sentence(tmp_path):
         assert expected in str(info.value) and "\n" not in str(info.value), path.name
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+    ],
+    ids=["MemoryError", "torch-cpu-allocator"],
+)
+def test_a_host_out_of_memory_is_not_called_a_damaged_file(tmp_path, monkeypatch, error):
+    # A CheckpointError with a path makes the worker delete the file and download it again.
+    path = tmp_path / "m.pth"
+    torch.save(small_state(), path)
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(type(error)) as info:
+        read_state_dict(path)
+    assert info.value is error
+
+
 def test_a_checkpoint_holding_python_objects_is_not_called_truncated(tmp_path):
     # Training exports often keep their arguments or a numpy step beside the weights; weights_only
     # loading refuses those objects, but the file is intact and re-downloading it would not help.
