@@ -40,6 +40,8 @@ def assert_same(a: dict, b: dict) -> None:
         lambda s: {"state_dict": {f"module.net.{k}": v for k, v in s.items()}},
         # blocks compiled one by one (model.blocks[i] = torch.compile(block))
         lambda s: {k.replace("layer.", "layer._orig_mod."): v for k, v in s.items()},
+        # EMA weights saved alone beside the training step
+        lambda s: {"ema": dict(s), "step": 3},
     ],
     ids=[
         "flat",
@@ -49,6 +51,7 @@ def assert_same(a: dict, b: dict) -> None:
         "compiled-ddp-prefixes",
         "ddp-net-prefixes",
         "compiled-submodule-infix",
+        "ema-nested",
     ],
 )
 def test_pth_layouts_read_as_flat_module_keys(tmp_path, wrap):
