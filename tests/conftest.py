@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -15,3 +16,22 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _process_state_is_restored():
+    """Undo what worker code sets for its whole process when a test runs it here: configure_logging
+    leaves a stderr handler on the root logger at INFO, configure_compile_cache and the parallel
+    launcher write TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and NCCL settings into os.environ. Left
+    in place, they would reach every later test (caches in an earlier test's temporary folder)."""
+    environ = dict(os.environ)
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    for key in set(os.environ) - set(environ) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[key]
+    for key, value in environ.items():
+        if os.environ.get(key) != value and key != "PYTEST_CURRENT_TEST":
+            os.environ[key] = value
+    root.setLevel(level)
+    root.handlers[:] = handlers
