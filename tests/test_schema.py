@@ -114,9 +114,12 @@ def test_several_errors_are_joined_on_one_line():
     assert "unknown field 'bar'" in text and "unknown field 'baz\\nqux'" in text
 
 
-def test_long_values_are_cut_short_in_messages():
+@pytest.mark.parametrize(
+    "field", [{"resolution": "z" * 10_000}, {"seed": 10**1000}], ids=["string", "number"]
+)
+def test_long_values_are_cut_short_in_messages(field):
     with pytest.raises(InputError) as caught:
-        parse_request({"prompt": "a", "resolution": "z" * 10_000})
+        parse_request({"prompt": "a", **field})
     assert len(str(caught.value)) < 200
 
 
