@@ -62,6 +62,15 @@ def test_a_complete_bucket_is_used_and_the_prefix_trimmed():
     )
 
 
+def test_pasted_bucket_settings_are_trimmed():
+    # A key pasted with a trailing newline would be sent as is, and every upload refused as unsigned.
+    padded = {name: f" {value}\n" for name, value in BUCKET_ENV.items()}
+    config = load_config({**padded, "CACHE_DIR": "/tmp/c"})
+    assert config.bucket == BucketConfig(
+        "https://acct.r2.cloudflarestorage.com", "key-id", "secret", "videos", ""
+    )
+
+
 @pytest.mark.parametrize("path", ["/videos", "/videos/"])
 def test_the_bucket_s3_api_url_cloudflare_shows_is_taken_as_its_endpoint(path):
     url = "https://acct.r2.cloudflarestorage.com" + path  # the dashboard's URL ends in the bucket's name
