@@ -11,6 +11,7 @@ import functools
 import importlib
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -124,8 +125,8 @@ def _quantize_blocks_kernel(
     x = x.to(tl.float32)
     if BLOCK_MEANS:  # the selection's query-block means, from the same read of x
         tl.store(block_mean_ptr + (bh.to(tl.int64) * n_blocks + blk) * D + d, _block_mean(x, blk, L, BLK))
-    if HAS_MEAN:
-        mean = tl.load(mean_ptr + bh * D + d).to(tl.float32)
+    if HAS_MEAN:  # the fp32 mean rounded to bf16 first, as SpargeAttn subtracts a bf16 mean
+        mean = to_bf16(tl.load(mean_ptr + bh * D + d)).to(tl.float32)
         x = tl.where(row_ok, to_bf16(x - mean[None, :]).to(tl.float32), 0.0)
     scale = tl.max(tl.abs(x)) / 127.0
     scale += 1e-7
@@ -139,17 +140,18 @@ def _quantize_blocks_kernel(
 def quantize_blocks(
     x: torch.Tensor, blk: int, mean: torch.Tensor | None = None, block_means: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block int8 of x [B, L, H, D] (bf16, any strides with a unit head-dim stride), minus ``mean``
-    [B, H, 1, D] if given: (int8 [B, H, L, D] contiguous, fp32 scales [B, H, ceil(L / blk)]), the
-    layout and values SpargeAttn's kernels take. ``block_means`` (fp32 [B, H, ceil(L / blk), D]), if
-    given, receives ``sla.block_means(x, blk)`` from the same pass (for ``mean`` None)."""
+    """Per-block int8 of x [B, L, H, D] (bf16, any strides with a unit head-dim stride), minus fp32
+    ``mean`` [B, H, 1, D] rounded to bf16, if given: (int8 [B, H, L, D] contiguous, fp32 scales
+    [B, H, ceil(L / blk)]), the layout and values SpargeAttn's kernels take. ``block_means`` (fp32
+    [B, H, ceil(L / blk), D]), if given, receives ``sla.block_means(x, blk)`` from the same pass (for
+    ``mean`` None)."""
     batch, length, heads, dim = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_blocks = triton.cdiv(length, blk)
     q = torch.empty((batch, heads, length, dim), dtype=torch.int8, device=x.device)
     scales = torch.empty((batch, heads, n_blocks), dtype=torch.float32, device=x.device)
-    mean_arg = mean.to(x.dtype).contiguous() if mean is not None else x
+    mean_arg = mean.float().contiguous() if mean is not None else x
     _quantize_blocks_kernel[(n_blocks, batch * heads)](
         x, mean_arg, q, scales, scales if block_means is None else block_means,
         length, heads, n_blocks, x.stride(0), x.stride(1), x.stride(2),
@@ -160,12 +162,15 @@ def quantize_blocks(
 
 # V's fp8 values span +-_V_FP8_RANGE (SpargeAttn's choice: scale = amax / 2.25), far inside e4m3's 448.
 _V_FP8_RANGE = 2.25
+# SpargeAttn divides by 2.25 in torch, which on CUDA multiplies by the fp32 reciprocal of a scalar
+# divisor: the same product gives the same scales. (Exactly representable in fp32.)
+_V_INV_RANGE = float(np.float32(1.0) / np.float32(_V_FP8_RANGE))
 _V_TILE = 64  # tokens per program of the fp8 kernel (divides the 128-token padding; 128 spill registers)
 
 
 @triton.jit
 def _channel_amax_kernel(
-    v_ptr, out_ptr, L, H, n_chunks, stride_b, stride_l, stride_h, CHUNK: tl.constexpr, D: tl.constexpr
+    v_ptr, out_ptr, L, H, stride_b, stride_l, stride_h, CHUNK: tl.constexpr, D: tl.constexpr
 ):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -173,13 +178,14 @@ def _channel_amax_kernel(
     d = tl.arange(0, D)
     v_ptrs = _head_rows(v_ptr, bh // H, bh % H, rows, d, stride_b, stride_l, stride_h, 1)
     v = tl.load(v_ptrs, mask=(rows < L)[:, None], other=0.0)
-    tl.store(out_ptr + (bh.to(tl.int64) * n_chunks + chunk) * D + d, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+    # Non-negative floats order as their bits do, so the float atomic max is exact.
+    tl.atomic_max(out_ptr + bh * D + d, tl.max(tl.abs(v.to(tl.float32)), axis=0), sem="relaxed")
 
 
 @triton.jit
 def _v_fp8_kernel(
-    v_ptr, amax_ptr, out_ptr, L, H, padded, stride_b, stride_l, stride_h,
-    RANGE: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr,
+    v_ptr, amax_ptr, out_ptr, scale_ptr, L, H, padded, stride_b, stride_l, stride_h,
+    RANGE: tl.constexpr, INV_RANGE: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -192,7 +198,10 @@ def _v_fp8_kernel(
     d = tl.arange(0, D)
     v_ptrs = _head_rows(v_ptr, bh // H, bh % H, tokens, d, stride_b, stride_l, stride_h, 1)
     v = tl.load(v_ptrs, mask=(tokens < L)[:, None], other=0.0)
-    values = v.to(tl.float32) * (RANGE / tl.load(amax_ptr + bh * D + d))[None, :]
+    amax = tl.load(amax_ptr + bh * D + d)
+    values = v.to(tl.float32) * (RANGE / amax)[None, :]
+    if tile == 0:
+        tl.store(scale_ptr + bh * D + d, amax * INV_RANGE)
     out = out_ptr + bh.to(tl.int64) * D * padded + d[:, None] * padded + positions[None, :]
     tl.store(out, tl.trans(values.to(tl.float8e4nv)))
 
@@ -208,20 +217,22 @@ def prepare_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if v.stride(-1) != 1:
         v = v.contiguous()
     chunk = 256
-    n_chunks = triton.cdiv(length, chunk)
-    partial = torch.empty((batch * heads, n_chunks, dim), dtype=torch.float32, device=v.device)
     strides = (v.stride(0), v.stride(1), v.stride(2))
-    _channel_amax_kernel[(n_chunks, batch * heads)](
-        v, partial, length, heads, n_chunks, *strides, CHUNK=chunk, D=dim, num_warps=4
+    # Starting at the smallest normal keeps an all-zero channel's scale from 0 / 0 (SpargeAttn's NaN).
+    amax = torch.full(
+        (batch * heads, dim), torch.finfo(torch.float32).tiny, dtype=torch.float32, device=v.device
     )
-    # An all-zero channel would give 0 / 0 (SpargeAttn's NaN); the smallest normal keeps it zero.
-    amax = partial.amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    _channel_amax_kernel[(triton.cdiv(length, chunk), batch * heads)](
+        v, amax, length, heads, *strides, CHUNK=chunk, D=dim, num_warps=4
+    )
     padded = triton.cdiv(length, 128) * 128
     values = torch.empty((batch, heads, dim, padded), dtype=torch.float8_e4m3fn, device=v.device)
+    scales = torch.empty((batch, heads, dim), dtype=torch.float32, device=v.device)
     _v_fp8_kernel[(padded // _V_TILE, batch * heads)](
-        v, amax, values, length, heads, padded, *strides, RANGE=_V_FP8_RANGE, TILE=_V_TILE, D=dim, num_warps=4
-    )
-    return values, (amax / _V_FP8_RANGE).view(batch, heads, dim)
+        v, amax, values, scales, length, heads, padded, *strides,
+        RANGE=_V_FP8_RANGE, INV_RANGE=_V_INV_RANGE, TILE=_V_TILE, D=dim, num_warps=4,
+    )  # fmt: skip
+    return values, scales
 
 
 def block_lut(block_index: torch.Tensor, n_kblocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +281,7 @@ def sagesla_attention(
         )
     q_int8, q_scale = quantize_blocks(q.to(torch.bfloat16), blkq, block_means=q_means)
     block_index = select_blocks(q, state, topk, blkq, q_means)
-    lut, count = block_lut(block_index, state.k_block_means.shape[2])
+    lut, count = block_lut(block_index, state.smooth_k_blocks.shape[2])
     k_bf16, v_bf16 = (x.to(torch.bfloat16) for x in (k, v))
     o_s = _sparse_branch(sparge, arch, (q_int8, q_scale), k_bf16, v_bf16, state, lut, count, blkk)
     return add_linear_branch(o_s.transpose(1, 2), q, state, proj_weight, proj_bias)

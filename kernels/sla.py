@@ -1,14 +1,16 @@
 """Sparse-linear attention (SLA, upstream-spec §4.1) as Triton kernels on the DiT's [B, L, H, D] layout.
 
-Four launches plus a few small torch ops per call:
+Five Triton launches and two small matmuls per call (small torch ops cost the host more than the GPU):
 
 1. ``linear_state``: one pass over k and v computing, per (batch, head), KV = φ(k)ᵀ v and ksum = Σ φ(k)
    (φ = softmax over the head dim) and, in the same pass, the key-block means and the mean of k over L
-   that the selection needs.
+   that the selection needs; a second kernel sums the pass's per-program partials and smooths the
+   key-block means by the mean.
 2. ``select_blocks``: query-block means of q (Triton), the pooled score against the smoothed key
    blocks (one batched matmul), then top-k per row of the small [B, H, nQ, nK] score (Triton).
 3. ``block_sparse_attention``: flash-attention over the selected key blocks only, with the linear branch
-   (φ(q)·KV / (1e-5 + φ(q)·ksum), then proj_l) and the sum o_s + o_l fused into its epilogue.
+   (φ(q)·KV / (1e-5 + φ(q)·ksum), then proj_l, folded into KV by one matmul) and the sum o_s + o_l
+   fused into its epilogue.
 
 Inputs may be any strided views with a unit head-dim stride (e.g. slices of a packed qkv tensor):
 layouts are absorbed in kernel strides and bulk-copy descriptors, nothing is transposed or made
@@ -24,12 +26,14 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .gpu import GpuLimits, gpu_limits
+from .rounding import div_rn, to_bf16
 
 LOG2E = 1.4426950408889634
 # Keys one linear-state program reduces, each program writing one [D, D] partial for a final sum: enough
 # programs to fill the GPU at the 1.3B shape (H100 sweep at BLKK 64: flat between 768 and 1536 rows;
 # H200 at BLKK 128: 0.222 ms against 0.258 ms with 2048 rows, the same at the 14B shape).
 STATE_ROWS_PER_PROGRAM = 1024
+_FINISH_ROWS = 32  # rows of KV each program of the partials' sum owns
 SLA_BLOCKS = (128, 64)  # (BLKQ, BLKK) of attention_type "sla"
 SAGESLA_SM90_BLOCKS = (64, 128)  # SageSLA on Hopper selects with these
 
@@ -54,7 +58,7 @@ class LinearState:
     kv: torch.Tensor  # [B*H, D, D] in the compute dtype: φ(k)ᵀ v
     ksum: torch.Tensor  # [B*H, D] fp32: Σ_L φ(k)
     k_mean: torch.Tensor  # [B, H, 1, D] fp32: mean of k over L (the selection's smoothing)
-    k_block_means: torch.Tensor  # [B, H, nK, D] fp32: mean of each BLKK rows of k (unsmoothed)
+    smooth_k_blocks: torch.Tensor  # [B, H, nK, D] fp32: mean of each BLKK rows of k, minus k_mean
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -197,8 +201,58 @@ def _kv_state_kernel(
     tl.store(sums_part_ptr + part * 2 * D + D + d, k_sum)
 
 
+@triton.jit
+def _state_finish_kernel(
+    kv_part_ptr,
+    sums_part_ptr,
+    kblock_ptr,
+    kv_ptr,
+    ksum_ptr,
+    k_mean_ptr,
+    L,
+    n_splits,
+    n_kblocks,
+    D: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCKS: tl.constexpr,
+    KV_BF16: tl.constexpr,
+):
+    """Sums one (batch, head)'s partials, ROWS rows of KV per program, and smooths its key-block means.
+
+    Every program of a (batch, head) reduces the small sums itself, so none waits for another's k mean.
+    """
+    bh = tl.program_id(0)
+    part = tl.program_id(1)
+    n_parts = tl.num_programs(1)
+    d = tl.arange(0, D)
+    rows = part * ROWS + tl.arange(0, ROWS)
+    kv = tl.zeros([ROWS, D], dtype=tl.float32)
+    phi_sum = tl.zeros([D], dtype=tl.float32)
+    k_sum = tl.zeros([D], dtype=tl.float32)
+    for split in range(n_splits):
+        first = bh.to(tl.int64) * n_splits + split
+        kv += tl.load(kv_part_ptr + (first * D + rows[:, None]) * D + d[None, :])
+        phi_sum += tl.load(sums_part_ptr + first * 2 * D + d)
+        k_sum += tl.load(sums_part_ptr + first * 2 * D + D + d)
+    kv_out = to_bf16(kv) if KV_BF16 else kv.to(kv_ptr.dtype.element_ty)
+    tl.store(kv_ptr + (bh.to(tl.int64) * D + rows[:, None]) * D + d[None, :], kv_out)
+    k_mean = div_rn(k_sum, L * 1.0)
+    if part == 0:
+        tl.store(ksum_ptr + bh * D + d, phi_sum)
+        tl.store(k_mean_ptr + bh * D + d, k_mean)
+    for first_block in range(part * BLOCKS, n_kblocks, n_parts * BLOCKS):
+        blocks = first_block + tl.arange(0, BLOCKS)
+        ptrs = kblock_ptr + (bh.to(tl.int64) * n_kblocks + blocks[:, None]) * D + d[None, :]
+        ok = (blocks < n_kblocks)[:, None]
+        tl.store(ptrs, tl.load(ptrs, mask=ok) - k_mean[None, :], mask=ok)
+
+
 def linear_state(k: torch.Tensor, v: torch.Tensor, blkk: int) -> LinearState:
-    """One pass over k, v: the linear branch's KV and ksum, and the key statistics the selection needs."""
+    """One pass over k and v: the linear branch's KV and ksum, and the key statistics the selection needs.
+
+    Two launches: the pass writes per-program partials, a second kernel sums them (instead of a
+    handful of small torch ops, which cost the host more than the GPU).
+    """
     _check_inputs(k, k, v)
     batch, length, heads, dim = k.shape
     n_kblocks = triton.cdiv(length, blkk)
@@ -208,13 +262,13 @@ def linear_state(k: torch.Tensor, v: torch.Tensor, blkk: int) -> LinearState:
     num_warps, num_stages = _state_launch(blkk, dim, gpu_limits(k.device), k.element_size())
     kv_part = torch.empty((bh, n_splits, dim, dim), dtype=torch.float32, device=k.device)
     sums_part = torch.empty((bh, n_splits, 2, dim), dtype=torch.float32, device=k.device)
-    k_block_means = torch.empty((batch, heads, n_kblocks, dim), dtype=torch.float32, device=k.device)
+    k_blocks = torch.empty((batch, heads, n_kblocks, dim), dtype=torch.float32, device=k.device)
     _kv_state_kernel[(n_splits, bh)](
         k,
         v,
         kv_part,
         sums_part,
-        k_block_means,
+        k_blocks,
         length,
         heads,
         n_kblocks,
@@ -227,13 +281,15 @@ def linear_state(k: torch.Tensor, v: torch.Tensor, blkk: int) -> LinearState:
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    sums = sums_part.sum(dim=1)
-    return LinearState(
-        kv=kv_part.sum(dim=1).to(k.dtype),
-        ksum=sums[:, 0].contiguous(),
-        k_mean=(sums[:, 1] / length).view(batch, heads, 1, dim),
-        k_block_means=k_block_means,
-    )
+    kv = torch.empty((bh, dim, dim), dtype=k.dtype, device=k.device)
+    ksum = torch.empty((bh, dim), dtype=torch.float32, device=k.device)
+    k_mean = torch.empty((batch, heads, 1, dim), dtype=torch.float32, device=k.device)
+    rows = min(dim, _FINISH_ROWS)
+    _state_finish_kernel[(bh, dim // rows)](
+        kv_part, sums_part, k_blocks, kv, ksum, k_mean, length, n_splits, n_kblocks,
+        D=dim, ROWS=rows, BLOCKS=16, KV_BF16=k.dtype == torch.bfloat16, num_warps=4,
+    )  # fmt: skip
+    return LinearState(kv=kv, ksum=ksum, k_mean=k_mean, smooth_k_blocks=k_blocks)
 
 
 @triton.jit
@@ -319,7 +375,7 @@ def select_blocks(
     """
     if q_means is None:
         q_means = block_means(q, blkq)
-    score = q_means @ (state.k_block_means - state.k_mean).transpose(-1, -2)
+    score = q_means @ state.smooth_k_blocks.transpose(-1, -2)
     return top_blocks(score, blocks_to_keep(topk, score.shape[-1]))
 
 
@@ -353,7 +409,7 @@ def _linear_branch(q, kvw_ptr, ksum_ptr, bias_ptr, D: tl.constexpr, PRECISION: t
     kvw = tl.load(kvw_ptr + d[:, None] * D + d[None, :])
     denominator = tl.sum(phi * tl.load(ksum_ptr + d)[None, :], axis=1) + 1e-5
     o_l = tl.dot(phi.to(kvw.dtype), kvw, input_precision=PRECISION) / denominator[:, None]
-    return o_l + tl.load(bias_ptr + d)[None, :]
+    return o_l + tl.load(bias_ptr + d).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -460,13 +516,13 @@ def _key_block_descriptor(x: torch.Tensor, blkk: int) -> TensorDescriptor:
 def _linear_params(
     state: LinearState, weight: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(KV·Wᵀ [B*H, D, D], ksum, bias in fp32) for ``_linear_branch``.
+    """(KV·Wᵀ [B*H, D, D], ksum, bias) for ``_linear_branch``.
 
     proj_l runs in the compute dtype (upstream: autocast bf16 over an fp32 Linear): KV·Wᵀ is a product of
     compute-dtype operands with fp32 accumulation, rounded once to the compute dtype.
     """
     kvw = torch.matmul(state.kv, weight.to(state.kv.dtype).T)
-    return kvw, state.ksum, bias.to(torch.float32).contiguous()
+    return kvw, state.ksum, bias.contiguous()  # the kernel adds the bias in fp32
 
 
 def block_sparse_attention(

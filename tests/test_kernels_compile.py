@@ -92,7 +92,7 @@ def _compile_report() -> list[dict]:
 
     bf16 = "*bf16"
     sparse_types = dict.fromkeys(("q_ptr", "o_ptr", "kvw_ptr", "k_src", "v_src"), bf16)
-    sparse_types.update(index_ptr="*i32", ksum_ptr="*fp32", bias_ptr="*fp32", qk_scale="fp32")
+    sparse_types.update(index_ptr="*i32", ksum_ptr="*fp32", bias_ptr=bf16, qk_scale="fp32")
     state_types = dict(k_ptr=bf16, v_ptr=bf16, kv_part_ptr="*fp32", sums_part_ptr="*fp32", kblock_ptr="*fp32")
     report = []
     for blkq, blkk in (sla.SLA_BLOCKS, sla.SAGESLA_SM90_BLOCKS):
@@ -140,17 +140,22 @@ def _compile_report() -> list[dict]:
                 arch=gpu.capability,
             )
         )
+    # The sum of its partials, with a bf16 KV.
+    finish_types = dict(kv_part_ptr="*fp32", sums_part_ptr="*fp32", kblock_ptr="*fp32", kv_ptr=bf16)
+    finish_types.update(ksum_ptr="*fp32", k_mean_ptr="*fp32")
+    finish = dict(D=128, ROWS=sla._FINISH_ROWS, BLOCKS=16, KV_BF16=True)
+    report.append(_compile(sla._state_finish_kernel, finish_types, finish, 4, 1))
     # Top-k over the 1182 key blocks of a 14B 720p row, the widest in use.
     report.append(
         _compile(sla._top_blocks_kernel, dict(score_ptr="*fp32", out_ptr="*i32"), dict(NK=2048), 1, 1)
     )
-    linear_types = dict.fromkeys(("q_ptr", "o_s_ptr", "o_ptr", "kvw_ptr"), bf16)
-    linear_types.update(ksum_ptr="*fp32", bias_ptr="*fp32")
+    linear_types = dict.fromkeys(("q_ptr", "o_s_ptr", "o_ptr", "kvw_ptr", "bias_ptr"), bf16)
+    linear_types.update(ksum_ptr="*fp32")
     report.append(
         _compile(sla._add_linear_kernel, linear_types, dict(BLOCK_M=64, D=128, PRECISION="tf32"), 4, 3)
     )
     # SageSLA's per-block q/k quantizer, on every GPU SpargeAttn runs on.
-    quant_types = dict(x_ptr=bf16, mean_ptr=bf16, q_ptr="*i8", scale_ptr="*fp32", block_mean_ptr="*fp32")
+    quant_types = dict(x_ptr=bf16, mean_ptr="*fp32", q_ptr="*i8", scale_ptr="*fp32", block_mean_ptr="*fp32")
     for gpu in gpus:
         for has_mean in (True, False):  # k (minus its mean); q (with the selection's block means)
             constexprs = dict(BLK=128, D=128, HAS_MEAN=has_mean, BLOCK_MEANS=not has_mean)
@@ -169,8 +174,10 @@ def _compile_report() -> list[dict]:
                 arch=arch,
             )
         )
-        fp8_types = dict(v_ptr=bf16, amax_ptr="*fp32", out_ptr="*fp8e4nv")
-        constexprs = dict(RANGE=sagesla._V_FP8_RANGE, TILE=sagesla._V_TILE, D=128)
+        fp8_types = dict(v_ptr=bf16, amax_ptr="*fp32", out_ptr="*fp8e4nv", scale_ptr="*fp32")
+        constexprs = dict(
+            RANGE=sagesla._V_FP8_RANGE, INV_RANGE=sagesla._V_INV_RANGE, TILE=sagesla._V_TILE, D=128
+        )
         report.append(_compile(sagesla._v_fp8_kernel, fp8_types, constexprs, 4, 1, arch=arch))
     # The int8 GEMM on int8 activations (the DiT's) and on bf16 ones quantized as they load.
     for gpu in gpus:
@@ -269,7 +276,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 51
+    assert len(report) == 52
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %

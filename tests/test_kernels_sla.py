@@ -151,7 +151,8 @@ def test_linear_state_sums(rows_per_program, monkeypatch):
     means = torch.stack(
         [k64[:, :, s : s + 16].mean(2) for s in range(0, 150, 16)], dim=2
     )  # last block: 6 rows
-    torch.testing.assert_close(state.k_block_means.double(), means, rtol=1e-5, atol=1e-6)
+    smooth = means - k64.mean(dim=2, keepdim=True)
+    torch.testing.assert_close(state.smooth_k_blocks.double(), smooth, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sla.block_means(q, 64).double(), _pool64(q.double().transpose(1, 2), 64))
 
 
@@ -285,7 +286,7 @@ def test_sagesla_keeps_the_selection_and_linear_branch_in_the_input_dtype(monkey
     out = sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5)
     blkq, blkk = sagesla.selection_blocks("sm90")
     state = sla.linear_state(k, v, blkk)
-    lut, _ = sagesla.block_lut(sla.select_blocks(q, state, 0.5, blkq), state.k_block_means.shape[2])
+    lut, _ = sagesla.block_lut(sla.select_blocks(q, state, 0.5, blkq), state.smooth_k_blocks.shape[2])
     assert torch.equal(seen["lut"], lut)
     expected = sla.add_linear_branch(o_s.transpose(1, 2), q, state, weight, bias)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
@@ -305,6 +306,9 @@ def test_sagesla_v_fp8_layout():
     for token in range(150):
         expected[..., 16 * (token // 16) + position[token % 16]] = v[:, token].float()
     assert torch.equal(values.float(), expected)
+    v[..., 5] = 0  # an all-zero channel: zero values at a tiny scale, not SpargeAttn's 0 / 0
+    values, scales = sagesla.prepare_v_fp8(v)
+    assert not values[..., 5, :].float().any() and (scales[..., 5] > 0).all() and scales.isfinite().all()
 
 
 def test_sagesla_block_sizes_follow_the_arch():
