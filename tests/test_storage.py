@@ -182,9 +182,9 @@ def test_failure_mid_upload_keeps_every_file(s3_endpoint, job_files, tmp_path):
             raise EndpointConnectionError(endpoint_url=request.url)
 
     storage.client.meta.events.register("before-send.s3.PutObject", fail_after_first)
-    with pytest.raises(UploadError, match="EndpointConnectionError") as caught:
+    with pytest.raises(UploadError, match=r"failed after 2 attempts \(EndpointConnectionError") as caught:
         storage.deliver("job-4", videos, thumbnail, expires_in=60)
-    assert len(puts) == 3  # the first upload, then the second one tried twice
+    assert len(puts) == 3  # the first upload, then the second one tried twice (the error counts its own)
     kept = tmp_path / "durable" / "job-4"
     assert str(kept) in str(caught.value)
     assert sorted(p.name for p in kept.iterdir()) == ["thumb.jpg", "video_0.mp4", "video_1.mp4"]
