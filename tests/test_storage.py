@@ -211,6 +211,7 @@ def test_local_storage_moves_files_into_the_job_folder(job_files, tmp_path):
         ("", "job"),
         (None, "None"),
         ("a/b c", "a_b_c"),
+        ("x" * 300, "x" * 128),  # a file name's limit is 255 bytes
     ],
 )
 def test_job_ids_become_one_safe_path_component(raw, expected):
