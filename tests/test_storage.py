@@ -105,7 +105,7 @@ def test_server_down_keeps_the_files_and_says_where(job_files, tmp_path):
 
 
 def test_the_start_up_check_refuses_a_bucket_that_is_not_there_and_only_warns_otherwise(
-    s3_endpoint, tmp_path, caplog
+    s3_endpoint, tmp_path, caplog, monkeypatch
 ):
     BucketStorage(bucket_at(s3_endpoint), tmp_path).check()  # there: silent
     missing = BucketConfig(s3_endpoint, ACCESS_KEY, SECRET_KEY, "vidoes", "")
@@ -115,9 +115,19 @@ def test_the_start_up_check_refuses_a_bucket_that_is_not_there_and_only_warns_ot
         f"BUCKET_NAME 'vidoes' is not a bucket at {s3_endpoint}: create it or correct BUCKET_NAME (NoSuchBucket)"
     )
     caplog.set_level(logging.WARNING)
+    dead = BucketStorage(bucket_at(dead_endpoint()), tmp_path)
+    sent, real_client = [], storage_module._client
+
+    def counting_client(*args, **kwargs):
+        client = real_client(*args, **kwargs)
+        client.meta.events.register("before-send.s3.ListObjectsV2", lambda **_: sent.append(1))
+        return client
+
+    monkeypatch.setattr(storage_module, "_client", counting_client)
     started = time.monotonic()
-    BucketStorage(bucket_at(dead_endpoint()), tmp_path).check()  # unreachable now: the uploads decide
-    assert time.monotonic() - started < 5  # one attempt, not the uploads' four
+    dead.check()  # unreachable now: the uploads decide
+    assert time.monotonic() - started < 5
+    assert len(sent) == 1  # one attempt, not the uploads' four
     assert "could not be checked (EndpointConnectionError" in caplog.text
 
 
