@@ -97,6 +97,7 @@ def test_quickstart_with_bad_extra_fields_says_so_in_one_line(tmp_path, fields):
     )
     assert run.returncode == 1 and run.stderr.count("\n") == 1
     assert run.stderr.startswith("the extra request fields")
+    assert list((tmp_path / "outputs").iterdir()) == []  # the job folder it made is gone
 
 
 def test_quickstart_without_the_project_installed_says_so_in_one_line(tmp_path):
