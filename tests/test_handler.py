@@ -78,14 +78,16 @@ def test_quickstart_copies_only_this_runs_videos_and_finds_a_padded_output_dir(t
 
 
 def test_quickstart_writes_every_sample_into_a_new_folder(tmp_path):
+    # A real model asked for where no GPU is usable: the script runs the tiny ones instead.
     out = tmp_path / "new" / "fox.mp4"
     fields = json.dumps({"num_frames": 5, "num_steps": 1, "num_samples": 2})
     run = run_in_repo(
         ["bash", "scripts/runpod_quickstart.sh", "a red fox", str(out), fields],
-        worker_env(tmp_path, MODELS=""),
+        worker_env(tmp_path, MODELS="TurboWan2.1-T2V-1.3B-480P", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1"),
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert sorted(p.name for p in out.parent.iterdir()) == ["fox_0.mp4", "fox_1.mp4"]
+    assert "needs a CUDA GPU and none is usable here; running the tiny CPU models instead" in run.stderr
 
 
 @pytest.mark.parametrize("fields", ['{"seed": 7', "[1, 2]"])
