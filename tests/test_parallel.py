@@ -166,6 +166,13 @@ def test_a_follower_that_dies_fails_the_job():
 def test_a_model_the_followers_cannot_rebuild_is_refused():
     group = SequenceParallelGroup.start(2, backend="gloo", timeout_s=TIMEOUT_S)
     try:
+        # Fewer blocks than its config (a benchmark's --blocks) is a model the followers rebuild.
+        model = build_dit("tiny-t2v", dtype=torch.float32, attention="dense", seed=3)
+        model.blocks = model.blocks[:1]
+        inputs = _inputs(model, (2, 6, 8), seed=4)
+        with torch.inference_mode():
+            expected = model(*inputs)
+        assert _relative(group.replicate(model)(*inputs), expected) < TOLERANCE
         model = build_dit("tiny-t2v", dtype=torch.float32, attention="dense", seed=3)
         model.head.head = torch.nn.Linear(64, 32)  # not what a tiny-t2v is made of
         with pytest.raises(ParallelError, match="tiny-t2v replica's tensors do not match rank 0's model"):
