@@ -93,8 +93,11 @@ def test_directory_loader_appends_one_eos(umt5_style_dir, tmp_path) -> None:
     raw = Tokenizer.from_file(str(umt5_style_dir / "tokenizer.json"))
     assert raw.encode("a cat").ids[-1] == 1  # the file's post-processor really appends </s>
 
-    batch = load_tokenizer(umt5_style_dir).encode(PROMPTS)
+    tokenizer = load_tokenizer(umt5_style_dir)
+    batch = tokenizer.encode(PROMPTS)
     assert batch.ids[0, :7].tolist() == [3, 4, 6, 7, 8, 9, 1]
+    # What the pipeline's "read only the first 511" warning counts: the cleaned prompt, without </s>.
+    assert [tokenizer.token_count(p) for p in [*PROMPTS[:3], " a \n cat  "]] == [6, 10, 0, 2]
     assert (batch.ids == 1).sum(dim=1).tolist() == [1, 1, 1, 1]
     assert batch.lengths.tolist() == [7, 11, 1, 512]
     assert batch.truncated == [False, False, False, True]
