@@ -136,8 +136,9 @@ def test_loader_errors(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_tokenizer(tmp_path / "missing")
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
-    with pytest.raises(CheckpointError, match="not a readable tokenizers file"):
+    with pytest.raises(CheckpointError, match="not a readable tokenizers file") as caught:
         load_tokenizer(tmp_path)
+    assert caught.value.path == (tmp_path / "tokenizer.json").resolve()  # the start checks (and heals) it
     no_eos = Tokenizer(models.Unigram([("<pad>", 0.0), ("<unk>", 0.0), ("\u2581a", -1.0)], unk_id=1))
     no_eos.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(CheckpointError, match="no </s> token"):
