@@ -193,9 +193,16 @@ def test_output_contract(tiny_fp32) -> None:
 
 
 def test_tokenizer_encoder_mismatch_is_refused() -> None:
-    small = build_text_encoder(TextEncoderConfig(vocab_size=50, dim=8, ffn_dim=8, num_heads=2, num_layers=1))
-    with pytest.raises(ValueError, match="belong to different models"):
-        encode_prompts(["zebra"], load_tokenizer(None), small)
+    tokenizer = load_tokenizer(None)
+    largest = int(tokenizer.encode(["zebra"]).ids.max())
+    for vocab_size in (50, largest):  # an id equal to the vocabulary size is one past its last row
+        small = build_text_encoder(
+            TextEncoderConfig(vocab_size=vocab_size, dim=8, ffn_dim=8, num_heads=2, num_layers=1)
+        )
+        with pytest.raises(ValueError, match="belong to different models"):
+            encode_prompts(["zebra"], tokenizer, small)
+    fits = TextEncoderConfig(vocab_size=largest + 1, dim=8, ffn_dim=8, num_heads=2, num_layers=1)
+    assert encode_prompts(["zebra"], tokenizer, build_text_encoder(fits)).shape == (1, 512, 8)
 
 
 def test_padding_does_not_leak(tiny_fp32) -> None:
