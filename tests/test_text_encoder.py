@@ -274,8 +274,15 @@ def _one_sentence(error: pytest.ExceptionInfo) -> str:
         ),
         ({"encoder.downsamples.0.residual.0.gamma": torch.zeros(2), "conv1.weight": torch.zeros(1)}, "VAE"),
         ({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)}, "transformers"),
+        (
+            {
+                "token_embedding.weight": torch.zeros(4, 2),
+                "decoder.blocks.0.ffn.fc1.weight": torch.zeros(2, 2),
+            },
+            "full T5 encoder-decoder checkpoint, not the encoder-only file",
+        ),
     ],
-    ids=["dit", "dit-quant", "vae", "transformers"],
+    ids=["dit", "dit-quant", "vae", "transformers", "encoder-decoder"],
 )
 def test_foreign_file_is_named(tmp_path, state: dict, phrase: str) -> None:
     path = tmp_path / "wrong.pth"
