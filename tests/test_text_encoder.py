@@ -253,6 +253,7 @@ def test_load_official_format_file(tmp_path, tiny_fp32) -> None:
     with torch.no_grad():
         assert rel_error(loaded(ids), tiny_fp32(ids)) < 2e-2
     assert load_text_encoder(path, name="tiny").dtype == torch.bfloat16
+    assert load_text_encoder(path, device="meta", name="tiny").device.type == "meta"  # where it was asked
 
 
 def _one_sentence(error: pytest.ExceptionInfo) -> str:
