@@ -172,3 +172,22 @@ def test_a_lock_the_volume_will_not_let_go_is_released_with_a_warning(tmp_path, 
         assert path.exists()
     assert not lock.held
     assert "could not remove lock" in caplog.text and "other workers wait until it goes stale" in caplog.text
+
+
+def test_a_failed_record_write_removes_only_its_own_file(tmp_path):
+    # The write hung long enough for another worker to break our nameless file and take the lock.
+    from turbovideo.worker.locking import _remove_if_still
+
+    path = tmp_path / "x.lock"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        os.rename(path, tmp_path / "x.lock.stale-1")
+        path.write_text(json.dumps({"token": "theirs"}))
+        _remove_if_still(path, fd)
+        assert read_owner(path) == {"token": "theirs"}
+        os.rename(path, tmp_path / "x.lock.theirs")
+        os.rename(tmp_path / "x.lock.stale-1", path)
+        _remove_if_still(path, fd)  # ours again: removed
+        assert not path.exists()
+    finally:
+        os.close(fd)
