@@ -191,3 +191,17 @@ def test_a_failed_record_write_removes_only_its_own_file(tmp_path):
         assert not path.exists()
     finally:
         os.close(fd)
+
+
+def test_a_live_owner_of_another_user_is_not_taken_for_dead(tmp_path, monkeypatch):
+    from turbovideo.worker import locking
+
+    path = tmp_path / "x.lock"
+    path.write_text(json.dumps({**locking._machine(), "pid": 4_000_000, "token": "theirs"}))
+
+    def kill(pid, signal):
+        raise PermissionError(1, "Operation not permitted")  # as for a process another user runs
+
+    monkeypatch.setattr(locking.os, "kill", kill)
+    assert not VolumeLock(path).try_acquire()
+    assert read_owner(path)["token"] == "theirs"
