@@ -37,8 +37,10 @@ def hub():
 
 
 def test_both_variants_are_fetched_and_summed(hub, tmp_path):
-    done = run("--model", SPEC.name, "--variant", "both", "--dest", str(tmp_path), HF_ENDPOINT=hub.endpoint)
+    args = ("--model", SPEC.name, "--variant", "both", "--dest", str(tmp_path), "--token", "hf_script")
+    done = run(*args, HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_from_env")
     assert done.returncode == 0, done.stderr
+    assert {r.authorization for r in hub.requests if r.server == "hub" and r.file} == {"Bearer hf_script"}
     for quantized, variant in ((False, "bf16"), (True, "quant")):
         model_dir = tmp_path / "models" / f"{SPEC.name}-{variant}"
         for f in SPEC.files(quantized):
