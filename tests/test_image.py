@@ -611,11 +611,15 @@ def test_latent_shapes_of_real_requests():
 
 
 @pytest.mark.parametrize(("name", "quantized"), [("tiny-t2v", False), ("tiny-i2v", True)])
-def test_warm_dit_runs_a_one_block_forward(name, quantized):
+def test_warm_dit_runs_a_one_block_forward(name, quantized, monkeypatch):
+    built, build = [], warmup_kernels.WanDiT
+    monkeypatch.setattr(warmup_kernels, "WanDiT", lambda *args: built.append(build(*args)) or built[-1])
     backend, first, second = warmup_kernels.warm_dit(
         DIT_CONFIGS[name], (2, 8, 14), quantized=quantized, attention="auto", device=torch.device("cpu")
     )
     assert backend == "sla-reference" and first > 0 and second > 0
+    # One block of the variant asked for: a quant image must warm its int8 kernels.
+    assert [(model.quantized, len(model.blocks)) for model in built] == [(quantized, 1)]
 
 
 def test_warmup_without_cuda_has_nothing_to_do(tmp_path):
