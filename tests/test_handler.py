@@ -144,14 +144,16 @@ def test_a_log_level_the_sdk_refuses_is_a_failed_start_not_a_crash(tmp_path):
     assert "Traceback" not in run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("level", ["", " warn\n"])
-def test_an_empty_or_padded_log_level_is_taken_as_the_others_are(tmp_path, level):
+@pytest.mark.parametrize(("level", "sdk_info"), [("", True), (" warn\n", False)])
+def test_an_empty_or_padded_log_level_is_taken_as_the_others_are(tmp_path, level, sdk_info):
     run = run_in_repo(
         [sys.executable, "handler.py", "--test_input", json.dumps(JOB)],
         worker_env(tmp_path, RUNPOD_LOG_LEVEL=level),
         timeout=240,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+    # Empty: INFO; padded WARN: the SDK's own INFO lines are gone.
+    assert ("Job local_test completed successfully" in run.stdout + run.stderr) is sdk_info
 
 
 @pytest.mark.parametrize("job", ["not json", '"a red fox"', "{}", "[]", '{"input": null}'])
