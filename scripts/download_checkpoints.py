@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from turbovideo.catalog import ALIASES, MODELS, resolve_models
+from turbovideo.catalog import resolve_models
 from turbovideo.worker.checkpoints import (
     CheckpointDownloadError,
     check_room,
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes: dict[str, int] = {}  # shared files count once in the total
     try:
-        if not args.model.replace(",", "").strip():  # resolve_models would say to set MODELS
-            raise ValueError(f"--model names no model; use one of {', '.join([*MODELS, *ALIASES])}")
-        specs = resolve_models(args.model)
+        specs = resolve_models(args.model, "--model")
         wanted = [f for spec in specs for quantized in VARIANTS[args.variant] for f in spec.files(quantized)]
         check_room(wanted, dest, token=args.token)
         for spec in specs:

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     try:
-        specs = resolve_models(args.model) if args.model else None
+        specs = resolve_models(args.model, "--model") if args.model else None
         # --model stands in for MODELS, which a RunPod pod (RUNPOD_POD_ID set) would otherwise require.
         config = load_config({**os.environ, "MODELS": args.model} if args.model else None)
         specs = specs or list(config.models)

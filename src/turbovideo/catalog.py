@@ -109,8 +109,9 @@ MODELS: dict[str, ModelSpec] = {
 ALIASES: dict[str, tuple[str, ...]] = {"tiny": ("tiny-t2v", "tiny-i2v")}
 
 
-def resolve_models(value: str) -> list[ModelSpec]:
-    """Parse a comma-separated model list (the ``MODELS`` variable) into specs, expanding aliases."""
+def resolve_models(value: str, setting: str = "MODELS") -> list[ModelSpec]:
+    """Parse a comma-separated model list into specs, expanding aliases; ``setting`` (the ``MODELS``
+    variable, a script's ``--model``) is what an empty list is blamed on."""
     names: list[str] = []
     for raw in value.split(","):
         name = raw.strip()
@@ -123,5 +124,5 @@ def resolve_models(value: str) -> list[ModelSpec]:
             if expanded not in names:
                 names.append(expanded)
     if not names:
-        raise ValueError("no model named; set MODELS to one of: " + ", ".join([*MODELS, *ALIASES]))
+        raise ValueError(f"{setting} names no model; use one of " + ", ".join([*MODELS, *ALIASES]))
     return [MODELS[n] for n in names]
