@@ -8,9 +8,10 @@ For each model: build ``VideoPipeline.random`` (umT5, VAE and DiT(s) at the real
 weights, bf16), run one request to warm up (kernel compiles, cuDNN algorithm choice, allocator; its
 wall time is reported as the process's first request, after the worker's one-step start-up warm-up
 with ``--start-warm-up``; run twice with a fresh TRITON_CACHE_DIR to see an empty and a warm compile
-cache), then time a second, warm request with a new prompt (so the text encoder runs): prompt encode (+ I2V image
-encode), every DiT step, VAE decode and mp4 mux, synchronising the GPU at each progress event, and the peak GPU memory of that
-request. ``--blocks N`` keeps N DiT blocks per expert and scales the DiT time by num_layers / N; those
+cache), then time a second, warm request with a new prompt (so the text encoder runs): prompt encode
+(+ I2V image encode), every DiT step (by CUDA events, without synchronising between steps), VAE
+decode and mp4 mux, and the peak GPU memory of that request. ``--blocks N`` keeps N DiT blocks per
+expert and scales the DiT time by num_layers / N; those
 rows are labelled "extrapolated". Prints a table and writes JSON to --out.
 """
 
@@ -53,28 +54,41 @@ def test_image(width: int, height: int) -> Image.Image:
 
 
 class StageClock:
-    """Progress callback that stamps every event, synchronising the device at each denoising step and
-    at the end of each stage. Decoded frames are not synchronised one by one: the decode loop keeps
-    the GPU queue full and the muxer copies frames out without waiting, which a sync would undo."""
+    """Progress callback that stamps every event, synchronising the device only at the end of each
+    stage, so the request runs as the worker runs it. On a GPU each event is also a CUDA event, which
+    the GPU records when it gets there: that times the denoising steps one by one while the host
+    queues the next step as the GPU runs this one, as it does in a request (a synchronisation per step
+    would add the host's start of every forward to it). Decoded frames are not timed one by one: the
+    decode loop keeps the GPU queue full and the muxer copies frames out without waiting."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.start = time.perf_counter()
-        self.events: list[tuple[ProgressEvent, float]] = []
+        self.events: list[tuple[ProgressEvent, float, torch.cuda.Event | None]] = []
 
     def __call__(self, event: ProgressEvent) -> None:
-        stage_done = event.step == event.total
-        if self.device.type == "cuda" and (event.stage == "denoise" or stage_done):
-            torch.cuda.synchronize(self.device)
-        self.events.append((event, time.perf_counter()))
+        marker = None
+        if self.device.type == "cuda":
+            if event.step == event.total:
+                torch.cuda.synchronize(self.device)
+            marker = torch.cuda.Event(enable_timing=True)
+            marker.record()
+        self.events.append((event, time.perf_counter(), marker))
 
     def step_seconds(self, stage: str) -> list[float]:
-        """Duration of each event of ``stage``, measured from the event before it."""
-        out, previous = [], self.start
-        for event, stamp in self.events:
+        """Duration of each event of ``stage``, measured from the event before it (on the GPU's clock
+        when both are CUDA events)."""
+        out, previous = [], (None, self.start, None)
+        for entry in self.events:
+            event, stamp, marker = entry
             if event.stage == stage:
-                out.append(stamp - previous)
-            previous = stamp
+                _, before, before_marker = previous
+                if marker is not None and before_marker is not None:
+                    marker.synchronize()
+                    out.append(before_marker.elapsed_time(marker) / 1e3)
+                else:
+                    out.append(stamp - before)
+            previous = entry
         return out
 
 
