@@ -12,6 +12,7 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import pytest
+from job_api import job_api
 from s3_server import loopback_s3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,27 @@ def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     }
     env.update({**defaults, "OMP_NUM_THREADS": "2", **extra})
     return env
+
+
+def run_in_production(tmp_path: Path, timeout: float = 180, **extra: str) -> tuple[list[dict], str]:
+    """``python handler.py`` in RunPod's job loop (the SDK's fitness checks run first) against a loopback
+    job API holding one job: the answers the worker posted, and its output. The worker is stopped once
+    it has answered, or has exited."""
+    with job_api([{"id": "job-1", "input": JOB["input"]}]) as api:
+        log = (tmp_path / "worker.log").open("w+")
+        env = worker_env(tmp_path, **api.env(), **extra)
+        worker = subprocess.Popen(
+            [sys.executable, "handler.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while worker.poll() is None and not api.answered.wait(0.5):
+                assert time.monotonic() < deadline, "the worker neither answered nor exited"
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        log.seek(0)
+        return api.results, log.read()
 
 
 def run_in_repo(argv: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -279,3 +301,12 @@ def test_local_api_uploads_to_the_bucket_and_logs_no_secrets(tmp_path, bucket):
     signature = output["video_url"].split("X-Amz-Signature=")[1].split("&")[0]
     for secret in (ACCESS_KEY, SECRET_KEY, HF_TOKEN, signature):
         assert secret not in logged
+
+
+def test_a_failed_start_is_answered_even_where_a_runpod_system_check_would_stop_the_worker(tmp_path):
+    # The SDK's checks run after the start: one that failed (here too little free memory) stopped the
+    # worker with os._exit before it took a job, so RunPod restarted it into the same failure, unanswered.
+    results, log = run_in_production(tmp_path, MODELS="wan-9000", RUNPOD_MIN_MEMORY_GB="1000000")
+    assert len(results) == 1, log
+    assert results[0]["error"].startswith("E_STARTUP: MODELS='wan-9000' is not valid"), results
+    assert "Fitness check failed" not in log

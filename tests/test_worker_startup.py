@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 
 import pytest
 import torch
@@ -30,6 +31,26 @@ def test_bad_models_are_answered_to_every_job(tmp_path):
         assert answer["error"].startswith(
             "E_STARTUP: MODELS='wan-9000' is not valid: unknown model 'wan-9000'"
         )
+
+
+@pytest.mark.parametrize(
+    "env, skipped",
+    [
+        ({}, False),  # local: the SDK runs no checks, and a user's own setting stays untouched
+        ({"RUNPOD_WEBHOOK_GET_JOB": "https://api/job-take/$ID"}, True),
+    ],
+)
+def test_a_failed_start_skips_the_sdk_system_checks_that_would_stop_it(tmp_path, monkeypatch, env, skipped):
+    monkeypatch.delenv("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", raising=False)
+    create_handler({"MODELS": "wan-9000", "CACHE_DIR": str(tmp_path), **env})
+    assert (os.environ.get("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS") == "true") is skipped
+
+
+def test_a_started_worker_keeps_the_sdk_system_checks(tmp_path, monkeypatch):
+    monkeypatch.delenv("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", raising=False)
+    env = {"MODELS": "tiny-t2v", "CACHE_DIR": str(tmp_path), "OUTPUT_DIR": str(tmp_path / "out")}
+    create_handler({**env, "RUNPOD_WEBHOOK_GET_JOB": "https://api/job-take/$ID"})
+    assert "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS" not in os.environ
 
 
 def test_a_bucket_that_is_not_there_is_answered_before_any_model_loads(tmp_path, monkeypatch):

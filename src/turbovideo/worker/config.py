@@ -89,14 +89,20 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     )
 
 
+def system_checks_run(env: Mapping[str, str]) -> bool:
+    """Whether the runpod SDK runs its system fitness checks (free memory, free disk, network) once the
+    start is done: only in production (RUNPOD_WEBHOOK_GET_JOB set), unless RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true.
+    A failed check stops the worker (os._exit) before it takes a job."""
+    return (
+        bool(env.get("RUNPOD_WEBHOOK_GET_JOB"))
+        and env.get("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "").lower() != "true"
+    )
+
+
 def _disk_check_percent(env: Mapping[str, str]) -> float:
-    """The free share of / that the runpod SDK's disk fitness check requires once the start is done. The
-    checks run only in production (RUNPOD_WEBHOOK_GET_JOB set) unless RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true;
-    RUNPOD_MIN_DISK_PERCENT (default 10) sets the share, as in the SDK."""
-    if (
-        not env.get("RUNPOD_WEBHOOK_GET_JOB")
-        or env.get("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "").lower() == "true"
-    ):
+    """The free share of / that the runpod SDK's disk fitness check requires once the start is done (0: the
+    check does not run); RUNPOD_MIN_DISK_PERCENT (default 10) sets the share, as in the SDK."""
+    if not system_checks_run(env):
         return 0.0
     try:
         return max(0.0, float(env.get("RUNPOD_MIN_DISK_PERCENT", "10.0")))

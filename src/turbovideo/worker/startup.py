@@ -27,7 +27,7 @@ from turbovideo.errors import one_line
 from turbovideo.models.checkpoint import CheckpointError
 from turbovideo.parallel.errors import ParallelError
 from turbovideo.worker.checkpoints import CheckpointDownloadError, offline_setting, verify_cached
-from turbovideo.worker.config import ConfigError, WorkerConfig, load_config
+from turbovideo.worker.config import ConfigError, WorkerConfig, load_config, system_checks_run
 
 logger = logging.getLogger("turbovideo.worker")
 
@@ -79,9 +79,23 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
         logger.error(
             "the worker could not start: %s", failure.message, exc_info=not isinstance(exc, ConfigError)
         )
+        _skip_system_checks(env)
         return failed_start_handler(failure)
     logger.info("worker ready: serving %s", ", ".join(service.pipelines))
     return service.handle_async
+
+
+def _skip_system_checks(env: Mapping[str, str]) -> None:
+    """Keep a worker whose start failed alive through the runpod SDK's system fitness checks, which run
+    after ``create_handler`` and stop the worker (os._exit) when one fails: too little free memory (what
+    a half-done load still holds), too little free disk (what a download filled). It takes jobs only to
+    answer ``E_STARTUP``; stopped, it would be restarted into the same failure with no job ever told why.
+    The SDK reads the variable when the checks are about to run, i.e. after this."""
+    if system_checks_run(env):
+        os.environ["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] = "true"
+        logger.warning(
+            "RunPod's system fitness checks are skipped: this worker only answers jobs with E_STARTUP"
+        )
 
 
 def check_test_input(argv: list[str], env: Mapping[str, str]) -> None:
