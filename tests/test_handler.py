@@ -310,3 +310,11 @@ def test_a_failed_start_is_answered_even_where_a_runpod_system_check_would_stop_
     assert len(results) == 1, log
     assert results[0]["error"].startswith("E_STARTUP: MODELS='wan-9000' is not valid"), results
     assert "Fitness check failed" not in log
+
+
+def test_a_fitness_check_setting_the_sdk_cannot_read_is_answered_not_a_crash_after_loading(tmp_path):
+    # The SDK reads it with float() once the models have loaded: the worker stopped with a traceback.
+    results, log = run_in_production(tmp_path, RUNPOD_MIN_MEMORY_GB="4GB")
+    assert len(results) == 1, log
+    assert results[0]["error"].startswith("E_STARTUP: RUNPOD_MIN_MEMORY_GB='4GB' is not valid"), results
+    assert "Traceback" not in log

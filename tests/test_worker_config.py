@@ -231,3 +231,41 @@ def test_cache_and_output_dirs_are_trimmed_like_every_other_setting(tmp_path):
 def test_the_sdk_disk_check_is_known_to_the_start(env, percent, tmp_path):
     config = load_config({"MODELS": "tiny", "CACHE_DIR": str(tmp_path), **env})
     assert config.disk_check_percent == percent
+
+
+@pytest.mark.parametrize(
+    "env, gib",
+    [
+        ({}, 0.0),  # local: the SDK runs no fitness checks
+        ({"RUNPOD_WEBHOOK_GET_JOB": "https://api/job"}, 4.0),
+        ({"RUNPOD_WEBHOOK_GET_JOB": "https://api/job", "RUNPOD_MIN_MEMORY_GB": "16.5"}, 16.5),
+        ({"RUNPOD_WEBHOOK_GET_JOB": "https://api/job", "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true"}, 0.0),
+    ],
+)
+def test_the_sdk_memory_check_is_known_to_the_start(env, gib, tmp_path):
+    config = load_config({"MODELS": "tiny", "CACHE_DIR": str(tmp_path), **env})
+    assert config.memory_check_gib == gib
+
+
+@pytest.mark.parametrize(
+    "name, value, kind",
+    [
+        ("RUNPOD_MIN_MEMORY_GB", "4GB", "a number"),
+        ("RUNPOD_MIN_DISK_PERCENT", "10%", "a number"),
+        ("RUNPOD_NETWORK_CHECK_TIMEOUT", "5.5", "a whole number"),
+        ("RUNPOD_GPU_BENCHMARK_TIMEOUT", "", "a whole number"),
+    ],
+)
+def test_a_fitness_check_setting_the_sdk_cannot_read_is_refused_where_the_checks_run(
+    name, value, kind, tmp_path
+):
+    # The SDK reads them only once the models have loaded, and stopped the worker with a traceback then.
+    env = {"MODELS": "tiny", "CACHE_DIR": str(tmp_path), name: value}
+    load_config(env)  # locally the checks do not run, so the value is never read
+    load_config(
+        {**env, "RUNPOD_WEBHOOK_GET_JOB": "https://api/job", "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true"}
+    )
+    with pytest.raises(
+        ConfigError, match=rf"^{name}='{value}' is not valid: the runpod SDK reads it as {kind} "
+    ):
+        load_config({**env, "RUNPOD_WEBHOOK_GET_JOB": "https://api/job"})

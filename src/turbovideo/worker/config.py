@@ -55,6 +55,9 @@ class WorkerConfig:
     sp_degree: int | None = None  # GPUs one request spreads over; None: every visible GPU
     warm_up: bool | None = None  # one throwaway generation per model at start; None: on a GPU
     disk_check_percent: float = 0.0  # free % of / that RunPod's disk fitness check needs (0: it does not run)
+    memory_check_gib: float = (
+        0.0  # available GiB that RunPod's memory fitness check needs (0: it does not run)
+    )
 
 
 def is_on_runpod(env: Mapping[str, str]) -> bool:
@@ -66,6 +69,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     env = os.environ if env is None else env
     _check_hub_timeouts(env)
     _check_sdk_log_level(env.get("RUNPOD_LOG_LEVEL", ""))
+    _check_system_check_numbers(env)
     on_runpod = is_on_runpod(env)
     cache_dir = default_cache_dir(env)
     bucket = _bucket(env)
@@ -86,6 +90,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         sp_degree=_sp_degree(env.get("SP_DEGREE", "")),
         warm_up=_warm_up_choice(env.get("WARMUP", "")),
         disk_check_percent=_disk_check_percent(env),
+        memory_check_gib=_memory_check_gib(env),
     )
 
 
@@ -99,15 +104,50 @@ def system_checks_run(env: Mapping[str, str]) -> bool:
     )
 
 
+# What the runpod SDK reads with float() or int() when it imports its system fitness checks, i.e. after
+# the start and only when they run (system_checks_run): any other value then stopped the worker with a
+# traceback, the models loaded and no job answered. Defaults as in the SDK.
+_SYSTEM_CHECK_NUMBERS: dict[str, tuple[type, str]] = {
+    "RUNPOD_MIN_MEMORY_GB": (float, "4.0"),
+    "RUNPOD_MIN_DISK_PERCENT": (float, "10.0"),
+    "RUNPOD_NETWORK_CHECK_TIMEOUT": (int, "5"),
+    "RUNPOD_GPU_BENCHMARK_TIMEOUT": (int, "2"),
+}
+
+
+def _system_check_number(env: Mapping[str, str], name: str) -> float:
+    """``name`` as the SDK's system checks read it; 0 when they do not run."""
+    if not system_checks_run(env):
+        return 0.0
+    kind, default = _SYSTEM_CHECK_NUMBERS[name]
+    value = env.get(name, default)
+    try:
+        number = kind(value)
+    except ValueError:
+        what = "a number" if kind is float else "a whole number"
+        raise ConfigError(
+            f"{name}={value!r} is not valid: the runpod SDK reads it as {what} (default {default}); fix or "
+            "unset it (RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true turns the SDK's system checks off)"
+        ) from None
+    return max(0.0, number)
+
+
+def _check_system_check_numbers(env: Mapping[str, str]) -> None:
+    for name in _SYSTEM_CHECK_NUMBERS:
+        _system_check_number(env, name)
+
+
 def _disk_check_percent(env: Mapping[str, str]) -> float:
     """The free share of / that the runpod SDK's disk fitness check requires once the start is done (0: the
     check does not run); RUNPOD_MIN_DISK_PERCENT (default 10) sets the share, as in the SDK."""
-    if not system_checks_run(env):
-        return 0.0
-    try:
-        return max(0.0, float(env.get("RUNPOD_MIN_DISK_PERCENT", "10.0")))
-    except ValueError:
-        return 10.0
+    return _system_check_number(env, "RUNPOD_MIN_DISK_PERCENT")
+
+
+def _memory_check_gib(env: Mapping[str, str]) -> float:
+    """The GiB of available memory (MemAvailable, whatever the container's own limit) that the runpod
+    SDK's memory fitness check requires once the start is done (0: the check does not run);
+    RUNPOD_MIN_MEMORY_GB (default 4; the SDK's "GB" are GiB) sets it."""
+    return _system_check_number(env, "RUNPOD_MIN_MEMORY_GB")
 
 
 def _check_hub_timeouts(env: Mapping[str, str]) -> None:
