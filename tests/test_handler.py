@@ -318,3 +318,15 @@ def test_a_fitness_check_setting_the_sdk_cannot_read_is_answered_not_a_crash_aft
     assert len(results) == 1, log
     assert results[0]["error"].startswith("E_STARTUP: RUNPOD_MIN_MEMORY_GB='4GB' is not valid"), results
     assert "Traceback" not in log
+
+
+def test_a_worker_the_sdk_memory_check_would_stop_answers_why(tmp_path):
+    # The SDK checks free memory only after the start: with the models loaded it found too little and
+    # stopped the worker with os._exit, which RunPod restarted into the same wall, no job ever answered.
+    results, log = run_in_production(tmp_path, RUNPOD_MIN_MEMORY_GB="1000000")
+    assert len(results) == 1, log
+    assert results[0]["error"].startswith(
+        "E_STARTUP: RunPod's memory check would stop this worker before its first job: with the models loaded "
+    ), results
+    assert "needs 1000000 GiB (RUNPOD_MIN_MEMORY_GB)" in results[0]["error"]
+    assert "Fitness check failed" not in log

@@ -1,18 +1,23 @@
 """A failed start answers every job with one actionable E_STARTUP sentence instead of crash-looping."""
 
+import inspect
 import io
 import logging
 import os
+import re
 
 import pytest
 import torch
 
 from turbovideo.models.checkpoint import CheckpointError
 from turbovideo.parallel import ParallelError
+from turbovideo.pipeline.host_memory import GIB, HostMemory, read_host_memory
 from turbovideo.worker.checkpoints import CheckpointDownloadError
 from turbovideo.worker.config import ConfigError
 from turbovideo.worker.startup import (
+    MemoryCheckError,
     RedactSecrets,
+    check_memory_fitness,
     check_test_input,
     configure_logging,
     create_handler,
@@ -51,6 +56,40 @@ def test_a_started_worker_keeps_the_sdk_system_checks(tmp_path, monkeypatch):
     env = {"MODELS": "tiny-t2v", "CACHE_DIR": str(tmp_path), "OUTPUT_DIR": str(tmp_path / "out")}
     create_handler({**env, "RUNPOD_WEBHOOK_GET_JOB": "https://api/job-take/$ID"})
     assert "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS" not in os.environ
+
+
+def test_a_worker_runpods_memory_check_would_stop_answers_why_instead(tmp_path, monkeypatch):
+    # The check runs after the start (the models loaded) and stopped the worker with os._exit: a crash loop.
+    monkeypatch.delenv("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", raising=False)
+    env = {"MODELS": "tiny-t2v", "CACHE_DIR": str(tmp_path), "OUTPUT_DIR": str(tmp_path / "out")}
+    on_runpod = {**env, "RUNPOD_WEBHOOK_GET_JOB": "https://api/job-take/$ID"}
+    available = read_host_memory().available / GIB
+    answer = create_handler({**on_runpod, "RUNPOD_MIN_MEMORY_GB": str(round(available + 1000))})(dict(JOB))
+    assert re.fullmatch(
+        r"E_STARTUP: RunPod's memory check would stop this worker before its first job: with the models loaded "
+        r"\d+\.\d GiB of memory is available and it needs \d+ GiB \(RUNPOD_MIN_MEMORY_GB\); deploy on a GPU type "
+        r"with more RAM, serve fewer MODELS, lower RUNPOD_MIN_MEMORY_GB, or set RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true",
+        answer["error"],
+    ), answer
+    assert "refresh_worker" not in answer
+    assert os.environ["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == "true"  # so that this answer reaches the jobs
+    # Within the minimum, or with the checks off (or not running: locally), the worker serves.
+    for served in (
+        {**on_runpod, "RUNPOD_MIN_MEMORY_GB": "0.5"},
+        {**on_runpod, "RUNPOD_MIN_MEMORY_GB": "1000000", "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true"},
+        {**env, "RUNPOD_MIN_MEMORY_GB": "1000000"},
+    ):
+        assert inspect.iscoroutinefunction(create_handler(served))  # the service's; a failed start's is not
+
+
+def test_the_memory_check_compares_what_runpods_check_compares():
+    check_memory_fitness(
+        4.0, HostMemory(available=4 * GIB, limit_room=1 * GIB)
+    )  # the cgroup is not its concern
+    check_memory_fitness(0.0, HostMemory(available=0, limit_room=None))  # 0: the check does not run
+    check_memory_fitness(4.0, None)  # nothing to read
+    with pytest.raises(MemoryCheckError, match=r"3\.9 GiB of memory is available and it needs 4 GiB"):
+        check_memory_fitness(4.0, HostMemory(available=4 * GIB - 100 * (1 << 20), limit_room=None))
 
 
 def test_a_bucket_that_is_not_there_is_answered_before_any_model_loads(tmp_path, monkeypatch):
