@@ -10,19 +10,23 @@ from torch import nn
 from turbovideo.catalog import MODELS
 from turbovideo.errors import InputError
 from turbovideo.models import build_dit, build_text_encoder, build_vae, load_tokenizer
-from turbovideo.pipeline import GenerationRequest, VideoPipeline
+from turbovideo.pipeline import GenerationRequest, HostMemoryError, VideoPipeline
+from turbovideo.pipeline import pipeline as pipeline_module
+from turbovideo.pipeline.host_memory import GIB, HostMemory
 from turbovideo.pipeline.memory import (
+    _LIVE_SLOTS,
     TEXT_ACTIVATION_BYTES,
     DeviceSlot,
     Stage,
     dit_activation_bytes,
     module_bytes,
+    pinned_bytes,
     plan,
     prefer_quantized,
-    slots_on,
     usable_bytes,
     vae_activation_bytes,
 )
+from turbovideo.worker.service import error_response
 
 GB = 10**9
 UMT5 = 11_400_000_000
@@ -165,23 +169,40 @@ def test_device_slot_round_trip_through_pinned_memory():
 
 class _SimulatedGPU:
     """Just enough of torch.cuda for VideoPipeline._place_for on a CPU: free memory is what the slots
-    placed on cuda:0 leave of ``total``; moving a slot flips its flag instead of copying."""
+    placed on cuda:0 leave of ``total``; moving a slot flips its flag instead of copying. The host has
+    ``host`` bytes free (``limit``: its container's limit, if any) less what the pinned copies take."""
 
-    def __init__(self, monkeypatch, total: int) -> None:
-        self.total = total
+    def __init__(self, monkeypatch, total: int, host: int = 1 << 50, limit: int | None = None) -> None:
+        self.total, self.host, self.limit, self.monkeypatch = total, host, limit, monkeypatch
         self.slots: dict[int, DeviceSlot] = {}
-        # A fresh card: the slots of earlier tests' pipelines (alive until garbage-collected) are not on it.
-        for slot in slots_on(torch.device("cuda", 0)):
+        # A fresh card and host: the slots of earlier tests' pipelines (alive until garbage-collected) are
+        # not on them.
+        for slot in [slot for slot in list(_LIVE_SLOTS) if slot.device.type == "cuda"]:
             monkeypatch.setattr(slot, "_on_device", False)
+            monkeypatch.setattr(slot, "_host", None)
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (self.total - self.used(), total))
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
         monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
         monkeypatch.setattr(DeviceSlot, "to_device", lambda slot: setattr(slot, "_on_device", True))
-        monkeypatch.setattr(DeviceSlot, "to_host", lambda slot: setattr(slot, "_on_device", False))
-        monkeypatch.setattr(DeviceSlot, "pin", lambda slot: None)
+        monkeypatch.setattr(DeviceSlot, "to_host", lambda slot: self._copy(slot, on_device=False))
+        monkeypatch.setattr(DeviceSlot, "pin", lambda slot: self._copy(slot, on_device=slot.on_device))
+        monkeypatch.setattr(pipeline_module, "read_host_memory", self.host_memory)
 
     def used(self) -> int:
         return sum(slot.nbytes for slot in self.slots.values() if slot.on_device)
+
+    def pinned(self) -> int:
+        return sum(slot.host_bytes for slot in self.slots.values() if slot.has_host_copy)
+
+    def host_memory(self) -> HostMemory:
+        room = None if self.limit is None else self.limit - self.pinned()
+        return HostMemory(available=self.host - self.pinned(), limit_room=room)
+
+    def _copy(self, slot: DeviceSlot, on_device: bool) -> None:
+        # A host copy now exists (nothing is copied); undone after the test, so that later tests' count of
+        # pinned copies (held_host_bytes) does not meet these slots, alive until garbage-collected.
+        self.monkeypatch.setattr(slot, "_host", slot._host or {})
+        slot._on_device = on_device
 
     def adopt(self, pipe: VideoPipeline, sizes: dict[str, int]) -> VideoPipeline:
         pipe.device = torch.device("cuda", 0)
@@ -329,3 +350,62 @@ def test_a_model_too_big_for_any_adaptive_request_names_no_aspect_ratio(monkeypa
         request = GenerationRequest(prompt="-", task="i2v", image=image, adaptive_resolution=adaptive)
         with pytest.raises(InputError, match=f"not even one 480p{shape} sample of 5 frames$"):
             pipe._place_for(request)
+
+
+def test_pinned_copies_are_counted_as_torchs_host_allocator_rounds_them():
+    # One block per tensor, rounded up to a power of two and at least a page: a 14B FFN weight (5120 x 13824
+    # bf16, 141.6 MB) takes 256 MiB.
+    assert pinned_bytes([5120 * 13824 * 2]) == 256 << 20
+    assert pinned_bytes([10, 4096, 4097, 0]) == 4096 + 4096 + 8192
+    dit = _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=False)._slots["dit"]
+    assert 1.4 * dit.nbytes < dit.host_bytes < 2 * dit.nbytes
+
+
+def test_idle_weights_that_do_not_fit_in_host_memory_fail_the_load_before_any_copy(monkeypatch):
+    # A14B bf16 on an 80 GB card keeps both experts on the GPU and the umT5 in pinned host memory: with
+    # less free than that copy takes, the kernel's OOM killer would have ended the worker mid-load.
+    gpu = _SimulatedGPU(monkeypatch, total=80 * GB, host=12 * GIB)
+    pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.2-I2V-A14B-720P", quantized=False))
+    umt5 = pipe._slots["text_encoder"].host_bytes
+    assert umt5 > 12 * GIB > pipe._slots["text_encoder"].nbytes  # the weights alone would seem to fit
+    with pytest.raises(HostMemoryError) as refused:
+        pipe._place_default()
+    assert str(refused.value) == (
+        f"model TurboWan2.2-I2V-A14B-720P moves its text encoder to host memory while idle, in pinned copies that "
+        f"need about {umt5 / GIB:.1f} GiB more, and the host has 12.0 GiB free; use a machine with more memory, "
+        "or a GPU with more, which keeps more of them there"
+    )
+    assert gpu.used() == 0 and gpu.pinned() == 0  # nothing moved, nothing copied
+    gpu.host = umt5
+    pipe._place_default()
+    assert pipe.placement.swapped == {"text_encoder"} and gpu.pinned() == umt5
+    pipe._place_for(GenerationRequest(prompt="-", task="i2v"))  # the copy is made once: nothing more needed
+
+
+def test_a_request_whose_idle_weights_do_not_fit_in_host_memory_is_refused_and_moves_nothing(monkeypatch):
+    # MODELS=<1.3B>,<14B 720P> on an 80 GB card in a 24 GiB container: the 14B request that fits only with
+    # the 1.3B model's weights off the GPU needs their pinned copies too, more than the container has left.
+    gpu = _SimulatedGPU(monkeypatch, total=80 * GB, limit=24 * GIB)
+    small = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-1.3B-480P", quantized=False))
+    small._place_for(GenerationRequest(prompt="-"))
+    big = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=False))
+    request = GenerationRequest(prompt="-", num_frames=161, num_samples=3)
+    used = gpu.used()
+    with pytest.raises(HostMemoryError) as refused:
+        big._place_for(request)
+    assert re.fullmatch(
+        r"model TurboWan2\.1-T2V-14B-720P moves its text encoder and the other served models' weights to host "
+        r"memory while idle, in pinned copies that need about \d+\.\d GiB more, and its container's memory limit "
+        r"leaves 24\.0 GiB free; a smaller request moves fewer modules: ask for fewer frames or samples, or a "
+        r"lower resolution",
+        str(refused.value),
+    )
+    assert error_response(refused.value, "job-1")["error"] == f"E_INPUT: {refused.value}"
+    assert gpu.used() == used and gpu.pinned() == 0
+    assert all(slot.on_device for slot in small._slots.values())
+    big._place_for(GenerationRequest(prompt="-"))  # the default request fits beside the 1.3B model
+    assert gpu.pinned() == 0
+    gpu.limit = 64 * GIB
+    big._place_for(request)
+    assert not any(slot.on_device for slot in small._slots.values())
+    assert 24 * GIB < gpu.pinned() <= 64 * GIB

@@ -10,7 +10,7 @@ during decode), the small VAE last. A request that fits no placement is refused 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +26,11 @@ SAFETY_MIN_BYTES = GIB // 2
 # Text encoding of 512 tokens needs little beyond the weights: up to 0.3 GiB measured (H200), the
 # first time with cuBLAS's workspace.
 TEXT_ACTIVATION_BYTES = GIB // 2
+# Pinned host copies come from torch's caching host allocator, which by default rounds every block up to
+# a power of two (ATen/core/CachingHostAllocator.h; pytorch#95823, #150517), each tensor its own block: a
+# 14B DiT's 141.6 MB FFN weights take 256 MB each. ``pinned_bytes`` counts the rounded sizes (whole pages
+# at least); an allocator told not to round (newer torch can be) takes less, never more.
+PAGE_BYTES = 4096
 # The VAE's working set per pixel of a frame, beyond the video it returns: 8.8-8.9 KB measured in our
 # 480p and 720p decodes (H200), plus 1.1 KB for cuDNN's algorithm search the first time a size runs.
 VAE_BYTES_PER_PIXEL = 11 * 1024
@@ -107,6 +112,11 @@ def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for _, t in _tensors(module))
 
 
+def pinned_bytes(tensor_bytes: Iterable[int]) -> int:
+    """Host memory that pinned copies of tensors of these sizes take (see PAGE_BYTES above)."""
+    return sum(max(PAGE_BYTES, 1 << (n - 1).bit_length()) for n in tensor_bytes if n > 0)
+
+
 class DeviceSlot:
     """Moves one module's weights between the GPU and a pinned host copy.
 
@@ -119,6 +129,8 @@ class DeviceSlot:
         self.module = module
         self.device = canonical_device(device)
         self.nbytes = module_bytes(module)
+        # What its pinned host copy takes once made (on a GPU only; on the CPU the weights stay put).
+        self.host_bytes = pinned_bytes(t.numel() * t.element_size() for _, t in _tensors(module))
         self._host: dict[tuple[nn.Module, str], torch.Tensor] | None = None
         self._on_device = all(t.device == self.device for _, t in _tensors(module))
         _LIVE_SLOTS.add(self)
@@ -126,6 +138,10 @@ class DeviceSlot:
     @property
     def on_device(self) -> bool:
         return self._on_device
+
+    @property
+    def has_host_copy(self) -> bool:
+        return self._host is not None
 
     @torch.inference_mode(False)
     def pin(self) -> None:
@@ -171,6 +187,13 @@ def slots_on(device: torch.device) -> list[DeviceSlot]:
     """Every live slot whose weights are on ``device`` now (those of every loaded pipeline)."""
     device = canonical_device(device)
     return [slot for slot in list(_LIVE_SLOTS) if slot.device == device and slot.on_device]
+
+
+def held_host_bytes() -> int:
+    """Host memory the pinned copies made so far take (every loaded pipeline's)."""
+    return sum(
+        slot.host_bytes for slot in list(_LIVE_SLOTS) if slot.has_host_copy and slot.device.type != "cpu"
+    )
 
 
 def canonical_device(device: str | torch.device) -> torch.device:

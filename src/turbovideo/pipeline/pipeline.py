@@ -38,6 +38,7 @@ from turbovideo.models import (
 from turbovideo.models.attention import select_attention
 from turbovideo.models.tokenizer import TOKENIZER_FILE, PromptTokenizer
 from turbovideo.pipeline.conditioning import image_condition
+from turbovideo.pipeline.host_memory import read_host_memory
 from turbovideo.pipeline.memory import (
     GIB,
     TEXT_ACTIVATION_BYTES,
@@ -46,6 +47,7 @@ from turbovideo.pipeline.memory import (
     Stage,
     canonical_device,
     dit_activation_bytes,
+    held_host_bytes,
     plan,
     prefer_quantized,
     slot_for,
@@ -74,6 +76,26 @@ VAE = "vae"
 # The latent has 16 channels and 8x smaller frames (Wan2.1 VAE).
 LATENT_CHANNELS = 16
 VAE_STRIDE = 8
+
+
+# How a refusal names the modules it would move to host memory.
+_MODULE_LABELS = {
+    TEXT_ENCODER: "text encoder",
+    "dit": "DiT",
+    "dit_high": "high-noise DiT",
+    "dit_low": "low-noise DiT",
+    VAE: "VAE",
+}
+
+
+class HostMemoryError(InputError):
+    """The modules a placement moves off the GPU while idle need more host memory for their pinned copies
+    than the host (or the container's memory limit) has free. Made before any copy: past that limit the
+    kernel's OOM killer would end the process without a word. ``summary`` is the message without advice."""
+
+    def __init__(self, summary: str, advice: str) -> None:
+        super().__init__(f"{summary}; {advice}")
+        self.summary = summary
 
 
 class VideoPipeline:
@@ -386,6 +408,11 @@ class VideoPipeline:
         default = GenerationRequest(prompt="-", task=self.spec.task)
         try:
             self._place_for(default)
+        except HostMemoryError as exc:  # the load fails: no request of the model's default size could run
+            raise HostMemoryError(
+                exc.summary,
+                "use a machine with more memory, or a GPU with more, which keeps more of them there",
+            ) from None
         except InputError as exc:
             # Said as a note on the model, not on the caller's request, which may well fit (e.g. the CLI's).
             log.warning(
@@ -488,6 +515,7 @@ class VideoPipeline:
         placement, budget, evict = self._plan(request)
         if not placement.fits:
             raise InputError(self._too_big(request, placement, budget))
+        self._check_host_room(placement, evict)
         for slot in evict:
             slot.to_host()
         before = self._placement
@@ -501,6 +529,34 @@ class VideoPipeline:
         self._enter(set())
         for name in placement.swapped:
             self._slots[name].pin()
+
+    def _check_host_room(self, placement: Placement, evict: list[DeviceSlot]) -> None:
+        """Raise HostMemoryError, before anything moves, when the pinned host copies ``placement`` would
+        make (of its swapped modules, and of the other models' weights in ``evict``) do not fit in the
+        host memory this process has left: the host's MemAvailable or, if tighter, its container's limit
+        less what the container holds. Copies made earlier are kept (and counted in what is held).
+        Loading is not counted: the checkpoint files are memory-mapped (page cache, which the kernel drops
+        before it kills), and only small casts (the VAE's fp32 weights to bf16) allocate."""
+        moved = [name for name in self._offload_order if name in placement.swapped]
+        new = [self._slots[name] for name in moved if not self._slots[name].has_host_copy]
+        new += [slot for slot in evict if not slot.has_host_copy]
+        needed = sum(slot.host_bytes for slot in new)
+        host = read_host_memory() if needed else None
+        if host is None or needed <= host.room:
+            return
+        names = [_MODULE_LABELS.get(name, name) for name in moved]
+        names += ["the other served models' weights"] if evict else []
+        what = ("its " if moved else "") + " and ".join(
+            [", ".join(names[:-1]), names[-1]] if len(names) > 1 else names
+        )
+        limit = "its container's memory limit leaves" if host.room < host.available else "the host has"
+        held = held_host_bytes()
+        made = f" (the copies made so far take {held / GIB:.1f} GiB)" if held else ""
+        raise HostMemoryError(
+            f"model {self.spec.name} moves {what} to host memory while idle, in pinned copies that need about "
+            f"{needed / GIB:.1f} GiB more, and {limit} {host.room / GIB:.1f} GiB free{made}",
+            "a smaller request moves fewer modules: ask for fewer frames or samples, or a lower resolution",
+        )
 
     def _budget(self, freed: int = 0) -> int:
         """What this pipeline's placement may use: free memory, the allocator's cache and its own weights,

@@ -27,6 +27,8 @@ from turbovideo.errors import one_line
 from turbovideo.models.checkpoint import CheckpointError
 from turbovideo.parallel.errors import ParallelError
 from turbovideo.pipeline.host_memory import GIB, HostMemory, read_host_memory
+from turbovideo.pipeline.memory import held_host_bytes
+from turbovideo.pipeline.pipeline import HostMemoryError
 from turbovideo.worker.checkpoints import CheckpointDownloadError, offline_setting, verify_cached
 from turbovideo.worker.config import ConfigError, WorkerConfig, load_config, system_checks_run
 
@@ -58,15 +60,16 @@ class MemoryCheckError(RuntimeError):
     would stop the worker before its first job. The message names the numbers and what to change."""
 
 
-def check_memory_fitness(min_gib: float, host: HostMemory | None) -> None:
+def check_memory_fitness(min_gib: float, host: HostMemory | None, held: int = 0) -> None:
     """RunPod's memory fitness check, made here first on the number it reads (MemAvailable), so that a
     worker it would stop answers why instead. ``min_gib``: ``WorkerConfig.memory_check_gib`` (0: the
-    check does not run)."""
+    check does not run); ``held``: what the models' pinned host copies take, for the message."""
     if host is None or not min_gib or host.available >= min_gib * GIB:
         return
+    copies = f" (the pinned copies of their idle weights take {held / GIB:.1f} GiB)" if held else ""
     raise MemoryCheckError(
         f"RunPod's memory check would stop this worker before its first job: with the models loaded "
-        f"{host.available / GIB:.1f} GiB of memory is available and it needs {min_gib:.10g} GiB "
+        f"{host.available / GIB:.1f} GiB of memory is available{copies} and it needs {min_gib:.10g} GiB "
         "(RUNPOD_MIN_MEMORY_GB); deploy on a GPU type with more RAM, serve fewer MODELS, lower "
         "RUNPOD_MIN_MEMORY_GB, or set RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true"
     )
@@ -92,7 +95,7 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
         if config.on_runpod and not torch.cuda.is_available() and not all(s.is_random for s in config.models):
             raise NoCudaError()
         service = VideoService.from_config(config)
-        check_memory_fitness(config.memory_check_gib, read_host_memory())
+        check_memory_fitness(config.memory_check_gib, read_host_memory(), held_host_bytes())
     except Exception as exc:  # any failed start is answered to jobs, not crash-looped
         failure = _heal_or_describe(exc, config)
         # The sentence goes to every client: no secret a library quoted in an error may ride along.
@@ -100,7 +103,7 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
         logger.error(
             "the worker could not start: %s",
             failure.message,
-            exc_info=not isinstance(exc, (ConfigError, MemoryCheckError)),
+            exc_info=not isinstance(exc, (ConfigError, MemoryCheckError, HostMemoryError)),
         )
         _skip_system_checks(env)
         return failed_start_handler(failure)
@@ -213,6 +216,12 @@ def describe_startup_error(exc: BaseException) -> StartupFailure:
         return StartupFailure(f"{one_line(str(exc), 1000)}; the worker asks to be replaced", refresh=True)
     if isinstance(exc, NoCudaError):  # a new worker may land on a host with a newer driver
         return StartupFailure(str(exc), refresh=True)
+    if isinstance(exc, HostMemoryError):  # at load: the idle weights' pinned copies do not fit in host memory
+        return StartupFailure(
+            f"{one_line(exc.summary, 1000)}; deploy on a GPU type with more RAM (or more GPU memory, which keeps "
+            "more of the model there), serve fewer MODELS, or set CHECKPOINT_VARIANT=quant (int8 DiT files, about "
+            "half the size)"
+        )
     if isinstance(exc, (ConfigError, CheckpointDownloadError, MemoryCheckError)):
         return StartupFailure(one_line(str(exc), 1000))
     if isinstance(exc, CheckpointError):
