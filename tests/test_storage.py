@@ -212,6 +212,37 @@ def test_local_storage_moves_files_into_the_job_folder(job_files, tmp_path):
     assert all(Path(p).is_file() for p in fields["video_paths"]) and not videos[0].exists()
 
 
+def test_a_job_id_delivered_again_gets_a_folder_of_its_own(tmp_path):
+    def files(tag: str, samples: int) -> tuple[list[Path], Path]:
+        scratch = tmp_path / f"scratch-{tag}"
+        scratch.mkdir()
+        videos = [scratch / f"sample_{i}.mp4" for i in range(samples)]
+        for path in [*videos, scratch / "thumbnail.jpg"]:
+            path.write_text(tag)
+        return videos, scratch / "thumbnail.jpg"
+
+    outputs = tmp_path / "outputs"
+    (outputs / "reserved").mkdir(parents=True)  # made ahead and empty (runpod_quickstart.sh): taken as is
+    local = LocalStorage(outputs)
+    assert (
+        Path(local.deliver("reserved", *files("r", 1), expires_in=60)["video_path"]).parent.name == "reserved"
+    )
+    first = local.deliver("local_test", *files("first", 2), expires_in=60)
+    second = local.deliver("local_test", *files("second", 1), expires_in=60)
+    third = local.deliver("local_test", *files("third", 1), expires_in=60)
+    assert [Path(p).read_text() for p in first["video_paths"]] == ["first", "first"]
+    assert Path(second["video_path"]).parent.name == "local_test-2"
+    assert Path(third["video_path"]).parent.name == "local_test-3"
+    assert sorted(p.name for p in (outputs / "local_test-2").iterdir()) == ["sample_0.mp4", "thumbnail.jpg"]
+    assert Path(second["video_path"]).read_text() == "second"
+    # Files a failed upload keeps follow the same rule.
+    bucket = BucketStorage(bucket_at(dead_endpoint()), outputs, attempts=1)
+    with pytest.raises(UploadError) as caught:
+        bucket.deliver("local_test", *files("kept", 1), expires_in=60)
+    assert str(caught.value).endswith(f"the video was kept at {(outputs / 'local_test-4').resolve()}")
+    assert Path(first["video_path"]).read_text() == "first"
+
+
 @pytest.mark.parametrize(
     "raw, expected",
     [

@@ -153,6 +153,22 @@ def test_t2v_job_answers_a_playable_video(local):
     json.dumps(answer)  # RunPod sends it as JSON
 
 
+def test_a_job_id_run_again_keeps_every_earlier_runs_videos(local, tmp_path):
+    # --test_input always runs id local_test, and the local API runs a job again when its /status is asked
+    # twice: the later run replaced the earlier's sample_0.mp4 under the path its answer named, and left
+    # its sample_1.mp4 beside the new video.
+    first = local.handle({"id": "local_test", "input": {"prompt": "a", "seed": 1, "num_samples": 2, **FAST}})
+    earlier = {path: Path(path).read_bytes() for path in [*first["video_paths"], first["thumbnail_path"]]}
+    second = local.handle({"id": "local_test", "input": {"prompt": "a", "seed": 2, **FAST}})
+    assert "error" not in first and "error" not in second, (first, second)
+    assert {path: Path(path).read_bytes() for path in earlier} == earlier
+    outputs = (tmp_path / "outputs").resolve()
+    assert Path(first["video_path"]).parent == outputs / "local_test"
+    assert Path(second["video_path"]).parent == outputs / "local_test-2"
+    assert sorted(p.name for p in (outputs / "local_test-2").iterdir()) == ["sample_0.mp4", "thumbnail.jpg"]
+    assert read_video(second["video_path"]) == (5, (112, 64))
+
+
 def test_i2v_from_a_url_infers_the_task_and_draws_a_seed(local, allowed_first_hop):
     job = {
         "id": "job-i2v",

@@ -8,6 +8,7 @@ Without a bucket, a local folder that refuses the files (a full disk) hands them
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import shutil
@@ -73,8 +74,24 @@ def safe_job_id(job_id: Any) -> str:
     return text or "job"
 
 
+def claim_folder(parent: Path, job_id: str) -> Path:
+    """A folder of ``parent`` for this run of job ``job_id``: ``<job_id>``, or ``<job_id>-2``, ``-3``, ...
+    when an earlier run (the same id run again: ``--test_input``'s ``local_test``, a local API job whose
+    ``/status`` was asked twice) holds it, so no run replaces or mixes with another's files. A folder made
+    ahead and left empty (``runpod_quickstart.sh`` reserves its job's) is taken as it is."""
+    for run in itertools.count(1):
+        folder = parent / (job_id if run == 1 else f"{job_id}-{run}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            if folder.is_dir() and not any(folder.iterdir()):
+                return folder
+    raise AssertionError("unreachable")
+
+
 def move_files(files: list[Path], folder: Path) -> list[Path]:
-    """Move ``files`` into ``folder`` (created; same-named files replaced) and return the new paths."""
+    """Move ``files`` into ``folder`` (created) and return the new paths."""
     folder.mkdir(parents=True, exist_ok=True)
     moved = []
     for path in files:
@@ -101,14 +118,17 @@ class LocalStorage:
         check_stop: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         files = [*videos, thumbnail]
-        folder = self.output_dir / job_id
+        claimed: dict[Path, Path] = {}
         try:
+            claimed[self.output_dir] = folder = claim_folder(self.output_dir, job_id)
             *video_paths, thumbnail_path = move_files(files, folder)
         except OSError as exc:
             failure = f"saving the video in OUTPUT_DIR {self.output_dir} failed ({type(exc).__name__}: {one_line(str(exc), 200)})"
-            # Files that made it stay; the rest try OUTPUT_DIR once more, then the spare folder.
-            where = [path if path.exists() else folder / path.name for path in files]
-            raise UploadError(f"{failure}; {keep_files(job_id, where, self.keep_dirs)}") from exc
+            # Files that made it stay; the rest try this run's folder once more, then the spare folder.
+            moved = claimed.get(self.output_dir)
+            where = [path if path.exists() or moved is None else moved / path.name for path in files]
+            kept = keep_files(job_id, where, self.keep_dirs, claimed)
+            raise UploadError(f"{failure}; {kept}") from exc
         fields: dict[str, Any] = {"video_path": str(video_paths[0]), "thumbnail_path": str(thumbnail_path)}
         if len(video_paths) > 1:
             fields["video_paths"] = [str(p) for p in video_paths]
@@ -246,21 +266,29 @@ def _client(bucket: BucketConfig, attempts: int, read_timeout_s: float = READ_TI
     )
 
 
-def keep_files(job_id: str, files: list[Path], folders: list[Path]) -> str:
-    """Move each file of a failed delivery to ``<folder>/<job_id>/`` of the first folder that takes it;
-    says where."""
+def keep_files(
+    job_id: str, files: list[Path], folders: list[Path], claimed: dict[Path, Path] | None = None
+) -> str:
+    """Move each file of a failed delivery into this run's folder (``claim_folder``) of the first of
+    ``folders`` that takes it; says where. ``claimed`` maps folders to the run's folder already taken there."""
+    claimed = {} if claimed is None else claimed
     held: dict[Path, None] = {}  # folders that took files, in order
     lost: list[str] = []
     error: OSError | None = None
     for path in files:
         for folder in folders:
+            target: Path | None = None
             try:
-                held[move_files([path], folder / job_id)[0].parent] = None
+                if folder not in claimed:
+                    claimed[folder] = claim_folder(folder, job_id)
+                target = claimed[folder]
+                held[move_files([path], target)[0].parent] = None
                 break
             except OSError as exc:  # e.g. a full or read-only volume
                 logger.warning("could not keep %s of job %s in %s: %s", path.name, job_id, folder, exc)
                 error = exc
-                _discard_partial(folder / job_id / path.name, path)
+                if target is not None:
+                    _discard_partial(target / path.name, path)
         else:
             lost.append(path.name)
     kept = f"the video was kept at {' and '.join(map(str, held))}" if held else ""
