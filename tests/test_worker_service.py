@@ -419,6 +419,60 @@ def test_progress_reaches_runpod_in_order_and_before_the_answer(pipelines, tmp_p
     assert ranks == sorted(ranks), arrived
 
 
+class _JobDone(BaseHTTPRequestHandler):
+    """RunPod's job-done URL on loopback: records each progress post as it arrives and holds the first."""
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.posts.append((time.monotonic(), body["output"]))
+        if len(self.server.posts) == 1:
+            time.sleep(self.server.hold_s)  # a slow answer: the next update waits behind this one
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_stopped_job_posts_no_progress_after_the_stop_and_does_not_wait_for_one(
+    pipelines, tmp_path, monkeypatch
+):
+    """A stopped job sent the update still waiting behind a slow post once that post was answered, after
+    the stop (RunPod had already ended the job), and held the worker up to 10 s for it."""
+    from runpod.serverless.modules import rp_http
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _JobDone)
+    server.daemon_threads, server.posts, server.hold_s = True, [], 1.5
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    template = f"http://127.0.0.1:{server.server_address[1]}/job-done/$ID?gpu=test"
+    monkeypatch.setattr(rp_http, "JOB_DONE_URL", template)  # what RUNPOD_WEBHOOK_POST_OUTPUT sets on RunPod
+    stop, stopped_at, forwards = threading.Event(), [], []
+
+    def stop_in_the_second_step(module, args, out):  # "denoise 1/4" now waits behind the held first post
+        forwards.append(1)
+        if len(forwards) == 2:
+            stopped_at.append(time.monotonic())
+            stop.set()
+
+    hook = pipelines["tiny-t2v"].experts[0].register_forward_hook(stop_in_the_second_step)
+    worker = VideoService(pipelines, LocalStorage(tmp_path), report_progress=True)
+    try:
+        job = {"id": "job-stop-progress", "input": {"prompt": "a", "num_frames": 5, "num_steps": 4}}
+        answer = worker.handle(job, stop=stop)
+        returned = time.monotonic()
+        time.sleep(server.hold_s + 0.5)  # the held post is answered: anything still queued goes now
+    finally:
+        hook.remove()
+        server.shutdown()
+        server.server_close()
+    assert answer["error"].startswith("E_STOPPED"), answer
+    assert server.posts and server.posts[0][1] == "encode 1/1"
+    late = [text for at, text in server.posts if at > stopped_at[0]]
+    assert late == [], f"progress posted after the stop: {late}"
+    assert returned - stopped_at[0] < 0.75 * server.hold_s  # the worker did not wait for the held post
+
+
 def test_a_job_runpod_stops_ends_at_its_next_step_and_frees_the_worker(local, pipelines, tmp_path):
     from runpod.serverless.modules.rp_job import run_job
 

@@ -193,7 +193,7 @@ class VideoService:
             generation.num_steps,
             generation.seed,
         )
-        sender = _ProgressSender(job) if self.report_progress else None
+        sender = _ProgressSender(job, stop) if self.report_progress else None
 
         def progress(event: ProgressEvent) -> None:  # the pipeline reports between steps: stop there
             check_stop()
@@ -281,10 +281,12 @@ class _ProgressSender:
     """Posts one job's progress strings to RunPod in order, from one thread; an update not yet sent is
     replaced by a newer one (``/status`` shows only the latest). The SDK's ``progress_update`` posts each
     from a thread of its own, and those race: "mux 1/2" landed after "mux 2/2", and a late post after
-    the job's result."""
+    the job's result. Once the job is stopped nothing more is posted (RunPod has ended the job), and a
+    post already under way is not waited for."""
 
-    def __init__(self, job: dict[str, Any]) -> None:
+    def __init__(self, job: dict[str, Any], stop: threading.Event) -> None:
         self._job = job
+        self._stop = stop
         self._pending: str | None = None
         self._closed = False
         self._wake = threading.Condition()
@@ -297,11 +299,14 @@ class _ProgressSender:
             self._wake.notify()
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Send what is pending, then stop; waits at most ``timeout_s`` for a slow post."""
+        """Send what is pending, then stop; waits at most ``timeout_s`` for a slow post, and not at all
+        once the job is stopped."""
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout_s)
+        give_up_at = time.monotonic() + timeout_s
+        while self._thread.is_alive() and not self._stop.is_set() and time.monotonic() < give_up_at:
+            self._thread.join(0.05)
 
     def _run(self) -> None:
         while True:
@@ -309,7 +314,7 @@ class _ProgressSender:
                 while self._pending is None and not self._closed:
                     self._wake.wait()
                 text, self._pending = self._pending, None
-            if text is None:
+            if text is None or self._stop.is_set():
                 return
             try:
                 post_progress(self._job, text)
