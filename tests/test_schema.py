@@ -51,6 +51,23 @@ def test_every_field_accepts_a_valid_value():
         ({"prompt": "a", "num_frames": "81"}, "num_frames must be an integer between 5 and 161, got '81'"),
         ({"prompt": "a", "num_frames": 81.0}, "num_frames must be an integer between 5 and 161, got 81.0"),
         ({"prompt": "a", "foo": 1}, "unknown field 'foo'"),
+        ({"prompt": "a", "steps": 2}, "unknown field 'steps' (did you mean 'num_steps'?)"),
+        ({"prompt": "a", "numFrames": 33}, "unknown field 'numFrames' (did you mean 'num_frames'?)"),
+        ({"Prompt": "a"}, "prompt is required; unknown field 'Prompt' (did you mean 'prompt'?)"),
+        (
+            {"prompt": "a", "width": 832},
+            "unknown field 'width' (the size comes from resolution and aspect_ratio)",
+        ),
+        (
+            {"input": {"prompt": "a"}},
+            """prompt is required; unknown field 'input' (the request fields go directly in the job's input: """
+            """{"input": {"prompt": ...}})""",
+        ),
+        ({"prompt": "a", "image": ""}, "image must not be empty; leave it out (or null) for text-to-video"),
+        (
+            {"prompt": "a", "image": " \n"},
+            "image must not be empty; leave it out (or null) for text-to-video",
+        ),
         ({"prompt": "x" * 5000}, "prompt must be at most 2000 characters, got 5000"),
         ({"prompt": ""}, "prompt must not be empty"),
         ({"prompt": " \n\t"}, "prompt must not be empty"),

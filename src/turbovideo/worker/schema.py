@@ -8,6 +8,7 @@ fit) are the pipeline's to check; this module only knows the limits every model 
 
 from __future__ import annotations
 
+import difflib
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -46,13 +47,20 @@ def _not_blank(prompt: str) -> str:
     return prompt
 
 
+def _image_given(image: str) -> str:
+    if not image.strip():  # a form's empty field: the client most likely meant no image at all
+        raise ValueError("image must not be empty; leave it out (or null) for text-to-video")
+    return image
+
+
 class VideoRequest(BaseModel):
     """The ``input`` of a job. Omitted optional fields take the served model's defaults."""
 
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)]
-    image: str | None = None  # http(s) URL, data URI or base64; size limits live in inputs.py
+    # http(s) URL, data URI or base64; size limits live in inputs.py
+    image: Annotated[str, AfterValidator(_image_given)] | None = None
     task: Literal["t2v", "i2v"] | None = None
     # "" names no model (leave the field out for the default).
     model: Annotated[str, Field(min_length=1, max_length=100)] | None = None
@@ -122,7 +130,7 @@ def _describe(error: Any) -> str:
         return f"input must be a JSON object of request fields, got {_json_kind(value)}"
     field = str(loc[0])
     if kind == "extra_forbidden":
-        return f"unknown field {field!r}"
+        return f"unknown field {field!r}{_hint(field)}"
     if kind == "missing":
         return f"{field} is required"
     if kind == "value_error":
@@ -136,6 +144,29 @@ def _describe(error: Any) -> str:
     if kind == "literal_error":
         return f"{field} must be one of {ctx['expected']}, got {_show(value)}"
     return f"{field} must be {_expectation(field)}, got {_show(value)}"
+
+
+# Fields other video APIs have, and where this request says the same thing.
+_ELSEWHERE = {
+    "width": "the size comes from resolution and aspect_ratio",
+    "height": "the size comes from resolution and aspect_ratio",
+    "size": "the size comes from resolution and aspect_ratio",
+    "duration": "the length comes from num_frames and fps",
+    "steps": "did you mean 'num_steps'?",
+    "frames": "did you mean 'num_frames'?",
+    "aspect": "did you mean 'aspect_ratio'?",
+    "image_url": "did you mean 'image'? it takes a URL",
+    "input": 'the request fields go directly in the job\'s input: {"input": {"prompt": ...}}',
+}
+
+
+def _hint(field: str) -> str:
+    """' (did you mean 'num_steps'?)' for a misspelt or differently named field, else ''."""
+    key = field.strip().lower().replace("-", "_").replace(" ", "_")
+    if key in _ELSEWHERE:
+        return f" ({_ELSEWHERE[key]})"
+    close = difflib.get_close_matches(key, VideoRequest.model_fields, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
