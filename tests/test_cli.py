@@ -109,7 +109,7 @@ def test_image_selects_tiny_i2v_and_samples_get_numbered_files(tmp_path, capsys)
         (["--image", "__big__"], "image must have at most 50000000 pixels"),
         (["--model", "tiny-i2v"], "task 'i2v' needs an input image"),
         (["--attention_type", "flash"], "attention must be one of"),
-        (["--resolution", "720p"], "resolution must be one of tiny for model tiny-t2v"),
+        (["--resolution", "720p"], "resolution must be tiny for model tiny-t2v"),
         (["--out", "__tmp__/fox.gif"], "--out must name an .mp4 file"),
         (["--image", "/dev/zero"], "/dev/zero: image must be at most 20 MB"),
         (["--checkpoint_dir", "ckpt/models/x"], "--checkpoint_dir is for the published models; tiny-t2v"),

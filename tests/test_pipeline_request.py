@@ -49,7 +49,7 @@ IMAGE = Image.new("RGB", (64, 48), (10, 20, 30))
             "resolution must be one of 480p, 720p for model TurboWan2.1-T2V-1.3B-480P",
         ),
         (T2V, {"resolution": "tiny"}, "resolution must be one of 480p, 720p"),
-        (TINY_T2V, {"resolution": "480p"}, "resolution must be one of tiny for model tiny-t2v, got '480p'"),
+        (TINY_T2V, {"resolution": "480p"}, "resolution must be tiny for model tiny-t2v, got '480p'"),
         (T2V, {"adaptive_resolution": True}, "adaptive_resolution needs an input image"),
         (I2V, {"task": "i2v"}, "task 'i2v' needs an input image"),
         (I2V, {"task": "i2v", "image": "photo.png"}, "image must be a PIL image, got str"),

@@ -188,7 +188,7 @@ HOSTILE = [
     ({"prompt": "a", "num_samples": 99}, "E_INPUT: num_samples must be an integer between 1 and 4, got 99"),
     ({"prompt": "a", "foo": 1}, "E_INPUT: unknown field 'foo'"),
     ({"prompt": "x" * 5000}, "E_INPUT: prompt must be at most 2000 characters, got 5000"),
-    ({"prompt": "a", "resolution": "480p"}, "E_INPUT: resolution must be one of tiny for model tiny-t2v"),
+    ({"prompt": "a", "resolution": "480p"}, "E_INPUT: resolution must be tiny for model tiny-t2v"),
     (
         {"prompt": "a", "image": "%%% not base64 %%%"},
         "E_INPUT: image is neither an http(s) URL nor valid base64",
@@ -231,7 +231,7 @@ def test_settings_are_checked_before_the_image_is_fetched(local, monkeypatch):
     url = {"image": "https://example.com/photo.png"}
     for payload, expected in [
         ({"prompt": "a", "model": "tiny-t2v", **url}, "E_INPUT: task 't2v' takes no input image"),
-        ({"prompt": "a", "resolution": "720p", **url}, "E_INPUT: resolution must be one of tiny"),
+        ({"prompt": "a", "resolution": "720p", **url}, "E_INPUT: resolution must be tiny for model tiny-i2v"),
     ]:
         assert local.handle({"id": "early", "input": payload})["error"].startswith(expected)
 

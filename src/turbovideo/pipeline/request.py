@@ -97,9 +97,8 @@ def check_request(request: GenerationRequest, spec: ModelSpec) -> None:
     resolution = request.resolution or spec.default_resolution
     allowed = supported_resolutions(spec)
     if resolution not in allowed:
-        raise InputError(
-            f"resolution must be one of {', '.join(allowed)} for model {spec.name}, got {resolution!r}"
-        )
+        choices = allowed[0] if len(allowed) == 1 else f"one of {', '.join(allowed)}"
+        raise InputError(f"resolution must be {choices} for model {spec.name}, got {resolution!r}")
     if request.aspect_ratio not in ASPECT_RATIOS:
         raise InputError(
             f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, got {request.aspect_ratio!r}"
