@@ -55,8 +55,8 @@ def test_every_field_accepts_a_valid_value():
         ({"prompt": "a", "numFrames": 33}, "unknown field 'numFrames' (did you mean 'num_frames'?)"),
         ({"Prompt": "a"}, "prompt is required; unknown field 'Prompt' (did you mean 'prompt'?)"),
         (
-            {"prompt": "a", "width": 832},
-            "unknown field 'width' (the size comes from resolution and aspect_ratio)",
+            {"prompt": "a", "width": 832, "height": 480},
+            "unknown field 'width' (the size comes from resolution and aspect_ratio); unknown field 'height'",
         ),
         (
             {"input": {"prompt": "a"}},

@@ -118,7 +118,14 @@ def parse_request(payload: Any) -> VideoRequest:
 
 
 def describe_errors(exc: ValidationError) -> str:
-    return "; ".join(_describe(error) for error in exc.errors(include_url=False))
+    parts: list[str] = []
+    for error in exc.errors(include_url=False):
+        part = _describe(error)
+        hint = part[part.find(" (") :] if error["type"] == "extra_forbidden" and " (" in part else ""
+        if hint and any(seen.endswith(hint) for seen in parts):  # width and height: said once
+            part = part.removesuffix(hint)
+        parts.append(part)
+    return "; ".join(parts)
 
 
 def _describe(error: Any) -> str:
