@@ -5,6 +5,7 @@ import io
 import logging
 import os
 import re
+import socket
 
 import pytest
 import torch
@@ -304,8 +305,8 @@ def test_a_local_run_without_a_usable_test_input_json_stops_before_loading(
 @pytest.mark.parametrize(
     "argv, env",
     [
-        (["--rp_serve_api"], {}),
-        (["--rp_serve_api", "--rp_api_port", "8001"], {}),
+        (["--rp_serve_api", "--rp_api_port", "0"], {}),  # 0: any free port (8000 may be taken here)
+        (["--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", "0"], {}),
         ([], {"RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/x/job-take"}),
         ([], {"RUNPOD_REALTIME_PORT": "8080"}),
         (["--test_input", '{"input": {"prompt": "a fox"}}'], {}),
@@ -314,3 +315,28 @@ def test_a_local_run_without_a_usable_test_input_json_stops_before_loading(
 def test_test_input_json_is_only_required_where_the_sdk_reads_it(tmp_path, monkeypatch, argv, env):
     monkeypatch.chdir(tmp_path)  # no test_input.json here
     check_test_input(argv, env)
+
+
+def test_a_local_api_that_could_not_listen_stops_before_loading(tmp_path):
+    # The SDK's server binds only once every model has loaded (minutes on a GPU), then exits 3 with
+    # uvicorn's "address already in use"; a port past 65535 was announced as it was, and bound modulo 65536.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        for argv, message in [
+            (
+                ["--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
+                f"--rp_serve_api cannot listen on 127.0.0.1:{port} (Address already in use); another server "
+                "holds that port: stop it or pick another --rp_api_port",
+            ),
+            (
+                ["--rp_api_port", "99999"],
+                "--rp_serve_api cannot listen on localhost:99999: --rp_api_port must be",
+            ),
+            (
+                ["--rp_api_host", "no-such-host.invalid"],
+                "--rp_serve_api cannot listen on no-such-host.invalid:8000: ",
+            ),
+        ]:
+            with pytest.raises(SystemExit) as stopped:
+                check_test_input(["--rp_serve_api", *argv], {})
+            assert str(stopped.value.code).startswith(message)

@@ -11,10 +11,12 @@ replacement starts again, resuming any partial download.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -131,6 +133,8 @@ def check_test_input(argv: list[str], env: Mapping[str, str]) -> None:
     from runpod.serverless import parser  # the SDK's own flags, read as it reads them
 
     args, _ = parser.parse_known_args(argv)
+    if args.rp_serve_api and args.test_input is None:
+        _check_port(args.rp_api_host, args.rp_api_port)
     if args.test_input is not None:
         _check_job(args.test_input, "--test_input")
     elif _runs_test_input_json(args.rp_serve_api, env):
@@ -144,6 +148,25 @@ def check_test_input(argv: list[str], env: Mapping[str, str]) -> None:
         except (OSError, UnicodeDecodeError) as e:
             sys.exit(f"test_input.json cannot be read ({e})")
         _check_job(text, "test_input.json")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Exit with one line when the local API could not listen there (a port another server holds, a host
+    that is not this machine's): the SDK's server only tries once every model has loaded, minutes on a GPU."""
+    where = f"--rp_serve_api cannot listen on {host}:{port}"
+    if not 0 <= port <= 65535:
+        sys.exit(f"{where}: --rp_api_port must be between 0 and 65535")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        sys.exit(f"{where}: --rp_api_host {host!r} does not resolve ({e.strerror or e})")
+    try:
+        with socket.create_server((host, port)):  # SO_REUSEADDR, as uvicorn binds
+            pass
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        advice = "; another server holds that port: stop it or pick another --rp_api_port"
+        sys.exit(f"{where} ({reason}){advice if e.errno == errno.EADDRINUSE else ''}")
 
 
 def _runs_test_input_json(serve_api: bool, env: Mapping[str, str]) -> bool:
