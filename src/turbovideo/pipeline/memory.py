@@ -26,11 +26,14 @@ SAFETY_MIN_BYTES = GIB // 2
 # Text encoding of 512 tokens needs little beyond the weights: up to 0.3 GiB measured (H200), the
 # first time with cuBLAS's workspace.
 TEXT_ACTIVATION_BYTES = GIB // 2
-# Pinned host copies come from torch's caching host allocator, which by default rounds every block up to
-# a power of two (ATen/core/CachingHostAllocator.h; pytorch#95823, #150517), each tensor its own block: a
-# 14B DiT's 141.6 MB FFN weights take 256 MB each. ``pinned_bytes`` counts the rounded sizes (whole pages
-# at least); an allocator told not to round (newer torch can be) takes less, never more.
+# torch's pinned-memory allocator rounds every block up to a power of two (ATen/core/CachingHostAllocator.h;
+# measured on an H200 machine, torch 2.11: a pinned 600 MiB tensor took 1,026 MiB of MemAvailable, 1,100 MiB
+# took 2,078), so a copy per tensor took 1.4-1.6x the weights. Host copies are cut instead from blocks of
+# 1 GiB (or the power of two above a larger tensor), packed largest tensor first, and each block is
+# allocated at the power of two above what it holds (a page at least).
+PIN_BLOCK_BYTES = 1 << 30
 PAGE_BYTES = 4096
+_PIN_ALIGN = 512  # where each copy starts: aligned for every dtype and for DMA
 # The VAE's working set per pixel of a frame, beyond the video it returns: 8.8-8.9 KB measured in our
 # 480p and 720p decodes (H200), plus 1.1 KB for cuDNN's algorithm search the first time a size runs.
 VAE_BYTES_PER_PIXEL = 11 * 1024
@@ -112,9 +115,39 @@ def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for _, t in _tensors(module))
 
 
+@dataclass(frozen=True)
+class PinnedLayout:
+    """Where host copies go: tensor i at byte ``places[i][1]`` of block ``places[i][0]``; ``blocks``
+    are the byte sizes to allocate."""
+
+    blocks: tuple[int, ...]
+    places: tuple[tuple[int, int], ...]
+
+
+def pack_pinned(sizes: Sequence[int]) -> PinnedLayout:
+    """Lay out host copies of tensors of these byte sizes in pinned blocks (see PIN_BLOCK_BYTES)."""
+    capacity: list[int] = []
+    used: list[int] = []
+    places = [(0, 0)] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        need = -(-sizes[i] // _PIN_ALIGN) * _PIN_ALIGN
+        block = next((b for b, room in enumerate(capacity) if used[b] + need <= room), None)
+        if block is None:
+            block = len(capacity)
+            capacity.append(max(PIN_BLOCK_BYTES, _power_of_two(need)))
+            used.append(0)
+        places[i] = (block, used[block])
+        used[block] += need
+    return PinnedLayout(tuple(_power_of_two(max(n, PAGE_BYTES)) for n in used), tuple(places))
+
+
 def pinned_bytes(tensor_bytes: Iterable[int]) -> int:
-    """Host memory that pinned copies of tensors of these sizes take (see PAGE_BYTES above)."""
-    return sum(max(PAGE_BYTES, 1 << (n - 1).bit_length()) for n in tensor_bytes if n > 0)
+    """Host memory that pinned copies of tensors of these sizes take, as ``pack_pinned`` lays them out."""
+    return sum(pack_pinned(list(tensor_bytes)).blocks)
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 class DeviceSlot:
@@ -172,8 +205,9 @@ class DeviceSlot:
     def _ensure_host_copy(self) -> None:
         if self._host is not None:
             return
-        pin = torch.cuda.is_available()
-        self._host = {key: _host_copy(tensor, pin) for key, tensor in _tensors(self.module)}
+        pairs = list(_tensors(self.module))
+        copies = _host_copies([tensor for _, tensor in pairs], pin=torch.cuda.is_available())
+        self._host = {key: copy for (key, _), copy in zip(pairs, copies, strict=True)}
         if not self._on_device:
             # The module lives on the host: run from the pinned copy and let the original go.
             for key, tensor in self._host.items():
@@ -214,11 +248,19 @@ def slot_for(module: nn.Module, device: torch.device) -> DeviceSlot:
     return slot
 
 
-def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    # Same strides as the original: the VAE keeps its conv weights channels-last.
-    copy = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=pin)
-    copy.copy_(tensor)
-    return copy
+def _host_copies(tensors: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor]:
+    """Host copies of ``tensors``, cut from the blocks ``pack_pinned`` lays out (pinned if ``pin``), each
+    with its original's strides where those are dense (the VAE keeps its conv weights channels-last)."""
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    layout = pack_pinned(sizes)
+    blocks = [torch.empty(n, dtype=torch.uint8, pin_memory=pin) for n in layout.blocks]
+    copies = []
+    for tensor, size, (block, offset) in zip(tensors, sizes, layout.places, strict=True):
+        strides = torch.empty_like(tensor, device="meta").stride()  # the original's, if dense
+        copy = blocks[block][offset : offset + size].view(tensor.dtype).as_strided(tensor.shape, strides)
+        copy.copy_(tensor)
+        copies.append(copy)
+    return copies
 
 
 def _tensors(module: nn.Module) -> Iterator[tuple[tuple[nn.Module, str], torch.Tensor]]:
