@@ -340,3 +340,12 @@ def test_a_local_api_that_could_not_listen_stops_before_loading(tmp_path):
             with pytest.raises(SystemExit) as stopped:
                 check_test_input(["--rp_serve_api", *argv], {})
             assert str(stopped.value.code).startswith(message)
+
+
+def test_a_local_api_given_a_test_input_too_is_checked_before_loading():
+    # The SDK serves the API when --rp_serve_api is given, --test_input or not (it ignores the job): the
+    # port was not checked then, and uvicorn failed on it once every model had loaded.
+    job = '{"input": {"prompt": "a fox"}}'
+    with pytest.raises(SystemExit) as stopped:
+        check_test_input(["--rp_serve_api", "--test_input", job, "--rp_api_port", "99999"], {})
+    assert str(stopped.value.code).startswith("--rp_serve_api cannot listen on localhost:99999: ")

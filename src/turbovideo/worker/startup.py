@@ -133,7 +133,7 @@ def check_test_input(argv: list[str], env: Mapping[str, str]) -> None:
     from runpod.serverless import parser  # the SDK's own flags, read as it reads them
 
     args, _ = parser.parse_known_args(argv)
-    if args.rp_serve_api and args.test_input is None:
+    if args.rp_serve_api:  # the SDK serves the API then, even with --test_input (which it ignores)
         _check_port(args.rp_api_host, args.rp_api_port)
     if args.test_input is not None:
         _check_job(args.test_input, "--test_input")
