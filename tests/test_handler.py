@@ -330,3 +330,13 @@ def test_a_worker_the_sdk_memory_check_would_stop_answers_why(tmp_path):
     ), results
     assert "needs 1000000 GiB (RUNPOD_MIN_MEMORY_GB)" in results[0]["error"]
     assert "Fitness check failed" not in log
+
+
+@pytest.mark.parametrize("name", ["RUNPOD_GPU_TEST_TIMEOUT", "RUNPOD_GPU_MAX_ERROR_MESSAGES"])
+def test_a_gpu_check_setting_the_sdk_cannot_read_is_answered_not_a_crash_after_loading(tmp_path, name):
+    # The SDK imports its GPU check, which reads these with int(), in its job loop after the start, even
+    # with its system checks skipped: the worker stopped with a traceback, no job answered.
+    results, log = run_in_production(tmp_path, **{name: "60s"})
+    assert len(results) == 1, log
+    assert results[0]["error"].startswith(f"E_STARTUP: {name}='60s' is not valid"), results
+    assert "Traceback" not in log

@@ -269,3 +269,17 @@ def test_a_fitness_check_setting_the_sdk_cannot_read_is_refused_where_the_checks
         ConfigError, match=rf"^{name}='{value}' is not valid: the runpod SDK reads it as {kind} "
     ):
         load_config({**env, "RUNPOD_WEBHOOK_GET_JOB": "https://api/job"})
+
+
+@pytest.mark.parametrize("name", ["RUNPOD_GPU_TEST_TIMEOUT", "RUNPOD_GPU_MAX_ERROR_MESSAGES"])
+def test_a_gpu_check_setting_the_sdk_cannot_read_is_refused_in_the_job_loop_even_with_checks_skipped(
+    name, tmp_path
+):
+    # The SDK imports its GPU check (int() of these) in every job loop: skipping its checks does not help.
+    env = {"MODELS": "tiny", "CACHE_DIR": str(tmp_path), name: "1.5"}
+    load_config(env)  # locally it is never read
+    for skip in ({}, {"RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true", "RUNPOD_SKIP_GPU_CHECK": "true"}):
+        with pytest.raises(
+            ConfigError, match=rf"^{name}='1\.5' is not valid: the runpod SDK reads it as a whole"
+        ):
+            load_config({**env, "RUNPOD_WEBHOOK_GET_JOB": "https://api/job", **skip})

@@ -94,14 +94,17 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     )
 
 
+def in_job_loop(env: Mapping[str, str]) -> bool:
+    """Whether the runpod SDK runs RunPod's job loop (production: RUNPOD_WEBHOOK_GET_JOB set), where its
+    fitness checks run once the start is done."""
+    return bool(env.get("RUNPOD_WEBHOOK_GET_JOB"))
+
+
 def system_checks_run(env: Mapping[str, str]) -> bool:
     """Whether the runpod SDK runs its system fitness checks (free memory, free disk, network) once the
     start is done: only in production (RUNPOD_WEBHOOK_GET_JOB set), unless RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true.
     A failed check stops the worker (os._exit) before it takes a job."""
-    return (
-        bool(env.get("RUNPOD_WEBHOOK_GET_JOB"))
-        and env.get("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "").lower() != "true"
-    )
+    return in_job_loop(env) and env.get("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "").lower() != "true"
 
 
 # What the runpod SDK reads with float() or int() when it imports its system fitness checks, i.e. after
@@ -113,13 +116,27 @@ _SYSTEM_CHECK_NUMBERS: dict[str, tuple[type, str]] = {
     "RUNPOD_NETWORK_CHECK_TIMEOUT": (int, "5"),
     "RUNPOD_GPU_BENCHMARK_TIMEOUT": (int, "2"),
 }
+# The same for its GPU check, which it imports in every job loop (in_job_loop), whatever
+# RUNPOD_SKIP_AUTO_SYSTEM_CHECKS or RUNPOD_SKIP_GPU_CHECK say, and on hosts without a GPU too.
+_GPU_CHECK_NUMBERS: dict[str, tuple[type, str]] = {
+    "RUNPOD_GPU_TEST_TIMEOUT": (int, "30"),
+    "RUNPOD_GPU_MAX_ERROR_MESSAGES": (int, "10"),
+}
 
 
 def _system_check_number(env: Mapping[str, str], name: str) -> float:
-    """``name`` as the SDK's system checks read it; 0 when they do not run."""
-    if not system_checks_run(env):
+    """``name`` as the SDK's fitness checks read it; 0 when they do not run."""
+    if name in _GPU_CHECK_NUMBERS:
+        kind, default = _GPU_CHECK_NUMBERS[name]
+        read, off = in_job_loop(env), ""
+    else:
+        kind, default = _SYSTEM_CHECK_NUMBERS[name]
+        read, off = (
+            system_checks_run(env),
+            " (RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true turns the SDK's system checks off)",
+        )
+    if not read:
         return 0.0
-    kind, default = _SYSTEM_CHECK_NUMBERS[name]
     value = env.get(name, default)
     try:
         number = kind(value)
@@ -127,14 +144,26 @@ def _system_check_number(env: Mapping[str, str], name: str) -> float:
         what = "a number" if kind is float else "a whole number"
         raise ConfigError(
             f"{name}={value!r} is not valid: the runpod SDK reads it as {what} (default {default}); fix or "
-            "unset it (RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true turns the SDK's system checks off)"
+            f"unset it{off}"
         ) from None
     return max(0.0, number)
 
 
 def _check_system_check_numbers(env: Mapping[str, str]) -> None:
-    for name in _SYSTEM_CHECK_NUMBERS:
+    for name in [*_SYSTEM_CHECK_NUMBERS, *_GPU_CHECK_NUMBERS]:
         _system_check_number(env, name)
+
+
+def unreadable_gpu_check_numbers(env: Mapping[str, str]) -> list[str]:
+    """The GPU check settings the SDK could not read in its job loop (see ``_GPU_CHECK_NUMBERS``): it
+    would stop with a traceback there even after a failed start, which must go on to answer jobs."""
+    unreadable = []
+    for name in _GPU_CHECK_NUMBERS:
+        try:
+            _system_check_number(env, name)
+        except ConfigError:
+            unreadable.append(name)
+    return unreadable
 
 
 def _disk_check_percent(env: Mapping[str, str]) -> float:

@@ -32,7 +32,13 @@ from turbovideo.pipeline.host_memory import GIB, HostMemory, read_host_memory
 from turbovideo.pipeline.memory import held_host_bytes
 from turbovideo.pipeline.pipeline import HostMemoryError
 from turbovideo.worker.checkpoints import CheckpointDownloadError, offline_setting, verify_cached
-from turbovideo.worker.config import ConfigError, WorkerConfig, load_config, system_checks_run
+from turbovideo.worker.config import (
+    ConfigError,
+    WorkerConfig,
+    load_config,
+    system_checks_run,
+    unreadable_gpu_check_numbers,
+)
 
 logger = logging.getLogger("turbovideo.worker")
 
@@ -118,7 +124,11 @@ def _skip_system_checks(env: Mapping[str, str]) -> None:
     after ``create_handler`` and stop the worker (os._exit) when one fails: too little free memory (what
     a half-done load still holds), too little free disk (what a download filled). It takes jobs only to
     answer ``E_STARTUP``; stopped, it would be restarted into the same failure with no job ever told why.
-    The SDK reads the variable when the checks are about to run, i.e. after this."""
+    The SDK reads the variable when the checks are about to run, i.e. after this. Its GPU check it imports
+    in any case, and that stops the worker with a traceback on a setting it cannot read: such a setting
+    (named by the E_STARTUP answer) is dropped here, so the SDK takes its default."""
+    for name in unreadable_gpu_check_numbers(env):
+        os.environ.pop(name, None)
     if system_checks_run(env):
         os.environ["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] = "true"
         logger.warning(
