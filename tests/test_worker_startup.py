@@ -349,3 +349,26 @@ def test_a_local_api_given_a_test_input_too_is_checked_before_loading():
     with pytest.raises(SystemExit) as stopped:
         check_test_input(["--rp_serve_api", "--test_input", job, "--rp_api_port", "99999"], {})
     assert str(stopped.value.code).startswith("--rp_serve_api cannot listen on localhost:99999: ")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "",  # every interface, as uvicorn takes it
+        pytest.param("::", marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 here")),
+        pytest.param("::1", marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 here")),
+    ],
+)
+def test_a_host_uvicorn_listens_on_is_not_refused(host):
+    # The check bound IPv4 only, and refused "" as a name that does not resolve: "--rp_api_host ::" exited
+    # with "(Unknown error -9)" where the SDK's server would have listened.
+    check_test_input(["--rp_serve_api", "--rp_api_host", host, "--rp_api_port", "0"], {})

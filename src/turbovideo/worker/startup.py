@@ -11,6 +11,7 @@ replacement starts again, resuming any partial download.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -162,21 +163,30 @@ def check_test_input(argv: list[str], env: Mapping[str, str]) -> None:
 
 def _check_port(host: str, port: int) -> None:
     """Exit with one line when the local API could not listen there (a port another server holds, a host
-    that is not this machine's): the SDK's server only tries once every model has loaded, minutes on a GPU."""
+    that is not this machine's): the SDK's server only tries once every model has loaded, minutes on a GPU.
+    Bound as uvicorn's server (asyncio) binds: every address the host names, of its own family (``::``
+    and ``::1`` are IPv6; ``""`` is every interface)."""
     where = f"--rp_serve_api cannot listen on {host}:{port}"
     if not 0 <= port <= 65535:
         sys.exit(f"{where}: --rp_api_port must be between 0 and 65535")
     try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as e:
         sys.exit(f"{where}: --rp_api_host {host!r} does not resolve ({e.strerror or e})")
-    try:
-        with socket.create_server((host, port)):  # SO_REUSEADDR, as uvicorn binds
-            pass
-    except OSError as e:
-        reason = os.strerror(e.errno) if e.errno else str(e)
-        advice = "; another server holds that port: stop it or pick another --rp_api_port"
-        sys.exit(f"{where} ({reason}){advice if e.errno == errno.EADDRINUSE else ''}")
+    with contextlib.ExitStack() as held:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            try:
+                sock = held.enter_context(socket.socket(family, kind, proto))
+            except OSError:  # a family this machine lacks: asyncio skips it too
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+            except OSError as e:
+                advice = "; another server holds that port: stop it or pick another --rp_api_port"
+                sys.exit(f"{where} ({e.strerror or e}){advice if e.errno == errno.EADDRINUSE else ''}")
 
 
 def _runs_test_input_json(serve_api: bool, env: Mapping[str, str]) -> bool:
