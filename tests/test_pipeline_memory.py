@@ -397,7 +397,7 @@ def test_host_copies_keep_values_dtypes_and_dense_strides():
 def test_idle_weights_that_do_not_fit_in_host_memory_fail_the_load_before_any_copy(monkeypatch):
     # A14B bf16 on an 80 GB card keeps both experts on the GPU and the umT5 in pinned host memory: with
     # less free than that copy takes, the kernel's OOM killer would have ended the worker mid-load.
-    gpu = _SimulatedGPU(monkeypatch, total=80 * GB, host=int(10.8 * GIB))
+    gpu = _SimulatedGPU(monkeypatch, total=80 * GB, host=int(10.85 * GIB))
     pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.2-I2V-A14B-720P", quantized=False))
     umt5 = pipe._slots["text_encoder"].host_bytes
     assert umt5 > 10.8 * GIB > pipe._slots["text_encoder"].nbytes  # the weights alone would seem to fit
@@ -442,3 +442,14 @@ def test_a_request_whose_idle_weights_do_not_fit_in_host_memory_is_refused_and_m
     big._place_for(request)
     assert not any(slot.on_device for slot in small._slots.values())
     assert 24 * GIB < gpu.pinned() <= 64 * GIB
+
+
+def test_a_host_memory_shortfall_never_reads_as_enough(monkeypatch):
+    # 20 MiB short of the umT5's 11.0 GiB copy read "need about 11.0 GiB more, and the host has 11.0 GiB free".
+    pipe = _meta_pipeline("TurboWan2.2-I2V-A14B-720P", quantized=False)
+    gpu = _SimulatedGPU(monkeypatch, total=80 * GB)
+    pipe = _adopt_real_sizes(gpu, pipe)
+    umt5 = pipe._slots["text_encoder"].host_bytes
+    gpu.host = umt5 - (20 << 20)
+    with pytest.raises(HostMemoryError, match=r"need about 11\.0 GiB more, and the host has 10\.9 GiB free;"):
+        pipe._place_default()

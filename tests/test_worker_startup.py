@@ -372,3 +372,9 @@ def test_a_host_uvicorn_listens_on_is_not_refused(host):
     # The check bound IPv4 only, and refused "" as a name that does not resolve: "--rp_api_host ::" exited
     # with "(Unknown error -9)" where the SDK's server would have listened.
     check_test_input(["--rp_serve_api", "--rp_api_host", host, "--rp_api_port", "0"], {})
+
+
+def test_a_memory_shortfall_never_reads_as_enough():
+    # 3.96 GiB available against 4 needed read "4.0 GiB of memory is available and it needs 4 GiB".
+    with pytest.raises(MemoryCheckError, match=r" 3\.9 GiB of memory is available and it needs 4 GiB "):
+        check_memory_fitness(4.0, HostMemory(available=4 * GIB - 40 * (1 << 20), limit_room=None))

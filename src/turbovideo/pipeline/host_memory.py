@@ -18,6 +18,13 @@ GIB = 1 << 30
 _NO_LIMIT_V1 = 1 << 62
 
 
+def gib_text(n: int, *, up: bool = False) -> str:
+    """``n`` bytes as GiB to one decimal, rounded down (``up``: up), so that a shortfall never reads as
+    enough: 3.96 GiB available against 4 needed is "3.9", not "4.0"."""
+    tenths = -(-n * 10 // GIB) if up else n * 10 // GIB
+    return f"{tenths / 10:.1f}"
+
+
 @dataclass(frozen=True)
 class HostMemory:
     available: int  # MemAvailable, bytes: what RunPod's memory check compares with RUNPOD_MIN_MEMORY_GB

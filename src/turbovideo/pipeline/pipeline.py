@@ -38,7 +38,7 @@ from turbovideo.models import (
 from turbovideo.models.attention import select_attention
 from turbovideo.models.tokenizer import TOKENIZER_FILE, PromptTokenizer
 from turbovideo.pipeline.conditioning import image_condition
-from turbovideo.pipeline.host_memory import read_host_memory
+from turbovideo.pipeline.host_memory import gib_text, read_host_memory
 from turbovideo.pipeline.memory import (
     GIB,
     TEXT_ACTIVATION_BYTES,
@@ -554,7 +554,7 @@ class VideoPipeline:
         made = f" (the copies made so far take {held / GIB:.1f} GiB)" if held else ""
         raise HostMemoryError(
             f"model {self.spec.name} moves {what} to host memory while idle, in pinned copies that need about "
-            f"{needed / GIB:.1f} GiB more, and {limit} {host.room / GIB:.1f} GiB free{made}",
+            f"{gib_text(needed, up=True)} GiB more, and {limit} {gib_text(host.room)} GiB free{made}",
             "a smaller request moves fewer modules: ask for fewer frames or samples, or a lower resolution",
         )
 

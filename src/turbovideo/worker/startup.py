@@ -29,7 +29,7 @@ import torch
 from turbovideo.errors import one_line
 from turbovideo.models.checkpoint import CheckpointError
 from turbovideo.parallel.errors import ParallelError
-from turbovideo.pipeline.host_memory import GIB, HostMemory, read_host_memory
+from turbovideo.pipeline.host_memory import GIB, HostMemory, gib_text, read_host_memory
 from turbovideo.pipeline.memory import held_host_bytes
 from turbovideo.pipeline.pipeline import HostMemoryError
 from turbovideo.worker.checkpoints import CheckpointDownloadError, offline_setting, verify_cached
@@ -78,7 +78,7 @@ def check_memory_fitness(min_gib: float, host: HostMemory | None, held: int = 0)
     copies = f" (the pinned copies of their idle weights take {held / GIB:.1f} GiB)" if held else ""
     raise MemoryCheckError(
         f"RunPod's memory check would stop this worker before its first job: with the models loaded "
-        f"{host.available / GIB:.1f} GiB of memory is available{copies} and it needs {min_gib:.10g} GiB "
+        f"{gib_text(host.available)} GiB of memory is available{copies} and it needs {min_gib:.10g} GiB "
         "(RUNPOD_MIN_MEMORY_GB); deploy on a GPU type with more RAM, serve fewer MODELS, lower "
         "RUNPOD_MIN_MEMORY_GB, or set RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true"
     )
