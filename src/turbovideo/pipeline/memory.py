@@ -28,7 +28,7 @@ SAFETY_MIN_BYTES = GIB // 2
 TEXT_ACTIVATION_BYTES = GIB // 2
 # torch's pinned-memory allocator rounds every block up to a power of two (ATen/core/CachingHostAllocator.h;
 # measured on an H200 machine, torch 2.11: a pinned 600 MiB tensor took 1,026 MiB of MemAvailable, 1,100 MiB
-# took 2,078), so a copy per tensor took 1.4-1.6x the weights. Host copies are cut instead from blocks of
+# took 2,078), so a copy per tensor took 1.3-1.5x the weights. Host copies are cut instead from blocks of
 # 1 GiB (or the power of two above a larger tensor), packed largest tensor first, and each block is
 # allocated at the power of two above what it holds (a page at least).
 PIN_BLOCK_BYTES = 1 << 30
