@@ -29,7 +29,7 @@ from test_inputs import bomb_png
 
 from turbovideo.catalog import MODELS
 from turbovideo.parallel import ParallelError
-from turbovideo.pipeline import ProgressEvent, VideoPipeline
+from turbovideo.pipeline import HostMemoryError, ProgressEvent, VideoPipeline
 from turbovideo.worker import inputs, service
 from turbovideo.worker.config import BucketConfig, load_config
 from turbovideo.worker.schema import VideoRequest, parse_request
@@ -833,3 +833,32 @@ def test_a_warm_up_that_breaks_the_multi_gpu_group_fails_the_start(tmp_path, mon
     monkeypatch.setattr(VideoPipeline, "warm_up", broken_group)
     with pytest.raises(ParallelError, match="out of memory"):
         _started(tmp_path, WARMUP="1")
+
+
+def test_idle_weights_the_host_cannot_hold_fail_the_start_before_any_download(tmp_path, monkeypatch):
+    # A14B bf16 on an 80 GB card keeps its umT5 in pinned host memory: on a host with 10 GiB free the
+    # start used to download ~70 GB and load it first, then fail; now it fails before fetching anything.
+    from test_pipeline_memory import _SimulatedGPU
+
+    from turbovideo.pipeline.host_memory import GIB
+    from turbovideo.worker.startup import describe_startup_error
+
+    gpu = _SimulatedGPU(monkeypatch, total=80 * 10**9, host=10 * GIB)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": gpu.total})
+    )
+
+    def download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(service, "check_room", download)
+    monkeypatch.setattr(service, "ensure_checkpoints", download)
+    with pytest.raises(HostMemoryError) as refused:
+        _started(tmp_path, MODELS="TurboWan2.2-I2V-A14B-720P", CHECKPOINT_VARIANT="bf16", WARMUP="0")
+    assert describe_startup_error(refused.value).message.startswith(
+        "model TurboWan2.2-I2V-A14B-720P moves its text encoder to host memory while idle, in pinned copies "
+        "that need about 11.0 GiB more, and the host has 10.0 GiB free; deploy on a GPU type with more RAM"
+    )
+    assert gpu.used() == 0 and gpu.pinned() == 0

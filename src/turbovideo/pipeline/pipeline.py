@@ -224,6 +224,25 @@ class VideoPipeline:
         pipe._place_default()
         return pipe
 
+    @classmethod
+    def check_host_room(
+        cls, specs: Sequence[ModelSpec], *, quantized: bool, device: str | torch.device | None = None
+    ) -> None:
+        """Raise the HostMemoryError ``load`` would raise, before any checkpoint is fetched: each model's
+        default placement is planned as at load, from its modules built at their real shapes on the meta
+        device (no memory, no files) and this GPU's free memory. Each model is planned alone, as the first
+        to load (the least it can move to the host); the load checks again with the others in place. Nothing to check on the CPU, where nothing is pinned."""
+        device = resolve_device(device)
+        if device.type != "cuda":
+            return
+        meta = torch.device("meta")
+        for spec in specs:
+            experts = [build_dit(spec.dit_config, meta, quantized=quantized) for _ in spec.experts]
+            vae = build_vae(spec.vae_config, meta)
+            text_encoder = build_text_encoder(spec.text_encoder_config, meta)
+            pipe = cls(spec, experts, vae, text_encoder, load_tokenizer(None), device, encoder_id="meta")
+            pipe._place_default(move=False)
+
     def run_experts_with(self, wrap: Callable[[nn.Module], nn.Module], shards: int = 1) -> None:
         """Call each DiT expert through ``wrap(expert)`` from now on (e.g. the multi-GPU runner of
         turbovideo.parallel, which splits the tokens into ``shards``). The wrapper must use the
@@ -402,18 +421,20 @@ class VideoPipeline:
         """The last request's GPU placement (None on the CPU, where everything stays put)."""
         return self._placement
 
-    def _place_default(self) -> None:
-        """Place the modules for the default request at load. If even that does not fit, each request
-        decides (and says what would fit) instead of the load failing."""
+    def _place_default(self, *, move: bool = True) -> None:
+        """Place the modules for the default request at load (``move=False``: only check that it can). If
+        even that does not fit, each request decides (and says what would fit) instead of the load failing."""
         default = GenerationRequest(prompt="-", task=self.spec.task)
         try:
-            self._place_for(default)
+            self._place_for(default, move=move)
         except HostMemoryError as exc:  # the load fails: no request of the model's default size could run
             raise HostMemoryError(
                 exc.summary,
                 "use a machine with more memory, or a GPU with more, which keeps more of them there",
             ) from None
         except InputError as exc:
+            if not move:  # said at load
+                return
             # Said as a note on the model, not on the caller's request, which may well fit (e.g. the CLI's).
             log.warning(
                 "the default request does not fit on this GPU (%d frames at %s %s, one sample); each request "
@@ -506,9 +527,9 @@ class VideoPipeline:
             f"{budget / GIB:.1f} GiB for it; {advice}"
         )
 
-    def _place_for(self, request: GenerationRequest) -> None:
-        """Decide ``request``'s placement and move the resident modules onto the device. A request
-        that does not fit raises InputError before any module moves."""
+    def _place_for(self, request: GenerationRequest, *, move: bool = True) -> None:
+        """Decide ``request``'s placement and move the resident modules onto the device (``move=False``:
+        only the checks). A request that does not fit raises InputError before any module moves."""
         if self.device.type != "cuda":
             self._placement = None
             return
@@ -516,6 +537,8 @@ class VideoPipeline:
         if not placement.fits:
             raise InputError(self._too_big(request, placement, budget))
         self._check_host_room(placement, evict)
+        if not move:
+            return
         for slot in evict:
             slot.to_host()
         before = self._placement

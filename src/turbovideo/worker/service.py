@@ -116,6 +116,8 @@ class VideoService:
         configure_compile_cache(config.cache_dir)
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         quantized = use_quantized(config.variant, gpu_bytes)
+        # Idle weights the host could not hold in pinned memory fail the start now, not after the download.
+        VideoPipeline.check_host_room(config.models, quantized=quantized)
         wanted = [f for spec in config.models for f in spec.files(quantized)]  # all models at once
         keep_free = disk_check_reserve(config.cache_dir, config.disk_check_percent)
         check_room(
