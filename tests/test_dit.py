@@ -65,6 +65,16 @@ def test_condition_is_required_for_i2v_and_refused_for_t2v():
         build_dit("tiny-t2v")(x, t, context, torch.zeros(2, 20, 3, 8, 12))
 
 
+def test_the_attention_backend_is_logged_once_for_a_served_model_and_not_for_a_meta_one(caplog):
+    # The worker plans host memory from meta-device copies of the models before downloading them: their
+    # backend ("sla-reference" off a GPU) is not what serves, and a line saying so would mislead.
+    with caplog.at_level("INFO", logger="turbovideo"):
+        build_dit("tiny-t2v", device=torch.device("meta"))
+        build_dit("tiny-t2v")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DiT ")]
+    assert lines == ["DiT tiny-t2v: attention sla-reference, topk 0.10"]
+
+
 def test_attention_selection_and_topk():
     model = build_dit("tiny-t2v", dtype=torch.float32)
     assert model.attention_backend == "sla-reference" and model.sla_topk == 0.1

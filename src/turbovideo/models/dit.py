@@ -362,8 +362,13 @@ def _config(name: str) -> DiTConfig:
 def _ready(model: WanDiT, attention: str) -> WanDiT:
     model.eval().requires_grad_(False)
     model.set_attention(attention)
-    quant = " (int8 W8A8)" if model.quantized else ""
-    logger.info(
-        "DiT %s%s: attention %s, topk %.2f", model.config.name, quant, model.attention_backend, model.sla_topk
-    )
+    if not model.patch_embedding.weight.is_meta:  # a meta-device model only plans memory: not what serves
+        quant = " (int8 W8A8)" if model.quantized else ""
+        logger.info(
+            "DiT %s%s: attention %s, topk %.2f",
+            model.config.name,
+            quant,
+            model.attention_backend,
+            model.sla_topk,
+        )
     return model
