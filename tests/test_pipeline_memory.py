@@ -9,7 +9,6 @@ from torch import nn
 
 from turbovideo.catalog import MODELS
 from turbovideo.errors import InputError
-from turbovideo.models import build_dit, build_text_encoder, build_vae, load_tokenizer
 from turbovideo.pipeline import GenerationRequest, HostMemoryError, VideoPipeline
 from turbovideo.pipeline import pipeline as pipeline_module
 from turbovideo.pipeline.host_memory import GIB, HostMemory
@@ -235,12 +234,7 @@ def test_a_second_served_model_moves_the_first_ones_idle_weights_off_the_gpu(mon
 
 def _meta_pipeline(name: str, quantized: bool) -> VideoPipeline:
     """A catalog model at its real shapes, on the meta device (no memory behind it): enough to plan."""
-    spec = MODELS[name]
-    meta = torch.device("meta")
-    experts = [build_dit(spec.dit_config, meta, quantized=quantized) for _ in spec.experts]
-    vae = build_vae(spec.vae_config, meta)
-    text_encoder = build_text_encoder(spec.text_encoder_config, meta)
-    return VideoPipeline(spec, experts, vae, text_encoder, load_tokenizer(None), meta, encoder_id="meta")
+    return VideoPipeline.planning(MODELS[name], quantized=quantized, device=torch.device("meta"))
 
 
 def _adopt_real_sizes(gpu: _SimulatedGPU, pipe: VideoPipeline) -> VideoPipeline:

@@ -225,23 +225,28 @@ class VideoPipeline:
         return pipe
 
     @classmethod
+    def planning(cls, spec: ModelSpec, *, quantized: bool, device: str | torch.device) -> VideoPipeline:
+        """``spec``'s modules at their real shapes on the meta device (no memory, no files), placed for
+        ``device``: enough to plan memory with, nothing to run."""
+        meta = torch.device("meta")
+        experts = [build_dit(spec.dit_config, meta, quantized=quantized) for _ in spec.experts]
+        vae = build_vae(spec.vae_config, meta)
+        text_encoder = build_text_encoder(spec.text_encoder_config, meta)
+        return cls(spec, experts, vae, text_encoder, load_tokenizer(None), device, encoder_id="meta")
+
+    @classmethod
     def check_host_room(
         cls, specs: Sequence[ModelSpec], *, quantized: bool, device: str | torch.device | None = None
     ) -> None:
         """Raise the HostMemoryError ``load`` would raise, before any checkpoint is fetched: each model's
-        default placement is planned as at load, from its modules built at their real shapes on the meta
-        device (no memory, no files) and this GPU's free memory. Each model is planned alone, as the first
-        to load (the least it can move to the host); the load checks again with the others in place. Nothing to check on the CPU, where nothing is pinned."""
+        default placement is planned as at load (``planning``) against this GPU's free memory. Each model
+        is planned alone, as the first to load (the least it can move to the host); the load checks again
+        with the others in place. Nothing to check on the CPU, where nothing is pinned."""
         device = resolve_device(device)
         if device.type != "cuda":
             return
-        meta = torch.device("meta")
         for spec in specs:
-            experts = [build_dit(spec.dit_config, meta, quantized=quantized) for _ in spec.experts]
-            vae = build_vae(spec.vae_config, meta)
-            text_encoder = build_text_encoder(spec.text_encoder_config, meta)
-            pipe = cls(spec, experts, vae, text_encoder, load_tokenizer(None), device, encoder_id="meta")
-            pipe._place_default(move=False)
+            cls.planning(spec, quantized=quantized, device=device)._place_default(move=False)
 
     def run_experts_with(self, wrap: Callable[[nn.Module], nn.Module], shards: int = 1) -> None:
         """Call each DiT expert through ``wrap(expert)`` from now on (e.g. the multi-GPU runner of
