@@ -119,11 +119,13 @@ def parse_request(payload: Any) -> VideoRequest:
 
 def describe_errors(exc: ValidationError) -> str:
     parts: list[str] = []
+    hints: set[str] = set()  # width and height share theirs: said once
     for error in exc.errors(include_url=False):
         part = _describe(error)
-        hint = part[part.find(" (") :] if error["type"] == "extra_forbidden" and " (" in part else ""
-        if hint and any(seen.endswith(hint) for seen in parts):  # width and height: said once
-            part = part.removesuffix(hint)
+        if error["type"] == "extra_forbidden" and error["loc"]:
+            hint = _hint(str(error["loc"][0]))
+            part += "" if hint in hints else hint
+            hints.add(hint)
         parts.append(part)
     return "; ".join(parts)
 
@@ -137,7 +139,7 @@ def _describe(error: Any) -> str:
         return f"input must be a JSON object of request fields, got {_json_kind(value)}"
     field = str(loc[0])
     if kind == "extra_forbidden":
-        return f"unknown field {field!r}{_hint(field)}"
+        return f"unknown field {field!r}"  # describe_errors adds the hint
     if kind == "missing":
         return f"{field} is required"
     if kind == "value_error":
