@@ -82,6 +82,74 @@ def _compile(
     }
 
 
+def _compile_warp_specialized_gemm() -> dict:
+    """Hopper's Gluon int8 GEMM (kernels/int8_gemm_ws.py) as int8_gemm launches it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from turbovideo.kernels import int8_gemm_ws
+
+    kernel = int8_gemm_ws._int8_gemm_ws_kernel
+    params = list(inspect.signature(kernel.fn).parameters)
+
+    def descriptor(dtype: str, block: list[int], gl_dtype) -> str:
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+        return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout!r}>"
+
+    signature = {
+        "a_desc": descriptor("i8", [int8_gemm_ws.SUB_M, 128], gl.int8),
+        "w_desc": descriptor("i8", [int8_gemm_ws.BLOCK_N, 128], gl.int8),
+        "c_desc": descriptor("bf16", [int8_gemm_ws.SUB_M, int8_gemm_ws.BLOCK_N], gl.bfloat16),
+        "a_scale_ptr": "*fp32",
+        "w_scale_ptr": "*fp32",
+        "bias_ptr": "*bf16",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+    }
+    constexprs = dict(HAS_BIAS=True, GROUP_M=16, STAGES=int8_gemm_ws.STAGES)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = GluonASTSource(
+        kernel,
+        signature,
+        {(params.index(p),): v for p, v in constexprs.items()},
+        {(params.index(p),): [["tt.divisibility", 16]] for p in ("a_scale_ptr", "w_scale_ptr", "bias_ptr")},
+    )
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168}
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        # ptxas says when it serializes the warpgroup MMAs, which would undo the kernel's overlap.
+        log = subprocess.run(
+            [
+                get_ptxas(90).path,
+                "-arch=sm_90a",
+                "-v",
+                "--maxrregcount=168",
+                str(ptx),
+                "-o",
+                str(ptx) + ".o",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    stack = int(re.search(r"(\d+) bytes stack frame", log).group(1))
+    return {
+        "name": kernel.fn.__name__,
+        "arch": 90,
+        "shared": compiled.metadata.shared,
+        "stack": stack,
+        "mma_serialized": "serialized" in log,
+        "tma_copies": compiled.asm["ttgir"].count("async_tma_copy_global_to_local"),
+    }
+
+
 def _compile_report() -> list[dict]:
     from turbovideo.kernels import int8_gemm, norms, rope, sagesla, sla
     from turbovideo.kernels.gpu import GpuLimits
@@ -255,6 +323,7 @@ def _compile_report() -> list[dict]:
             report.append(
                 _compile(rope._rms_norm_rope_kernel, rope_types, constexprs, 4, 3, arch=gpu.capability)
             )
+    report.append(_compile_warp_specialized_gemm())
     return report
 
 
@@ -276,7 +345,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 52
+    assert len(report) == 53
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %
@@ -292,6 +361,9 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         assert {k["arch"] for k in launches} == set(MAX_SHARED), name
         assert all(k["tma_copies"] > 0 for k in launches if k["arch"] == 90), name
         assert all(k["async_copies"] > 0 for k in launches if k["arch"] < 90), name
+    (warp_specialized,) = [k for k in report if k["name"] == "_int8_gemm_ws_kernel"]
+    assert warp_specialized["stack"] == 0 and warp_specialized["tma_copies"] > 0
+    assert not warp_specialized["mma_serialized"], "ptxas serializes the warp-specialized GEMM's MMAs"
 
 
 if __name__ == "__main__":

@@ -7,18 +7,33 @@ tests run the compiled kernels. Both must match the reference bit for bit.
 import pytest
 import torch
 import torch.nn.functional as F
+from turbovideo.kernels import int8_gemm_ws
 from turbovideo.kernels.gpu import GpuLimits
-from turbovideo.kernels.int8_gemm import GemmLaunch, gemm_launch, int8_gemm, int8_linear
+from turbovideo.kernels.int8_gemm import WARP_SPECIALIZED, GemmLaunch, gemm_launch, int8_gemm, int8_linear
 from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise
 from turbovideo.kernels.rounding import INTERPRETED
 
 from turbovideo.models import int8 as reference
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
-# The device's own launch, Hopper's 64-row tiles, and the pointer loads of GPUs without TMA.
+_HOPPER = not INTERPRETED and torch.cuda.get_device_capability()[0] >= 9
+# The device's own launch, Hopper's 64-row tiles, the pointer loads of GPUs without TMA, and Hopper's
+# warp-specialized Gluon kernel (compiled only: Triton's interpreter does not run Gluon).
 _POINTERS = GemmLaunch(128, 128, 8, 3, tma=False)
 LAUNCHES = pytest.mark.parametrize(
-    "launch", [None, GemmLaunch(64, 128, 4, 3, group_m=32), _POINTERS], ids=["device", "64-row", "pointers"]
+    "launch",
+    [
+        None,
+        GemmLaunch(64, 128, 4, 3, group_m=32),
+        _POINTERS,
+        pytest.param(
+            WARP_SPECIALIZED,
+            marks=pytest.mark.skipif(
+                not (_HOPPER and int8_gemm_ws.available()), reason="needs Hopper and Gluon"
+            ),
+        ),
+    ],
+    ids=["device", "64-row", "pointers", "warp-specialized"],
 )
 # Quantizing on load needs whole 128-row scale tiles.
 QUANTIZING_LAUNCHES = pytest.mark.parametrize("launch", [None, _POINTERS], ids=["device", "pointers"])
@@ -153,6 +168,8 @@ def test_gemm_rejects_mismatched_operands() -> None:
         int8_gemm(x.float(), qw, sw, bias)
     with pytest.raises(ValueError, match="128-row tiles"):
         int8_gemm(x, qw, sw, bias, launch=GemmLaunch(64, 128, 4, 3))
+    with pytest.raises(ValueError, match="128-row tiles"):
+        int8_gemm(x, qw, sw, bias, launch=WARP_SPECIALIZED)
 
 
 def test_int8_linear_takes_bf16_or_prequantized_activations() -> None:
@@ -187,3 +204,11 @@ def test_launch_follows_the_gpu() -> None:
     ]
     assert not any(gemm_launch(quantize, gpu).tma for gpu in (a100, ada) for quantize in (False, True))
     assert gemm_launch(False, None).tma  # the interpreter runs the Hopper path
+    # Hopper's long-K products (the 14B's, 1.3B's ffn.2) run the warp-specialized kernel where Gluon is.
+    if int8_gemm_ws.available():
+        assert gemm_launch(False, hopper, k=5120, n=5120) == WARP_SPECIALIZED
+        assert gemm_launch(False, hopper, k=8960, n=1536) == WARP_SPECIALIZED
+    assert gemm_launch(False, hopper, k=1536, n=8960) == gemm_launch(False, hopper)
+    assert gemm_launch(False, hopper, k=5120, n=5124) == gemm_launch(False, hopper)  # rows TMA cannot store
+    assert not gemm_launch(True, hopper, k=5120, n=5120).warp_specialized
+    assert not any(gemm_launch(False, gpu, k=5120, n=5120).warp_specialized for gpu in (a100, ada, None))

@@ -1,0 +1,325 @@
+"""Hopper's warp-specialized W8A8 int8 GEMM, in Gluon: the same product, bits and operands as
+kernels/int8_gemm.py (whose docstring has the formula), scheduled by hand.
+
+A program computes a 128x128 output tile with three partitions: one warp issues the bulk tensor copies
+(TMA) of each 128-wide K block (two 64-row activation tiles and a 128-row weight tile) into a ring of
+STAGES shared-memory slots; two consumer warpgroups each own 64 of the rows. A consumer issues the
+int8 MMAs of two K blocks into two int32 partials, then converts and scales the first while the second
+multiplies, and frees each slot as soon as its MMA is done. The consumers run independently, so one's
+scale work overlaps the other's MMAs as well.
+
+Triton's own pipeliner cannot do this for an int32 accumulator: it waits for each K block's MMA before
+the scale work (kernels/int8_gemm.py keeps several small programs per SM instead). No MMA stays in flight
+across the loop's back edge: ptxas serializes every MMA of a kernel that carries one there (the
+version that did ran 8-23 % slower on an H200).
+
+Needs Gluon as Triton 3.6 has it (``available``); int8_gemm picks it by ``gemm_launch``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # Triton before Gluon: int8_gemm runs its Triton kernel
+    gluon = None
+else:  # Triton 3.6's names for the bulk tensor copies; later releases renamed them
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+SUB_M = 64  # rows per consumer warpgroup (one warpgroup MMA is 64 rows)
+BLOCK_N = 128
+BLOCK_K = 128
+# 32 KB of operands a stage: five stages and the 32 KB output tile fit the 227 KB of an H100 (six: no
+# faster on an H200).
+STAGES = 5
+
+
+def available() -> bool:
+    """Gluon with the API this kernel is written for: Triton 3.6 (checked on an H200) and later."""
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    return gluon is not None and version >= (3, 6)
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _load_partition(
+        a_desc, w_desc, a_bufs, w_bufs, ready, empty, off_m, off_n, k_blocks, STAGES: gl.constexpr
+    ):
+        SUB_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        for kb in range(k_blocks):
+            slot = kb % STAGES
+            # A slot starts free: the first wait on its "empty" barrier is on the phase before init.
+            mbarrier.wait(empty.index(slot), ((kb // STAGES) & 1) ^ 1)
+            bar = ready.index(slot)
+            mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            _tma_load(a_desc, [off_m, kb * BLOCK_K], bar, a_bufs.index(2 * slot))
+            _tma_load(a_desc, [off_m + SUB_M, kb * BLOCK_K], bar, a_bufs.index(2 * slot + 1))
+            _tma_load(w_desc, [off_n, kb * BLOCK_K], bar, w_bufs.index(slot))
+
+    @gluon.jit
+    def _issue(a_bufs, w_bufs, ready, kb, acc_layout_zeros, SUB: gl.constexpr, STAGES: gl.constexpr):
+        slot = kb % STAGES
+        mbarrier.wait(ready.index(slot), (kb // STAGES) & 1)
+        w_tile = w_bufs.index(slot).permute((1, 0))
+        return warpgroup_mma(
+            a_bufs.index(2 * slot + SUB), w_tile, acc_layout_zeros, use_acc=False, is_async=True
+        )
+
+    @gluon.jit
+    def _retire(partial, empty, acc, a_scales, w_scales, rows_ok, kb, STAGES: gl.constexpr):
+        scale = gl.load(a_scales + kb, mask=rows_ok, other=0.0) * gl.load(w_scales + kb)
+        mbarrier.arrive(empty.index(kb % STAGES), count=1)
+        # float(partial) is exact (|partial| <= 2^21); one rounding per K block, as kernels/int8_gemm.py.
+        return gl.fma(partial.to(gl.float32), scale, acc)
+
+    @gluon.jit
+    def _consumer(
+        a_bufs,
+        w_bufs,
+        ready,
+        empty,
+        c_desc,
+        c_bufs,
+        a_scale_ptr,
+        w_scale_ptr,
+        bias_ptr,
+        off_m,
+        off_n,
+        M,
+        N,
+        k_blocks,
+        HAS_BIAS: gl.constexpr,
+        SUB: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        SUB_M: gl.constexpr = c_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+        )
+        zeros = gl.zeros([SUB_M, BLOCK_N], gl.int32, layout)
+        acc = gl.zeros([SUB_M, BLOCK_N], gl.float32, layout)
+        # Both 64-row halves lie in one 128-row activation scale row; rows past M read no scale.
+        a_scales = a_scale_ptr + (off_m // 128) * k_blocks
+        w_scales = w_scale_ptr + (off_n // 128) * k_blocks
+        rows_ok = off_m + SUB * SUB_M < M
+        for kb in range(0, k_blocks - 1, 2):
+            first = _issue(a_bufs, w_bufs, ready, kb, zeros, SUB, STAGES)
+            second = _issue(a_bufs, w_bufs, ready, kb + 1, zeros, SUB, STAGES)
+            first = warpgroup_mma_wait(num_outstanding=1, deps=(first,))
+            acc = _retire(first, empty, acc, a_scales, w_scales, rows_ok, kb, STAGES)
+            second = warpgroup_mma_wait(num_outstanding=0, deps=(second,))
+            acc = _retire(second, empty, acc, a_scales, w_scales, rows_ok, kb + 1, STAGES)
+        if k_blocks % 2 == 1:
+            last = _issue(a_bufs, w_bufs, ready, k_blocks - 1, zeros, SUB, STAGES)
+            last = warpgroup_mma_wait(num_outstanding=0, deps=(last,))
+            acc = _retire(last, empty, acc, a_scales, w_scales, rows_ok, k_blocks - 1, STAGES)
+
+        out = acc.to(gl.bfloat16)  # round to nearest even
+        if HAS_BIAS:  # added after rounding, in bf16, as a separate bias add would
+            cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+            bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+            out = (out.to(gl.float32) + bias[None, :]).to(gl.bfloat16)
+        tile = c_bufs.index(SUB)
+        tile.store(out)
+        fence_async_shared()
+        _tma_store(c_desc, [off_m + SUB * SUB_M, off_n], tile)  # clipped at M and N
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _first_rows(
+        a_bufs,
+        w_bufs,
+        ready,
+        empty,
+        c_desc,
+        c_bufs,
+        a_scale_ptr,
+        w_scale_ptr,
+        bias_ptr,
+        off_m,
+        off_n,
+        M,
+        N,
+        k_blocks,
+        HAS_BIAS: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        _consumer(
+            a_bufs,
+            w_bufs,
+            ready,
+            empty,
+            c_desc,
+            c_bufs,
+            a_scale_ptr,
+            w_scale_ptr,
+            bias_ptr,
+            off_m,
+            off_n,
+            M,
+            N,
+            k_blocks,
+            HAS_BIAS,
+            0,
+            STAGES,
+        )
+
+    @gluon.jit
+    def _second_rows(
+        a_bufs,
+        w_bufs,
+        ready,
+        empty,
+        c_desc,
+        c_bufs,
+        a_scale_ptr,
+        w_scale_ptr,
+        bias_ptr,
+        off_m,
+        off_n,
+        M,
+        N,
+        k_blocks,
+        HAS_BIAS: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        _consumer(
+            a_bufs,
+            w_bufs,
+            ready,
+            empty,
+            c_desc,
+            c_bufs,
+            a_scale_ptr,
+            w_scale_ptr,
+            bias_ptr,
+            off_m,
+            off_n,
+            M,
+            N,
+            k_blocks,
+            HAS_BIAS,
+            1,
+            STAGES,
+        )
+
+    @gluon.jit
+    def _int8_gemm_ws_kernel(
+        a_desc,
+        w_desc,
+        c_desc,
+        a_scale_ptr,
+        w_scale_ptr,
+        bias_ptr,
+        M,
+        N,
+        K,
+        HAS_BIAS: gl.constexpr,
+        GROUP_M: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        SUB_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        k_blocks = gl.cdiv(K, BLOCK_K)
+        # Grouped launch order, as kernels/int8_gemm.py: consecutive programs share weight columns in L2.
+        pid = gl.program_id(0)
+        grid_m = gl.cdiv(M, 2 * SUB_M)
+        grid_n = gl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * grid_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = gl.minimum(grid_m - first_m, GROUP_M)
+        off_m = (first_m + (pid % per_group) % group_rows) * 2 * SUB_M
+        off_n = ((pid % per_group) // group_rows) * BLOCK_N
+
+        a_bufs = gl.allocate_shared_memory(gl.int8, [2 * STAGES, SUB_M, BLOCK_K], a_desc.layout)
+        w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+        c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, SUB_M, BLOCK_N], c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for slot in gl.static_range(STAGES):
+            mbarrier.init(ready.index(slot), count=1)
+            mbarrier.init(empty.index(slot), count=2)  # both consumers release a slot
+        consumer_args = (
+            a_bufs,
+            w_bufs,
+            ready,
+            empty,
+            c_desc,
+            c_bufs,
+            a_scale_ptr,
+            w_scale_ptr,
+            bias_ptr,
+            off_m,
+            off_n,
+            M,
+            N,
+            k_blocks,
+            HAS_BIAS,
+            STAGES,
+        )
+        gl.warp_specialize(
+            [
+                (_first_rows, consumer_args),
+                (_second_rows, consumer_args),
+                (
+                    _load_partition,
+                    (a_desc, w_desc, a_bufs, w_bufs, ready, empty, off_m, off_n, k_blocks, STAGES),
+                ),
+            ],
+            [4, 1],
+            # Two int32 partials and the fp32 tile: 192 registers a thread, and no spills at 232.
+            [232, 24],
+        )
+
+
+def _layout(block: list[int], dtype) -> gl.NVMMASharedLayout:
+    return gl.NVMMASharedLayout.get_default_for(block, dtype)
+
+
+def int8_gemm_ws(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    group_m: int,
+) -> None:
+    """out[M, N] = the W8A8 product of int8 ``a`` [M, K] and ``weight`` [N, K] (rows 16-byte aligned)."""
+    m, k = a.shape
+    n = weight.shape[0]
+    grid = (triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, BLOCK_N),)
+    _int8_gemm_ws_kernel[grid](
+        TensorDescriptor.from_tensor(a, [SUB_M, BLOCK_K], _layout([SUB_M, BLOCK_K], gl.int8)),
+        TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], _layout([BLOCK_N, BLOCK_K], gl.int8)),
+        TensorDescriptor.from_tensor(out, [SUB_M, BLOCK_N], _layout([SUB_M, BLOCK_N], gl.bfloat16)),
+        a_scale,
+        weight_scale,
+        bias if bias is not None else weight_scale,  # unread placeholder when there is no bias
+        m,
+        n,
+        k,
+        HAS_BIAS=bias is not None,
+        GROUP_M=group_m,
+        STAGES=STAGES,
+        num_warps=4,
+        # 168 registers a thread over the kernel's 12 warps fill the register file; the consumers
+        # take 232 of them, the copy warp gives its own back.
+        maxnreg=168,
+    )
