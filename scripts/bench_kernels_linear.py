@@ -90,11 +90,20 @@ def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> lis
         _ms(lambda: int8_gemm(x, qw, sw, bias)),
         config=str(gemm_module.gemm_launch(True, gpu_limits(x.device))),
     )
+    gpu = gpu_limits(x.device)
+    device_launch = gemm_module.gemm_launch(False, gpu, k, n)
     add(
         "int8 GEMM on int8 input",
         _ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx)),
-        config=str(gemm_module.gemm_launch(False, gpu_limits(x.device))),
+        config=str(device_launch),
     )
+    if device_launch.warp_specialized:  # the Triton kernel it replaces, side by side
+        triton_launch = gemm_module.gemm_launch(False, gpu)
+        add(
+            "int8 GEMM on int8 input, Triton kernel",
+            _ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=triton_launch)),
+            config=str(triton_launch),
+        )
     add("quantize_blockwise alone", _ms(lambda: quantize_blockwise(x)))
     add("torch._int_mm (no scales)", _ms(lambda: torch._int_mm(qx, qw.t())))
 
