@@ -144,12 +144,15 @@ WARP_SPECIALIZED = GemmLaunch(
 )
 
 
-def gemm_launch(quantize_a: bool, gpu: GpuLimits | None, k: int = 0, n: int = 0) -> GemmLaunch:
+def gemm_launch(
+    quantize_a: bool, gpu: GpuLimits | None, k: int = 0, n: int = 0, has_bias: bool = True
+) -> GemmLaunch:
     """A fixed choice, no autotuning: a new worker's first request neither times configs nor varies.
 
-    Hopper, int8 activations with ``k`` >= WARP_SPECIALIZED_MIN_K and output rows that bulk tensor
-    copies can store (``n`` a multiple of 8), where Triton 3.6's Gluon is there: the warp-specialized
-    kernel (kernels/int8_gemm_ws.py). Otherwise the Triton kernel here:
+    Hopper, int8 activations with ``k`` >= WARP_SPECIALIZED_MIN_K, output rows that bulk tensor copies
+    can store (``n`` a multiple of 8) and a bias (every Wan linear has one; Triton 3.6 fails to compile
+    the kernel without), where Triton 3.6's Gluon is there: the warp-specialized kernel
+    (kernels/int8_gemm_ws.py). Otherwise the Triton kernel here:
 
     Hopper, int8 activations (the DiT's): 64x128 tiles, one warpgroup, three stages. Three programs fit
     an SM, so one's int32->fp32 scale work runs while another's MMA does. H100 sweep at the six Wan
@@ -162,7 +165,7 @@ def gemm_launch(quantize_a: bool, gpu: GpuLimits | None, k: int = 0, n: int = 0)
     stages as shared memory holds (99 KB on Ada). Off CUDA (the interpreter) the TMA path runs.
     """
     if gpu is not None and gpu.hopper and not quantize_a:
-        if k >= WARP_SPECIALIZED_MIN_K and n % 8 == 0 and int8_gemm_ws.available():
+        if k >= WARP_SPECIALIZED_MIN_K and n % 8 == 0 and has_bias and int8_gemm_ws.available():
             return WARP_SPECIALIZED
         return GemmLaunch(64, 128, num_warps=4, num_stages=3, group_m=32)
     stage_bytes = QUANT_BLOCK * QUANT_BLOCK * (2 if quantize_a else 1) + QUANT_BLOCK * QUANT_BLOCK
@@ -223,7 +226,7 @@ def int8_gemm(
         raise ValueError(f"bias must be bf16, got {bias.dtype}")
 
     quantize_on_load = a.dtype != torch.int8
-    launch = launch or gemm_launch(quantize_on_load, gpu_limits(a.device), k, n)
+    launch = launch or gemm_launch(quantize_on_load, gpu_limits(a.device), k, n, bias is not None)
     if quantize_on_load and (launch.block_m != QUANT_BLOCK or launch.warp_specialized):
         raise ValueError(
             f"quantizing on load needs the Triton kernel's {QUANT_BLOCK}-row tiles, not {launch}"
@@ -232,6 +235,8 @@ def int8_gemm(
         flat, weight = _tma_rows(flat), _tma_rows(weight)
     out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
     if launch.warp_specialized:
+        if bias is None:
+            raise ValueError("the warp-specialized int8 GEMM needs a bias")
         int8_gemm_ws.int8_gemm_ws(
             flat, a_scale_arg, weight, weight_scale.contiguous(), bias, out, launch.group_m
         )

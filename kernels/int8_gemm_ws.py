@@ -102,7 +102,6 @@ if gluon is not None:
         M,
         N,
         k_blocks,
-        HAS_BIAS: gl.constexpr,
         SUB: gl.constexpr,
         STAGES: gl.constexpr,
     ):
@@ -129,11 +128,10 @@ if gluon is not None:
             last = warpgroup_mma_wait(num_outstanding=0, deps=(last,))
             acc = _retire(last, empty, acc, a_scales, w_scales, rows_ok, k_blocks - 1, STAGES)
 
-        out = acc.to(gl.bfloat16)  # round to nearest even
-        if HAS_BIAS:  # added after rounding, in bf16, as a separate bias add would
-            cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-            bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
-            out = (out.to(gl.float32) + bias[None, :]).to(gl.bfloat16)
+        # Rounded to bf16 (nearest even), then the bias added in bf16, as a separate bias add would.
+        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+        bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+        out = (acc.to(gl.bfloat16).to(gl.float32) + bias[None, :]).to(gl.bfloat16)
         tile = c_bufs.index(SUB)
         tile.store(out)
         fence_async_shared()
@@ -156,7 +154,6 @@ if gluon is not None:
         M,
         N,
         k_blocks,
-        HAS_BIAS: gl.constexpr,
         STAGES: gl.constexpr,
     ):
         _consumer(
@@ -174,7 +171,6 @@ if gluon is not None:
             M,
             N,
             k_blocks,
-            HAS_BIAS,
             0,
             STAGES,
         )
@@ -195,7 +191,6 @@ if gluon is not None:
         M,
         N,
         k_blocks,
-        HAS_BIAS: gl.constexpr,
         STAGES: gl.constexpr,
     ):
         _consumer(
@@ -213,7 +208,6 @@ if gluon is not None:
             M,
             N,
             k_blocks,
-            HAS_BIAS,
             1,
             STAGES,
         )
@@ -229,7 +223,6 @@ if gluon is not None:
         M,
         N,
         K,
-        HAS_BIAS: gl.constexpr,
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
     ):
@@ -270,7 +263,6 @@ if gluon is not None:
             M,
             N,
             k_blocks,
-            HAS_BIAS,
             STAGES,
         )
         gl.warp_specialize(
@@ -297,11 +289,12 @@ def int8_gemm_ws(
     a_scale: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: torch.Tensor,
     out: torch.Tensor,
     group_m: int,
 ) -> None:
-    """out[M, N] = the W8A8 product of int8 ``a`` [M, K] and ``weight`` [N, K] (rows 16-byte aligned)."""
+    """out[M, N] = the W8A8 product of int8 ``a`` [M, K] and ``weight`` [N, K] (rows 16-byte aligned)
+    plus ``bias``. Triton 3.6 fails to compile the kernel without a bias; every Wan linear has one."""
     m, k = a.shape
     n = weight.shape[0]
     grid = (triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, BLOCK_N),)
@@ -311,11 +304,10 @@ def int8_gemm_ws(
         TensorDescriptor.from_tensor(out, [SUB_M, BLOCK_N], _layout([SUB_M, BLOCK_N], gl.bfloat16)),
         a_scale,
         weight_scale,
-        bias if bias is not None else weight_scale,  # unread placeholder when there is no bias
+        bias,
         m,
         n,
         k,
-        HAS_BIAS=bias is not None,
         GROUP_M=group_m,
         STAGES=STAGES,
         num_warps=4,

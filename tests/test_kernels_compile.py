@@ -109,7 +109,7 @@ def _compile_warp_specialized_gemm() -> dict:
         "N": "i32",
         "K": "i32",
     }
-    constexprs = dict(HAS_BIAS=True, GROUP_M=16, STAGES=int8_gemm_ws.STAGES)
+    constexprs = dict(GROUP_M=16, STAGES=int8_gemm_ws.STAGES)
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = GluonASTSource(
         kernel,
