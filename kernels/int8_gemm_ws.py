@@ -87,24 +87,24 @@ if gluon is not None:
         return gl.fma(partial.to(gl.float32), scale, acc)
 
     @gluon.jit
-    def _consumer(
-        a_bufs,
-        w_bufs,
-        ready,
-        empty,
-        c_desc,
-        c_bufs,
-        a_scale_ptr,
-        w_scale_ptr,
-        bias_ptr,
-        off_m,
-        off_n,
-        M,
-        N,
-        k_blocks,
-        SUB: gl.constexpr,
-        STAGES: gl.constexpr,
-    ):
+    def _consumer(SUB: gl.constexpr, STAGES: gl.constexpr, operands):
+        """The warpgroup that computes rows SUB * 64 .. SUB * 64 + 63 of the program's tile."""
+        (
+            a_bufs,
+            w_bufs,
+            ready,
+            empty,
+            c_desc,
+            c_bufs,
+            a_scale_ptr,
+            w_scale_ptr,
+            bias_ptr,
+            off_m,
+            off_n,
+            M,
+            N,
+            k_blocks,
+        ) = operands
         SUB_M: gl.constexpr = c_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -137,80 +137,6 @@ if gluon is not None:
         fence_async_shared()
         _tma_store(c_desc, [off_m + SUB * SUB_M, off_n], tile)  # clipped at M and N
         tma.store_wait(pendings=0)
-
-    @gluon.jit
-    def _first_rows(
-        a_bufs,
-        w_bufs,
-        ready,
-        empty,
-        c_desc,
-        c_bufs,
-        a_scale_ptr,
-        w_scale_ptr,
-        bias_ptr,
-        off_m,
-        off_n,
-        M,
-        N,
-        k_blocks,
-        STAGES: gl.constexpr,
-    ):
-        _consumer(
-            a_bufs,
-            w_bufs,
-            ready,
-            empty,
-            c_desc,
-            c_bufs,
-            a_scale_ptr,
-            w_scale_ptr,
-            bias_ptr,
-            off_m,
-            off_n,
-            M,
-            N,
-            k_blocks,
-            0,
-            STAGES,
-        )
-
-    @gluon.jit
-    def _second_rows(
-        a_bufs,
-        w_bufs,
-        ready,
-        empty,
-        c_desc,
-        c_bufs,
-        a_scale_ptr,
-        w_scale_ptr,
-        bias_ptr,
-        off_m,
-        off_n,
-        M,
-        N,
-        k_blocks,
-        STAGES: gl.constexpr,
-    ):
-        _consumer(
-            a_bufs,
-            w_bufs,
-            ready,
-            empty,
-            c_desc,
-            c_bufs,
-            a_scale_ptr,
-            w_scale_ptr,
-            bias_ptr,
-            off_m,
-            off_n,
-            M,
-            N,
-            k_blocks,
-            1,
-            STAGES,
-        )
 
     @gluon.jit
     def _int8_gemm_ws_kernel(
@@ -248,7 +174,7 @@ if gluon is not None:
         for slot in gl.static_range(STAGES):
             mbarrier.init(ready.index(slot), count=1)
             mbarrier.init(empty.index(slot), count=2)  # both consumers release a slot
-        consumer_args = (
+        operands = (
             a_bufs,
             w_bufs,
             ready,
@@ -263,12 +189,11 @@ if gluon is not None:
             M,
             N,
             k_blocks,
-            STAGES,
         )
         gl.warp_specialize(
             [
-                (_first_rows, consumer_args),
-                (_second_rows, consumer_args),
+                (_consumer, (0, STAGES, operands)),
+                (_consumer, (1, STAGES, operands)),
                 (
                     _load_partition,
                     (a_desc, w_desc, a_bufs, w_bufs, ready, empty, off_m, off_n, k_blocks, STAGES),
