@@ -133,10 +133,10 @@ class GemmLaunch:
         return tile if self.tma else f"{tile} pointers"
 
 
-# From this K on, Hopper runs the warp-specialized kernel. H200, the six Wan shapes, against the 64x128
-# Triton launch: 10-25 % faster at K = 5120, 8960 and 13824; 6-18 % slower at K = 1536, where the
-# longer setup and epilogue of its larger programs weigh on 12 K blocks.
-WARP_SPECIALIZED_MIN_K = 4096
+# From this many rows on, Hopper runs the warp-specialized kernel. H200, against the 64x128 Triton
+# launch: 3-16 % faster at the 1.3B's shapes (32,760 rows), 9-18 % at the 14B's (75,600); 1.5x slower at
+# the 512 rows of a prompt's cross-attention keys and values, too few tiles to keep the SMs busy.
+WARP_SPECIALIZED_MIN_M = 4096
 
 
 WARP_SPECIALIZED = GemmLaunch(
@@ -145,11 +145,11 @@ WARP_SPECIALIZED = GemmLaunch(
 
 
 def gemm_launch(
-    quantize_a: bool, gpu: GpuLimits | None, k: int = 0, n: int = 0, has_bias: bool = True
+    quantize_a: bool, gpu: GpuLimits | None, m: int = 0, n: int = 0, has_bias: bool = True
 ) -> GemmLaunch:
     """A fixed choice, no autotuning: a new worker's first request neither times configs nor varies.
 
-    Hopper, int8 activations with ``k`` >= WARP_SPECIALIZED_MIN_K, output rows that bulk tensor copies
+    Hopper, int8 activations of ``m`` >= WARP_SPECIALIZED_MIN_M rows, output rows that bulk tensor copies
     can store (``n`` a multiple of 8) and a bias (every Wan linear has one; Triton 3.6 fails to compile
     the kernel without), where Triton 3.6's Gluon is there: the warp-specialized kernel
     (kernels/int8_gemm_ws.py). Otherwise the Triton kernel here:
@@ -165,7 +165,7 @@ def gemm_launch(
     stages as shared memory holds (99 KB on Ada). Off CUDA (the interpreter) the TMA path runs.
     """
     if gpu is not None and gpu.hopper and not quantize_a:
-        if k >= WARP_SPECIALIZED_MIN_K and n % 8 == 0 and has_bias and int8_gemm_ws.available():
+        if m >= WARP_SPECIALIZED_MIN_M and n % 8 == 0 and has_bias and int8_gemm_ws.available():
             return WARP_SPECIALIZED
         return GemmLaunch(64, 128, num_warps=4, num_stages=3, group_m=32)
     stage_bytes = QUANT_BLOCK * QUANT_BLOCK * (2 if quantize_a else 1) + QUANT_BLOCK * QUANT_BLOCK
@@ -226,7 +226,7 @@ def int8_gemm(
         raise ValueError(f"bias must be bf16, got {bias.dtype}")
 
     quantize_on_load = a.dtype != torch.int8
-    launch = launch or gemm_launch(quantize_on_load, gpu_limits(a.device), k, n, bias is not None)
+    launch = launch or gemm_launch(quantize_on_load, gpu_limits(a.device), m, n, bias is not None)
     if quantize_on_load and (launch.block_m != QUANT_BLOCK or launch.warp_specialized):
         raise ValueError(
             f"quantizing on load needs the Triton kernel's {QUANT_BLOCK}-row tiles, not {launch}"

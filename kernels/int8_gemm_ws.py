@@ -1,12 +1,13 @@
 """Hopper's warp-specialized W8A8 int8 GEMM, in Gluon: the same product, bits and operands as
 kernels/int8_gemm.py (whose docstring has the formula), scheduled by hand.
 
-A program computes a 128x128 output tile with three partitions: one warp issues the bulk tensor copies
-(TMA) of each 128-wide K block (two 64-row activation tiles and a 128-row weight tile) into a ring of
-STAGES shared-memory slots; two consumer warpgroups each own 64 of the rows. A consumer issues the
-int8 MMAs of two K blocks into two int32 partials, then converts and scales the first while the second
-multiplies, and frees each slot as soon as its MMA is done. The consumers run independently, so one's
-scale work overlaps the other's MMAs as well.
+One persistent program per SM walks 128x128 output tiles (in the grouped order of kernels/int8_gemm.py)
+with three partitions: one warp issues the bulk tensor copies (TMA) of each 128-wide K block (two
+64-row activation tiles and a 128-row weight tile) into a ring of STAGES shared-memory slots; two
+consumer warpgroups each own 64 of a tile's rows. A consumer issues the int8 MMAs of two K blocks into
+two int32 partials, then converts and scales the first while the second multiplies, and frees each
+slot as soon as its MMA is done. The consumers run independently, so one's scale work overlaps the
+other's MMAs as well, and the copy warp fetches the next tile while they round and store this one.
 
 Triton's own pipeliner cannot do this for an int32 accumulator: it waits for each K block's MMA before
 the scale work (kernels/int8_gemm.py keeps several small programs per SM instead). No MMA stays in flight
@@ -17,6 +18,8 @@ Needs Gluon as Triton 3.6 has it (``available``); int8_gemm picks it by ``gemm_l
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -55,40 +58,69 @@ def available() -> bool:
 if gluon is not None:
 
     @gluon.jit
+    def _tile_offsets(
+        tile, grid_m, grid_n, GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr
+    ):
+        # Grouped order: consecutive tiles share weight columns in L2.
+        per_group = GROUP_M * grid_n
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = gl.minimum(grid_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % per_group) % group_rows) * BLOCK_M
+        off_n = ((tile % per_group) // group_rows) * BLOCK_N
+        return off_m, off_n
+
+    @gluon.jit
     def _load_partition(
-        a_desc, w_desc, a_bufs, w_bufs, ready, empty, off_m, off_n, k_blocks, STAGES: gl.constexpr
+        a_desc,
+        w_desc,
+        a_bufs,
+        w_bufs,
+        ready,
+        empty,
+        grid_m,
+        grid_n,
+        k_blocks,
+        GROUP_M: gl.constexpr,
+        STAGES: gl.constexpr,
     ):
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-        for kb in range(k_blocks):
-            slot = kb % STAGES
-            # A slot starts free: the first wait on its "empty" barrier is on the phase before init.
-            mbarrier.wait(empty.index(slot), ((kb // STAGES) & 1) ^ 1)
-            bar = ready.index(slot)
-            mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-            _tma_load(a_desc, [off_m, kb * BLOCK_K], bar, a_bufs.index(2 * slot))
-            _tma_load(a_desc, [off_m + SUB_M, kb * BLOCK_K], bar, a_bufs.index(2 * slot + 1))
-            _tma_load(w_desc, [off_n, kb * BLOCK_K], bar, w_bufs.index(slot))
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        it = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, BLOCK_N)
+            for kb in range(k_blocks):
+                slot = it % STAGES
+                # A slot starts free: the first wait on its "empty" barrier is on the phase before init.
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                bar = ready.index(slot)
+                mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                _tma_load(a_desc, [off_m, kb * BLOCK_K], bar, a_bufs.index(2 * slot))
+                _tma_load(a_desc, [off_m + SUB_M, kb * BLOCK_K], bar, a_bufs.index(2 * slot + 1))
+                _tma_load(w_desc, [off_n, kb * BLOCK_K], bar, w_bufs.index(slot))
+                it += 1
 
     @gluon.jit
-    def _issue(a_bufs, w_bufs, ready, kb, acc_layout_zeros, SUB: gl.constexpr, STAGES: gl.constexpr):
-        slot = kb % STAGES
-        mbarrier.wait(ready.index(slot), (kb // STAGES) & 1)
+    def _issue(a_bufs, w_bufs, ready, it, acc_layout_zeros, SUB: gl.constexpr, STAGES: gl.constexpr):
+        """Starts the MMA of the program's it-th K block (counted over all its tiles) once it has landed."""
+        slot = it % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
         w_tile = w_bufs.index(slot).permute((1, 0))
         return warpgroup_mma(
             a_bufs.index(2 * slot + SUB), w_tile, acc_layout_zeros, use_acc=False, is_async=True
         )
 
     @gluon.jit
-    def _retire(partial, empty, acc, a_scales, w_scales, rows_ok, kb, STAGES: gl.constexpr):
+    def _retire(partial, empty, acc, a_scales, w_scales, rows_ok, kb, it, STAGES: gl.constexpr):
+        """Frees the slot of a finished MMA and adds its partial, scaled, to the tile's accumulator."""
         scale = gl.load(a_scales + kb, mask=rows_ok, other=0.0) * gl.load(w_scales + kb)
-        mbarrier.arrive(empty.index(kb % STAGES), count=1)
+        mbarrier.arrive(empty.index(it % STAGES), count=1)
         # float(partial) is exact (|partial| <= 2^21); one rounding per K block, as kernels/int8_gemm.py.
         return gl.fma(partial.to(gl.float32), scale, acc)
 
     @gluon.jit
-    def _consumer(SUB: gl.constexpr, STAGES: gl.constexpr, operands):
-        """The warpgroup that computes rows SUB * 64 .. SUB * 64 + 63 of the program's tile."""
+    def _consumer(SUB: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, operands):
+        """The warpgroup that computes rows SUB * 64 .. SUB * 64 + 63 of each of the program's tiles."""
         (
             a_bufs,
             w_bufs,
@@ -99,8 +131,8 @@ if gluon is not None:
             a_scale_ptr,
             w_scale_ptr,
             bias_ptr,
-            off_m,
-            off_n,
+            grid_m,
+            grid_n,
             M,
             N,
             k_blocks,
@@ -111,31 +143,36 @@ if gluon is not None:
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
         )
         zeros = gl.zeros([SUB_M, BLOCK_N], gl.int32, layout)
-        acc = gl.zeros([SUB_M, BLOCK_N], gl.float32, layout)
-        # Both 64-row halves lie in one 128-row activation scale row; rows past M read no scale.
-        a_scales = a_scale_ptr + (off_m // 128) * k_blocks
-        w_scales = w_scale_ptr + (off_n // 128) * k_blocks
-        rows_ok = off_m + SUB * SUB_M < M
-        for kb in range(0, k_blocks - 1, 2):
-            first = _issue(a_bufs, w_bufs, ready, kb, zeros, SUB, STAGES)
-            second = _issue(a_bufs, w_bufs, ready, kb + 1, zeros, SUB, STAGES)
-            first = warpgroup_mma_wait(num_outstanding=1, deps=(first,))
-            acc = _retire(first, empty, acc, a_scales, w_scales, rows_ok, kb, STAGES)
-            second = warpgroup_mma_wait(num_outstanding=0, deps=(second,))
-            acc = _retire(second, empty, acc, a_scales, w_scales, rows_ok, kb + 1, STAGES)
-        if k_blocks % 2 == 1:
-            last = _issue(a_bufs, w_bufs, ready, k_blocks - 1, zeros, SUB, STAGES)
-            last = warpgroup_mma_wait(num_outstanding=0, deps=(last,))
-            acc = _retire(last, empty, acc, a_scales, w_scales, rows_ok, k_blocks - 1, STAGES)
-
-        # Rounded to bf16 (nearest even), then the bias added in bf16, as a separate bias add would.
-        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-        bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
-        out = (acc.to(gl.bfloat16).to(gl.float32) + bias[None, :]).to(gl.bfloat16)
-        tile = c_bufs.index(SUB)
-        tile.store(out)
-        fence_async_shared()
-        _tma_store(c_desc, [off_m + SUB * SUB_M, off_n], tile)  # clipped at M and N
+        tile_smem = c_bufs.index(SUB)
+        it = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, BLOCK_N)
+            acc = gl.zeros([SUB_M, BLOCK_N], gl.float32, layout)
+            # Both 64-row halves lie in one 128-row activation scale row; rows past M read no scale.
+            a_scales = a_scale_ptr + (off_m // 128) * k_blocks
+            w_scales = w_scale_ptr + (off_n // 128) * k_blocks
+            rows_ok = off_m + SUB * SUB_M < M
+            for kb in range(0, k_blocks - 1, 2):
+                first = _issue(a_bufs, w_bufs, ready, it, zeros, SUB, STAGES)
+                second = _issue(a_bufs, w_bufs, ready, it + 1, zeros, SUB, STAGES)
+                first = warpgroup_mma_wait(num_outstanding=1, deps=(first,))
+                acc = _retire(first, empty, acc, a_scales, w_scales, rows_ok, kb, it, STAGES)
+                second = warpgroup_mma_wait(num_outstanding=0, deps=(second,))
+                acc = _retire(second, empty, acc, a_scales, w_scales, rows_ok, kb + 1, it + 1, STAGES)
+                it += 2
+            if k_blocks % 2 == 1:
+                last = _issue(a_bufs, w_bufs, ready, it, zeros, SUB, STAGES)
+                last = warpgroup_mma_wait(num_outstanding=0, deps=(last,))
+                acc = _retire(last, empty, acc, a_scales, w_scales, rows_ok, k_blocks - 1, it, STAGES)
+                it += 1
+            # Rounded to bf16 (nearest even), then the bias added in bf16, as a separate bias add would.
+            cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+            bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+            out = (acc.to(gl.bfloat16).to(gl.float32) + bias[None, :]).to(gl.bfloat16)
+            tma.store_wait(pendings=0)  # the previous tile's store has left this buffer
+            tile_smem.store(out)
+            fence_async_shared()
+            _tma_store(c_desc, [off_m + SUB * SUB_M, off_n], tile_smem)  # clipped at M and N
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -156,15 +193,8 @@ if gluon is not None:
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         k_blocks = gl.cdiv(K, BLOCK_K)
-        # Grouped launch order, as kernels/int8_gemm.py: consecutive programs share weight columns in L2.
-        pid = gl.program_id(0)
         grid_m = gl.cdiv(M, 2 * SUB_M)
         grid_n = gl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * grid_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = gl.minimum(grid_m - first_m, GROUP_M)
-        off_m = (first_m + (pid % per_group) % group_rows) * 2 * SUB_M
-        off_n = ((pid % per_group) // group_rows) * BLOCK_N
 
         a_bufs = gl.allocate_shared_memory(gl.int8, [2 * STAGES, SUB_M, BLOCK_K], a_desc.layout)
         w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
@@ -184,25 +214,30 @@ if gluon is not None:
             a_scale_ptr,
             w_scale_ptr,
             bias_ptr,
-            off_m,
-            off_n,
+            grid_m,
+            grid_n,
             M,
             N,
             k_blocks,
         )
         gl.warp_specialize(
             [
-                (_consumer, (0, STAGES, operands)),
-                (_consumer, (1, STAGES, operands)),
+                (_consumer, (0, STAGES, GROUP_M, operands)),
+                (_consumer, (1, STAGES, GROUP_M, operands)),
                 (
                     _load_partition,
-                    (a_desc, w_desc, a_bufs, w_bufs, ready, empty, off_m, off_n, k_blocks, STAGES),
+                    (a_desc, w_desc, a_bufs, w_bufs, ready, empty, grid_m, grid_n, k_blocks, GROUP_M, STAGES),
                 ),
             ],
             [4, 1],
             # Two int32 partials and the fp32 tile: 192 registers a thread, and no spills at 232.
             [232, 24],
         )
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _layout(block: list[int], dtype) -> gl.NVMMASharedLayout:
@@ -222,7 +257,8 @@ def int8_gemm_ws(
     plus ``bias``. Triton 3.6 fails to compile the kernel without a bias; every Wan linear has one."""
     m, k = a.shape
     n = weight.shape[0]
-    grid = (triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, BLOCK_N),)
+    tiles = triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, BLOCK_N)
+    grid = (min(tiles, _sm_count(a.device)),)
     _int8_gemm_ws_kernel[grid](
         TensorDescriptor.from_tensor(a, [SUB_M, BLOCK_K], _layout([SUB_M, BLOCK_K], gl.int8)),
         TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], _layout([BLOCK_N, BLOCK_K], gl.int8)),

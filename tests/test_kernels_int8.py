@@ -208,12 +208,12 @@ def test_launch_follows_the_gpu() -> None:
     ]
     assert not any(gemm_launch(quantize, gpu).tma for gpu in (a100, ada) for quantize in (False, True))
     assert gemm_launch(False, None).tma  # the interpreter runs the Hopper path
-    # Hopper's long-K products (the 14B's, 1.3B's ffn.2) run the warp-specialized kernel where Gluon is.
+    # Hopper's products over a video's tokens run the warp-specialized kernel where Gluon is.
     if int8_gemm_ws.available():
-        assert gemm_launch(False, hopper, k=5120, n=5120) == WARP_SPECIALIZED
-        assert gemm_launch(False, hopper, k=8960, n=1536) == WARP_SPECIALIZED
-    assert gemm_launch(False, hopper, k=1536, n=8960) == gemm_launch(False, hopper)
-    assert gemm_launch(False, hopper, k=5120, n=5124) == gemm_launch(False, hopper)  # rows TMA cannot store
-    assert not gemm_launch(True, hopper, k=5120, n=5120).warp_specialized
-    assert not gemm_launch(False, hopper, k=5120, n=5120, has_bias=False).warp_specialized
-    assert not any(gemm_launch(False, gpu, k=5120, n=5120).warp_specialized for gpu in (a100, ada, None))
+        assert gemm_launch(False, hopper, m=32760, n=1536) == WARP_SPECIALIZED
+        assert gemm_launch(False, hopper, m=75600, n=13824) == WARP_SPECIALIZED
+    assert gemm_launch(False, hopper, m=512, n=5120) == gemm_launch(False, hopper)  # a prompt's tokens
+    assert gemm_launch(False, hopper, m=32760, n=5124) == gemm_launch(False, hopper)  # rows TMA cannot store
+    assert not gemm_launch(True, hopper, m=32760, n=1536).warp_specialized
+    assert not gemm_launch(False, hopper, m=32760, n=1536, has_bias=False).warp_specialized
+    assert not any(gemm_launch(False, gpu, m=32760, n=1536).warp_specialized for gpu in (a100, ada, None))
