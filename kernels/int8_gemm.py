@@ -15,11 +15,12 @@ tensor cores read fastest (``tl.dot(a, w.T)``), and stream in through bulk tenso
 Hopper, through pointer loads pipelined as async copies before it.
 
 A tile of BLOCK_M = 64 or 128 rows lies in one activation scale row, so the activation scale is a
-scalar per K block and the scale work per accumulator element is one conversion (Hopper's I2FP, at
-the FMA rate) and one fused multiply-add. (An accumulator started at the bits of 1.5 * 2^23, whose
-float minus 1.5 * 2^23 is the partial, needs a move per element to restart it: 5-11 % slower at
-1.3B's shapes on an H200.) That work waits for each K block's MMA; small tiles let several programs share an SM,
-so one's scale work overlaps another's MMA (``gemm_launch``).
+scalar per K block and the scale work per accumulator element is one conversion (Hopper's I2FP) and
+one fused multiply-add. (An accumulator started at the bits of 1.5 * 2^23, whose float minus
+1.5 * 2^23 is the partial, needs a move per element to restart it: 5-11 % slower at 1.3B's shapes on
+an H200.) That work waits for each K block's MMA; small tiles let several programs share an SM, so
+one's scale work overlaps another's MMA (``gemm_launch``). On Hopper, the products over a video's
+tokens run kernels/int8_gemm_ws.py instead, which overlaps them within a program.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class GemmLaunch:
 
 
 # From this many rows on, Hopper runs the warp-specialized kernel. H200, against the 64x128 Triton
-# launch: 3-16 % faster at the 1.3B's shapes (32,760 rows), 9-18 % at the 14B's (75,600); 1.5x slower at
+# launch: 3-16 % faster at the 1.3B's shapes (32,760 rows), 9-13 % at the 14B's (75,600); 1.5x slower at
 # the 512 rows of a prompt's cross-attention keys and values, too few tiles to keep the SMs busy.
 WARP_SPECIALIZED_MIN_M = 4096
 

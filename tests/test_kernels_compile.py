@@ -1,6 +1,7 @@
-"""The SLA, SageSLA-quantizer, int8, LayerNorm and RMSNorm + RoPE kernels compile for each GPU generation (H100 sm_90,
-A100 sm_80, Ada sm_89) without spilling registers or overflowing shared memory, and stream their
-operands in ahead of use.
+"""The SLA, SageSLA-quantizer, int8, LayerNorm and RMSNorm + RoPE kernels compile for each GPU
+generation (H100 sm_90, A100 sm_80, Ada sm_89) without spilling registers or overflowing shared memory,
+and stream their operands in ahead of use; Hopper's warp-specialized int8 GEMM (Gluon) compiles for
+sm_90 without spills and without ptxas serializing its warpgroup MMAs.
 
 Triton's interpreter (the CPU tests) accepts code that the GPU compiler rejects, so this compiles the
 production launch configurations ahead of time with Triton's bundled ptxas; no GPU is needed. Triton
