@@ -1,5 +1,6 @@
 """GPU placement policy (pure decision logic) and the pinned-memory mover."""
 
+import dataclasses
 import re
 
 import pytest
@@ -422,11 +423,17 @@ def test_a_request_whose_idle_weights_do_not_fit_in_host_memory_is_refused_and_m
     assert re.fullmatch(
         r"model TurboWan2\.1-T2V-14B-720P moves its text encoder and the other served models' weights to host "
         r"memory while idle, in pinned copies that need about \d+\.\d GiB more, and its container's memory limit "
-        r"leaves 24\.0 GiB free; a smaller request moves fewer modules: ask for fewer frames or samples, or a "
-        r"lower resolution",
+        r"leaves 24\.0 GiB free; it fits with num_samples at most 2 or num_frames at most 133",
         str(refused.value),
     )
     assert isinstance(refused.value, InputError)  # the worker answers it as E_INPUT
+    assert gpu.used() == used and gpu.pinned() == 0
+    # The advice holds: each suggested size passes every check, one step more does not.
+    for fits in (dict(num_samples=2), dict(num_frames=133)):
+        big._place_for(dataclasses.replace(request, **fits), move=False)
+    for too_big in (dict(num_samples=3), dict(num_frames=137)):
+        with pytest.raises(HostMemoryError):
+            big._place_for(dataclasses.replace(request, **too_big), move=False)
     assert gpu.used() == used and gpu.pinned() == 0
     assert all(slot.on_device for slot in small._slots.values())
     big._place_for(GenerationRequest(prompt="-"))  # the default request fits beside the 1.3B model

@@ -38,7 +38,7 @@ from turbovideo.models import (
 from turbovideo.models.attention import select_attention
 from turbovideo.models.tokenizer import TOKENIZER_FILE, PromptTokenizer
 from turbovideo.pipeline.conditioning import image_condition
-from turbovideo.pipeline.host_memory import gib_text, read_host_memory
+from turbovideo.pipeline.host_memory import HostMemory, gib_text, read_host_memory
 from turbovideo.pipeline.memory import (
     GIB,
     TEXT_ACTIVATION_BYTES,
@@ -487,13 +487,25 @@ class VideoPipeline:
         return plan(budget, sizes, stages, self._offload_order), budget, others
 
     def _too_big(self, request: GenerationRequest, placement: Placement, budget: int) -> str:
-        """One line for a request no placement fits: what it needs, what the GPU has, and the largest
-        ``num_samples`` or ``num_frames`` that would fit with the rest unchanged; else both together, a
-        lower resolution (with the same numbers there), or that not even the smallest request fits. It
-        only suggests a change the request can still make."""
+        """One line for a request no placement fits: what it needs, what the GPU has, and what fits."""
+        advice = self._what_fits(
+            request, lambda changed: self._plan(changed)[0].fits, "does not fit on this GPU, not even"
+        )
+        return (
+            f"this request needs about {placement.peak_bytes / GIB:.1f} GiB of GPU memory and this GPU has "
+            f"{budget / GIB:.1f} GiB for it; {advice}"
+        )
+
+    def _what_fits(
+        self, request: GenerationRequest, accepts: Callable[[GenerationRequest], bool], nowhere: str
+    ) -> str:
+        """Advice for a refused request: the largest ``num_samples`` or ``num_frames`` that ``accepts``
+        with the rest unchanged; else both together, a lower resolution (with the same numbers there),
+        or that not even the smallest request fits (``nowhere`` says where: "does not fit on this GPU,
+        not even"). It only suggests a change the request can still make."""
 
         def fits(**change: int | str) -> bool:
-            return self._plan(dataclasses.replace(request, **change))[0].fits
+            return accepts(dataclasses.replace(request, **change))
 
         def most_frames(**change: int | str) -> int | None:
             below = range(request.num_frames - 4, catalog.MIN_FRAMES - 1, -4)
@@ -516,21 +528,13 @@ class VideoPipeline:
         lowest = supported_resolutions(self.spec)[0]
         above_lowest = (request.resolution or self.spec.default_resolution) != lowest
         if found := limits():
-            advice = f"it fits with {found}"
-        elif above_lowest and fits(resolution=lowest):
-            advice = f"it fits at resolution {lowest}"
-        elif above_lowest and (found := limits(resolution=lowest)):
-            advice = f"it fits at resolution {lowest} with {found}"
-        else:
-            shape = "" if request.adaptive_resolution else f" {request.aspect_ratio}"
-            advice = (
-                f"model {self.spec.name} does not fit on this GPU, not even one {lowest}{shape} sample of "
-                f"{catalog.MIN_FRAMES} frames"
-            )
-        return (
-            f"this request needs about {placement.peak_bytes / GIB:.1f} GiB of GPU memory and this GPU has "
-            f"{budget / GIB:.1f} GiB for it; {advice}"
-        )
+            return f"it fits with {found}"
+        if above_lowest and fits(resolution=lowest):
+            return f"it fits at resolution {lowest}"
+        if above_lowest and (found := limits(resolution=lowest)):
+            return f"it fits at resolution {lowest} with {found}"
+        shape = "" if request.adaptive_resolution else f" {request.aspect_ratio}"
+        return f"model {self.spec.name} {nowhere} one {lowest}{shape} sample of {catalog.MIN_FRAMES} frames"
 
     def _place_for(self, request: GenerationRequest, *, move: bool = True) -> None:
         """Decide ``request``'s placement and move the resident modules onto the device (``move=False``:
@@ -541,7 +545,7 @@ class VideoPipeline:
         placement, budget, evict = self._plan(request)
         if not placement.fits:
             raise InputError(self._too_big(request, placement, budget))
-        self._check_host_room(placement, evict)
+        self._check_host_room(request, placement, evict)
         if not move:
             return
         for slot in evict:
@@ -558,20 +562,28 @@ class VideoPipeline:
         for name in placement.swapped:
             self._slots[name].pin()
 
-    def _check_host_room(self, placement: Placement, evict: list[DeviceSlot]) -> None:
-        """Raise HostMemoryError, before anything moves, when the pinned host copies ``placement`` would
-        make (of its swapped modules, and of the other models' weights in ``evict``) do not fit in the
-        host memory this process has left: the host's MemAvailable or, if tighter, its container's limit
-        less what the container holds. Copies made earlier are kept (and counted in what is held).
+    def _host_shortfall(self, placement: Placement, evict: list[DeviceSlot]) -> tuple[int, HostMemory] | None:
+        """The bytes of new pinned host copies ``placement`` would make (of its swapped modules, and of
+        the other models' weights in ``evict``) and the host memory there is, when they do not fit in
+        what this process has left: the host's MemAvailable or, if tighter, its container's limit less
+        what the container holds. Copies made earlier are kept (and counted in what is held).
         Loading is not counted: the checkpoint files are memory-mapped (page cache, which the kernel drops
         before it kills), and only small casts (the VAE's fp32 weights to bf16) allocate."""
-        moved = [name for name in self._offload_order if name in placement.swapped]
-        new = [self._slots[name] for name in moved if not self._slots[name].has_host_copy]
-        new += [slot for slot in evict if not slot.has_host_copy]
-        needed = sum(slot.host_bytes for slot in new)
+        moved = [self._slots[name] for name in self._offload_order if name in placement.swapped]
+        needed = sum(slot.host_bytes for slot in moved + evict if not slot.has_host_copy)
         host = read_host_memory() if needed else None
-        if host is None or needed <= host.room:
+        return None if host is None or needed <= host.room else (needed, host)
+
+    def _check_host_room(
+        self, request: GenerationRequest, placement: Placement, evict: list[DeviceSlot]
+    ) -> None:
+        """Raise HostMemoryError, before anything moves, when the pinned host copies ``placement`` would
+        make do not fit in host memory (``_host_shortfall``), with the largest request that fits."""
+        shortfall = self._host_shortfall(placement, evict)
+        if shortfall is None:
             return
+        needed, host = shortfall
+        moved = [name for name in self._offload_order if name in placement.swapped]
         names = [_MODULE_LABELS.get(name, name) for name in moved]
         names += ["the other served models' weights"] if evict else []
         what = ("its " if moved else "") + " and ".join(
@@ -580,10 +592,15 @@ class VideoPipeline:
         limit = "its container's memory limit leaves" if host.room < host.available else "the host has"
         held = held_host_bytes()
         made = f" (the copies made so far take {held / GIB:.1f} GiB)" if held else ""
+
+        def accepts(changed: GenerationRequest) -> bool:
+            changed_placement, _, changed_evict = self._plan(changed)
+            return changed_placement.fits and self._host_shortfall(changed_placement, changed_evict) is None
+
         raise HostMemoryError(
             f"model {self.spec.name} moves {what} to host memory while idle, in pinned copies that need about "
             f"{gib_text(needed, up=True)} GiB more, and {limit} {gib_text(host.room)} GiB free{made}",
-            "a smaller request moves fewer modules: ask for fewer frames or samples, or a lower resolution",
+            self._what_fits(request, accepts, "needs more host memory than this worker has, even for"),
         )
 
     def _budget(self, freed: int = 0) -> int:
