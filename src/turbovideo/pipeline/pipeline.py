@@ -431,12 +431,9 @@ class VideoPipeline:
         even that does not fit, each request decides (and says what would fit) instead of the load failing."""
         default = GenerationRequest(prompt="-", task=self.spec.task)
         try:
-            self._place_for(default, move=move)
-        except HostMemoryError as exc:  # the load fails: no request of the model's default size could run
-            raise HostMemoryError(
-                exc.summary,
-                "use a machine with more memory, or a GPU with more, which keeps more of them there",
-            ) from None
+            self._place_for(default, move=move, at_load=True)
+        except HostMemoryError:  # the load fails: no request of the model's default size could run
+            raise
         except InputError as exc:
             if not move:  # said at load
                 return
@@ -536,16 +533,17 @@ class VideoPipeline:
         shape = "" if request.adaptive_resolution else f" {request.aspect_ratio}"
         return f"model {self.spec.name} {nowhere} one {lowest}{shape} sample of {catalog.MIN_FRAMES} frames"
 
-    def _place_for(self, request: GenerationRequest, *, move: bool = True) -> None:
+    def _place_for(self, request: GenerationRequest, *, move: bool = True, at_load: bool = False) -> None:
         """Decide ``request``'s placement and move the resident modules onto the device (``move=False``:
-        only the checks). A request that does not fit raises InputError before any module moves."""
+        only the checks). A request that does not fit raises InputError before any module moves
+        (``at_load``: the load's default request, whose host-memory refusal fails the load)."""
         if self.device.type != "cuda":
             self._placement = None
             return
         placement, budget, evict = self._plan(request)
         if not placement.fits:
             raise InputError(self._too_big(request, placement, budget))
-        self._check_host_room(request, placement, evict)
+        self._check_host_room(request, placement, evict, at_load)
         if not move:
             return
         for slot in evict:
@@ -575,10 +573,11 @@ class VideoPipeline:
         return None if host is None or needed <= host.room else (needed, host)
 
     def _check_host_room(
-        self, request: GenerationRequest, placement: Placement, evict: list[DeviceSlot]
+        self, request: GenerationRequest, placement: Placement, evict: list[DeviceSlot], at_load: bool
     ) -> None:
         """Raise HostMemoryError, before anything moves, when the pinned host copies ``placement`` would
-        make do not fit in host memory (``_host_shortfall``), with the largest request that fits."""
+        make do not fit in host memory (``_host_shortfall``): with the largest request that fits, or at
+        load (nothing smaller than the default request to suggest) with what the machine needs."""
         shortfall = self._host_shortfall(placement, evict)
         if shortfall is None:
             return
@@ -597,10 +596,16 @@ class VideoPipeline:
             changed_placement, _, changed_evict = self._plan(changed)
             return changed_placement.fits and self._host_shortfall(changed_placement, changed_evict) is None
 
+        if at_load:
+            advice = "use a machine with more memory, or a GPU with more, which keeps more of them there"
+        else:
+            advice = self._what_fits(
+                request, accepts, "needs more host memory than this worker has, even for"
+            )
         raise HostMemoryError(
             f"model {self.spec.name} moves {what} to host memory while idle, in pinned copies that need about "
             f"{gib_text(needed, up=True)} GiB more, and {limit} {gib_text(host.room)} GiB free{made}",
-            self._what_fits(request, accepts, "needs more host memory than this worker has, even for"),
+            advice,
         )
 
     def _budget(self, freed: int = 0) -> int:
