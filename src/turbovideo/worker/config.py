@@ -55,9 +55,8 @@ class WorkerConfig:
     sp_degree: int | None = None  # GPUs one request spreads over; None: every visible GPU
     warm_up: bool | None = None  # one throwaway generation per model at start; None: on a GPU
     disk_check_percent: float = 0.0  # free % of / that RunPod's disk fitness check needs (0: it does not run)
-    memory_check_gib: float = (
-        0.0  # available GiB that RunPod's memory fitness check needs (0: it does not run)
-    )
+    # available GiB that RunPod's memory fitness check needs (0: it does not run)
+    memory_check_gib: float = 0.0
 
 
 def is_on_runpod(env: Mapping[str, str]) -> bool:
