@@ -8,7 +8,6 @@ Without a bucket, a local folder that refuses the files (a full disk) hands them
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
 import shutil
@@ -79,7 +78,8 @@ def claim_folder(parent: Path, job_id: str) -> Path:
     when an earlier run (the same id run again: ``--test_input``'s ``local_test``, a local API job whose
     ``/status`` was asked twice) holds it, so no run replaces or mixes with another's files. A folder made
     ahead and left empty (``runpod_quickstart.sh`` reserves its job's) is taken as it is."""
-    for run in itertools.count(1):
+    run = 1
+    while True:
         folder = parent / (job_id if run == 1 else f"{job_id}-{run}")
         try:
             folder.mkdir(parents=True)
@@ -87,7 +87,7 @@ def claim_folder(parent: Path, job_id: str) -> Path:
         except FileExistsError:
             if folder.is_dir() and not any(folder.iterdir()):
                 return folder
-    raise AssertionError("unreachable")
+        run += 1
 
 
 def move_files(files: list[Path], folder: Path) -> list[Path]:
