@@ -49,6 +49,7 @@ BLOCK_K = 128
 STAGES = 5
 
 
+@functools.cache  # asked at every int8 linear's launch
 def available() -> bool:
     """Gluon with the API this kernel is written for: Triton 3.6 (checked on an H200) and later."""
     version = tuple(int(part) for part in triton.__version__.split(".")[:2])
