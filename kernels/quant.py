@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import INTERPRETED, div_rn, round_to_int32, to_bf16
+from .rounding import INTERPRETED, div_rn, round_to_int32, to_bf16_pairs
 
 QUANT_BLOCK = 128
 
@@ -88,7 +88,7 @@ def _quantize_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if GELU:  # the bf16 tensor the unfused GELU would write (GELU(0) = 0 keeps the padding zero)
-        x = to_bf16(_gelu_tanh(x)).to(tl.float32)
+        x = to_bf16_pairs(_gelu_tanh(x)).to(tl.float32)
     q, scale = quantize_tile(x)
     tl.store(q_ptr + rows64 * stride_qm + cols[None, :], q, mask=mask)
     tl.store(scale_ptr + pid_m * K_BLOCKS + pid_k, scale)

@@ -49,6 +49,13 @@ def _to_bf16_native(x):
 
 
 @triton.jit
+def _to_bf16_pairs(x):
+    return tl.inline_asm_elementwise(
+        "cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2
+    )
+
+
+@triton.jit
 def _to_bf16_emulated(x):
     # Add half a bf16 ulp (minus one unless the kept lsb is odd), then drop the low 16 bits.
     bits = x.to(tl.uint32, bitcast=True)
@@ -58,3 +65,7 @@ def _to_bf16_emulated(x):
 
 # fp32 -> bf16, round to nearest even.
 to_bf16 = _to_bf16_emulated if INTERPRETED else _to_bf16_native
+# The same, two values an instruction (F2FP; Triton's own cast is an F2F a value, a slow conversion
+# instruction), for kernels bound by their arithmetic: GELU -> int8 ran 8-9 % faster (H200). Memory-bound
+# kernels ran slower with it (the gated residual 0.088 against 0.079 ms at the 1.3B width).
+to_bf16_pairs = _to_bf16_emulated if INTERPRETED else _to_bf16_pairs
