@@ -53,9 +53,9 @@ def _divide_plain(a, b):
     return a / b
 
 
-# The interpreter (CPU tests) runs no PTX: there, libm's exp2 and an IEEE division.
-exp2_fast = _exp2_plain if INTERPRETED else _exp2_fast
-divide_fast = _divide_plain if INTERPRETED else _divide_fast
+# The interpreter (CPU tests) runs no PTX: there, NumPy's exp2 and an IEEE division.
+_exp2 = _exp2_plain if INTERPRETED else _exp2_fast
+_divide = _divide_plain if INTERPRETED else _divide_fast
 
 # -2 sqrt(2/pi) log2(e), and times 0.044715: tanh's argument, doubled and in powers of two.
 _GELU_C1 = tl.constexpr(-2.302208198144325)
@@ -73,7 +73,7 @@ def _gelu_tanh(x):
     """
     # Past x ~ -10 the power overflows to inf and the quotient is -0, against a true GELU below 1e-36:
     # both quantize to zero.
-    return divide_fast(x, 1.0 + exp2_fast(x * (_GELU_C1 + _GELU_C3 * (x * x))))
+    return _divide(x, 1.0 + _exp2(x * (_GELU_C1 + _GELU_C3 * (x * x))))
 
 
 @triton.jit

@@ -73,8 +73,8 @@ def back_to_back_ms(fn: Callable[[], object], iters: int = 10, calls: int = BACK
     CPU queues layers well ahead of the GPU. A call timed alone also waits on its launch (Python,
     Triton's launcher, descriptors), and calls merely queued together still do where enqueueing one
     takes longer than running it (1.3B's o projection and its quantizer, 0.22 ms of GPU time, timed
-    0.31 ms that way on an H200). So a spin
-    kernel holds the GPU while all of them are queued, for twice the time queueing them took."""
+    0.31 ms that way on an H200). So a spin kernel holds the GPU while all of them are queued, for
+    twice the time queueing them took."""
     queue = lambda: [fn() for _ in range(calls)]  # noqa: E731
     fn()  # compiles, autotunes, allocates
     torch.cuda.synchronize()
