@@ -91,6 +91,30 @@ def test_single_sample_has_no_list_and_short_lifetimes_are_kept(s3_endpoint, job
     assert parse_qs(urlsplit(fields["video_url"]).query)["X-Amz-Expires"] == ["60"]
 
 
+def _fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return answer.read()
+
+
+@pytest.mark.parametrize("fresh_folders", [True, False], ids=["local-run", "on-runpod"])
+def test_a_job_id_run_again_locally_keeps_the_first_runs_objects(
+    s3_endpoint, job_files, tmp_path, fresh_folders
+):
+    videos, thumbnail = job_files
+    storage = BucketStorage(bucket_at(s3_endpoint), tmp_path / "durable", fresh_folders=fresh_folders)
+    runs = []
+    for run in range(3):  # --test_input's job id is local_test every time
+        videos[0].write_bytes(b"run %d" % run)
+        runs.append(storage.deliver("local_test", videos[:1], thumbnail, expires_in=60)["video_url"])
+    folders = [urlsplit(url).path.rsplit("/", 2)[1] for url in runs]
+    if fresh_folders:
+        assert folders == ["local_test", "local_test-2", "local_test-3"]
+        assert [_fetch(url) for url in runs] == [b"run 0", b"run 1", b"run 2"]
+    else:  # a retried RunPod job replaces its own earlier attempt
+        assert folders == ["local_test"] * 3
+        assert _fetch(runs[0]) == b"run 2"
+
+
 def test_server_down_keeps_the_files_and_says_where(job_files, tmp_path):
     dead = dead_endpoint()
     videos, thumbnail = job_files

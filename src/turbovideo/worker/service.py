@@ -107,7 +107,12 @@ class VideoService:
     def from_config(cls, config: WorkerConfig) -> VideoService:
         """Fetch checkpoints and load every served model now, so warm requests pay nothing."""
         if config.bucket is not None:  # a wrong bucket setting fails the start before any download
-            storage: Storage = BucketStorage(config.bucket, config.durable_dir, spare_dir=config.output_dir)
+            storage: Storage = BucketStorage(
+                config.bucket,
+                config.durable_dir,
+                fresh_folders=not config.on_runpod,
+                spare_dir=config.output_dir,
+            )
             storage.check()
         else:
             storage = LocalStorage(config.output_dir, spare_dir=config.durable_dir)

@@ -136,19 +136,27 @@ class LocalStorage:
 
 
 class BucketStorage:
-    """Uploads to ``{prefix}/{job_id}/sample_{i}.mp4`` and ``thumbnail.jpg`` and answers presigned GET URLs."""
+    """Uploads to ``{prefix}/{job_id}/sample_{i}.mp4`` and ``thumbnail.jpg`` and answers presigned GET URLs.
+
+    ``fresh_folders`` (local runs): a job id whose folder the bucket already holds uploads to
+    ``{job_id}-2/``, ``-3/``, ..., as LocalStorage does, so running ``--test_input`` again never
+    replaces the objects an earlier answer's URLs point at. On RunPod job ids are unique, and a
+    retried job replaces its own earlier attempt.
+    """
 
     def __init__(
         self,
         bucket: BucketConfig,
         durable_dir: Path,
         *,
+        fresh_folders: bool = False,
         spare_dir: Path | None = None,
         attempts: int = UPLOAD_ATTEMPTS,
         deadline_s: float = UPLOAD_DEADLINE_S,
         read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         self.bucket = bucket
+        self.fresh_folders = fresh_folders
         self.deadline_s = deadline_s
         # Where files of a failed upload go: the durable folder, else the spare (e.g. a full volume).
         self.keep_dirs = [durable_dir] + ([spare_dir] if spare_dir and spare_dir != durable_dir else [])
@@ -204,9 +212,12 @@ class BucketStorage:
         ]
         self._give_up_at = time.monotonic() + self.deadline_s
         self._check_stop = check_stop
+        folder = job_id
         try:
+            if self.fresh_folders:
+                folder = self._unused_folder(job_id)
             for path, name in uploads:
-                self._put(path, self.key(job_id, name))
+                self._put(path, self.key(folder, name))
         except (BotoCoreError, ClientError, OSError) as exc:
             tries = f" after {self._sends} attempt{'s' * (self._sends != 1)}" if self._sends else ""
             failure = f"upload to bucket {self.bucket.name!r} failed{tries} ({type(exc).__name__}: {one_line(str(exc))})"
@@ -216,7 +227,7 @@ class BucketStorage:
         finally:
             self._check_stop = None
         lifetime = max(1, min(expires_in, MAX_EXPIRES_S))
-        urls = [self._presign(self.key(job_id, name), lifetime) for _, name in uploads]
+        urls = [self._presign(self.key(folder, name), lifetime) for _, name in uploads]
         *video_urls, thumbnail_url = urls
         fields: dict[str, Any] = {"video_url": video_urls[0], "thumbnail_url": thumbnail_url}
         if len(video_urls) > 1:
@@ -230,6 +241,17 @@ class BucketStorage:
         if time.monotonic() > self._give_up_at:
             raise UploadDeadlinePassed(seconds=self.deadline_s)
         self._sends += 1
+
+    def _unused_folder(self, job_id: str) -> str:
+        """``job_id``, or the first of ``job_id-2``, ``-3``, ... whose first video is not in the bucket."""
+        run = 1
+        while True:
+            folder = job_id if run == 1 else f"{job_id}-{run}"
+            try:
+                self.client.head_object(Bucket=self.bucket.name, Key=self.key(folder, "sample_0.mp4"))
+            except ClientError:  # not there (404), or a key not allowed to list the bucket (403)
+                return folder
+            run += 1
 
     def _put(self, path: Path, key: str) -> None:
         self._sends = 0
