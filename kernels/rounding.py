@@ -66,6 +66,6 @@ def _to_bf16_emulated(x):
 # fp32 -> bf16, round to nearest even.
 to_bf16 = _to_bf16_emulated if INTERPRETED else _to_bf16_native
 # The same, two values an instruction (F2FP; Triton's own cast is an F2F a value, a slow conversion
-# instruction), for kernels bound by their arithmetic: GELU -> int8 ran 8-9 % faster (H200). Memory-bound
+# instruction), for kernels bound by their arithmetic: GELU -> int8 ran 6-9 % faster (H200). Memory-bound
 # kernels ran slower with it (the gated residual 0.64 against 0.56-0.57 ms at the 14B width).
 to_bf16_pairs = _to_bf16_emulated if INTERPRETED else _to_bf16_pairs
