@@ -15,10 +15,10 @@ Norm rows (B = 1, L and D of both models): fused kernels against the DiT block's
 with ulp statistics against them (statistics summed in another order move an intermediate by an ulp
 in rare elements; where modulation cancels, shift ~ -h * (1 + scale), that shows as a few ulps of
 the small result, so look at exact_fraction first).
-Times are per call of 10 calls queued back to back (turbovideo.benchmark.back_to_back_ms), as
-inside the DiT, where the CPU runs ahead and launch latency is hidden (a call timed alone measured
-0.05-0.35 ms more on an H200, for F.linear as for the Triton kernels); CUDA-event medians after
-warm-up. Prints a table, writes JSON.
+Times are per call of 10 calls run back to back (turbovideo.benchmark.back_to_back_ms: the GPU is
+held while they are queued), as inside the DiT, where the CPU runs ahead and launch latency is hidden
+(a call timed alone measured 0.05-0.35 ms more on an H200, for F.linear as for the Triton kernels);
+CUDA-event medians after warm-up. Prints a table, writes JSON.
 Targets (performance.md): int8 (quantization included) >= 1.0x bf16 at every shape, >= 1.3x at 14B.
 """
 
