@@ -8,11 +8,12 @@ Without a bucket, a local folder that refuses the files (a full disk) hands them
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -73,21 +74,28 @@ def safe_job_id(job_id: Any) -> str:
     return text or "job"
 
 
+def _run_names(job_id: str) -> Iterator[str]:
+    """``job_id``, ``job_id-2``, ``job_id-3``, ...: the folder names of a job id's runs, in order."""
+    yield job_id
+    for run in itertools.count(2):
+        yield f"{job_id}-{run}"
+
+
 def claim_folder(parent: Path, job_id: str) -> Path:
     """A folder of ``parent`` for this run of job ``job_id``: ``<job_id>``, or ``<job_id>-2``, ``-3``, ...
     when an earlier run (the same id run again: ``--test_input``'s ``local_test``, a local API job whose
     ``/status`` was asked twice) holds it, so no run replaces or mixes with another's files. A folder made
     ahead and left empty (``runpod_quickstart.sh`` reserves its job's) is taken as it is."""
-    run = 1
-    while True:
-        folder = parent / (job_id if run == 1 else f"{job_id}-{run}")
-        try:
-            folder.mkdir(parents=True)
-            return folder
-        except FileExistsError:
-            if folder.is_dir() and not any(folder.iterdir()):
-                return folder
-        run += 1
+    return next(folder for folder in map(parent.joinpath, _run_names(job_id)) if _take(folder))
+
+
+def _take(folder: Path) -> bool:
+    """Make ``folder``, or take it as it is when it is an empty folder already."""
+    try:
+        folder.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return folder.is_dir() and not any(folder.iterdir())
 
 
 def move_files(files: list[Path], folder: Path) -> list[Path]:
@@ -243,15 +251,15 @@ class BucketStorage:
         self._sends += 1
 
     def _unused_folder(self, job_id: str) -> str:
-        """``job_id``, or the first of ``job_id-2``, ``-3``, ... whose first video is not in the bucket."""
-        run = 1
-        while True:
-            folder = job_id if run == 1 else f"{job_id}-{run}"
-            try:
-                self.client.head_object(Bucket=self.bucket.name, Key=self.key(folder, "sample_0.mp4"))
-            except ClientError:  # not there (404), or a key not allowed to list the bucket (403)
-                return folder
-            run += 1
+        """The first of ``_run_names(job_id)`` whose first video is not in the bucket."""
+        return next(folder for folder in _run_names(job_id) if not self._holds(folder))
+
+    def _holds(self, folder: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket.name, Key=self.key(folder, "sample_0.mp4"))
+        except ClientError:  # not there (404), or a key not allowed to list the bucket (403)
+            return False
+        return True
 
     def _put(self, path: Path, key: str) -> None:
         self._sends = 0
