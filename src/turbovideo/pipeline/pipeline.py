@@ -432,7 +432,7 @@ class VideoPipeline:
         default = GenerationRequest(prompt="-", task=self.spec.task)
         try:
             self._place_for(default, move=move, at_load=True)
-        except HostMemoryError:  # the load fails: no request of the model's default size could run
+        except HostMemoryError:  # an InputError too, but it fails the load: no default-size request could run
             raise
         except InputError as exc:
             if not move:  # said at load
