@@ -26,6 +26,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .gpu import GpuLimits, gpu_limits
+from .quant import QUANT_BLOCK, quantize_blockwise, quantize_tile, scale_shape
 from .rounding import div_rn, to_bf16
 
 LOG2E = 1.4426950408889634
@@ -587,10 +588,19 @@ def block_sparse_attention(
 
 
 @triton.jit
+def _rounded_like(x, like):
+    """fp32 -> ``like``'s dtype, round to nearest even (bf16 through to_bf16: exact in the interpreter too)."""
+    if like.dtype == tl.bfloat16:
+        return to_bf16(x)
+    return x.to(like.dtype)
+
+
+@triton.jit
 def _add_linear_kernel(
     q_ptr,
     o_s_ptr,
     o_ptr,
+    scale_ptr,
     kvw_ptr,
     ksum_ptr,
     bias_ptr,
@@ -610,6 +620,7 @@ def _add_linear_kernel(
     stride_od,
     BLOCK_M: tl.constexpr,
     D: tl.constexpr,
+    QUANTIZE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -625,24 +636,51 @@ def _add_linear_kernel(
     o_s_ptrs = _head_rows(o_s_ptr, b, h, rows, d, stride_sb, stride_sl, stride_sh, stride_sd)
     o = tl.load(o_s_ptrs, mask=mask, other=0.0).to(tl.float32)
     o += _linear_branch(q, kvw_ptr + bh * D * D, ksum_ptr + bh * D, bias_ptr, D, PRECISION)
+    o = _rounded_like(o, q)
     o_ptrs = _head_rows(o_ptr, b, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
-    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=mask)
+    if QUANTIZE:
+        # This program's rows of one head are one 128x128 tile of the [B*L, H*D] matrix the o projection
+        # reads (D = BLOCK_M = 128, and the caller makes tiles start at a sample's first row): quantize
+        # the rounded output as quantize_blockwise would, rows past L counting as zeros.
+        values, scale = quantize_tile(tl.where(mask, o.to(tl.float32), 0.0))
+        tl.store(o_ptrs, values, mask=mask)
+        tl.store(scale_ptr + ((b * L) // BLOCK_M + tile) * H + h, scale)
+    else:
+        tl.store(o_ptrs, o, mask=mask)
 
 
 def add_linear_branch(
-    o_s: torch.Tensor, q: torch.Tensor, state: LinearState, proj_weight: torch.Tensor, proj_bias: torch.Tensor
-) -> torch.Tensor:
-    """o_s + proj_l(linear attention of q), [B, L, H, D] in q's dtype, for a sparse branch computed elsewhere."""
+    o_s: torch.Tensor,
+    q: torch.Tensor,
+    state: LinearState,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    quantize: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """o_s + proj_l(linear attention of q), [B, L, H, D] in q's dtype, for a sparse branch computed elsewhere.
+
+    ``quantize``: instead the o projection's int8 input, ``quantize_blockwise`` of that output seen as
+    [B, L, H*D]: (int8 [B, L, H*D], fp32 tile scales). Written by the same pass where a head is one
+    128-wide tile and no tile holds rows of two samples; quantized after it elsewhere.
+    """
     batch, length, heads, dim = q.shape
     if o_s.shape != q.shape:
         raise ValueError(f"o_s must have q's shape {tuple(q.shape)}; got {tuple(o_s.shape)}")
     kvw, ksum, bias = _linear_params(state, proj_weight, proj_bias)
-    out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
-    block_m = 64
+    fused = quantize and dim == QUANT_BLOCK and (batch == 1 or length % QUANT_BLOCK == 0)
+    if fused:
+        out = torch.empty((batch, length, heads, dim), dtype=torch.int8, device=q.device)
+        scales = torch.empty(scale_shape(batch * length, heads * dim), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
+        scales = out  # never read
+    # A quantized program owns one whole tile: 128 rows, with 8 warps for its larger share of registers.
+    block_m, num_warps = (QUANT_BLOCK, 8) if fused else (64, 4)
     _add_linear_kernel[(triton.cdiv(length, block_m), batch * heads)](
         q,
         o_s,
         out,
+        scales,
         kvw,
         ksum,
         bias,
@@ -653,9 +691,14 @@ def add_linear_branch(
         *out.stride(),
         BLOCK_M=block_m,
         D=dim,
+        QUANTIZE=fused,
         PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=num_warps,
     )
+    if fused:
+        return out.flatten(2), scales
+    if quantize:
+        return quantize_blockwise(out.flatten(2))
     return out
 
 
