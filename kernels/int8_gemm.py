@@ -146,14 +146,14 @@ WARP_SPECIALIZED = GemmLaunch(
 
 
 def gemm_launch(
-    quantize_a: bool, gpu: GpuLimits | None, m: int = 0, n: int = 0, has_bias: bool = True
+    quantize_a: bool, gpu: GpuLimits | None, m: int = 0, n: int = 0, has_bias: bool = True, k: int = 0
 ) -> GemmLaunch:
     """A fixed choice, no autotuning: a new worker's first request neither times configs nor varies.
 
     Hopper, int8 activations of ``m`` >= WARP_SPECIALIZED_MIN_M rows, output rows that bulk tensor copies
-    can store (``n`` a multiple of 8) and a bias (every Wan linear has one; Triton 3.6 fails to compile
-    the kernel without), where Triton 3.6's Gluon is there: the warp-specialized kernel
-    (kernels/int8_gemm_ws.py). Otherwise the Triton kernel here:
+    can store (``n`` a multiple of 8), an even number of 128-wide K blocks (it takes them in pairs; every
+    Wan linear's ``k``) and a bias (every Wan linear has one; Triton 3.6 fails to compile the kernel
+    without), where Triton 3.6's Gluon is there: the warp-specialized kernel (kernels/int8_gemm_ws.py). Otherwise the Triton kernel here:
 
     Hopper, int8 activations (the DiT's): 64x128 tiles, one warpgroup, three stages. Three programs fit
     an SM, so one's int32->fp32 scale work runs while another's MMA does. H100 sweep at the six Wan
@@ -166,7 +166,8 @@ def gemm_launch(
     stages as shared memory holds (99 KB on Ada). Off CUDA (the interpreter) the TMA path runs.
     """
     if gpu is not None and gpu.hopper and not quantize_a:
-        if m >= WARP_SPECIALIZED_MIN_M and n % 8 == 0 and has_bias and int8_gemm_ws.available():
+        fits = m >= WARP_SPECIALIZED_MIN_M and n % 8 == 0 and triton.cdiv(k, QUANT_BLOCK) % 2 == 0
+        if fits and has_bias and int8_gemm_ws.available():
             return WARP_SPECIALIZED
         return GemmLaunch(64, 128, num_warps=4, num_stages=3, group_m=32)
     stage_bytes = QUANT_BLOCK * QUANT_BLOCK * (2 if quantize_a else 1) + QUANT_BLOCK * QUANT_BLOCK
@@ -227,7 +228,7 @@ def int8_gemm(
         raise ValueError(f"bias must be bf16, got {bias.dtype}")
 
     quantize_on_load = a.dtype != torch.int8
-    launch = launch or gemm_launch(quantize_on_load, gpu_limits(a.device), m, n, bias is not None)
+    launch = launch or gemm_launch(quantize_on_load, gpu_limits(a.device), m, n, bias is not None, k)
     if quantize_on_load and (launch.block_m != QUANT_BLOCK or launch.warp_specialized):
         raise ValueError(
             f"quantizing on load needs the Triton kernel's {QUANT_BLOCK}-row tiles, not {launch}"

@@ -3,11 +3,12 @@ kernels/int8_gemm.py (whose docstring has the formula), scheduled by hand.
 
 One persistent program per SM walks 128x128 output tiles (in the grouped order of kernels/int8_gemm.py)
 with three partitions: one warp issues the bulk tensor copies (TMA) of each 128-wide K block (two
-64-row activation tiles and a 128-row weight tile) into a ring of STAGES shared-memory slots; two
-consumer warpgroups each own 64 of a tile's rows. A consumer issues the int8 MMAs of two K blocks into
-two int32 partials, then converts and scales the first while the second multiplies, and frees each
-slot as soon as its MMA is done. The consumers run independently, so one's scale work overlaps the
-other's MMAs as well, and the copy warp fetches the next tile while they round and store this one.
+64-row activation tiles and a 128-row weight tile) into a ring of STAGES shared-memory slots, two K
+blocks (a pair of slots) at a time; two consumer warpgroups each own 64 of a tile's rows. A consumer
+issues the int8 MMAs of a pair into two int32 partials, then converts and scales the first while the
+second multiplies, and frees the pair when both are done. The consumers run independently, so one's
+scale work overlaps the other's MMAs as well, and the copy warp fetches the next tile while they
+round and store this one. K must therefore span an even number of blocks (every Wan linear's does).
 
 Triton's own pipeliner cannot do this for an int32 accumulator: it waits for each K block's MMA before
 the scale work (kernels/int8_gemm.py keeps several small programs per SM instead). No MMA stays in flight
@@ -44,9 +45,9 @@ else:  # Triton 3.6's names for the bulk tensor copies; later releases renamed t
 SUB_M = 64  # rows per consumer warpgroup (one warpgroup MMA is 64 rows)
 BLOCK_N = 128
 BLOCK_K = 128
-# 32 KB of operands a stage: five stages and the 32 KB output tile fit the 227 KB of an H100 (six: no
-# faster on an H200).
-STAGES = 5
+# 32 KB of operands a stage: six stages (an even number: K blocks go in pairs) and the 32 KB output
+# tile fit the 227 KB of an H100.
+STAGES = 6
 
 
 @functools.cache  # asked at every int8 linear's launch
@@ -87,37 +88,36 @@ if gluon is not None:
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-        it = 0
+        PAIRS: gl.constexpr = STAGES // 2
+        pair = 0
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, BLOCK_N)
-            for kb in range(k_blocks):
-                slot = it % STAGES
-                # A slot starts free: the first wait on its "empty" barrier is on the phase before init.
-                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-                bar = ready.index(slot)
-                mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                _tma_load(a_desc, [off_m, kb * BLOCK_K], bar, a_bufs.index(2 * slot))
-                _tma_load(a_desc, [off_m + SUB_M, kb * BLOCK_K], bar, a_bufs.index(2 * slot + 1))
-                _tma_load(w_desc, [off_n, kb * BLOCK_K], bar, w_bufs.index(slot))
-                it += 1
+            for kb in range(0, k_blocks, 2):
+                ring = pair % PAIRS
+                # A pair of slots starts free: the first wait on its "empty" barrier is on the phase
+                # before init.
+                mbarrier.wait(empty.index(ring), ((pair // PAIRS) & 1) ^ 1)
+                bar = ready.index(ring)
+                mbarrier.expect(bar, 2 * (2 * a_desc.block_type.nbytes + w_desc.block_type.nbytes))
+                for half in gl.static_range(2):
+                    slot = 2 * ring + half
+                    k = (kb + half) * BLOCK_K
+                    _tma_load(a_desc, [off_m, k], bar, a_bufs.index(2 * slot))
+                    _tma_load(a_desc, [off_m + SUB_M, k], bar, a_bufs.index(2 * slot + 1))
+                    _tma_load(w_desc, [off_n, k], bar, w_bufs.index(slot))
+                pair += 1
 
     @gluon.jit
-    def _issue(a_bufs, w_bufs, ready, it, acc_layout_zeros, SUB: gl.constexpr, STAGES: gl.constexpr):
-        """Starts the MMA of the program's it-th K block (counted over all its tiles) once it has landed."""
-        slot = it % STAGES
-        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+    def _issue(a_bufs, w_bufs, slot, acc_layout_zeros, SUB: gl.constexpr):
+        """Starts the MMA of the K block in ``slot`` (landed)."""
         w_tile = w_bufs.index(slot).permute((1, 0))
         return warpgroup_mma(
             a_bufs.index(2 * slot + SUB), w_tile, acc_layout_zeros, use_acc=False, is_async=True
         )
 
     @gluon.jit
-    def _retire(partial, empty, acc, a_scales, w_scales, rows_ok, kb, it, STAGES: gl.constexpr):
-        """Frees the slot of a finished MMA and adds its partial, scaled, to the tile's accumulator."""
-        scale = gl.load(a_scales + kb, mask=rows_ok, other=0.0) * gl.load(w_scales + kb)
-        mbarrier.arrive(empty.index(it % STAGES), count=1)
-        # float(partial) is exact (|partial| <= 2^21); one rounding per K block, as kernels/int8_gemm.py.
-        return gl.fma(partial.to(gl.float32), scale, acc)
+    def _scale(a_scales, w_scales, rows_ok, kb):
+        return gl.load(a_scales + kb, mask=rows_ok, other=0.0) * gl.load(w_scales + kb)
 
     @gluon.jit
     def _consumer(SUB: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, operands):
@@ -145,7 +145,8 @@ if gluon is not None:
         )
         zeros = gl.zeros([SUB_M, BLOCK_N], gl.int32, layout)
         tile_smem = c_bufs.index(SUB)
-        it = 0
+        PAIRS: gl.constexpr = STAGES // 2
+        pair = 0
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, BLOCK_N)
             acc = gl.zeros([SUB_M, BLOCK_N], gl.float32, layout)
@@ -153,19 +154,22 @@ if gluon is not None:
             a_scales = a_scale_ptr + (off_m // 128) * k_blocks
             w_scales = w_scale_ptr + (off_n // 128) * k_blocks
             rows_ok = off_m + SUB * SUB_M < M
-            for kb in range(0, k_blocks - 1, 2):
-                first = _issue(a_bufs, w_bufs, ready, it, zeros, SUB, STAGES)
-                second = _issue(a_bufs, w_bufs, ready, it + 1, zeros, SUB, STAGES)
+            for kb in range(0, k_blocks, 2):
+                ring = pair % PAIRS
+                mbarrier.wait(ready.index(ring), (pair // PAIRS) & 1)
+                first = _issue(a_bufs, w_bufs, 2 * ring, zeros, SUB)
+                second = _issue(a_bufs, w_bufs, 2 * ring + 1, zeros, SUB)
+                # The scales load while the MMAs run.
+                first_scale = _scale(a_scales, w_scales, rows_ok, kb)
+                second_scale = _scale(a_scales, w_scales, rows_ok, kb + 1)
+                # float(partial) is exact (|partial| <= 2^21); one rounding per K block, as
+                # kernels/int8_gemm.py.
                 first = warpgroup_mma_wait(num_outstanding=1, deps=(first,))
-                acc = _retire(first, empty, acc, a_scales, w_scales, rows_ok, kb, it, STAGES)
+                acc = gl.fma(first.to(gl.float32), first_scale, acc)
                 second = warpgroup_mma_wait(num_outstanding=0, deps=(second,))
-                acc = _retire(second, empty, acc, a_scales, w_scales, rows_ok, kb + 1, it + 1, STAGES)
-                it += 2
-            if k_blocks % 2 == 1:
-                last = _issue(a_bufs, w_bufs, ready, it, zeros, SUB, STAGES)
-                last = warpgroup_mma_wait(num_outstanding=0, deps=(last,))
-                acc = _retire(last, empty, acc, a_scales, w_scales, rows_ok, k_blocks - 1, it, STAGES)
-                it += 1
+                acc = gl.fma(second.to(gl.float32), second_scale, acc)
+                mbarrier.arrive(empty.index(ring), count=1)
+                pair += 1
             # Rounded to bf16 (nearest even), then the bias added in bf16, as a separate bias add would.
             cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
             bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
@@ -200,11 +204,14 @@ if gluon is not None:
         a_bufs = gl.allocate_shared_memory(gl.int8, [2 * STAGES, SUB_M, BLOCK_K], a_desc.layout)
         w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
         c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, SUB_M, BLOCK_N], c_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for slot in gl.static_range(STAGES):
-            mbarrier.init(ready.index(slot), count=1)
-            mbarrier.init(empty.index(slot), count=2)  # both consumers release a slot
+        # One ready and one empty barrier a pair of slots (two K blocks): Triton's shared-memory hazard
+        # analysis puts a warpgroup barrier before each wait and arrive that follows another (ncu: 45 %
+        # of the stalls with a barrier pair per slot, four a K-block pair; now two).
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES // 2, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES // 2, 1], mbarrier.MBarrierLayout())
+        for ring in gl.static_range(STAGES // 2):
+            mbarrier.init(ready.index(ring), count=1)
+            mbarrier.init(empty.index(ring), count=2)  # both consumers release a pair
         operands = (
             a_bufs,
             w_bufs,
@@ -255,9 +262,12 @@ def int8_gemm_ws(
     group_m: int,
 ) -> None:
     """out[M, N] = the W8A8 product of int8 ``a`` [M, K] and ``weight`` [N, K] (rows 16-byte aligned)
-    plus ``bias``. Triton 3.6 fails to compile the kernel without a bias; every Wan linear has one."""
+    plus ``bias``, for K of an even number of 128-wide blocks. Triton 3.6 fails to compile the kernel
+    without a bias; every Wan linear has one."""
     m, k = a.shape
     n = weight.shape[0]
+    if triton.cdiv(k, BLOCK_K) % 2:
+        raise ValueError(f"the warp-specialized int8 GEMM takes K blocks in pairs; K={k} has an odd count")
     tiles = triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, BLOCK_N)
     grid = (min(tiles, _sm_count(a.device)),)
     _int8_gemm_ws_kernel[grid](

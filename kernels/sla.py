@@ -34,8 +34,11 @@ LOG2E = 1.4426950408889634
 # programs to fill the GPU at the 1.3B shape (H100 sweep at BLKK 64: flat between 768 and 1536 rows;
 # H200 at BLKK 128: 0.222 ms against 0.258 ms with 2048 rows, the same at the 14B shape).
 STATE_ROWS_PER_PROGRAM = 1024
-_FINISH_ROWS = 32  # rows of KV each program of the partials' sum owns
+# Rows of KV each program of the partials' sum owns. H200, whole state at the 1.3B shape: 0.183 ms with
+# 8 rows, 0.203 ms with 32 (its 48 programs left most of the GPU idle), 0.181 ms with 4.
+_FINISH_ROWS = 8
 SLA_BLOCKS = (128, 64)  # (BLKQ, BLKK) of attention_type "sla"
+_QUANTIZED_LINEAR_WARPS = 4
 SAGESLA_SM90_BLOCKS = (64, 128)  # SageSLA on Hopper selects with these
 
 
@@ -722,7 +725,7 @@ def add_linear_branch(
         D=dim,
         QUANTIZE=fused,
         PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=_QUANTIZED_LINEAR_WARPS if fused else 4,
     )
     if fused:
         return out.flatten(2), scales

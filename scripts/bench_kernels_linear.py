@@ -104,6 +104,14 @@ def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> lis
             _ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=triton_launch)),
             config=str(triton_launch),
         )
+        # At full size: the check rows below take too few rows for the warp-specialized kernel.
+        warp_specialized = int8_gemm(qx, qw, sw, bias, a_scale=sx)
+        triton_out = int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=triton_launch)
+        add(
+            "check: warp-specialized vs Triton kernel, all rows",
+            None,
+            mismatches=int((warp_specialized != triton_out).sum()),
+        )
     add("quantize_blockwise alone", _ms(lambda: quantize_blockwise(x)))
     add("torch._int_mm (no scales)", _ms(lambda: torch._int_mm(qx, qw.t())))
 
