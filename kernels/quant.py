@@ -20,24 +20,13 @@ QUANT_BLOCK = 128
 
 
 @triton.jit
-def tile_amax(x):
-    """The quantization amax of an fp32 tile, or of part of one (combine parts with tl.maximum)."""
-    return tl.maximum(tl.max(tl.abs(x)), 1e-8)
-
-
-@triton.jit
-def quantize_by_amax(x, amax):
-    """(int8 values, fp32 scale) of an fp32 tile, or of part of one, given the whole tile's amax."""
+def quantize_tile(x):
+    """fp32 tile (out-of-range elements loaded as 0) -> (int8 tile, its fp32 scale)."""
+    amax = tl.maximum(tl.max(tl.abs(x)), 1e-8)
     multiplier = div_rn(128.0, amax)  # IEEE, as the reference divides
     # |x * multiplier| <= 128 (+ rounding): within round_to_int32's range; only +128 saturates.
     q = tl.minimum(tl.maximum(round_to_int32(x * multiplier), -128), 127)
     return q.to(tl.int8), amax * (1.0 / 128.0)
-
-
-@triton.jit
-def quantize_tile(x):
-    """fp32 tile (out-of-range elements loaded as 0) -> (int8 tile, its fp32 scale)."""
-    return quantize_by_amax(x, tile_amax(x))
 
 
 @triton.jit

@@ -257,10 +257,8 @@ def sagesla_attention(
     proj_weight: torch.Tensor,
     proj_bias: torch.Tensor,
     topk: float,
-    quantize: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """SageSLA on q, k, v [B, L, H, D] (CUDA, head dim 64 or 128) -> [B, L, H, D] in q's dtype, or with
-    ``quantize`` that output as the o projection's int8 input (``sla.add_linear_branch``)."""
+) -> torch.Tensor:
+    """SageSLA on q, k, v [B, L, H, D] (CUDA, head dim 64 or 128) -> [B, L, H, D] in q's dtype."""
     sparge = sparge_modules()
     if sparge is None:
         raise RuntimeError(NOT_INSTALLED)
@@ -286,7 +284,7 @@ def sagesla_attention(
     lut, count = block_lut(block_index, state.smooth_k_blocks.shape[2])
     k_bf16, v_bf16 = (x.to(torch.bfloat16) for x in (k, v))
     o_s = _sparse_branch(sparge, arch, (q_int8, q_scale), k_bf16, v_bf16, state, lut, count, blkk)
-    return add_linear_branch(o_s.transpose(1, 2), q, state, proj_weight, proj_bias, quantize)
+    return add_linear_branch(o_s.transpose(1, 2), q, state, proj_weight, proj_bias)
 
 
 def _sparse_branch(sparge, arch, q_quantized, k, v, state, lut, count, blkk) -> torch.Tensor:

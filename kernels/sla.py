@@ -26,7 +26,6 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .gpu import GpuLimits, gpu_limits
-from .quant import QUANT_BLOCK, quantize_blockwise, quantize_by_amax, scale_shape, tile_amax
 from .rounding import div_rn, to_bf16
 
 LOG2E = 1.4426950408889634
@@ -38,7 +37,6 @@ STATE_ROWS_PER_PROGRAM = 1024
 # 8 rows, 0.203 ms with 32 (its 48 programs left most of the GPU idle), 0.181 ms with 4.
 _FINISH_ROWS = 8
 SLA_BLOCKS = (128, 64)  # (BLKQ, BLKK) of attention_type "sla"
-_QUANTIZED_LINEAR_WARPS = 4
 SAGESLA_SM90_BLOCKS = (64, 128)  # SageSLA on Hopper selects with these
 
 
@@ -591,37 +589,10 @@ def block_sparse_attention(
 
 
 @triton.jit
-def _rounded_like(x, like):
-    """fp32 -> ``like``'s dtype, round to nearest even (bf16 through to_bf16: exact in the interpreter too)."""
-    if like.dtype == tl.bfloat16:
-        return to_bf16(x)
-    return x.to(like.dtype)
-
-
-@triton.jit
-def _add_linear_rows(
-    q_ptr, o_s_ptr, kvw_ptr, ksum_ptr, bias_ptr, b, h, rows, L,
-    stride_qb, stride_ql, stride_qh, stride_qd, stride_sb, stride_sl, stride_sh, stride_sd,
-    D: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """o_s + the linear branch for ``rows`` of head h of sample b, rounded to q's dtype (kvw_ptr and
-    ksum_ptr point at this (b, h)'s)."""
-    mask = (rows < L)[:, None]
-    d = tl.arange(0, D)
-    q = tl.load(
-        _head_rows(q_ptr, b, h, rows, d, stride_qb, stride_ql, stride_qh, stride_qd), mask=mask, other=0.0
-    )
-    o_s_ptrs = _head_rows(o_s_ptr, b, h, rows, d, stride_sb, stride_sl, stride_sh, stride_sd)
-    o = tl.load(o_s_ptrs, mask=mask, other=0.0).to(tl.float32)
-    return _rounded_like(o + _linear_branch(q, kvw_ptr, ksum_ptr, bias_ptr, D, PRECISION), q)
-
-
-@triton.jit
 def _add_linear_kernel(
     q_ptr,
     o_s_ptr,
     o_ptr,
-    scale_ptr,
     kvw_ptr,
     ksum_ptr,
     bias_ptr,
@@ -641,78 +612,39 @@ def _add_linear_kernel(
     stride_od,
     BLOCK_M: tl.constexpr,
     D: tl.constexpr,
-    QUANTIZE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = (rows < L)[:, None]
     d = tl.arange(0, D)
-    kvw_ptr += bh * D * D
-    ksum_ptr += bh * D
-    q_strides = (stride_qb, stride_ql, stride_qh, stride_qd)
-    s_strides = (stride_sb, stride_sl, stride_sh, stride_sd)
-    if QUANTIZE:
-        # The program's 2 x BLOCK_M rows of one head are one 128x128 tile of the [B*L, H*D] matrix the o
-        # projection reads (D = 128, and the caller makes tiles start at a sample's first row). Two
-        # halves keep a 64-row program's registers: the first waits, rounded, for the tile's amax.
-        rows = tile * 2 * BLOCK_M + tl.arange(0, BLOCK_M)
-        first = _add_linear_rows(
-            q_ptr, o_s_ptr, kvw_ptr, ksum_ptr, bias_ptr, b, h, rows, L, *q_strides, *s_strides, D, PRECISION
-        )
-        second = _add_linear_rows(
-            q_ptr, o_s_ptr, kvw_ptr, ksum_ptr, bias_ptr, b, h, rows + BLOCK_M, L, *q_strides, *s_strides, D,
-            PRECISION,
-        )  # fmt: skip
-        # Rows past L are zeros of the tile, as quantize_blockwise counts them.
-        first = tl.where((rows < L)[:, None], first.to(tl.float32), 0.0)
-        second = tl.where((rows + BLOCK_M < L)[:, None], second.to(tl.float32), 0.0)
-        amax = tl.maximum(tile_amax(first), tile_amax(second))
-        values, scale = quantize_by_amax(first, amax)
-        o_ptrs = _head_rows(o_ptr, b, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
-        tl.store(o_ptrs, values, mask=(rows < L)[:, None])
-        values, scale = quantize_by_amax(second, amax)
-        tl.store(o_ptrs + BLOCK_M * stride_ol, values, mask=(rows + BLOCK_M < L)[:, None])
-        tl.store(scale_ptr + ((b * L) // (2 * BLOCK_M) + tile) * H + h, scale)
-    else:
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        o = _add_linear_rows(
-            q_ptr, o_s_ptr, kvw_ptr, ksum_ptr, bias_ptr, b, h, rows, L, *q_strides, *s_strides, D, PRECISION
-        )
-        o_ptrs = _head_rows(o_ptr, b, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
-        tl.store(o_ptrs, o, mask=(rows < L)[:, None])
+    q = tl.load(
+        _head_rows(q_ptr, b, h, rows, d, stride_qb, stride_ql, stride_qh, stride_qd), mask=mask, other=0.0
+    )
+    o_s_ptrs = _head_rows(o_s_ptr, b, h, rows, d, stride_sb, stride_sl, stride_sh, stride_sd)
+    o = tl.load(o_s_ptrs, mask=mask, other=0.0).to(tl.float32)
+    o += _linear_branch(q, kvw_ptr + bh * D * D, ksum_ptr + bh * D, bias_ptr, D, PRECISION)
+    o_ptrs = _head_rows(o_ptr, b, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def add_linear_branch(
-    o_s: torch.Tensor,
-    q: torch.Tensor,
-    state: LinearState,
-    proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor,
-    quantize: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """o_s + proj_l(linear attention of q), [B, L, H, D] in q's dtype, for a sparse branch computed elsewhere.
-
-    ``quantize``: instead the o projection's int8 input, ``quantize_blockwise`` of that output seen as
-    [B, L, H*D]: (int8 [B, L, H*D], fp32 tile scales). Written by the same pass where a head is one
-    128-wide tile and no tile holds rows of two samples; quantized after it elsewhere.
-    """
+    o_s: torch.Tensor, q: torch.Tensor, state: LinearState, proj_weight: torch.Tensor, proj_bias: torch.Tensor
+) -> torch.Tensor:
+    """o_s + proj_l(linear attention of q), [B, L, H, D] in q's dtype, for a sparse branch computed elsewhere."""
     batch, length, heads, dim = q.shape
     if o_s.shape != q.shape:
         raise ValueError(f"o_s must have q's shape {tuple(q.shape)}; got {tuple(o_s.shape)}")
     kvw, ksum, bias = _linear_params(state, proj_weight, proj_bias)
-    fused = quantize and dim == QUANT_BLOCK and (batch == 1 or length % QUANT_BLOCK == 0)
-    out = torch.empty((batch, length, heads, dim), dtype=torch.int8 if fused else q.dtype, device=q.device)
-    scales = out  # never read unless fused
-    if fused:
-        scales = torch.empty(scale_shape(batch * length, heads * dim), dtype=torch.float32, device=q.device)
+    out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
     block_m = 64
-    _add_linear_kernel[(triton.cdiv(length, 2 * block_m if fused else block_m), batch * heads)](
+    _add_linear_kernel[(triton.cdiv(length, block_m), batch * heads)](
         q,
         o_s,
         out,
-        scales,
         kvw,
         ksum,
         bias,
@@ -723,14 +655,9 @@ def add_linear_branch(
         *out.stride(),
         BLOCK_M=block_m,
         D=dim,
-        QUANTIZE=fused,
         PRECISION=_dot_precision(q.dtype),
-        num_warps=_QUANTIZED_LINEAR_WARPS if fused else 4,
+        num_warps=4,
     )
-    if fused:
-        return out.flatten(2), scales
-    if quantize:
-        return quantize_blockwise(out.flatten(2))
     return out
 
 

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from turbovideo.models.attention import register_attention
-from turbovideo.models.int8 import QuantizedActivation
 
 from . import sagesla
 from .sla import SLA_BLOCKS, sla_attention
@@ -27,9 +26,7 @@ class TritonSLA:
     block_q: int = SLA_BLOCKS[0]
     block_k: int = SLA_BLOCKS[1]
 
-    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float, quantize: bool = False) -> torch.Tensor:
-        # The linear branch is fused into the sparse kernel, whose 64-row programs hold half a
-        # quantization tile: the o projection quantizes this output.
+    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
         return sla_attention(q, k, v, proj_l.weight, proj_l.bias, topk, self.block_q, self.block_k)
 
 
@@ -50,11 +47,8 @@ class SageSLA:
     def _blocks() -> tuple[int, int]:
         return sagesla.selection_blocks(sagesla.cuda_arch(torch.device("cuda", torch.cuda.current_device())))
 
-    def __call__(
-        self, q, k, v, *, proj_l: nn.Linear, topk: float, quantize: bool = False
-    ) -> torch.Tensor | QuantizedActivation:
-        out = sagesla.sagesla_attention(q, k, v, proj_l.weight, proj_l.bias, topk, quantize)
-        return QuantizedActivation(*out) if quantize else out
+    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
+        return sagesla.sagesla_attention(q, k, v, proj_l.weight, proj_l.bias, topk)
 
 
 def _on_cuda(device: torch.device) -> bool:

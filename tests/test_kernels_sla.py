@@ -14,7 +14,6 @@ from turbovideo.kernels.gpu import GpuLimits  # noqa: E402
 from turbovideo.errors import InputError  # noqa: E402
 from turbovideo.models import attention  # noqa: E402
 from turbovideo.models.attention import select_attention  # noqa: E402
-from turbovideo.models.int8 import QuantizedActivation, quantize_blockwise  # noqa: E402
 from turbovideo.models.sla_reference import sla_reference  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -191,22 +190,6 @@ def test_separate_linear_pass_equals_fused_epilogue():
     assert _rel(o_s, fused) > 1e-3  # the linear branch did contribute
 
 
-@pytest.mark.parametrize(("batch", "length"), [(1, 200), (2, 256), (2, 200)])
-def test_linear_pass_emits_the_o_projections_int8_input(batch, length):
-    # One head is one 128-wide quantization tile; (2, 200) has tiles across two samples, so there the
-    # output is quantized after the pass. fp16 for the interpreter's dot (see the next test).
-    q, k, v = _qkv(batch, length, 2, 128, torch.float16)
-    weight, bias = _proj(128)
-    state = sla.linear_state(k, v, 64)
-    o_s = torch.randn(batch, 2, length, 128).to(torch.float16).transpose(1, 2)  # SpargeAttn's layout
-    out = sla.add_linear_branch(o_s, q, state, weight, bias)
-    values, scales = sla.add_linear_branch(o_s, q, state, weight, bias, quantize=True)
-    expected_values, expected_scales = quantize_blockwise(out.reshape(batch * length, 256))
-    assert values.shape == (batch, length, 256) and values.dtype == torch.int8
-    assert torch.equal(values, expected_values.view(values.shape))
-    assert torch.equal(scales, expected_scales)
-
-
 # Triton 3.9's interpreter multiplies bf16 bit patterns as integers in tl.dot, so here the 16-bit path is
 # checked in fp16 (same kernel code); scripts/bench_kernels.py checks bf16 on a GPU at real shapes.
 def test_half_precision_stays_within_rounding_of_float64():
@@ -283,15 +266,6 @@ def test_sagesla_quantizer_also_yields_the_selection_block_means():
     assert torch.equal(q, sagesla.quantize_blocks(x, 64)[0])
 
 
-def _stand_in_for_spargeattn(monkeypatch, sparse_branch) -> None:
-    """Runs sagesla_attention on this machine with ``sparse_branch`` in place of SpargeAttn's kernel."""
-    monkeypatch.setattr(sagesla, "sparge_modules", lambda: object())
-    monkeypatch.setattr(sagesla, "cuda_arch", lambda device: "sm90")
-    monkeypatch.setattr(sagesla, "_sparse_branch", sparse_branch)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: None)
-
-
 def test_sagesla_keeps_the_selection_and_linear_branch_in_the_input_dtype(monkeypatch):
     # Only SpargeAttn's sparse branch reads bf16 (and 8 bits from it): an fp32 model's selection and
     # linear branch stay fp32, as before q's quantizer also wrote the block means.
@@ -304,7 +278,11 @@ def test_sagesla_keeps_the_selection_and_linear_branch_in_the_input_dtype(monkey
         seen["lut"] = lut
         return o_s
 
-    _stand_in_for_spargeattn(monkeypatch, sparse_branch)
+    monkeypatch.setattr(sagesla, "sparge_modules", lambda: object())
+    monkeypatch.setattr(sagesla, "cuda_arch", lambda device: "sm90")
+    monkeypatch.setattr(sagesla, "_sparse_branch", sparse_branch)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: None)
     out = sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5)
     blkq, blkk = sagesla.selection_blocks("sm90")
     state = sla.linear_state(k, v, blkk)
@@ -312,21 +290,6 @@ def test_sagesla_keeps_the_selection_and_linear_branch_in_the_input_dtype(monkey
     assert torch.equal(seen["lut"], lut)
     expected = sla.add_linear_branch(o_s.transpose(1, 2), q, state, weight, bias)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
-
-
-def test_sagesla_backend_hands_an_int8_o_projection_its_input(monkeypatch):
-    q, k, v = _qkv(1, 200, 2, 128, torch.float16)  # fp16 for the interpreter's dot
-    proj_l = torch.nn.Linear(128, 128)
-    o_s = torch.randn(1, 2, 200, 128).to(torch.bfloat16)
-    _stand_in_for_spargeattn(monkeypatch, lambda *args: o_s)
-    backend = sla_backends.SageSLA()
-    with torch.no_grad():
-        plain = backend(q, k, v, proj_l=proj_l, topk=0.5)
-        quantized = backend(q, k, v, proj_l=proj_l, topk=0.5, quantize=True)
-    assert isinstance(quantized, QuantizedActivation)
-    values, scales = quantize_blockwise(plain.reshape(200, 256))
-    assert torch.equal(quantized.values.reshape(200, 256), values)
-    assert torch.equal(quantized.scales, scales)
 
 
 def test_sagesla_v_fp8_layout():

@@ -116,7 +116,7 @@ class _Exploding:
     block_q = None
     block_k = None
 
-    def __call__(self, q, k, v, *, proj_l, topk, quantize=False):
+    def __call__(self, q, k, v, *, proj_l, topk):
         raise RuntimeError("injected attention failure")
 
 

@@ -1,9 +1,8 @@
 """Self-attention backends, chosen by name, and the modules that hold SLA's ``proj_l``.
 
-A backend is a callable ``(q, k, v, *, proj_l, topk, quantize) -> o`` on [B, L, H, D] tensors with a
-``name`` (the implementation, e.g. "sla-reference") and the SLA block sizes it selects with (``block_q``,
-``block_k``; None for dense). ``quantize`` says the o projection is int8: a backend may then return its
-output already quantized for it, a ``QuantizedActivation`` of [B, L, H*D] (one pass less over it). Public names are "sagesla", "sla" and "dense"; "auto" picks the best
+A backend is a callable ``(q, k, v, *, proj_l, topk) -> o`` on [B, L, H, D] tensors with a ``name``
+(the implementation, e.g. "sla-reference") and the SLA block sizes it selects with (``block_q``,
+``block_k``; None for dense). Public names are "sagesla", "sla" and "dense"; "auto" picks the best
 available. Fast kernels register themselves with ``register_attention`` from PLUGIN_MODULE, imported
 at the first selection; the model code never changes when one is added.
 """
@@ -21,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .int8 import QuantizedActivation
 from .sla_reference import sla_reference
 
 logger = logging.getLogger("turbovideo")
@@ -42,25 +40,18 @@ class AttentionBackend(Protocol):
     block_k: int | None
 
     def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        proj_l: nn.Linear,
-        topk: float,
-        quantize: bool = False,
-    ) -> torch.Tensor | QuantizedActivation: ...
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj_l: nn.Linear, topk: float
+    ) -> torch.Tensor: ...
 
 
 class DenseAttention:
-    """Full softmax attention through PyTorch SDPA; ignores ``proj_l``, ``topk`` and ``quantize``."""
+    """Full softmax attention through PyTorch SDPA; ignores ``proj_l`` and ``topk``."""
 
     name = "dense"
     block_q = None
     block_k = None
 
-    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float, quantize: bool = False) -> torch.Tensor:
+    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
         return F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         ).transpose(1, 2)
@@ -68,14 +59,13 @@ class DenseAttention:
 
 @dataclass(frozen=True)
 class SLAReference:
-    """SLA in plain PyTorch (sla_reference.py); correct on any device, slow on large inputs. Its output
-    is never quantized (the o projection does that)."""
+    """SLA in plain PyTorch (sla_reference.py); correct on any device, slow on large inputs."""
 
     block_q: int = 128
     block_k: int = 64
     name: str = "sla-reference"
 
-    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float, quantize: bool = False) -> torch.Tensor:
+    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
         return sla_reference(q, k, v, proj_l=proj_l, topk=topk, block_q=self.block_q, block_k=self.block_k)
 
 
@@ -189,10 +179,8 @@ class LocalAttention(nn.Module):
         self.backend: AttentionBackend = DenseAttention()
         self.topk = DEFAULT_TOPK
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quantize: bool = False
-    ) -> torch.Tensor | QuantizedActivation:
-        return self.backend(q, k, v, proj_l=self.proj_l, topk=self.topk, quantize=quantize)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.backend(q, k, v, proj_l=self.proj_l, topk=self.topk)
 
 
 class AttentionOp(nn.Module):
@@ -202,7 +190,5 @@ class AttentionOp(nn.Module):
         super().__init__()
         self.local_attn = LocalAttention(head_dim, dtype)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quantize: bool = False
-    ) -> torch.Tensor | QuantizedActivation:
-        return self.local_attn(q, k, v, quantize)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.local_attn(q, k, v)

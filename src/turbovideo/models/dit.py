@@ -70,9 +70,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: Activation, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q, k, v = self.q(x), self.k(x), self.v(x)
-        fused = use_fused_kernels(q)
         # qk-norm spans all heads, so it runs before the head split.
-        if fused:
+        if use_fused_kernels(q):
             from ..kernels.rope import rms_norm_rope
 
             q = rms_norm_rope(q, self.norm_q.weight, *rope, self.norm_q.eps)
@@ -80,14 +79,8 @@ class SelfAttention(nn.Module):
         else:
             q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope).flatten(2)
             k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope).flatten(2)
-        # An int8 o projection may get its input quantized by the attention's last pass.
-        out = self.attn_op(
-            q.unflatten(-1, heads),
-            k.unflatten(-1, heads),
-            v.unflatten(-1, heads),
-            quantize=fused and isinstance(self.o, Int8Linear),
-        )
-        return self.o(out if isinstance(out, QuantizedActivation) else out.flatten(2))
+        out = self.attn_op(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads))
+        return self.o(out.flatten(2))
 
 
 class CrossAttention(nn.Module):

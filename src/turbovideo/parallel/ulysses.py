@@ -61,8 +61,7 @@ class UlyssesAttention:
         self.block_q = inner.block_q
         self.block_k = inner.block_k
 
-    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float, quantize: bool = False) -> torch.Tensor:
-        # The output trades back to this rank's tokens as bf16 first: ``quantize`` is not passed on.
+    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
         world = dist.get_world_size(self.group)
         qkv = _sequence_to_heads((q, k, v), self.group, world)
         q, k, v = (part[:, : self.length].contiguous() for part in qkv)
