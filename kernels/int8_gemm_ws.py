@@ -46,8 +46,8 @@ SUB_M = 64  # rows per consumer warpgroup (one warpgroup MMA is 64 rows)
 BLOCK_N = 128
 BLOCK_K = 128
 # 32 KB of operands a stage, an even number of stages (K blocks go in pairs). H200, GPU held: four ran
-# 1-7 % faster than six at five of the six Wan shapes (1.3B ffn.2: 2 % slower), bit-identical; five
-# and six fit the 227 KB of an H100 with the 32 KB output tile too.
+# 1-7 % faster than six (the most that fit an H100's 227 KB beside the 32 KB output tile) at five of
+# the six Wan shapes (1.3B ffn.2: 2 % slower), bit-identical.
 STAGES = 4
 
 
