@@ -151,9 +151,10 @@ def gemm_launch(
     """A fixed choice, no autotuning: a new worker's first request neither times configs nor varies.
 
     Hopper, int8 activations of ``m`` >= WARP_SPECIALIZED_MIN_M rows, output rows that bulk tensor copies
-    can store (``n`` a multiple of 8), an even number of 128-wide K blocks (it takes them in pairs; every
-    Wan linear's ``k``) and a bias (every Wan linear has one; Triton 3.6 fails to compile the kernel
-    without), where Triton 3.6's Gluon is there: the warp-specialized kernel (kernels/int8_gemm_ws.py). Otherwise the Triton kernel here:
+    can store (``n`` a multiple of 8), a ``k`` of an even number of 128-wide blocks (every Wan linear's)
+    and a bias (every Wan linear has one; Triton 3.6 fails to compile the kernel without), where Triton
+    3.6's Gluon is there: the warp-specialized kernel (kernels/int8_gemm_ws.py). Otherwise the Triton
+    kernel here:
 
     Hopper, int8 activations (the DiT's): 64x128 tiles, one warpgroup, three stages. Three programs fit
     an SM, so one's int32->fp32 scale work runs while another's MMA does. H100 sweep at the six Wan
@@ -166,7 +167,7 @@ def gemm_launch(
     stages as shared memory holds (99 KB on Ada). Off CUDA (the interpreter) the TMA path runs.
     """
     if gpu is not None and gpu.hopper and not quantize_a:
-        fits = m >= WARP_SPECIALIZED_MIN_M and n % 8 == 0 and triton.cdiv(k, QUANT_BLOCK) % 2 == 0
+        fits = m >= WARP_SPECIALIZED_MIN_M and n % 8 == 0 and int8_gemm_ws.takes_k(k)
         if fits and has_bias and int8_gemm_ws.available():
             return WARP_SPECIALIZED
         return GemmLaunch(64, 128, num_warps=4, num_stages=3, group_m=32)

@@ -51,6 +51,11 @@ BLOCK_K = 128
 STAGES = 4
 
 
+def takes_k(k: int) -> bool:
+    """Whether K spans an even number of 128-wide blocks, the pairs the kernel takes them in."""
+    return triton.cdiv(k, BLOCK_K) % 2 == 0
+
+
 @functools.cache  # asked at every int8 linear's launch
 def available() -> bool:
     """Gluon with the API this kernel is written for: Triton 3.6 (checked on an H200) and later."""
@@ -267,7 +272,7 @@ def int8_gemm_ws(
     without a bias; every Wan linear has one."""
     m, k = a.shape
     n = weight.shape[0]
-    if triton.cdiv(k, BLOCK_K) % 2:
+    if not takes_k(k):
         raise ValueError(f"the warp-specialized int8 GEMM takes K blocks in pairs; K={k} has an odd count")
     tiles = triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, BLOCK_N)
     grid = (min(tiles, _sm_count(a.device)),)

@@ -91,7 +91,7 @@ def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> lis
         config=str(gemm_module.gemm_launch(True, gpu_limits(x.device))),
     )
     gpu = gpu_limits(x.device)
-    device_launch = gemm_module.gemm_launch(False, gpu, m, n)
+    device_launch = gemm_module.gemm_launch(False, gpu, m, n, k=k)
     add(
         "int8 GEMM on int8 input",
         _ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx)),
