@@ -39,6 +39,7 @@ from .layers import (
     unpatchify,
 )
 from .random_init import materialize
+from .text_padding import attention_bias, padding_keys
 
 __all__ = ["DIT_CONFIGS", "DiTConfig", "DiTInputs", "WanDiT", "build_dit", "load_dit"]
 
@@ -84,7 +85,11 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Attention from the video tokens to all text rows (padding rows included: upstream uses no mask)."""
+    """Attention from the video tokens to all text rows (padding rows included: upstream uses no mask).
+
+    ``bias`` ([1, 1, 1, keys] or None) is added to the scores: the stand-in keys of upstream's zero
+    padding carry it (DiTInputs.context_bias).
+    """
 
     def __init__(self, config: DiTConfig, dtype: torch.dtype, quantized: bool) -> None:
         super().__init__()
@@ -94,7 +99,7 @@ class CrossAttention(nn.Module):
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
 
-    def forward(self, x: Activation, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Activation, context: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         q, k = self.q(x), self.k(context)
         if use_fused_kernels(q):
             from ..kernels.rope import rms_norm
@@ -108,7 +113,7 @@ class CrossAttention(nn.Module):
         q = q.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         k = k.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         v = self.v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.o(out.transpose(1, 2).flatten(2))
 
 
@@ -135,17 +140,18 @@ class Block(nn.Module):
         e0: torch.Tensor,
         context: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
+        context_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # bf16 + fp32 promotes to fp32 exactly: the same sum as converting first, in one launch.
         modulation = (e0 + self.modulation).chunk(6, dim=1)
         if use_fused_kernels(x):
-            return self._forward_fused(x, modulation, context, rope)
+            return self._forward_fused(x, modulation, context, rope, context_bias)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation
         dtype = x.dtype
         h = (self.norm1(x).float() * (1 + scale1) + shift1).to(dtype)
         # Gated residuals round the product and then the sum to the stream dtype, as upstream does.
         x = x + self.self_attn(h, rope) * gate1.to(dtype)
-        x = x + self.cross_attn(self.norm3(x), context)
+        x = x + self.cross_attn(self.norm3(x), context, context_bias)
         h = (self.norm2(x).float() * (1 + scale2) + shift2).to(dtype)
         return x + self.ffn(h) * gate2.to(dtype)
 
@@ -155,6 +161,7 @@ class Block(nn.Module):
         modulation: tuple[torch.Tensor, ...],
         context: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
+        context_bias: torch.Tensor | None,
     ) -> torch.Tensor:
         """``forward`` through turbovideo.kernels: each residual add is fused into the norm that follows it."""
         from ..kernels import norms
@@ -172,7 +179,7 @@ class Block(nn.Module):
         x, h = norms.residual_layer_norm_affine(
             x, y, gate1, self.norm3.weight, self.norm3.bias, eps, quantize
         )
-        y = self.cross_attn(linear_input(h), context)
+        y = self.cross_attn(linear_input(h), context, context_bias)
         x, h = norms.residual_layer_norm_modulate(x, y, None, shift2, scale2, eps, quantize)
         if quantize:  # the GELU writes ffn.2's int8 input directly
             from ..kernels.quant import gelu_tanh_quantize
@@ -202,14 +209,20 @@ class DiTInputs:
 
     e: torch.Tensor  # [B, dim] fp32 time embedding; modulates the head
     e0: torch.Tensor  # [B, 6, dim] fp32; modulates every block
-    context: torch.Tensor  # [B, text_len, dim] embedded text
+    context: torch.Tensor  # [B, keys, dim] embedded text: the prompt's rows, then its padding's
+    context_bias: torch.Tensor | None  # [1, 1, 1, keys] cross-attention score bias, None for all zero
     # cos, sin of the RoPE angles: [L, head_dim / 2] fp32 each, a row per token
     rope: tuple[torch.Tensor, torch.Tensor]
     grid: tuple[int, int, int]  # the (t, h, w) token grid
 
 
 class WanDiT(nn.Module):
-    """``model(x, t, context, y=None)`` -> fp32 velocity [B, 16, T, H, W]; state_dict in upstream's key names."""
+    """``model(x, t, context, y=None)`` -> fp32 velocity [B, 16, T, H, W]; state_dict in upstream's key names.
+
+    ``context`` [B, rows, text_dim]: umT5 rows, which upstream pads with zero rows to ``text_len``
+    (512). Fewer rows stand for that padding, attended to as a few biased keys instead of materialized
+    (models/text_padding.py): pass a prompt's rows only (``text_encoder.prompt_rows``) to save the work.
+    """
 
     def __init__(
         self, config: DiTConfig, dtype: torch.dtype = torch.bfloat16, quantized: bool = False
@@ -286,11 +299,25 @@ class WanDiT(nn.Module):
         e0 = linear_fp32(F.silu(e), self.time_projection[1]).unflatten(1, (6, config.dim))
         angles = rope_angles(grid, config.head_dim, x.device)
         rope = (angles.cos(), angles.sin())  # once per forward, not in every block
-        return tokens, DiTInputs(e, e0, self.text_embedding(context.to(dtype)), rope, grid)
+        text, bias = self._text_context(context.to(dtype))
+        return tokens, DiTInputs(e, e0, text, bias, rope, grid)
+
+    def _text_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embedded text with upstream's zero padding (as a few biased keys where that is cheaper)."""
+        rows = context.shape[1]
+        biases = padding_keys(rows, self.config.text_len, context.dtype)
+        if biases is None:
+            zero_rows, bias = max(0, self.config.text_len - rows), None
+        else:
+            zero_rows = sum(copies for _, copies in biases)
+            bias = attention_bias(rows, biases, context.dtype, context.device)
+        if zero_rows:
+            context = F.pad(context, (0, 0, 0, zero_rows))
+        return self.text_embedding(context), bias
 
     def run_blocks(self, tokens: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
         for block in self.blocks:
-            tokens = block(tokens, inputs.e0, inputs.context, inputs.rope)
+            tokens = block(tokens, inputs.e0, inputs.context, inputs.rope, inputs.context_bias)
         return tokens
 
     def _with_condition(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

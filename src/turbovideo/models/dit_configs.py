@@ -18,6 +18,9 @@ class DiTConfig:
     out_dim: int = 16
     text_dim: int = 4096
     freq_dim: int = 256
+    # Rows upstream pads the text context to with zeros (spec §3.3 step 5); a shorter context given to
+    # the DiT stands for that padding (models/text_padding.py).
+    text_len: int = 512
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
 
