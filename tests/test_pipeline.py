@@ -111,6 +111,17 @@ def test_repeated_prompt_skips_the_text_encoder(t2v, tmp_path):
     assert calls[0] == 1  # the second prompt cleans to the same text
 
 
+def test_the_dit_gets_the_prompt_rows_without_their_zero_padding(t2v, tmp_path):
+    prompt = "a red fox in the snow"
+    rows: list[int] = []
+    hook = t2v.experts[0].register_forward_pre_hook(lambda module, args: rows.append(args[2].shape[1]))
+    try:
+        t2v.generate(GenerationRequest(prompt=prompt, num_frames=5, num_steps=2), tmp_path)
+    finally:
+        hook.remove()
+    assert rows == [int(t2v.tokenizer.encode([prompt]).lengths[0])] * 2
+
+
 def test_each_sample_decodes_once_the_previous_ones_video_is_freed(t2v, tmp_path, monkeypatch):
     # The memory plan counts one sample's decoded fp32 video (0.9 GB at 720p, 81 frames): the one before
     # must be gone when the next sample's decode starts.

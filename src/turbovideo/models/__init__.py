@@ -20,6 +20,7 @@ _EXPORTS = {
     "build_text_encoder": "text_encoder",
     "load_text_encoder": "text_encoder",
     "encode_prompts": "text_encoder",
+    "prompt_rows": "text_encoder",
     "TEXT_ENCODER_CONFIGS": "text_encoder",
     "load_tokenizer": "tokenizer",
     "clean_text": "tokenizer",

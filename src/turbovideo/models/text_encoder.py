@@ -248,6 +248,13 @@ def describe_foreign(state: StateDict) -> str | None:
     return None
 
 
+def prompt_rows(context: torch.Tensor) -> torch.Tensor:
+    """``context`` [B, rows, dim] without the zero rows after its longest prompt: upstream's padding,
+    which the DiT attends to without materializing (WanDiT). Reads the values: pass a host tensor."""
+    nonzero = context.ne(0).flatten(2).any(-1).any(0).nonzero()
+    return context[:, : int(nonzero[-1]) + 1 if len(nonzero) else 0]
+
+
 def encode_prompts(prompts: list[str], tokenizer: PromptTokenizer, encoder: UMT5Encoder) -> torch.Tensor:
     """Embed prompts as the DiT's text context: [B, 512, dim] in the encoder's dtype and device.
 

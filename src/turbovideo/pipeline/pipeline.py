@@ -34,6 +34,7 @@ from turbovideo.models import (
     load_text_encoder,
     load_tokenizer,
     load_vae,
+    prompt_rows,
 )
 from turbovideo.models.attention import select_attention
 from turbovideo.models.tokenizer import TOKENIZER_FILE, PromptTokenizer
@@ -372,9 +373,10 @@ class VideoPipeline:
             self._enter({TEXT_ENCODER})
             # The raw prompt: the tokenizer cleans it (once, as upstream); cleaning the clean text again
             # can change it (HTML entities one level deeper unescaped).
-            cached = encode_prompts([prompt], self.tokenizer, self.text_encoder)
+            cached = encode_prompts([prompt], self.tokenizer, self.text_encoder).cpu()
             self.prompt_cache.put(self.encoder_id, text, cached)
-        return cached.to(self.device, non_blocking=True)
+        # The prompt's rows only: the DiT attends to the zero padding after them at less cost.
+        return prompt_rows(cached).to(self.device, non_blocking=True)
 
     def _denoise(
         self,
