@@ -10,7 +10,7 @@ fp32 qk/cross-attention norms, bf16 everything else) and loads that file with ou
 proves the loader as well as the forward. Cases:
 
 * dit       Wan2.1-T2V-1.3B on a 16x21x60x104 latent, t=988, context [1, 512, 4096] with zero rows
-            after token 40: upstream ``original`` vs our ``dense``, then upstream SLA vs our ``sla``
+            after token 40 (ours gets the 40 rows and attends to the padding as biased keys): upstream ``original`` vs our ``dense``, then upstream SLA vs our ``sla``
             (topk 0.1, BLKQ 128 / BLKK 64, as modify_model.py builds it); upstream uses its Triton
             "fast" norms like the published pipeline.
 * dit14b    the first 2 of 40 blocks of Wan2.1-T2V-14B (embeddings and head included) at 720p
@@ -398,7 +398,10 @@ def _compare_dit(
         return None
     blocks = (FirstBlockCall(net), FirstBlockCall(ours)) if time_block else None
     up_measured = measure(functools.partial(upstream_forward, net, inputs, device), device, setting.repeats)
-    our_call = functools.partial(ours, inputs["x"], inputs["t"], inputs["context"], inputs.get("y"))
+    # Ours gets the prompt's rows only, as the pipeline passes them: it attends to upstream's zero
+    # padding as a few biased keys (models/text_padding.py), upstream to the 512 rows.
+    prompt = inputs["context"][:, :PROMPT_TOKENS]
+    our_call = functools.partial(ours, inputs["x"], inputs["t"], prompt, inputs.get("y"))
     our_measured = measure(our_call, device, setting.repeats)
     _fill(record, up_measured, our_measured)
     if setting.dtype != torch.float32:

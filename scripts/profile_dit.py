@@ -1,9 +1,11 @@
 """Where a DiT forward spends its GPU time: one profiled forward, kernels grouped by kind.
 
     python scripts/profile_dit.py --out profile_dit.json [--model wan2.1-t2v-1.3b] [--latent 21x60x104] [--quant]
+        [--prompt-tokens 512]
 
 Random weights, bf16 (``--quant``: int8 W8A8 block linears, as the ``-quant`` checkpoints), the attention
-backend `auto` picks. Prints the top kernels and the time per
+backend `auto` picks. The text context holds ``--prompt-tokens`` rows (default 512: the longest prompt,
+all of the context upstream attends to); a request passes its prompt's rows only, e.g. 20-100. Prints the top kernels and the time per
 group (GEMM, attention, elementwise/norm, other), and the forward's wall time against its kernel time
 with the number of launches: where wall exceeds kernels, the GPU waited for the host to enqueue. Writes
 all of it as JSON. Needs a CUDA GPU.
@@ -56,6 +58,9 @@ def main() -> int:
     parser.add_argument("--latent", default="21x60x104", help="T x H x W of the 16-channel latent")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--quant", action="store_true", help="int8 W8A8 block linears")
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=512, help="rows of text context (the rest is zero padding)"
+    )
     args = parser.parse_args()
 
     device = benchmark_device("profile_dit.py", out=args.out)
@@ -64,7 +69,7 @@ def main() -> int:
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(1, 16, frames, height, width, device=device, generator=g).bfloat16()
     t = torch.tensor([988.0], device=device, dtype=torch.bfloat16)
-    context = torch.randn(1, 512, config.text_dim, device=device, generator=g).bfloat16()
+    context = torch.randn(1, args.prompt_tokens, config.text_dim, device=device, generator=g).bfloat16()
     y = None
     if config.task == "i2v":
         y = torch.randn(1, config.cond_dim, frames, height, width, device=device, generator=g).bfloat16()
@@ -98,6 +103,7 @@ def main() -> int:
                 "latent": args.latent,
                 "quantized": args.quant,
                 "attention": model.attention_backend,
+                "prompt_tokens": args.prompt_tokens,
                 "total_ms": total,
                 "wall_ms": wall,
                 "launches": launches,
@@ -109,6 +115,7 @@ def main() -> int:
         )
     print(
         f"{config.label} forward{' (int8 linears)' if args.quant else ''}, latent {args.latent}, "
+        f"{args.prompt_tokens} prompt tokens, "
         f"attention {model.attention_backend}: {total:.1f} ms of kernels in {launches} launches, "
         f"{wall:.1f} ms wall (median of 5)"
     )
