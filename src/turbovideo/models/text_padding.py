@@ -27,7 +27,7 @@ Biases = tuple[tuple[float, int], ...]  # (bias, copies) of the padding's stand-
 def padding_keys(rows: int, text_len: int, dtype: torch.dtype) -> Biases | None:
     """The biases of the keys that stand for the zero padding of a ``rows``-row context up to
     ``text_len``, or None where the padding is attended to as zero rows (nothing to pad, or a prompt
-    within one key tile of ``text_len``).
+    so long that its keys and the stand-ins would fill ``text_len`` anyway).
 
     A bias is rounded to ``dtype`` (SDPA adds the mask in the query's dtype), so two neighbouring
     values of it are mixed: their exponentials sum to ``pad`` within half a step over all copies
