@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from turbovideo.models import DIT_CONFIGS, build_dit, prompt_rows
-from turbovideo.models.text_padding import KEY_MULTIPLE, MIN_COPIES, attention_bias, padding_keys
+from turbovideo.models.text_padding import (
+    KEY_MULTIPLE,
+    MIN_COPIES,
+    attention_bias,
+    context_rows,
+    padding_keys,
+)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -29,6 +35,21 @@ def test_the_stand_in_keys_weigh_as_much_as_the_padding(rows, dtype):
 @pytest.mark.parametrize("rows", [433, 500, 512, 600])
 def test_a_prompt_near_or_past_text_len_keeps_its_rows(rows):
     assert padding_keys(rows, 512, torch.bfloat16) is None
+
+
+def test_contexts_cut_at_context_rows_attend_with_the_prompts_keys_and_share_lengths():
+    lengths = {context_rows(rows, 512) for rows in range(513)}
+    assert lengths == {48, 112, 176, 240, 304, 368, 432, 512}
+    for rows in range(513):
+        cut = context_rows(rows, 512)
+        assert cut >= rows
+        assert _keys(cut) == _keys(rows)
+
+
+def _keys(rows: int) -> int:
+    """The keys the DiT attends with for ``rows`` prompt rows (WanDiT._text_context)."""
+    biases = padding_keys(rows, 512, torch.bfloat16)
+    return 512 if biases is None else rows + sum(copies for _, copies in biases)
 
 
 def test_the_bias_is_zero_for_prompt_keys_and_the_chosen_values_after():

@@ -37,7 +37,7 @@ def padding_keys(rows: int, text_len: int, dtype: torch.dtype) -> Biases | None:
     (bf16: < 5e-4 relative, against up to 1.6 % for one rounded bias).
     """
     pad = text_len - rows
-    keys = -(-(rows + MIN_COPIES) // KEY_MULTIPLE) * KEY_MULTIPLE
+    keys = _keys(rows)
     if pad <= 0 or keys >= text_len:
         return None
     copies = keys - rows  # MIN_COPIES <= copies < pad: every bias is positive
@@ -49,6 +49,20 @@ def padding_keys(rows: int, text_len: int, dtype: torch.dtype) -> Biases | None:
     e_low, e_high = math.exp(low.item()), math.exp(high.item())
     high_copies = min(copies, max(0, round((pad - copies * e_low) / (e_high - e_low))))
     return ((high.item(), high_copies), (low.item(), copies - high_copies))
+
+
+def context_rows(rows: int, text_len: int) -> int:
+    """The most rows (prompt rows, then zero rows) a context may have to attend with as many keys as
+    ``rows`` prompt rows do. Contexts cut there from the zero-padded text have one of a few lengths
+    (48, 112, ..., 432 or ``text_len``), so prompts of similar length share shapes (and CUDA graphs),
+    at no extra cost: the zero rows only move weight from the stand-in keys to keys of their own."""
+    keys = _keys(rows)
+    return text_len if keys >= text_len else keys - MIN_COPIES
+
+
+def _keys(rows: int) -> int:
+    """The keys a ``rows``-row prompt attends with: its rows and at least MIN_COPIES stand-ins."""
+    return -(-(rows + MIN_COPIES) // KEY_MULTIPLE) * KEY_MULTIPLE
 
 
 @functools.lru_cache(maxsize=64)
