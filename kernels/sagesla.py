@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .cuda_graph import outside_graph
 from .rounding import to_bf16
 from .sla import (
     SAGESLA_SM90_BLOCKS,
@@ -37,10 +38,10 @@ NOT_INSTALLED = (
 _NO_PV_SKIP = 1e6
 # SpargeAttn launches its kernels without a stream, i.e. on the legacy default stream: on any other
 # stream they race the kernels that produce their inputs (seen on an H200: illegal memory accesses),
-# and a CUDA graph capture cannot record them.
+# and a CUDA graph capture cannot record them (cuda_graph.SegmentedGraph replays them between graphs).
 DEFAULT_STREAM_ONLY = (
     "attention=sagesla runs SpargeAttn's kernels, which launch on the default CUDA stream only; "
-    "call it outside torch.cuda.stream() and CUDA graph capture, or use attention=sla"
+    "call it (or replay its SegmentedGraph) outside torch.cuda.stream(), or use attention=sla"
 )
 
 
@@ -264,8 +265,6 @@ def sagesla_attention(
         raise RuntimeError(NOT_INSTALLED)
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"SageSLA needs head dim 64 or 128; got {q.shape[-1]}")
-    if torch.cuda.current_stream(q.device) != torch.cuda.default_stream(q.device):
-        raise RuntimeError(DEFAULT_STREAM_ONLY)
     arch = cuda_arch(q.device)
     blkq, blkk = selection_blocks(arch)
     state = linear_state(k, v, blkk)
@@ -299,28 +298,19 @@ def _sparse_branch(sparge, arch, q_quantized, k, v, state, lut, count, blkk) -> 
     o_s = torch.empty((batch, heads, length, dim), dtype=out_dtype, device=k.device)
     if fp16_pv:
         no_skip = torch.full((heads,), _NO_PV_SKIP, dtype=torch.float32, device=k.device)
-        sparge.qattn.qk_int8_sv_f16_accum_f16_block_sparse_attn_inst_buf_with_pv_threshold(
+        _launch(
+            sparge.qattn.qk_int8_sv_f16_accum_f16_block_sparse_attn_inst_buf_with_pv_threshold,
             q_int8, k_int8, v.transpose(1, 2).to(torch.float16).contiguous(), o_s, lut, count, no_skip,
             q_scale, k_scale, layout, causal, per_block, scale, 0,
         )  # fmt: skip
         return o_s
     v_fp8, v_scale = prepare_v_fp8(v)
     if arch == "sm90":
-        sparge.qattn.qk_int8_sv_f8_accum_f32_block_sparse_attn_inst_buf_fuse_v_scale_sm90(
-            q_int8,
-            k_int8,
-            v_fp8,
-            o_s,
-            lut,
-            count,
-            q_scale,
-            k_scale,
-            v_scale,
-            layout,
-            causal,
-            per_block,
-            scale,
-        )
+        _launch(
+            sparge.qattn.qk_int8_sv_f8_accum_f32_block_sparse_attn_inst_buf_fuse_v_scale_sm90,
+            q_int8, k_int8, v_fp8, o_s, lut, count, q_scale, k_scale, v_scale,
+            layout, causal, per_block, scale,
+        )  # fmt: skip
         return o_s
     no_skip = torch.full((heads,), _NO_PV_SKIP, dtype=torch.float32, device=k.device)
     # Sage2++ (fp16 accumulation of PV) exists only when SpargeAttn was built with CUDA >= 12.8.
@@ -329,8 +319,19 @@ def _sparse_branch(sparge, arch, q_quantized, k, v, state, lut, count, blkk) -> 
         "qk_int8_sv_f8_accum_f16_block_sparse_attn_inst_buf_fuse_v_scale_with_pv_threshold",
         sparge.qattn.qk_int8_sv_f8_accum_f32_block_sparse_attn_inst_buf_fuse_v_scale_with_pv_threshold,
     )
-    kernel(
-        q_int8, k_int8, v_fp8, o_s, lut, count, no_skip, q_scale, k_scale, v_scale,
+    _launch(
+        kernel, q_int8, k_int8, v_fp8, o_s, lut, count, no_skip, q_scale, k_scale, v_scale,
         layout, causal, per_block, scale, 0,
     )  # fmt: skip
     return o_s
+
+
+def _launch(kernel, *args) -> None:
+    """Call a SpargeAttn kernel, now or at each replay of the graph recording (cuda_graph.py)."""
+    outside_graph(_on_default_stream, kernel, *args)
+
+
+def _on_default_stream(kernel, q: torch.Tensor, *args) -> None:
+    if torch.cuda.current_stream(q.device) != torch.cuda.default_stream(q.device):
+        raise RuntimeError(DEFAULT_STREAM_ONLY)
+    kernel(q, *args)

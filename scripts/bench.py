@@ -10,7 +10,8 @@ wall time is reported as the process's first request, after the worker's one-ste
 with ``--start-warm-up``; run twice with a fresh TRITON_CACHE_DIR to see an empty and a warm compile
 cache), then time a second, warm request with a new prompt (so the text encoder runs): prompt encode
 (+ I2V image encode), every DiT step (by CUDA events, without synchronising between steps), VAE
-decode and mp4 mux, and the peak GPU memory of that request. ``--blocks N`` keeps N DiT blocks per
+decode and mp4 mux, and the peak GPU memory of that request. The DiT's forwards replay as CUDA graphs
+(captured in the first request) unless ``--no-cuda-graphs``. ``--blocks N`` keeps N DiT blocks per
 expert and scales the DiT time by num_layers / N; those
 rows are labelled "extrapolated". Prints a table and writes JSON to --out.
 """
@@ -99,6 +100,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         spec, device, quantized=args.quant, attention=args.attention, blocks=args.blocks
     )
     build_s = time.perf_counter() - built
+    pipe.cuda_graphs = args.cuda_graphs
     config = pipe.experts[0].config
     kept = len(pipe.experts[0].blocks)
     scale = config.num_layers / kept
@@ -139,6 +141,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         "steps": args.steps,
         "attention_backend": result.attention_backend,
         "quantized": args.quant,
+        "cuda_graphs": pipe.graphed_forwards > 0,
         "blocks": kept,
         "num_layers": config.num_layers,
         "extrapolated": kept != config.num_layers,
@@ -177,7 +180,8 @@ def print_table(rows: list[dict]) -> None:
             if mark
             else ""
         )
-        print(f"{'':<28} DiT steps [{steps}] s{note}")
+        graphs = "CUDA graphs" if r["cuda_graphs"] else "eager"
+        print(f"{'':<28} DiT steps [{steps}] s, {graphs}{note}")
         after = (
             ""
             if r["start_warm_up_s"] is None
@@ -205,6 +209,12 @@ def main() -> int:
     parser.add_argument("--quant", action="store_true", help="int8 W8A8 DiT linears")
     parser.add_argument(
         "--blocks", type=int, default=None, help="keep N DiT blocks per expert and extrapolate"
+    )
+    parser.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="run every DiT forward eagerly instead of replaying CUDA graphs",
     )
     parser.add_argument(
         "--start-warm-up",

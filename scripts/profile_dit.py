@@ -1,14 +1,15 @@
 """Where a DiT forward spends its GPU time: one profiled forward, kernels grouped by kind.
 
     python scripts/profile_dit.py --out profile_dit.json [--model wan2.1-t2v-1.3b] [--latent 21x60x104] [--quant]
-        [--prompt-tokens 512]
+        [--prompt-tokens 512] [--cuda-graphs]
 
 Random weights, bf16 (``--quant``: int8 W8A8 block linears, as the ``-quant`` checkpoints), the attention
 backend `auto` picks. The text context holds ``--prompt-tokens`` rows (default 512: the longest prompt,
 all of the context upstream attends to); a request passes its prompt's rows only, e.g. 20-100. Prints the top kernels and the time per
 group (GEMM, attention, elementwise/norm, other), and the forward's wall time against its kernel time
-with the number of launches: where wall exceeds kernels, the GPU waited for the host to enqueue. Writes
-all of it as JSON. Needs a CUDA GPU.
+with the number of launches: where wall exceeds kernels, the GPU waited for the host to enqueue
+(``--cuda-graphs``: the forward replays as CUDA graphs, as a pipeline's do). Writes all of it as JSON.
+Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from turbovideo.benchmark import benchmark_device, median_ms
 from turbovideo.models import DIT_CONFIGS, build_dit
+from turbovideo.pipeline.forward_graphs import ForwardGraphs
 
 # Kernel-name fragments per group; the first group that matches wins.
 GROUPS = {
@@ -61,6 +63,7 @@ def main() -> int:
     parser.add_argument(
         "--prompt-tokens", type=int, default=512, help="rows of text context (the rest is zero padding)"
     )
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay the forward as CUDA graphs")
     args = parser.parse_args()
 
     device = benchmark_device("profile_dit.py", out=args.out)
@@ -74,14 +77,19 @@ def main() -> int:
     if config.task == "i2v":
         y = torch.randn(1, config.cond_dim, frames, height, width, device=device, generator=g).bfloat16()
     model = build_dit(args.model, device=device, quantized=args.quant)
+    graphs = ForwardGraphs()
+
+    def forward() -> torch.Tensor:
+        return graphs(model, x, t, context, y) if args.cuda_graphs else model(x, t, context, y)
+
     with torch.no_grad():
-        for _ in range(2):  # compile outside the profile
-            model(x, t, context, y)
+        for _ in range(2):  # compile (and capture) outside the profile
+            forward()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(x, t, context, y)
+            forward()
             torch.cuda.synchronize()
-        wall = median_ms(lambda: model(x, t, context, y), device, iters=5, warmup=0)
+        wall = median_ms(forward, device, iters=5, warmup=0)
 
     kernels = [
         (event.key, event.device_time_total / 1e3, event.count)
@@ -104,6 +112,7 @@ def main() -> int:
                 "quantized": args.quant,
                 "attention": model.attention_backend,
                 "prompt_tokens": args.prompt_tokens,
+                "cuda_graphs": graphs.captured(model) > 0,
                 "total_ms": total,
                 "wall_ms": wall,
                 "launches": launches,
@@ -115,7 +124,7 @@ def main() -> int:
         )
     print(
         f"{config.label} forward{' (int8 linears)' if args.quant else ''}, latent {args.latent}, "
-        f"{args.prompt_tokens} prompt tokens, "
+        f"{args.prompt_tokens} prompt tokens{', CUDA graphs' if graphs.captured(model) else ''}, "
         f"attention {model.attention_backend}: {total:.1f} ms of kernels in {launches} launches, "
         f"{wall:.1f} ms wall (median of 5)"
     )

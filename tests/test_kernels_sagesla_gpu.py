@@ -3,6 +3,7 @@
 import pytest
 import torch
 from turbovideo.kernels import sagesla, sla
+from turbovideo.kernels.cuda_graph import SegmentedGraph
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and sagesla.is_available(torch.device("cuda"))),
@@ -10,8 +11,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _inputs() -> tuple[torch.Tensor, ...]:
-    g = torch.Generator(device="cuda").manual_seed(0)
+def _inputs(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v = (torch.randn(1, 1000, 2, 128, device="cuda", generator=g).bfloat16() for _ in range(3))
     proj = torch.nn.Linear(128, 128, device="cuda", dtype=torch.bfloat16)
     return q, k, v, proj.weight.detach(), proj.bias.detach()
@@ -29,6 +30,22 @@ def test_sagesla_refuses_other_streams_instead_of_racing_them():
         pytest.raises(RuntimeError, match="default CUDA stream only"),
     ):
         sagesla.sagesla_attention(*inputs, topk=0.5)
+
+
+def test_a_segmented_graph_replays_sagesla_with_spargeattn_between_its_graphs():
+    inputs = _inputs()
+    static = [x.clone() for x in inputs[:3]]
+    sagesla.sagesla_attention(*inputs, topk=0.5)  # compiled and tuned before the capture, as it must be
+    graph = SegmentedGraph(torch.cuda.graph_pool_handle())
+    out = graph.capture(lambda: sagesla.sagesla_attention(*static, *inputs[3:], topk=0.5))
+    assert graph.segments == 2
+    for seed in (1, 2):
+        fresh = _inputs(seed)
+        for buffer, value in zip(static, fresh[:3], strict=True):
+            buffer.copy_(value)
+        graph.replay()
+        expected = sagesla.sagesla_attention(*fresh[:3], *inputs[3:], topk=0.5)
+        torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
 
 
 def test_the_fused_query_block_means_are_the_selection_pass_means():

@@ -16,6 +16,7 @@ from turbovideo import catalog
 from turbovideo.catalog import MODELS
 from turbovideo.errors import InputError
 from turbovideo.models import CheckpointError
+from turbovideo.models.text_padding import context_rows
 from turbovideo.models.tokenizer import load_tokenizer, tiny_tokenizer
 from turbovideo.pipeline import GenerationRequest, GenerationResult, ProgressEvent, VideoPipeline
 
@@ -111,15 +112,18 @@ def test_repeated_prompt_skips_the_text_encoder(t2v, tmp_path):
     assert calls[0] == 1  # the second prompt cleans to the same text
 
 
-def test_the_dit_gets_the_prompt_rows_without_their_zero_padding(t2v, tmp_path):
-    prompt = "a red fox in the snow"
-    rows: list[int] = []
-    hook = t2v.experts[0].register_forward_pre_hook(lambda module, args: rows.append(args[2].shape[1]))
+@pytest.mark.parametrize("words", [5, 60])
+def test_the_dit_gets_the_prompt_rows_and_zero_rows_up_to_a_shared_length(t2v, tmp_path, words):
+    prompt = " ".join(["a red fox in the snow"] * (words // 5))
+    contexts: list[torch.Tensor] = []
+    hook = t2v.experts[0].register_forward_pre_hook(lambda module, args: contexts.append(args[2]))
     try:
         t2v.generate(GenerationRequest(prompt=prompt, num_frames=5, num_steps=2), tmp_path)
     finally:
         hook.remove()
-    assert rows == [int(t2v.tokenizer.encode([prompt]).lengths[0])] * 2
+    prompt_length = int(t2v.tokenizer.encode([prompt]).lengths[0])
+    assert [context.shape[1] for context in contexts] == [context_rows(prompt_length, 512)] * 2
+    assert contexts[0][:, prompt_length - 1].any() and not contexts[0][:, prompt_length:].any()
 
 
 def test_each_sample_decodes_once_the_previous_ones_video_is_freed(t2v, tmp_path, monkeypatch):
@@ -277,13 +281,26 @@ def test_invalid_requests_fail_before_any_model_work(spec, changes, message, tmp
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_request_gives_the_same_video_with_and_without_cuda_graphs(tmp_path):
+    pipe = VideoPipeline.load(MODELS["tiny-t2v"], device="cuda")
+    request = GenerationRequest(prompt="a red fox", num_frames=5, num_steps=4)
+    videos = []
+    for graphs in (False, True, True):
+        pipe.cuda_graphs = graphs
+        videos.append(_read(pipe.generate(request, tmp_path / str(len(videos))).videos[0])[1])
+    assert pipe.graphed_forwards == 1  # captured in the first graphed request, replayed in the second
+    for video in videos[1:]:
+        assert np.abs(video.astype(int) - videos[0].astype(int)).max() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_offloading_every_module_gives_the_same_video_on_gpu(tmp_path):
     resident = VideoPipeline.load(MODELS["tiny-i2v"], device="cuda")
     offloaded = VideoPipeline.load(MODELS["tiny-i2v"], device="cuda")
     image = Image.new("RGB", (64, 64), (90, 30, 200))
     request = GenerationRequest(prompt="a red fox", task="i2v", image=image, num_frames=5)
     offloaded.gpu_memory_limit = 1
-    frugal, _, _ = offloaded._plan(request)  # what the request needs with every module visiting
+    frugal = offloaded._plan(request).placement  # what the request needs with every module visiting
     offloaded.gpu_memory_limit = frugal.peak_bytes
     first = _read(resident.generate(request, tmp_path / "a").videos[0])[1]
     second = _read(offloaded.generate(request, tmp_path / "b").videos[0])[1]

@@ -15,6 +15,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -37,8 +38,10 @@ from turbovideo.models import (
     prompt_rows,
 )
 from turbovideo.models.attention import select_attention
+from turbovideo.models.text_padding import context_rows
 from turbovideo.models.tokenizer import TOKENIZER_FILE, PromptTokenizer
 from turbovideo.pipeline.conditioning import image_condition
+from turbovideo.pipeline.forward_graphs import graphs_on
 from turbovideo.pipeline.host_memory import HostMemory, gib_text, read_host_memory
 from turbovideo.pipeline.memory import (
     GIB,
@@ -99,6 +102,16 @@ class HostMemoryError(InputError):
         self.summary = summary
 
 
+class _Fit(NamedTuple):
+    """A request's placement, the memory it may use, the other served models' slots that must go to
+    host memory first, and whether the DiT's forwards replay as CUDA graphs (whose pool it counts)."""
+
+    placement: Placement
+    budget: int
+    evict: list[DeviceSlot]
+    graphed: bool
+
+
 class VideoPipeline:
     """The loaded models of one catalog entry; ``generate`` turns a request into videos."""
 
@@ -136,6 +149,10 @@ class VideoPipeline:
         self._dit_shards = 1
         # A cap below what the card has free, e.g. when another process shares the GPU.
         self.gpu_memory_limit = gpu_memory_limit
+        # Replay the DiT's forwards as CUDA graphs where its experts stay on one GPU (forward_graphs.py).
+        self.cuda_graphs = True
+        self._graphs = graphs_on(device)
+        self._graphed = False  # whether this request's placement leaves room for the graphs
 
     # ----------------------------------------------------------------- construction
 
@@ -254,6 +271,7 @@ class VideoPipeline:
         turbovideo.parallel, which splits the tokens into ``shards``). The wrapper must use the
         expert's own weights: the memory plan keeps moving those."""
         self.experts = [wrap(expert) for expert in self.experts]
+        self.cuda_graphs = False  # what the wrapper does (collectives across GPUs) is not captured
         self._dit_shards = shards
         self._place_default()  # the load planned for every token on this GPU
 
@@ -339,7 +357,7 @@ class VideoPipeline:
         return num_frames
 
     def warm_up(self, progress: Progress | None = None) -> float:
-        """Generate one throwaway video of the default request with a single step; returns seconds.
+        """Generate one throwaway video of the default request with one step (or two); returns seconds.
 
         A process's first request also pays for loading the compiled kernels, cuDNN's convolution
         search and CUDA's lazy module loading (H200, 1.3B int8: 4.6 s instead of 1.6 s with Triton's
@@ -348,9 +366,12 @@ class VideoPipeline:
         and size are the default request's, whose shapes are the ones Triton and cuDNN specialize on.
         The prompt goes through the text encoder (so it warms up too) without entering the prompt cache.
         ``progress`` hears each step, as in ``generate`` (and may raise to stop the warm-up there).
+        Where the DiT's forwards replay as CUDA graphs it runs two steps: the second captures them (a
+        T2V model's, for prompts of up to 48 tokens), so that a first such request replays them.
         """
         image = Image.new("RGB", (16, 9), (128, 128, 128)) if self.spec.task == "i2v" else None
-        request = GenerationRequest(prompt="warm-up", task=self.spec.task, image=image, num_steps=1)
+        steps = 2 if self.cuda_graphs and self.device.type == "cuda" else 1
+        request = GenerationRequest(prompt="warm-up", task=self.spec.task, image=image, num_steps=steps)
         started = time.perf_counter()
         kept, self.prompt_cache = self.prompt_cache, PromptCache(capacity=1)
         try:
@@ -375,8 +396,10 @@ class VideoPipeline:
             # can change it (HTML entities one level deeper unescaped).
             cached = encode_prompts([prompt], self.tokenizer, self.text_encoder).cpu()
             self.prompt_cache.put(self.encoder_id, text, cached)
-        # The prompt's rows only: the DiT attends to the zero padding after them at less cost.
-        return prompt_rows(cached).to(self.device, non_blocking=True)
+        # The prompt's rows only (the DiT attends to the zero padding after them at less cost), and the
+        # zero rows up to the next of a few lengths, so that prompts of similar length share shapes.
+        rows = context_rows(prompt_rows(cached).shape[1], self.experts[0].config.text_len)
+        return cached[:, :rows].to(self.device, non_blocking=True)
 
     def _denoise(
         self,
@@ -407,6 +430,8 @@ class VideoPipeline:
             self._enter({self._expert_names[index]})
             expert = self.experts[index]
             expert.set_attention(request.attention, request.sla_topk)
+            if self._graphed:
+                return self._graphs(expert, x, timestep, context, condition)
             return expert(x, timestep, context, condition)
 
         generator = torch.Generator(device=self.device).manual_seed(request.seed)
@@ -422,6 +447,11 @@ class VideoPipeline:
         return latent, self.experts[expert_index[-1]].attention_backend
 
     # ----------------------------------------------------------------- memory
+
+    @property
+    def graphed_forwards(self) -> int:
+        """How many (expert, input shape) DiT forwards replay as CUDA graphs now."""
+        return sum(self._graphs.captured(expert) for expert in self.experts)
 
     @property
     def placement(self) -> Placement | None:
@@ -449,7 +479,9 @@ class VideoPipeline:
                 exc,
             )
 
-    def _stages(self, request: GenerationRequest, width: int, height: int) -> list[Stage]:
+    def _stages(self, request: GenerationRequest, width: int, height: int, graphed: bool) -> list[Stage]:
+        """The request's stages; ``graphed``: with the CUDA graphs' pool held throughout (up to what it
+        holds now plus this request's forward, should that be a new shape), the denoising's activations in it."""
         config = self.experts[0].config
         frames = latent_frames(request.num_frames)
         tokens = frames * (height // (2 * VAE_STRIDE)) * (width // (2 * VAE_STRIDE))
@@ -462,20 +494,29 @@ class VideoPipeline:
         )
         # The VAE encodes the one image and decodes one sample at a time.
         vae = vae_activation_bytes(request.num_frames, height, width)
-        stages = [Stage("text", (TEXT_ENCODER,), TEXT_ACTIVATION_BYTES)]
+        held = self._graphs.pool_bytes + dit if graphed else 0
+        stages = [Stage("text", (TEXT_ENCODER,), TEXT_ACTIVATION_BYTES + held)]
         if request.task == "i2v":
-            stages.append(Stage("image", (VAE,), vae))
-        stages += [Stage(f"denoise-{name}", (name,), dit) for name in self._expert_names]
-        stages.append(Stage("decode", (VAE,), vae))
+            stages.append(Stage("image", (VAE,), vae + held))
+        stages += [Stage(f"denoise-{name}", (name,), max(dit, held)) for name in self._expert_names]
+        stages.append(Stage("decode", (VAE,), vae + held))
         return stages
 
-    def _plan(self, request: GenerationRequest) -> tuple[Placement, int, list[DeviceSlot]]:
-        """The placement for ``request``, the memory it may use, and the other served models' slots that
-        must go to host memory first for it to fit (each brings its own back when it runs). Moves
-        nothing: a request that is refused must leave the other models where they are."""
+    def _plan(self, request: GenerationRequest) -> _Fit:
+        """Where ``request`` runs (moves nothing: a request that is refused must leave the other models
+        where they are). CUDA graphs only where every expert stays resident with their pool counted;
+        else the request runs eagerly, as it would without them."""
         width, height = frame_size(request, self.spec)
         sizes = {name: slot.nbytes for name, slot in self._slots.items()}
-        stages = self._stages(request, width, height)
+        if self.cuda_graphs:
+            fit = _Fit(*self._fit(sizes, self._stages(request, width, height, True)), graphed=True)
+            if fit.placement.fits and not fit.placement.swapped & set(self._expert_names):
+                return fit
+        return _Fit(*self._fit(sizes, self._stages(request, width, height, False)), graphed=False)
+
+    def _fit(self, sizes: dict[str, int], stages: list[Stage]) -> tuple[Placement, int, list[DeviceSlot]]:
+        """The placement, its budget, and the other served models' slots that must go to host memory
+        first for it to fit (each brings its own back when it runs)."""
         budget = self._budget()
         placement = plan(budget, sizes, stages, self._offload_order)
         own = {id(slot) for slot in self._slots.values()}
@@ -488,7 +529,7 @@ class VideoPipeline:
     def _too_big(self, request: GenerationRequest, placement: Placement, budget: int) -> str:
         """One line for a request no placement fits: what it needs, what the GPU has, and what fits."""
         advice = self._what_fits(
-            request, lambda changed: self._plan(changed)[0].fits, "does not fit on this GPU, not even"
+            request, lambda changed: self._plan(changed).placement.fits, "does not fit on this GPU, not even"
         )
         return (
             f"this request needs about {placement.peak_bytes / GIB:.1f} GiB of GPU memory and this GPU has "
@@ -542,7 +583,7 @@ class VideoPipeline:
         if self.device.type != "cuda":
             self._placement = None
             return
-        placement, budget, evict = self._plan(request)
+        placement, budget, evict, graphed = self._plan(request)
         if not placement.fits:
             raise InputError(self._too_big(request, placement, budget))
         self._check_host_room(request, placement, evict, at_load)
@@ -558,6 +599,9 @@ class VideoPipeline:
                 sorted(placement.swapped),
             )
         self._placement = placement
+        self._graphed = graphed
+        if not graphed:  # its pool's memory is counted free
+            self._graphs.clear()
         self._enter(set())
         for name in placement.swapped:
             self._slots[name].pin()
@@ -595,7 +639,7 @@ class VideoPipeline:
         made = f" (the copies made so far take {held / GIB:.1f} GiB)" if held else ""
 
         def accepts(changed: GenerationRequest) -> bool:
-            changed_placement, _, changed_evict = self._plan(changed)
+            changed_placement, _, changed_evict, _ = self._plan(changed)
             return changed_placement.fits and self._host_shortfall(changed_placement, changed_evict) is None
 
         if at_load:
