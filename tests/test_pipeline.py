@@ -380,13 +380,23 @@ def test_a_warm_up_runs_the_default_shape_and_leaves_no_trace(name, t2v, i2v, tm
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     cached = dict(pipe.prompt_cache._entries)
     steps: list[int] = []
-    hook = pipe.experts[0].register_forward_hook(lambda module, args, out: steps.append(args[0].shape[2]))
+    keys: set[int] = set()
+    expert = pipe.experts[0]
+    hooks = [
+        expert.register_forward_hook(lambda module, args, out: steps.append(args[0].shape[2])),
+        expert.blocks[0].cross_attn.register_forward_pre_hook(
+            lambda module, args: keys.add(args[1].shape[1])
+        ),
+    ]
     try:
         assert pipe.warm_up() > 0
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     # One step at the default request's latent frame count (81 frames -> 21).
     assert steps == [21]
+    # And the cross-attention at every key count a prompt can give (cuDNN plans one per count).
+    assert keys == {64, 128, 192, 256, 320, 384, 448, 512}
     assert pipe.prompt_cache._entries == cached  # the warm-up prompt took no cache slot
     assert not list(tmp_path.iterdir())  # its video went with its scratch folder
 

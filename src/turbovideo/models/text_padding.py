@@ -60,6 +60,11 @@ def context_rows(rows: int, text_len: int) -> int:
     return text_len if keys >= text_len else keys - MIN_COPIES
 
 
+def context_lengths(text_len: int) -> tuple[int, ...]:
+    """Every length ``context_rows`` cuts a context at, shortest first."""
+    return tuple(sorted({context_rows(rows, text_len) for rows in range(text_len + 1)}))
+
+
 def _keys(rows: int) -> int:
     """The keys a ``rows``-row prompt attends with: its rows and at least MIN_COPIES stand-ins."""
     return -(-(rows + MIN_COPIES) // KEY_MULTIPLE) * KEY_MULTIPLE
