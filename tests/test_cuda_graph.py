@@ -78,6 +78,8 @@ def test_forward_graphs_replay_the_forward_and_drop_the_graphs_when_the_weights_
         assert graphs.captured(model) == 1 and graphs.pool_bytes > 0
         second = _dit_inputs(1)
         torch.testing.assert_close(graphs(model, *second), model(*second), rtol=1e-3, atol=1e-3)
-        model.to("cpu").to("cuda")  # new addresses: a replay would read freed memory
+        held = list(model.state_dict().values())  # the old memory stays taken: the move gets new addresses
+        model.to("cpu").to("cuda")  # a replay would read the old addresses
+        del held
         torch.testing.assert_close(graphs(model, *second), model(*second), rtol=1e-3, atol=1e-3)
         assert graphs.captured(model) == 0
