@@ -63,11 +63,8 @@ class SegmentedGraph:
         self.segments = 0  # how many graphs the capture was cut into
 
     def capture(self, fn: Callable[[], T]) -> T:
-        caller = torch.cuda.current_stream()
-        stream = torch.cuda.Stream()  # a capture cannot use the default stream
-        stream.wait_stream(caller)
         torch.cuda.synchronize()  # nothing in flight may free memory into the pool meanwhile
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(torch.cuda.Stream()):  # a capture cannot use the default stream
             self._begin()
             _capture.graph = self
             try:
@@ -78,8 +75,7 @@ class SegmentedGraph:
                 raise
             _capture.graph = None
             self._end()
-        caller.wait_stream(stream)
-        return out
+        return out  # recorded, not run: nothing on the capture stream for the caller to wait for
 
     def replay(self) -> None:
         for step in self._steps:
