@@ -34,6 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import int8_gemm_ws
 from .gpu import GpuLimits, gpu_limits
+from .norms import gated_update, per_sample
 from .quant import QUANT_BLOCK, quantize_blockwise, quantize_tile, scale_shape
 from .rounding import to_bf16
 
@@ -46,13 +47,20 @@ def _int8_gemm_kernel(
     w_scale_ptr,
     bias_ptr,
     c_ptr,
+    stream_ptr,
+    gate_ptr,
     M,
     N,
     K,
     stride_am,
     stride_wn,
     stride_cm,
+    rows_per_sample,
+    stride_gate,
     HAS_BIAS: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    SHARED_GATE: tl.constexpr,
     QUANTIZE_A: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -106,8 +114,23 @@ def _int8_gemm_kernel(
     if HAS_BIAS:  # added after rounding, in bf16, as a separate bias add would
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         out = to_bf16(out.to(tl.float32) + bias.to(tl.float32))
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
-    tl.store(c_ptrs, out, mask=(rows < M)[:, None] & col_ok[None, :])
+    offsets = rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    if RESIDUAL:  # the residual stream plus the gated output, as norms.gated_residual rounds it
+        stream = tl.load(stream_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        gate = None
+        if HAS_GATE:
+            if SHARED_GATE:  # one row for every sample
+                gate = tl.load(gate_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            else:
+                samples = (rows // rows_per_sample)[:, None]
+                gate = tl.load(gate_ptr + samples * stride_gate + cols[None, :], mask=mask, other=0.0)
+        out = gated_update(stream, out.to(tl.float32), gate, HAS_GATE).to(tl.bfloat16)
+    tl.store(c_ptr + offsets, out, mask=mask)
+
+
+# A GEMM's residual: (the bf16 stream its output is added to, the fp32 gate of the output or None).
+Residual = tuple[torch.Tensor, torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -199,12 +222,15 @@ def int8_gemm(
     bias: torch.Tensor | None = None,
     a_scale: torch.Tensor | None = None,
     launch: GemmLaunch | None = None,
+    residual: Residual | None = None,
 ) -> torch.Tensor:
     """``bf16(dequant(a) @ dequant(weight).T) + bias`` for ``a`` [..., K] -> bf16 [..., N].
 
     ``a`` is either int8 with ``a_scale`` (from ``quantize_blockwise`` or a kernel that emits int8)
     or bf16 without it, in which case each 128x128 tile is quantized inside the GEMM. ``launch``
-    defaults to ``gemm_launch`` for a's GPU.
+    defaults to ``gemm_launch`` for a's GPU. With a ``residual`` (stream, gate) the result is
+    ``norms.gated_residual(stream, product, gate)``, added as each output tile is written: the product
+    never goes to memory and back.
     """
     n, k = weight.shape
     if weight.dtype != torch.int8 or weight.stride(-1) != 1:
@@ -237,12 +263,14 @@ def int8_gemm(
     if launch.tma:
         flat, weight = _tma_rows(flat), _tma_rows(weight)
     out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
+    stream, gate, rows_per_sample, stride_gate = _residual_args(m, n, residual)
     if launch.warp_specialized:
         if bias is None:
             raise ValueError("the warp-specialized int8 GEMM needs a bias")
         int8_gemm_ws.int8_gemm_ws(
-            flat, a_scale_arg, weight, weight_scale.contiguous(), bias, out, launch.group_m
-        )
+            flat, a_scale_arg, weight, weight_scale.contiguous(), bias, out, launch.group_m,
+            None if residual is None else (stream, gate, rows_per_sample, stride_gate),
+        )  # fmt: skip
         return out.view(*a.shape[:-1], n)
     grid = (triton.cdiv(m, launch.block_m) * triton.cdiv(n, launch.block_n),)
     _int8_gemm_kernel[grid](
@@ -252,13 +280,20 @@ def int8_gemm(
         weight_scale.contiguous(),
         bias if bias is not None else weight_scale,  # unread placeholder when there is no bias
         out,
+        out if stream is None else stream,  # placeholders when unread
+        weight_scale if gate is None else gate,
         m,
         n,
         k,
         flat.stride(0),
         weight.stride(0),
         out.stride(0),
+        rows_per_sample,
+        stride_gate,
         HAS_BIAS=bias is not None,
+        RESIDUAL=residual is not None,
+        HAS_GATE=gate is not None,
+        SHARED_GATE=stride_gate == 0,
         QUANTIZE_A=quantize_on_load,
         BLOCK_M=launch.block_m,
         BLOCK_N=launch.block_n,
@@ -266,8 +301,28 @@ def int8_gemm(
         TMA=launch.tma,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
+        enable_fp_fusion=False,  # the gated residual rounds its product before the add
     )
     return out.view(*a.shape[:-1], n)
+
+
+def _residual_args(
+    m: int, n: int, residual: Residual | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int]:
+    """(stream [M, N], gate rows, rows per sample, gate row stride, 0 for one row for all) of a residual
+    whose stream is [B, L, N] or [M, N] and whose gate is fp32 [B, 1, N], [B, N], [1, N] or None."""
+    if residual is None:
+        return None, None, 1, 0
+    stream, gate = residual
+    if stream.numel() != m * n or stream.shape[-1] != n or stream.dtype != torch.bfloat16:
+        raise ValueError(
+            f"the residual stream must be bf16 [..., {n}] with {m} rows, got {stream.dtype} {tuple(stream.shape)}"
+        )
+    if not stream.is_contiguous():
+        raise ValueError("the residual stream must be contiguous")
+    batch = stream.shape[0] if stream.dim() == 3 else 1
+    gate, stride_gate = per_sample(gate, batch, n, "gate")
+    return stream.view(m, n), gate, m // batch, stride_gate
 
 
 def int8_linear(
@@ -275,12 +330,13 @@ def int8_linear(
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
+    residual: Residual | None = None,
 ) -> torch.Tensor:
     """W8A8 linear for a bf16 activation, or for an already quantized ``(int8 values, tile scales)`` one.
 
     A bf16 activation gets its own memory-bound quantization pass: quantizing in the GEMM prologue
     repeats that work for every column tile (N / 128 times), on the cores the dequantization needs.
-    scripts/bench_kernels_linear.py times both.
+    scripts/bench_kernels_linear.py times both. ``residual``: as ``int8_gemm``.
     """
     values, scales = x if isinstance(x, tuple) else quantize_blockwise(x)
-    return int8_gemm(values, weight, weight_scale, bias, a_scale=scales)
+    return int8_gemm(values, weight, weight_scale, bias, a_scale=scales, residual=residual)

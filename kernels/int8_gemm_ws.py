@@ -9,6 +9,8 @@ issues the int8 MMAs of a pair into two int32 partials, then converts and scales
 second multiplies, and frees the pair when both are done. The consumers run independently, so one's
 scale work overlaps the other's MMAs as well, and the copy warp fetches the next tile while they
 round and store this one. K must therefore span an even number of blocks (every Wan linear's does).
+With a residual, the copy warp also fetches each tile's residual stream as the tile starts, into one
+of two slots, and the consumers add their gated output to it before the store.
 
 Triton's own pipeliner cannot do this for an int32 accumulator: it waits for each K block's MMA before
 the scale work (kernels/int8_gemm.py keeps several small programs per SM instead). No MMA stays in flight
@@ -85,19 +87,37 @@ if gluon is not None:
         w_bufs,
         ready,
         empty,
+        residual,
         grid_m,
         grid_n,
         k_blocks,
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
+        RESIDUAL: gl.constexpr,
     ):
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         PAIRS: gl.constexpr = STAGES // 2
+        s_desc, s_bufs, s_ready, s_empty = residual
         pair = 0
+        index = 0  # of the program's tiles
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, BLOCK_N)
+            if RESIDUAL:
+                # The tile's residual stream first, into the slot of the tile before last (read by now):
+                # it has the whole K loop to land.
+                slot = index % 2
+                mbarrier.wait(s_empty.index(slot), ((index // 2) & 1) ^ 1)
+                mbarrier.expect(s_ready.index(slot), 2 * s_desc.block_type.nbytes)
+                for half in gl.static_range(2):
+                    _tma_load(
+                        s_desc,
+                        [off_m + half * SUB_M, off_n],
+                        s_ready.index(slot),
+                        s_bufs.index(2 * slot + half),
+                    )
+            index += 1
             for kb in range(0, k_blocks, 2):
                 ring = pair % PAIRS
                 # A pair of slots starts free: the first wait on its "empty" barrier is on the phase
@@ -126,7 +146,23 @@ if gluon is not None:
         return gl.load(a_scales + kb, mask=rows_ok, other=0.0) * gl.load(w_scales + kb)
 
     @gluon.jit
-    def _consumer(SUB: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, operands):
+    def _gated(stream, out, gate, HAS_GATE: gl.constexpr):
+        """norms.gated_update: bf16(stream + bf16(out * bf16(gate))), or bf16(stream + out) without a gate."""
+        update = out.to(gl.float32)
+        if HAS_GATE:
+            update = (update * gate.to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16).to(gl.float32)
+        return (stream.to(gl.float32) + update).to(gl.bfloat16)
+
+    @gluon.jit
+    def _consumer(
+        SUB: gl.constexpr,
+        STAGES: gl.constexpr,
+        GROUP_M: gl.constexpr,
+        RESIDUAL: gl.constexpr,
+        HAS_GATE: gl.constexpr,
+        SHARED_GATE: gl.constexpr,
+        operands,
+    ):
         """The warpgroup that computes rows SUB * 64 .. SUB * 64 + 63 of each of the program's tiles."""
         (
             a_bufs,
@@ -138,12 +174,17 @@ if gluon is not None:
             a_scale_ptr,
             w_scale_ptr,
             bias_ptr,
+            residual,
+            gate_ptr,
+            rows_per_sample,
+            stride_gate,
             grid_m,
             grid_n,
             M,
             N,
             k_blocks,
         ) = operands
+        _, s_bufs, s_ready, s_empty = residual
         SUB_M: gl.constexpr = c_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -153,6 +194,7 @@ if gluon is not None:
         tile_smem = c_bufs.index(SUB)
         PAIRS: gl.constexpr = STAGES // 2
         pair = 0
+        index = 0  # of the program's tiles
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, BLOCK_N)
             acc = gl.zeros([SUB_M, BLOCK_N], gl.float32, layout)
@@ -179,7 +221,24 @@ if gluon is not None:
             # Rounded to bf16 (nearest even), then the bias added in bf16, as a separate bias add would.
             cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
             bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+            # The gate's loads go out with the bias's, so their latencies overlap.
+            gate = bias[None, :]  # unread without a gate
+            if HAS_GATE:
+                if SHARED_GATE:
+                    gate = gl.load(gate_ptr + cols, mask=cols < N, other=0.0)[None, :]
+                else:
+                    rows = off_m + SUB * SUB_M + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, layout))
+                    samples = (rows // rows_per_sample)[:, None]
+                    ok = (rows < M)[:, None] & (cols < N)[None, :]
+                    gate = gl.load(gate_ptr + samples * stride_gate + cols[None, :], mask=ok, other=0.0)
             out = (acc.to(gl.bfloat16).to(gl.float32) + bias[None, :]).to(gl.bfloat16)
+            if RESIDUAL:
+                slot = index % 2
+                mbarrier.wait(s_ready.index(slot), (index // 2) & 1)
+                stream = s_bufs.index(2 * slot + SUB).load(layout)
+                mbarrier.arrive(s_empty.index(slot), count=1)
+                out = _gated(stream, out, gate, HAS_GATE)
+            index += 1
             tma.store_wait(pendings=0)  # the previous tile's store has left this buffer
             tile_smem.store(out)
             fence_async_shared()
@@ -194,11 +253,18 @@ if gluon is not None:
         a_scale_ptr,
         w_scale_ptr,
         bias_ptr,
+        s_desc,
+        gate_ptr,
         M,
         N,
         K,
+        rows_per_sample,
+        stride_gate,
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
+        RESIDUAL: gl.constexpr,
+        HAS_GATE: gl.constexpr,
+        SHARED_GATE: gl.constexpr,
     ):
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -218,6 +284,15 @@ if gluon is not None:
         for ring in gl.static_range(STAGES // 2):
             mbarrier.init(ready.index(ring), count=1)
             mbarrier.init(empty.index(ring), count=2)  # both consumers release a pair
+        # The residual stream's two 64-row halves of two tiles (a placeholder without a residual): 224 KB
+        # of shared memory in all, within an H100's 227.
+        s_bufs = gl.allocate_shared_memory(gl.bfloat16, [4 if RESIDUAL else 1, SUB_M, BLOCK_N], s_desc.layout)
+        s_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        s_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for slot in gl.static_range(2):
+            mbarrier.init(s_ready.index(slot), count=1)
+            mbarrier.init(s_empty.index(slot), count=2)  # both consumers have read their half
+        residual = (s_desc, s_bufs, s_ready, s_empty)
         operands = (
             a_bufs,
             w_bufs,
@@ -228,6 +303,10 @@ if gluon is not None:
             a_scale_ptr,
             w_scale_ptr,
             bias_ptr,
+            residual,
+            gate_ptr,
+            rows_per_sample,
+            stride_gate,
             grid_m,
             grid_n,
             M,
@@ -236,12 +315,26 @@ if gluon is not None:
         )
         gl.warp_specialize(
             [
-                (_consumer, (0, STAGES, GROUP_M, operands)),
-                (_consumer, (1, STAGES, GROUP_M, operands)),
+                (_consumer, (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, operands)),
+                (_consumer, (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, operands)),
                 (
                     _load_partition,
-                    (a_desc, w_desc, a_bufs, w_bufs, ready, empty, grid_m, grid_n, k_blocks, GROUP_M, STAGES),
-                ),
+                    (
+                        a_desc,
+                        w_desc,
+                        a_bufs,
+                        w_bufs,
+                        ready,
+                        empty,
+                        residual,
+                        grid_m,
+                        grid_n,
+                        k_blocks,
+                        GROUP_M,
+                        STAGES,
+                        RESIDUAL,
+                    ),
+                ),  # fmt: skip
             ],
             [4, 1],
             # Two int32 partials and the fp32 tile: 192 registers a thread, and no spills at 232.
@@ -266,30 +359,44 @@ def int8_gemm_ws(
     bias: torch.Tensor,
     out: torch.Tensor,
     group_m: int,
+    residual: tuple[torch.Tensor, torch.Tensor | None, int, int] | None = None,
 ) -> None:
     """out[M, N] = the W8A8 product of int8 ``a`` [M, K] and ``weight`` [N, K] (rows 16-byte aligned)
     plus ``bias``, for K of an even number of 128-wide blocks. Triton 3.6 fails to compile the kernel
-    without a bias; every Wan linear has one."""
+    without a bias; every Wan linear has one. ``residual`` (stream [M, N], gate rows or None, rows per
+    sample, gate row stride or 0 for one row): out = norms.gated_residual(stream, product, gate)."""
     m, k = a.shape
     n = weight.shape[0]
     if not takes_k(k):
         raise ValueError(f"the warp-specialized int8 GEMM takes K blocks in pairs; K={k} has an odd count")
     tiles = triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, BLOCK_N)
     grid = (min(tiles, _sm_count(a.device)),)
+    stream, gate, rows_per_sample, stride_gate = residual or (out, None, 1, 0)
+    out_tile = _layout([SUB_M, BLOCK_N], gl.bfloat16)
     _int8_gemm_ws_kernel[grid](
         TensorDescriptor.from_tensor(a, [SUB_M, BLOCK_K], _layout([SUB_M, BLOCK_K], gl.int8)),
         TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], _layout([BLOCK_N, BLOCK_K], gl.int8)),
-        TensorDescriptor.from_tensor(out, [SUB_M, BLOCK_N], _layout([SUB_M, BLOCK_N], gl.bfloat16)),
+        TensorDescriptor.from_tensor(out, [SUB_M, BLOCK_N], out_tile),
         a_scale,
         weight_scale,
         bias,
+        TensorDescriptor.from_tensor(stream, [SUB_M, BLOCK_N], out_tile),
+        bias if gate is None else gate,  # unread without a gate
         m,
         n,
         k,
+        rows_per_sample,
+        stride_gate,
         GROUP_M=group_m,
         STAGES=STAGES,
+        RESIDUAL=residual is not None,
+        HAS_GATE=gate is not None,
+        SHARED_GATE=stride_gate == 0,
         num_warps=4,
         # 168 registers a thread over the kernel's 12 warps fill the register file; the consumers
         # take 232 of them, the copy warp gives its own back.
         maxnreg=168,
+        # The gated residual rounds the gated output before adding it; with contraction the compiler
+        # made the two one bf16 fma (the K loop's fma is explicit either way).
+        enable_fp_fusion=False,
     )

@@ -83,8 +83,9 @@ def _compile(
     }
 
 
-def _compile_warp_specialized_gemm() -> dict:
-    """Hopper's Gluon int8 GEMM (kernels/int8_gemm_ws.py) as int8_gemm launches it."""
+def _compile_warp_specialized_gemm(residual: bool) -> dict:
+    """Hopper's Gluon int8 GEMM (kernels/int8_gemm_ws.py) as int8_gemm launches it (with a gated
+    residual: as the DiT's o and ffn.2 projections run)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -106,20 +107,31 @@ def _compile_warp_specialized_gemm() -> dict:
         "a_scale_ptr": "*fp32",
         "w_scale_ptr": "*fp32",
         "bias_ptr": "*bf16",
+        "s_desc": descriptor("bf16", [int8_gemm_ws.SUB_M, int8_gemm_ws.BLOCK_N], gl.bfloat16),
+        "gate_ptr": "*fp32",
         "M": "i32",
         "N": "i32",
         "K": "i32",
+        "rows_per_sample": "i32",
+        "stride_gate": "i32",
     }
-    constexprs = dict(GROUP_M=16, STAGES=int8_gemm_ws.STAGES)
+    constexprs = dict(
+        GROUP_M=16, STAGES=int8_gemm_ws.STAGES, RESIDUAL=residual, HAS_GATE=residual, SHARED_GATE=True
+    )
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = GluonASTSource(
         kernel,
         signature,
         {(params.index(p),): v for p, v in constexprs.items()},
-        {(params.index(p),): [["tt.divisibility", 16]] for p in ("a_scale_ptr", "w_scale_ptr", "bias_ptr")},
+        {
+            (params.index(p),): [["tt.divisibility", 16]]
+            for p in ("a_scale_ptr", "w_scale_ptr", "bias_ptr", "gate_ptr")
+        },
     )
     compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168}
+        source,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": 4, "maxnreg": 168, "enable_fp_fusion": False},
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,6 +156,7 @@ def _compile_warp_specialized_gemm() -> dict:
     return {
         "name": kernel.fn.__name__,
         "arch": 90,
+        "constexprs": constexprs,
         "shared": compiled.metadata.shared,
         "stack": stack,
         "mma_serialized": "serialized" in log,
@@ -260,9 +273,12 @@ def _compile_report() -> list[dict]:
                 )
             else:
                 operands = dict(a_src=f"*{a_type}", w_src="*i8")
+            # The int8-input launch as the DiT's o and ffn.2 projections run it, with a gated residual.
+            residual = not quantize_a
             constexprs = dict(
-                HAS_BIAS=True, QUANTIZE_A=quantize_a, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n
-            )
+                HAS_BIAS=True, RESIDUAL=residual, HAS_GATE=residual, SHARED_GATE=True,
+                QUANTIZE_A=quantize_a, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+            )  # fmt: skip
             report.append(
                 _compile(
                     int8_gemm._int8_gemm_kernel,
@@ -272,6 +288,8 @@ def _compile_report() -> list[dict]:
                         "w_scale_ptr": "*fp32",
                         "bias_ptr": bf16,
                         "c_ptr": bf16,
+                        "stream_ptr": bf16,
+                        "gate_ptr": "*fp32",
                     },
                     {**constexprs, "GROUP_M": launch.group_m, "TMA": launch.tma},
                     launch.num_warps,
@@ -324,7 +342,7 @@ def _compile_report() -> list[dict]:
             report.append(
                 _compile(rope._rms_norm_rope_kernel, rope_types, constexprs, 4, 3, arch=gpu.capability)
             )
-    report.append(_compile_warp_specialized_gemm())
+    report.extend(_compile_warp_specialized_gemm(residual) for residual in (False, True))
     return report
 
 
@@ -346,7 +364,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 53
+    assert len(report) == 54
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %
@@ -362,9 +380,11 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         assert {k["arch"] for k in launches} == set(MAX_SHARED), name
         assert all(k["tma_copies"] > 0 for k in launches if k["arch"] == 90), name
         assert all(k["async_copies"] > 0 for k in launches if k["arch"] < 90), name
-    (warp_specialized,) = [k for k in report if k["name"] == "_int8_gemm_ws_kernel"]
-    assert warp_specialized["stack"] == 0 and warp_specialized["tma_copies"] > 0
-    assert not warp_specialized["mma_serialized"], "ptxas serializes the warp-specialized GEMM's MMAs"
+    warp_specialized = [k for k in report if k["name"] == "_int8_gemm_ws_kernel"]
+    assert len(warp_specialized) == 2
+    for kernel in warp_specialized:
+        assert kernel["stack"] == 0 and kernel["tma_copies"] > 0, kernel
+        assert not kernel["mma_serialized"], f"ptxas serializes the warp-specialized GEMM's MMAs: {kernel}"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ tests run the compiled kernels. Both must match the reference bit for bit.
 import pytest
 import torch
 import torch.nn.functional as F
-from turbovideo.kernels import int8_gemm_ws
+from turbovideo.kernels import int8_gemm_ws, norms
 from turbovideo.kernels.gpu import GpuLimits
 from turbovideo.kernels.int8_gemm import WARP_SPECIALIZED, GemmLaunch, gemm_launch, int8_gemm, int8_linear
 from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise
@@ -131,6 +131,33 @@ def test_gemm_on_prequantized_activation_matches_reference(
     assert torch.equal(
         no_bias, reference.int8_gemm_reference(qx.reshape(-1, k), sx, qw, sw).to(torch.bfloat16)
     )
+
+
+@pytest.mark.parametrize("gate", ["per-sample", "shared", "none"])
+@LAUNCHES
+def test_gemm_adds_the_gated_residual_as_the_norm_kernels_do(gate: str, launch: GemmLaunch | None) -> None:
+    # Two samples of 70 rows: 64-row tiles straddle them, so a per-sample gate changes within a tile.
+    batch, length, k, n = 2, 70, 256, 200
+    x = torch.randn(batch, length, k, device=DEVICE).to(torch.bfloat16)
+    qx, sx = quantize_blockwise(x)
+    qw, sw, bias = _weight(n, k)
+    stream = torch.randn(batch, length, n, device=DEVICE).to(torch.bfloat16)
+    gates = {
+        "per-sample": torch.randn(batch, 1, n, device=DEVICE),
+        "shared": torch.randn(1, 1, n, device=DEVICE),
+    }
+    gate_rows = gates.get(gate)
+    out = int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, residual=(stream, gate_rows))
+    product = int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch)
+    assert torch.equal(out, norms.gated_residual(stream, product, gate_rows))
+    flat = (qx.reshape(-1, k), sx)
+    expected = reference.int8_linear_reference(
+        reference.QuantizedActivation(*flat), qw, sw, bias, residual=(stream, gate_rows)
+    )
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, product)
+    with pytest.raises(ValueError, match="residual stream"):
+        int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, residual=(stream[:, :, :128], None))
 
 
 @pytest.mark.parametrize(
