@@ -26,7 +26,7 @@ from .dit_checkpoint import (
     variant_label,
 )
 from .dit_configs import DIT_CONFIGS, DiTConfig
-from .int8 import Activation, Int8Linear, QuantizedActivation
+from .int8 import Activation, Int8Linear, QuantizedActivation, Residual
 from .layers import (
     LayerNorm,
     RMSNorm,
@@ -58,6 +58,11 @@ def _block_linear(in_features: int, out_features: int, dtype: torch.dtype, quant
     return nn.Linear(in_features, out_features, dtype=dtype)
 
 
+def _project(layer: nn.Module, x: Activation, residual: Residual | None) -> torch.Tensor:
+    """layer(x), or the residual stream plus layer(x) * gate (an Int8Linear adds it as it writes)."""
+    return layer(x) if residual is None else layer(x, residual)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: DiTConfig, dtype: torch.dtype, quantized: bool) -> None:
         super().__init__()
@@ -68,7 +73,9 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, config.eps)
         self.attn_op = AttentionOp(config.head_dim, dtype)
 
-    def forward(self, x: Activation, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: Activation, rope: tuple[torch.Tensor, torch.Tensor], residual: Residual | None = None
+    ) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q, k, v = self.q(x), self.k(x), self.v(x)
         # qk-norm spans all heads, so it runs before the head split.
@@ -81,7 +88,7 @@ class SelfAttention(nn.Module):
             q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope).flatten(2)
             k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope).flatten(2)
         out = self.attn_op(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads))
-        return self.o(out.flatten(2))
+        return _project(self.o, out.flatten(2), residual)
 
 
 class CrossAttention(nn.Module):
@@ -99,7 +106,13 @@ class CrossAttention(nn.Module):
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
 
-    def forward(self, x: Activation, context: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: Activation,
+        context: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        residual: Residual | None = None,
+    ) -> torch.Tensor:
         q, k = self.q(x), self.k(context)
         if use_fused_kernels(q):
             from ..kernels.rope import rms_norm
@@ -114,7 +127,7 @@ class CrossAttention(nn.Module):
         k = k.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         v = self.v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.o(out.transpose(1, 2).flatten(2))
+        return _project(self.o, out.transpose(1, 2).flatten(2), residual)
 
 
 class Block(nn.Module):
@@ -163,32 +176,32 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         context_bias: torch.Tensor | None,
     ) -> torch.Tensor:
-        """``forward`` through turbovideo.kernels: each residual add is fused into the norm that follows it."""
+        """``forward`` through turbovideo.kernels, with each residual add fused into a neighbour: the
+        int8 GEMMs add theirs as they write the output, a bf16 block's norms before they normalize."""
         from ..kernels import norms
 
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation
         eps = self.norm1.eps
-        # Int8 linears get their input quantized by the norm kernel that produces it (no extra pass).
-        quantize = isinstance(self.ffn[0], Int8Linear)
+        if not isinstance(self.ffn[0], Int8Linear):
+            h = norms.layer_norm_modulate(x, shift1, scale1, eps)
+            y = self.self_attn(h, rope)
+            x, h = norms.residual_layer_norm_affine(x, y, gate1, self.norm3.weight, self.norm3.bias, eps)
+            y = self.cross_attn(h, context, context_bias)
+            x, h = norms.residual_layer_norm_modulate(x, y, None, shift2, scale2, eps)
+            return norms.gated_residual(x, self.ffn[2](linear_gelu(h, self.ffn[0])), gate2)
+        # Each norm emits its output as the int8 input of the linears after it (no separate quantize
+        # pass), and the GELU that of ffn.2.
+        from ..kernels.quant import gelu_tanh_quantize
 
-        def linear_input(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> Activation:
-            return QuantizedActivation(*out) if quantize else out
-
-        h = norms.layer_norm_modulate(x, shift1, scale1, eps, quantize)
-        y = self.self_attn(linear_input(h), rope)
-        x, h = norms.residual_layer_norm_affine(
-            x, y, gate1, self.norm3.weight, self.norm3.bias, eps, quantize
+        h = QuantizedActivation(*norms.layer_norm_modulate(x, shift1, scale1, eps, quantize=True))
+        x = self.self_attn(h, rope, residual=(x, gate1))
+        h = QuantizedActivation(
+            *norms.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, eps, quantize=True)
         )
-        y = self.cross_attn(linear_input(h), context, context_bias)
-        x, h = norms.residual_layer_norm_modulate(x, y, None, shift2, scale2, eps, quantize)
-        if quantize:  # the GELU writes ffn.2's int8 input directly
-            from ..kernels.quant import gelu_tanh_quantize
-
-            hidden = gelu_tanh_quantize(self.ffn[0](linear_input(h)))
-            y = self.ffn[2](QuantizedActivation(*hidden))
-        else:
-            y = self.ffn[2](linear_gelu(h, self.ffn[0]))
-        return norms.gated_residual(x, y, gate2)
+        x = self.cross_attn(h, context, context_bias, residual=(x, None))
+        h = QuantizedActivation(*norms.layer_norm_modulate(x, shift2, scale2, eps, quantize=True))
+        hidden = QuantizedActivation(*gelu_tanh_quantize(self.ffn[0](h)))
+        return self.ffn[2](hidden, residual=(x, gate2))
 
 
 class Head(nn.Module):

@@ -27,7 +27,10 @@ class QuantizedActivation(NamedTuple):
 
 
 Activation = torch.Tensor | QuantizedActivation
-Int8Impl = Callable[[Activation, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (stream, gate): a linear given one returns stream + output * gate (gate fp32 [B, 1, N] or None for 1),
+# rounded as the DiT's gated residual adds are: bf16(stream + bf16(output * bf16(gate))).
+Residual = tuple[torch.Tensor, torch.Tensor | None]
+Int8Impl = Callable[..., torch.Tensor]
 
 
 def quantize_blockwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +70,14 @@ def int8_gemm_reference(
 
 
 def int8_linear_reference(
-    x: Activation, int8_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    x: Activation,
+    int8_weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: Residual | None = None,
 ) -> torch.Tensor:
-    """Quantize the activation x [M, K], run the block GEMM, round to x's dtype, then add the bias in it.
+    """Quantize the activation x [M, K], run the block GEMM, round to x's dtype, then add the bias in it
+    (and then the gated output to the residual stream, in the stream's shape).
 
     A ``QuantizedActivation`` stands for a bf16 one and skips the quantization.
     """
@@ -78,26 +86,36 @@ def int8_linear_reference(
     else:
         (qx, sx), dtype = quantize_blockwise(x), x.dtype
     y = int8_gemm_reference(qx, sx, int8_weight, scale).to(dtype)
-    return y if bias is None else y + bias.to(dtype)
+    y = y if bias is None else y + bias.to(dtype)
+    if residual is None:
+        return y
+    stream, gate = residual
+    y = y.view(stream.shape)
+    return stream + (y if gate is None else y * gate.to(dtype))
 
 
 def int8_linear_default(
-    x: Activation, int8_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    x: Activation,
+    int8_weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: Residual | None = None,
 ) -> torch.Tensor:
     """The Triton W8A8 kernels for bf16 activations on CUDA, the reference for everything else."""
     values = x.values if isinstance(x, QuantizedActivation) else x
     if values.is_cuda and values.dtype in (torch.bfloat16, torch.int8):
         from ..kernels.int8_gemm import int8_linear  # imports Triton only where it runs
 
-        return int8_linear(x, int8_weight, scale, bias)
-    return int8_linear_reference(x, int8_weight, scale, bias)
+        return int8_linear(x, int8_weight, scale, bias, residual)
+    return int8_linear_reference(x, int8_weight, scale, bias, residual)
 
 
 _impl: Int8Impl = int8_linear_default
 
 
 def set_int8_impl(impl: Int8Impl | None) -> None:
-    """Install another ``(x2d, int8_weight, scale, bias) -> y2d``; None restores the default."""
+    """Install another ``(x2d, int8_weight, scale, bias) -> y2d``; None restores the default. Layers
+    given a residual call it with ``residual=`` as well (see ``int8_linear_reference``)."""
     global _impl
     _impl = impl or int8_linear_default
 
@@ -131,13 +149,16 @@ class Int8Linear(nn.Module):
             module.bias = linear.bias.detach().clone()
         return module
 
-    def forward(self, x: Activation) -> torch.Tensor:
+    def forward(self, x: Activation, residual: Residual | None = None) -> torch.Tensor:
+        """The linear of x [..., K]; given a residual (stream [..., N], gate), stream + output * gate."""
         if isinstance(x, QuantizedActivation):
             rows = x.values.shape[:-1]
             flat = QuantizedActivation(x.values.reshape(-1, self.in_features), x.scales)
         else:
             rows, flat = x.shape[:-1], x.reshape(-1, self.in_features)
-        return _impl(flat, self.int8_weight, self.scale, self.bias).reshape(*rows, self.out_features)
+        args = (flat, self.int8_weight, self.scale, self.bias)
+        out = _impl(*args) if residual is None else _impl(*args, residual=residual)
+        return out.reshape(*rows, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 weight the int8 values stand for (int8 * tile scale)."""
