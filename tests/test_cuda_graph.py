@@ -19,7 +19,7 @@ def test_outside_a_capture_the_launch_runs_at_once():
 @gpu
 def test_replay_makes_the_cut_launches_between_the_graphs_in_order():
     x = torch.zeros(4, device="cuda")
-    out = torch.empty_like(x)
+    out = torch.zeros_like(x)  # not empty_like: reused memory would fail "not out.any()" below
 
     def fn() -> torch.Tensor:
         doubled = x * 2
