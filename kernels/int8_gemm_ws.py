@@ -80,21 +80,8 @@ if gluon is not None:
         return off_m, off_n
 
     @gluon.jit
-    def _load_partition(
-        a_desc,
-        w_desc,
-        a_bufs,
-        w_bufs,
-        ready,
-        empty,
-        residual,
-        grid_m,
-        grid_n,
-        k_blocks,
-        GROUP_M: gl.constexpr,
-        STAGES: gl.constexpr,
-        RESIDUAL: gl.constexpr,
-    ):
+    def _load_partition(GROUP_M: gl.constexpr, STAGES: gl.constexpr, RESIDUAL: gl.constexpr, loads):
+        a_desc, w_desc, a_bufs, w_bufs, ready, empty, residual, grid_m, grid_n, k_blocks = loads
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -313,28 +300,12 @@ if gluon is not None:
             N,
             k_blocks,
         )
+        loads = (a_desc, w_desc, a_bufs, w_bufs, ready, empty, residual, grid_m, grid_n, k_blocks)
         gl.warp_specialize(
             [
                 (_consumer, (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, operands)),
                 (_consumer, (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, operands)),
-                (
-                    _load_partition,
-                    (
-                        a_desc,
-                        w_desc,
-                        a_bufs,
-                        w_bufs,
-                        ready,
-                        empty,
-                        residual,
-                        grid_m,
-                        grid_n,
-                        k_blocks,
-                        GROUP_M,
-                        STAGES,
-                        RESIDUAL,
-                    ),
-                ),  # fmt: skip
+                (_load_partition, (GROUP_M, STAGES, RESIDUAL, loads)),
             ],
             [4, 1],
             # Two int32 partials and the fp32 tile: 192 registers a thread, and no spills at 232.
