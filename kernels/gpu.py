@@ -30,3 +30,15 @@ def gpu_limits(device: torch.device) -> GpuLimits | None:
     major, minor = torch.cuda.get_device_capability(index)
     shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
     return GpuLimits(10 * major + minor, shared)
+
+
+# Programs a persistent kernel launches off CUDA (the interpreter): a few, so each walks several tiles.
+INTERPRETER_PROGRAMS = 3
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``: one persistent program each."""
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count

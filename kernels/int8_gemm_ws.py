@@ -27,6 +27,8 @@ import functools
 import torch
 import triton
 
+from .gpu import sm_count
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -313,11 +315,6 @@ if gluon is not None:
         )
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _layout(block: list[int], dtype) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for(block, dtype)
 
@@ -341,7 +338,7 @@ def int8_gemm_ws(
     if not takes_k(k):
         raise ValueError(f"the warp-specialized int8 GEMM takes K blocks in pairs; K={k} has an odd count")
     tiles = triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, BLOCK_N)
-    grid = (min(tiles, _sm_count(a.device)),)
+    grid = (min(tiles, sm_count(a.device)),)
     stream, gate, rows_per_sample, stride_gate = residual or (out, None, 1, 0)
     out_tile = _layout([SUB_M, BLOCK_N], gl.bfloat16)
     _int8_gemm_ws_kernel[grid](

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from turbovideo.kernels import int8_gemm as gemm_module
 from turbovideo.kernels import norms
+from turbovideo.kernels.cross_attention import cross_attention_quantized
 from turbovideo.kernels.gpu import gpu_limits
 from turbovideo.kernels.int8_gemm import int8_gemm
 from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise
@@ -53,6 +54,7 @@ LINEAR_SHAPES = [
 # (label, L, D, FFN width)
 NORM_SHAPES = [("1.3B 480p", 32760, 1536, 8960), ("14B 720p", 75600, 5120, 13824)]
 HEAD_DIM = 128
+TEXT_ROWS = 48  # a prompt's rows and its padding's stand-in key, as the DiT's cross-attention gets them
 EPS = 1e-6
 CHECK_ROWS = 256
 
@@ -149,6 +151,9 @@ def norm_rows(device: torch.device, label: str, length: int, dim: int, ffn_dim: 
     weight = 1 + 0.1 * torch.randn(dim, device=device)
     bias = 0.1 * torch.randn(dim, device=device)
     angles = torch.rand(length, HEAD_DIM // 2, device=device) * 50
+    text_k, text_v = torch.randn(2, 1, TEXT_ROWS, dim, device=device).to(torch.bfloat16)
+    text_bias = torch.zeros(1, 1, 1, TEXT_ROWS, device=device, dtype=torch.bfloat16)
+    text_bias[..., -1] = 6.1  # one stand-in key for 464 padding rows: log(464)
     cos, sin = torch.cos(angles), torch.sin(angles)
 
     def eager_modulate(stream: torch.Tensor) -> torch.Tensor:
@@ -160,6 +165,11 @@ def norm_rows(device: torch.device, label: str, length: int, dim: int, ffn_dim: 
 
     def eager_residual(stream: torch.Tensor) -> torch.Tensor:
         return stream + update * gate.to(torch.bfloat16)
+
+    def eager_cross_attention(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        split = [t.unflatten(-1, (heads, HEAD_DIM)).transpose(1, 2) for t in (q, text_k, text_v)]
+        out = F.scaled_dot_product_attention(*split, attn_mask=text_bias)
+        return quantize_blockwise(out.transpose(1, 2).flatten(2))
 
     def eager_rms_rope(q: torch.Tensor) -> torch.Tensor:
         q32 = q.float()
@@ -194,6 +204,11 @@ def norm_rows(device: torch.device, label: str, length: int, dim: int, ffn_dim: 
             lambda: quantize_blockwise(F.gelu(hidden, approximate="tanh")),
             lambda: gelu_tanh_quantize(hidden),
         ),
+        (  # cuDNN's attention, then the standalone quantization kernel; int8 values may differ by a step
+            f"cross-attention -> int8 (o input, {TEXT_ROWS} text rows)",
+            lambda: eager_cross_attention(x),
+            lambda: cross_attention_quantized(x, text_k, text_v, text_bias, heads),
+        ),
     ]
     rows = []
     for name, eager, fused in cases:
@@ -203,6 +218,7 @@ def norm_rows(device: torch.device, label: str, length: int, dim: int, ffn_dim: 
         expected, out = eager(), fused()
         if isinstance(out, tuple):  # int8: a value differs only where the bf16 norm is an ulp off
             row["int8_mismatches"] = int((out[0] != expected[0]).sum())
+            row["int8_max_step"] = int((out[0].int() - expected[0].int()).abs().max())
         else:
             row.update(_ulp_stats(out, expected))
         rows.append(row)

@@ -165,7 +165,7 @@ def _compile_warp_specialized_gemm(residual: bool) -> dict:
 
 
 def _compile_report() -> list[dict]:
-    from turbovideo.kernels import int8_gemm, norms, rope, sagesla, sla
+    from turbovideo.kernels import cross_attention, int8_gemm, norms, rope, sagesla, sla
     from turbovideo.kernels.gpu import GpuLimits
 
     # Hopper; A100; Ada and RTX Ampere (the 24 GB cards), which have 99 KB of shared memory per program.
@@ -342,6 +342,20 @@ def _compile_report() -> list[dict]:
             report.append(
                 _compile(rope._rms_norm_rope_kernel, rope_types, constexprs, 4, 3, arch=gpu.capability)
             )
+    # Cross-attention writing the o projection's int8 input, on every GPU.
+    cross_types = dict(q_ptr=bf16, k_ptr=bf16, v_ptr=bf16, bias_ptr=bf16, out_ptr="*i8", scale_ptr="*fp32")
+    cross_types.update(qk_scale="fp32")
+    for gpu in gpus:
+        report.append(
+            _compile(
+                cross_attention._cross_attention_kernel,
+                cross_types,
+                dict(HAS_BIAS=True, BLOCK_M=128, HEAD_DIM=128, BLOCK_KEYS=cross_attention.block_keys(gpu)),
+                cross_attention.WARPS,
+                cross_attention.STAGES,
+                arch=gpu.capability,
+            )
+        )
     report.extend(_compile_warp_specialized_gemm(residual) for residual in (False, True))
     return report
 
@@ -364,7 +378,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 54
+    assert len(report) == 57
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %

@@ -7,13 +7,14 @@ interpreter (conftest.py).
 
 import pytest
 import torch
-from turbovideo.kernels import norms, quant, rope
+from turbovideo.kernels import cross_attention, norms, quant, rope
 from turbovideo.kernels.int8_gemm import int8_linear
 from turbovideo.kernels.rounding import INTERPRETED
 
 from turbovideo.models import DIT_CONFIGS, build_dit
 from turbovideo.models import dit as dit_module
 from turbovideo.models import int8 as int8_module
+from turbovideo.models.dit_configs import DiTConfig
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
 
@@ -26,6 +27,7 @@ FUSED_CALLS_PER_BLOCK = {
     "rms_norm_rope": 2,
     "rms_norm": 2,
     "gelu_tanh_quantize": 0,
+    "cross_attention_quantized": 0,
 }
 # The int8 GEMMs of o and ffn.2 add the residuals, so the norms after them only normalize.
 INT8_CALLS_PER_BLOCK = {
@@ -37,6 +39,9 @@ INT8_CALLS_PER_BLOCK = {
     "gated_residual": 0,
     "gelu_tanh_quantize": 1,
 }
+# With 128-wide heads, cross-attention writes the o projection's int8 input itself.
+WIDE_HEAD = DiTConfig("wide-head-t2v", "wide-head T2V", "t2v", 256, 256, 2, 1, 16, text_dim=32)
+WIDE_HEAD_INT8_CALLS_PER_BLOCK = {**INT8_CALLS_PER_BLOCK, "cross_attention_quantized": 1}
 
 
 def _tiny_inputs(batch: int = 2):
@@ -54,7 +59,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _spy_on_kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     calls = dict.fromkeys(FUSED_CALLS_PER_BLOCK, 0)
     for name in calls:
-        module = rope if name.startswith("rms_norm") else quant if name.startswith("gelu") else norms
+        module = {"rms": rope, "gel": quant, "cro": cross_attention}.get(name[:3], norms)
         real = getattr(module, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -65,9 +70,16 @@ def _spy_on_kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return calls
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "int8"])
-def test_fused_blocks_match_the_reference_forward(quantized: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = build_dit("tiny-t2v", device=DEVICE, quantized=quantized, attention="dense")
+@pytest.mark.parametrize(
+    ("name", "quantized"),
+    [("tiny-t2v", False), ("tiny-t2v", True), (WIDE_HEAD.name, True)],
+    ids=["bf16", "int8", "int8-128-wide-heads"],
+)
+def test_fused_blocks_match_the_reference_forward(
+    name: str, quantized: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(DIT_CONFIGS, WIDE_HEAD.name, WIDE_HEAD)
+    model = build_dit(name, device=DEVICE, quantized=quantized, attention="dense")
     x, t, context = _tiny_inputs()
     try:
         with torch.no_grad():
@@ -81,8 +93,10 @@ def test_fused_blocks_match_the_reference_forward(quantized: bool, monkeypatch: 
             out = model(x, t, context)
     finally:
         int8_module.set_int8_impl(None)
-    layers = DIT_CONFIGS["tiny-t2v"].num_layers
+    layers = DIT_CONFIGS[name].num_layers
     per_block = INT8_CALLS_PER_BLOCK if quantized else FUSED_CALLS_PER_BLOCK
+    if name == WIDE_HEAD.name:
+        per_block = WIDE_HEAD_INT8_CALLS_PER_BLOCK
     assert calls == {name: count * layers for name, count in per_block.items()}
     # Only LayerNorm/RMSNorm statistics are summed in another order and the interpreter's tanh is a few
     # fp32 ulps off (rare one-rounding differences); a misplaced gate or modulation row gives ~0.3.

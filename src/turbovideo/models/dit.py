@@ -26,6 +26,7 @@ from .dit_checkpoint import (
     variant_label,
 )
 from .dit_configs import DIT_CONFIGS, DiTConfig
+from .int8 import BLOCK as QUANT_BLOCK
 from .int8 import Activation, Int8Linear, QuantizedActivation, Residual
 from .layers import (
     LayerNorm,
@@ -121,6 +122,12 @@ class CrossAttention(nn.Module):
                 rms_norm(q, self.norm_q.weight, self.norm_q.eps),
                 rms_norm(k, self.norm_k.weight, self.norm_k.eps),
             )
+            if isinstance(self.o, Int8Linear) and q.shape[-1] == self.num_heads * QUANT_BLOCK:
+                # One pass writes the o projection's int8 input: a head of 128 rows is one scale tile.
+                from ..kernels.cross_attention import cross_attention_quantized
+
+                out = cross_attention_quantized(q, k, self.v(context), bias, self.num_heads)
+                return _project(self.o, QuantizedActivation(*out), residual)
         else:
             q, k = self.norm_q(q), self.norm_k(k)
         q = q.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
