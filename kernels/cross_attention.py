@@ -24,7 +24,8 @@ from .gpu import GpuLimits, gpu_limits, sm_count
 from .quant import QUANT_BLOCK, quantize_tile, scale_shape
 from .rounding import INTERPRETED, to_bf16
 
-_LOG2E = tl.constexpr(1.4426950408889634)
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
 WARPS, STAGES = 8, 2
 
 
@@ -182,7 +183,7 @@ def cross_attention_quantized(
         v.stride(0),
         v.stride(1),
         out.stride(0),
-        1.4426950408889634 / math.sqrt(QUANT_BLOCK),
+        LOG2E / math.sqrt(QUANT_BLOCK),
         HAS_BIAS=bias is not None,
         BLOCK_M=QUANT_BLOCK,
         HEAD_DIM=QUANT_BLOCK,
