@@ -106,6 +106,9 @@ class CrossAttention(nn.Module):
         self.q, self.k, self.v, self.o = (_block_linear(dim, dim, dtype, quantized) for _ in range(4))
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
+        # With int8 linears and 128-wide heads, 128 rows of a head are one of o's input scale tiles: the
+        # fused path's kernel writes o's int8 input itself (kernels/cross_attention.py), without cuDNN.
+        self.writes_int8 = quantized and dim == self.num_heads * QUANT_BLOCK
 
     def forward(
         self,
@@ -122,8 +125,7 @@ class CrossAttention(nn.Module):
                 rms_norm(q, self.norm_q.weight, self.norm_q.eps),
                 rms_norm(k, self.norm_k.weight, self.norm_k.eps),
             )
-            if isinstance(self.o, Int8Linear) and q.shape[-1] == self.num_heads * QUANT_BLOCK:
-                # One pass writes the o projection's int8 input: a head of 128 rows is one scale tile.
+            if self.writes_int8:
                 from ..kernels.cross_attention import cross_attention_quantized
 
                 out = cross_attention_quantized(q, k, self.v(context), bias, self.num_heads)

@@ -388,11 +388,12 @@ class VideoPipeline:
         """Run the first expert's first block at ``request``'s size with every other context length
         (text_padding.context_lengths): cuDNN builds an attention plan the first time it sees a key
         count, which a first request of that prompt length would otherwise wait for (H200, 1.3B 480p:
-        0.74 s for 128 keys, 0.07 s for 192)."""
-        if self._dit_shards != 1:  # the experts run through a multi-GPU wrapper, with its own shapes
-            return
-        width, height = frame_size(request, self.spec)
+        0.74 s for 128 keys, 0.07 s for 192). Not where the experts' cross-attention is a Triton kernel
+        (int8 models), whose one compiled launch takes every key count."""
         name, expert = self._expert_names[0], self.experts[0]
+        if self._dit_shards != 1 or expert.blocks[0].cross_attn.writes_int8:
+            return  # a multi-GPU wrapper runs the experts with its own shapes; or no cuDNN plans to make
+        width, height = frame_size(request, self.spec)
         config = expert.config
         self._enter({name})
         grid = (latent_frames(request.num_frames), height // VAE_STRIDE, width // VAE_STRIDE)
