@@ -49,6 +49,7 @@ def _int8_gemm_kernel(
     c_ptr,
     stream_ptr,
     gate_ptr,
+    squares_ptr,
     M,
     N,
     K,
@@ -61,6 +62,7 @@ def _int8_gemm_kernel(
     RESIDUAL: tl.constexpr,
     HAS_GATE: tl.constexpr,
     SHARED_GATE: tl.constexpr,
+    SQUARES: tl.constexpr,
     QUANTIZE_A: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -116,6 +118,9 @@ def _int8_gemm_kernel(
         out = to_bf16(out.to(tl.float32) + bias.to(tl.float32))
     offsets = rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
     mask = (rows < M)[:, None] & col_ok[None, :]
+    if SQUARES:  # the statistics of an RMSNorm after the linear: one sum a row of the 128-column tile
+        y = out.to(tl.float32)
+        tl.store(squares_ptr + rows * grid_n + pid_n, tl.sum(y * y, axis=1), mask=rows < M)
     if RESIDUAL:  # the residual stream plus the gated output, as norms.gated_residual rounds it
         stream = tl.load(stream_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         gate = None
@@ -223,6 +228,7 @@ def int8_gemm(
     a_scale: torch.Tensor | None = None,
     launch: GemmLaunch | None = None,
     residual: Residual | None = None,
+    square_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``bf16(dequant(a) @ dequant(weight).T) + bias`` for ``a`` [..., K] -> bf16 [..., N].
 
@@ -230,7 +236,9 @@ def int8_gemm(
     or bf16 without it, in which case each 128x128 tile is quantized inside the GEMM. ``launch``
     defaults to ``gemm_launch`` for a's GPU. With a ``residual`` (stream, gate) the result is
     ``norms.gated_residual(stream, product, gate)``, added as each output tile is written: the product
-    never goes to memory and back.
+    never goes to memory and back. ``square_sums`` (fp32 [M, ceil(N/128)], no residual) receives each
+    output row's sum of squares per 128-column tile (``models.int8.chunk_square_sums``, summed in
+    another order): an RMSNorm's statistics without a pass over the output.
     """
     n, k = weight.shape
     if weight.dtype != torch.int8 or weight.stride(-1) != 1:
@@ -260,6 +268,8 @@ def int8_gemm(
         raise ValueError(
             f"quantizing on load needs the Triton kernel's {QUANT_BLOCK}-row tiles, not {launch}"
         )
+    if square_sums is not None:
+        _check_square_sums(square_sums, m, n, residual, launch)
     if launch.tma:
         flat, weight = _tma_rows(flat), _tma_rows(weight)
     out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
@@ -269,7 +279,7 @@ def int8_gemm(
             raise ValueError("the warp-specialized int8 GEMM needs a bias")
         int8_gemm_ws.int8_gemm_ws(
             flat, a_scale_arg, weight, weight_scale.contiguous(), bias, out, launch.group_m,
-            None if residual is None else (stream, gate, rows_per_sample, stride_gate),
+            None if residual is None else (stream, gate, rows_per_sample, stride_gate), square_sums,
         )  # fmt: skip
         return out.view(*a.shape[:-1], n)
     grid = (triton.cdiv(m, launch.block_m) * triton.cdiv(n, launch.block_n),)
@@ -282,6 +292,7 @@ def int8_gemm(
         out,
         out if stream is None else stream,  # placeholders when unread
         weight_scale if gate is None else gate,
+        weight_scale if square_sums is None else square_sums,
         m,
         n,
         k,
@@ -294,6 +305,7 @@ def int8_gemm(
         RESIDUAL=residual is not None,
         HAS_GATE=gate is not None,
         SHARED_GATE=stride_gate == 0,
+        SQUARES=square_sums is not None,
         QUANTIZE_A=quantize_on_load,
         BLOCK_M=launch.block_m,
         BLOCK_N=launch.block_n,
@@ -304,6 +316,20 @@ def int8_gemm(
         enable_fp_fusion=False,  # the gated residual rounds its product before the add
     )
     return out.view(*a.shape[:-1], n)
+
+
+def _check_square_sums(
+    square_sums: torch.Tensor, m: int, n: int, residual: Residual | None, launch: GemmLaunch
+) -> None:
+    shape = (m, triton.cdiv(n, QUANT_BLOCK))
+    if square_sums.shape != shape or square_sums.dtype != torch.float32 or not square_sums.is_contiguous():
+        raise ValueError(
+            f"square_sums must be a contiguous fp32 {shape} tensor, got {square_sums.dtype} {tuple(square_sums.shape)}"
+        )
+    if residual is not None:
+        raise ValueError("square_sums are of the GEMM's own output: not with a residual")
+    if launch.block_n != QUANT_BLOCK:
+        raise ValueError(f"square_sums need {QUANT_BLOCK}-column tiles, not {launch}")
 
 
 def _residual_args(
@@ -331,12 +357,15 @@ def int8_linear(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     residual: Residual | None = None,
+    square_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W8A8 linear for a bf16 activation, or for an already quantized ``(int8 values, tile scales)`` one.
 
     A bf16 activation gets its own memory-bound quantization pass: quantizing in the GEMM prologue
     repeats that work for every column tile (N / 128 times), on the cores the dequantization needs.
-    scripts/bench_kernels_linear.py times both. ``residual``: as ``int8_gemm``.
+    scripts/bench_kernels_linear.py times both. ``residual``, ``square_sums``: as ``int8_gemm``.
     """
     values, scales = x if isinstance(x, tuple) else quantize_blockwise(x)
-    return int8_gemm(values, weight, weight_scale, bias, a_scale=scales, residual=residual)
+    return int8_gemm(
+        values, weight, weight_scale, bias, a_scale=scales, residual=residual, square_sums=square_sums
+    )

@@ -150,6 +150,7 @@ if gluon is not None:
         RESIDUAL: gl.constexpr,
         HAS_GATE: gl.constexpr,
         SHARED_GATE: gl.constexpr,
+        SQUARES: gl.constexpr,
         operands,
     ):
         """The warpgroup that computes rows SUB * 64 .. SUB * 64 + 63 of each of the program's tiles."""
@@ -167,6 +168,7 @@ if gluon is not None:
             gate_ptr,
             rows_per_sample,
             stride_gate,
+            squares_ptr,
             grid_m,
             grid_n,
             M,
@@ -221,6 +223,11 @@ if gluon is not None:
                     ok = (rows < M)[:, None] & (cols < N)[None, :]
                     gate = gl.load(gate_ptr + samples * stride_gate + cols[None, :], mask=ok, other=0.0)
             out = (acc.to(gl.bfloat16).to(gl.float32) + bias[None, :]).to(gl.bfloat16)
+            if SQUARES:  # the statistics of an RMSNorm after the linear: one sum a row of the tile
+                y = out.to(gl.float32)
+                rows = off_m + SUB * SUB_M + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, layout))
+                sums = gl.sum(y * y, axis=1)
+                gl.store(squares_ptr + rows * grid_n + off_n // BLOCK_N, sums, mask=rows < M)
             if RESIDUAL:
                 slot = index % 2
                 mbarrier.wait(s_ready.index(slot), (index // 2) & 1)
@@ -244,6 +251,7 @@ if gluon is not None:
         bias_ptr,
         s_desc,
         gate_ptr,
+        squares_ptr,
         M,
         N,
         K,
@@ -254,6 +262,7 @@ if gluon is not None:
         RESIDUAL: gl.constexpr,
         HAS_GATE: gl.constexpr,
         SHARED_GATE: gl.constexpr,
+        SQUARES: gl.constexpr,
     ):
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -296,6 +305,7 @@ if gluon is not None:
             gate_ptr,
             rows_per_sample,
             stride_gate,
+            squares_ptr,
             grid_m,
             grid_n,
             M,
@@ -305,8 +315,8 @@ if gluon is not None:
         loads = (a_desc, w_desc, a_bufs, w_bufs, ready, empty, residual, grid_m, grid_n, k_blocks)
         gl.warp_specialize(
             [
-                (_consumer, (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, operands)),
-                (_consumer, (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, operands)),
+                (_consumer, (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, operands)),
+                (_consumer, (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, operands)),
                 (_load_partition, (GROUP_M, STAGES, RESIDUAL, loads)),
             ],
             [4, 1],
@@ -328,11 +338,13 @@ def int8_gemm_ws(
     out: torch.Tensor,
     group_m: int,
     residual: tuple[torch.Tensor, torch.Tensor | None, int, int] | None = None,
+    square_sums: torch.Tensor | None = None,
 ) -> None:
     """out[M, N] = the W8A8 product of int8 ``a`` [M, K] and ``weight`` [N, K] (rows 16-byte aligned)
     plus ``bias``, for K of an even number of 128-wide blocks. Triton 3.6 fails to compile the kernel
     without a bias; every Wan linear has one. ``residual`` (stream [M, N], gate rows or None, rows per
-    sample, gate row stride or 0 for one row): out = norms.gated_residual(stream, product, gate)."""
+    sample, gate row stride or 0 for one row): out = norms.gated_residual(stream, product, gate).
+    ``square_sums`` (fp32 [M, N / 128], no residual): each row's sum of squares of a tile's output."""
     m, k = a.shape
     n = weight.shape[0]
     if not takes_k(k):
@@ -350,6 +362,7 @@ def int8_gemm_ws(
         bias,
         TensorDescriptor.from_tensor(stream, [SUB_M, BLOCK_N], out_tile),
         bias if gate is None else gate,  # unread without a gate
+        bias if square_sums is None else square_sums,
         m,
         n,
         k,
@@ -360,6 +373,7 @@ def int8_gemm_ws(
         RESIDUAL=residual is not None,
         HAS_GATE=gate is not None,
         SHARED_GATE=stride_gate == 0,
+        SQUARES=square_sums is not None,
         num_warps=4,
         # 168 registers a thread over the kernel's 12 warps fill the register file; the consumers
         # take 232 of them, the copy warp gives its own back.

@@ -36,7 +36,7 @@ from turbovideo.kernels.cross_attention import cross_attention_quantized
 from turbovideo.kernels.gpu import gpu_limits
 from turbovideo.kernels.int8_gemm import int8_gemm
 from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise
-from turbovideo.kernels.rope import rms_norm_rope
+from turbovideo.kernels.rope import rms_norm, rms_norm_rope
 
 from turbovideo.benchmark import back_to_back_ms, benchmark_device, rel_error
 from turbovideo.models import int8 as reference
@@ -99,6 +99,13 @@ def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> lis
         _ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx)),
         config=str(device_launch),
     )
+    if k == n:  # a q projection: cross-attention's also writes its RMSNorm's square sums
+        sums = torch.empty(m, n // 128, device=device)
+        add(
+            "int8 GEMM on int8 input, writing square sums",
+            _ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx, square_sums=sums)),
+            config=str(device_launch),
+        )
     if device_launch.warp_specialized:  # the Triton kernel it replaces, side by side
         triton_launch = gemm_module.gemm_launch(False, gpu)
         add(
@@ -155,6 +162,8 @@ def norm_rows(device: torch.device, label: str, length: int, dim: int, ffn_dim: 
     text_bias = torch.zeros(1, 1, 1, TEXT_ROWS, device=device, dtype=torch.bfloat16)
     text_bias[..., -1] = 6.1  # one stand-in key for 464 padding rows: log(464)
     cos, sin = torch.cos(angles), torch.sin(angles)
+    q_sums = reference.chunk_square_sums(x.reshape(length, dim))
+    weighted_k = (text_k.float() * weight).to(torch.bfloat16)  # q's norm weight, as the DiT folds it
 
     def eager_modulate(stream: torch.Tensor) -> torch.Tensor:
         h = F.layer_norm(stream.float(), (dim,), eps=EPS).to(torch.bfloat16)
@@ -167,6 +176,7 @@ def norm_rows(device: torch.device, label: str, length: int, dim: int, ffn_dim: 
         return stream + update * gate.to(torch.bfloat16)
 
     def eager_cross_attention(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = rms_norm(q, weight, EPS)
         split = [t.unflatten(-1, (heads, HEAD_DIM)).transpose(1, 2) for t in (q, text_k, text_v)]
         out = F.scaled_dot_product_attention(*split, attn_mask=text_bias)
         return quantize_blockwise(out.transpose(1, 2).flatten(2))
@@ -204,10 +214,13 @@ def norm_rows(device: torch.device, label: str, length: int, dim: int, ffn_dim: 
             lambda: quantize_blockwise(F.gelu(hidden, approximate="tanh")),
             lambda: gelu_tanh_quantize(hidden),
         ),
-        (  # cuDNN's attention, then the standalone quantization kernel; int8 values may differ by a step
-            f"cross-attention -> int8 (o input, {TEXT_ROWS} text rows)",
+        (  # q's RMSNorm kernel, cuDNN's attention, then the standalone quantization kernel, against the
+            # kernel given q's square sums (the q projection writes them); int8 values may differ by a step
+            f"RMSNorm + cross-attention -> int8 (o input, {TEXT_ROWS} text rows)",
             lambda: eager_cross_attention(x),
-            lambda: cross_attention_quantized(x, text_k, text_v, text_bias, heads),
+            lambda: cross_attention_quantized(
+                x, weighted_k, text_v, text_bias, heads, q_square_sums=q_sums, eps=EPS
+            ),
         ),
     ]
     rows = []

@@ -1,5 +1,6 @@
 """W8A8 reference (spec §5.3, §5.4): the block quantizer bit for bit, the GEMM against float64, Int8Linear."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,6 +100,19 @@ def test_linear_rounds_the_product_then_adds_the_bias_in_the_activation_dtype():
     qx, sx = quantize_blockwise(x)
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, int8_gemm_reference(qx, sx, qw, sw).bfloat16() + bias)
+
+
+def test_linear_writes_the_square_sums_of_its_output_per_128_columns():
+    layer = Int8Linear.from_linear(nn.Linear(128, 200).bfloat16())
+    x = torch.randn(3, 7, 128).bfloat16()
+    sums = torch.empty(21, 2)
+    y = layer(x, square_sums=sums)
+    assert torch.equal(y, layer(x))
+    flat = y.reshape(21, 200).float()
+    expected = torch.stack([flat[:, :128].square().sum(-1), flat[:, 128:].square().sum(-1)], dim=-1)
+    torch.testing.assert_close(sums, expected, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="not with a residual"):
+        layer(x, residual=(y, None), square_sums=sums)
 
 
 def test_from_linear_is_close_to_the_float_linear():

@@ -83,9 +83,10 @@ def _compile(
     }
 
 
-def _compile_warp_specialized_gemm(residual: bool) -> dict:
-    """Hopper's Gluon int8 GEMM (kernels/int8_gemm_ws.py) as int8_gemm launches it (with a gated
-    residual: as the DiT's o and ffn.2 projections run)."""
+def _compile_warp_specialized_gemm(epilogue: str) -> dict:
+    """Hopper's Gluon int8 GEMM (kernels/int8_gemm_ws.py) as int8_gemm launches it: with a gated
+    residual as the DiT's o and ffn.2 projections run, writing square sums as cross-attention's q, or
+    neither."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -109,15 +110,16 @@ def _compile_warp_specialized_gemm(residual: bool) -> dict:
         "bias_ptr": "*bf16",
         "s_desc": descriptor("bf16", [int8_gemm_ws.SUB_M, int8_gemm_ws.BLOCK_N], gl.bfloat16),
         "gate_ptr": "*fp32",
+        "squares_ptr": "*fp32",
         "M": "i32",
         "N": "i32",
         "K": "i32",
         "rows_per_sample": "i32",
         "stride_gate": "i32",
     }
-    constexprs = dict(
-        GROUP_M=16, STAGES=int8_gemm_ws.STAGES, RESIDUAL=residual, HAS_GATE=residual, SHARED_GATE=True
-    )
+    residual = epilogue == "residual"
+    constexprs = dict(GROUP_M=16, STAGES=int8_gemm_ws.STAGES, RESIDUAL=residual, HAS_GATE=residual)
+    constexprs.update(SHARED_GATE=True, SQUARES=epilogue == "squares")
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = GluonASTSource(
         kernel,
@@ -125,7 +127,7 @@ def _compile_warp_specialized_gemm(residual: bool) -> dict:
         {(params.index(p),): v for p, v in constexprs.items()},
         {
             (params.index(p),): [["tt.divisibility", 16]]
-            for p in ("a_scale_ptr", "w_scale_ptr", "bias_ptr", "gate_ptr")
+            for p in ("a_scale_ptr", "w_scale_ptr", "bias_ptr", "gate_ptr", "squares_ptr")
         },
     )
     compiled = triton.compile(
@@ -276,7 +278,7 @@ def _compile_report() -> list[dict]:
             # The int8-input launch as the DiT's o and ffn.2 projections run it, with a gated residual.
             residual = not quantize_a
             constexprs = dict(
-                HAS_BIAS=True, RESIDUAL=residual, HAS_GATE=residual, SHARED_GATE=True,
+                HAS_BIAS=True, RESIDUAL=residual, HAS_GATE=residual, SHARED_GATE=True, SQUARES=False,
                 QUANTIZE_A=quantize_a, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
             )  # fmt: skip
             report.append(
@@ -290,6 +292,7 @@ def _compile_report() -> list[dict]:
                         "c_ptr": bf16,
                         "stream_ptr": bf16,
                         "gate_ptr": "*fp32",
+                        "squares_ptr": "*fp32",
                     },
                     {**constexprs, "GROUP_M": launch.group_m, "TMA": launch.tma},
                     launch.num_warps,
@@ -344,19 +347,24 @@ def _compile_report() -> list[dict]:
             )
     # Cross-attention writing the o projection's int8 input, on every GPU.
     cross_types = dict(q_ptr=bf16, k_ptr=bf16, v_ptr=bf16, bias_ptr=bf16, out_ptr="*i8", scale_ptr="*fp32")
-    cross_types.update(qk_scale="fp32")
+    cross_types.update(rstd_ptr="*fp32", qk_scale="fp32")
     for gpu in gpus:
         report.append(
             _compile(
                 cross_attention._cross_attention_kernel,
                 cross_types,
-                dict(HAS_BIAS=True, BLOCK_M=128, HEAD_DIM=128, BLOCK_KEYS=cross_attention.block_keys(gpu)),
+                dict(
+                    HAS_BIAS=True,
+                    BLOCK_M=128,
+                    HEAD_DIM=128,
+                    BLOCK_KEYS=cross_attention.block_keys(gpu),
+                ),  # fmt: skip
                 cross_attention.WARPS,
                 cross_attention.STAGES,
                 arch=gpu.capability,
             )
         )
-    report.extend(_compile_warp_specialized_gemm(residual) for residual in (False, True))
+    report.extend(_compile_warp_specialized_gemm(epilogue) for epilogue in ("plain", "residual", "squares"))
     return report
 
 
@@ -378,7 +386,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 57
+    assert len(report) == 58
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %
@@ -395,7 +403,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         assert all(k["tma_copies"] > 0 for k in launches if k["arch"] == 90), name
         assert all(k["async_copies"] > 0 for k in launches if k["arch"] < 90), name
     warp_specialized = [k for k in report if k["name"] == "_int8_gemm_ws_kernel"]
-    assert len(warp_specialized) == 2
+    assert len(warp_specialized) == 3
     for kernel in warp_specialized:
         assert kernel["stack"] == 0 and kernel["tma_copies"] > 0, kernel
         assert not kernel["mma_serialized"], f"ptxas serializes the warp-specialized GEMM's MMAs: {kernel}"

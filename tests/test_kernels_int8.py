@@ -160,6 +160,25 @@ def test_gemm_adds_the_gated_residual_as_the_norm_kernels_do(gate: str, launch: 
         int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, residual=(stream[:, :, :128], None))
 
 
+@LAUNCHES
+def test_gemm_writes_each_rows_sums_of_squares_per_128_columns(launch: GemmLaunch | None) -> None:
+    # 200 columns: the second 128-column tile is partial; rows of very different sizes.
+    batch, length, k, n = 2, 70, 256, 200
+    x = torch.randn(batch, length, k, device=DEVICE) * torch.exp(torch.randn(batch, length, 1, device=DEVICE))
+    qx, sx = quantize_blockwise(x.to(torch.bfloat16))
+    qw, sw, bias = _weight(n, k)
+    sums = torch.full((batch * length, 2), float("nan"), device=DEVICE)
+    out = int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, square_sums=sums)
+    assert torch.equal(out, int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch))
+    # Summed in another order than PyTorch's.
+    torch.testing.assert_close(sums, reference.chunk_square_sums(out.reshape(-1, n)), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match=r"square_sums must be a contiguous fp32 \(140, 2\)"):
+        int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, square_sums=sums[:, :1])
+    stream = torch.zeros(batch, length, n, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="not with a residual"):
+        int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, residual=(stream, None), square_sums=sums)
+
+
 @pytest.mark.parametrize(
     ("batch", "length", "k", "n"), [(2, 100, 384, 200), (1, 128, 256, 128), (1, 60, 136, 72)]
 )

@@ -39,9 +39,10 @@ INT8_CALLS_PER_BLOCK = {
     "gated_residual": 0,
     "gelu_tanh_quantize": 1,
 }
-# With 128-wide heads, cross-attention writes the o projection's int8 input itself.
+# With 128-wide heads, cross-attention writes the o projection's int8 input itself, normalizing q on
+# the way (only k's RMSNorm runs by itself).
 WIDE_HEAD = DiTConfig("wide-head-t2v", "wide-head T2V", "t2v", 256, 256, 2, 1, 16, text_dim=32)
-WIDE_HEAD_INT8_CALLS_PER_BLOCK = {**INT8_CALLS_PER_BLOCK, "cross_attention_quantized": 1}
+WIDE_HEAD_INT8_CALLS_PER_BLOCK = {**INT8_CALLS_PER_BLOCK, "cross_attention_quantized": 1, "rms_norm": 1}
 
 
 def _tiny_inputs(batch: int = 2):

@@ -107,7 +107,8 @@ class CrossAttention(nn.Module):
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
         # With int8 linears and 128-wide heads, 128 rows of a head are one of o's input scale tiles: the
-        # fused path's kernel writes o's int8 input itself (kernels/cross_attention.py), without cuDNN.
+        # fused path's kernel writes o's int8 input itself (kernels/cross_attention.py), without cuDNN,
+        # and normalizes q on the way, from the sums of squares the q projection wrote.
         self.writes_int8 = quantized and dim == self.num_heads * QUANT_BLOCK
 
     def forward(
@@ -117,7 +118,10 @@ class CrossAttention(nn.Module):
         bias: torch.Tensor | None = None,
         residual: Residual | None = None,
     ) -> torch.Tensor:
-        q, k = self.q(x), self.k(context)
+        k = self.k(context)
+        if self.writes_int8 and use_fused_kernels(k):
+            return self._forward_int8(x, k, self.v(context), bias, residual)
+        q = self.q(x)
         if use_fused_kernels(q):
             from ..kernels.rope import rms_norm
 
@@ -125,11 +129,6 @@ class CrossAttention(nn.Module):
                 rms_norm(q, self.norm_q.weight, self.norm_q.eps),
                 rms_norm(k, self.norm_k.weight, self.norm_k.eps),
             )
-            if self.writes_int8:
-                from ..kernels.cross_attention import cross_attention_quantized
-
-                out = cross_attention_quantized(q, k, self.v(context), bias, self.num_heads)
-                return _project(self.o, QuantizedActivation(*out), residual)
         else:
             q, k = self.norm_q(q), self.norm_k(k)
         q = q.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
@@ -137,6 +136,29 @@ class CrossAttention(nn.Module):
         v = self.v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return _project(self.o, out.transpose(1, 2).flatten(2), residual)
+
+    def _forward_int8(
+        self,
+        x: Activation,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None,
+        residual: Residual | None,
+    ) -> torch.Tensor:
+        """The fused path when ``writes_int8``: the q projection also writes its rows' sums of squares,
+        and one kernel attends with q's RMSNorm folded in and writes o's int8 input (no pass over q in
+        between). q's norm weight goes into the keys' norm, whose output only the scores read."""
+        from ..kernels.cross_attention import cross_attention_quantized
+        from ..kernels.rope import rms_norm
+
+        rows = (x.values if isinstance(x, QuantizedActivation) else x).shape[:-1].numel()
+        square_sums = torch.empty(rows, self.num_heads, dtype=torch.float32, device=k.device)
+        q = self.q(x, square_sums=square_sums)
+        k = rms_norm(k, self.norm_k.weight * self.norm_q.weight, self.norm_k.eps)
+        out = cross_attention_quantized(
+            q, k, v, bias, self.num_heads, q_square_sums=square_sums, eps=self.norm_q.eps
+        )
+        return _project(self.o, QuantizedActivation(*out), residual)
 
 
 class Block(nn.Module):

@@ -69,17 +69,29 @@ def int8_gemm_reference(
     return acc
 
 
+def chunk_square_sums(y: torch.Tensor) -> torch.Tensor:
+    """fp32 [M, ceil(N/128)]: each row's sum of squares of its fp32 values, per 128-column chunk of y [M, N].
+
+    What an RMSNorm over the whole row needs, summed chunk by chunk (``Int8Linear(square_sums=)``).
+    """
+    m, n = y.shape
+    chunks = F.pad(y.float(), (0, math.ceil(n / BLOCK) * BLOCK - n)).view(m, -1, BLOCK)
+    return (chunks * chunks).sum(dim=-1)
+
+
 def int8_linear_reference(
     x: Activation,
     int8_weight: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     residual: Residual | None = None,
+    square_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize the activation x [M, K], run the block GEMM, round to x's dtype, then add the bias in it
     (and then the gated output to the residual stream, in the stream's shape).
 
-    A ``QuantizedActivation`` stands for a bf16 one and skips the quantization.
+    A ``QuantizedActivation`` stands for a bf16 one and skips the quantization. ``square_sums``, if
+    given, receives ``chunk_square_sums`` of the output (without a residual).
     """
     if isinstance(x, QuantizedActivation):
         (qx, sx), dtype = x, torch.bfloat16
@@ -87,6 +99,10 @@ def int8_linear_reference(
         (qx, sx), dtype = quantize_blockwise(x), x.dtype
     y = int8_gemm_reference(qx, sx, int8_weight, scale).to(dtype)
     y = y if bias is None else y + bias.to(dtype)
+    if square_sums is not None:
+        if residual is not None:
+            raise ValueError("square_sums are of a linear's own output: not with a residual")
+        square_sums.copy_(chunk_square_sums(y))
     if residual is None:
         return y
     stream, gate = residual
@@ -100,14 +116,15 @@ def int8_linear_default(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     residual: Residual | None = None,
+    square_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton W8A8 kernels for bf16 activations on CUDA, the reference for everything else."""
     values = x.values if isinstance(x, QuantizedActivation) else x
     if values.is_cuda and values.dtype in (torch.bfloat16, torch.int8):
         from ..kernels.int8_gemm import int8_linear  # imports Triton only where it runs
 
-        return int8_linear(x, int8_weight, scale, bias, residual)
-    return int8_linear_reference(x, int8_weight, scale, bias, residual)
+        return int8_linear(x, int8_weight, scale, bias, residual, square_sums)
+    return int8_linear_reference(x, int8_weight, scale, bias, residual, square_sums)
 
 
 _impl: Int8Impl = int8_linear_default
@@ -115,7 +132,8 @@ _impl: Int8Impl = int8_linear_default
 
 def set_int8_impl(impl: Int8Impl | None) -> None:
     """Install another ``(x2d, int8_weight, scale, bias) -> y2d``; None restores the default. Layers
-    given a residual call it with ``residual=`` as well (see ``int8_linear_reference``)."""
+    given a residual or square sums call it with ``residual=`` or ``square_sums=`` as well (see
+    ``int8_linear_reference``)."""
     global _impl
     _impl = impl or int8_linear_default
 
@@ -149,15 +167,23 @@ class Int8Linear(nn.Module):
             module.bias = linear.bias.detach().clone()
         return module
 
-    def forward(self, x: Activation, residual: Residual | None = None) -> torch.Tensor:
-        """The linear of x [..., K]; given a residual (stream [..., N], gate), stream + output * gate."""
+    def forward(
+        self, x: Activation, residual: Residual | None = None, square_sums: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The linear of x [..., K]; given a residual (stream [..., N], gate), stream + output * gate.
+
+        ``square_sums`` (fp32 [rows, ceil(N/128)]), if given, receives ``chunk_square_sums`` of the
+        output: the statistics of an RMSNorm after the linear, taken as the output is written.
+        """
         if isinstance(x, QuantizedActivation):
             rows = x.values.shape[:-1]
             flat = QuantizedActivation(x.values.reshape(-1, self.in_features), x.scales)
         else:
             rows, flat = x.shape[:-1], x.reshape(-1, self.in_features)
-        args = (flat, self.int8_weight, self.scale, self.bias)
-        out = _impl(*args) if residual is None else _impl(*args, residual=residual)
+        # Only what is given: an installed implementation need not know the other options.
+        options = {"residual": residual, "square_sums": square_sums}
+        given = {name: value for name, value in options.items() if value is not None}
+        out = _impl(flat, self.int8_weight, self.scale, self.bias, **given)
         return out.reshape(*rows, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
