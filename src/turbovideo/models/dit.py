@@ -108,7 +108,7 @@ class CrossAttention(nn.Module):
         self.norm_k = RMSNorm(dim, config.eps)
         # With int8 linears and 128-wide heads, 128 rows of a head are one of o's input scale tiles: the
         # fused path's kernel writes o's int8 input itself (kernels/cross_attention.py), without cuDNN,
-        # and normalizes q on the way, from the sums of squares the q projection wrote.
+        # and folds q's RMSNorm into its scores, from the sums of squares the q projection wrote.
         self.writes_int8 = quantized and dim == self.num_heads * QUANT_BLOCK
 
     def forward(
