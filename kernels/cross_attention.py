@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .gpu import GpuLimits, gpu_limits, sm_count
 from .quant import QUANT_BLOCK, quantize_tile, scale_shape
-from .rounding import INTERPRETED, div_rn, to_bf16
+from .rounding import INTERPRETED, inverse_rms, to_bf16
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -70,7 +70,7 @@ def _inverse_rms_kernel(squares_ptr, rstd_ptr, M, HEADS, eps, D: tl.constexpr, B
         mask=(rows < M)[:, None] & (heads < HEADS)[None, :],
         other=0.0,
     )
-    rstd = div_rn(1.0, tl.sqrt_rn(div_rn(tl.sum(sums, axis=1), D * 1.0) + eps))
+    rstd = inverse_rms(tl.sum(sums, axis=1), D, eps)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .quant import QUANT_BLOCK, quantize_tile, scale_shape
-from .rounding import div_rn, to_bf16
+from .rounding import div_rn, inverse_rms, to_bf16
 
 # Warps of a row-pass program and of a 128x128 quantized-tile program. H200, 10 calls back to back,
 # whole int8 LayerNorm (statistics + tile pass) at 14B's width: with one modulation row loaded for all
@@ -150,7 +150,7 @@ def _layer_norm_kernel(
         delta = chunk_mean - mean
         mean += delta * div_rn(n, total)
         m2 += chunk_m2 + delta * delta * div_rn(count * n, total)
-    rstd = div_rn(1.0, tl.sqrt_rn(div_rn(m2, D * 1.0) + eps))
+    rstd = inverse_rms(m2, D, eps)
     if STATS_ONLY:  # _quantize_normed_kernel writes the output
         tl.store(stats_ptr + rows * 2, mean, mask=row_ok)
         tl.store(stats_ptr + rows * 2 + 1, rstd, mask=row_ok)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import div_rn, to_bf16
+from .rounding import inverse_rms, to_bf16
 
 
 @triton.jit
@@ -79,7 +79,7 @@ def _rms_norm_rope_kernel(
     if WHOLE_ROWS:
         mask = row_ok[:, None] & (cols < D)[None, :]
         x = tl.load(x_ptr + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = div_rn(1.0, tl.sqrt_rn(div_rn(tl.sum(x * x, axis=1), D * 1.0) + eps))
+        rstd = inverse_rms(tl.sum(x * x, axis=1), D, eps)
         y = _normalize_rotate(x, rstd, rows, 0, row_ok, weight_ptr, cos_ptr, sin_ptr, L, D,
                               ROTATE, HALF_HEAD, BLOCK_ROWS, CHUNK)  # fmt: skip
         tl.store(out_ptr + row_offsets + cols[None, :], y, mask=mask)
@@ -89,7 +89,7 @@ def _rms_norm_rope_kernel(
             mask = row_ok[:, None] & (start + cols < D)[None, :]
             x = tl.load(x_ptr + row_offsets + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             squares += tl.sum(x * x, axis=1)
-        rstd = div_rn(1.0, tl.sqrt_rn(div_rn(squares, D * 1.0) + eps))
+        rstd = inverse_rms(squares, D, eps)
         for start in range(0, D, CHUNK):
             mask = row_ok[:, None] & (start + cols < D)[None, :]
             x = tl.load(x_ptr + row_offsets + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)

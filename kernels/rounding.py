@@ -22,6 +22,13 @@ def div_rn(a, b):
 
 
 @triton.jit
+def inverse_rms(square_sum, n, eps):
+    """1 / sqrt(square_sum / n + eps), each step rounded as PyTorch's fp32 norms round it: a norm's 1 / std
+    from a row's sum of (centred) squares over ``n`` values."""
+    return div_rn(1.0, tl.sqrt_rn(div_rn(square_sum, n * 1.0) + eps))
+
+
+@triton.jit
 def _add_plain(a, b):
     return a + b
 
