@@ -35,7 +35,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import int8_gemm_ws
 from .gpu import GpuLimits, gpu_limits
 from .norms import gated_update, per_sample
-from .quant import QUANT_BLOCK, quantize_blockwise, quantize_tile, scale_shape
+from .quant import QUANT_BLOCK, gelu_tanh_quantize, quantize_blockwise, quantize_tile, scale_shape
 from .rounding import to_bf16
 
 
@@ -229,7 +229,8 @@ def int8_gemm(
     launch: GemmLaunch | None = None,
     residual: Residual | None = None,
     square_sums: torch.Tensor | None = None,
-) -> torch.Tensor:
+    gelu_int8: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``bf16(dequant(a) @ dequant(weight).T) + bias`` for ``a`` [..., K] -> bf16 [..., N].
 
     ``a`` is either int8 with ``a_scale`` (from ``quantize_blockwise`` or a kernel that emits int8)
@@ -238,7 +239,10 @@ def int8_gemm(
     ``norms.gated_residual(stream, product, gate)``, added as each output tile is written: the product
     never goes to memory and back. ``square_sums`` (fp32 [M, ceil(N/128)], no residual) receives each
     output row's sum of squares per 128-column tile (``models.int8.chunk_square_sums``, summed in
-    another order): an RMSNorm's statistics without a pass over the output.
+    another order): an RMSNorm's statistics without a pass over the output. ``gelu_int8`` (nothing
+    else) returns ``quant.gelu_tanh_quantize`` of the result instead, (int8 [..., N], tile scales):
+    at 14B's K the warp-specialized kernel quantizes each output tile as it finishes, so the bf16
+    product never goes to memory.
     """
     n, k = weight.shape
     if weight.dtype != torch.int8 or weight.stride(-1) != 1:
@@ -270,18 +274,28 @@ def int8_gemm(
         )
     if square_sums is not None:
         _check_square_sums(square_sums, m, n, residual, launch)
+    if gelu_int8 and (residual is not None or square_sums is not None):
+        raise ValueError("gelu_int8 returns the GELU's int8 tiles: not with a residual or square sums")
     if launch.tma:
         flat, weight = _tma_rows(flat), _tma_rows(weight)
+    if launch.warp_specialized and bias is None:
+        raise ValueError("the warp-specialized int8 GEMM needs a bias")
+    # The GEMM quantizes its GELU where its K loop hides that work, with int8 rows bulk copies can store.
+    if launch.warp_specialized and gelu_int8 and k >= int8_gemm_ws.GELU_MIN_K and n % 16 == 0:
+        values = torch.empty((m, n), dtype=torch.int8, device=a.device)
+        scales = torch.empty(scale_shape(m, n), dtype=torch.float32, device=a.device)
+        int8_gemm_ws.int8_gemm_ws(
+            flat, a_scale_arg, weight, weight_scale.contiguous(), bias, values, launch.group_m, gelu_scales=scales
+        )  # fmt: skip
+        return values.view(*a.shape[:-1], n), scales
     out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
     stream, gate, rows_per_sample, stride_gate = _residual_args(m, n, residual)
     if launch.warp_specialized:
-        if bias is None:
-            raise ValueError("the warp-specialized int8 GEMM needs a bias")
         int8_gemm_ws.int8_gemm_ws(
             flat, a_scale_arg, weight, weight_scale.contiguous(), bias, out, launch.group_m,
             None if residual is None else (stream, gate, rows_per_sample, stride_gate), square_sums,
         )  # fmt: skip
-        return out.view(*a.shape[:-1], n)
+        return _output(out.view(*a.shape[:-1], n), gelu_int8)
     grid = (triton.cdiv(m, launch.block_m) * triton.cdiv(n, launch.block_n),)
     _int8_gemm_kernel[grid](
         _descriptor(flat, launch.block_m) if launch.tma else flat,
@@ -315,7 +329,11 @@ def int8_gemm(
         num_stages=launch.num_stages,
         enable_fp_fusion=False,  # the gated residual rounds its product before the add
     )
-    return out.view(*a.shape[:-1], n)
+    return _output(out.view(*a.shape[:-1], n), gelu_int8)
+
+
+def _output(out: torch.Tensor, gelu_int8: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return gelu_tanh_quantize(out) if gelu_int8 else out
 
 
 def _check_square_sums(
@@ -358,14 +376,17 @@ def int8_linear(
     bias: torch.Tensor | None,
     residual: Residual | None = None,
     square_sums: torch.Tensor | None = None,
-) -> torch.Tensor:
+    gelu_int8: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """W8A8 linear for a bf16 activation, or for an already quantized ``(int8 values, tile scales)`` one.
 
     A bf16 activation gets its own memory-bound quantization pass: quantizing in the GEMM prologue
     repeats that work for every column tile (N / 128 times), on the cores the dequantization needs.
-    scripts/bench_kernels_linear.py times both. ``residual``, ``square_sums``: as ``int8_gemm``.
+    scripts/bench_kernels_linear.py times both. ``residual``, ``square_sums``, ``gelu_int8``: as
+    ``int8_gemm``.
     """
     values, scales = x if isinstance(x, tuple) else quantize_blockwise(x)
     return int8_gemm(
-        values, weight, weight_scale, bias, a_scale=scales, residual=residual, square_sums=square_sums
-    )
+        values, weight, weight_scale, bias, a_scale=scales, residual=residual, square_sums=square_sums,
+        gelu_int8=gelu_int8,
+    )  # fmt: skip

@@ -12,6 +12,13 @@ round and store this one. K must therefore span an even number of blocks (every 
 With a residual, the copy warp also fetches each tile's residual stream as the tile starts, into one
 of two slots, and the consumers add their gated output to it before the store.
 
+With ``gelu_scales`` (the FFN's first linear, from GELU_MIN_K on), the output is ffn.2's int8 input: a 128x128 output tile
+is exactly a scale tile of it, so a fourth partition, a warpgroup of its own, applies the GELU and
+quantizes the tile (kernels/quant.py's ``gelu_tanh_quantize``, the same helpers and bits) while the
+consumers multiply the next one: they hand each rounded tile over in one of two shared-memory slots.
+The GELU pass's read of the bf16 product and its write and read back never reach memory, and the
+GELU's arithmetic stays off the warpgroups that issue the MMAs.
+
 Triton's own pipeliner cannot do this for an int32 accumulator: it waits for each K block's MMA before
 the scale work (kernels/int8_gemm.py keeps several small programs per SM instead). No MMA stays in flight
 across the loop's back edge: ptxas serializes every MMA of a kernel that carries one there (the
@@ -28,6 +35,8 @@ import torch
 import triton
 
 from .gpu import sm_count
+from .quant import QUANT_BLOCK, gelu_tanh, quantize_with
+from .rounding import to_bf16_pairs
 
 try:
     from triton.experimental import gluon
@@ -53,6 +62,13 @@ BLOCK_K = 128
 # 1-7 % faster than six (the most that fit an H100's 227 KB beside the 32 KB output tile) at five of
 # the six Wan shapes (1.3B ffn.2: 2 % slower), bit-identical.
 STAGES = 4
+
+
+# The GELU partition's arithmetic shares the SMs' issue slots with the consumers' scale work, so it
+# hides only behind a long K loop. H200, ffn.0 with its GELU -> int8: at 14B (K 5120) 10.3-10.5 ms
+# against 11.3-11.7 ms for the GEMM and then the GELU pass (the GEMM alone: 10.2-10.6); at 1.3B
+# (K 1536) 1.10-1.17 against 1.10-1.11 ms (the GEMM without its GELU work: 0.81 against 0.82 ms).
+GELU_MIN_K = 4096
 
 
 def takes_k(k: int) -> bool:
@@ -151,6 +167,7 @@ if gluon is not None:
         HAS_GATE: gl.constexpr,
         SHARED_GATE: gl.constexpr,
         SQUARES: gl.constexpr,
+        GELU: gl.constexpr,
         operands,
     ):
         """The warpgroup that computes rows SUB * 64 .. SUB * 64 + 63 of each of the program's tiles."""
@@ -161,6 +178,7 @@ if gluon is not None:
             empty,
             c_desc,
             c_bufs,
+            handoff,
             a_scale_ptr,
             w_scale_ptr,
             bias_ptr,
@@ -176,13 +194,14 @@ if gluon is not None:
             k_blocks,
         ) = operands
         _, s_bufs, s_ready, s_empty = residual
-        SUB_M: gl.constexpr = c_desc.block_type.shape[0]
-        BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+        h_full, h_empty = handoff
+        SUB_M: gl.constexpr = c_bufs.shape[1]
+        BLOCK_N: gl.constexpr = c_bufs.shape[2]
         layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
         )
         zeros = gl.zeros([SUB_M, BLOCK_N], gl.int32, layout)
-        tile_smem = c_bufs.index(SUB)
+        tile_smem = c_bufs.index(SUB)  # unused with GELU
         PAIRS: gl.constexpr = STAGES // 2
         pair = 0
         index = 0  # of the program's tiles
@@ -234,11 +253,55 @@ if gluon is not None:
                 stream = s_bufs.index(2 * slot + SUB).load(layout)
                 mbarrier.arrive(s_empty.index(slot), count=1)
                 out = _gated(stream, out, gate, HAS_GATE)
+            if GELU:  # to the GELU partition, through the slot of the tile before last (done by now)
+                slot = index % 2
+                mbarrier.wait(h_empty.index(slot), ((index // 2) & 1) ^ 1)
+                c_bufs.index(2 * slot + SUB).store(out)
+                mbarrier.arrive(h_full.index(slot), count=1)
+            else:
+                tma.store_wait(pendings=0)  # the previous tile's store has left this buffer
+                tile_smem.store(out)
+                fence_async_shared()
+                _tma_store(c_desc, [off_m + SUB * SUB_M, off_n], tile_smem)  # clipped at M and N
             index += 1
-            tma.store_wait(pendings=0)  # the previous tile's store has left this buffer
-            tile_smem.store(out)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _gelu_partition(GROUP_M: gl.constexpr, epilogue):
+        """The warpgroup that turns each 128x128 output tile into ffn.2's int8 input: the GELU rounded to
+        bf16 (in place in the hand-off slot) and the tile's amax, then the int8 values and the scale."""
+        q_desc, q_smem, h_bufs, h_full, h_empty, q_scale_ptr, grid_m, grid_n, M = epilogue
+        SUB_M: gl.constexpr = h_bufs.shape[1]
+        BLOCK_N: gl.constexpr = h_bufs.shape[2]
+        PIECE: gl.constexpr = 16  # rows at a time, within the partition's few registers
+        # A warp reads 2 rows of 128 bf16, 16 bytes a thread.
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        piece_rows = gl.arange(0, PIECE, layout=gl.SliceLayout(1, layout))
+        index = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, BLOCK_N)
+            slot = index % 2
+            mbarrier.wait(h_full.index(slot), (index // 2) & 1)
+            peak = gl.zeros([PIECE, BLOCK_N], gl.float32, layout)
+            for half in gl.static_range(2):
+                for row in gl.static_range(0, SUB_M, PIECE):
+                    piece = h_bufs.index(2 * slot + half).slice(row, PIECE)
+                    # Rows past M are the matrix's zero padding (the consumers wrote the bias there).
+                    inside = (off_m + half * SUB_M + row + piece_rows < M)[:, None]
+                    y = to_bf16_pairs(gelu_tanh(gl.where(inside, piece.load(layout).to(gl.float32), 0.0)))
+                    piece.store(y)
+                    peak = gl.maximum(peak, gl.abs(y.to(gl.float32)))
+            amax = gl.maximum(gl.max(gl.max(peak, axis=1), axis=0), 1e-8)
+            tma.store_wait(pendings=0)  # the previous tile's int8 values have left q_smem
+            for half in gl.static_range(2):
+                for row in gl.static_range(0, SUB_M, PIECE):
+                    y = h_bufs.index(2 * slot + half).slice(row, PIECE).load(layout).to(gl.float32)
+                    q_smem.slice(half * SUB_M + row, PIECE).store(quantize_with(y, amax))
+            mbarrier.arrive(h_empty.index(slot), count=1)
             fence_async_shared()
-            _tma_store(c_desc, [off_m + SUB * SUB_M, off_n], tile_smem)  # clipped at M and N
+            _tma_store(q_desc, [off_m, off_n], q_smem)  # clipped at M and N
+            gl.store(q_scale_ptr + (off_m // (2 * SUB_M)) * grid_n + off_n // BLOCK_N, amax * (1.0 / 128.0))
+            index += 1
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -252,6 +315,7 @@ if gluon is not None:
         s_desc,
         gate_ptr,
         squares_ptr,
+        q_scale_ptr,
         M,
         N,
         K,
@@ -263,7 +327,10 @@ if gluon is not None:
         HAS_GATE: gl.constexpr,
         SHARED_GATE: gl.constexpr,
         SQUARES: gl.constexpr,
+        GELU: gl.constexpr,
     ):
+        """c_desc: the output's tiles, bf16 [64, 128]; with GELU int8 [128, 128], their scales at
+        q_scale_ptr."""
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -273,7 +340,17 @@ if gluon is not None:
 
         a_bufs = gl.allocate_shared_memory(gl.int8, [2 * STAGES, SUB_M, BLOCK_K], a_desc.layout)
         w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-        c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, SUB_M, BLOCK_N], c_desc.layout)
+        tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([SUB_M, BLOCK_N], gl.bfloat16)
+        if GELU:  # the consumers' tiles in two slots for the GELU partition, and its int8 tile
+            c_bufs = gl.allocate_shared_memory(gl.bfloat16, [4, SUB_M, BLOCK_N], tile_layout)
+            q_smem = gl.allocate_shared_memory(gl.int8, [2 * SUB_M, BLOCK_N], c_desc.layout)
+        else:
+            c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, SUB_M, BLOCK_N], c_desc.layout)
+        h_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        h_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for slot in gl.static_range(2):
+            mbarrier.init(h_full.index(slot), count=2)  # both consumers have written their half
+            mbarrier.init(h_empty.index(slot), count=1)
         # One ready and one empty barrier a pair of slots (two K blocks): Triton's shared-memory hazard
         # analysis puts a warpgroup barrier before each wait and arrive that follows another (ncu: 45 %
         # of the stalls with a barrier pair per slot, four a K-block pair; now two).
@@ -284,7 +361,10 @@ if gluon is not None:
             mbarrier.init(empty.index(ring), count=2)  # both consumers release a pair
         # The residual stream's two 64-row halves of two tiles (a placeholder without a residual): 224 KB
         # of shared memory in all, within an H100's 227.
-        s_bufs = gl.allocate_shared_memory(gl.bfloat16, [4 if RESIDUAL else 1, SUB_M, BLOCK_N], s_desc.layout)
+        if RESIDUAL:
+            s_bufs = gl.allocate_shared_memory(gl.bfloat16, [4, SUB_M, BLOCK_N], s_desc.layout)
+        else:
+            s_bufs = gl.allocate_shared_memory(gl.bfloat16, [1, 8, BLOCK_N], tile_layout)
         s_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         s_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for slot in gl.static_range(2):
@@ -298,6 +378,7 @@ if gluon is not None:
             empty,
             c_desc,
             c_bufs,
+            (h_full, h_empty),
             a_scale_ptr,
             w_scale_ptr,
             bias_ptr,
@@ -313,16 +394,42 @@ if gluon is not None:
             k_blocks,
         )
         loads = (a_desc, w_desc, a_bufs, w_bufs, ready, empty, residual, grid_m, grid_n, k_blocks)
-        gl.warp_specialize(
-            [
-                (_consumer, (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, operands)),
-                (_consumer, (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, operands)),
-                (_load_partition, (GROUP_M, STAGES, RESIDUAL, loads)),
-            ],
-            [4, 1],
-            # Two int32 partials and the fp32 tile: 192 registers a thread, and no spills at 232.
-            [232, 24],
-        )
+        if GELU:
+            gelu = (c_desc, q_smem, c_bufs, h_full, h_empty, q_scale_ptr, grid_m, grid_n, M)
+            gl.warp_specialize(
+                [
+                    (
+                        _consumer,
+                        (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, GELU, operands),
+                    ),
+                    (
+                        _consumer,
+                        (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, GELU, operands),
+                    ),
+                    (_gelu_partition, (GROUP_M, gelu)),
+                    (_load_partition, (GROUP_M, STAGES, RESIDUAL, loads)),
+                ],
+                [4, 4, 1],
+                # Four warpgroups share the register file (512 a thread): the consumers' 192 fit in 208.
+                [208, 72, 24],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (
+                        _consumer,
+                        (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, GELU, operands),
+                    ),
+                    (
+                        _consumer,
+                        (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, GELU, operands),
+                    ),
+                    (_load_partition, (GROUP_M, STAGES, RESIDUAL, loads)),
+                ],
+                [4, 1],
+                # Two int32 partials and the fp32 tile: 192 registers a thread, and no spills at 232.
+                [232, 24],
+            )
 
 
 def _layout(block: list[int], dtype) -> gl.NVMMASharedLayout:
@@ -339,30 +446,41 @@ def int8_gemm_ws(
     group_m: int,
     residual: tuple[torch.Tensor, torch.Tensor | None, int, int] | None = None,
     square_sums: torch.Tensor | None = None,
+    gelu_scales: torch.Tensor | None = None,
 ) -> None:
     """out[M, N] = the W8A8 product of int8 ``a`` [M, K] and ``weight`` [N, K] (rows 16-byte aligned)
     plus ``bias``, for K of an even number of 128-wide blocks. Triton 3.6 fails to compile the kernel
     without a bias; every Wan linear has one. ``residual`` (stream [M, N], gate rows or None, rows per
     sample, gate row stride or 0 for one row): out = norms.gated_residual(stream, product, gate).
-    ``square_sums`` (fp32 [M, N / 128], no residual): each row's sum of squares of a tile's output."""
+    ``square_sums`` (fp32 [M, N / 128], no residual): each row's sum of squares of a tile's output.
+    ``gelu_scales`` (fp32 [M / 128, N / 128], nothing else): out is int8 and, with these, holds
+    ``quant.gelu_tanh_quantize`` of the output."""
     m, k = a.shape
     n = weight.shape[0]
     if not takes_k(k):
         raise ValueError(f"the warp-specialized int8 GEMM takes K blocks in pairs; K={k} has an odd count")
     tiles = triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, BLOCK_N)
     grid = (min(tiles, sm_count(a.device)),)
-    stream, gate, rows_per_sample, stride_gate = residual or (out, None, 1, 0)
+    a_desc = TensorDescriptor.from_tensor(a, [SUB_M, BLOCK_K], _layout([SUB_M, BLOCK_K], gl.int8))
     out_tile = _layout([SUB_M, BLOCK_N], gl.bfloat16)
+    if gelu_scales is None:
+        c_desc = TensorDescriptor.from_tensor(out, [SUB_M, BLOCK_N], out_tile)
+    else:
+        c_desc = TensorDescriptor.from_tensor(
+            out, [QUANT_BLOCK, BLOCK_N], _layout([QUANT_BLOCK, BLOCK_N], gl.int8)
+        )
+    stream, gate, rows_per_sample, stride_gate = residual or (None, None, 1, 0)
     _int8_gemm_ws_kernel[grid](
-        TensorDescriptor.from_tensor(a, [SUB_M, BLOCK_K], _layout([SUB_M, BLOCK_K], gl.int8)),
+        a_desc,
         TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], _layout([BLOCK_N, BLOCK_K], gl.int8)),
-        TensorDescriptor.from_tensor(out, [SUB_M, BLOCK_N], out_tile),
+        c_desc,
         a_scale,
         weight_scale,
         bias,
-        TensorDescriptor.from_tensor(stream, [SUB_M, BLOCK_N], out_tile),
+        c_desc if stream is None else TensorDescriptor.from_tensor(stream, [SUB_M, BLOCK_N], out_tile),
         bias if gate is None else gate,  # unread without a gate
         bias if square_sums is None else square_sums,
+        bias if gelu_scales is None else gelu_scales,
         m,
         n,
         k,
@@ -374,10 +492,11 @@ def int8_gemm_ws(
         HAS_GATE=gate is not None,
         SHARED_GATE=stride_gate == 0,
         SQUARES=square_sums is not None,
+        GELU=gelu_scales is not None,
         num_warps=4,
-        # 168 registers a thread over the kernel's 12 warps fill the register file; the consumers
-        # take 232 of them, the copy warp gives its own back.
-        maxnreg=168,
+        # 168 registers a thread over the kernel's 12 warps (16 with the GELU partition: 128) fill the
+        # register file; the partitions then trade them (warp_specialize's counts).
+        maxnreg=168 if gelu_scales is None else 128,
         # The gated residual rounds the gated output before adding it; with contraction the compiler
         # made the two one bf16 fma (the K loop's fma is explicit either way).
         enable_fp_fusion=False,

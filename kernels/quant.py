@@ -5,7 +5,8 @@ amax = max(1e-8, max |x|), q = saturate_int8(round_half_even(x * (128 / amax))),
 +amax maps to 128 and saturates to 127. Rows are tiled on the flattened matrix, so a tile may hold
 rows of two samples. ``quantize_tile`` is shared by the standalone quantizer below, the GEMM prologue
 (kernels/int8_gemm.py) and the norm kernels that emit int8 directly (kernels/norms.py), so every path
-produces the same bits.
+produces the same bits; ``quantize_with`` and ``gelu_tanh`` by the GEMM that quantizes its GELU
+(kernels/int8_gemm_ws.py, a Gluon kernel: these helpers compile in it too).
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ QUANT_BLOCK = 128
 def quantize_tile(x):
     """fp32 tile (out-of-range elements loaded as 0) -> (int8 tile, its fp32 scale)."""
     amax = tl.maximum(tl.max(tl.abs(x)), 1e-8)
+    return quantize_with(x, amax), amax * (1.0 / 128.0)
+
+
+@triton.jit
+def quantize_with(x, amax):
+    """The int8 values of part of a tile whose amax (at least 1e-8) is known: for a kernel that holds a
+    tile piece by piece."""
     multiplier = div_rn(128.0, amax)  # IEEE, as the reference divides
     # |x * multiplier| <= 128 (+ rounding): within round_to_int32's range; only +128 saturates.
-    q = tl.minimum(tl.maximum(round_to_int32(x * multiplier), -128), 127)
-    return q.to(tl.int8), amax * (1.0 / 128.0)
+    return tl.minimum(tl.maximum(round_to_int32(x * multiplier), -128), 127).to(tl.int8)
 
 
 @triton.jit
@@ -63,7 +70,7 @@ _GELU_C3 = tl.constexpr(-0.1029432395800235)
 
 
 @triton.jit
-def _gelu_tanh(x):
+def gelu_tanh(x):
     """PyTorch's tanh-approximate GELU, 0.5 x (1 + tanh(u)), written as x / (1 + 2^(-2u log2 e)).
 
     The same function without tanh's cancellation where tanh(u) -> -1. The GELU kernel is bound by its
@@ -88,7 +95,7 @@ def _quantize_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if GELU:  # the bf16 tensor the unfused GELU would write (GELU(0) = 0 keeps the padding zero)
-        x = to_bf16_pairs(_gelu_tanh(x)).to(tl.float32)
+        x = to_bf16_pairs(gelu_tanh(x)).to(tl.float32)
     q, scale = quantize_tile(x)
     tl.store(q_ptr + rows64 * stride_qm + cols[None, :], q, mask=mask)
     tl.store(scale_ptr + pid_m * K_BLOCKS + pid_k, scale)

@@ -106,6 +106,25 @@ def linear_rows(device: torch.device, label: str, m: int, k: int, n: int) -> lis
             _ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx, square_sums=sums)),
             config=str(device_launch),
         )
+    if n > k:  # ffn.0: its output goes through the GELU to ffn.2 as int8
+        add(
+            "int8 GEMM on int8 input, then GELU -> int8",
+            _ms(lambda: gelu_tanh_quantize(int8_gemm(qx, qw, sw, bias, a_scale=sx))),
+            config=str(device_launch),
+        )
+        add(
+            "int8 GEMM on int8 input writing GELU -> int8",
+            _ms(lambda: int8_gemm(qx, qw, sw, bias, a_scale=sx, gelu_int8=True)),
+            config=str(device_launch),
+        )
+        fused = int8_gemm(qx, qw, sw, bias, a_scale=sx, gelu_int8=True)
+        unfused = gelu_tanh_quantize(int8_gemm(qx, qw, sw, bias, a_scale=sx))
+        add(
+            "check: GELU -> int8 in the GEMM vs after it, all rows",
+            None,
+            mismatches=int((fused[0] != unfused[0]).sum()),
+            scale_mismatches=int((fused[1] != unfused[1]).sum()),
+        )
     if device_launch.warp_specialized:  # the Triton kernel it replaces, side by side
         triton_launch = gemm_module.gemm_launch(False, gpu)
         add(

@@ -149,3 +149,13 @@ def test_forward_goes_through_the_installed_implementation():
         int8.set_int8_impl(None)
     assert calls == [(10, 128)]
     assert torch.equal(layer(x), reference)
+
+
+def test_layer_gives_its_gelu_quantized_for_the_next_linear():
+    layer = Int8Linear.from_linear(nn.Linear(128, 200))
+    x = torch.randn(2, 70, 128).bfloat16()
+    hidden = layer(x, gelu_int8=True)
+    assert isinstance(hidden, int8.QuantizedActivation)
+    assert hidden.values.shape == (2, 70, 200) and hidden.values.dtype == torch.int8
+    values, scales = int8.quantize_blockwise(F.gelu(layer(x).reshape(140, 200), approximate="tanh"))
+    assert torch.equal(hidden.values.reshape(140, 200), values) and torch.equal(hidden.scales, scales)

@@ -85,8 +85,8 @@ def _compile(
 
 def _compile_warp_specialized_gemm(epilogue: str) -> dict:
     """Hopper's Gluon int8 GEMM (kernels/int8_gemm_ws.py) as int8_gemm launches it: with a gated
-    residual as the DiT's o and ffn.2 projections run, writing square sums as cross-attention's q, or
-    neither."""
+    residual as the DiT's o and ffn.2 projections run, writing square sums as cross-attention's q,
+    quantizing its GELU as ffn.0, or none of these."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -101,16 +101,19 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
         layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
         return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout!r}>"
 
+    gelu = epilogue == "gelu"
+    out_tile = [2 * int8_gemm_ws.SUB_M if gelu else int8_gemm_ws.SUB_M, int8_gemm_ws.BLOCK_N]
     signature = {
         "a_desc": descriptor("i8", [int8_gemm_ws.SUB_M, 128], gl.int8),
         "w_desc": descriptor("i8", [int8_gemm_ws.BLOCK_N, 128], gl.int8),
-        "c_desc": descriptor("bf16", [int8_gemm_ws.SUB_M, int8_gemm_ws.BLOCK_N], gl.bfloat16),
+        "c_desc": descriptor("i8", out_tile, gl.int8) if gelu else descriptor("bf16", out_tile, gl.bfloat16),
         "a_scale_ptr": "*fp32",
         "w_scale_ptr": "*fp32",
         "bias_ptr": "*bf16",
         "s_desc": descriptor("bf16", [int8_gemm_ws.SUB_M, int8_gemm_ws.BLOCK_N], gl.bfloat16),
         "gate_ptr": "*fp32",
         "squares_ptr": "*fp32",
+        "q_scale_ptr": "*fp32",
         "M": "i32",
         "N": "i32",
         "K": "i32",
@@ -118,8 +121,9 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
         "stride_gate": "i32",
     }
     residual = epilogue == "residual"
+    maxnreg = 128 if gelu else 168  # as int8_gemm_ws launches it
     constexprs = dict(GROUP_M=16, STAGES=int8_gemm_ws.STAGES, RESIDUAL=residual, HAS_GATE=residual)
-    constexprs.update(SHARED_GATE=True, SQUARES=epilogue == "squares")
+    constexprs.update(SHARED_GATE=True, SQUARES=epilogue == "squares", GELU=gelu)
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = GluonASTSource(
         kernel,
@@ -127,13 +131,13 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
         {(params.index(p),): v for p, v in constexprs.items()},
         {
             (params.index(p),): [["tt.divisibility", 16]]
-            for p in ("a_scale_ptr", "w_scale_ptr", "bias_ptr", "gate_ptr", "squares_ptr")
+            for p in ("a_scale_ptr", "w_scale_ptr", "bias_ptr", "gate_ptr", "squares_ptr", "q_scale_ptr")
         },
     )
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": 4, "maxnreg": 168, "enable_fp_fusion": False},
+        options={"num_warps": 4, "maxnreg": maxnreg, "enable_fp_fusion": False},
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +149,7 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
                 get_ptxas(90).path,
                 "-arch=sm_90a",
                 "-v",
-                "--maxrregcount=168",
+                f"--maxrregcount={maxnreg}",
                 str(ptx),
                 "-o",
                 str(ptx) + ".o",
@@ -364,7 +368,8 @@ def _compile_report() -> list[dict]:
                 arch=gpu.capability,
             )
         )
-    report.extend(_compile_warp_specialized_gemm(epilogue) for epilogue in ("plain", "residual", "squares"))
+    epilogues = ("plain", "residual", "squares", "gelu")
+    report.extend(_compile_warp_specialized_gemm(epilogue) for epilogue in epilogues)
     return report
 
 
@@ -386,7 +391,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 58
+    assert len(report) == 59
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %
@@ -403,7 +408,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         assert all(k["tma_copies"] > 0 for k in launches if k["arch"] == 90), name
         assert all(k["async_copies"] > 0 for k in launches if k["arch"] < 90), name
     warp_specialized = [k for k in report if k["name"] == "_int8_gemm_ws_kernel"]
-    assert len(warp_specialized) == 3
+    assert len(warp_specialized) == 4
     for kernel in warp_specialized:
         assert kernel["stack"] == 0 and kernel["tma_copies"] > 0, kernel
         assert not kernel["mma_serialized"], f"ptxas serializes the warp-specialized GEMM's MMAs: {kernel}"

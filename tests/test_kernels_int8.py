@@ -179,6 +179,39 @@ def test_gemm_writes_each_rows_sums_of_squares_per_128_columns(launch: GemmLaunc
         int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, residual=(stream, None), square_sums=sums)
 
 
+@LAUNCHES
+def test_gemm_quantizes_its_gelu_for_the_next_linear(launch: GemmLaunch | None) -> None:
+    # 140 rows: the last 128-row tile is mostly padding, whose rows must quantize as zeros although the
+    # kernel computes GELU(bias) there. Column 3's bias is far above what its products leave of it, so
+    # counting the padding would change that tile's scale. Columns 128-255 are about their biases, all
+    # below 0.5, where the largest |GELU| is a negative one's (column 130's). 400 columns: the last
+    # column tile is partial. K: the warp-specialized kernel's GELU needs a long K loop to pay.
+    batch, length, k, n = 2, 70, int8_gemm_ws.GELU_MIN_K, 400
+    x = torch.randn(batch, length, k, device=DEVICE).abs()
+    qx, sx = quantize_blockwise(x.to(torch.bfloat16))
+    weight = 0.1 * torch.randn(n, k, device=DEVICE) / k**0.5
+    weight[3] = -torch.rand(k, device=DEVICE) / k**0.5
+    weight[128:256] *= 1e-3
+    qw, sw = reference.quantize_blockwise(weight)
+    bias = 0.1 * torch.randn(n, device=DEVICE)
+    bias[3], bias[128:256], bias[130] = 2.0, 0.05 * torch.randn(128, device=DEVICE), -0.75
+    bias = bias.to(torch.bfloat16)
+    values, scales = int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, gelu_int8=True)
+    assert values.shape == (batch, length, n) and values.dtype == torch.int8
+    expected = gelu_tanh_quantize(int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch))
+    assert torch.equal(values, expected[0]) and torch.equal(scales, expected[1])
+    assert torch.allclose(scales[:, 1], torch.tensor(0.17 / 128, device=DEVICE), rtol=1e-2)
+    # PyTorch's GELU: a rare value one bf16 rounding, so one int8 step, away (as the GELU quantizer).
+    exact = reference.int8_linear_reference(
+        reference.QuantizedActivation(qx.reshape(-1, k), sx), qw, sw, bias, gelu_int8=True
+    )
+    assert (values.reshape(-1, n).int() - exact.values.int()).abs().max().item() <= 1
+    assert torch.allclose(scales, exact.scales, rtol=2**-7, atol=0)
+    stream = torch.zeros(batch, length, n, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="gelu_int8 returns"):
+        int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, residual=(stream, None), gelu_int8=True)
+
+
 @pytest.mark.parametrize(
     ("batch", "length", "k", "n"), [(2, 100, 384, 200), (1, 128, 256, 128), (1, 60, 136, 72)]
 )

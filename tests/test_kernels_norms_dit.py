@@ -37,7 +37,6 @@ INT8_CALLS_PER_BLOCK = {
     "residual_layer_norm_affine": 0,
     "residual_layer_norm_modulate": 0,
     "gated_residual": 0,
-    "gelu_tanh_quantize": 1,
 }
 # With 128-wide heads, cross-attention writes the o projection's int8 input itself, normalizing q on
 # the way (only k's RMSNorm runs by itself).

@@ -221,9 +221,7 @@ class Block(nn.Module):
             x, h = norms.residual_layer_norm_modulate(x, y, None, shift2, scale2, eps)
             return norms.gated_residual(x, self.ffn[2](linear_gelu(h, self.ffn[0])), gate2)
         # Each norm emits its output as the int8 input of the linears after it (no separate quantize
-        # pass), and the GELU that of ffn.2.
-        from ..kernels.quant import gelu_tanh_quantize
-
+        # pass), and ffn.0 its GELU as that of ffn.2.
         h = QuantizedActivation(*norms.layer_norm_modulate(x, shift1, scale1, eps, quantize=True))
         x = self.self_attn(h, rope, residual=(x, gate1))
         h = QuantizedActivation(
@@ -231,8 +229,7 @@ class Block(nn.Module):
         )
         x = self.cross_attn(h, context, context_bias, residual=(x, None))
         h = QuantizedActivation(*norms.layer_norm_modulate(x, shift2, scale2, eps, quantize=True))
-        hidden = QuantizedActivation(*gelu_tanh_quantize(self.ffn[0](h)))
-        return self.ffn[2](hidden, residual=(x, gate2))
+        return self.ffn[2](self.ffn[0](h, gelu_int8=True), residual=(x, gate2))
 
 
 class Head(nn.Module):

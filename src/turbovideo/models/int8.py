@@ -86,12 +86,14 @@ def int8_linear_reference(
     bias: torch.Tensor | None,
     residual: Residual | None = None,
     square_sums: torch.Tensor | None = None,
-) -> torch.Tensor:
+    gelu_int8: bool = False,
+) -> Activation:
     """Quantize the activation x [M, K], run the block GEMM, round to x's dtype, then add the bias in it
     (and then the gated output to the residual stream, in the stream's shape).
 
     A ``QuantizedActivation`` stands for a bf16 one and skips the quantization. ``square_sums``, if
-    given, receives ``chunk_square_sums`` of the output (without a residual).
+    given, receives ``chunk_square_sums`` of the output (without a residual). ``gelu_int8`` returns the
+    output's tanh GELU quantized per tile, as the next linear takes it (the FFN's first linear).
     """
     if isinstance(x, QuantizedActivation):
         (qx, sx), dtype = x, torch.bfloat16
@@ -99,6 +101,8 @@ def int8_linear_reference(
         (qx, sx), dtype = quantize_blockwise(x), x.dtype
     y = int8_gemm_reference(qx, sx, int8_weight, scale).to(dtype)
     y = y if bias is None else y + bias.to(dtype)
+    if gelu_int8:
+        return QuantizedActivation(*quantize_blockwise(F.gelu(y, approximate="tanh")))
     if square_sums is not None:
         if residual is not None:
             raise ValueError("square_sums are of a linear's own output: not with a residual")
@@ -117,14 +121,16 @@ def int8_linear_default(
     bias: torch.Tensor | None,
     residual: Residual | None = None,
     square_sums: torch.Tensor | None = None,
-) -> torch.Tensor:
+    gelu_int8: bool = False,
+) -> Activation:
     """The Triton W8A8 kernels for bf16 activations on CUDA, the reference for everything else."""
     values = x.values if isinstance(x, QuantizedActivation) else x
     if values.is_cuda and values.dtype in (torch.bfloat16, torch.int8):
         from ..kernels.int8_gemm import int8_linear  # imports Triton only where it runs
 
-        return int8_linear(x, int8_weight, scale, bias, residual, square_sums)
-    return int8_linear_reference(x, int8_weight, scale, bias, residual, square_sums)
+        out = int8_linear(x, int8_weight, scale, bias, residual, square_sums, gelu_int8)
+        return QuantizedActivation(*out) if gelu_int8 else out
+    return int8_linear_reference(x, int8_weight, scale, bias, residual, square_sums, gelu_int8)
 
 
 _impl: Int8Impl = int8_linear_default
@@ -132,8 +138,8 @@ _impl: Int8Impl = int8_linear_default
 
 def set_int8_impl(impl: Int8Impl | None) -> None:
     """Install another ``(x2d, int8_weight, scale, bias) -> y2d``; None restores the default. Layers
-    given a residual or square sums call it with ``residual=`` or ``square_sums=`` as well (see
-    ``int8_linear_reference``)."""
+    given a residual, square sums or ``gelu_int8`` call it with ``residual=``, ``square_sums=`` or
+    ``gelu_int8=True`` as well (see ``int8_linear_reference``)."""
     global _impl
     _impl = impl or int8_linear_default
 
@@ -168,12 +174,17 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(
-        self, x: Activation, residual: Residual | None = None, square_sums: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        x: Activation,
+        residual: Residual | None = None,
+        square_sums: torch.Tensor | None = None,
+        gelu_int8: bool = False,
+    ) -> Activation:
         """The linear of x [..., K]; given a residual (stream [..., N], gate), stream + output * gate.
 
         ``square_sums`` (fp32 [rows, ceil(N/128)]), if given, receives ``chunk_square_sums`` of the
         output: the statistics of an RMSNorm after the linear, taken as the output is written.
+        ``gelu_int8``: the output's tanh GELU as the next int8 linear's ``QuantizedActivation``.
         """
         if isinstance(x, QuantizedActivation):
             rows = x.values.shape[:-1]
@@ -181,9 +192,12 @@ class Int8Linear(nn.Module):
         else:
             rows, flat = x.shape[:-1], x.reshape(-1, self.in_features)
         # Only what is given: an installed implementation need not know the other options.
-        options = {"residual": residual, "square_sums": square_sums}
+        options = {"residual": residual, "square_sums": square_sums, "gelu_int8": gelu_int8 or None}
         given = {name: value for name, value in options.items() if value is not None}
         out = _impl(flat, self.int8_weight, self.scale, self.bias, **given)
+        if gelu_int8:
+            values, scales = out
+            return QuantizedActivation(values.reshape(*rows, self.out_features), scales)
         return out.reshape(*rows, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
