@@ -12,12 +12,11 @@ round and store this one. K must therefore span an even number of blocks (every 
 With a residual, the copy warp also fetches each tile's residual stream as the tile starts, into one
 of two slots, and the consumers add their gated output to it before the store.
 
-With ``gelu_scales`` (the FFN's first linear, from GELU_MIN_K on), the output is ffn.2's int8 input: a 128x128 output tile
-is exactly a scale tile of it, so a fourth partition, a warpgroup of its own, applies the GELU and
-quantizes the tile (kernels/quant.py's ``gelu_tanh_quantize``, the same helpers and bits) while the
-consumers multiply the next one: they hand each rounded tile over in one of two shared-memory slots.
-The GELU pass's read of the bf16 product and its write and read back never reach memory, and the
-GELU's arithmetic stays off the warpgroups that issue the MMAs.
+With ``gelu_scales`` (the FFN's first linear, at K of GELU_MIN_K and more), the output is ffn.2's
+int8 input. A 128x128 output tile is exactly one of its scale tiles, so a fourth partition, a warpgroup
+of its own, applies the GELU to each tile and quantizes it (``quant.gelu_tanh_quantize``'s helpers and
+bits) while the consumers multiply the next one; they hand each rounded tile over through one of two
+shared-memory slots. The bf16 product never goes to memory and back.
 
 Triton's own pipeliner cannot do this for an int32 accumulator: it waits for each K block's MMA before
 the scale work (kernels/int8_gemm.py keeps several small programs per SM instead). No MMA stays in flight
