@@ -159,3 +159,5 @@ def test_layer_gives_its_gelu_quantized_for_the_next_linear():
     assert hidden.values.shape == (2, 70, 200) and hidden.values.dtype == torch.int8
     values, scales = int8.quantize_blockwise(F.gelu(layer(x).reshape(140, 200), approximate="tanh"))
     assert torch.equal(hidden.values.reshape(140, 200), values) and torch.equal(hidden.scales, scales)
+    with pytest.raises(ValueError, match="gelu_int8 returns"):
+        layer(x, residual=(torch.zeros(2, 70, 200).bfloat16(), None), gelu_int8=True)

@@ -95,6 +95,8 @@ def int8_linear_reference(
     given, receives ``chunk_square_sums`` of the output (without a residual). ``gelu_int8`` returns the
     output's tanh GELU quantized per tile, as the next linear takes it (the FFN's first linear).
     """
+    if gelu_int8 and (residual is not None or square_sums is not None):
+        raise ValueError("gelu_int8 returns the GELU's int8 tiles: not with a residual or square sums")
     if isinstance(x, QuantizedActivation):
         (qx, sx), dtype = x, torch.bfloat16
     else:
