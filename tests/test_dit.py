@@ -97,8 +97,10 @@ def test_sagesla_where_it_cannot_run_is_one_clear_sentence():
             "attention=sagesla needs SpargeAttn (spas_sage_attn), which is not installed; use attention=sla"
         )
     else:  # a GPU machine with SpargeAttn: the CPU model still cannot use it
+        from turbovideo.kernels.sagesla import wheel_archs  # those the installed build has kernels for
+
         expected = (
-            "attention=sagesla needs a CUDA GPU of arch sm80, sm86, sm87, sm89, sm90 for the installed "
+            f"attention=sagesla needs a CUDA GPU of arch {', '.join(wheel_archs())} for the installed "
             "SpargeAttn; use attention=sla"
         )
     assert str(info.value) == expected
