@@ -80,12 +80,11 @@ def sample(
             x = x - (t_cur - t_next) * v
         else:
             fresh = torch.randn(x.shape, dtype=torch.float32, device=device, generator=generator)
-            # The noise term is formed in fp32 (fp32 time times fp32 noise), then added in float64.
-            x = (1.0 - t_next) * (x - t_cur * v) + (_fp32(t_next, device) * fresh).to(torch.float64)
+            # The noise term is formed in fp32 (fp32 time times fp32 noise), then added in float64. A
+            # Python number multiplies an fp32 tensor as an fp32 value, and unlike a tensor made from it
+            # on the GPU, it does not make the host wait for the queued steps (the GPU would then idle
+            # while the host queues the next one).
+            x = (1.0 - t_next) * (x - t_cur * v) + (fresh * t_next).to(torch.float64)
         if on_step is not None:
             on_step(i)
     return x.to(torch.float32)
-
-
-def _fp32(value: float, device: torch.device) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float32, device=device)
