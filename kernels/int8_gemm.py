@@ -34,6 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import int8_gemm_ws
 from .gpu import GpuLimits, gpu_limits
+from .int8_gemm_ws import ROW_MOMENTS, SQUARE_SUMS
 from .norms import gated_update, per_sample
 from .quant import QUANT_BLOCK, gelu_tanh_quantize, quantize_blockwise, quantize_tile, scale_shape
 from .rounding import to_bf16
@@ -49,7 +50,7 @@ def _int8_gemm_kernel(
     c_ptr,
     stream_ptr,
     gate_ptr,
-    squares_ptr,
+    stats_ptr,  # the output's square sums or row moments, if asked for
     M,
     N,
     K,
@@ -62,7 +63,7 @@ def _int8_gemm_kernel(
     RESIDUAL: tl.constexpr,
     HAS_GATE: tl.constexpr,
     SHARED_GATE: tl.constexpr,
-    SQUARES: tl.constexpr,
+    STATS: tl.constexpr,  # int8_gemm_ws.stats_kind
     QUANTIZE_A: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -118,9 +119,10 @@ def _int8_gemm_kernel(
         out = to_bf16(out.to(tl.float32) + bias.to(tl.float32))
     offsets = rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
     mask = (rows < M)[:, None] & col_ok[None, :]
-    if SQUARES:  # the statistics of an RMSNorm after the linear: one sum a row of the 128-column tile
+    # The statistics of an RMSNorm after the linear: one sum a row of the 128-column tile.
+    if STATS == SQUARE_SUMS:
         y = out.to(tl.float32)
-        tl.store(squares_ptr + rows * grid_n + pid_n, tl.sum(y * y, axis=1), mask=rows < M)
+        tl.store(stats_ptr + rows * grid_n + pid_n, tl.sum(y * y, axis=1), mask=rows < M)
     if RESIDUAL:  # the residual stream plus the gated output, as norms.gated_residual rounds it
         stream = tl.load(stream_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         gate = None
@@ -131,6 +133,14 @@ def _int8_gemm_kernel(
                 samples = (rows // rows_per_sample)[:, None]
                 gate = tl.load(gate_ptr + samples * stride_gate + cols[None, :], mask=mask, other=0.0)
         out = gated_update(stream, out.to(tl.float32), gate, HAS_GATE).to(tl.bfloat16)
+    # Those of a LayerNorm after it: a row's mean and sum of squared deviations in the tile.
+    if STATS == ROW_MOMENTS:
+        y = out.to(tl.float32)
+        mean = tl.sum(y, axis=1) * (1.0 / BLOCK_N)
+        deviation = y - mean[:, None]
+        at = stats_ptr + (rows * grid_n + pid_n) * 2
+        tl.store(at, mean, mask=rows < M)
+        tl.store(at + 1, tl.sum(deviation * deviation, axis=1), mask=rows < M)
     tl.store(c_ptr + offsets, out, mask=mask)
 
 
@@ -230,6 +240,7 @@ def int8_gemm(
     residual: Residual | None = None,
     square_sums: torch.Tensor | None = None,
     gelu_int8: bool = False,
+    row_moments: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``bf16(dequant(a) @ dequant(weight).T) + bias`` for ``a`` [..., K] -> bf16 [..., N].
 
@@ -239,7 +250,10 @@ def int8_gemm(
     ``norms.gated_residual(stream, product, gate)``, added as each output tile is written: the product
     never goes to memory and back. ``square_sums`` (fp32 [M, ceil(N/128)], no residual) receives each
     output row's sum of squares per 128-column tile (``models.int8.chunk_square_sums``, summed in
-    another order): an RMSNorm's statistics without a pass over the output. ``gelu_int8`` (nothing
+    another order): an RMSNorm's statistics without a pass over the output. ``row_moments`` (fp32
+    [M, N/128, 2], N a multiple of 128) receives each row's mean and sum of squared deviations per
+    128-column tile of the result, residual included (``models.int8.chunk_moments``, summed in another
+    order): a LayerNorm's (``norms``' ``moments=``). ``gelu_int8`` (nothing
     else) returns ``quant.gelu_tanh_quantize`` of the result instead, (int8 [..., N], tile scales):
     at 14B's K the warp-specialized kernel quantizes each output tile as it finishes, so the bf16
     product never goes to memory.
@@ -273,9 +287,15 @@ def int8_gemm(
             f"quantizing on load needs the Triton kernel's {QUANT_BLOCK}-row tiles, not {launch}"
         )
     if square_sums is not None:
-        _check_square_sums(square_sums, m, n, residual, launch)
-    if gelu_int8 and (residual is not None or square_sums is not None):
-        raise ValueError("gelu_int8 returns the GELU's int8 tiles: not with a residual or square sums")
+        _check_statistics("square_sums", square_sums, (m, triton.cdiv(n, QUANT_BLOCK)), launch)
+        if residual is not None or row_moments is not None:
+            raise ValueError("square_sums are of the GEMM's own output: not with a residual or row moments")
+    if row_moments is not None:
+        if n % QUANT_BLOCK:
+            raise ValueError(f"row_moments need whole {QUANT_BLOCK}-column tiles; N={n} is not a multiple")
+        _check_statistics("row_moments", row_moments, (m, n // QUANT_BLOCK, 2), launch)
+    if gelu_int8 and (residual is not None or square_sums is not None or row_moments is not None):
+        raise ValueError("gelu_int8 returns the GELU's int8 tiles: not with a residual or row statistics")
     if launch.tma:
         flat, weight = _tma_rows(flat), _tma_rows(weight)
     if launch.warp_specialized and bias is None:
@@ -290,10 +310,12 @@ def int8_gemm(
         return values.view(*a.shape[:-1], n), scales
     out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
     stream, gate, rows_per_sample, stride_gate = _residual_args(m, n, residual)
+    stats = square_sums if square_sums is not None else row_moments
     if launch.warp_specialized:
         int8_gemm_ws.int8_gemm_ws(
             flat, a_scale_arg, weight, weight_scale.contiguous(), bias, out, launch.group_m,
             None if residual is None else (stream, gate, rows_per_sample, stride_gate), square_sums,
+            row_moments,
         )  # fmt: skip
         return _output(out.view(*a.shape[:-1], n), gelu_int8)
     grid = (triton.cdiv(m, launch.block_m) * triton.cdiv(n, launch.block_n),)
@@ -306,7 +328,7 @@ def int8_gemm(
         out,
         out if stream is None else stream,  # placeholders when unread
         weight_scale if gate is None else gate,
-        weight_scale if square_sums is None else square_sums,
+        weight_scale if stats is None else stats,
         m,
         n,
         k,
@@ -319,7 +341,7 @@ def int8_gemm(
         RESIDUAL=residual is not None,
         HAS_GATE=gate is not None,
         SHARED_GATE=stride_gate == 0,
-        SQUARES=square_sums is not None,
+        STATS=int8_gemm_ws.stats_kind(square_sums, row_moments),
         QUANTIZE_A=quantize_on_load,
         BLOCK_M=launch.block_m,
         BLOCK_N=launch.block_n,
@@ -336,18 +358,13 @@ def _output(out: torch.Tensor, gelu_int8: bool) -> torch.Tensor | tuple[torch.Te
     return gelu_tanh_quantize(out) if gelu_int8 else out
 
 
-def _check_square_sums(
-    square_sums: torch.Tensor, m: int, n: int, residual: Residual | None, launch: GemmLaunch
-) -> None:
-    shape = (m, triton.cdiv(n, QUANT_BLOCK))
-    if square_sums.shape != shape or square_sums.dtype != torch.float32 or not square_sums.is_contiguous():
+def _check_statistics(name: str, stats: torch.Tensor, shape: tuple[int, ...], launch: GemmLaunch) -> None:
+    if stats.shape != shape or stats.dtype != torch.float32 or not stats.is_contiguous():
         raise ValueError(
-            f"square_sums must be a contiguous fp32 {shape} tensor, got {square_sums.dtype} {tuple(square_sums.shape)}"
+            f"{name} must be a contiguous fp32 {shape} tensor, got {stats.dtype} {tuple(stats.shape)}"
         )
-    if residual is not None:
-        raise ValueError("square_sums are of the GEMM's own output: not with a residual")
     if launch.block_n != QUANT_BLOCK:
-        raise ValueError(f"square_sums need {QUANT_BLOCK}-column tiles, not {launch}")
+        raise ValueError(f"{name} need {QUANT_BLOCK}-column tiles, not {launch}")
 
 
 def _residual_args(
@@ -377,16 +394,17 @@ def int8_linear(
     residual: Residual | None = None,
     square_sums: torch.Tensor | None = None,
     gelu_int8: bool = False,
+    row_moments: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """W8A8 linear for a bf16 activation, or for an already quantized ``(int8 values, tile scales)`` one.
 
     A bf16 activation gets its own memory-bound quantization pass: quantizing in the GEMM prologue
     repeats that work for every column tile (N / 128 times), on the cores the dequantization needs.
-    scripts/bench_kernels_linear.py times both. ``residual``, ``square_sums``, ``gelu_int8``: as
-    ``int8_gemm``.
+    scripts/bench_kernels_linear.py times both. ``residual``, ``square_sums``, ``gelu_int8``,
+    ``row_moments``: as ``int8_gemm``.
     """
     values, scales = x if isinstance(x, tuple) else quantize_blockwise(x)
     return int8_gemm(
         values, weight, weight_scale, bias, a_scale=scales, residual=residual, square_sums=square_sums,
-        gelu_int8=gelu_int8,
+        gelu_int8=gelu_int8, row_moments=row_moments,
     )  # fmt: skip

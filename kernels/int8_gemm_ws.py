@@ -16,7 +16,10 @@ With ``gelu_scales`` (the FFN's first linear, at K of GELU_MIN_K and more), the 
 int8 input. A 128x128 output tile is exactly one of its scale tiles, so a fourth partition, a warpgroup
 of its own, applies the GELU to each tile and quantizes it (``quant.gelu_tanh_quantize``'s helpers and
 bits) while the consumers multiply the next one; they hand each rounded tile over through one of two
-shared-memory slots. The bf16 product never goes to memory and back.
+shared-memory slots. The bf16 product never goes to memory and back. With ``row_moments`` (the o
+projections and ffn.2, which write the residual stream a LayerNorm reads next), the fourth partition
+instead reads each tile from the consumers' store buffers and writes each row's mean and sum of
+squared deviations in it, so the LayerNorm needs no statistics pass over the stream.
 
 Triton's own pipeliner cannot do this for an int32 accumulator: it waits for each K block's MMA before
 the scale work (kernels/int8_gemm.py keeps several small programs per SM instead). No MMA stays in flight
@@ -68,6 +71,20 @@ STAGES = 4
 # against 11.3-11.7 ms for the GEMM and then the GELU pass (the GEMM alone: 10.2-10.6); at 1.3B
 # (K 1536) 1.10-1.17 against 1.10-1.11 ms (the GEMM without its GELU work: 0.81 against 0.82 ms).
 GELU_MIN_K = 4096
+
+
+# What the kernels also write of each output row, per 128-column tile (their STATS): nothing, its sum of
+# squares (an RMSNorm's statistics), or its mean and sum of squared deviations (a LayerNorm's).
+NO_STATS = triton.language.constexpr(0)
+SQUARE_SUMS = triton.language.constexpr(1)
+ROW_MOMENTS = triton.language.constexpr(2)
+
+
+def stats_kind(square_sums: torch.Tensor | None, row_moments: torch.Tensor | None) -> int:
+    """The STATS of a launch given these (at most one)."""
+    if square_sums is not None:
+        return SQUARE_SUMS.value
+    return NO_STATS.value if row_moments is None else ROW_MOMENTS.value
 
 
 def takes_k(k: int) -> bool:
@@ -165,7 +182,7 @@ if gluon is not None:
         RESIDUAL: gl.constexpr,
         HAS_GATE: gl.constexpr,
         SHARED_GATE: gl.constexpr,
-        SQUARES: gl.constexpr,
+        STATS: gl.constexpr,
         GELU: gl.constexpr,
         operands,
     ):
@@ -185,7 +202,7 @@ if gluon is not None:
             gate_ptr,
             rows_per_sample,
             stride_gate,
-            squares_ptr,
+            stats_ptr,
             grid_m,
             grid_n,
             M,
@@ -241,11 +258,12 @@ if gluon is not None:
                     ok = (rows < M)[:, None] & (cols < N)[None, :]
                     gate = gl.load(gate_ptr + samples * stride_gate + cols[None, :], mask=ok, other=0.0)
             out = (acc.to(gl.bfloat16).to(gl.float32) + bias[None, :]).to(gl.bfloat16)
-            if SQUARES:  # the statistics of an RMSNorm after the linear: one sum a row of the tile
+            # The statistics of an RMSNorm after the linear: one sum a row of the tile.
+            if STATS == SQUARE_SUMS:
                 y = out.to(gl.float32)
                 rows = off_m + SUB * SUB_M + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, layout))
                 sums = gl.sum(y * y, axis=1)
-                gl.store(squares_ptr + rows * grid_n + off_n // BLOCK_N, sums, mask=rows < M)
+                gl.store(stats_ptr + rows * grid_n + off_n // BLOCK_N, sums, mask=rows < M)
             if RESIDUAL:
                 slot = index % 2
                 mbarrier.wait(s_ready.index(slot), (index // 2) & 1)
@@ -259,16 +277,56 @@ if gluon is not None:
                 mbarrier.arrive(h_full.index(slot), count=1)
             else:
                 tma.store_wait(pendings=0)  # the previous tile's store has left this buffer
+                if STATS == ROW_MOMENTS:  # and the moments partition has read it
+                    mbarrier.wait(h_empty.index(0), (index & 1) ^ 1)
                 tile_smem.store(out)
                 fence_async_shared()
+                if STATS == ROW_MOMENTS:
+                    mbarrier.arrive(h_full.index(0), count=1)
                 _tma_store(c_desc, [off_m + SUB * SUB_M, off_n], tile_smem)  # clipped at M and N
             index += 1
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _gelu_partition(GROUP_M: gl.constexpr, epilogue):
-        """The warpgroup that turns each 128x128 output tile into ffn.2's int8 input: the GELU rounded to
-        bf16 (in place in the hand-off slot) and the tile's amax, then the int8 values and the scale."""
+    def _epilogue_partition(GROUP_M: gl.constexpr, GELU: gl.constexpr, epilogue):
+        """The warpgroup that finishes each output tile after the consumers, while they multiply the next
+        one: its GELU as int8 (``_gelu_tiles``), or its row moments (``_moments_tiles``)."""
+        if GELU:
+            _gelu_tiles(GROUP_M, epilogue)
+        else:
+            _moments_tiles(GROUP_M, epilogue)
+
+    @gluon.jit
+    def _moments_tiles(GROUP_M: gl.constexpr, epilogue):
+        """Each row's mean and sum of squared deviations in each 128x128 output tile, read from the
+        consumers' store buffers (the statistics of a LayerNorm after the GEMM). In the consumers'
+        epilogue, with the tensor cores idle meanwhile, this cost 11 % at 1.3B's o projection (H200)."""
+        c_bufs, h_full, h_empty, stats_ptr, grid_m, grid_n, M = epilogue
+        SUB_M: gl.constexpr = c_bufs.shape[1]
+        BLOCK_N: gl.constexpr = c_bufs.shape[2]
+        PIECE: gl.constexpr = 16  # rows at a time, within the partition's few registers
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        piece_rows = gl.arange(0, PIECE, layout=gl.SliceLayout(1, layout))
+        index = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, BLOCK_N)
+            mbarrier.wait(h_full.index(0), index & 1)
+            for half in gl.static_range(2):
+                for row in gl.static_range(0, SUB_M, PIECE):
+                    y = c_bufs.index(half).slice(row, PIECE).load(layout).to(gl.float32)
+                    mean = gl.sum(y, axis=1) * (1.0 / BLOCK_N)
+                    deviation = y - mean[:, None]
+                    rows = off_m + half * SUB_M + row + piece_rows
+                    at = stats_ptr + (rows * grid_n + off_n // BLOCK_N) * 2
+                    gl.store(at, mean, mask=rows < M)
+                    gl.store(at + 1, gl.sum(deviation * deviation, axis=1), mask=rows < M)
+            mbarrier.arrive(h_empty.index(0), count=1)
+            index += 1
+
+    @gluon.jit
+    def _gelu_tiles(GROUP_M: gl.constexpr, epilogue):
+        """Turns each 128x128 output tile into ffn.2's int8 input: the GELU rounded to bf16 (in place in
+        the hand-off slot) and the tile's amax, then the int8 values and the scale."""
         q_desc, q_smem, h_bufs, h_full, h_empty, q_scale_ptr, grid_m, grid_n, M = epilogue
         SUB_M: gl.constexpr = h_bufs.shape[1]
         BLOCK_N: gl.constexpr = h_bufs.shape[2]
@@ -313,7 +371,7 @@ if gluon is not None:
         bias_ptr,
         s_desc,
         gate_ptr,
-        squares_ptr,
+        stats_ptr,
         q_scale_ptr,
         M,
         N,
@@ -325,7 +383,7 @@ if gluon is not None:
         RESIDUAL: gl.constexpr,
         HAS_GATE: gl.constexpr,
         SHARED_GATE: gl.constexpr,
-        SQUARES: gl.constexpr,
+        STATS: gl.constexpr,
         GELU: gl.constexpr,
     ):
         """c_desc: the output's tiles, bf16 [64, 128]; with GELU int8 [128, 128], their scales at
@@ -347,7 +405,7 @@ if gluon is not None:
             c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, SUB_M, BLOCK_N], c_desc.layout)
         h_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         h_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for slot in gl.static_range(2):
+        for slot in gl.static_range(2):  # the row moments use slot 0, their tiles' store buffers
             mbarrier.init(h_full.index(slot), count=2)  # both consumers have written their half
             mbarrier.init(h_empty.index(slot), count=1)
         # One ready and one empty barrier a pair of slots (two K blocks): Triton's shared-memory hazard
@@ -385,7 +443,7 @@ if gluon is not None:
             gate_ptr,
             rows_per_sample,
             stride_gate,
-            squares_ptr,
+            stats_ptr,
             grid_m,
             grid_n,
             M,
@@ -393,19 +451,22 @@ if gluon is not None:
             k_blocks,
         )
         loads = (a_desc, w_desc, a_bufs, w_bufs, ready, empty, residual, grid_m, grid_n, k_blocks)
-        if GELU:
-            gelu = (c_desc, q_smem, c_bufs, h_full, h_empty, q_scale_ptr, grid_m, grid_n, M)
+        if GELU or STATS == ROW_MOMENTS:
+            if GELU:
+                epilogue = (c_desc, q_smem, c_bufs, h_full, h_empty, q_scale_ptr, grid_m, grid_n, M)
+            else:
+                epilogue = (c_bufs, h_full, h_empty, stats_ptr, grid_m, grid_n, M)
             gl.warp_specialize(
                 [
                     (
                         _consumer,
-                        (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, GELU, operands),
+                        (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, operands),
                     ),
                     (
                         _consumer,
-                        (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, GELU, operands),
+                        (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, operands),
                     ),
-                    (_gelu_partition, (GROUP_M, gelu)),
+                    (_epilogue_partition, (GROUP_M, GELU, epilogue)),
                     (_load_partition, (GROUP_M, STAGES, RESIDUAL, loads)),
                 ],
                 [4, 4, 1],
@@ -417,11 +478,11 @@ if gluon is not None:
                 [
                     (
                         _consumer,
-                        (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, GELU, operands),
+                        (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, operands),
                     ),
                     (
                         _consumer,
-                        (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, SQUARES, GELU, operands),
+                        (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, operands),
                     ),
                     (_load_partition, (GROUP_M, STAGES, RESIDUAL, loads)),
                 ],
@@ -445,6 +506,7 @@ def int8_gemm_ws(
     group_m: int,
     residual: tuple[torch.Tensor, torch.Tensor | None, int, int] | None = None,
     square_sums: torch.Tensor | None = None,
+    row_moments: torch.Tensor | None = None,
     gelu_scales: torch.Tensor | None = None,
 ) -> None:
     """out[M, N] = the W8A8 product of int8 ``a`` [M, K] and ``weight`` [N, K] (rows 16-byte aligned)
@@ -452,6 +514,8 @@ def int8_gemm_ws(
     without a bias; every Wan linear has one. ``residual`` (stream [M, N], gate rows or None, rows per
     sample, gate row stride or 0 for one row): out = norms.gated_residual(stream, product, gate).
     ``square_sums`` (fp32 [M, N / 128], no residual): each row's sum of squares of a tile's output.
+    ``row_moments`` (fp32 [M, N / 128, 2]): each row's mean and sum of squared deviations in a tile of
+    out (after the residual).
     ``gelu_scales`` (fp32 [M / 128, N / 128], nothing else): out is int8 and, with these, holds
     ``quant.gelu_tanh_quantize`` of the output."""
     m, k = a.shape
@@ -469,6 +533,7 @@ def int8_gemm_ws(
             out, [QUANT_BLOCK, BLOCK_N], _layout([QUANT_BLOCK, BLOCK_N], gl.int8)
         )
     stream, gate, rows_per_sample, stride_gate = residual or (None, None, 1, 0)
+    stats = square_sums if square_sums is not None else row_moments
     _int8_gemm_ws_kernel[grid](
         a_desc,
         TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], _layout([BLOCK_N, BLOCK_K], gl.int8)),
@@ -478,7 +543,7 @@ def int8_gemm_ws(
         bias,
         c_desc if stream is None else TensorDescriptor.from_tensor(stream, [SUB_M, BLOCK_N], out_tile),
         bias if gate is None else gate,  # unread without a gate
-        bias if square_sums is None else square_sums,
+        bias if stats is None else stats,  # unread without either
         bias if gelu_scales is None else gelu_scales,
         m,
         n,
@@ -490,12 +555,12 @@ def int8_gemm_ws(
         RESIDUAL=residual is not None,
         HAS_GATE=gate is not None,
         SHARED_GATE=stride_gate == 0,
-        SQUARES=square_sums is not None,
+        STATS=stats_kind(square_sums, row_moments),
         GELU=gelu_scales is not None,
         num_warps=4,
-        # 168 registers a thread over the kernel's 12 warps (16 with the GELU partition: 128) fill the
-        # register file; the partitions then trade them (warp_specialize's counts).
-        maxnreg=168 if gelu_scales is None else 128,
+        # 168 registers a thread over the kernel's 12 warps (16 with the epilogue partition: 128) fill
+        # the register file; the partitions then trade them (warp_specialize's counts).
+        maxnreg=128 if gelu_scales is not None or row_moments is not None else 168,
         # The gated residual rounds the gated output before adding it; with contraction the compiler
         # made the two one bf16 fma (the K loop's fma is explicit either way).
         enable_fp_fusion=False,

@@ -8,8 +8,11 @@ PyTorch ops rounds:
 LN statistics are fp32 over the full row (population variance, eps inside the square root). A norm can
 first apply a residual add and write the new stream (one read of x instead of two), and can emit its
 output as int8 with 128x128 tile scales, ready for kernels/int8_gemm.py: the values are quantized from
-the bf16 output, so they equal quantize_blockwise(bf16 output). Kernels run without fp contraction so
-products and sums round separately, as the unfused reference does.
+the bf16 output, so they equal quantize_blockwise(bf16 output). An int8-output norm can also take its
+statistics from the per-128-column row moments the int8 GEMM that wrote x took (``moments=``), merged
+by a small kernel instead of a pass over x (summed in another order, so a rare value lands one int8
+step apart). Kernels run without fp contraction so products and sums round separately, as the
+unfused reference does.
 
 Modulation (shift, scale) and gate are fp32 per sample: [B, 1, D] or [B, D] (views into the [B, 6, D]
 block modulation are fine); row r of x [B, L, D] belongs to sample r // L.
@@ -187,6 +190,33 @@ def _layer_norm_kernel(
 
 
 @triton.jit
+def _moments_statistics_kernel(
+    moments_ptr,
+    stats_ptr,
+    M,
+    n_chunks,
+    eps,
+    BLOCK_ROWS: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Each row's (mean, 1 / std) from its chunks' means and sums of squared deviations (chunks of CHUNK
+    columns): the mean of the means, and the chunks' sums plus CHUNK times the means' squared
+    deviations from it (Chan et al.'s merge, for equal counts)."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < M
+    chunks = tl.arange(0, CHUNKS)
+    ok = row_ok[:, None] & (chunks < n_chunks)[None, :]
+    at = moments_ptr + (rows.to(tl.int64)[:, None] * n_chunks + chunks[None, :]) * 2
+    means = tl.load(at, mask=ok, other=0.0)
+    mean = div_rn(tl.sum(means, axis=1), n_chunks * 1.0)
+    spread = tl.where(ok, means - mean[:, None], 0.0)
+    m2 = tl.sum(tl.load(at + 1, mask=ok, other=0.0), axis=1) + CHUNK * tl.sum(spread * spread, axis=1)
+    tl.store(stats_ptr + rows * 2, mean, mask=row_ok)
+    tl.store(stats_ptr + rows * 2 + 1, inverse_rms(m2, n_chunks * CHUNK, eps), mask=row_ok)
+
+
+@triton.jit
 def _quantize_normed_kernel(
     x_ptr,
     stats_ptr,
@@ -298,6 +328,7 @@ def _layer_norm(
     bias: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    moments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, Normed]:
     _check_stream(x)
     batch, length, dim = x.shape
@@ -320,36 +351,43 @@ def _layer_norm(
     # rows need their statistics first) re-read its rows from DRAM and was 1.7x slower than bf16 output.
     out = None if quantize else torch.empty_like(x)
     stats = torch.empty((rows, 2), dtype=torch.float32, device=x.device) if quantize else None
-    block_rows, chunk = _row_pass_shape(dim)
-    _layer_norm_kernel[(triton.cdiv(rows, block_rows),)](
-        x,
-        update if update is not None else unused,
-        gate if gate is not None else unused,
-        x_out if x_out is not None else unused,
-        out if out is not None else unused,
-        stats if stats is not None else unused,
-        weight if weight is not None else unused,
-        bias if bias is not None else unused,
-        shift if shift is not None else unused,
-        scale if scale is not None else unused,
-        rows,
-        dim,
-        length,
-        stride_gate,
-        stride_shift,
-        stride_scale,
-        eps,
-        RESIDUAL=update is not None,
-        HAS_GATE=gate is not None,
-        AFFINE=weight is not None,
-        MODULATE=shift is not None,
-        SHARED_MOD=shared_mod,
-        STATS_ONLY=quantize,
-        BLOCK_ROWS=block_rows,
-        CHUNK=chunk,
-        num_warps=_ROW_WARPS,
-        enable_fp_fusion=False,
-    )
+    if moments is not None:  # the statistics from what the GEMM that wrote x took of them
+        if not quantize or update is not None:
+            raise ValueError(
+                "moments stand in for the statistics pass of an int8 LayerNorm without a residual"
+            )
+        _statistics_from_moments(moments, stats, dim, eps)
+    else:
+        block_rows, chunk = _row_pass_shape(dim)
+        _layer_norm_kernel[(triton.cdiv(rows, block_rows),)](
+            x,
+            update if update is not None else unused,
+            gate if gate is not None else unused,
+            x_out if x_out is not None else unused,
+            out if out is not None else unused,
+            stats if stats is not None else unused,
+            weight if weight is not None else unused,
+            bias if bias is not None else unused,
+            shift if shift is not None else unused,
+            scale if scale is not None else unused,
+            rows,
+            dim,
+            length,
+            stride_gate,
+            stride_shift,
+            stride_scale,
+            eps,
+            RESIDUAL=update is not None,
+            HAS_GATE=gate is not None,
+            AFFINE=weight is not None,
+            MODULATE=shift is not None,
+            SHARED_MOD=shared_mod,
+            STATS_ONLY=quantize,
+            BLOCK_ROWS=block_rows,
+            CHUNK=chunk,
+            num_warps=_ROW_WARPS,
+            enable_fp_fusion=False,
+        )
     if not quantize:
         return x_out, out
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
@@ -378,18 +416,48 @@ def _layer_norm(
     return x_out, (q, q_scale)
 
 
+def _statistics_from_moments(moments: torch.Tensor, stats: torch.Tensor, dim: int, eps: float) -> None:
+    rows, chunks = stats.shape[0], dim // QUANT_BLOCK
+    if dim % QUANT_BLOCK or moments.shape != (rows, chunks, 2) or moments.dtype != torch.float32:
+        raise ValueError(
+            f"moments must be fp32 [{rows}, D / {QUANT_BLOCK}, 2] for {rows} rows of D = {dim} (a multiple of "
+            f"{QUANT_BLOCK}), got {moments.dtype} {tuple(moments.shape)}"
+        )
+    block_rows = 64
+    _moments_statistics_kernel[(triton.cdiv(rows, block_rows),)](
+        moments.contiguous(), stats, rows, chunks, eps,
+        BLOCK_ROWS=block_rows, CHUNKS=triton.next_power_of_2(chunks), CHUNK=QUANT_BLOCK, num_warps=4,
+    )  # fmt: skip
+
+
 def layer_norm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, quantize: bool = False
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    quantize: bool = False,
+    moments: torch.Tensor | None = None,
 ) -> Normed:
-    """``bf16(fp32(bf16(LN(x))) * (1 + scale) + shift)``; int8 + tile scales if ``quantize``."""
-    return _layer_norm(x, eps=eps, quantize=quantize, shift=shift, scale=scale)[1]
+    """``bf16(fp32(bf16(LN(x))) * (1 + scale) + shift)``; int8 + tile scales if ``quantize``.
+
+    ``moments`` (int8 output only): x's rows' per-128-column means and sums of squared deviations, as
+    the int8 GEMM that wrote x took them (``int8_gemm(row_moments=)``), merged into the statistics
+    instead of a pass over x.
+    """
+    return _layer_norm(x, eps=eps, quantize=quantize, shift=shift, scale=scale, moments=moments)[1]
 
 
 def layer_norm_affine(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6, quantize: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-6,
+    quantize: bool = False,
+    moments: torch.Tensor | None = None,
 ) -> Normed:
-    """``bf16(LN(x) * weight + bias)`` with fp32 weight and bias; int8 + tile scales if ``quantize``."""
-    return _layer_norm(x, eps=eps, quantize=quantize, weight=weight, bias=bias)[1]
+    """``bf16(LN(x) * weight + bias)`` with fp32 weight and bias; int8 + tile scales if ``quantize``;
+    ``moments`` as ``layer_norm_modulate``'s."""
+    return _layer_norm(x, eps=eps, quantize=quantize, weight=weight, bias=bias, moments=moments)[1]
 
 
 def residual_layer_norm_modulate(

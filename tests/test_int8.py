@@ -115,6 +115,23 @@ def test_linear_writes_the_square_sums_of_its_output_per_128_columns():
         layer(x, residual=(y, None), square_sums=sums)
 
 
+def test_linear_writes_the_row_moments_of_what_it_returns():
+    layer = Int8Linear.from_linear(nn.Linear(128, 256).bfloat16())
+    x = torch.randn(3, 7, 128).bfloat16()
+    stream = (torch.randn(3, 7, 256) + 5.0).bfloat16()  # a mean far from zero: the deviations matter
+    gate = torch.randn(3, 1, 256)
+    moments = torch.empty(21, 2, 2)
+    y = layer(x, residual=(stream, gate), row_moments=moments)
+    assert torch.equal(y, layer(x, residual=(stream, gate)))
+    chunks = y.reshape(21, 2, 128).double()
+    mean = chunks.mean(-1)
+    expected = torch.stack([mean, (chunks - mean[..., None]).square().sum(-1)], dim=-1)
+    torch.testing.assert_close(moments.double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(moments, int8.chunk_moments(y.reshape(21, 256)))
+    with pytest.raises(ValueError, match="multiple"):
+        int8.chunk_moments(torch.zeros(2, 200))
+
+
 def test_from_linear_is_close_to_the_float_linear():
     linear = nn.Linear(256, 192).bfloat16()
     quantized = Int8Linear.from_linear(linear)

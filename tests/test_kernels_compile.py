@@ -85,8 +85,8 @@ def _compile(
 
 def _compile_warp_specialized_gemm(epilogue: str) -> dict:
     """Hopper's Gluon int8 GEMM (kernels/int8_gemm_ws.py) as int8_gemm launches it: with a gated
-    residual as the DiT's o and ffn.2 projections run, writing square sums as cross-attention's q,
-    quantizing its GELU as ffn.0, or none of these."""
+    residual and the row moments as the DiT's o and ffn.2 projections run, writing square sums as
+    cross-attention's q, quantizing its GELU as ffn.0, or none of these."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -112,7 +112,7 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
         "bias_ptr": "*bf16",
         "s_desc": descriptor("bf16", [int8_gemm_ws.SUB_M, int8_gemm_ws.BLOCK_N], gl.bfloat16),
         "gate_ptr": "*fp32",
-        "squares_ptr": "*fp32",
+        "stats_ptr": "*fp32",
         "q_scale_ptr": "*fp32",
         "M": "i32",
         "N": "i32",
@@ -121,9 +121,10 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
         "stride_gate": "i32",
     }
     residual = epilogue == "residual"
-    maxnreg = 128 if gelu else 168  # as int8_gemm_ws launches it
+    maxnreg = 128 if gelu or residual else 168  # as int8_gemm_ws launches it (the residual with moments)
     constexprs = dict(GROUP_M=16, STAGES=int8_gemm_ws.STAGES, RESIDUAL=residual, HAS_GATE=residual)
-    constexprs.update(SHARED_GATE=True, SQUARES=epilogue == "squares", GELU=gelu)
+    stats = {"residual": int8_gemm_ws.ROW_MOMENTS, "squares": int8_gemm_ws.SQUARE_SUMS}.get(epilogue)
+    constexprs.update(SHARED_GATE=True, STATS=(stats or int8_gemm_ws.NO_STATS).value, GELU=gelu)
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = GluonASTSource(
         kernel,
@@ -131,7 +132,7 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
         {(params.index(p),): v for p, v in constexprs.items()},
         {
             (params.index(p),): [["tt.divisibility", 16]]
-            for p in ("a_scale_ptr", "w_scale_ptr", "bias_ptr", "gate_ptr", "squares_ptr", "q_scale_ptr")
+            for p in ("a_scale_ptr", "w_scale_ptr", "bias_ptr", "gate_ptr", "stats_ptr", "q_scale_ptr")
         },
     )
     compiled = triton.compile(
@@ -171,7 +172,7 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
 
 
 def _compile_report() -> list[dict]:
-    from turbovideo.kernels import cross_attention, int8_gemm, norms, rope, sagesla, sla
+    from turbovideo.kernels import cross_attention, int8_gemm, int8_gemm_ws, norms, rope, sagesla, sla
     from turbovideo.kernels.gpu import GpuLimits
 
     # Hopper; A100; Ada and RTX Ampere (the 24 GB cards), which have 99 KB of shared memory per program.
@@ -279,10 +280,12 @@ def _compile_report() -> list[dict]:
                 )
             else:
                 operands = dict(a_src=f"*{a_type}", w_src="*i8")
-            # The int8-input launch as the DiT's o and ffn.2 projections run it, with a gated residual.
+            # The int8-input launch as the DiT's o and ffn.2 projections run it, with a gated residual
+            # and the new stream's row moments.
             residual = not quantize_a
+            stats = int8_gemm_ws.ROW_MOMENTS if residual else int8_gemm_ws.NO_STATS
             constexprs = dict(
-                HAS_BIAS=True, RESIDUAL=residual, HAS_GATE=residual, SHARED_GATE=True, SQUARES=False,
+                HAS_BIAS=True, RESIDUAL=residual, HAS_GATE=residual, SHARED_GATE=True, STATS=stats.value,
                 QUANTIZE_A=quantize_a, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
             )  # fmt: skip
             report.append(
@@ -296,7 +299,7 @@ def _compile_report() -> list[dict]:
                         "c_ptr": bf16,
                         "stream_ptr": bf16,
                         "gate_ptr": "*fp32",
-                        "squares_ptr": "*fp32",
+                        "stats_ptr": "*fp32",
                     },
                     {**constexprs, "GROUP_M": launch.group_m, "TMA": launch.tma},
                     launch.num_warps,
@@ -325,6 +328,17 @@ def _compile_report() -> list[dict]:
                     norms._layer_norm_kernel, norm_types, constexprs, norms._ROW_WARPS, 3, arch=gpu.capability
                 )
             )
+        # The row statistics from the moments an int8 GEMM wrote, at 14B's width (40 chunks).
+        report.append(
+            _compile(
+                norms._moments_statistics_kernel,
+                {"moments_ptr": "*fp32", "stats_ptr": "*fp32", "eps": "fp32"},
+                dict(BLOCK_ROWS=64, CHUNKS=64, CHUNK=128),
+                4,
+                3,
+                arch=gpu.capability,
+            )
+        )
         for shared_mod, warps in ((True, norms._TILE_WARPS), (False, norms._TILE_WARPS_GATHERED)):
             report.append(
                 _compile(
@@ -391,7 +405,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 59
+    assert len(report) == 62
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %

@@ -180,6 +180,29 @@ def test_gemm_writes_each_rows_sums_of_squares_per_128_columns(launch: GemmLaunc
 
 
 @LAUNCHES
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "own-output"])
+def test_gemm_writes_each_rows_moments_per_128_columns(
+    launch: GemmLaunch | None, with_residual: bool
+) -> None:
+    # 140 rows: the last row tile is partial; a stream far from zero, so the deviations matter.
+    batch, length, k, n = 2, 70, 256, 256
+    qx, sx = quantize_blockwise(torch.randn(batch, length, k, device=DEVICE).to(torch.bfloat16))
+    qw, sw, bias = _weight(n, k)
+    stream = (torch.randn(batch, length, n, device=DEVICE) * 3 + 20).to(torch.bfloat16)
+    residual = (stream, torch.randn(batch, 1, n, device=DEVICE)) if with_residual else None
+    moments = torch.full((batch * length, 2, 2), float("nan"), device=DEVICE)
+    out = int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, residual=residual, row_moments=moments)
+    assert torch.equal(out, int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, residual=residual))
+    # Summed in another order than PyTorch's.
+    expected = reference.chunk_moments(out.reshape(-1, n))
+    torch.testing.assert_close(moments, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"row_moments must be a contiguous fp32 \(140, 2, 2\)"):
+        int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, row_moments=moments[:, :1])
+    with pytest.raises(ValueError, match="whole 128-column tiles"):
+        int8_gemm(qx, qw[:200], sw, bias[:200], a_scale=sx, launch=launch, row_moments=moments)
+
+
+@LAUNCHES
 def test_gemm_quantizes_its_gelu_for_the_next_linear(launch: GemmLaunch | None) -> None:
     # 140 rows: the last 128-row tile is mostly padding, whose rows must quantize as zeros although the
     # kernel computes GELU(bias) there. Column 3's bias is far above what its products leave of it, so

@@ -6,6 +6,8 @@ rare elements an intermediate differs by one bf16 ulp (checked against the magni
 terms, since a cancelling sum turns it into more ulps of the small result).
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from turbovideo.kernels import norms
 from turbovideo.kernels.rope import rms_norm, rms_norm_rope
 from turbovideo.kernels.rounding import INTERPRETED
 
-from turbovideo.models.int8 import quantize_blockwise
+from turbovideo.models.int8 import chunk_moments, quantize_blockwise
 from turbovideo.models.layers import RMSNorm, apply_rope, rope_angles
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -87,6 +89,29 @@ def test_affine_layer_norm_matches_reference() -> None:
     q, q_scale = norms.layer_norm_affine(x, weight, bias, EPS, quantize=True)
     ref_q, ref_scale = quantize_blockwise(norms.layer_norm_affine(x, weight, bias, EPS).reshape(-1, 192))
     assert torch.equal(q.reshape(-1, 192), ref_q) and torch.equal(q_scale, ref_scale)
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["modulate", "affine"])
+def test_layer_norm_from_row_moments_equals_its_own_statistics(affine: bool) -> None:
+    """The statistics merged from the per-128-column moments an int8 GEMM writes round differently
+    from the statistics pass's, so a rare value lands one int8 step away."""
+    batch, length, dim = 2, 70, 384
+    x = _stream(batch, length, dim) + 30.0  # a mean far from zero: the merge must keep the deviations
+    moments = chunk_moments(x.reshape(-1, dim))
+    if affine:
+        weight, bias = 1 + 0.1 * torch.randn(dim, device=DEVICE), 0.1 * torch.randn(dim, device=DEVICE)
+        norm = functools.partial(norms.layer_norm_affine, x, weight, bias, EPS, quantize=True)
+    else:
+        shift, scale, *_ = _modulation(batch, dim)
+        norm = functools.partial(norms.layer_norm_modulate, x, shift, scale, EPS, quantize=True)
+    (q, q_scale), (ref_q, ref_scale) = norm(moments=moments), norm()
+    step = (q.int() - ref_q.int()).abs()
+    assert step.max().item() <= 1 and (step > 0).float().mean().item() < 1e-3
+    torch.testing.assert_close(q_scale, ref_scale, rtol=2**-7, atol=0)
+    with pytest.raises(ValueError, match=r"moments must be fp32 \[140, D / 128, 2\]"):
+        norm(moments=moments[:, :2])
+    with pytest.raises(ValueError, match="int8 LayerNorm without a residual"):
+        norms.layer_norm_modulate(x, *_modulation(batch, dim)[:2], EPS, moments=moments)
 
 
 def test_gated_residual_rounds_product_then_sum() -> None:

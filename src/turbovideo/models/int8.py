@@ -79,6 +79,21 @@ def chunk_square_sums(y: torch.Tensor) -> torch.Tensor:
     return (chunks * chunks).sum(dim=-1)
 
 
+def chunk_moments(y: torch.Tensor) -> torch.Tensor:
+    """fp32 [M, N/128, 2]: each row's mean and sum of squared deviations from it, per 128-column chunk of
+    y [M, N] (N a multiple of 128), in fp32.
+
+    What a LayerNorm over the whole row needs, chunk by chunk (``Int8Linear(row_moments=)``);
+    ``kernels.norms`` merges them into the row's statistics.
+    """
+    m, n = y.shape
+    if n % BLOCK:
+        raise ValueError(f"row moments are per {BLOCK}-column chunk: {n} columns are not a multiple")
+    chunks = y.float().view(m, n // BLOCK, BLOCK)
+    mean = chunks.sum(dim=-1) * (1.0 / BLOCK)
+    return torch.stack([mean, (chunks - mean[..., None]).square().sum(dim=-1)], dim=-1)
+
+
 def int8_linear_reference(
     x: Activation,
     int8_weight: torch.Tensor,
@@ -87,16 +102,18 @@ def int8_linear_reference(
     residual: Residual | None = None,
     square_sums: torch.Tensor | None = None,
     gelu_int8: bool = False,
+    row_moments: torch.Tensor | None = None,
 ) -> Activation:
     """Quantize the activation x [M, K], run the block GEMM, round to x's dtype, then add the bias in it
     (and then the gated output to the residual stream, in the stream's shape).
 
     A ``QuantizedActivation`` stands for a bf16 one and skips the quantization. ``square_sums``, if
-    given, receives ``chunk_square_sums`` of the output (without a residual). ``gelu_int8`` returns the
-    output's tanh GELU quantized per tile, as the next linear takes it (the FFN's first linear).
+    given, receives ``chunk_square_sums`` of the output (without a residual); ``row_moments``
+    ``chunk_moments`` of what it returns (after the residual). ``gelu_int8`` returns the output's tanh
+    GELU quantized per tile, as the next linear takes it (the FFN's first linear).
     """
-    if gelu_int8 and (residual is not None or square_sums is not None):
-        raise ValueError("gelu_int8 returns the GELU's int8 tiles: not with a residual or square sums")
+    if gelu_int8 and (residual is not None or square_sums is not None or row_moments is not None):
+        raise ValueError("gelu_int8 returns the GELU's int8 tiles: not with a residual or row statistics")
     if isinstance(x, QuantizedActivation):
         (qx, sx), dtype = x, torch.bfloat16
     else:
@@ -109,11 +126,13 @@ def int8_linear_reference(
         if residual is not None:
             raise ValueError("square_sums are of a linear's own output: not with a residual")
         square_sums.copy_(chunk_square_sums(y))
-    if residual is None:
-        return y
-    stream, gate = residual
-    y = y.view(stream.shape)
-    return stream + (y if gate is None else y * gate.to(dtype))
+    if residual is not None:
+        stream, gate = residual
+        y = y.view(stream.shape)
+        y = stream + (y if gate is None else y * gate.to(dtype))
+    if row_moments is not None:
+        row_moments.copy_(chunk_moments(y.reshape(-1, y.shape[-1])))
+    return y
 
 
 def int8_linear_default(
@@ -124,15 +143,16 @@ def int8_linear_default(
     residual: Residual | None = None,
     square_sums: torch.Tensor | None = None,
     gelu_int8: bool = False,
+    row_moments: torch.Tensor | None = None,
 ) -> Activation:
     """The Triton W8A8 kernels for bf16 activations on CUDA, the reference for everything else."""
     values = x.values if isinstance(x, QuantizedActivation) else x
     if values.is_cuda and values.dtype in (torch.bfloat16, torch.int8):
         from ..kernels.int8_gemm import int8_linear  # imports Triton only where it runs
 
-        out = int8_linear(x, int8_weight, scale, bias, residual, square_sums, gelu_int8)
+        out = int8_linear(x, int8_weight, scale, bias, residual, square_sums, gelu_int8, row_moments)
         return QuantizedActivation(*out) if gelu_int8 else out
-    return int8_linear_reference(x, int8_weight, scale, bias, residual, square_sums, gelu_int8)
+    return int8_linear_reference(x, int8_weight, scale, bias, residual, square_sums, gelu_int8, row_moments)
 
 
 _impl: Int8Impl = int8_linear_default
@@ -140,8 +160,8 @@ _impl: Int8Impl = int8_linear_default
 
 def set_int8_impl(impl: Int8Impl | None) -> None:
     """Install another ``(x2d, int8_weight, scale, bias) -> y2d``; None restores the default. Layers
-    given a residual, square sums or ``gelu_int8`` call it with ``residual=``, ``square_sums=`` or
-    ``gelu_int8=True`` as well (see ``int8_linear_reference``)."""
+    given a residual, square sums, row moments or ``gelu_int8`` call it with ``residual=``,
+    ``square_sums=``, ``row_moments=`` or ``gelu_int8=True`` as well (see ``int8_linear_reference``)."""
     global _impl
     _impl = impl or int8_linear_default
 
@@ -181,11 +201,14 @@ class Int8Linear(nn.Module):
         residual: Residual | None = None,
         square_sums: torch.Tensor | None = None,
         gelu_int8: bool = False,
+        row_moments: torch.Tensor | None = None,
     ) -> Activation:
         """The linear of x [..., K]; given a residual (stream [..., N], gate), stream + output * gate.
 
         ``square_sums`` (fp32 [rows, ceil(N/128)]), if given, receives ``chunk_square_sums`` of the
         output: the statistics of an RMSNorm after the linear, taken as the output is written.
+        ``row_moments`` (fp32 [rows, N/128, 2]) receives ``chunk_moments`` of what the layer returns
+        (after the residual): those of a LayerNorm after it (``kernels.norms``' ``moments=``).
         ``gelu_int8``: the output's tanh GELU as the next int8 linear's ``QuantizedActivation``.
         """
         if isinstance(x, QuantizedActivation):
@@ -194,7 +217,12 @@ class Int8Linear(nn.Module):
         else:
             rows, flat = x.shape[:-1], x.reshape(-1, self.in_features)
         # Only what is given: an installed implementation need not know the other options.
-        options = {"residual": residual, "square_sums": square_sums, "gelu_int8": gelu_int8 or None}
+        options = {
+            "residual": residual,
+            "square_sums": square_sums,
+            "gelu_int8": gelu_int8 or None,
+            "row_moments": row_moments,
+        }
         given = {name: value for name, value in options.items() if value is not None}
         out = _impl(flat, self.int8_weight, self.scale, self.bias, **given)
         if gelu_int8:
