@@ -39,8 +39,9 @@ INT8_CALLS_PER_BLOCK = {
     "gated_residual": 0,
 }
 # With 128-wide heads, cross-attention writes the o projection's int8 input itself, normalizing q on
-# the way (only k's RMSNorm runs by itself).
-WIDE_HEAD = DiTConfig("wide-head-t2v", "wide-head T2V", "t2v", 256, 256, 2, 1, 16, text_dim=32)
+# the way (only k's RMSNorm runs by itself). Its width is whole 128-column tiles, so the int8 GEMMs
+# that add to the stream write its row moments, and every norm but the first block's first merges them.
+WIDE_HEAD = DiTConfig("wide-head-t2v", "wide-head T2V", "t2v", 256, 256, 2, 2, 16, text_dim=32)
 WIDE_HEAD_INT8_CALLS_PER_BLOCK = {**INT8_CALLS_PER_BLOCK, "cross_attention_quantized": 1, "rms_norm": 1}
 
 
@@ -70,6 +71,18 @@ def _spy_on_kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return calls
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[int]:
+    """A one-element list that counts the calls of ``module.name`` from now on."""
+    count, real = [0], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return count
+
+
 @pytest.mark.parametrize(
     ("name", "quantized"),
     [("tiny-t2v", False), ("tiny-t2v", True), (WIDE_HEAD.name, True)],
@@ -88,6 +101,7 @@ def test_fused_blocks_match_the_reference_forward(
             expected = model(x, t, context)
 
             calls = _spy_on_kernels(monkeypatch)
+            merges = _count_calls(monkeypatch, norms, "_statistics_from_moments")
             monkeypatch.setattr(dit_module, "use_fused_kernels", lambda x: x.dtype == torch.bfloat16)
             int8_module.set_int8_impl(int8_linear)
             out = model(x, t, context)
@@ -98,6 +112,8 @@ def test_fused_blocks_match_the_reference_forward(
     if name == WIDE_HEAD.name:
         per_block = WIDE_HEAD_INT8_CALLS_PER_BLOCK
     assert calls == {name: count * layers for name, count in per_block.items()}
+    assert merges == ([3 * layers - 1] if name == WIDE_HEAD.name else [0])
     # Only LayerNorm/RMSNorm statistics are summed in another order and the interpreter's tanh is a few
-    # fp32 ulps off (rare one-rounding differences); a misplaced gate or modulation row gives ~0.3.
-    assert _rel(out, expected) < 5e-3
+    # fp32 ulps off (rare one-rounding differences, which the int8 steps of two 128-wide blocks carry
+    # to 7.4e-3, with or without the merged moments); a misplaced gate or modulation row gives ~0.3.
+    assert _rel(out, expected) < 1e-2

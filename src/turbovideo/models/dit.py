@@ -8,6 +8,7 @@ dtype=float32 everything is fp32. Self-attention goes through a backend from att
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +60,23 @@ def _block_linear(in_features: int, out_features: int, dtype: torch.dtype, quant
     return nn.Linear(in_features, out_features, dtype=dtype)
 
 
-def _project(layer: nn.Module, x: Activation, residual: Residual | None) -> torch.Tensor:
-    """layer(x), or the residual stream plus layer(x) * gate (an Int8Linear adds it as it writes)."""
-    return layer(x) if residual is None else layer(x, residual)
+def _project(
+    layer: nn.Module, x: Activation, residual: Residual | None, moments: torch.Tensor | None = None
+) -> torch.Tensor:
+    """layer(x), or the residual stream plus layer(x) * gate (an Int8Linear adds it as it writes, and
+    writes the sum's rows' ``moments`` if given)."""
+    if residual is None:
+        return layer(x)
+    return layer(x, residual) if moments is None else layer(x, residual, row_moments=moments)
+
+
+def _moments_of(stream: torch.Tensor) -> torch.Tensor | None:
+    """A buffer for the per-128-column row moments of a stream like ``stream`` (Int8Linear's
+    ``row_moments``), or None where its width is not whole 128-column tiles."""
+    *rows, dim = stream.shape
+    if dim % QUANT_BLOCK:
+        return None
+    return stream.new_empty((math.prod(rows), dim // QUANT_BLOCK, 2), dtype=torch.float32)
 
 
 class SelfAttention(nn.Module):
@@ -75,7 +90,11 @@ class SelfAttention(nn.Module):
         self.attn_op = AttentionOp(config.head_dim, dtype)
 
     def forward(
-        self, x: Activation, rope: tuple[torch.Tensor, torch.Tensor], residual: Residual | None = None
+        self,
+        x: Activation,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        residual: Residual | None = None,
+        moments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q, k, v = self.q(x), self.k(x), self.v(x)
@@ -89,7 +108,7 @@ class SelfAttention(nn.Module):
             q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope).flatten(2)
             k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope).flatten(2)
         out = self.attn_op(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads))
-        return _project(self.o, out.flatten(2), residual)
+        return _project(self.o, out.flatten(2), residual, moments)
 
 
 class CrossAttention(nn.Module):
@@ -117,10 +136,11 @@ class CrossAttention(nn.Module):
         context: torch.Tensor,
         bias: torch.Tensor | None = None,
         residual: Residual | None = None,
+        moments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         k = self.k(context)
         if self.writes_int8 and use_fused_kernels(k):
-            return self._forward_int8(x, k, self.v(context), bias, residual)
+            return self._forward_int8(x, k, self.v(context), bias, residual, moments)
         q = self.q(x)
         if use_fused_kernels(q):
             from ..kernels.rope import rms_norm
@@ -135,7 +155,7 @@ class CrossAttention(nn.Module):
         k = k.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         v = self.v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return _project(self.o, out.transpose(1, 2).flatten(2), residual)
+        return _project(self.o, out.transpose(1, 2).flatten(2), residual, moments)
 
     def _forward_int8(
         self,
@@ -144,6 +164,7 @@ class CrossAttention(nn.Module):
         v: torch.Tensor,
         bias: torch.Tensor | None,
         residual: Residual | None,
+        moments: torch.Tensor | None,
     ) -> torch.Tensor:
         """The fused path when ``writes_int8``: the q projection also writes its rows' sums of squares,
         and one kernel attends with q's RMSNorm folded in and writes o's int8 input (no pass over q in
@@ -158,7 +179,7 @@ class CrossAttention(nn.Module):
         out = cross_attention_quantized(
             q, k, v, bias, self.num_heads, q_square_sums=square_sums, eps=self.norm_q.eps
         )
-        return _project(self.o, QuantizedActivation(*out), residual)
+        return _project(self.o, QuantizedActivation(*out), residual, moments)
 
 
 class Block(nn.Module):
@@ -186,10 +207,24 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         context_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        return self.run(x, e0, context, rope, context_bias)[0]
+
+    def run(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        context: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        context_bias: torch.Tensor | None = None,
+        moments: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward``, passing the stream's row moments along: given x's (which the block before wrote
+        with its last int8 GEMM), the first norm merges them instead of a statistics pass over x.
+        Returns the output and its moments (None where no int8 GEMM wrote them)."""
         # bf16 + fp32 promotes to fp32 exactly: the same sum as converting first, in one launch.
         modulation = (e0 + self.modulation).chunk(6, dim=1)
         if use_fused_kernels(x):
-            return self._forward_fused(x, modulation, context, rope, context_bias)
+            return self._forward_fused(x, modulation, context, rope, context_bias, moments)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation
         dtype = x.dtype
         h = (self.norm1(x).float() * (1 + scale1) + shift1).to(dtype)
@@ -197,7 +232,7 @@ class Block(nn.Module):
         x = x + self.self_attn(h, rope) * gate1.to(dtype)
         x = x + self.cross_attn(self.norm3(x), context, context_bias)
         h = (self.norm2(x).float() * (1 + scale2) + shift2).to(dtype)
-        return x + self.ffn(h) * gate2.to(dtype)
+        return x + self.ffn(h) * gate2.to(dtype), None
 
     def _forward_fused(
         self,
@@ -206,9 +241,11 @@ class Block(nn.Module):
         context: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         context_bias: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """``forward`` through turbovideo.kernels, with each residual add fused into a neighbour: the
-        int8 GEMMs add theirs as they write the output, a bf16 block's norms before they normalize."""
+        moments: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``run`` through turbovideo.kernels, with each residual add fused into a neighbour: the int8
+        GEMMs add theirs as they write the output (and take the new stream's row moments for the norm
+        after them), a bf16 block's norms before they normalize."""
         from ..kernels import norms
 
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation
@@ -219,17 +256,20 @@ class Block(nn.Module):
             x, h = norms.residual_layer_norm_affine(x, y, gate1, self.norm3.weight, self.norm3.bias, eps)
             y = self.cross_attn(h, context, context_bias)
             x, h = norms.residual_layer_norm_modulate(x, y, None, shift2, scale2, eps)
-            return norms.gated_residual(x, self.ffn[2](linear_gelu(h, self.ffn[0])), gate2)
+            return norms.gated_residual(x, self.ffn[2](linear_gelu(h, self.ffn[0])), gate2), None
         # Each norm emits its output as the int8 input of the linears after it (no separate quantize
         # pass), and ffn.0 its GELU as that of ffn.2.
-        h = QuantizedActivation(*norms.layer_norm_modulate(x, shift1, scale1, eps, quantize=True))
-        x = self.self_attn(h, rope, residual=(x, gate1))
+        h = QuantizedActivation(*norms.layer_norm_modulate(x, shift1, scale1, eps, True, moments))
+        moments = _moments_of(x)
+        x = self.self_attn(h, rope, residual=(x, gate1), moments=moments)
         h = QuantizedActivation(
-            *norms.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, eps, quantize=True)
+            *norms.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, eps, True, moments)
         )
-        x = self.cross_attn(h, context, context_bias, residual=(x, None))
-        h = QuantizedActivation(*norms.layer_norm_modulate(x, shift2, scale2, eps, quantize=True))
-        return self.ffn[2](self.ffn[0](h, gelu_int8=True), residual=(x, gate2))
+        moments = _moments_of(x)
+        x = self.cross_attn(h, context, context_bias, residual=(x, None), moments=moments)
+        h = QuantizedActivation(*norms.layer_norm_modulate(x, shift2, scale2, eps, True, moments))
+        moments = _moments_of(x)
+        return self.ffn[2](self.ffn[0](h, gelu_int8=True), residual=(x, gate2), row_moments=moments), moments
 
 
 class Head(nn.Module):
@@ -357,8 +397,11 @@ class WanDiT(nn.Module):
         return self.text_embedding(context), bias
 
     def run_blocks(self, tokens: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
+        moments = None  # of the stream's rows, from the block before (Block.run)
         for block in self.blocks:
-            tokens = block(tokens, inputs.e0, inputs.context, inputs.rope, inputs.context_bias)
+            tokens, moments = block.run(
+                tokens, inputs.e0, inputs.context, inputs.rope, inputs.context_bias, moments
+            )
         return tokens
 
     def _with_condition(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
