@@ -287,6 +287,11 @@ if gluon is not None:
             index += 1
         tma.store_wait(pendings=0)
 
+    # The epilogue partition reads a tile 16 rows at a time (within its few registers); a warp reads 2
+    # rows of 128 bf16, 16 bytes a thread.
+    _PIECE = gl.constexpr(16)
+    _PIECE_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0]))
+
     @gluon.jit
     def _epilogue_partition(GROUP_M: gl.constexpr, GELU: gl.constexpr, epilogue):
         """The warpgroup that finishes each output tile after the consumers, while they multiply the next
@@ -304,8 +309,8 @@ if gluon is not None:
         c_bufs, h_full, h_empty, stats_ptr, grid_m, grid_n, M = epilogue
         SUB_M: gl.constexpr = c_bufs.shape[1]
         BLOCK_N: gl.constexpr = c_bufs.shape[2]
-        PIECE: gl.constexpr = 16  # rows at a time, within the partition's few registers
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        PIECE: gl.constexpr = _PIECE
+        layout: gl.constexpr = _PIECE_LAYOUT
         piece_rows = gl.arange(0, PIECE, layout=gl.SliceLayout(1, layout))
         index = 0
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
@@ -330,9 +335,8 @@ if gluon is not None:
         q_desc, q_smem, h_bufs, h_full, h_empty, q_scale_ptr, grid_m, grid_n, M = epilogue
         SUB_M: gl.constexpr = h_bufs.shape[1]
         BLOCK_N: gl.constexpr = h_bufs.shape[2]
-        PIECE: gl.constexpr = 16  # rows at a time, within the partition's few registers
-        # A warp reads 2 rows of 128 bf16, 16 bytes a thread.
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        PIECE: gl.constexpr = _PIECE
+        layout: gl.constexpr = _PIECE_LAYOUT
         piece_rows = gl.arange(0, PIECE, layout=gl.SliceLayout(1, layout))
         index = 0
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
