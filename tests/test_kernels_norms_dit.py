@@ -103,7 +103,13 @@ def test_fused_blocks_match_the_reference_forward(
             calls = _spy_on_kernels(monkeypatch)
             merges = _count_calls(monkeypatch, norms, "_statistics_from_moments")
             monkeypatch.setattr(dit_module, "use_fused_kernels", lambda x: x.dtype == torch.bfloat16)
-            int8_module.set_int8_impl(int8_linear)
+            moments_written = [0]
+
+            def counting_int8_linear(*args, **kwargs):
+                moments_written[0] += kwargs.get("row_moments") is not None
+                return int8_linear(*args, **kwargs)
+
+            int8_module.set_int8_impl(counting_int8_linear)
             out = model(x, t, context)
     finally:
         int8_module.set_int8_impl(None)
@@ -113,6 +119,8 @@ def test_fused_blocks_match_the_reference_forward(
         per_block = WIDE_HEAD_INT8_CALLS_PER_BLOCK
     assert calls == {name: count * layers for name, count in per_block.items()}
     assert merges == ([3 * layers - 1] if name == WIDE_HEAD.name else [0])
+    # Every GEMM that writes moments has a norm after it: the last block's ffn.2 feeds the head.
+    assert moments_written == merges
     # Only LayerNorm/RMSNorm statistics are summed in another order and the interpreter's tanh is a few
     # fp32 ulps off (rare one-rounding differences, which the int8 steps of two 128-wide blocks carry
     # to 7.4e-3, with or without the merged moments); a misplaced gate or modulation row gives ~0.3.

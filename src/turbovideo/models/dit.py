@@ -207,7 +207,7 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         context_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.run(x, e0, context, rope, context_bias)[0]
+        return self.run(x, e0, context, rope, context_bias, moments_out=False)[0]
 
     def run(
         self,
@@ -217,14 +217,16 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         context_bias: torch.Tensor | None = None,
         moments: torch.Tensor | None = None,
+        moments_out: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``forward``, passing the stream's row moments along: given x's (which the block before wrote
         with its last int8 GEMM), the first norm merges them instead of a statistics pass over x.
-        Returns the output and its moments (None where no int8 GEMM wrote them)."""
+        Returns the output and, if ``moments_out`` (not for the last block, whose output the head
+        normalizes itself), its moments (None where no int8 GEMM wrote them)."""
         # bf16 + fp32 promotes to fp32 exactly: the same sum as converting first, in one launch.
         modulation = (e0 + self.modulation).chunk(6, dim=1)
         if use_fused_kernels(x):
-            return self._forward_fused(x, modulation, context, rope, context_bias, moments)
+            return self._forward_fused(x, modulation, context, rope, context_bias, moments, moments_out)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation
         dtype = x.dtype
         h = (self.norm1(x).float() * (1 + scale1) + shift1).to(dtype)
@@ -242,6 +244,7 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         context_bias: torch.Tensor | None,
         moments: torch.Tensor | None,
+        moments_out: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``run`` through turbovideo.kernels, with each residual add fused into a neighbour: the int8
         GEMMs add theirs as they write the output (and take the new stream's row moments for the norm
@@ -268,7 +271,7 @@ class Block(nn.Module):
         moments = _moments_of(x)
         x = self.cross_attn(h, context, context_bias, residual=(x, None), moments=moments)
         h = QuantizedActivation(*norms.layer_norm_modulate(x, shift2, scale2, eps, True, moments))
-        moments = _moments_of(x)
+        moments = _moments_of(x) if moments_out else None
         return self.ffn[2](self.ffn[0](h, gelu_int8=True), residual=(x, gate2), row_moments=moments), moments
 
 
@@ -398,9 +401,10 @@ class WanDiT(nn.Module):
 
     def run_blocks(self, tokens: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
         moments = None  # of the stream's rows, from the block before (Block.run)
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
             tokens, moments = block.run(
-                tokens, inputs.e0, inputs.context, inputs.rope, inputs.context_bias, moments
+                tokens, inputs.e0, inputs.context, inputs.rope, inputs.context_bias, moments, index < last
             )
         return tokens
 

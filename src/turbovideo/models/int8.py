@@ -123,8 +123,8 @@ def int8_linear_reference(
     if gelu_int8:
         return QuantizedActivation(*quantize_blockwise(F.gelu(y, approximate="tanh")))
     if square_sums is not None:
-        if residual is not None:
-            raise ValueError("square_sums are of a linear's own output: not with a residual")
+        if residual is not None or row_moments is not None:
+            raise ValueError("square_sums are of a linear's own output: not with a residual or row moments")
         square_sums.copy_(chunk_square_sums(y))
     if residual is not None:
         stream, gate = residual
