@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .gpu import GpuLimits, gpu_limits, sm_count
 from .quant import QUANT_BLOCK, quantize_tile, scale_shape
-from .rounding import INTERPRETED, inverse_rms, to_bf16
+from .rounding import dot_bf16, inverse_rms, to_bf16
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -43,20 +43,6 @@ def block_keys(gpu: GpuLimits | None) -> int:
     """Text rows a step (the prompt's, at most 512, and the padding's stand-in keys). Before Hopper the
     MMAs hold their operands in registers: 64 would spill there."""
     return 64 if gpu is None or gpu.hopper else 32
-
-
-@triton.jit
-def _dot_native(a, b):
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _dot_widened(a, b):
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-
-
-# The interpreter (CPU tests) multiplies bf16 tiles wrongly (Triton 3.9); bf16 values widen exactly.
-_dot = _dot_widened if INTERPRETED else _dot_native
 
 
 @triton.jit
@@ -153,7 +139,7 @@ def _cross_attention_kernel(
                     mask=keys_ok[:, None],
                     other=0.0,
                 )
-                scores = _dot(q, tl.trans(k)) * score_scale
+                scores = dot_bf16(q, tl.trans(k)) * score_scale
                 if HAS_BIAS:
                     bias = tl.load(bias_ptr + keys, mask=keys_ok, other=0.0).to(tl.float32)
                     scores += (bias * _LOG2E)[None, :]
@@ -162,7 +148,7 @@ def _cross_attention_kernel(
                 p = tl.exp2(scores - new_max[:, None])
                 correction = tl.exp2(row_max - new_max)
                 row_sum = row_sum * correction + tl.sum(p, axis=1)
-                acc = acc * correction[:, None] + _dot(p.to(tl.bfloat16), v)
+                acc = acc * correction[:, None] + dot_bf16(p.to(tl.bfloat16), v)
                 row_max = new_max
         # The bf16 output attention would write; rows past M are zero, as the quantizer pads them.
         rows_ok = (rows < M)[:, None]

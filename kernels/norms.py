@@ -87,14 +87,25 @@ def _normalized(
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         y = y * weight[None, :] + bias[None, :]
     if MODULATE:
-        if SHARED_MOD:  # one row for every sample: a [cols] load, not a [rows, cols] gather
-            shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        else:
-            shift = tl.load(shift_ptr + sample[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0)
-            scale = tl.load(scale_ptr + sample[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0)
+        shift, scale = modulation(
+            shift_ptr, scale_ptr, sample, cols, col_ok, mask, stride_shift, stride_scale, SHARED_MOD
+        )
         y = to_bf16(y).to(tl.float32) * (1.0 + scale) + shift
     return to_bf16(y)
+
+
+@triton.jit
+def modulation(
+    shift_ptr, scale_ptr, sample, cols, col_ok, mask, stride_shift, stride_scale, SHARED_MOD: tl.constexpr
+):
+    """(shift, scale) for a [rows, cols] chunk whose rows belong to samples ``sample``."""
+    if SHARED_MOD:  # one row for every sample: a [cols] load, not a [rows, cols] gather
+        shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    else:
+        shift = tl.load(shift_ptr + sample[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0)
+        scale = tl.load(scale_ptr + sample[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0)
+    return shift, scale
 
 
 @triton.jit
@@ -312,7 +323,7 @@ def per_sample(t: torch.Tensor | None, batch: int, dim: int, name: str) -> tuple
     return rows, (rows.stride(0) if rows.shape[0] == batch and batch > 1 else 0)
 
 
-def _check_stream(x: torch.Tensor, name: str = "x") -> None:
+def check_stream(x: torch.Tensor, name: str = "x") -> None:
     if x.dim() != 3 or x.dtype != torch.bfloat16 or not x.is_contiguous():
         raise ValueError(f"{name} must be a contiguous bf16 [B, L, D] tensor, got {x.dtype} {tuple(x.shape)}")
 
@@ -330,11 +341,11 @@ def _layer_norm(
     scale: torch.Tensor | None = None,
     moments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, Normed]:
-    _check_stream(x)
+    check_stream(x)
     batch, length, dim = x.shape
     rows = batch * length
     if update is not None:
-        _check_stream(update, "update")
+        check_stream(update, "update")
         if update.shape != x.shape:
             raise ValueError(f"update shape {tuple(update.shape)} != x shape {tuple(x.shape)}")
     gate, stride_gate = per_sample(gate, batch, dim, "gate")
@@ -358,36 +369,10 @@ def _layer_norm(
             )
         _statistics_from_moments(moments, stats, dim, eps)
     else:
-        block_rows, chunk = _row_pass_shape(dim)
-        _layer_norm_kernel[(triton.cdiv(rows, block_rows),)](
-            x,
-            update if update is not None else unused,
-            gate if gate is not None else unused,
-            x_out if x_out is not None else unused,
-            out if out is not None else unused,
-            stats if stats is not None else unused,
-            weight if weight is not None else unused,
-            bias if bias is not None else unused,
-            shift if shift is not None else unused,
-            scale if scale is not None else unused,
-            rows,
-            dim,
-            length,
-            stride_gate,
-            stride_shift,
-            stride_scale,
-            eps,
-            RESIDUAL=update is not None,
-            HAS_GATE=gate is not None,
-            AFFINE=weight is not None,
-            MODULATE=shift is not None,
-            SHARED_MOD=shared_mod,
-            STATS_ONLY=quantize,
-            BLOCK_ROWS=block_rows,
-            CHUNK=chunk,
-            num_warps=_ROW_WARPS,
-            enable_fp_fusion=False,
-        )
+        _row_pass(
+            x, eps, update, (gate, stride_gate), x_out, out, stats, weight, bias, (shift, stride_shift),
+            (scale, stride_scale),
+        )  # fmt: skip
     if not quantize:
         return x_out, out
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
@@ -414,6 +399,68 @@ def _layer_norm(
         enable_fp_fusion=False,
     )
     return x_out, (q, q_scale)
+
+
+def row_statistics(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """fp32 [B * L, 2]: each row of x's LayerNorm mean and 1 / std, as the int8 norms take them."""
+    check_stream(x)
+    stats = torch.empty((x.shape[0] * x.shape[1], 2), dtype=torch.float32, device=x.device)
+    _row_pass(x, eps, stats=stats)
+    return stats
+
+
+Strided = tuple[torch.Tensor | None, int]  # a per_sample tensor and its row stride
+
+
+def _row_pass(
+    x: torch.Tensor,
+    eps: float,
+    update: torch.Tensor | None = None,
+    gate: Strided = (None, 0),
+    x_out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    shift: Strided = (None, 0),
+    scale: Strided = (None, 0),
+) -> None:
+    """``_layer_norm_kernel`` over x's rows: writes ``stats`` (statistics only) or ``out``, and with
+    an ``update`` the new stream ``x_out``."""
+    batch, length, dim = x.shape
+    rows = batch * length
+    (gate, stride_gate), (shift, stride_shift), (scale, stride_scale) = gate, shift, scale
+    unused = x  # placeholder for pointer arguments a configuration never reads
+    block_rows, chunk = _row_pass_shape(dim)
+    _layer_norm_kernel[(triton.cdiv(rows, block_rows),)](
+        x,
+        update if update is not None else unused,
+        gate if gate is not None else unused,
+        x_out if x_out is not None else unused,
+        out if out is not None else unused,
+        stats if stats is not None else unused,
+        weight if weight is not None else unused,
+        bias if bias is not None else unused,
+        shift if shift is not None else unused,
+        scale if scale is not None else unused,
+        rows,
+        dim,
+        length,
+        stride_gate,
+        stride_shift,
+        stride_scale,
+        eps,
+        RESIDUAL=update is not None,
+        HAS_GATE=gate is not None,
+        AFFINE=weight is not None,
+        MODULATE=shift is not None,
+        SHARED_MOD=stride_shift == 0 and stride_scale == 0,
+        STATS_ONLY=stats is not None,
+        BLOCK_ROWS=block_rows,
+        CHUNK=chunk,
+        num_warps=_ROW_WARPS,
+        enable_fp_fusion=False,
+    )
 
 
 def _statistics_from_moments(moments: torch.Tensor, stats: torch.Tensor, dim: int, eps: float) -> None:
@@ -496,8 +543,8 @@ def residual_layer_norm_affine(
 
 def gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """``bf16(x + bf16(update * bf16(gate)))`` (``bf16(x + update)`` without a gate), a new tensor."""
-    _check_stream(x)
-    _check_stream(update, "update")
+    check_stream(x)
+    check_stream(update, "update")
     batch, length, dim = x.shape
     gate, stride_gate = per_sample(gate, batch, dim, "gate")
     out = torch.empty_like(x)

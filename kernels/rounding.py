@@ -76,3 +76,18 @@ to_bf16 = _to_bf16_emulated if INTERPRETED else _to_bf16_native
 # instruction), for kernels bound by their arithmetic: GELU -> int8 ran 6-9 % faster (H200). Memory-bound
 # kernels ran slower with it (the gated residual 0.64 against 0.56-0.57 ms at the 14B width).
 to_bf16_pairs = _to_bf16_emulated if INTERPRETED else _to_bf16_pairs
+
+
+@triton.jit
+def _dot_native(a, b, acc=None):
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dot_widened(a, b, acc=None):
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+# The product of bf16 tiles (plus acc), fp32 out. The interpreter multiplies bf16 tiles wrongly (Triton
+# 3.9); bf16 values widen exactly, and their products are exact in fp32 either way.
+dot_bf16 = _dot_widened if INTERPRETED else _dot_native

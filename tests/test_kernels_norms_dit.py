@@ -7,7 +7,7 @@ interpreter (conftest.py).
 
 import pytest
 import torch
-from turbovideo.kernels import cross_attention, norms, quant, rope
+from turbovideo.kernels import cross_attention, head, norms, quant, rope
 from turbovideo.kernels.int8_gemm import int8_linear
 from turbovideo.kernels.rounding import INTERPRETED
 
@@ -102,6 +102,7 @@ def test_fused_blocks_match_the_reference_forward(
 
             calls = _spy_on_kernels(monkeypatch)
             merges = _count_calls(monkeypatch, norms, "_statistics_from_moments")
+            heads = _count_calls(monkeypatch, head, "head_projection")
             monkeypatch.setattr(dit_module, "use_fused_kernels", lambda x: x.dtype == torch.bfloat16)
             moments_written = [0]
 
@@ -118,6 +119,7 @@ def test_fused_blocks_match_the_reference_forward(
     if name == WIDE_HEAD.name:
         per_block = WIDE_HEAD_INT8_CALLS_PER_BLOCK
     assert calls == {name: count * layers for name, count in per_block.items()}
+    assert heads == [1]
     assert merges == ([3 * layers - 1] if name == WIDE_HEAD.name else [0])
     # Every GEMM that writes moments has a norm after it: the last block's ffn.2 feeds the head.
     assert moments_written == merges

@@ -284,6 +284,10 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e[:, None, :]).chunk(2, dim=1)
+        if use_fused_kernels(x):
+            from ..kernels.head import head_projection
+
+            return head_projection(x, shift, scale, self.head.weight, self.head.bias, self.norm.eps)
         return linear_fp32(self.norm(x).float() * (1 + scale) + shift, self.head)
 
 
