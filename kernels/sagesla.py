@@ -24,8 +24,10 @@ from .sla import (
     _block_mean,
     _head_rows,
     add_linear_branch,
+    block_scores,
+    blocks_to_keep,
     linear_state,
-    select_blocks,
+    top_block_steps,
 )
 
 # The archs SpargeAttn's build compiles kernels for (its setup.py filters TORCH_CUDA_ARCH_LIST to these).
@@ -236,21 +238,6 @@ def prepare_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, scales
 
 
-def block_lut(block_index: torch.Tensor, n_kblocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SpargeAttn's sparse layout from ascending block indices [B, H, nQ, kk].
-
-    The LUT [B, H, nQ, nK] int32 holds each selected block as the step from the previous one (the first
-    from block 0), zero-padded; the count [B, H, nQ] says how many entries are valid.
-    """
-    steps = torch.diff(block_index, dim=-1, prepend=torch.zeros_like(block_index[..., :1]))
-    lut = torch.zeros((*block_index.shape[:3], n_kblocks), dtype=torch.int32, device=block_index.device)
-    lut[..., : block_index.shape[-1]] = steps
-    count = torch.full(
-        block_index.shape[:3], block_index.shape[-1], dtype=torch.int32, device=block_index.device
-    )
-    return lut, count
-
-
 def sagesla_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -279,8 +266,8 @@ def sagesla_attention(
             (batch, heads, triton.cdiv(length, blkq), dim), dtype=torch.float32, device=q.device
         )
     q_int8, q_scale = quantize_blocks(q.to(torch.bfloat16), blkq, block_means=q_means)
-    block_index = select_blocks(q, state, topk, blkq, q_means)
-    lut, count = block_lut(block_index, state.smooth_k_blocks.shape[2])
+    score = block_scores(q, state, blkq, q_means)
+    lut, count = top_block_steps(score, blocks_to_keep(topk, score.shape[-1]))
     k_bf16, v_bf16 = (x.to(torch.bfloat16) for x in (k, v))
     o_s = _sparse_branch(sparge, arch, (q_int8, q_scale), k_bf16, v_bf16, state, lut, count, blkk)
     return add_linear_branch(o_s.transpose(1, 2), q, state, proj_weight, proj_bias)

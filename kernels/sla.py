@@ -336,8 +336,9 @@ def blocks_to_keep(topk: float, n_kblocks: int) -> int:
 
 
 @triton.jit
-def _top_blocks_kernel(score_ptr, out_ptr, n_kblocks, kk, NK: tl.constexpr):
-    """Per score row: the kk largest, ties to the lower block, written as ascending block indices."""
+def _top_blocks_kernel(score_ptr, out_ptr, count_ptr, n_kblocks, kk, NK: tl.constexpr, STEPS: tl.constexpr):
+    """Per score row: the kk largest, ties to the lower block, written as ascending block indices; with
+    STEPS as SpargeAttn's LUT row instead (``top_block_steps``), and the row's count."""
     row = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, NK)
     valid = idx < n_kblocks
@@ -362,41 +363,75 @@ def _top_blocks_kernel(score_ptr, out_ptr, n_kblocks, kk, NK: tl.constexpr):
     chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= kk - tl.sum(above.to(tl.int32))))
     # Compacting by a running count keeps the chosen blocks in ascending order without a sort.
     slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-    tl.store(out_ptr + row * kk + slot, idx, mask=chosen)
+    if not STEPS:
+        tl.store(out_ptr + row * kk + slot, idx, mask=chosen)
+        return
+    # Each chosen block's step from the one before it (block 0 before the first): the row first holds the
+    # indices, which the program reads back (the barrier makes every lane's store visible to the others).
+    lut = out_ptr + row * n_kblocks
+    tl.store(lut + slot, idx, mask=chosen)
+    tl.debug_barrier()
+    before = tl.load(lut + slot - 1, mask=chosen & (slot > 0), other=0)
+    tl.debug_barrier()
+    tl.store(lut + slot, idx - before, mask=chosen)
+    tl.store(lut + idx, 0, mask=valid & (idx >= kk))
+    tl.store(count_ptr + row, kk)
+
+
+def block_scores(
+    q: torch.Tensor, state: LinearState, blkq: int, q_means: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The pooled scores [B, H, nQ, nK] (fp32) by which query blocks select key blocks.
+
+    Pooled score = mean(q block) · (mean(k block) − mean(k)), no 1/sqrt(d) scale; smoothing k by its mean
+    over L changes no softmax but sharpens the ranking (spec §4.1 steps 1–4). The key block size is the
+    one ``state`` was computed with; ``q_means`` are q's ``block_means`` where a caller already has them.
+    """
+    if q_means is None:
+        q_means = block_means(q, blkq)
+    return q_means @ state.smooth_k_blocks.transpose(-1, -2)
 
 
 def select_blocks(
     q: torch.Tensor, state: LinearState, topk: float, blkq: int, q_means: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Indices [B, H, nQ, kk] (int32, ascending) of the key blocks each query block attends to exactly.
-
-    Pooled score = mean(q block) · (mean(k block) − mean(k)), no 1/sqrt(d) scale; smoothing k by its mean
-    over L changes no softmax but sharpens the ranking (spec §4.1 steps 1–4). Equal scores go to the
-    lower block. The key block size is the one ``state`` was computed with; ``q_means`` are q's
-    ``block_means`` where a caller already has them.
-    """
-    if q_means is None:
-        q_means = block_means(q, blkq)
-    score = q_means @ state.smooth_k_blocks.transpose(-1, -2)
+    """Indices [B, H, nQ, kk] (int32, ascending) of the key blocks each query block attends to exactly:
+    the ``topk`` share of ``block_scores``, equal scores to the lower block."""
+    score = block_scores(q, state, blkq, q_means)
     return top_blocks(score, blocks_to_keep(topk, score.shape[-1]))
 
 
 def top_blocks(score: torch.Tensor, kk: int) -> torch.Tensor:
     """The kk highest-scoring blocks of each row of a contiguous fp32 score [..., nK], as ascending int32
     indices [..., kk]; of equal scores the lower block wins (a deterministic torch.topk)."""
-    *lead, n_kblocks = score.shape
+    chosen = torch.empty((*score.shape[:-1], kk), dtype=torch.int32, device=score.device)
+    _launch_top_blocks(score, kk, chosen, chosen, steps=False)
+    return chosen
+
+
+def top_block_steps(score: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_blocks`` as SpargeAttn's sparse layout: the LUT [..., nK] int32 holds each chosen block as
+    the step from the one before it (the first from block 0), then zeros; the count [...] is kk."""
+    lut = torch.empty(score.shape, dtype=torch.int32, device=score.device)
+    count = torch.empty(score.shape[:-1], dtype=torch.int32, device=score.device)
+    _launch_top_blocks(score, kk, lut, count, steps=True)
+    return lut, count
+
+
+def _launch_top_blocks(
+    score: torch.Tensor, kk: int, out: torch.Tensor, count: torch.Tensor, steps: bool
+) -> None:
+    n_kblocks = score.shape[-1]
     if not 1 <= kk <= n_kblocks:
         raise ValueError(f"kk must be in 1..{n_kblocks}; got {kk}")
     # Ascending order walks K/V forwards in memory and fixes the sparse kernel's summation order.
-    chosen = torch.empty((*lead, kk), dtype=torch.int32, device=score.device)
-    nk = triton.next_power_of_2(n_kblocks)
     # One warp per row: its counting passes reduce with shuffles alone, no shared memory or barriers
     # (H100, the 23,640 rows of 1182 blocks at 14B 720p: 0.46 ms, against 0.51 ms with 2 warps, 0.70 ms
     # for a signed bisection of int64 keys and 1.30 ms for torch.topk + sort).
     _top_blocks_kernel[(score[..., 0].numel(),)](
-        score.contiguous(), chosen, n_kblocks, kk, NK=nk, num_warps=1
-    )
-    return chosen
+        score.contiguous(), out, count, n_kblocks, kk, NK=triton.next_power_of_2(n_kblocks), STEPS=steps,
+        num_warps=1,
+    )  # fmt: skip
 
 
 @triton.jit

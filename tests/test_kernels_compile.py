@@ -172,7 +172,7 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
 
 
 def _compile_report() -> list[dict]:
-    from turbovideo.kernels import cross_attention, int8_gemm, int8_gemm_ws, norms, rope, sagesla, sla
+    from turbovideo.kernels import cross_attention, head, int8_gemm, int8_gemm_ws, norms, rope, sagesla, sla
     from turbovideo.kernels.gpu import GpuLimits
 
     # Hopper; A100; Ada and RTX Ampere (the 24 GB cards), which have 99 KB of shared memory per program.
@@ -234,9 +234,11 @@ def _compile_report() -> list[dict]:
     finish_types.update(ksum_ptr="*fp32", k_mean_ptr="*fp32")
     finish = dict(D=128, ROWS=sla._FINISH_ROWS, BLOCKS=16, KV_BF16=True)
     report.append(_compile(sla._state_finish_kernel, finish_types, finish, 4, 1))
-    # Top-k over the 1182 key blocks of a 14B 720p row, the widest in use.
-    report.append(
-        _compile(sla._top_blocks_kernel, dict(score_ptr="*fp32", out_ptr="*i32"), dict(NK=2048), 1, 1)
+    # Top-k over the 1182 key blocks of a 14B 720p row, the widest in use, as indices and as SageSLA's LUT.
+    top_types = dict(score_ptr="*fp32", out_ptr="*i32", count_ptr="*i32")
+    report.extend(
+        _compile(sla._top_blocks_kernel, top_types, dict(NK=2048, STEPS=steps), 1, 1)
+        for steps in (False, True)
     )
     linear_types = dict.fromkeys(("q_ptr", "o_s_ptr", "o_ptr", "kvw_ptr", "bias_ptr"), bf16)
     linear_types.update(ksum_ptr="*fp32")
@@ -351,6 +353,12 @@ def _compile_report() -> list[dict]:
                     divisible=("D",),  # every Wan width is a multiple of 16: loads vectorize
                 )
             )
+    # The DiT head: normalization, modulation and the fp32 product as three bf16 ones.
+    head_types = dict(x_ptr=bf16, weight_ptr=bf16, bias_ptr=bf16, out_ptr="*fp32")
+    head_types.update(dict.fromkeys(("stats_ptr", "shift_ptr", "scale_ptr"), "*fp32"))
+    for gpu in gpus:
+        constexprs = dict(SHARED_MOD=True, BLOCK_M=head.BLOCK_M, BLOCK_K=head.BLOCK_K, BLOCK_N=64)
+        report.append(_compile(head._head_kernel, head_types, constexprs, head.WARPS, 3, arch=gpu.capability))
     # RMSNorm + RoPE of q and k at both widths (14B's in chunks), and cross-attention's RMSNorm at 14B's.
     rope_types = dict(
         x_ptr=bf16, out_ptr=bf16, weight_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", eps="fp32"
@@ -405,7 +413,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 62
+    assert len(report) == 66
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %

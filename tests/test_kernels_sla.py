@@ -221,13 +221,25 @@ def test_rejects_mismatched_inputs():
         sla.sla_attention(q, k, v, *_proj(32), topk=0.5, blkk=48)
 
 
+def _sparge_lut(block_index: torch.Tensor, n_kblocks: int) -> torch.Tensor:
+    """SpargeAttn's LUT from ascending block indices: each the step from the one before (block 0 before
+    the first), zero-padded to n_kblocks."""
+    steps = torch.diff(block_index, dim=-1, prepend=torch.zeros_like(block_index[..., :1]))
+    return torch.nn.functional.pad(steps, (0, n_kblocks - block_index.shape[-1]))
+
+
 def test_sagesla_lut_decodes_to_the_selected_blocks():
-    index = torch.tensor([[[[0, 3, 4], [2, 5, 7]]]], dtype=torch.int32)
-    lut, count = sagesla.block_lut(index, n_kblocks=8)
+    score = torch.tensor([[[[5.0, 0, 0, 4, 3, 0, 0, 0], [0, 0, 1, 0, 0, 2, 0, 3]]]])
+    lut, count = sla.top_block_steps(score, 3)
     assert lut.shape == (1, 1, 2, 8) and lut.dtype == torch.int32
     assert lut[0, 0].tolist() == [[0, 3, 1, 0, 0, 0, 0, 0], [2, 3, 2, 0, 0, 0, 0, 0]]
     assert count.tolist() == [[[3, 3]]]
-    assert torch.equal(lut[..., :3].cumsum(-1).int(), index)
+    # Wider rows with ties, every kk: the steps of top_blocks' indices.
+    wide = torch.randint(-3, 4, (3, 5, 70)).float()
+    for kk in (1, 2, 17, 69, 70):
+        lut, count = sla.top_block_steps(wide, kk)
+        assert torch.equal(lut, _sparge_lut(sla.top_blocks(wide, kk), 70)), kk
+        assert torch.equal(count, torch.full((3, 5), kk, dtype=torch.int32))
 
 
 def _sparge_quantize64(x_hnd: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,7 +298,7 @@ def test_sagesla_keeps_the_selection_and_linear_branch_in_the_input_dtype(monkey
     out = sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5)
     blkq, blkk = sagesla.selection_blocks("sm90")
     state = sla.linear_state(k, v, blkk)
-    lut, _ = sagesla.block_lut(sla.select_blocks(q, state, 0.5, blkq), state.smooth_k_blocks.shape[2])
+    lut = _sparge_lut(sla.select_blocks(q, state, 0.5, blkq), state.smooth_k_blocks.shape[2])
     assert torch.equal(seen["lut"], lut)
     expected = sla.add_linear_branch(o_s.transpose(1, 2), q, state, weight, bias)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
