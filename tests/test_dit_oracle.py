@@ -104,8 +104,8 @@ def test_negative_control_swapped_sin_cos(monkeypatch):
 def test_negative_control_swapped_shift_scale(monkeypatch):
     original = dit_module.Block.run
 
-    def swapped(self, x, e0, *rest):
-        return original(self, x, e0[:, [1, 0, 2, 4, 3, 5]], *rest)
+    def swapped(self, x, modulation, *rest):
+        return original(self, x, modulation[:, [1, 0, 2, 4, 3, 5]], *rest)
 
     monkeypatch.setattr(dit_module.Block, "run", swapped)
     ours, theirs = run_pair("tiny-t2v", fp64_sinusoid=True)

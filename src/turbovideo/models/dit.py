@@ -207,24 +207,24 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         context_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.run(x, e0, context, rope, context_bias, moments_out=False)[0]
+        return self.run(x, e0 + self.modulation, context, rope, context_bias, moments_out=False)[0]
 
     def run(
         self,
         x: torch.Tensor,
-        e0: torch.Tensor,
+        modulation: torch.Tensor,
         context: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         context_bias: torch.Tensor | None = None,
         moments: torch.Tensor | None = None,
         moments_out: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``forward``, passing the stream's row moments along: given x's (which the block before wrote
-        with its last int8 GEMM), the first norm merges them instead of a statistics pass over x.
-        Returns the output and, if ``moments_out`` (not for the last block, whose output the head
-        normalizes itself), its moments (None where no int8 GEMM wrote them)."""
-        # bf16 + fp32 promotes to fp32 exactly: the same sum as converting first, in one launch.
-        modulation = (e0 + self.modulation).chunk(6, dim=1)
+        """``forward`` given e0 plus this block's modulation rows ([B, 6, dim] fp32; WanDiT.run_blocks
+        adds every block's at once), passing the stream's row moments along: given x's (which the block
+        before wrote with its last int8 GEMM), the first norm merges them instead of a statistics pass
+        over x. Returns the output and, if ``moments_out`` (not for the last block, whose output the
+        head normalizes itself), its moments (None where no int8 GEMM wrote them)."""
+        modulation = modulation.chunk(6, dim=1)
         if use_fused_kernels(x):
             return self._forward_fused(x, modulation, context, rope, context_bias, moments, moments_out)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation
@@ -349,8 +349,9 @@ class WanDiT(nn.Module):
                 raise ValueError(f"sla_topk must be in (0, 1], got {topk}")
             self._sla_topk = topk
         for local in self._local_attentions():
-            local.backend = backend
-            local.topk = self._sla_topk
+            if local.backend != backend or local.topk != self._sla_topk:  # each assignment costs the host
+                local.backend = backend
+                local.topk = self._sla_topk
 
     def _local_attentions(self) -> list[nn.Module]:
         return [block.self_attn.attn_op.local_attn for block in self.blocks]
@@ -404,11 +405,20 @@ class WanDiT(nn.Module):
         return self.text_embedding(context), bias
 
     def run_blocks(self, tokens: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
+        # Every block's modulation rows plus e0 in two launches instead of one a block (bf16 + fp32
+        # promotes to fp32 exactly: the same sum as converting first).
+        modulations = torch.stack([block.modulation for block in self.blocks]) + inputs.e0
         moments = None  # of the stream's rows, from the block before (Block.run)
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
             tokens, moments = block.run(
-                tokens, inputs.e0, inputs.context, inputs.rope, inputs.context_bias, moments, index < last
+                tokens,
+                modulations[index],
+                inputs.context,
+                inputs.rope,
+                inputs.context_bias,
+                moments,
+                index < last,
             )
         return tokens
 
