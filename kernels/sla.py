@@ -427,7 +427,8 @@ def _launch_top_blocks(
     # Ascending order walks K/V forwards in memory and fixes the sparse kernel's summation order.
     # One warp per row: its counting passes reduce with shuffles alone, no shared memory or barriers
     # (H100, the 23,640 rows of 1182 blocks at 14B 720p: 0.46 ms, against 0.51 ms with 2 warps, 0.70 ms
-    # for a signed bisection of int64 keys and 1.30 ms for torch.topk + sort).
+    # for a signed bisection of int64 keys and 1.30 ms for torch.topk + sort); the LUT variant adds two
+    # barriers to read its row back.
     _top_blocks_kernel[(score[..., 0].numel(),)](
         score.contiguous(), out, count, n_kblocks, kk, NK=triton.next_power_of_2(n_kblocks), STEPS=steps,
         num_warps=1,
