@@ -245,8 +245,11 @@ def sagesla_attention(
     proj_weight: torch.Tensor,
     proj_bias: torch.Tensor,
     topk: float,
-) -> torch.Tensor:
-    """SageSLA on q, k, v [B, L, H, D] (CUDA, head dim 64 or 128) -> [B, L, H, D] in q's dtype."""
+    quantized: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """SageSLA on q, k, v [B, L, H, D] (CUDA, head dim 64 or 128) -> [B, L, H, D] in q's dtype; or, if
+    ``quantized`` (bf16, head dim 128), that output as the int8 o projection reads it
+    (``sla.add_linear_branch``)."""
     sparge = sparge_modules()
     if sparge is None:
         raise RuntimeError(NOT_INSTALLED)
@@ -270,7 +273,7 @@ def sagesla_attention(
     lut, count = top_block_steps(score, blocks_to_keep(topk, score.shape[-1]))
     k_bf16, v_bf16 = (x.to(torch.bfloat16) for x in (k, v))
     o_s = _sparse_branch(sparge, arch, (q_int8, q_scale), k_bf16, v_bf16, state, lut, count, blkk)
-    return add_linear_branch(o_s.transpose(1, 2), q, state, proj_weight, proj_bias)
+    return add_linear_branch(o_s.transpose(1, 2), q, state, proj_weight, proj_bias, quantized)
 
 
 def _sparse_branch(sparge, arch, q_quantized, k, v, state, lut, count, blkk) -> torch.Tensor:

@@ -26,6 +26,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .gpu import GpuLimits, gpu_limits
+from .quant import QUANT_BLOCK, quantize_blockwise, quantize_tile, scale_shape
 from .rounding import div_rn, to_bf16
 
 LOG2E = 1.4426950408889634
@@ -454,14 +455,13 @@ def _launch_top_blocks(
 
 
 @triton.jit
-def _linear_branch(q, kvw_ptr, ksum_ptr, bias_ptr, D: tl.constexpr, PRECISION: tl.constexpr):
-    """proj_l(φ(q)·KV / (1e-5 + φ(q)·ksum)) for one [rows, D] tile of q, as φ(q)·(KV·Wᵀ) / (...) + b.
+def _linear_branch(phi, kvw_ptr, ksum_ptr, bias_ptr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """proj_l(φ(q)·KV / (1e-5 + φ(q)·ksum)) for one [rows, D] tile's φ(q) (fp32), as φ(q)·(KV·Wᵀ) / (...) + b.
 
     The normaliser is one number per row, so proj_l's weight folds into KV once per (b, h) (``_linear_params``)
     and the epilogue needs one product instead of two. kvw/ksum point at this (b, h).
     """
     d = tl.arange(0, D)
-    phi = _softmax_rows(q.to(tl.float32))
     kvw = tl.load(kvw_ptr + d[:, None] * D + d[None, :])
     denominator = tl.sum(phi * tl.load(ksum_ptr + d)[None, :], axis=1) + 1e-5
     o_l = tl.dot(phi.to(kvw.dtype), kvw, input_precision=PRECISION) / denominator[:, None]
@@ -551,7 +551,9 @@ def _sparse_attention_kernel(
     if HAS_LINEAR:
         # Round o_s to the compute dtype as upstream does; holding it narrow also frees registers meanwhile.
         o_s = o.to(q.dtype)
-        o_l = _linear_branch(q, kvw_ptr + bh * D * D, ksum_ptr + bh * D, bias_ptr, D, PRECISION)
+        o_l = _linear_branch(
+            _softmax_rows(q.to(tl.float32)), kvw_ptr + bh * D * D, ksum_ptr + bh * D, bias_ptr, D, PRECISION
+        )
         o = o_s.to(tl.float32) + o_l
     o_ptrs = _head_rows(o_ptr, b, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_valid[:, None])
@@ -647,9 +649,11 @@ def _add_linear_kernel(
     q_ptr,
     o_s_ptr,
     o_ptr,
+    scale_ptr,
     kvw_ptr,
     ksum_ptr,
     bias_ptr,
+    M,
     L,
     H,
     stride_qb,
@@ -667,41 +671,100 @@ def _add_linear_kernel(
     BLOCK_M: tl.constexpr,
     D: tl.constexpr,
     PRECISION: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    QUANTIZE: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask = (rows < L)[:, None]
+    h = tl.program_id(1)
     d = tl.arange(0, D)
-    q = tl.load(
-        _head_rows(q_ptr, b, h, rows, d, stride_qb, stride_ql, stride_qh, stride_qd), mask=mask, other=0.0
-    )
-    o_s_ptrs = _head_rows(o_s_ptr, b, h, rows, d, stride_sb, stride_sl, stride_sh, stride_sd)
-    o = tl.load(o_s_ptrs, mask=mask, other=0.0).to(tl.float32)
-    o += _linear_branch(q, kvw_ptr + bh * D * D, ksum_ptr + bh * D, bias_ptr, D, PRECISION)
-    o_ptrs = _head_rows(o_ptr, b, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
-    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=mask)
+    if QUANTIZE:
+        # A quantized tile is 128 rows of the [B * L, H * D] view the o projection reads: they may belong
+        # to two samples (the host quantizes in a pass of its own where L < 128 would make it more),
+        # each with its own linear state.
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_ok = (rows < M)[:, None]
+        last_row = tl.minimum(tile * BLOCK_M + BLOCK_M, M) - 1
+        sample = tl.minimum(rows, last_row) // L  # rows past M (masked) go with the last
+        position = rows - sample * L
+    else:  # a tile of one sample's rows (a loop over samples would spill at 64 rows and 4 warps)
+        sample = tl.program_id(2)
+        position = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_ok = (position < L)[:, None]
+    q_ptrs = _sample_rows(q_ptr, sample, position, h, d, stride_qb, stride_ql, stride_qh, stride_qd)
+    phi = _softmax_rows(tl.load(q_ptrs, mask=rows_ok, other=0.0).to(tl.float32))
+    o_s_ptrs = _sample_rows(o_s_ptr, sample, position, h, d, stride_sb, stride_sl, stride_sh, stride_sd)
+    o = tl.load(o_s_ptrs, mask=rows_ok, other=0.0).to(tl.float32)
+    o_ptrs = _sample_rows(o_ptr, sample, position, h, d, stride_ob, stride_ol, stride_oh, stride_od)
+    if QUANTIZE:
+        first = tile * BLOCK_M // L
+        for i in tl.static_range(2):  # unrolled: a loop over the samples would spill
+            b = tl.minimum(first + i, last_row // L)
+            bh = b * H + h
+            if first + i == b:
+                o_l = _linear_branch(phi, kvw_ptr + bh * D * D, ksum_ptr + bh * D, bias_ptr, D, PRECISION)
+                o += tl.where((sample == b)[:, None], o_l, 0.0)
+        # The bf16 output as the o projection reads it: one int8 tile (zeros past M) and its scale.
+        values, scale = quantize_tile(tl.where(rows_ok, to_bf16(o).to(tl.float32), 0.0))
+        tl.store(o_ptrs, values, mask=rows_ok)
+        tl.store(scale_ptr + tile * H + h, scale)
+    else:
+        bh = sample * H + h
+        o += _linear_branch(phi, kvw_ptr + bh * D * D, ksum_ptr + bh * D, bias_ptr, D, PRECISION)
+        tl.store(o_ptrs, to_bf16(o) if OUT_BF16 else o.to(o_ptr.dtype.element_ty), mask=rows_ok)
+
+
+@triton.jit
+def _sample_rows(ptr, sample, position, h, d, stride_b, stride_l, stride_h, stride_d):
+    """Pointers to head ``h`` of the rows at ``position`` (a vector) of ``sample`` (a vector, or one
+    sample for all) in a strided [B, L, H, D] tensor."""
+    offsets = sample.to(tl.int64) * stride_b + position.to(tl.int64) * stride_l
+    return ptr + h.to(tl.int64) * stride_h + offsets[:, None] + d[None, :] * stride_d
 
 
 def add_linear_branch(
-    o_s: torch.Tensor, q: torch.Tensor, state: LinearState, proj_weight: torch.Tensor, proj_bias: torch.Tensor
-) -> torch.Tensor:
-    """o_s + proj_l(linear attention of q), [B, L, H, D] in q's dtype, for a sparse branch computed elsewhere."""
+    o_s: torch.Tensor,
+    q: torch.Tensor,
+    state: LinearState,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    quantized: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """o_s + proj_l(linear attention of q), [B, L, H, D] in q's dtype, for a sparse branch computed elsewhere.
+
+    ``quantized`` (bf16 q, head dim 128): that output quantized per 128x128 tile of its [B * L, H * D]
+    view, as the o projection reads it (``quant.quantize_blockwise``): int8 [B, L, H * D] and fp32
+    scales [ceil(B * L / 128), H], in one pass instead of a bf16 write and a quantize pass reading it.
+    """
     batch, length, heads, dim = q.shape
     if o_s.shape != q.shape:
         raise ValueError(f"o_s must have q's shape {tuple(q.shape)}; got {tuple(o_s.shape)}")
+    if quantized and (q.dtype != torch.bfloat16 or dim != QUANT_BLOCK):
+        raise ValueError(
+            f"a quantized linear branch takes bf16 q with {QUANT_BLOCK}-wide heads; got {q.dtype} {dim}"
+        )
+    if quantized and batch > 1 and length < QUANT_BLOCK:  # a tile would hold rows of 3+ samples
+        return quantize_blockwise(add_linear_branch(o_s, q, state, proj_weight, proj_bias).flatten(2))
     kvw, ksum, bias = _linear_params(state, proj_weight, proj_bias)
-    out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
-    block_m = 64
-    _add_linear_kernel[(triton.cdiv(length, block_m), batch * heads)](
+    rows = batch * length
+    if quantized:
+        values = torch.empty((batch, length, heads * dim), dtype=torch.int8, device=q.device)
+        scales = torch.empty(scale_shape(rows, heads * dim), dtype=torch.float32, device=q.device)
+        out = values.view(batch, length, heads, dim)
+    else:
+        out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
+        scales = ksum  # unread
+    # A quantized tile takes 128 rows, which 4 warps would hold only by spilling.
+    block_m, num_warps = (QUANT_BLOCK, 8) if quantized else (64, 4)
+    grid = (triton.cdiv(rows, block_m), heads) if quantized else (triton.cdiv(length, block_m), heads, batch)
+    _add_linear_kernel[grid](
         q,
         o_s,
         out,
+        scales,
         kvw,
         ksum,
         bias,
+        rows,
         length,
         heads,
         *q.stride(),
@@ -710,9 +773,11 @@ def add_linear_branch(
         BLOCK_M=block_m,
         D=dim,
         PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        OUT_BF16=out.dtype == torch.bfloat16,
+        QUANTIZE=quantized,
+        num_warps=num_warps,
     )
-    return out
+    return (values, scales) if quantized else out
 
 
 def sla_attention(

@@ -31,9 +31,12 @@ class TritonSLA:
 
 
 class SageSLA:
-    """SLA with SpargeAttn's 8-bit sparse kernel (spec §4.3); block sizes follow the current GPU's arch."""
+    """SLA with SpargeAttn's 8-bit sparse kernel (spec §4.3); block sizes follow the current GPU's arch.
+
+    Writes the int8 o projection's input itself when asked (``int8_output``, models/attention.py)."""
 
     name = "sagesla"
+    writes_int8 = True
 
     @property
     def block_q(self) -> int:
@@ -47,8 +50,8 @@ class SageSLA:
     def _blocks() -> tuple[int, int]:
         return sagesla.selection_blocks(sagesla.cuda_arch(torch.device("cuda", torch.cuda.current_device())))
 
-    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
-        return sagesla.sagesla_attention(q, k, v, proj_l.weight, proj_l.bias, topk)
+    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float, int8_output: bool = False):
+        return sagesla.sagesla_attention(q, k, v, proj_l.weight, proj_l.bias, topk, int8_output)
 
 
 def _on_cuda(device: torch.device) -> bool:

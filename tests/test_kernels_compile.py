@@ -240,11 +240,13 @@ def _compile_report() -> list[dict]:
         _compile(sla._top_blocks_kernel, top_types, dict(NK=2048, STEPS=steps), 1, 1)
         for steps in (False, True)
     )
+    # The linear branch added to SpargeAttn's output, as bf16 and as the o projection's int8 input.
     linear_types = dict.fromkeys(("q_ptr", "o_s_ptr", "o_ptr", "kvw_ptr", "bias_ptr"), bf16)
-    linear_types.update(ksum_ptr="*fp32")
-    report.append(
-        _compile(sla._add_linear_kernel, linear_types, dict(BLOCK_M=64, D=128, PRECISION="tf32"), 4, 3)
-    )
+    linear_types.update(ksum_ptr="*fp32", scale_ptr="*fp32")
+    for block_m, warps, quantize in ((64, 4, False), (128, 8, True)):
+        constexprs = dict(BLOCK_M=block_m, D=128, PRECISION="tf32", OUT_BF16=True, QUANTIZE=quantize)
+        types = {**linear_types, "o_ptr": "*i8"} if quantize else linear_types
+        report.append(_compile(sla._add_linear_kernel, types, constexprs, warps, 3))
     # SageSLA's per-block q/k quantizer, on every GPU SpargeAttn runs on.
     quant_types = dict(x_ptr=bf16, mean_ptr="*fp32", q_ptr="*i8", scale_ptr="*fp32", block_mean_ptr="*fp32")
     for gpu in gpus:
@@ -413,7 +415,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 66
+    assert len(report) == 67
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %

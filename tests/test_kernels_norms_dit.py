@@ -7,7 +7,7 @@ interpreter (conftest.py).
 
 import pytest
 import torch
-from turbovideo.kernels import cross_attention, head, norms, quant, rope
+from turbovideo.kernels import cross_attention, head, norms, quant, rope, sla
 from turbovideo.kernels.int8_gemm import int8_linear
 from turbovideo.kernels.rounding import INTERPRETED
 
@@ -127,3 +127,41 @@ def test_fused_blocks_match_the_reference_forward(
     # fp32 ulps off (rare one-rounding differences, which the int8 steps of two 128-wide blocks carry
     # to 7.4e-3, with or without the merged moments); a misplaced gate or modulation row gives ~0.3.
     assert _rel(out, expected) < 1e-2
+
+
+class _SparseThenLinear:
+    """SageSLA's structure (a sparse branch, then the linear branch added by a pass of its own, which can
+    write o's int8 input) with the Triton sparse kernel where SageSLA runs SpargeAttn's."""
+
+    name = "sparse-then-linear"
+    block_q, block_k = 128, 64
+
+    def __init__(self, writes_int8: bool) -> None:
+        self.writes_int8 = writes_int8
+        self.int8_outputs = 0
+
+    def __call__(self, q, k, v, *, proj_l, topk, int8_output=False):
+        state = sla.linear_state(k, v, self.block_k)
+        index = sla.select_blocks(q, state, topk, self.block_q)
+        o_s = sla.block_sparse_attention(q, k, v, index, self.block_q, self.block_k)
+        self.int8_outputs += int8_output
+        return sla.add_linear_branch(o_s, q, state, proj_l.weight, proj_l.bias, quantized=int8_output)
+
+
+def test_attention_writing_the_int8_o_input_changes_no_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The o projection quantizes a bf16 input itself; given the int8 tiles instead, it must compute the
+    # same. One sample: its rows' tiles are the kernel's (two or more take it, or a pass of its own).
+    monkeypatch.setitem(DIT_CONFIGS, WIDE_HEAD.name, WIDE_HEAD)
+    monkeypatch.setattr(dit_module, "use_fused_kernels", lambda x: x.dtype == torch.bfloat16)
+    model = build_dit(WIDE_HEAD.name, device=DEVICE, quantized=True, attention="dense")
+    x, t, context = _tiny_inputs(batch=1)
+    outputs, backends = [], []
+    for writes_int8 in (False, True):
+        backend = _SparseThenLinear(writes_int8)
+        for block in model.blocks:
+            block.self_attn.attn_op.local_attn.backend = backend
+        with torch.no_grad():
+            outputs.append(model(x, t, context))
+        backends.append(backend)
+    assert [b.int8_outputs for b in backends] == [0, WIDE_HEAD.num_layers]
+    assert torch.equal(outputs[0], outputs[1])

@@ -4,6 +4,7 @@ import pytest
 import torch
 from turbovideo.kernels import sagesla, sla
 from turbovideo.kernels.cuda_graph import SegmentedGraph
+from turbovideo.kernels.quant import quantize_blockwise
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and sagesla.is_available(torch.device("cuda"))),
@@ -76,3 +77,14 @@ def test_sagesla_takes_other_input_dtypes(dtype):
         q, k, v, weight, bias, 0.5, *sagesla.selection_blocks(sagesla.cuda_arch(q.device))
     )
     assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() < 6e-2
+
+
+def test_the_int8_output_is_the_bf16_output_quantized():
+    # What the int8 o projection reads: one pass instead of the bf16 output and a quantize pass. Two
+    # samples of 1000 rows: the 128-row tiles of the [2000, 256] view straddle them.
+    q, k, v, weight, bias = _inputs()
+    q, k, v = (torch.cat([x, x.flip(1)]) for x in (q, k, v))
+    values, scales = sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5, quantized=True)
+    expected = quantize_blockwise(sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5).flatten(2))
+    assert values.shape == (2, 1000, 256) and scales.shape == (16, 2)
+    assert torch.equal(values, expected[0]) and torch.equal(scales, expected[1])

@@ -12,7 +12,7 @@ from turbovideo.kernels import sagesla, sla, sla_backends  # noqa: E402
 from turbovideo.kernels.gpu import GpuLimits  # noqa: E402
 
 from turbovideo.errors import InputError  # noqa: E402
-from turbovideo.models import attention  # noqa: E402
+from turbovideo.models import attention, int8  # noqa: E402
 from turbovideo.models.attention import select_attention  # noqa: E402
 from turbovideo.models.sla_reference import sla_reference  # noqa: E402
 
@@ -179,7 +179,8 @@ def test_strided_inputs_give_the_contiguous_result():
 
 
 def test_separate_linear_pass_equals_fused_epilogue():
-    q, k, v = _qkv(1, 140, 2, 32)
+    # Two samples of 140 rows: the separate pass's row tiles straddle them, each sample its own state.
+    q, k, v = _qkv(2, 140, 2, 32)
     weight, bias = _proj(32)
     state = sla.linear_state(k, v, 32)
     index = sla.select_blocks(q, state, 0.5, 64)
@@ -192,6 +193,23 @@ def test_separate_linear_pass_equals_fused_epilogue():
 
 # Triton 3.9's interpreter multiplies bf16 bit patterns as integers in tl.dot, so here the 16-bit path is
 # checked in fp16 (same kernel code); scripts/bench_kernels.py checks bf16 on a GPU at real shapes.
+@pytest.mark.parametrize("batch, length", [(2, 150), (1, 200), (3, 50)])
+def test_the_quantized_linear_branch_is_the_output_quantized(batch, length):
+    # As the int8 o projection reads it: 128-row tiles of [B * L, H * D], which straddle two samples at
+    # 150 rows (the kernel), and more at 50 (a quantize pass of its own).
+    q, k, v = (x.to(torch.bfloat16) for x in _qkv(batch, length, 2, 128))
+    weight, bias = _proj(128)
+    state = sla.linear_state(k, v, 64)
+    o_s = torch.randn(batch, 2, length, 128).to(torch.bfloat16).transpose(1, 2)
+    values, scales = sla.add_linear_branch(o_s, q, state, weight, bias, quantized=True)
+    rows = batch * length
+    expected = int8.quantize_blockwise(sla.add_linear_branch(o_s, q, state, weight, bias).reshape(rows, 256))
+    assert values.shape == (batch, length, 256) and scales.shape == (-(-rows // 128), 2)
+    assert torch.equal(values.view(rows, 256), expected[0]) and torch.equal(scales, expected[1])
+    with pytest.raises(ValueError, match="bf16 q with 128-wide heads"):
+        sla.add_linear_branch(o_s.float(), q.float(), state, weight, bias, quantized=True)
+
+
 def test_half_precision_stays_within_rounding_of_float64():
     q, k, v = _qkv(1, 260, 2, 128, torch.float16)
     weight, bias = _proj(128)

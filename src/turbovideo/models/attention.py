@@ -4,7 +4,9 @@ A backend is a callable ``(q, k, v, *, proj_l, topk) -> o`` on [B, L, H, D] tens
 (the implementation, e.g. "sla-reference") and the SLA block sizes it selects with (``block_q``,
 ``block_k``; None for dense). Public names are "sagesla", "sla" and "dense"; "auto" picks the best
 available. Fast kernels register themselves with ``register_attention`` from PLUGIN_MODULE, imported
-at the first selection; the model code never changes when one is added.
+at the first selection; the model code never changes when one is added. A backend with
+``writes_int8`` True also takes ``int8_output=True`` and then returns its output as the int8 o
+projection reads it: (int8 [B, L, H * D], fp32 scales per 128x128 tile of the [B * L, H * D] view).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .int8 import Activation, QuantizedActivation
 from .sla_reference import sla_reference
 
 logger = logging.getLogger("turbovideo")
@@ -179,7 +182,14 @@ class LocalAttention(nn.Module):
         self.backend: AttentionBackend = DenseAttention()
         self.topk = DEFAULT_TOPK
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, int8_output: bool = False
+    ) -> Activation:
+        """[B, L, H, D]; given ``int8_output``, the int8 o projection's input instead where the backend
+        writes it (``writes_int8``)."""
+        if int8_output and getattr(self.backend, "writes_int8", False):
+            out = self.backend(q, k, v, proj_l=self.proj_l, topk=self.topk, int8_output=True)
+            return QuantizedActivation(*out)
         return self.backend(q, k, v, proj_l=self.proj_l, topk=self.topk)
 
 
@@ -190,5 +200,7 @@ class AttentionOp(nn.Module):
         super().__init__()
         self.local_attn = LocalAttention(head_dim, dtype)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.local_attn(q, k, v)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, int8_output: bool = False
+    ) -> Activation:
+        return self.local_attn(q, k, v, int8_output)

@@ -88,6 +88,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
         self.attn_op = AttentionOp(config.head_dim, dtype)
+        # With int8 linears and 128-wide heads, a backend that can (SageSLA) writes o's int8 input.
+        self.writes_int8 = quantized and dim == self.num_heads * QUANT_BLOCK
 
     def forward(
         self,
@@ -107,8 +109,13 @@ class SelfAttention(nn.Module):
         else:
             q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope).flatten(2)
             k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope).flatten(2)
-        out = self.attn_op(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads))
-        return _project(self.o, out.flatten(2), residual, moments)
+        int8_output = self.writes_int8 and use_fused_kernels(q)
+        out = self.attn_op(
+            q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), int8_output
+        )
+        return _project(
+            self.o, out if isinstance(out, QuantizedActivation) else out.flatten(2), residual, moments
+        )
 
 
 class CrossAttention(nn.Module):
