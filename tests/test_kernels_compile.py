@@ -243,10 +243,10 @@ def _compile_report() -> list[dict]:
     # The linear branch added to SpargeAttn's output, as bf16 and as the o projection's int8 input.
     linear_types = dict.fromkeys(("q_ptr", "o_s_ptr", "o_ptr", "kvw_ptr", "bias_ptr"), bf16)
     linear_types.update(ksum_ptr="*fp32", scale_ptr="*fp32")
-    for block_m, warps, quantize in ((64, 4, False), (128, 8, True)):
-        constexprs = dict(BLOCK_M=block_m, D=128, PRECISION="tf32", OUT_BF16=True, QUANTIZE=quantize)
+    for quantize in (False, True):
+        constexprs = dict(BLOCK_M=64, D=128, PRECISION="tf32", OUT_BF16=True, QUANTIZE=quantize)
         types = {**linear_types, "o_ptr": "*i8"} if quantize else linear_types
-        report.append(_compile(sla._add_linear_kernel, types, constexprs, warps, 3))
+        report.append(_compile(sla._add_linear_kernel, types, constexprs, 4, 3))
     # SageSLA's per-block q/k quantizer, on every GPU SpargeAttn runs on.
     quant_types = dict(x_ptr=bf16, mean_ptr="*fp32", q_ptr="*i8", scale_ptr="*fp32", block_mean_ptr="*fp32")
     for gpu in gpus:
@@ -421,6 +421,8 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %
         # faster than with 8 warps and none); hundreds would be a real spill.
         allowed = 32
+        if kernel["name"] == "_add_linear_kernel" and kernel["constexprs"]["QUANTIZE"]:
+            allowed = 48  # 40 bytes with 4 warps, which beat 8 without (sla._QUANTIZED_WARPS)
         assert kernel["stack"] <= allowed, f"{kernel['name']} spills registers: {kernel}"
         assert kernel["shared"] <= MAX_SHARED[kernel["arch"]], (
             f"{kernel['name']} needs too much shared memory: {kernel}"
