@@ -776,7 +776,7 @@ def add_linear_branch(
         BLOCK_M=block_m,
         D=dim,
         PRECISION=_dot_precision(q.dtype),
-        OUT_BF16=out.dtype == torch.bfloat16,
+        OUT_BF16=out.dtype == torch.bfloat16,  # rounded by to_bf16: the interpreter's cast truncates
         QUANTIZE=quantized,
         num_warps=_QUANTIZED_WARPS if quantized else 4,
     )
