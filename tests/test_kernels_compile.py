@@ -361,7 +361,7 @@ def _compile_report() -> list[dict]:
     for gpu in gpus:
         constexprs = dict(SHARED_MOD=True, BLOCK_M=head.BLOCK_M, BLOCK_K=head.BLOCK_K, BLOCK_N=64)
         report.append(_compile(head._head_kernel, head_types, constexprs, head.WARPS, 3, arch=gpu.capability))
-    # RMSNorm + RoPE of q and k at both widths (14B's in chunks), and cross-attention's RMSNorm at 14B's.
+    # RMSNorm + RoPE of q and k at both widths (each in column steps), and cross-attention's RMSNorm at 14B's.
     rope_types = dict(
         x_ptr=bf16, out_ptr=bf16, weight_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", eps="fp32"
     )

@@ -154,8 +154,10 @@ def test_modulation_is_per_sample() -> None:
 
 @pytest.mark.parametrize(
     ("batch", "grid", "heads", "head_dim"),
-    [(2, (3, 4, 5), 2, 32), (1, (2, 3, 3), 3, 128), (1, (1, 3, 3), 20, 128)],
-    ids=["tiny-b2", "head128", "rows-in-chunks"],  # the last: 2560 wide, past one 2048-column program
+    [(2, (3, 4, 5), 2, 32), (1, (2, 3, 3), 3, 128), (1, (1, 3, 3), 20, 128), (1, (1, 1, 5), 12, 128)],
+    # The last two are taken in column steps, two rows a program: 2560 wide, and 1.3B's 1536 with an odd
+    # row count (the last program's second row masked).
+    ids=["tiny-b2", "head128", "rows-in-chunks", "1.3B-width"],
 )
 def test_rms_norm_rope_matches_reference(
     batch: int, grid: tuple[int, int, int], heads: int, head_dim: int
@@ -173,7 +175,7 @@ def test_rms_norm_rope_matches_reference(
     _assert_one_rounding_apart(out, expected, magnitude)
 
 
-# cross-attention's k (512-ish rows), and rows wider than one 2048-column program (read in chunks)
+# cross-attention's k (512-ish rows), and rows taken in column steps
 @pytest.mark.parametrize(("rows", "dim"), [(300, 64), (7, 2560)], ids=["narrow", "rows-in-chunks"])
 def test_rms_norm_without_rotation_matches_reference(rows: int, dim: int) -> None:
     x = (torch.randn(2, rows, dim, device=DEVICE) * 3).to(torch.bfloat16)
