@@ -32,10 +32,10 @@ from turbovideo.models.int8 import chunk_moments, chunk_square_sums
 # (tokens, heads, FFN width): B * L at 81 frames.
 SHAPES = {"1.3B-480p": (32760, 12, 8960), "14B-720p": (75600, 40, 13824), "tiny": (200, 2, 512)}
 HEAD_DIM = 128
-TEXT_KEYS = (
-    64  # a 48-token prompt's rows and its padding's stand-in keys, as the DiT's cross-attention gets them
-)
+# A 48-token prompt's rows and its padding's stand-in keys, as the DiT's cross-attention gets them.
+TEXT_KEYS = 64
 EPS = 1e-6
+COPY = "device copy (the ceiling)"
 
 
 def passes(length: int, heads: int, ffn: int, device: torch.device) -> list[tuple[str, int, Callable, bool]]:
@@ -60,9 +60,9 @@ def passes(length: int, heads: int, ffn: int, device: torch.device) -> list[tupl
     blkq, blkk = sagesla.selection_blocks("sm90")  # Hopper's; the passes' cost hardly depends on them
     state = sla.linear_state(k, v, blkk)
     q_means = torch.empty(1, heads, -(-length // blkq), HEAD_DIM, device=device)
-    stream = length * dim  # elements of one [L, D] activation
+    stream = length * dim  # elements of one [L, D] activation: 2 bytes each in bf16, 1 in int8 or fp8
     return [
-        ("device copy (the ceiling)", 4 * stream, x.clone, True),
+        (COPY, 4 * stream, x.clone, True),
         ("RMSNorm + RoPE (q or k)", 4 * stream, lambda: rms_norm_rope(x, weight, cos, sin, EPS), False),
         (
             "LayerNorm + modulation -> int8, statistics from the GEMM",
@@ -121,7 +121,7 @@ def run(shape_names: list[str], device: torch.device) -> list[dict]:
                     continue
                 ms = back_to_back_ms(call) if device.type == "cuda" else median_ms(call, device, 2, 1)
                 rate = moved / ms / 1e9  # TB/s
-                copy_rate = copy_rate or (rate if device.type == "cuda" else None)
+                copy_rate = rate if name == COPY else copy_rate  # the first row, on a GPU
                 row = {"shape": shape, "name": name, "ms": round(ms, 4), "moved_mb": round(moved / 1e6, 1)}
                 row.update(tb_s=round(rate, 2), of_copy=round(rate / copy_rate, 2) if copy_rate else None)
                 rows.append(row)
