@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,13 +144,21 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, help="path of the JSON results")
-    parser.add_argument("--device", default="cuda", help="cpu: a smoke run (use --shape tiny)")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run (TRITON_INTERPRET=1)")
     parser.add_argument(
-        "--shape", action="append", choices=sorted(SHAPES), help="repeatable; default 1.3B-480p and 14B-720p"
+        "--shape",
+        action="append",
+        choices=sorted(SHAPES),
+        help="repeatable; default 1.3B-480p and 14B-720p on a GPU, tiny on a CPU",
     )
     args = parser.parse_args()
     device = benchmark_device("bench_passes.py", args.device, cpu_smoke=True, out=args.out)
-    rows = run(args.shape or ["1.3B-480p", "14B-720p"], device)
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit(
+            "bench_passes.py: --device cpu runs the Triton kernels interpreted: set TRITON_INTERPRET=1"
+        )
+    default = ["1.3B-480p", "14B-720p"] if device.type == "cuda" else ["tiny"]
+    rows = run(args.shape or default, device)
     print_table(rows)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -29,3 +29,15 @@ def test_the_smoke_run_times_every_pass_that_runs_without_cuda(tmp_path):
     assert len(names) == 8 and not any("copy" in name or "fp8" in name for name in names)  # CUDA only
     assert all(row["shape"] == "tiny" and row["ms"] > 0 and row["moved_mb"] > 0 for row in rows)
     assert "RMSNorm + RoPE" in result.stdout.splitlines()[1]  # the table
+
+
+def test_a_cpu_run_without_the_interpreter_is_a_one_line_exit(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    command = [sys.executable, str(ROOT / "scripts" / "bench_passes.py"), "--device", "cpu"]
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path / "p.json")], env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "bench_passes.py: --device cpu runs the Triton kernels interpreted: set TRITON_INTERPRET=1"
+    )
