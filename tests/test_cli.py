@@ -244,6 +244,25 @@ def test_interrupts_and_runtime_failures_are_one_line(tmp_path, capsys, monkeypa
     assert not list(tmp_path.iterdir())
 
 
+def test_a_video_ffmpeg_cannot_encode_is_one_line_naming_out(tmp_path, capfd, monkeypatch):
+    from turbovideo.pipeline import video
+
+    real = video.ffmpeg_command
+    monkeypatch.setattr(
+        video, "ffmpeg_command", lambda *args: [a.replace("libx264", "no_such_encoder") for a in real(*args)]
+    )
+    out = tmp_path / "x.mp4"
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--num_frames", "5", "--out", str(out)])
+    assert exited.value.code == 1
+    err = capfd.readouterr().err.splitlines()[-1]  # after the progress bar's line
+    assert (
+        err.startswith(f"turbovideo: could not write the video for --out {out}: ")
+        and "no_such_encoder" in err
+    )
+    assert not list(tmp_path.iterdir())
+
+
 class _Terminal(io.StringIO):
     """stderr on a terminal, where Ctrl-C arrives while the bar of ``stage`` reaches ``step``."""
 
@@ -391,6 +410,48 @@ def test_a_sample_name_taken_by_a_directory_is_refused_before_the_models_load(tm
         f"turbovideo: --out {out}: a sample's file {tmp_path / 'clip_1.mp4'} is a directory; name another file\n"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["clip_1.mp4"]
+
+
+def test_another_users_file_in_a_sticky_folder_is_refused_before_the_models_load(
+    tmp_path, capsys, monkeypatch
+):
+    # os.replace gets EPERM there (a shared /tmp): found only after the whole run, exit 1, before.
+    from turbovideo.pipeline import VideoPipeline
+
+    def load(*args, **kwargs):
+        raise AssertionError("loaded the models for an --out that cannot be replaced")
+
+    monkeypatch.setattr(VideoPipeline, "load", load)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    theirs = shared / "x.mp4"
+    theirs.write_bytes(b"")
+    if os.geteuid() != 0:
+        pytest.skip("making another user's file needs root")
+    os.chown(theirs, 4321, 4321)
+    monkeypatch.setattr(os, "geteuid", lambda: 1234)  # this user: neither root nor an owner
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--out", str(theirs)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"turbovideo: --out {theirs}: {theirs} is another user's file")
+        and err.count("\n") == 1
+    )
+
+
+def test_a_video_path_that_is_not_text_in_the_terminals_encoding_is_printed_as_its_bytes(tmp_path):
+    out = tmp_path / os.fsdecode(b"clip\xff.mp4")
+    done = subprocess.run(
+        [*GENERATE, "--prompt", "x", "--num_frames", "5", "--out", str(out)],
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},  # strict, as under an en_US.UTF-8 locale
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout == bytes(tmp_path) + b"/clip\xff.mp4\n"
+    assert _frames(out)[1] == 5
 
 
 def test_a_prompt_too_long_for_the_text_encoder_is_said_once(tmp_path):

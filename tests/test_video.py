@@ -94,7 +94,7 @@ def test_an_encoder_that_cannot_write_its_file_is_an_error(tmp_path):
     # A full disk: every write fails with ENOSPC, after ffmpeg took all the frames.
     path = tmp_path / "full.mp4"
     path.symlink_to("/dev/full")
-    with pytest.raises(OSError, match="ffmpeg could not finish"):
+    with pytest.raises(OSError, match="ffmpeg could not write .*: .*No space left on device"):
         write_mp4(_clip(5), path, fps=16)
 
 
@@ -122,7 +122,7 @@ def test_an_encoder_that_stops_taking_frames_is_an_encode_error(tmp_path):
     # mid-stream), exits and the next write is a broken pipe, not a missing index.
     from turbovideo.pipeline.video import EncodeError
 
-    with pytest.raises(EncodeError, match="ffmpeg stopped"):
+    with pytest.raises(EncodeError, match="ffmpeg could not write .*: .*No such file or directory"):
         write_mp4(np.zeros((5, 480, 832, 3), np.uint8), tmp_path / "missing" / "clip.mp4", fps=16)
 
 
@@ -135,3 +135,17 @@ def test_a_relative_path_ffmpeg_could_read_as_an_option_or_a_protocol(tmp_path, 
     path = Path(folder) / "clip.mp4"
     write_mp4(_clip(5), path, fps=16)
     assert len(_read(tmp_path / folder / "clip.mp4")[1]) == 5
+
+
+def test_an_encoder_ffmpeg_lacks_is_one_sentence_and_nothing_on_the_terminal(tmp_path, monkeypatch, capfd):
+    # A system ffmpeg without libx264 (IMAGEIO_FFMPEG_EXE): its own first message is the cause.
+    from turbovideo.pipeline import video
+
+    real = video.ffmpeg_command
+    monkeypatch.setattr(
+        video, "ffmpeg_command", lambda *args: [a.replace("libx264", "no_such_encoder") for a in real(*args)]
+    )
+    with pytest.raises(video.EncodeError) as failed:
+        write_mp4(_clip(5), tmp_path / "clip.mp4", fps=16)
+    assert "no_such_encoder" in failed.value.reason and "\n" not in str(failed.value)
+    assert capfd.readouterr() == ("", "")

@@ -362,11 +362,11 @@ def test_a_video_the_disk_could_not_take_says_so_and_asks_for_a_fresh_worker(loc
     from turbovideo.pipeline.video import EncodeError
 
     def full(*args, **kwargs):
-        raise EncodeError("ffmpeg could not finish /tmp/x/sample_0.mp4: it has no index (is the disk full?)")
+        raise EncodeError(Path("/tmp/x/sample_0.mp4"), "Error writing trailer: No space left on device")
 
     monkeypatch.setattr(local.pipelines["tiny-t2v"], "generate", full)
     answer = local.handle({"id": "job-full", "input": {"prompt": "a", **FAST}})
-    assert answer["error"].startswith("E_INTERNAL: ffmpeg could not finish /tmp/x/sample_0.mp4")
+    assert answer["error"].startswith("E_INTERNAL: ffmpeg could not write /tmp/x/sample_0.mp4: Error writing")
     assert answer["error"].endswith("retry the job") and answer["refresh_worker"] is True
 
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -148,6 +149,7 @@ def _generate(args: argparse.Namespace) -> int:
         from turbovideo.models import CheckpointError
         from turbovideo.pipeline import GenerationRequest, VideoPipeline
         from turbovideo.pipeline.request import check_request
+        from turbovideo.pipeline.video import EncodeError
 
     request = GenerationRequest(
         prompt=args.prompt,
@@ -170,9 +172,14 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         check_request(request, spec)
         targets = _targets(out, request.num_samples)
-        for target in targets:  # a folder by a sample's name: refused now, not once the run is done
+        for target in targets:  # a file the video cannot take: refused now, not once the run is done
             if target.is_dir():
                 raise InputError(f"--out {out}: a sample's file {target} is a directory; name another file")
+            if not _replaceable(target):
+                raise InputError(
+                    f"--out {out}: {target} is another user's file in a folder that only lets owners replace "
+                    "theirs (sticky, like /tmp); name another file"
+                )
         try:  # before loading: a folder that cannot take the video fails in a second, not after minutes
             out.parent.mkdir(parents=True, exist_ok=True)
             scratch_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=".turbovideo-")
@@ -191,6 +198,8 @@ def _generate(args: argparse.Namespace) -> int:
                 os.replace(video, target)  # same folder; refuses a directory instead of filling it
     except InputError as err:
         _fail(f"turbovideo: {err}", USAGE_ERROR)
+    except EncodeError as err:  # its path is the scratch folder's, gone by now
+        _fail(f"turbovideo: could not write the video for --out {out}: {err.reason}", RUN_ERROR)
     except (CheckpointError, OSError) as err:
         _fail(f"turbovideo: {err}", RUN_ERROR)
     except (RuntimeError, MemoryError) as err:  # torch's out-of-memory and CUDA errors among them
@@ -204,7 +213,7 @@ def _generate(args: argparse.Namespace) -> int:
         _note(f"turbovideo: warning: {warning}")
     try:
         for target in targets:
-            print(target, flush=True)
+            _print_path(target)
     except BrokenPipeError:  # read by something that stopped early (`| head -1`): the videos are written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
     return 0
@@ -264,6 +273,24 @@ def _open_image(path: Path | None) -> Image.Image | None:
         _fail(f"turbovideo: cannot read image {path}: {err}", USAGE_ERROR)
     except InputError as err:
         _fail(f"turbovideo: {path}: {err}", USAGE_ERROR)
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether this user may rename a file over ``path``: in a sticky folder (/tmp) only root and the
+    owners of the file or of the folder may replace it (an immutable file is root's doing, not checked)."""
+    try:
+        file, folder = path.lstat(), path.parent.stat()
+    except OSError:  # no file to replace (or none this user can see), the folder's own check follows
+        return True
+    return not folder.st_mode & stat.S_ISVTX or os.geteuid() in (0, file.st_uid, folder.st_uid)
+
+
+def _print_path(path: Path) -> None:
+    try:
+        print(path, flush=True)
+    except UnicodeEncodeError:  # a name that is not text in stdout's encoding: its bytes, as given
+        sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+        sys.stdout.flush()
 
 
 def _targets(out: Path, count: int) -> list[Path]:

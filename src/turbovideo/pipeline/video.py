@@ -6,7 +6,10 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import struct
+import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -54,8 +57,10 @@ def _nothing_to_wait_for() -> None:
 class Mp4Stream:
     """An H.264 yuv420p mp4 (+faststart) written while its frames arrive.
 
-    ffmpeg encodes in its own process, fed by a thread, so the caller (the VAE decode loop) hands
-    over frames and goes on computing the next ones instead of waiting for the encoder.
+    ffmpeg (imageio-ffmpeg's) encodes in its own process, fed by a thread, so the caller (the VAE decode
+    loop) hands over frames and goes on computing the next ones instead of waiting for the encoder.
+    ffmpeg's messages go to a file, not to the terminal or the log: a failure becomes one sentence
+    ending in ffmpeg's own account of its cause ("No space left on device").
     """
 
     def __init__(self, path: Path, width: int, height: int, fps: int) -> None:
@@ -65,18 +70,14 @@ class Mp4Stream:
         self._shape = (height, width, 3)
         self._chunks: queue.Queue[tuple[np.ndarray, Callable[[], None]] | None] = queue.Queue()
         self._error: BaseException | None = None
-        self._writer = imageio_ffmpeg.write_frames(
-            ffmpeg_output_name(path),
-            (width, height),
-            fps=fps,
-            codec="libx264",
-            pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p",
-            quality=None,
-            macro_block_size=1,
-            output_params=["-crf", str(CRF), "-preset", PRESET, "-movflags", "+faststart"],
+        self._messages = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(
+            ffmpeg_command(path, width, height, fps),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=self._messages,
+            start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not ffmpeg's
         )
-        self._writer.send(None)  # start the ffmpeg process
         self._thread = threading.Thread(target=self._feed, name=f"mux-{path.name}", daemon=True)
         self._thread.start()
 
@@ -100,23 +101,46 @@ class Mp4Stream:
             while (chunk := self._chunks.get()) is not None:
                 frames, ready = chunk
                 ready()
-                for frame in frames:
-                    try:
-                        self._writer.send(np.ascontiguousarray(frame))
-                    except OSError as exc:  # ffmpeg exited: an output it cannot open, a full disk
-                        log.warning("ffmpeg stopped: %s", exc)
-                        raise EncodeError(
-                            f"ffmpeg stopped before {self.path} was finished (is the disk full?)"
-                        ) from None
+                try:
+                    self._process.stdin.write(np.ascontiguousarray(frames).data)
+                except OSError:  # ffmpeg exited: an output it cannot open, a full disk
+                    self._wait()
+                    raise EncodeError(self.path, "ffmpeg stopped taking frames") from None
             finished = True
-            self._writer.close()
+            self._wait()
             check_finished(self.path)
         except BaseException as exc:  # surfaced by close() on the caller's thread
             self._error = exc
-            with contextlib.suppress(BaseException):
-                self._writer.close()  # stops ffmpeg
+            self._process.kill()
             while not finished and self._chunks.get() is not None:  # drain so close() never blocks
                 pass
+        finally:
+            with contextlib.suppress(OSError):
+                self._process.stdin.close()
+            self._process.wait()
+            self._messages.close()
+
+    def _wait(self) -> None:
+        """End ffmpeg's input and wait for it; raise EncodeError with its last message if it failed."""
+        with contextlib.suppress(OSError):  # a pipe ffmpeg has already closed
+            self._process.stdin.close()
+        if status := self._process.wait():
+            self._messages.seek(0)
+            lines = self._messages.read().decode(errors="replace").splitlines()
+            # The first message names the cause, the rest its consequences, each behind a stream tag:
+            # "[out#0/mp4 @ 0x5616...] Could not write header (...): No space left on device".
+            first = next((line for line in lines if line.strip()), f"exit status {status}")
+            raise EncodeError(self.path, one_line(re.sub(r"^\[[^]]*\]\s*", "", first), 200))
+
+
+def ffmpeg_command(path: Path, width: int, height: int, fps: int) -> list[str]:
+    """Raw rgb24 frames on stdin -> H.264 yuv420p at ``CRF`` / ``PRESET`` with +faststart, errors only."""
+    return [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        *("-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}"),
+        *("-r", str(fps), "-i", "-", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p"),
+        *("-crf", str(CRF), "-preset", PRESET, "-movflags", "+faststart", ffmpeg_output_name(path)),
+    ]
 
 
 def ffmpeg_output_name(path: Path) -> str:
@@ -126,16 +150,19 @@ def ffmpeg_output_name(path: Path) -> str:
 
 
 class EncodeError(OSError):
-    """ffmpeg did not finish a video file (a full or failing disk under it)."""
+    """ffmpeg did not finish a video file (a full or failing disk under it, an encoder it lacks)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"ffmpeg could not write {path}: {reason}")
+        self.reason = reason
 
 
 def check_finished(path: Path) -> None:
     """Raise EncodeError unless ``path`` is an mp4 with its index ("moov") ahead of the media data.
 
-    imageio-ffmpeg does not read ffmpeg's exit status, so an encoder that could not open its output
-    or write the trailer (a full disk) ends quietly, leaving no file or one without an index, which no
-    player opens. +faststart moves the index to the front when the file is finished, so a look at
-    the top-level boxes tells.
+    ffmpeg's exit status covers the failures it notices; a file without its index is one no player
+    opens, whatever the status said. +faststart moves the index to the front when the file is
+    finished, so a look at the top-level boxes tells.
     """
     try:
         with path.open("rb") as file:
@@ -147,8 +174,8 @@ def check_finished(path: Path) -> None:
                     break
                 file.seek(size - 8, os.SEEK_CUR)
     except OSError as exc:
-        raise EncodeError(f"ffmpeg could not write {path} ({exc.strerror or exc})") from None
-    raise EncodeError(f"ffmpeg could not finish {path}: it has no index (is the disk full?)")
+        raise EncodeError(path, exc.strerror or str(exc)) from None
+    raise EncodeError(path, "the file has no index (is the disk full?)")
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
