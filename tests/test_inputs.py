@@ -9,6 +9,7 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -46,6 +47,14 @@ def test_base64_png_becomes_an_rgb_image():
 def test_other_modes_are_converted_to_rgb(mode):
     data = base64.b64encode(png_bytes(mode=mode, color=(1, 2, 3, 4) if mode == "RGBA" else 7)).decode()
     assert inputs.load_image(f"data:image/png;base64,{data}").mode == "RGB"
+
+
+def test_a_percent_encoded_data_uri_is_decoded():
+    # RFC 2397 data may be URL-encoded: "=" padding as %3D, "+" as %2B, "/" as %2F.
+    data = base64.b64encode(png_bytes()).decode()
+    assert "=" in data or "+" in data or "/" in data
+    encoded = quote(data, safe="")
+    assert inputs.load_image(f"data:image/png;base64,{encoded}").size == (24, 16)
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped():
@@ -239,6 +248,16 @@ class _Images(BaseHTTPRequestHandler):
             "/to-file": lambda: self._send(302, b"", {"Location": "file:///etc/passwd"}),
             "/loop": lambda: self._send(302, b"", {"Location": "/loop"}),
             "/missing": lambda: self._send(404, b"nope", {}),
+            # An expired presigned link: the bucket's XML error, with 200 from a proxy that hides the status.
+            "/expired": lambda: self._send(
+                200,
+                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code></Error>',
+                {"Content-Type": "application/xml"},
+            ),
+            "/api": lambda: self._send(200, b'{"error": "not found"}', {"Content-Type": "application/json"}),
+            "/bare-page": lambda: self._send(
+                200, b"<head><title>x</title></head>", {"Content-Type": "text/html"}
+            ),
             # A share link: the page that shows the image, not the image.
             "/share": lambda: self._send(
                 200,
@@ -386,6 +405,9 @@ def test_redirects_are_followed(allowed):
         ("/loop", "redirected more than 5 times"),
         ("/missing", "answered HTTP 404"),
         ("/share", "image URL answered a web page (HTML), not an image"),
+        ("/bare-page", "image URL answered a web page (HTML), not an image"),
+        ("/expired", "image URL answered an XML document, not an image (a storage service's error"),
+        ("/api", "image URL answered JSON, not an image"),
         ("/huge-declared", "image must be at most 20 MB, got 953.7 MB"),
         ("/huge-streamed", "image must be at most 20 MB"),
         ("/cut-short", "download ended after 50 of"),

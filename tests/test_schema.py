@@ -55,6 +55,19 @@ def test_every_field_accepts_a_valid_value():
         ({"prompt": "a", "numFrames": 33}, "unknown field 'numFrames' (did you mean 'num_frames'?)"),
         ({"Prompt": "a"}, "prompt is required; unknown field 'Prompt' (did you mean 'prompt'?)"),
         (
+            {"prompt": "a", "num_inference_steps": 4},
+            "unknown field 'num_inference_steps' (did you mean 'num_steps'? rCM samples in 1 to 4)",
+        ),
+        (
+            {"prompt": "a", "init_image": "x"},
+            "unknown field 'init_image' (did you mean 'image'? it takes a URL or base64)",
+        ),
+        (
+            {"prompt": "a", "negative_prompt": "blur"},
+            "unknown field 'negative_prompt' (rCM's distilled sampling uses no classifier-free guidance, so no "
+            "negative prompt)",
+        ),
+        (
             {"prompt": "a", "width": 832, "height": 480},
             "unknown field 'width' (the size comes from resolution and aspect_ratio); unknown field 'height'",
         ),

@@ -183,14 +183,35 @@ def test_a_bucket_endpoint_without_scheme_is_a_config_error(url):
 
 
 @pytest.mark.parametrize("inside", ["file", "file/videos"])
-def test_an_output_dir_that_cannot_be_a_directory_is_a_config_error(tmp_path, inside):
+def test_an_output_dir_that_cannot_be_a_directory_is_a_config_error(tmp_path, inside, monkeypatch):
     (tmp_path / "file").write_text("")
+    env = {"OUTPUT_DIR": str(tmp_path / inside), "CACHE_DIR": "/tmp/c"}
     with pytest.raises(
-        ConfigError, match=rf"^OUTPUT_DIR=.* cannot be a directory: {tmp_path / 'file'} is a file"
+        ConfigError, match=rf"^OUTPUT_DIR=.* cannot be a directory: {tmp_path / 'file'} is a file$"
     ):
-        load_config({"OUTPUT_DIR": str(tmp_path / inside), "CACHE_DIR": "/tmp/c"})
-    # With a bucket it only holds what a failed upload leaves, and the upload path copes without it.
-    load_config({**BUCKET_ENV, "OUTPUT_DIR": str(tmp_path / inside), "CACHE_DIR": "/tmp/c"})
+        load_config(env)
+    # With a bucket it keeps what a failed upload leaves, unless a network volume does: a video was
+    # lost when the folder turned out unusable only then.
+    with pytest.raises(ConfigError, match=r"is a file \(it keeps the videos whose upload failed"):
+        load_config({**BUCKET_ENV, **env})
+    (tmp_path / "volume").mkdir()
+    monkeypatch.setattr(config_module, "VOLUME_ROOT", tmp_path / "volume")
+    assert load_config({**BUCKET_ENV, **env}).durable_dir == tmp_path / "volume" / "turbovideo" / "outputs"
+
+
+def test_an_output_dir_no_folder_can_be_made_in_is_a_config_error_even_for_root():
+    # os.access says yes to root for any folder; /proc takes no new one.
+    with pytest.raises(ConfigError, match=r"^OUTPUT_DIR='/proc/x' is not writable \(/proc: "):
+        load_config({"OUTPUT_DIR": "/proc/x", "CACHE_DIR": "/tmp/c"})
+
+
+@pytest.mark.parametrize(
+    "value", ["http://localhost ", " https://huggingface.co", "http://127.0.0.1:80a", "hf.co"]
+)
+def test_an_hf_endpoint_huggingface_hub_would_misread_is_a_config_error(value):
+    with pytest.raises(ConfigError, match=r"^HF_ENDPOINT=.* is not an http\(s\) URL of a host"):
+        load_config({"HF_ENDPOINT": value, "CACHE_DIR": "/tmp/c"})
+    assert load_config({"HF_ENDPOINT": "http://127.0.0.1:8080", "CACHE_DIR": "/tmp/c"})
 
 
 def test_the_output_dir_check_creates_nothing(tmp_path):

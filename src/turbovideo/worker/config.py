@@ -7,6 +7,7 @@ settings becomes one ``ConfigError`` sentence instead of a surprise in the middl
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,14 +68,18 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     """Read and check every worker variable; raises ``ConfigError`` naming the variable to fix."""
     env = os.environ if env is None else env
     _check_hub_timeouts(env)
+    _check_hub_endpoint(env.get("HF_ENDPOINT"))
     _check_sdk_log_level(env.get("RUNPOD_LOG_LEVEL", ""))
     _check_system_check_numbers(env)
     on_runpod = is_on_runpod(env)
     cache_dir = default_cache_dir(env)
     bucket = _bucket(env)
     output_dir = Path(env.get("OUTPUT_DIR", "").strip() or "outputs").expanduser()
-    if bucket is None:  # videos go there; with a bucket it only holds files a failed upload left
-        _check_output_dir(output_dir)
+    durable_dir = _durable_dir(cache_dir, output_dir)
+    # Videos go there without a bucket; with one, it keeps what a failed upload left when no network
+    # volume does (a spare to the volume otherwise, which need not hold up the start).
+    if bucket is None or durable_dir == output_dir:
+        _check_output_dir(output_dir, for_uploads=bucket is not None)
     return WorkerConfig(
         models=_served_models(env.get("MODELS", "").strip(), on_runpod),
         variant=_variant(env.get("CHECKPOINT_VARIANT", "auto")),
@@ -83,7 +88,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         offline=hub_offline(env),
         bucket=bucket,
         output_dir=output_dir,
-        durable_dir=_durable_dir(cache_dir, output_dir),
+        durable_dir=durable_dir,
         on_runpod=on_runpod,
         report_progress=bool(env.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
         sp_degree=_sp_degree(env.get("SP_DEGREE", "")),
@@ -208,9 +213,33 @@ def _check_sdk_log_level(value: str) -> None:
         )
 
 
-def _check_output_dir(path: Path) -> None:
-    """OUTPUT_DIR must be a directory the worker can create or write: otherwise every job would
-    fail after its work. Checked without creating anything."""
+def _check_hub_endpoint(value: str | None) -> None:
+    """huggingface_hub takes HF_ENDPOINT as it is: a stray space ends up in the host name, whose failed
+    lookup would then read as a network fault of the Hub."""
+    if value is None:
+        return
+    try:
+        parsed = urlparse(value)
+        parsed.port  # noqa: B018 (raises ValueError for a port that is no number)
+    except ValueError:
+        parsed = None
+    if (
+        value != value.strip()
+        or parsed is None
+        or parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+    ):
+        raise ConfigError(
+            f"HF_ENDPOINT={value!r} is not an http(s) URL of a host (no spaces, a numeric port if any); "
+            "use e.g. https://huggingface.co, or unset it"
+        )
+
+
+def _check_output_dir(path: Path, for_uploads: bool) -> None:
+    """OUTPUT_DIR must be a directory the worker can create or write: otherwise every job would fail
+    after its work (``for_uploads``: every failed upload would lose its video). A folder made in the
+    nearest existing one and removed at once tells (root passes every permission check, not /proc's)."""
+    why = " (it keeps the videos whose upload failed: there is no network volume)" if for_uploads else ""
     try:
         for existing in (path, *path.parents):
             if existing.is_symlink() and not existing.exists():
@@ -219,17 +248,20 @@ def _check_output_dir(path: Path) -> None:
                 )
             if existing.exists():
                 break
-        writable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+        is_dir = existing.is_dir()
     except OSError as e:
         raise ConfigError(
-            f"OUTPUT_DIR={str(path)!r} cannot be checked ({e.strerror}); point it at a writable directory"
+            f"OUTPUT_DIR={str(path)!r} cannot be checked ({e.strerror}); point it at a writable directory{why}"
         ) from None
-    if not existing.is_dir():
-        raise ConfigError(f"OUTPUT_DIR={str(path)!r} cannot be a directory: {existing} is a file")
-    if not writable:
+    if not is_dir:
+        raise ConfigError(f"OUTPUT_DIR={str(path)!r} cannot be a directory: {existing} is a file{why}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".turbovideo-check-", dir=existing))
+    except OSError as e:
         raise ConfigError(
-            f"OUTPUT_DIR={str(path)!r} is not writable ({existing}); point it at a writable directory"
-        )
+            f"OUTPUT_DIR={str(path)!r} is not writable ({existing}: {e.strerror}); point it at a writable "
+            f"directory{why}"
+        ) from None
 
 
 def _durable_dir(cache_dir: Path, output_dir: Path) -> Path:

@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 import warnings
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -53,16 +53,13 @@ def load_image(value: str) -> Image.Image:
     lowered = value[:16].lower()
     if lowered.startswith(("http://", "https://")):
         data = fetch_url(value)
-        if _is_web_page(data):
-            raise InputError(
-                "image URL answered a web page (HTML), not an image; use the image file's own URL "
-                "(share and viewer links answer a page)"
-            )
+        if (answer := _text_answer(data)) is not None:
+            raise InputError(f"image URL answered {answer}")
     elif lowered.startswith("data:"):
         match = _DATA_URI.match(value)
         if match is None:
             raise InputError("image data URI must look like data:image/png;base64,<data>")
-        data = decode_base64(value[match.end() :])
+        data = decode_base64(unquote(value[match.end() :]))  # RFC 2397 lets it be percent-encoded
     elif scheme := _SCHEME.match(value):  # ':' is not in the base64 alphabet: some other scheme
         raise InputError(f"image URL must use http or https, got {scheme.group()[:20]}")
     else:
@@ -70,11 +67,22 @@ def load_image(value: str) -> Image.Image:
     return open_image(data)
 
 
-def _is_web_page(data: bytes) -> bool:
-    """Whether a URL's bytes are an HTML page. A share link (Google Drive, Dropbox, Imgur) answers the
-    page that shows the image; "not a PNG, JPEG, ..." would puzzle a client who knows the file is one."""
+def _text_answer(data: bytes) -> str | None:
+    """What a URL answered instead of an image, when its bytes are a page or an error document. A share
+    link (Google Drive, Dropbox, Imgur) answers the page that shows the image, an expired or private
+    bucket link an XML error, an API a JSON one; "not a PNG, JPEG, ..." would puzzle a client who knows
+    the file is one."""
     head = data[:512].removeprefix(b"\xef\xbb\xbf").lstrip().lower()  # a UTF-8 BOM, then whitespace
-    return head.startswith((b"<!doctype html", b"<html"))
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<title", b"<meta", b"<!--")):
+        return (
+            "a web page (HTML), not an image; use the image file's own URL (share and viewer links answer "
+            "a page)"
+        )
+    if head.startswith(b"<?xml"):
+        return "an XML document, not an image (a storage service's error: is the link private or expired?)"
+    if head.startswith((b"{", b"[")):
+        return "JSON, not an image (an API's answer or error: is the link private or expired?)"
+    return None
 
 
 def decode_base64(text: str) -> bytes:

@@ -165,6 +165,16 @@ _ELSEWHERE = {
     "frames": "did you mean 'num_frames'?",
     "aspect": "did you mean 'aspect_ratio'?",
     "image_url": "did you mean 'image'? it takes a URL",
+    "init_image": "did you mean 'image'? it takes a URL or base64",
+    "input_image": "did you mean 'image'? it takes a URL or base64",
+    "image_base64": "did you mean 'image'? it takes a URL or base64",
+    "num_inference_steps": "did you mean 'num_steps'? rCM samples in 1 to 4",
+    "num_videos": "did you mean 'num_samples'?",
+    "num_outputs": "did you mean 'num_samples'?",
+    "batch_size": "did you mean 'num_samples'?",
+    "negative_prompt": "rCM's distilled sampling uses no classifier-free guidance, so no negative prompt",
+    "guidance_scale": "rCM's distilled sampling uses no classifier-free guidance",
+    "cfg_scale": "rCM's distilled sampling uses no classifier-free guidance",
     "input": 'the request fields go directly in the job\'s input: {"input": {"prompt": ...}}',
 }
 
