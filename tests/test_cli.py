@@ -182,7 +182,9 @@ def test_an_unwritable_out_folder_fails_before_the_models_load(tmp_path, capsys,
     with pytest.raises(SystemExit) as exited:
         main(["generate", "--prompt", "x", "--out", str(tmp_path / "file" / "x.mp4")])
     assert exited.value.code == 2
-    assert capsys.readouterr().err.startswith(f"turbovideo: cannot write --out {tmp_path / 'file' / 'x.mp4'}")
+    assert capsys.readouterr().err == (
+        f"turbovideo: cannot write --out {tmp_path / 'file' / 'x.mp4'}: {tmp_path / 'file'} is a file, not a folder\n"
+    )
 
 
 def test_every_option_reaches_the_generation(tmp_path, monkeypatch):
@@ -242,6 +244,20 @@ def test_interrupts_and_runtime_failures_are_one_line(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_run_leaves_no_folder_it_made_for_out(tmp_path, capsys, monkeypatch):
+    from turbovideo.pipeline import VideoPipeline
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(VideoPipeline, "generate", generate)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--out", str(tmp_path / "kept" / "new" / "deeper" / "x.mp4")])
+    assert exited.value.code == 1
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
 
 
 def test_a_video_ffmpeg_cannot_encode_is_one_line_naming_out(tmp_path, capfd, monkeypatch):

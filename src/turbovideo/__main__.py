@@ -180,22 +180,34 @@ def _generate(args: argparse.Namespace) -> int:
                     f"--out {out}: {target} is another user's file in a folder that only lets owners replace "
                     "theirs (sticky, like /tmp); name another file"
                 )
+        made = [
+            folder for folder in (out.parent, *out.parent.parents) if not folder.exists()
+        ]  # deepest first
         try:  # before loading: a folder that cannot take the video fails in a second, not after minutes
             out.parent.mkdir(parents=True, exist_ok=True)
             scratch_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=".turbovideo-")
         except OSError as err:
-            _fail(f"turbovideo: cannot write --out {out}: {err.strerror or err}", USAGE_ERROR)
-        with scratch_dir as scratch:
-            pipe = VideoPipeline.load(
-                spec, args.checkpoint_dir, quantized=args.quant, attention=request.attention
-            )
-            bar = ProgressBar(sys.stderr)
-            try:
-                result = pipe.generate(request, Path(scratch), bar)
-            finally:  # a run that fails mid-stage: its message must not land on the bar's line
-                bar.end_line()
-            for video, target in zip(result.videos, targets, strict=True):
-                os.replace(video, target)  # same folder; refuses a directory instead of filling it
+            reason = err.strerror or str(err)
+            if blocking := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+                reason = f"{blocking} is a file, not a folder"
+            _fail(f"turbovideo: cannot write --out {out}: {reason}", USAGE_ERROR)
+        try:
+            with scratch_dir as scratch:
+                pipe = VideoPipeline.load(
+                    spec, args.checkpoint_dir, quantized=args.quant, attention=request.attention
+                )
+                bar = ProgressBar(sys.stderr)
+                try:
+                    result = pipe.generate(request, Path(scratch), bar)
+                finally:  # a run that fails mid-stage: its message must not land on the bar's line
+                    bar.end_line()
+                for video, target in zip(result.videos, targets, strict=True):
+                    os.replace(video, target)  # same folder; refuses a directory instead of filling it
+        except BaseException:  # no video: the folders made for it go too, unless something else is in them
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
     except InputError as err:
         _fail(f"turbovideo: {err}", USAGE_ERROR)
     except EncodeError as err:  # its path is the scratch folder's, gone by now
