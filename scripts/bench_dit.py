@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from turbovideo.benchmark import benchmark_device, median_ms, peak_gib, rel_error
+from turbovideo.benchmark import at_least_one, benchmark_device, median_ms, peak_gib, rel_error
 from turbovideo.models import DIT_CONFIGS, build_dit
 from turbovideo.models.attention import select_attention
 
@@ -90,7 +90,7 @@ def main() -> int:
     parser.add_argument("--latent", default="21x60x104", help="T x H x W of the 16-channel latent")
     parser.add_argument("--topk", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=at_least_one, default=5)
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     device = benchmark_device("bench_dit.py", args.device, cpu_smoke=True, out=args.out)

@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from turbovideo.kernels import sagesla, sla
 
-from turbovideo.benchmark import BACK_TO_BACK_CALLS, back_to_back_ms, benchmark_device, median_ms, rel_error
+from turbovideo.benchmark import (
+    BACK_TO_BACK_CALLS,
+    at_least_one,
+    back_to_back_ms,
+    benchmark_device,
+    median_ms,
+    rel_error,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"wan-1.3B-480p": (12, 32760), "wan-14B-720p": (40, 75600)}
@@ -215,7 +222,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, help="path of the JSON results")
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=at_least_one, default=20)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--no-sweep", action="store_true", help="skip the sparse-kernel launch-config sweep")
     args = parser.parse_args()

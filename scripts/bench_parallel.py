@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from turbovideo.benchmark import benchmark_device
+from turbovideo.benchmark import at_least_one, benchmark_device
 from turbovideo.models import DIT_CONFIGS, build_dit
 from turbovideo.parallel import SequenceParallelGroup
 
@@ -56,7 +56,7 @@ def main() -> int:
         "--blocks", type=int, default=None, help="run only the first N blocks and extrapolate"
     )
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=at_least_one, default=2)
     parser.add_argument("--attention", default="sla", help="sla (Triton on CUDA), sagesla, dense or auto")
     parser.add_argument("--topk", type=float, default=0.1)
     parser.add_argument(

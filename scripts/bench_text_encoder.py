@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from turbovideo.benchmark import benchmark_device, median_ms, peak_gib, rel_error
+from turbovideo.benchmark import at_least_one, benchmark_device, median_ms, peak_gib, rel_error
 from turbovideo.models.text_encoder import UMT5Encoder, build_text_encoder
 
 UPSTREAM_H100_MS = 54.0  # performance.md: upstream umT5-XXL encode of 512 tokens on an H100
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="umt5-xxl")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=at_least_one, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
         "--skip-fp32", action="store_true", help="skip the fp32 accuracy reference (needs 4x memory)"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from turbovideo.benchmark import benchmark_device, median_ms, rel_error
+from turbovideo.benchmark import at_least_one, benchmark_device, median_ms, rel_error
 from turbovideo.models.vae import WanVAE, build_vae, pixel_frames
 
 UPSTREAM_H100_S = {"decode 480p": 1.82, "decode 720p": 4.73, "encode 720p": 2.93}  # performance.md
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--latent", default="16x21x60x104", help="CxTxHxW of the 480p latent")
     parser.add_argument("--latent-720p", default="16x21x90x160", help="CxTxHxW; 'none' skips it")
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--iters", type=at_least_one, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32 accuracy reference")
     parser.add_argument("--skip-encode", action="store_true")

@@ -54,3 +54,15 @@ def test_the_memory_benchmark_checks_its_cases_and_needs_a_gpu(tmp_path):
     assert bad.returncode == 2 and "expected resolution:num_frames:num_samples, got '480p:81'" in bad.stderr
     done = run("--model", "tiny-t2v", "--out", str(tmp_path / "m.json"))
     assert done.returncode == 1 and done.stderr.strip() == "bench_memory.py needs a CUDA GPU"
+
+
+@pytest.mark.parametrize("flag", ["0", "-3", "two"])
+def test_a_count_of_timed_calls_below_one_is_a_usage_error(flag):
+    # --iters 0 ended in statistics' "no median for empty data" after the models were built.
+    script = Path(__file__).parents[1] / "scripts" / "bench_vae.py"
+    bad = subprocess.run(
+        [sys.executable, script, "--iters", flag], capture_output=True, text=True, timeout=120
+    )
+    assert (
+        bad.returncode == 2 and f"--iters: must be a whole number of at least 1, got '{flag}'" in bad.stderr
+    )

@@ -42,6 +42,10 @@ def assert_same(a: dict, b: dict) -> None:
         lambda s: {k.replace("layer.", "layer._orig_mod."): v for k, v in s.items()},
         # EMA weights saved alone beside the training step
         lambda s: {"ema": dict(s), "step": 3},
+        # a training export with both: the EMA weights are the published ones
+        lambda s: {"model": {k: v + 1 for k, v in s.items()}, "ema": dict(s)},
+        # a container by a nesting name that holds no weights: the next one does
+        lambda s: {"model": {"config": "x"}, "state_dict": dict(s)},
     ],
     ids=[
         "flat",
@@ -52,6 +56,8 @@ def assert_same(a: dict, b: dict) -> None:
         "ddp-net-prefixes",
         "compiled-submodule-infix",
         "ema-nested",
+        "ema-over-model",
+        "past-a-container-without-weights",
     ],
 )
 def test_pth_layouts_read_as_flat_module_keys(tmp_path, wrap):
@@ -163,6 +169,23 @@ def test_load_into_casts_to_the_declared_dtype_and_allocates_from_the_file():
     module = load_into(holder(torch.bfloat16), dict(state), source="f.pth", expected="a layer")
     assert module.layer.weight.dtype == torch.bfloat16 and not module.layer.weight.is_meta
     assert torch.equal(module.layer.weight, state["layer.weight"].bfloat16())
+
+
+def test_load_into_casts_across_kinds_only_values_that_survive():
+    # An int8 weight stored as floats loads while its values are whole and in range; a wrap or a cut is refused.
+    class Int8Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("int8_weight", torch.zeros(2, 3, dtype=torch.int8, device="meta"))
+
+    whole = torch.tensor([[1.0, -128.0, 127.0], [0.0, 5.0, -7.0]])
+    loaded = load_into(Int8Holder(), {"int8_weight": whole}, source="f.pth", expected="a layer")
+    assert torch.equal(loaded.int8_weight, whole.to(torch.int8))
+    for bad in (whole + 0.5, whole * 3, whole.where(whole != 0, float("nan"))):
+        with pytest.raises(
+            CheckpointError, match=r"^f\.pth: int8_weight holds \w+ values that the model's int8"
+        ):
+            load_into(Int8Holder(), {"int8_weight": bad}, source="f.pth", expected="a layer")
 
 
 def test_load_into_names_missing_unexpected_and_misshaped_keys():

@@ -90,6 +90,36 @@ def test_same_seed_same_video_other_seed_other_video(t2v, tmp_path):
     assert not np.array_equal(first, other)
 
 
+def test_requests_from_two_threads_give_the_videos_they_give_one_after_another(t2v, tmp_path):
+    # Each step sets the shared experts' attention from its request: interleaved, each ran the other's.
+    requests = {
+        "sla": GenerationRequest(prompt="a fox", num_frames=9, num_steps=2, seed=1, attention="sla"),
+        "dense": GenerationRequest(prompt="a fox", num_frames=9, num_steps=2, seed=2, attention="dense"),
+    }
+    alone = {
+        name: _read(t2v.generate(r, tmp_path / f"alone-{name}").videos[0])[1] for name, r in requests.items()
+    }
+    together: dict[str, GenerationResult] = {}
+
+    def run(name):
+        together[name] = t2v.generate(requests[name], tmp_path / f"together-{name}")
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in requests:
+        assert np.array_equal(_read(together[name].videos[0])[1], alone[name]), name
+    assert together["sla"].attention_backend != together["dense"].attention_backend
+
+
+def test_a_prompt_cache_folder_given_as_text_keeps_the_tiny_models_prompts(tmp_path):
+    pipe = VideoPipeline.load(MODELS["tiny-t2v"], device="cpu", prompt_cache_dir=str(tmp_path / "prompts"))
+    pipe.generate(GenerationRequest(prompt="a fox", num_frames=5, num_steps=1), tmp_path / "out")
+    assert len(list((tmp_path / "prompts").glob("*.safetensors"))) == 1
+
+
 def test_the_sampler_options_of_the_request_are_used(t2v, tmp_path):
     # Two steps: with one, the SDE and ODE updates coincide (the last step adds no noise). 9 frames at
     # 16:9 make 84 tokens, two key blocks of 64: top-k 0.1 keeps one of them, top-k 1.0 both.

@@ -453,3 +453,9 @@ def test_a_host_memory_shortfall_never_reads_as_enough(monkeypatch):
     gpu.host = umt5 - (20 << 20)
     with pytest.raises(HostMemoryError, match=r"need about 11\.0 GiB more, and the host has 10\.9 GiB free;"):
         pipe._place_default()
+
+
+def test_a_full_gpu_leaves_nothing_to_plan_with_not_less():
+    # A refusal said "this GPU has -0.5 GiB for it".
+    assert usable_bytes(0) == 0 and usable_bytes(100 * 2**20) == 0
+    assert usable_bytes(24 * GB) > 0

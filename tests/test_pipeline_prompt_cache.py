@@ -63,3 +63,31 @@ def test_corrupt_file_is_a_miss(tmp_path):
     (stored,) = tmp_path.glob("*.safetensors")
     stored.write_bytes(b"torn write")
     assert PromptCache(directory=tmp_path).get("enc", "a fox") is None
+
+
+def test_a_file_holding_no_embedding_is_a_miss(tmp_path):
+    from safetensors.torch import save_file
+
+    PromptCache(directory=tmp_path).put("enc", "a fox", _embedding(7))
+    (stored,) = tmp_path.glob("*.safetensors")
+    save_file({"embedding": torch.arange(6)}, stored)  # readable, but 1-D integers
+    assert PromptCache(directory=tmp_path).get("enc", "a fox") is None
+
+
+def test_a_folder_this_process_may_not_search_is_a_miss(tmp_path, monkeypatch):
+    # As root no folder can be made unsearchable; is_file() raises PermissionError there for other users.
+    from pathlib import Path
+
+    cache = PromptCache(directory=tmp_path / "theirs")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    assert cache.get("enc", "a fox") is None
+
+
+def test_no_memory_slots_still_reads_the_folder(tmp_path):
+    PromptCache(directory=tmp_path).put("enc", "a fox", _embedding(8))
+    cache = PromptCache(capacity=0, directory=tmp_path)
+    assert torch.equal(cache.get("enc", "a fox"), _embedding(8)) and len(cache) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +41,17 @@ def benchmark_device(
         except OSError as e:
             raise SystemExit(f"{script}: cannot write --out {out}: {e.strerror or e}") from None
     return device
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type for counts of timed calls: a whole number of at least 1 (no median of none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
 
 
 def median_ms(

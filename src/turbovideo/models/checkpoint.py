@@ -25,8 +25,8 @@ _WRAPPER_INFIX = "_checkpoint_wrapped_module."
 _COMPILED_INFIX = "._orig_mod."
 # How weights_only loading names a pickled class or function it refuses (a well-formed file).
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
-# Containers some exports nest the state dict in.
-_NESTING_KEYS = ("state_dict", "model", "ema")
+# Containers some exports nest the state dict in; the EMA weights first, as upstream publishes those.
+_NESTING_KEYS = ("ema", "state_dict", "model")
 
 
 class CheckpointError(ValueError):
@@ -108,15 +108,20 @@ def _real(path: Path) -> Path:
 
 
 def _unnest(raw: object, path: Path) -> Mapping:
-    while isinstance(raw, Mapping) and not _is_tensor_dict(raw):
-        nested = [raw[k] for k in _NESTING_KEYS if isinstance(raw.get(k), Mapping)]
-        if not nested:
-            break
-        raw = nested[0]
-    if not isinstance(raw, Mapping) or not _is_tensor_dict(raw):
+    found = _tensor_dict_in(raw)
+    if found is None:
         kind = type(raw).__name__
         raise CheckpointError(f"{_real(path)} does not hold a state dict of tensors (found a {kind})")
-    return raw
+    return found
+
+
+def _tensor_dict_in(raw: object) -> Mapping | None:
+    """``raw`` if it is a state dict, else the first one in its nesting containers, depth first."""
+    if not isinstance(raw, Mapping):
+        return None
+    if _is_tensor_dict(raw):
+        return raw
+    return next((d for k in _NESTING_KEYS if (d := _tensor_dict_in(raw.get(k))) is not None), None)
 
 
 def _is_tensor_dict(raw: Mapping) -> bool:
@@ -165,9 +170,31 @@ def load_into(
         if wrong_shape:
             parts.append(f"{len(wrong_shape)} shape mismatches ({_first(wrong_shape, 2)})")
         raise CheckpointError("; ".join(parts))
-    cast = {k: v if v.dtype == target[k].dtype else v.to(target[k].dtype) for k, v in state.items()}
+    cast = {
+        k: v if v.dtype == target[k].dtype else _cast(k, v, target[k].dtype, source) for k, v in state.items()
+    }
     module.load_state_dict(cast, strict=True, assign=True)
     return module
+
+
+def _cast(key: str, value: torch.Tensor, dtype: torch.dtype, source: str) -> torch.Tensor:
+    """``value`` in the module's dtype. Between precisions of one kind (bf16 <-> fp32) any file casts; across
+    kinds (an int8 weight stored as floats) only values the module's dtype holds exactly, not a wrap or a cut."""
+    cast = value.to(dtype)
+    if _kind(value.dtype) != _kind(dtype) and not torch.equal(cast.to(value.dtype), value):
+        raise CheckpointError(
+            f"{source}: {key} holds {str(value.dtype).removeprefix('torch.')} values that the model's "
+            f"{str(dtype).removeprefix('torch.')} cannot hold exactly; is this file of the right model and variant?"
+        )
+    return cast
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    return "bool" if dtype == torch.bool else "integer"
 
 
 def _first(items: list[str], n: int = 3) -> str:

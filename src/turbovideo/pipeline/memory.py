@@ -86,8 +86,8 @@ def _stage_bytes(stage: Stage, resident: frozenset[str], sizes: Mapping[str, int
 
 
 def usable_bytes(free_bytes: int) -> int:
-    """Memory a plan may use out of ``free_bytes``, after the safety margin."""
-    return free_bytes - max(int(free_bytes * SAFETY_FRACTION), SAFETY_MIN_BYTES)
+    """Memory a plan may use out of ``free_bytes``, after the safety margin (none when that is all)."""
+    return max(0, free_bytes - max(int(free_bytes * SAFETY_FRACTION), SAFETY_MIN_BYTES))
 
 
 def prefer_quantized(total_device_bytes: int | None) -> bool:

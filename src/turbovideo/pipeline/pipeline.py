@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -153,6 +154,8 @@ class VideoPipeline:
         self.cuda_graphs = True
         self._graphs = graphs_on(device)
         self._graphed = False  # whether this request's placement leaves room for the graphs
+        # A request sets the experts' attention and moves modules between devices: one at a time.
+        self._running = threading.Lock()
 
     # ----------------------------------------------------------------- construction
 
@@ -171,11 +174,17 @@ class VideoPipeline:
 
         Random-weight specs (``tiny-*``) need no folder. ``quantized=None`` picks the int8 files on
         cards under 40 GB, and falls back to the other variant when only that one is on disk.
+        ``attention`` is checked here, so that a backend this machine cannot run fails before any
+        loading; each request then runs the backend it names (``GenerationRequest.attention``).
+        ``prompt_cache_dir`` keeps prompt embeddings across processes (``PromptCache``).
         """
         device = resolve_device(device)
         select_attention(attention, device)  # an unavailable backend fails before any loading
+        prompt_cache = PromptCache(directory=None if prompt_cache_dir is None else Path(prompt_cache_dir))
         if spec.is_random:
-            return cls.random(spec, device, quantized=bool(quantized), attention=attention)
+            return cls.random(
+                spec, device, quantized=bool(quantized), attention=attention, prompt_cache=prompt_cache
+            )
         if checkpoint_dir is None:
             raise CheckpointError(
                 f"model {spec.name} needs its checkpoints: run python scripts/download_checkpoints.py "
@@ -196,7 +205,7 @@ class VideoPipeline:
             tokenizer,
             device,
             encoder_id=encoder_id,
-            prompt_cache=PromptCache(directory=prompt_cache_dir),
+            prompt_cache=prompt_cache,
         )
         pipe._place_default()
         return pipe
@@ -210,6 +219,7 @@ class VideoPipeline:
         quantized: bool = False,
         attention: str = "auto",
         blocks: int | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> VideoPipeline:
         """Seeded random weights at ``spec``'s shapes (tiny models, tests and benchmarks).
 
@@ -238,6 +248,7 @@ class VideoPipeline:
             tokenizer,
             device,
             encoder_id=f"random:{spec.text_encoder_config}:{tokenizer.source}",
+            prompt_cache=prompt_cache,
         )
         pipe._place_default()
         return pipe
@@ -285,6 +296,13 @@ class VideoPipeline:
     @torch.inference_mode()
     def generate(
         self, request: GenerationRequest, out_dir: Path, progress: Progress | None = None
+    ) -> GenerationResult:
+        """``request``'s videos in ``out_dir``. Calls from several threads run one after another."""
+        with self._running:
+            return self._generate(request, out_dir, progress)
+
+    def _generate(
+        self, request: GenerationRequest, out_dir: Path, progress: Progress | None
     ) -> GenerationResult:
         self.validate(request)
         report = progress or (lambda event: None)

@@ -34,12 +34,12 @@ class PromptCache:
     def get(self, encoder_id: str, text: str) -> torch.Tensor | None:
         key = (encoder_id, text)
         hit = self._entries.get(key)
-        if hit is None:
-            hit = self._read(key)
-            if hit is None:
-                return None
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit
+        hit = self._read(key)
+        if hit is not None:
             self._remember(key, hit)
-        self._entries.move_to_end(key)
         return hit
 
     def put(self, encoder_id: str, text: str, embedding: torch.Tensor) -> None:
@@ -65,13 +65,19 @@ class PromptCache:
 
     def _read(self, key: tuple[str, str]) -> torch.Tensor | None:
         path = self._path(key)
-        if path is None or not path.is_file():
+        if path is None:
             return None
         try:
-            return load_file(path)[_TENSOR_NAME]
+            if not path.is_file():  # inside: a folder this process may not search raises here
+                return None
+            embedding = load_file(path)[_TENSOR_NAME]
         except (OSError, SafetensorError, KeyError) as err:
             log.warning("prompt cache: ignoring unreadable %s (%s)", path, err)
             return None
+        if embedding.dim() != 3 or not embedding.is_floating_point():  # [1, tokens, width], as put
+            log.warning("prompt cache: ignoring %s, which holds no prompt embedding", path)
+            return None
+        return embedding
 
     def _write(self, key: tuple[str, str], embedding: torch.Tensor) -> None:
         path = self._path(key)
