@@ -1,5 +1,6 @@
 """The tiny models end to end: request -> mp4 files, on the CPU with seeded random weights."""
 
+import gc
 import re
 import threading
 import weakref
@@ -402,6 +403,22 @@ def test_models_of_one_cache_share_the_text_encoder_and_vae(tmp_path):
     assert a.text_encoder is b.text_encoder and a.vae is b.vae
     assert a.experts[0] is not b.experts[0]
     assert a._slots["text_encoder"] is b._slots["text_encoder"]
+    # Held while a pipeline uses them, no longer (11 GB of host memory for the real umT5).
+    encoder = weakref.ref(a.text_encoder)
+    del a, b
+    gc.collect()
+    assert encoder() is None
+    # A file rewritten in place (same inode, new bytes) is read again, not served from memory.
+    first = VideoPipeline.load(spec_a, tmp_path / "tiny-a", device="cpu")
+    state = first.text_encoder.state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] + 1
+    with open(shared / catalog.TEXT_ENCODER_FILE, "r+b") as file:  # same inode
+        torch.save(state, file)
+        file.truncate()
+    again = VideoPipeline.load(spec_a, tmp_path / "tiny-a", device="cpu")
+    assert again.text_encoder is not first.text_encoder
+    assert torch.equal(again.text_encoder.state_dict()[name], state[name])
 
 
 @pytest.mark.parametrize("name", ["tiny-t2v", "tiny-i2v"])

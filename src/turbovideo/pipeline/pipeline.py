@@ -13,6 +13,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -749,34 +750,42 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 # The VAE, umT5 and tokenizer that every model shares, per set of files (by inode, so the per-model
 # folders of symlinks or hard links the checkpoint cache makes share them too) and device.
-_SHARED_ASSETS: dict[tuple, tuple[nn.Module, nn.Module, PromptTokenizer, str]] = {}
+# Held weakly: the modules go with the last pipeline that uses them.
+_SHARED_ASSETS: dict[tuple, tuple[weakref.ref, weakref.ref, PromptTokenizer, str]] = {}
 
 
 def _shared_assets(
     folder: Path, spec: ModelSpec, device: torch.device
 ) -> tuple[nn.Module, nn.Module, PromptTokenizer, str]:
     """The VAE, text encoder, tokenizer and encoder identity of ``folder``, loaded (to the host) once
-    per process, so a worker serving T2V and I2V holds one 11 GB umT5, not two."""
+    while any pipeline holds them, so a worker serving T2V and I2V holds one 11 GB umT5, not two. A file
+    replaced or rewritten in place (its size or time changes) is loaded anew."""
     vae_file = folder / catalog.VAE_FILE
     encoder_file = folder / catalog.TEXT_ENCODER_FILE
     tokenizer_dir = folder / catalog.TOKENIZER_DIR
     try:
         files = [os.stat(p) for p in (vae_file, encoder_file, tokenizer_dir / TOKENIZER_FILE)]
-        key = (str(device), spec.vae_config, spec.text_encoder_config, *((f.st_dev, f.st_ino) for f in files))
+        identity = ((f.st_dev, f.st_ino, f.st_size, f.st_mtime_ns) for f in files)
+        key = (str(device), spec.vae_config, spec.text_encoder_config, *identity)
     except OSError:
         key = None  # a missing file: the loaders below say which, in their words
-    if key is None or key not in _SHARED_ASSETS:
-        tokenizer = load_tokenizer(tokenizer_dir)
-        assets = (
-            load_vae(vae_file, device="cpu", name=spec.vae_config),
-            load_text_encoder(encoder_file, device="cpu", name=spec.text_encoder_config),
-            tokenizer,
-            f"{_file_identity(encoder_file)}|{_file_identity(Path(tokenizer.source))}",
-        )
-        if key is None:
-            return assets
-        _SHARED_ASSETS[key] = assets
-    return _SHARED_ASSETS[key]
+    if key in _SHARED_ASSETS:
+        vae_ref, encoder_ref, tokenizer, encoder_id = _SHARED_ASSETS[key]
+        vae, text_encoder = vae_ref(), encoder_ref()
+        if vae is not None and text_encoder is not None:
+            return vae, text_encoder, tokenizer, encoder_id
+    tokenizer = load_tokenizer(tokenizer_dir)
+    assets = (
+        load_vae(vae_file, device="cpu", name=spec.vae_config),
+        load_text_encoder(encoder_file, device="cpu", name=spec.text_encoder_config),
+        tokenizer,
+        f"{_file_identity(encoder_file)}|{_file_identity(Path(tokenizer.source))}",
+    )
+    for stale in [k for k, (v, e, *_) in _SHARED_ASSETS.items() if v() is None or e() is None]:
+        del _SHARED_ASSETS[stale]
+    if key is not None:
+        _SHARED_ASSETS[key] = (weakref.ref(assets[0]), weakref.ref(assets[1]), *assets[2:])
+    return assets
 
 
 def _pick_variant(spec: ModelSpec, folder: Path, quantized: bool | None, device: torch.device) -> bool:
