@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from turbovideo.benchmark import benchmark_device
-from turbovideo.catalog import MODELS
+from turbovideo.catalog import MODELS, resolve_models
 from turbovideo.pipeline import GenerationRequest, ProgressEvent, VideoPipeline
 
 DEFAULT_SET = ("TurboWan2.1-T2V-1.3B-480P", "TurboWan2.1-T2V-14B-720P", "TurboWan2.2-I2V-A14B-720P")
@@ -198,7 +198,11 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="all", help=f"'all' ({', '.join(DEFAULT_SET)}) or a catalog name")
+    parser.add_argument(
+        "--model",
+        default="all",
+        help=f"'all' ({', '.join(DEFAULT_SET)}) or catalog names and aliases, comma-separated",
+    )
     parser.add_argument("--out", required=True, help="where to write the JSON results")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (use a tiny model)")
     parser.add_argument("--frames", type=int, default=81)
@@ -223,7 +227,14 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    names = list(DEFAULT_SET) if args.model == "all" else [args.model]
+    try:  # catalog names and aliases ("tiny" is tiny-t2v and tiny-i2v), comma-separated
+        names = (
+            list(DEFAULT_SET)
+            if args.model == "all"
+            else [s.name for s in resolve_models(args.model, "--model")]
+        )
+    except ValueError as err:
+        parser.error(str(err))
     device = benchmark_device("bench.py", args.device, cpu_smoke=True, out=args.out)
     report = {
         "device": torch.cuda.get_device_name(device)

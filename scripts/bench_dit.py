@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from turbovideo.benchmark import at_least_one, benchmark_device, median_ms, peak_gib, rel_error
+from turbovideo.benchmark import at_least_one, benchmark_device, dit_latent, median_ms, peak_gib, rel_error
 from turbovideo.models import DIT_CONFIGS, build_dit
 from turbovideo.models.attention import select_attention
 
@@ -28,7 +28,7 @@ from turbovideo.models.attention import select_attention
 def bench_forwards(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """bf16 forwards with dense and SLA attention, then their errors against fp32 forwards."""
     config = DIT_CONFIGS[args.model]
-    frames, height, width = (int(v) for v in args.latent.split("x"))
+    frames, height, width = args.latent_dims
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(1, 16, frames, height, width, device=device, generator=g).bfloat16()
     t = torch.tensor([988.0], device=device, dtype=torch.bfloat16)  # first rCM step at sigma_max 80
@@ -93,13 +93,14 @@ def main() -> int:
     parser.add_argument("--iters", type=at_least_one, default=5)
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
+    args.latent_dims = dit_latent(parser, args.latent, DIT_CONFIGS[args.model])
     device = benchmark_device("bench_dit.py", args.device, cpu_smoke=True, out=args.out)
     # The fp32 reference must really be fp32.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
     config = DIT_CONFIGS[args.model]
-    frames, height, width = (int(v) for v in args.latent.split("x"))
+    frames, height, width = args.latent_dims
     tokens = frames * (height // 2) * (width // 2)
     rows = bench_forwards(args, device)
     if device.type == "cuda":

@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from turbovideo.benchmark import at_least_one, benchmark_device
+from turbovideo.benchmark import at_least_one, benchmark_device, dit_latent
 from turbovideo.models import DIT_CONFIGS, build_dit
-from turbovideo.parallel import SequenceParallelGroup
+from turbovideo.parallel import SequenceParallelGroup, check_head_split
 
 
 def timed_run(forward, timesteps: list[torch.Tensor], device: torch.device) -> tuple[float, torch.Tensor]:
@@ -75,8 +75,12 @@ def main() -> int:
         print("error: sequence parallelism needs at least 2 GPUs", file=sys.stderr)
         return 2
     config = DIT_CONFIGS[args.model]
+    frames, height, width = dit_latent(parser, args.latent, config)
+    try:
+        check_head_split(config.label, config.num_heads, world)
+    except ValueError as err:
+        parser.error(str(err))
     blocks = args.blocks or config.num_layers
-    frames, height, width = (int(v) for v in args.latent.split("x"))
     tokens = frames * (height // 2) * (width // 2)
 
     # Followers first: they must not inherit a CUDA context, and they wait on their pipes meanwhile.

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from turbovideo.benchmark import at_least_one, benchmark_device, median_ms, peak_gib, rel_error
-from turbovideo.models.text_encoder import UMT5Encoder, build_text_encoder
+from turbovideo.models.text_encoder import TEXT_ENCODER_CONFIGS, UMT5Encoder, build_text_encoder
 
 UPSTREAM_H100_MS = 54.0  # performance.md: upstream umT5-XXL encode of 512 tokens on an H100
 
@@ -57,9 +57,9 @@ def linears_only(encoder: UMT5Encoder, x: torch.Tensor) -> Callable[[], object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the rows")
-    parser.add_argument("--config", default="umt5-xxl")
+    parser.add_argument("--config", default="umt5-xxl", choices=sorted(TEXT_ENCODER_CONFIGS))
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--tokens", type=at_least_one, default=512)
     parser.add_argument("--iters", type=at_least_one, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(

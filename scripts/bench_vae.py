@@ -6,7 +6,7 @@ Random-weight ``wan2.1-vae`` in bf16. Times (CUDA events, --warmup runs, then th
 the decode of a 16x21x60x104 latent (81 frames at 480x832) with ``fast=True`` (channels-last, fused
 norm + SiLU, copy-light causal cache) and ``fast=False`` (contiguous NCDHW, unfused ops, cat/pad cache,
 i.e. upstream's op sequence), with the peak memory of each, and how far apart their outputs are (and
-how far each is from an fp32 decode). Also: the 720p latent (16x21x90x160) decode time and peak memory,
+how far each is from an fp32 decode). Also (on a GPU): the 720p latent (16x21x90x160) decode time and peak memory,
 and the encode of 81 frames at 480p. Prints a table and writes everything as JSON to --out.
 ``--config tiny --device cpu --latent 16x3x4x6`` runs the same code on a CPU as a smoke test.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from turbovideo.benchmark import at_least_one, benchmark_device, median_ms, rel_error
-from turbovideo.models.vae import WanVAE, build_vae, pixel_frames
+from turbovideo.benchmark import at_least_one, benchmark_device, median_ms, parse_sizes, rel_error
+from turbovideo.models.vae import VAE_CONFIGS, WanVAE, build_vae, pixel_frames
 
 UPSTREAM_H100_S = {"decode 480p": 1.82, "decode 720p": 4.73, "encode 720p": 2.93}  # performance.md
 TARGET_DECODE_480P_S = 1.0
@@ -41,10 +41,6 @@ def run_with_peak(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple
     return result, (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in text.lower().split("x"))
-
-
 def bench_case(
     vae: WanVAE, name: str, fn: Callable[[], torch.Tensor], args, device, keep: bool = False
 ) -> tuple[dict, torch.Tensor | None]:
@@ -58,20 +54,28 @@ def bench_case(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
-    parser.add_argument("--config", default="wan2.1-vae")
+    parser.add_argument("--config", default="wan2.1-vae", choices=sorted(VAE_CONFIGS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--latent", default="16x21x60x104", help="CxTxHxW of the 480p latent")
-    parser.add_argument("--latent-720p", default="16x21x90x160", help="CxTxHxW; 'none' skips it")
+    parser.add_argument(
+        "--latent-720p", help="CxTxHxW; 'none' skips it (the default on a CPU; 16x21x90x160 on a GPU)"
+    )
     parser.add_argument("--iters", type=at_least_one, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32 accuracy reference")
     parser.add_argument("--skip-encode", action="store_true")
     args = parser.parse_args(argv)
     device = benchmark_device("bench_vae.py", args.device, cpu_smoke=True, out=args.out)
+    z_dim = VAE_CONFIGS[args.config].z_dim
+    shape = parse_sizes(parser, "--latent", args.latent, 4)
+    big_text = args.latent_720p or ("16x21x90x160" if device.type == "cuda" else "none")
+    big_shape = None if big_text == "none" else parse_sizes(parser, "--latent-720p", big_text, 4)
+    if any(s is not None and s[0] != z_dim for s in (shape, big_shape)):
+        parser.error(f"a latent of {args.config} has {z_dim} channels (its first size)")
 
     vae = build_vae(args.config, device=device, dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(0)
-    latent = torch.randn(1, *parse_shape(args.latent), generator=generator).to(device)
+    latent = torch.randn(1, *shape, generator=generator).to(device)
     _, frames, height, width = latent.shape[1:]
     label = f"{pixel_frames(frames)}x{8 * height}x{8 * width}"
 
@@ -92,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     outputs.clear()
     vae.fast = True
 
-    if args.latent_720p != "none":
-        big = torch.randn(1, *parse_shape(args.latent_720p), generator=generator).to(device)
+    if big_shape is not None:
+        big = torch.randn(1, *big_shape, generator=generator).to(device)
         _, frames_720, height_720, width_720 = big.shape[1:]
         label_720 = f"{pixel_frames(frames_720)}x{8 * height_720}x{8 * width_720}"
         rows.append(bench_case(vae, f"decode {label_720}", lambda: vae.decode(big), args, device)[0])

@@ -9,6 +9,7 @@ worker. Exits 1 with one line on failure.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from turbovideo.catalog import resolve_models
@@ -18,6 +19,7 @@ from turbovideo.worker.checkpoints import (
     default_cache_dir,
     ensure_checkpoints,
 )
+from turbovideo.worker.hub_transfer import hub_setting_problem
 
 VARIANTS = {"bf16": (False,), "quant": (True,), "both": (False, True)}
 
@@ -29,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", default="", help="cache directory (default: the worker's CACHE_DIR rule)")
     parser.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN)")
     args = parser.parse_args(argv)
+    if problem := hub_setting_problem(os.environ):  # as the worker refuses them at start
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     # Read as the worker reads CACHE_DIR (trimmed, ~ expanded): an empty --dest "$VAR" meant the current
     # directory, where no worker looks, and --dest=~/x a folder named "~".
     dest = default_cache_dir({"CACHE_DIR": args.dest} if args.dest.strip() else None)

@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from turbovideo.benchmark import benchmark_device, median_ms
+from turbovideo.benchmark import benchmark_device, dit_latent, median_ms
 from turbovideo.models import DIT_CONFIGS, build_dit
 from turbovideo.pipeline.forward_graphs import ForwardGraphs
 
@@ -66,9 +66,9 @@ def main() -> int:
     parser.add_argument("--cuda-graphs", action="store_true", help="replay the forward as CUDA graphs")
     args = parser.parse_args()
 
-    device = benchmark_device("profile_dit.py", out=args.out)
     config = DIT_CONFIGS[args.model]
-    frames, height, width = (int(v) for v in args.latent.split("x"))
+    frames, height, width = dit_latent(parser, args.latent, config)
+    device = benchmark_device("profile_dit.py", out=args.out)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(1, 16, frames, height, width, device=device, generator=g).bfloat16()
     t = torch.tensor([988.0], device=device, dtype=torch.bfloat16)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from turbovideo.benchmark import check_out
 from turbovideo.catalog import DEFAULT_FRAMES, MAX_FRAMES, MIN_FRAMES, ModelSpec, resolve_models
 from turbovideo.models.dit import WanDiT
 from turbovideo.models.dit_configs import DIT_CONFIGS, DiTConfig
@@ -40,7 +41,7 @@ from turbovideo.pipeline.resolution import (
     latent_frames,
     table_size,
 )
-from turbovideo.worker.compile_cache import configure_compile_cache
+from turbovideo.worker.compile_cache import configure_compile_cache, local_compile_root
 from turbovideo.worker.config import ConfigError, load_config, use_quantized
 
 VAE_STRIDE = 8  # pixels per latent cell in height and width
@@ -142,10 +143,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.out:
+        check_out("warmup_kernels.py", args.out)
     # Before anything imports Triton, so that it caches where the worker will look.
-    triton_dir = configure_compile_cache(args.cache_dir or config.cache_dir)
+    cache_dir = args.cache_dir or config.cache_dir
+    triton_dir = configure_compile_cache(cache_dir)
+    if triton_dir is None or triton_dir.is_relative_to(local_compile_root()):
+        # The worker falls back to this machine's disk for a start; a warm-up there is lost with it.
+        print(
+            f"error: the compile cache cannot go under {cache_dir} (said above); nothing would stay warm",
+            file=sys.stderr,
+        )
+        return 1
     modules = import_kernels()
-    print(f"imported {len(modules)} kernel modules; Triton cache: {triton_dir or 'Triton default'}")
+    print(f"imported {len(modules)} kernel modules; Triton cache: {triton_dir}")
     if not torch.cuda.is_available():
         print("no CUDA device: Triton kernels compile for a GPU, so there is nothing to warm here")
         return 0
@@ -169,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{count_files(triton_dir) - files_before} new files in {triton_dir}"
     )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         report = {"gpu": gpu.name, "triton_cache": str(triton_dir), "compile_s": compile_s, "runs": rows}
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -93,3 +93,13 @@ def test_dest_is_read_as_the_worker_reads_cache_dir(tmp_path):
         )
         assert done.returncode == 0, done.stderr
         assert f"in {expected}\n" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("HF_ENDPOINT", "https://huggingface.co "), ("HF_HUB_DOWNLOAD_TIMEOUT", "")]
+)
+def test_hub_settings_huggingface_hub_would_misread_are_one_line_as_at_the_worker(tmp_path, name, value):
+    # Were: five retries against a host name ending in a space; an import-time traceback line for the timeout.
+    done = run("--model", SPEC.name, "--dest", str(tmp_path), **{name: value})
+    assert done.returncode == 1 and done.stderr.startswith(f"error: {name}={value!r} is not")
+    assert done.stderr.count("\n") == 1 and not list(tmp_path.iterdir())

@@ -8,6 +8,7 @@ image's file set into a fresh venv and runs the worker.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import re
@@ -657,3 +658,22 @@ def test_warmup_with_model_needs_no_models_variable_on_a_pod(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "nothing to warm" in result.stdout
+
+
+def test_warmup_into_a_cache_it_cannot_write_fails_before_any_work(tmp_path):
+    # The worker falls back to local disk for a start; a warm-up there would be lost with the machine.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "TRITON_", "TORCHINDUCTOR_"))}
+    (tmp_path / "file").write_bytes(b"")
+    script = str(ROOT / "scripts" / "warmup_kernels.py")
+    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env, timeout=120)
+    result = run([sys.executable, script, "--model", "tiny", "--cache-dir", str(tmp_path / "file")])
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(
+        f"error: the compile cache cannot go under {tmp_path / 'file'}"
+    )
+    result = run([sys.executable, script, "--model", "tiny", "--out", str(tmp_path / "file" / "w.json")])
+    assert result.returncode == 1
+    assert (
+        result.stderr
+        == f"warmup_kernels.py: cannot write --out {tmp_path / 'file' / 'w.json'}: {tmp_path / 'file'} is a file, not a folder\n"
+    )

@@ -23,6 +23,7 @@ from PIL import Image
 
 from turbovideo.catalog import ALIASES, DEFAULT_FPS, DEFAULT_FRAMES, MODELS, ModelSpec
 from turbovideo.errors import InputError
+from turbovideo.files import write_failure
 
 # Tiny models default to 17 frames (about 1 s), which keeps a CPU run to seconds.
 TINY_DEFAULT_FRAMES = 17
@@ -187,10 +188,7 @@ def _generate(args: argparse.Namespace) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             scratch_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=".turbovideo-")
         except OSError as err:
-            reason = err.strerror or str(err)
-            if blocking := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
-                reason = f"{blocking} is a file, not a folder"
-            _fail(f"turbovideo: cannot write --out {out}: {reason}", USAGE_ERROR)
+            _fail(f"turbovideo: cannot write --out {out}: {write_failure(out, err)}", USAGE_ERROR)
         try:
             with scratch_dir as scratch:
                 pipe = VideoPipeline.load(

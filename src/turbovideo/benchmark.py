@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from turbovideo.files import write_failure
+
 
 def benchmark_device(
     script: str, requested: str | None = "cuda", *, cpu_smoke: bool = False, out: str | Path | None = None
@@ -34,13 +36,18 @@ def benchmark_device(
             f"{script}: --device {requested} names no GPU; this machine has {torch.cuda.device_count()}"
         )
     if out is not None:
-        try:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "a"):  # touch() passes a directory (it only sets its times)
-                pass
-        except OSError as e:
-            raise SystemExit(f"{script}: cannot write --out {out}: {e.strerror or e}") from None
+        check_out(script, out)
     return device
+
+
+def check_out(script: str, out: str | Path) -> None:
+    """Create ``out``'s folder and check the file takes a write, now rather than after minutes of runs."""
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a"):  # touch() passes a directory (it only sets its times)
+            pass
+    except OSError as e:
+        raise SystemExit(f"{script}: cannot write --out {out}: {write_failure(Path(out), e)}") from None
 
 
 def at_least_one(text: str) -> int:
@@ -52,6 +59,23 @@ def at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
     return value
+
+
+def parse_sizes(parser: argparse.ArgumentParser, flag: str, text: str, count: int) -> tuple[int, ...]:
+    """``text`` such as ``21x60x104`` as ``count`` positive whole numbers, else a usage exit naming ``flag``."""
+    parts = text.lower().split("x")
+    if len(parts) != count or not all(p.isdigit() and int(p) > 0 for p in parts):
+        parser.error(f"{flag}: expected {count} positive whole numbers joined by x, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def dit_latent(parser: argparse.ArgumentParser, text: str, config: object) -> tuple[int, ...]:
+    """``--latent`` T x H x W for the DiT ``config``, whose patches must tile it, else a usage exit."""
+    latent = parse_sizes(parser, "--latent", text, 3)
+    if any(n % p for n, p in zip(latent, config.patch_size, strict=True)):
+        patch = "x".join(map(str, config.patch_size))
+        parser.error(f"--latent {text}: each side must be a multiple of {config.label}'s {patch} patch")
+    return latent
 
 
 def median_ms(

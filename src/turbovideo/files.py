@@ -1,4 +1,4 @@
-"""Writing a file so that its name never points at a cut one."""
+"""Writing a file so that its name never points at a cut one; saying why a file cannot be written."""
 
 from __future__ import annotations
 
@@ -24,3 +24,10 @@ def replaced_when_written(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):  # the write's own error is the one to report
             partial.unlink(missing_ok=True)
+
+
+def write_failure(path: Path, error: OSError) -> str:
+    """Why ``path`` could not be written, in words: a file where one of its folders must be is named
+    (the OS says "File exists" or "Not a directory"), anything else as the OS says it."""
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    return f"{blocking} is a file, not a folder" if blocking else error.strerror or str(error)

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 from turbovideo.catalog import ALIASES, MODELS, ModelSpec, resolve_models
 from turbovideo.pipeline.memory import prefer_quantized
 from turbovideo.worker.checkpoints import default_cache_dir, hub_offline
+from turbovideo.worker.hub_transfer import hub_setting_problem
 
 # Serverless workers mount the network volume here; outputs that must survive go onto it.
 VOLUME_ROOT = Path("/runpod-volume")
@@ -67,8 +68,8 @@ def is_on_runpod(env: Mapping[str, str]) -> bool:
 def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     """Read and check every worker variable; raises ``ConfigError`` naming the variable to fix."""
     env = os.environ if env is None else env
-    _check_hub_timeouts(env)
-    _check_hub_endpoint(env.get("HF_ENDPOINT"))
+    if problem := hub_setting_problem(env):
+        raise ConfigError(problem)
     _check_sdk_log_level(env.get("RUNPOD_LOG_LEVEL", ""))
     _check_system_check_numbers(env)
     on_runpod = is_on_runpod(env)
@@ -183,21 +184,6 @@ def _memory_check_gib(env: Mapping[str, str]) -> float:
     return _system_check_number(env, "RUNPOD_MIN_MEMORY_GB")
 
 
-def _check_hub_timeouts(env: Mapping[str, str]) -> None:
-    """huggingface_hub reads these with ``int()`` when it is imported: any other value (even an empty
-    one) would stop the worker with a traceback before it could answer a job."""
-    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
-        value = env.get(name)
-        if value is None:
-            continue
-        try:
-            int(value)
-        except ValueError:
-            raise ConfigError(
-                f"{name}={value!r} is not valid; set it to a whole number of seconds (e.g. 60) or unset it"
-            ) from None
-
-
 def sdk_log_level(env: Mapping[str, str]) -> str:
     """RUNPOD_LOG_LEVEL as the SDK takes it: trimmed, and INFO when unset, empty or invalid (``load_config``
     refuses an invalid one). Not the SDK's own default, DEBUG, which logs every answer, presigned URLs included."""
@@ -210,28 +196,6 @@ def _check_sdk_log_level(value: str) -> None:
         raise ConfigError(
             f"RUNPOD_LOG_LEVEL={value!r} is not valid; use one of {', '.join(SDK_LOG_LEVELS)} (the runpod SDK's "
             "names: WARN, not WARNING), or leave it unset for INFO"
-        )
-
-
-def _check_hub_endpoint(value: str | None) -> None:
-    """huggingface_hub takes HF_ENDPOINT as it is: a stray space ends up in the host name, whose failed
-    lookup would then read as a network fault of the Hub."""
-    if value is None:
-        return
-    try:
-        parsed = urlparse(value)
-        parsed.port  # noqa: B018 (raises ValueError for a port that is no number)
-    except ValueError:
-        parsed = None
-    if (
-        value != value.strip()
-        or parsed is None
-        or parsed.scheme not in ("http", "https")
-        or not parsed.hostname
-    ):
-        raise ConfigError(
-            f"HF_ENDPOINT={value!r} is not an http(s) URL of a host (no spaces, a numeric port if any); "
-            "use e.g. https://huggingface.co, or unset it"
         )
 
 

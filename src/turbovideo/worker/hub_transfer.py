@@ -20,7 +20,7 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -53,6 +53,46 @@ class CheckpointDownloadError(RuntimeError):
         super().__init__(message)
         self.transient = transient
         self.retry = transient if retry is None else retry
+
+
+def hub_setting_problem(env: Mapping[str, str]) -> str | None:
+    """One line naming a Hub variable that huggingface_hub would misread, else None.
+
+    It reads the timeouts with ``int()`` when it is imported (any other value, even an empty one, is a
+    traceback then) and takes HF_ENDPOINT as written (a stray space lands in the host name, whose
+    failed lookup then reads as a network fault of the Hub).
+    """
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        value = env.get(name)
+        if value is not None and not _reads_as_int(value):
+            return f"{name}={value!r} is not valid; set it to a whole number of seconds (e.g. 60) or unset it"
+    endpoint = env.get("HF_ENDPOINT")
+    if endpoint is None:
+        return None
+    try:
+        parsed = urlparse(endpoint)
+        parsed.port  # noqa: B018 (raises ValueError for a port that is no number)
+    except ValueError:
+        parsed = None
+    if (
+        parsed is None
+        or endpoint != endpoint.strip()
+        or parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+    ):
+        return (
+            f"HF_ENDPOINT={endpoint!r} is not an http(s) URL of a host (no spaces, a numeric port if any); "
+            "use e.g. https://huggingface.co, or unset it"
+        )
+    return None
+
+
+def _reads_as_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def locate(
