@@ -665,13 +665,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     begin = time.perf_counter()
-    device = torch.device(args.device)
     try:
         up = import_upstream(args.upstream)  # first: its stand-ins (e.g. ftfy) also serve our imports
     except FileNotFoundError as exc:
         raise SystemExit(
             f"parity_upstream.py: {exc}; fetch thu-ml/TurboDiffusion there or pass --upstream"
         ) from None
+    from turbovideo.benchmark import benchmark_device
+
+    device = benchmark_device("parity_upstream.py", args.device, cpu_smoke=True, out=args.out)
 
     setting = (tiny_setting if args.tiny else real_setting)(device, args.repeats)
     # The fp32 yardsticks must be true fp32 (cuDNN convs default to TF32); bf16 work is unaffected.
