@@ -25,4 +25,6 @@ from turbovideo.worker.startup import check_test_input, create_handler  # noqa: 
 
 if __name__ == "__main__":
     check_test_input(sys.argv[1:], ENV)
-    runpod.serverless.start({"handler": create_handler(ENV)})
+    sdk_config: dict = {}  # the handler sets its refresh_worker when this worker must be replaced
+    sdk_config["handler"] = create_handler(ENV, sdk_config)
+    runpod.serverless.start(sdk_config)

@@ -312,6 +312,27 @@ def test_a_failed_start_is_answered_even_where_a_runpod_system_check_would_stop_
     assert "Fitness check failed" not in log
 
 
+def test_a_worker_that_asks_to_be_replaced_takes_no_further_job(tmp_path):
+    # A real model on a pod without CUDA asks for a fresh worker (a newer host driver may be elsewhere).
+    # The answer's refresh_worker only marks that job: the worker took and failed every queued job.
+    jobs = [{"id": f"job-{i}", "input": JOB["input"]} for i in (1, 2)]
+    with job_api(jobs) as api:
+        env = worker_env(tmp_path, **api.env(), MODELS="TurboWan2.1-T2V-1.3B-480P", CUDA_VISIBLE_DEVICES="")
+        worker = subprocess.Popen(
+            [sys.executable, "handler.py"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            assert worker.wait(timeout=120) == 0
+        finally:
+            worker.kill()
+    assert [r["error"].split(":")[0] for r in api.results] == ["E_STARTUP"]
+    assert api.results[0]["stopPod"] is True and [job["id"] for job in api.jobs] == ["job-2"]
+
+
 def test_a_fitness_check_setting_the_sdk_cannot_read_is_answered_not_a_crash_after_loading(tmp_path):
     # The SDK reads it with float() once the models have loaded: the worker stopped with a traceback.
     results, log = run_in_production(tmp_path, RUNPOD_MIN_MEMORY_GB="4GB")

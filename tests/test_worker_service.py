@@ -365,7 +365,10 @@ def test_a_video_the_disk_could_not_take_says_so_and_asks_for_a_fresh_worker(loc
         raise EncodeError(Path("/tmp/x/sample_0.mp4"), "Error writing trailer: No space left on device")
 
     monkeypatch.setattr(local.pipelines["tiny-t2v"], "generate", full)
+    replaced = []
+    monkeypatch.setattr(local, "replace_worker", lambda: replaced.append(True))
     answer = local.handle({"id": "job-full", "input": {"prompt": "a", **FAST}})
+    assert replaced == [True]  # the SDK is told to take no further job here
     assert answer["error"].startswith("E_INTERNAL: ffmpeg could not write /tmp/x/sample_0.mp4: Error writing")
     assert answer["error"].endswith("retry the job") and answer["refresh_worker"] is True
 

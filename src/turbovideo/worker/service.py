@@ -102,6 +102,8 @@ class VideoService:
         self.pipelines = pipelines
         self.storage = storage
         self.report_progress = report_progress
+        # Called once a job's answer asks RunPod for a fresh worker (startup.create_handler wires it).
+        self.replace_worker: Callable[[], None] = lambda: None
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> VideoService:
@@ -175,7 +177,10 @@ class VideoService:
         try:
             return self._run(job, job_id, stop or threading.Event())
         except Exception as exc:  # every failure becomes a coded answer; the worker keeps serving
-            return error_response(exc, job_id)
+            answer = error_response(exc, job_id)
+            if answer.get("refresh_worker"):  # stopped jobs too, whose answer RunPod never gets
+                self.replace_worker()
+            return answer
 
     def _run(self, job: Any, job_id: str, stop: threading.Event) -> dict[str, Any]:
         check_stop = _stop_check(stop, "the job was stopped (cancelled, or past its execution timeout)")

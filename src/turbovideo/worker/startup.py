@@ -90,9 +90,18 @@ class StartupFailure:
     refresh: bool = False  # a new worker (maybe on another host) could succeed
 
 
-def create_handler(env: Mapping[str, str] | None = None) -> Handler:
-    """Load everything the worker serves and return its job handler (a failed-start one if loading failed)."""
+def create_handler(env: Mapping[str, str] | None = None, sdk_config: dict[str, Any] | None = None) -> Handler:
+    """Load everything the worker serves and return its job handler (a failed-start one if loading failed).
+
+    ``sdk_config``: the dict the runpod SDK is started with. A job answered with ``refresh_worker`` (a
+    suspect GPU, a broken multi-GPU group) then also sets its ``refresh_worker``, so that the SDK takes
+    no further job here: the process ends once the answer is posted and RunPod starts a fresh worker,
+    instead of this one failing every queued job at once.
+    """
     env = os.environ if env is None else env
+    replace_worker = (
+        (lambda: sdk_config.__setitem__("refresh_worker", True)) if sdk_config is not None else _stay
+    )
     secrets = secret_values(env)
     configure_logging(secrets)
     config: WorkerConfig | None = None
@@ -115,9 +124,14 @@ def create_handler(env: Mapping[str, str] | None = None) -> Handler:
             exc_info=not isinstance(exc, (ConfigError, MemoryCheckError, HostMemoryError)),
         )
         _skip_system_checks(env)
-        return failed_start_handler(failure)
+        return failed_start_handler(failure, replace_worker)
+    service.replace_worker = replace_worker
     logger.info("worker ready: serving %s", ", ".join(service.pipelines))
     return service.handle_async
+
+
+def _stay() -> None:
+    """Outside the SDK's job loop (tests, a Python caller) there is no worker to replace."""
 
 
 def _skip_system_checks(env: Mapping[str, str]) -> None:
@@ -298,11 +312,12 @@ def describe_startup_error(exc: BaseException) -> StartupFailure:
     )
 
 
-def failed_start_handler(failure: StartupFailure) -> Handler:
+def failed_start_handler(failure: StartupFailure, replace_worker: Callable[[], None] = _stay) -> Handler:
     def answer(job: dict[str, Any]) -> dict[str, Any]:
         response: dict[str, Any] = {"error": f"E_STARTUP: {failure.message}"}
         if failure.refresh:
             response["refresh_worker"] = True
+            replace_worker()
         return response
 
     return answer
