@@ -52,3 +52,14 @@ def test_sp_degree_is_checked_at_start(tmp_path):
         ConfigError, match="tiny T2V has 2 attention heads, which 3 GPUs cannot split evenly; use 2 GPUs"
     ):
         VideoService.from_config(_config(tmp_path, SP_DEGREE="3"))
+
+
+def test_an_sp_degree_the_model_cannot_split_is_refused_before_any_download(tmp_path):
+    # Was found after the checkpoints (tens of GB) had downloaded and loaded; offline here, so any
+    # download would fail first with a missing-file sentence.
+    config = _config(tmp_path, MODELS="TurboWan2.1-T2V-1.3B-480P", SP_DEGREE="5", HF_HUB_OFFLINE="1")
+    with pytest.raises(
+        ConfigError, match="Wan2.1-1.3B has 12 attention heads, which 5 GPUs cannot split evenly"
+    ):
+        VideoService.from_config(config)
+    assert not list(tmp_path.glob("**/*.pth"))

@@ -18,6 +18,7 @@ _EXPORTS = {
     "SequenceParallelGroup": "launcher",
     "choose_degree": "launcher",
     "parallelize": "launcher",
+    "visible_ranks": "launcher",
     "UlyssesAttention": "ulysses",
     "check_head_split": "ulysses",
     "sharded_forward": "ulysses",

@@ -96,6 +96,11 @@ def choose_degree(requested: int | None, available: int, heads: Sequence[tuple[s
     return degree
 
 
+def visible_ranks(requested: int | None) -> int:
+    """The GPUs a request could spread over; without CUDA, the ``requested`` CPU processes (gloo)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else (requested or 1)
+
+
 def parallelize(
     pipelines: Iterable[VideoPipeline],
     requested: int | None = None,
@@ -108,9 +113,8 @@ def parallelize(
     CPU processes (gloo) stand in for GPUs, which is how the worker is tested on a CPU.
     """
     pipelines = list(pipelines)
-    available = torch.cuda.device_count() if torch.cuda.is_available() else (requested or 1)
     heads = [(e.config.label, e.config.num_heads) for p in pipelines for e in p.experts]
-    degree = choose_degree(requested, available, heads)
+    degree = choose_degree(requested, visible_ranks(requested), heads)
     if degree < 2:
         return None
     group = SequenceParallelGroup.start(degree, initializer=initializer)

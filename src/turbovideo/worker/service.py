@@ -36,7 +36,8 @@ except ImportError:  # another SDK release: its public call, which posts from a 
 
 from turbovideo.catalog import ALIASES, MAX_SEED, ModelSpec
 from turbovideo.errors import InputError, one_line
-from turbovideo.parallel import ParallelError, parallelize
+from turbovideo.models import DIT_CONFIGS
+from turbovideo.parallel import ParallelError, choose_degree, parallelize, visible_ranks
 from turbovideo.pipeline import GenerationRequest, GenerationResult, ProgressEvent, VideoPipeline
 from turbovideo.pipeline.video import EncodeError
 from turbovideo.worker.checkpoints import check_room, disk_check_reserve, ensure_checkpoints
@@ -121,6 +122,7 @@ class VideoService:
             if config.on_runpod:
                 logger.warning("no BUCKET_* configured: videos stay on this worker in %s", config.output_dir)
         configure_compile_cache(config.cache_dir)
+        _check_degree(config)  # an SP_DEGREE the GPUs or models cannot take fails before any download
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         quantized = use_quantized(config.variant, gpu_bytes)
         # Idle weights the host could not hold in pinned memory fail the start now, not after the download.
@@ -351,6 +353,18 @@ def _encode(result: GenerationResult, warnings: list[str]) -> dict[str, Any]:
     if len(videos) > 1:
         fields["videos_base64"] = videos
     return fields
+
+
+def _check_degree(config: WorkerConfig) -> None:
+    if config.sp_degree is None:  # the automatic choice always finds one
+        return
+    dits = [DIT_CONFIGS[spec.dit_config] for spec in config.models]
+    try:
+        choose_degree(
+            config.sp_degree, visible_ranks(config.sp_degree), [(d.label, d.num_heads) for d in dits]
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _spread_over_gpus(pipelines: Iterable[VideoPipeline], sp_degree: int | None) -> None:
