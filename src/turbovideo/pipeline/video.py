@@ -121,7 +121,7 @@ class Mp4Stream:
             self._messages.close()
 
     def _wait(self) -> None:
-        """End ffmpeg's input and wait for it; raise EncodeError with its last message if it failed."""
+        """End ffmpeg's input and wait for it; raise EncodeError with its first message if it failed."""
         with contextlib.suppress(OSError):  # a pipe ffmpeg has already closed
             self._process.stdin.close()
         if status := self._process.wait():
