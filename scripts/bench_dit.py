@@ -25,10 +25,10 @@ from turbovideo.models import DIT_CONFIGS, build_dit
 from turbovideo.models.attention import select_attention
 
 
-def bench_forwards(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def bench_forwards(args: argparse.Namespace, latent: tuple[int, ...], device: torch.device) -> list[dict]:
     """bf16 forwards with dense and SLA attention, then their errors against fp32 forwards."""
     config = DIT_CONFIGS[args.model]
-    frames, height, width = args.latent_dims
+    frames, height, width = latent
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(1, 16, frames, height, width, device=device, generator=g).bfloat16()
     t = torch.tensor([988.0], device=device, dtype=torch.bfloat16)  # first rCM step at sigma_max 80
@@ -93,16 +93,16 @@ def main() -> int:
     parser.add_argument("--iters", type=at_least_one, default=5)
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    args.latent_dims = dit_latent(parser, args.latent, DIT_CONFIGS[args.model])
+    latent = dit_latent(parser, args.latent, DIT_CONFIGS[args.model])
     device = benchmark_device("bench_dit.py", args.device, cpu_smoke=True, out=args.out)
     # The fp32 reference must really be fp32.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
     config = DIT_CONFIGS[args.model]
-    frames, height, width = args.latent_dims
+    frames, height, width = latent
     tokens = frames * (height // 2) * (width // 2)
-    rows = bench_forwards(args, device)
+    rows = bench_forwards(args, latent, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     rows += bench_attention(args, device, tokens, config.num_heads)

@@ -181,9 +181,8 @@ def _generate(args: argparse.Namespace) -> int:
                     f"--out {out}: {target} is another user's file in a folder that only lets owners replace "
                     "theirs (sticky, like /tmp); name another file"
                 )
-        made = [
-            folder for folder in (out.parent, *out.parent.parents) if not folder.exists()
-        ]  # deepest first
+        # The folders this run makes for --out, deepest first: a failed run removes them again.
+        made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
         try:  # before loading: a folder that cannot take the video fails in a second, not after minutes
             out.parent.mkdir(parents=True, exist_ok=True)
             scratch_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=".turbovideo-")
