@@ -33,24 +33,10 @@ from turbovideo.models.dit import WanDiT
 from turbovideo.models.dit_configs import DIT_CONFIGS, DiTConfig
 from turbovideo.models.random_init import materialize
 from turbovideo.models.tokenizer import MAX_LENGTH as TEXT_TOKENS
-from turbovideo.models.vae import WanVAE, build_vae
-from turbovideo.pipeline.resolution import (
-    ASPECT_RATIOS,
-    SIZES,
-    is_valid_frame_count,
-    latent_frames,
-    table_size,
-)
+from turbovideo.models.vae import WanVAE, build_vae, latent_shape
+from turbovideo.pipeline.resolution import ASPECT_RATIOS, SIZES, is_valid_frame_count, table_size
 from turbovideo.worker.compile_cache import configure_compile_cache, local_compile_root
 from turbovideo.worker.config import ConfigError, load_config, use_quantized
-
-VAE_STRIDE = 8  # pixels per latent cell in height and width
-
-
-def latent_shape(resolution: str, aspect_ratio: str, num_frames: int) -> tuple[int, int, int]:
-    """(frames, height, width) of the latent a request of this size denoises."""
-    width, height = table_size(resolution, aspect_ratio)
-    return latent_frames(num_frames), height // VAE_STRIDE, width // VAE_STRIDE
 
 
 def warm_dit(
@@ -207,7 +193,7 @@ def run_all(
         for aspect in aspect_ratios:
             size = resolution or spec.default_resolution
             width, height = table_size(size, aspect)
-            latent = latent_shape(size, aspect, num_frames)
+            latent = latent_shape(num_frames, width, height)[1:]
             for attention in attentions:
                 backend, first, warm = warm_dit(
                     config, latent, quantized=quantized, attention=attention, device=device

@@ -605,12 +605,6 @@ def test_spargeattn_copy_inside_another_repository_is_not_judged_by_its_history(
 # -------------------------------------------------------------------------------------------- warm-up
 
 
-def test_latent_shapes_of_real_requests():
-    assert warmup_kernels.latent_shape("480p", "16:9", 81) == (21, 60, 104)
-    assert warmup_kernels.latent_shape("720p", "9:16", 81) == (21, 160, 90)
-    assert warmup_kernels.latent_shape("tiny", "16:9", 5) == (2, 8, 14)
-
-
 @pytest.mark.parametrize(("name", "quantized"), [("tiny-t2v", False), ("tiny-i2v", True)])
 def test_warm_dit_runs_a_one_block_forward(name, quantized, monkeypatch):
     built, build = [], warmup_kernels.WanDiT

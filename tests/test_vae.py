@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from turbovideo.models import CheckpointError, build_vae, latent_frames, load_vae, pixel_frames
+from turbovideo.models import CheckpointError, build_vae, latent_frames, latent_shape, load_vae, pixel_frames
 from turbovideo.models.vae import LATENT_MEAN, LATENT_STD, WanVAE, denormalize_latent, normalize_latent
 
 
@@ -122,6 +122,11 @@ def test_frame_arithmetic() -> None:
     assert [pixel_frames(t) for t in (1, 2, 3, 21, 41)] == [1, 5, 9, 81, 161]
     with pytest.raises(ValueError):
         latent_frames(0)
+
+
+def test_latent_shapes_of_real_requests() -> None:
+    assert latent_shape(81, 832, 480) == (16, 21, 60, 104)
+    assert latent_shape(81, 720, 1280) == (16, 21, 160, 90)
 
 
 @pytest.mark.parametrize("frames", [1, 5, 81])

@@ -16,6 +16,7 @@ _EXPORTS = {
     "load_vae": "vae",
     "VAE_CONFIGS": "vae",
     "latent_frames": "vae",
+    "latent_shape": "vae",
     "pixel_frames": "vae",
     "build_text_encoder": "text_encoder",
     "load_text_encoder": "text_encoder",

@@ -66,6 +66,16 @@ def latent_frames(num_frames: int) -> int:
     return 1 + (num_frames - 1) // TEMPORAL_FACTOR
 
 
+def latent_shape(num_frames: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """(channels, frames, height, width) of the latent of a ``num_frames`` clip of ``width`` x ``height``."""
+    return (
+        VAE_CONFIGS["wan2.1-vae"].z_dim,
+        latent_frames(num_frames),
+        height // SPATIAL_FACTOR,
+        width // SPATIAL_FACTOR,
+    )
+
+
 def pixel_frames(num_latent_frames: int) -> int:
     """Pixel frames decoded from ``num_latent_frames`` latent frames: 1 + 4(T-1)."""
     if num_latent_frames < 1:

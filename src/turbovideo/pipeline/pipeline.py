@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -33,6 +34,7 @@ from turbovideo.models import (
     build_text_encoder,
     build_vae,
     encode_prompts,
+    latent_shape,
     load_dit,
     load_text_encoder,
     load_tokenizer,
@@ -70,7 +72,6 @@ from turbovideo.pipeline.request import (
     frame_size,
     supported_resolutions,
 )
-from turbovideo.pipeline.resolution import latent_frames
 from turbovideo.pipeline.sampler import expert_per_step, network_timestep, rf_times, sample
 from turbovideo.pipeline.video import SampleMuxer
 
@@ -79,9 +80,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[ProgressEvent], None]
 TEXT_ENCODER = "text_encoder"
 VAE = "vae"
-# The latent has 16 channels and 8x smaller frames (Wan2.1 VAE).
-LATENT_CHANNELS = 16
-VAE_STRIDE = 8
 
 
 # How a refusal names the modules it would move to host memory.
@@ -415,8 +413,8 @@ class VideoPipeline:
         width, height = frame_size(request, self.spec)
         config = expert.config
         self._enter({name})
-        grid = (latent_frames(request.num_frames), height // VAE_STRIDE, width // VAE_STRIDE)
-        x = torch.zeros((1, LATENT_CHANNELS, *grid), dtype=torch.bfloat16, device=self.device)
+        channels, *grid = latent_shape(request.num_frames, width, height)
+        x = torch.zeros((1, channels, *grid), dtype=torch.bfloat16, device=self.device)
         y = None
         if config.task == "i2v":
             y = torch.zeros((1, config.cond_dim, *grid), dtype=torch.bfloat16, device=self.device)
@@ -462,13 +460,7 @@ class VideoPipeline:
         expert_index = (
             expert_per_step(times, request.boundary) if len(self.experts) > 1 else [0] * request.num_steps
         )
-        shape = (
-            request.num_samples,
-            LATENT_CHANNELS,
-            latent_frames(request.num_frames),
-            height // VAE_STRIDE,
-            width // VAE_STRIDE,
-        )
+        shape = (request.num_samples, *latent_shape(request.num_frames, width, height))
 
         def velocity(step: int, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
             index = expert_index[step]
@@ -528,11 +520,9 @@ class VideoPipeline:
         """The request's stages; ``graphed``: with the CUDA graphs' pool held throughout (up to what it
         holds now plus this request's forward, should that be a new shape), the denoising's activations in it."""
         config = self.experts[0].config
-        frames = latent_frames(request.num_frames)
-        tokens = frames * (height // (2 * VAE_STRIDE)) * (width // (2 * VAE_STRIDE))
-        latent = (
-            request.num_samples * LATENT_CHANNELS * frames * (height // VAE_STRIDE) * (width // VAE_STRIDE)
-        )
+        channels, *grid = latent_shape(request.num_frames, width, height)
+        tokens = math.prod(n // p for n, p in zip(grid, config.patch_size, strict=True))
+        latent = request.num_samples * channels * math.prod(grid)
         # Over several GPUs each holds its share of the tokens; the sampler state stays whole here.
         dit = dit_activation_bytes(
             request.num_samples, -(-tokens // self._dit_shards), config.dim, config.ffn_dim, latent

@@ -46,8 +46,3 @@ def adaptive_size(resolution: str, aspect_ratio: str, image_width: int, image_he
 
 def is_valid_frame_count(num_frames: int, low: int, high: int) -> bool:
     return low <= num_frames <= high and (num_frames - 1) % 4 == 0
-
-
-def latent_frames(num_frames: int) -> int:
-    """Latent frames for a 4k+1 pixel frame count (the VAE compresses time 4x after the first frame)."""
-    return 1 + (num_frames - 1) // 4
