@@ -357,6 +357,60 @@ def test_a_file_no_folder_takes_does_not_stop_the_others(job_files, tmp_path, mo
         storage.deliver("job-6", videos, thumbnail, expires_in=60)
     kept = (tmp_path / "volume" / "job-6").resolve()
     assert str(caught.value).endswith(
-        f"the video was kept at {kept}; video_1.mp4 could not be kept (OSError: [Errno 5] Input/output error)"
+        f"video_1.mp4 could not be kept (OSError: [Errno 5] Input/output error); only video_0.mp4, thumb.jpg "
+        f"kept, at {kept}"
     )
     assert sorted(p.name for p in kept.iterdir()) == ["thumb.jpg", "video_0.mp4"]
+
+
+def test_an_output_dir_whose_link_target_was_removed_is_named_not_spun_on(job_files, tmp_path):
+    target, outputs = tmp_path / "target", tmp_path / "outputs"
+    target.mkdir()
+    outputs.symlink_to(target)  # e.g. /app/outputs -> /workspace/outputs
+    target.rmdir()  # someone cleaned up while the worker ran
+    videos, thumbnail = job_files
+    local = LocalStorage(outputs, spare_dir=tmp_path / "volume")
+    with pytest.raises(UploadError) as caught:
+        local.deliver("job-7", videos, thumbnail, expires_in=60)
+    message = str(caught.value)
+    assert f"saving the video in OUTPUT_DIR {outputs} failed (NotADirectoryError:" in message
+    assert f"not a folder (a file, or a link to nothing): '{outputs}'" in message
+    assert message.endswith(f"the video was kept at {(tmp_path / 'volume' / 'job-7').resolve()}")
+
+
+def test_only_a_thumbnail_kept_is_not_called_the_video(job_files, tmp_path, monkeypatch):
+    videos, thumbnail = job_files
+    real_move = storage_module.shutil.move
+
+    def move(source, target):
+        if Path(source).suffix == ".mp4":
+            raise OSError(28, "No space left on device")
+        return real_move(source, target)
+
+    monkeypatch.setattr(storage_module.shutil, "move", move)
+    with pytest.raises(UploadError) as caught:
+        LocalStorage(tmp_path / "outputs").deliver("job-8", videos[:1], thumbnail, expires_in=60)
+    kept = (tmp_path / "outputs" / "job-8").resolve()
+    assert str(caught.value).endswith(
+        f"video_0.mp4 could not be kept (OSError: [Errno 28] No space left on device); only thumb.jpg kept, at {kept}"
+    )
+    assert "the video was kept" not in str(caught.value)
+
+
+def test_the_fresh_folder_probe_keeps_to_the_deadline_and_counts_its_attempts(job_files, tmp_path):
+    videos, thumbnail = job_files
+    with silent_endpoint() as endpoint:
+        storage = BucketStorage(
+            bucket_at(endpoint),
+            tmp_path / "durable",
+            fresh_folders=True,
+            attempts=4,
+            deadline_s=0.2,
+            read_timeout_s=1.0,
+        )
+        started = time.monotonic()
+        with pytest.raises(UploadError) as caught:
+            storage.deliver("local_test", videos, thumbnail, expires_in=60)
+        elapsed = time.monotonic() - started
+    assert "failed after 1 attempt (UploadDeadlinePassed" in str(caught.value)
+    assert elapsed < 3.5  # four probes of 1 s each, plus backoff, without the deadline

@@ -86,6 +86,39 @@ def test_an_endpoint_path_that_is_not_the_bucket_is_kept():
     )
 
 
+@pytest.mark.parametrize(
+    "url", ["https://acct.r2.cloudflarestorage.com/renders", "https://s3.eu-west-1.amazonaws.com/renders/x"]
+)
+def test_an_endpoint_path_naming_another_bucket_at_r2_or_aws_is_refused(url):
+    with pytest.raises(ConfigError) as info:
+        load_config({**BUCKET_ENV, "BUCKET_ENDPOINT_URL": url, "CACHE_DIR": "/tmp/c"})
+    assert str(info.value).startswith(f"BUCKET_ENDPOINT_URL={url!r} has a path (/")
+    assert "the videos would go to bucket 'renders'" in str(info.value)
+
+
+def test_an_endpoint_with_a_password_is_refused_without_echoing_it():
+    url = "https://user:pa55word@acct.r2.cloudflarestorage.com"
+    with pytest.raises(ConfigError, match="^BUCKET_ENDPOINT_URL holds a user name or password") as info:
+        load_config({**BUCKET_ENV, "BUCKET_ENDPOINT_URL": url, "CACHE_DIR": "/tmp/c"})
+    assert "pa55word" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY"])
+@pytest.mark.parametrize("value", ["AKIA\n0001", "AKIA 0001", "AKIA\u00a00001"])
+def test_a_bucket_key_with_spaces_or_odd_characters_is_refused_without_echoing_it(name, value):
+    value = value.encode().decode("unicode_escape")
+    with pytest.raises(
+        ConfigError, match=f"^{name} contains spaces or characters other than printable ASCII"
+    ):
+        load_config({**BUCKET_ENV, name: value, "CACHE_DIR": "/tmp/c"})
+
+
+@pytest.mark.parametrize("prefix", ["./renders", "a/../b", "renders/.."])
+def test_a_prefix_with_dot_folders_is_refused(prefix):
+    with pytest.raises(ConfigError, match="^BUCKET_PREFIX=.* has a '.' or '..' folder"):
+        load_config({**BUCKET_ENV, "BUCKET_PREFIX": prefix, "CACHE_DIR": "/tmp/c"})
+
+
 @pytest.mark.parametrize("name", ["videos/renders", "s3://videos", "my videos", "arn:videos/renders"])
 def test_a_bucket_name_no_s3_client_can_send_is_refused_at_start(name):
     with pytest.raises(

@@ -267,16 +267,18 @@ def _variant(value: str) -> str:
 
 
 def _hf_token(value: str) -> str | None:
-    # Pasted tokens often carry a newline or space; inside an HTTP header any such character fails
-    # every request with an error that quotes the token. Never echo the value.
-    token = value.strip()
-    if not token:
-        return None
-    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+    return _credential("HF_TOKEN", value, "the token alone (hf_...)") or None
+
+
+def _credential(name: str, value: str, what: str) -> str:
+    """``value`` stripped. Pasted secrets often carry a newline or space; inside an HTTP header any such
+    character fails every request with an error that quotes the secret. Never echo the value."""
+    text = value.strip()
+    if not text.isascii() or not text.isprintable() or any(c.isspace() for c in text):
         raise ConfigError(
-            "HF_TOKEN contains spaces or characters other than printable ASCII; set it to the token alone (hf_...)"
+            f"{name} contains spaces or characters other than printable ASCII; set it to {what}"
         )
-    return token
+    return text
 
 
 def _sp_degree(value: str) -> int | None:
@@ -315,6 +317,11 @@ def _bucket(env: Mapping[str, str]) -> BucketConfig | None:
             f"{', '.join(_BUCKET_VARS)} to upload videos, or none of them to keep videos in OUTPUT_DIR"
         )
     endpoint_url = env["BUCKET_ENDPOINT_URL"].strip()
+    if "@" in endpoint_url.partition("://")[2].split("/", 1)[0]:  # not echoed: it holds a password
+        raise ConfigError(
+            "BUCKET_ENDPOINT_URL holds a user name or password (user:password@host); give the endpoint alone, "
+            "the credentials go in BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY"
+        )
     if not _is_endpoint_url(endpoint_url):
         raise ConfigError(
             f"BUCKET_ENDPOINT_URL={endpoint_url!r} is not an http(s) URL of a host (with a numeric port, if any, "
@@ -331,22 +338,41 @@ def _bucket(env: Mapping[str, str]) -> BucketConfig | None:
             f"BUCKET_NAME={name!r} is not a bucket name (letters, digits, '.', '-', '_'); set it to the bucket "
             "alone, e.g. videos, and put a folder inside it in BUCKET_PREFIX"
         )
+    prefix = env.get("BUCKET_PREFIX", "").strip("/ ")
+    if {".", ".."} & set(prefix.split("/")):
+        raise ConfigError(
+            f"BUCKET_PREFIX={prefix!r} has a '.' or '..' folder, which browsers and HTTP clients collapse, so "
+            "the links would name other objects; use plain folder names, e.g. renders/2026"
+        )
     return BucketConfig(
         endpoint_url=_without_bucket_path(endpoint_url, name),
-        access_key_id=env["BUCKET_ACCESS_KEY_ID"].strip(),
-        secret_access_key=env["BUCKET_SECRET_ACCESS_KEY"].strip(),
+        access_key_id=_credential("BUCKET_ACCESS_KEY_ID", env["BUCKET_ACCESS_KEY_ID"], "the key ID alone"),
+        secret_access_key=_credential(
+            "BUCKET_SECRET_ACCESS_KEY", env["BUCKET_SECRET_ACCESS_KEY"], "the secret alone"
+        ),
         name=name,
-        prefix=env.get("BUCKET_PREFIX", "").strip("/ "),
+        prefix=prefix,
     )
 
 
 def _without_bucket_path(endpoint_url: str, name: str) -> str:
     """The endpoint without a trailing ``/<BUCKET_NAME>``: Cloudflare's dashboard shows a bucket's "S3 API"
-    URL so, and botocore would add the name again, filing every video under a folder named after the bucket."""
+    URL so, and botocore would add the name again, filing every video under a folder named after the bucket.
+    Any other path is kept (a service behind a proxy's path), except at R2 and AWS, where a path's first
+    folder always names a bucket: there the videos would go to that other bucket."""
     parsed = urlparse(endpoint_url)
-    if parsed.path.strip("/") != name:
-        return endpoint_url
-    return parsed._replace(path="").geturl()
+    path = parsed.path.strip("/")
+    if path == name:
+        return parsed._replace(path="").geturl()
+    host = (parsed.hostname or "").lower()
+    if path and host.endswith((".r2.cloudflarestorage.com", ".amazonaws.com", ".amazonaws.com.cn")):
+        other = path.split("/")[0]
+        raise ConfigError(
+            f"BUCKET_ENDPOINT_URL={endpoint_url!r} has a path (/{path}) that is not BUCKET_NAME, so the videos "
+            f"would go to bucket {other!r}; give the endpoint alone, e.g. https://<account id>.r2.cloudflarestorage.com, "
+            "the bucket in BUCKET_NAME and a folder inside it in BUCKET_PREFIX"
+        )
+    return endpoint_url
 
 
 def _is_endpoint_url(url: str) -> bool:

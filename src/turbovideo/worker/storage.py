@@ -8,6 +8,7 @@ Without a bucket, a local folder that refuses the files (a full disk) hands them
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import re
@@ -94,7 +95,13 @@ def _take(folder: Path) -> bool:
     try:
         folder.mkdir(parents=True)
         return True
-    except FileExistsError:
+    except FileExistsError as exc:
+        if exc.filename is not None and Path(exc.filename) != folder:
+            # A folder above it is a file or a link to nowhere (OUTPUT_DIR's target removed): no name of
+            # this run's would ever be free, so say what is wrong instead of trying the next.
+            raise NotADirectoryError(
+                errno.ENOTDIR, "not a folder (a file, or a link to nothing)", exc.filename
+            ) from None
         return folder.is_dir() and not any(folder.iterdir())
 
 
@@ -173,7 +180,9 @@ class BucketStorage:
         self._sends = 0
         self._give_up_at = float("inf")
         self._check_stop: Callable[[], None] | None = None
-        self.client.meta.events.register("before-send.s3.PutObject", self._before_send)
+        # Every request of a delivery (the fresh-folder probes too) counts against its deadline and stop.
+        for operation in ("HeadObject", "PutObject"):
+            self.client.meta.events.register(f"before-send.s3.{operation}", self._before_send)
 
     def check(self) -> None:
         """Raise ``ConfigError`` when a setting keeps the bucket from taking any upload (no such bucket,
@@ -220,6 +229,7 @@ class BucketStorage:
         ]
         self._give_up_at = time.monotonic() + self.deadline_s
         self._check_stop = check_stop
+        self._sends = 0
         folder = job_id
         try:
             if self.fresh_folders:
@@ -303,6 +313,7 @@ def keep_files(
     ``folders`` that takes it; says where. ``claimed`` maps folders to the run's folder already taken there."""
     claimed = {} if claimed is None else claimed
     held: dict[Path, None] = {}  # folders that took files, in order
+    kept_names: list[str] = []
     lost: list[str] = []
     error: OSError | None = None
     for path in files:
@@ -313,6 +324,7 @@ def keep_files(
                     claimed[folder] = claim_folder(folder, job_id)
                 target = claimed[folder]
                 held[move_files([path], target)[0].parent] = None
+                kept_names.append(path.name)
                 break
             except OSError as exc:  # e.g. a full or read-only volume
                 logger.warning("could not keep %s of job %s in %s: %s", path.name, job_id, folder, exc)
@@ -321,13 +333,16 @@ def keep_files(
                     _discard_partial(target / path.name, path)
         else:
             lost.append(path.name)
-    kept = f"the video was kept at {' and '.join(map(str, held))}" if held else ""
+    where = " and ".join(map(str, held))
     if not lost:
-        return kept
+        return f"the video was kept at {where}"
     reason = f"({type(error).__name__}: {one_line(str(error), 200)})"
     if not held:
         return f"keeping the files failed too {reason}; the video is lost"
-    return f"{kept}; {', '.join(lost)} could not be kept {reason}"
+    not_kept = f"{', '.join(lost)} could not be kept {reason}"
+    if any(name.endswith(".mp4") for name in lost):  # say "the video was kept" only of a whole video
+        return f"{not_kept}; only {', '.join(kept_names)} kept, at {where}"
+    return f"the video was kept at {where}; {not_kept}"
 
 
 def _discard_partial(target: Path, source: Path) -> None:
