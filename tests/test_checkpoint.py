@@ -172,7 +172,8 @@ def test_load_into_casts_to_the_declared_dtype_and_allocates_from_the_file():
 
 
 def test_load_into_casts_across_kinds_only_values_that_survive():
-    # An int8 weight stored as floats loads while its values are whole and in range; a wrap or a cut is refused.
+    # An int8 weight stored as floats or int16 loads while its values are whole and in range; a wrap or a cut
+    # is refused.
     class Int8Holder(nn.Module):
         def __init__(self):
             super().__init__()
@@ -181,7 +182,11 @@ def test_load_into_casts_across_kinds_only_values_that_survive():
     whole = torch.tensor([[1.0, -128.0, 127.0], [0.0, 5.0, -7.0]])
     loaded = load_into(Int8Holder(), {"int8_weight": whole}, source="f.pth", expected="a layer")
     assert torch.equal(loaded.int8_weight, whole.to(torch.int8))
-    for bad in (whole + 0.5, whole * 3, whole.where(whole != 0, float("nan"))):
+    assert torch.equal(
+        load_into(Int8Holder(), {"int8_weight": whole.short()}, source="f.pth", expected="").int8_weight,
+        whole.to(torch.int8),
+    )
+    for bad in (whole + 0.5, whole * 3, whole.where(whole != 0, float("nan")), (whole * 3).short()):
         with pytest.raises(
             CheckpointError, match=r"^f\.pth: int8_weight holds \w+ values that the model's int8"
         ):

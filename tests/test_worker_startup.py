@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,8 +162,14 @@ def test_offline_without_a_cached_checkpoint_is_answered(tmp_path):
             True,
         ),
         (
-            CheckpointError("checkpoint file /c/x.pth is truncated"),
-            "checkpoint file /c/x.pth is truncated;",
+            CheckpointError("checkpoint file /c/x.pth is truncated", path=Path("/c/x.pth")),
+            "checkpoint file /c/x.pth is truncated; delete that file so the next start downloads it again",
+            False,
+        ),
+        (  # whole bytes of another model: a new download would bring the same
+            CheckpointError("x.pth does not fit Wan2.1-1.3B: it looks like a Wan2.1-14B checkpoint"),
+            "x.pth does not fit Wan2.1-1.3B: it looks like a Wan2.1-14B checkpoint; downloading the file again "
+            "would bring the same bytes",
             False,
         ),
         (torch.OutOfMemoryError("CUDA out of memory"), "the models do not fit in GPU memory", False),

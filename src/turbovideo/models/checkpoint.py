@@ -178,10 +178,12 @@ def load_into(
 
 
 def _cast(key: str, value: torch.Tensor, dtype: torch.dtype, source: str) -> torch.Tensor:
-    """``value`` in the module's dtype. Between precisions of one kind (bf16 <-> fp32) any file casts; across
-    kinds (an int8 weight stored as floats) only values the module's dtype holds exactly, not a wrap or a cut."""
+    """``value`` in the module's dtype. Between float precisions (bf16 <-> fp32) any file casts; otherwise
+    (an int8 weight stored as floats or as int16) only values the module's dtype holds exactly, not a wrap
+    or a cut."""
     cast = value.to(dtype)
-    if _kind(value.dtype) != _kind(dtype) and not torch.equal(cast.to(value.dtype), value):
+    rounds = _kind(value.dtype) == _kind(dtype) == "float"
+    if not rounds and not torch.equal(cast.to(value.dtype), value):
         raise CheckpointError(
             f"{source}: {key} holds {str(value.dtype).removeprefix('torch.')} values that the model's "
             f"{str(dtype).removeprefix('torch.')} cannot hold exactly; is this file of the right model and variant?"

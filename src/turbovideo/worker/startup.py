@@ -281,6 +281,11 @@ def describe_startup_error(exc: BaseException) -> StartupFailure:
         )
     if isinstance(exc, (ConfigError, CheckpointDownloadError, MemoryCheckError)):
         return StartupFailure(one_line(str(exc), 1000))
+    if isinstance(exc, CheckpointError) and exc.path is None:  # readable bytes that are not this model's
+        return StartupFailure(
+            f"{one_line(str(exc), 1000)}; downloading the file again would bring the same bytes: check that "
+            "this worker version supports the model and that CACHE_DIR holds its published files"
+        )
     if isinstance(exc, CheckpointError):
         return StartupFailure(
             f"{one_line(str(exc), 1000)}; delete that file so the next start downloads it again"
