@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from turbovideo.catalog import MODELS
+from turbovideo.catalog import MODELS, prefer_quantized
 from turbovideo.errors import InputError
 from turbovideo.pipeline import GenerationRequest, HostMemoryError, VideoPipeline
 from turbovideo.pipeline import pipeline as pipeline_module
@@ -24,7 +24,6 @@ from turbovideo.pipeline.memory import (
     pack_pinned,
     pinned_bytes,
     plan,
-    prefer_quantized,
     usable_bytes,
     vae_activation_bytes,
 )

@@ -29,6 +29,8 @@ SIGMA_MAX_RANGE = (0.1, 10000.0)
 # torch's CPU generator keeps only the low 32 bits of a seed (2**32 draws seed 0's noise there), so a
 # seed is a 32-bit number: the same seed then means the same noise wherever it runs.
 MAX_SEED = 2**32 - 1
+# Cards at least this large run the unquantized DiT files (upstream's README guidance).
+UNQUANTIZED_MIN_BYTES = 40 * 10**9
 
 
 @dataclass(frozen=True)
@@ -126,3 +128,8 @@ def resolve_models(value: str, setting: str = "MODELS") -> list[ModelSpec]:
     if not names:
         raise ValueError(f"{setting} names no model; use one of " + ", ".join([*MODELS, *ALIASES]))
     return [MODELS[n] for n in names]
+
+
+def prefer_quantized(total_device_bytes: int | None) -> bool:
+    """Int8 DiT files below 40 GB cards; unquantized on larger cards and on CPU (``None``)."""
+    return total_device_bytes is not None and total_device_bytes < UNQUANTIZED_MIN_BYTES

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from turbovideo.errors import InputError
+
 GIB = 1 << 30
 # cgroup v1 says "no limit" with a number near 2**63 (rounded down to a page).
 _NO_LIMIT_V1 = 1 << 62
@@ -23,6 +25,16 @@ def gib_text(n: int, *, up: bool = False) -> str:
     enough: 3.96 GiB available against 4 needed is "3.9", not "4.0"."""
     tenths = -(-n * 10 // GIB) if up else n * 10 // GIB
     return f"{tenths / 10:.1f}"
+
+
+class HostMemoryError(InputError):
+    """The modules a placement moves off the GPU while idle need more host memory for their pinned copies
+    than the host (or the container's memory limit) has free. Made before any copy: past that limit the
+    kernel's OOM killer would end the process without a word. ``summary`` is the message without advice."""
+
+    def __init__(self, summary: str, advice: str) -> None:
+        super().__init__(f"{summary}; {advice}")
+        self.summary = summary
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,6 @@ import torch
 from torch import nn
 
 GIB = 1 << 30
-# Cards at least this large run the unquantized DiT files (upstream's README guidance).
-UNQUANTIZED_MIN_BYTES = 40 * 10**9
 # Kept free for the CUDA context, allocator fragmentation and kernels' workspaces.
 SAFETY_FRACTION = 0.05
 SAFETY_MIN_BYTES = GIB // 2
@@ -88,11 +86,6 @@ def _stage_bytes(stage: Stage, resident: frozenset[str], sizes: Mapping[str, int
 def usable_bytes(free_bytes: int) -> int:
     """Memory a plan may use out of ``free_bytes``, after the safety margin (none when that is all)."""
     return max(0, free_bytes - max(int(free_bytes * SAFETY_FRACTION), SAFETY_MIN_BYTES))
-
-
-def prefer_quantized(total_device_bytes: int | None) -> bool:
-    """Int8 DiT files below 40 GB cards; unquantized on larger cards and on CPU (``None``)."""
-    return total_device_bytes is not None and total_device_bytes < UNQUANTIZED_MIN_BYTES
 
 
 def dit_activation_bytes(batch: int, tokens: int, dim: int, ffn_dim: int, latent_elements: int) -> int:

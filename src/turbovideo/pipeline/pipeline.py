@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from turbovideo import catalog
-from turbovideo.catalog import ModelSpec
+from turbovideo.catalog import ModelSpec, prefer_quantized
 from turbovideo.errors import InputError
 from turbovideo.models import (
     DIT_CONFIGS,
@@ -46,7 +46,7 @@ from turbovideo.models.text_padding import context_lengths, context_rows
 from turbovideo.models.tokenizer import TOKENIZER_FILE, PromptTokenizer
 from turbovideo.pipeline.conditioning import image_condition
 from turbovideo.pipeline.forward_graphs import graphs_on
-from turbovideo.pipeline.host_memory import HostMemory, gib_text, read_host_memory
+from turbovideo.pipeline.host_memory import HostMemory, HostMemoryError, gib_text, read_host_memory
 from turbovideo.pipeline.memory import (
     GIB,
     TEXT_ACTIVATION_BYTES,
@@ -57,7 +57,6 @@ from turbovideo.pipeline.memory import (
     dit_activation_bytes,
     held_host_bytes,
     plan,
-    prefer_quantized,
     slot_for,
     slots_on,
     usable_bytes,
@@ -90,16 +89,6 @@ _MODULE_LABELS = {
     "dit_low": "low-noise DiT",
     VAE: "VAE",
 }
-
-
-class HostMemoryError(InputError):
-    """The modules a placement moves off the GPU while idle need more host memory for their pinned copies
-    than the host (or the container's memory limit) has free. Made before any copy: past that limit the
-    kernel's OOM killer would end the process without a word. ``summary`` is the message without advice."""
-
-    def __init__(self, summary: str, advice: str) -> None:
-        super().__init__(f"{summary}; {advice}")
-        self.summary = summary
 
 
 class _Fit(NamedTuple):

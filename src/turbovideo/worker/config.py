@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from turbovideo.catalog import ALIASES, MODELS, ModelSpec, resolve_models
-from turbovideo.pipeline.memory import prefer_quantized
+from turbovideo.catalog import ALIASES, MODELS, ModelSpec, prefer_quantized, resolve_models
 from turbovideo.worker.checkpoints import default_cache_dir, hub_offline
 from turbovideo.worker.hub_transfer import hub_setting_problem
 

@@ -29,9 +29,8 @@ import torch
 from turbovideo.errors import one_line
 from turbovideo.models.checkpoint import CheckpointError
 from turbovideo.parallel.errors import ParallelError
-from turbovideo.pipeline.host_memory import GIB, HostMemory, gib_text, read_host_memory
+from turbovideo.pipeline.host_memory import GIB, HostMemory, HostMemoryError, gib_text, read_host_memory
 from turbovideo.pipeline.memory import held_host_bytes
-from turbovideo.pipeline.pipeline import HostMemoryError
 from turbovideo.worker.checkpoints import CheckpointDownloadError, offline_setting, verify_cached
 from turbovideo.worker.config import (
     ConfigError,
@@ -107,7 +106,8 @@ def create_handler(env: Mapping[str, str] | None = None, sdk_config: dict[str, A
     config: WorkerConfig | None = None
     try:
         config = load_config(env)
-        # Imported here so that a broken install (a kernel that does not import) is a failed start too.
+        # Imported here so that a broken install (a model module or library that does not import) is a failed
+        # start too.
         from turbovideo.worker.service import VideoService
 
         if config.on_runpod and not torch.cuda.is_available() and not all(s.is_random for s in config.models):
