@@ -69,6 +69,7 @@ class HubServer:
         self.error_status = 503  # what the next ``errors_left`` file-body GETs are answered with
         self.errors_left = 0
         self.delay_s = 0.0  # pause after every chunk
+        self.commit_header = True  # False: answer without X-Repo-Commit, as a web page or proxy would
         self.chunk = 64 * 1024
         self._lock = threading.Lock()
         self._hub = self._server("hub")
@@ -161,7 +162,8 @@ class HubServer:
             h.end_headers()
             return
         if role == "hub":
-            h_meta = {"X-Repo-Commit": COMMIT, "ETag": f'"{served.etag()}"'}
+            h_meta = {"X-Repo-Commit": COMMIT} if self.commit_header else {}
+            h_meta["ETag"] = f'"{served.etag()}"'
             if served.lfs:
                 key = hashlib.sha256(served.content).hexdigest()
                 h.send_response(302)

@@ -137,6 +137,21 @@ def test_offline_with_empty_cache_names_the_file_and_the_fix(hub, tmp_path):
     assert hub.requests == []
 
 
+def test_files_seeded_without_their_markers_are_named_as_such_offline(hub, tmp_path):
+    seeded = tmp_path / "seeded"
+    ensure_checkpoints(SPEC, False, tmp_path / "first", endpoint=hub.endpoint)
+    shutil.copytree(
+        tmp_path / "first", seeded, ignore=shutil.ignore_patterns(".*")
+    )  # cp dir/* skips dot-files
+    with pytest.raises(CheckpointDownloadError) as info:
+        ensure_checkpoints(SPEC, False, seeded, offline=True)
+    assert " is in the cache at " in str(info.value) and "but has no completion marker" in str(info.value)
+    # Online, the download script's way, they are verified in place: no body is fetched again.
+    before = len(hub.requests)
+    ensure_checkpoints(SPEC, False, seeded, endpoint=hub.endpoint)
+    assert not [r for r in hub.requests[before:] if r.method == "GET"]
+
+
 def test_dropped_connection_is_resumed_with_range(hub, tmp_path):
     hub.drop_after, hub.drops_left = 15 * MIB, 1
     model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
@@ -150,6 +165,30 @@ def test_a_server_error_during_a_download_is_tried_again(hub, tmp_path):
     model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
     assert_model_dir(model_dir, hub)
     assert hub.errors_left == 0
+
+
+def test_a_refused_download_link_is_asked_for_again_not_blamed_on_the_token(hub, tmp_path):
+    # The Hub let us in; its signed link then answered 403 (expired while a resume waited).
+    hub.error_status, hub.errors_left = 403, 1
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert_model_dir(model_dir, hub)
+    assert hub.errors_left == 0
+
+
+def test_an_endpoint_that_is_no_hub_caches_nothing(hub, tmp_path):
+    hub.commit_header = False  # a web page or proxy answering 200 with an ETag to every path
+    with pytest.raises(CheckpointDownloadError, match="with no X-Repo-Commit header, as a Hugging Face Hub"):
+        ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+
+
+def test_a_file_system_error_after_the_transfer_is_one_sentence_naming_the_cache(hub, tmp_path):
+    blocked = next(f for f in SPEC.files(False) if f != DIT and f.filename.endswith(".pth"))
+    (target(tmp_path, blocked) / "junk").mkdir(parents=True)  # the final rename meets a folder
+    with pytest.raises(
+        CheckpointDownloadError, match=r"^cannot use the cache at .*Is a directory.*\(CACHE_DIR; "
+    ):
+        ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
 
 
 def test_a_lasting_server_error_gives_up_as_transient(hub, tmp_path):
@@ -305,6 +344,30 @@ from turbovideo.catalog import MODELS
 from turbovideo.worker.checkpoints import ensure_checkpoints
 ensure_checkpoints(MODELS[sys.argv[1]], False, Path(sys.argv[2]), endpoint=sys.argv[3])
 """
+
+
+def test_a_worker_stopped_during_its_download_releases_the_lock(hub, tmp_path):
+    # SIGTERM (docker stop, RunPod scaling a starting worker down) used to end the process on the spot,
+    # leaving the lock for every other worker on the volume to wait out (STALE_AFTER_S).
+    hub.chunk, hub.delay_s = MIB, 0.1
+    env = {
+        **os.environ,
+        "MODELS": SPEC.name,
+        "CACHE_DIR": str(tmp_path / "cache"),
+        "HF_ENDPOINT": hub.endpoint,
+    }
+    handler = Path(__file__).resolve().parents[1] / "handler.py"
+    job = '{"input": {"prompt": "a fox"}}'
+    worker = subprocess.Popen([sys.executable, str(handler), "--test_input", job], cwd=tmp_path, env=env)
+    dit_dir = target(tmp_path / "cache", DIT).parent
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size > 0 for p in dit_dir.glob("*.partial")):
+        assert time.monotonic() < deadline and worker.poll() is None, "the worker never started downloading"
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not (dit_dir / f".{DIT.filename}.lock").exists()
+    assert next(dit_dir.glob("*.partial")).stat().st_size > 0  # kept for the next start to resume
 
 
 def test_killed_download_leaves_nothing_complete_and_next_call_resumes(hub, tmp_path):

@@ -103,3 +103,15 @@ def test_hub_settings_huggingface_hub_would_misread_are_one_line_as_at_the_worke
     done = run("--model", SPEC.name, "--dest", str(tmp_path), **{name: value})
     assert done.returncode == 1 and done.stderr.startswith(f"error: {name}={value!r} is not")
     assert done.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("below", ["", "cache"])
+def test_a_dest_that_is_or_sits_under_a_file_is_named(hub, tmp_path, below):
+    blocking = tmp_path / "file"
+    blocking.write_text("x")
+    dest = blocking / below if below else blocking
+    done = run("--model", SPEC.name, "--dest", str(dest), HF_ENDPOINT=hub.endpoint)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert (
+        f": {blocking} is a file, not a folder (CACHE_DIR; --dest of download_checkpoints.py)" in done.stderr
+    )

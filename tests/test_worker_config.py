@@ -247,6 +247,28 @@ def test_an_hf_endpoint_huggingface_hub_would_misread_is_a_config_error(value):
     assert load_config({"HF_ENDPOINT": "http://127.0.0.1:8080", "CACHE_DIR": "/tmp/c"})
 
 
+@pytest.mark.parametrize("name", ["HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"])
+@pytest.mark.parametrize("value", ["-1", "0", "ten", ""])
+def test_a_hub_timeout_that_is_no_positive_whole_number_is_a_config_error(name, value):
+    # huggingface_hub reads it with int(); its HTTP client then refuses 0 or less at every request
+    with pytest.raises(
+        ConfigError, match=f"^{name}='{value}' is not valid; set it to a whole number of seconds"
+    ):
+        load_config({name: value, "CACHE_DIR": "/tmp/c"})
+    assert load_config({name: "60", "CACHE_DIR": "/tmp/c"})
+
+
+@pytest.mark.parametrize("below", ["", "cache"])
+def test_a_cache_dir_that_is_or_sits_under_a_file_is_a_config_error(tmp_path, below):
+    blocking = tmp_path / "file"
+    blocking.write_text("x")
+    cache = blocking / below if below else blocking
+    with pytest.raises(
+        ConfigError, match=f"^CACHE_DIR='{cache}' cannot be a directory: {blocking} is a file$"
+    ):
+        load_config({"CACHE_DIR": str(cache)})
+
+
 def test_the_output_dir_check_creates_nothing(tmp_path):
     assert load_config({"OUTPUT_DIR": str(tmp_path / "a" / "b"), "CACHE_DIR": "/tmp/c"})
     assert list(tmp_path.iterdir()) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -29,5 +29,14 @@ def replaced_when_written(path: Path) -> Iterator[Path]:
 def write_failure(path: Path, error: OSError) -> str:
     """Why ``path`` could not be written, in words: a file where one of its folders must be is named
     (the OS says "File exists" or "Not a directory"), anything else as the OS says it."""
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(path.parents)
     return f"{blocking} is a file, not a folder" if blocking else error.strerror or str(error)
+
+
+def file_in_the_way(folders: Iterable[Path]) -> Path | None:
+    """The first of ``folders`` that exists as something other than a folder (unreadable ones skipped)."""
+    for path in folders:
+        with contextlib.suppress(OSError):
+            if path.exists() and not path.is_dir():
+                return path
+    return None

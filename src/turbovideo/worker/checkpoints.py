@@ -95,11 +95,16 @@ def ensure_checkpoints(
     pending = [f for f in files if not _is_complete(cache_dir, f)]
     if pending and offline:
         missing = pending[0]
+        seed = f"`python scripts/download_checkpoints.py --model {spec.name} --variant {variant} --dest {cache_dir}`"
+        if _target(cache_dir, missing).is_file():  # copied in without its hidden marker (cp dir/*, a sync)
+            raise CheckpointDownloadError(
+                f"{missing.repo}/{missing.filename} is in the cache at {cache_dir} but has no completion marker "
+                f"(.{missing.filename.rsplit('/', 1)[-1]}.complete), so it is not trusted offline ({offline_setting()}); "
+                f"run {seed} once online: it verifies files in place without downloading them again"
+            )
         raise CheckpointDownloadError(
             f"{missing.repo}/{missing.filename} is not in the cache at {cache_dir} and offline mode ({offline_setting()}) "
-            "forbids downloading it; "
-            f"pre-seed it with `python scripts/download_checkpoints.py --model {spec.name} --variant {variant} "
-            f"--dest {cache_dir}`"
+            f"forbids downloading it; pre-seed it with {seed}"
         )
     if pending:
         _fetch_all(pending, cache_dir, token=token, endpoint=endpoint, report=report)
@@ -286,6 +291,8 @@ def _fetch_all(
                 except LockLost:
                     report(f"another worker took over the download of {f.repo}/{f.filename}; waiting for it")
                     continue
+                except OSError as e:  # hashing a file in place, removing a stale partial, the final rename
+                    raise filesystem_error(e, target.parent) from e
                 finally:
                     lock.release()
             pending.remove(f)

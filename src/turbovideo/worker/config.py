@@ -73,6 +73,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     _check_system_check_numbers(env)
     on_runpod = is_on_runpod(env)
     cache_dir = default_cache_dir(env)
+    _nearest_folder("CACHE_DIR", cache_dir)  # may be read-only (a pre-seeded cache), never a file
     bucket = _bucket(env)
     output_dir = Path(env.get("OUTPUT_DIR", "").strip() or "outputs").expanduser()
     durable_dir = _durable_dir(cache_dir, output_dir)
@@ -203,21 +204,7 @@ def _check_output_dir(path: Path, for_uploads: bool) -> None:
     after its work (``for_uploads``: every failed upload would lose its video). A folder made in the
     nearest existing one and removed at once tells (root passes every permission check, not /proc's)."""
     why = " (it keeps the videos whose upload failed: there is no network volume)" if for_uploads else ""
-    try:
-        for existing in (path, *path.parents):
-            if existing.is_symlink() and not existing.exists():
-                raise ConfigError(
-                    f"OUTPUT_DIR={str(path)!r} cannot be a directory: {existing} is a broken link"
-                )
-            if existing.exists():
-                break
-        is_dir = existing.is_dir()
-    except OSError as e:
-        raise ConfigError(
-            f"OUTPUT_DIR={str(path)!r} cannot be checked ({e.strerror}); point it at a writable directory{why}"
-        ) from None
-    if not is_dir:
-        raise ConfigError(f"OUTPUT_DIR={str(path)!r} cannot be a directory: {existing} is a file{why}")
+    existing = _nearest_folder("OUTPUT_DIR", path, why)
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".turbovideo-check-", dir=existing))
     except OSError as e:
@@ -225,6 +212,27 @@ def _check_output_dir(path: Path, for_uploads: bool) -> None:
             f"OUTPUT_DIR={str(path)!r} is not writable ({existing}: {e.strerror}); point it at a writable "
             f"directory{why}"
         ) from None
+
+
+def _nearest_folder(name: str, path: Path, why: str = "") -> Path:
+    """The nearest of ``path`` and its parents that exists: a ``ConfigError`` naming ``name`` unless it
+    is a folder (a file or a broken link on the way keeps ``path`` from ever becoming a directory)."""
+    try:
+        for existing in (path, *path.parents):
+            if existing.is_symlink() and not existing.exists():
+                raise ConfigError(
+                    f"{name}={str(path)!r} cannot be a directory: {existing} is a broken link{why}"
+                )
+            if existing.exists():
+                break
+        is_dir = existing.is_dir()
+    except OSError as e:
+        raise ConfigError(
+            f"{name}={str(path)!r} cannot be checked ({e.strerror}); point it at a writable directory{why}"
+        ) from None
+    if not is_dir:
+        raise ConfigError(f"{name}={str(path)!r} cannot be a directory: {existing} is a file{why}")
+    return existing
 
 
 def _durable_dir(cache_dir: Path, output_dir: Path) -> Path:

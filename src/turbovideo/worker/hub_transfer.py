@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from turbovideo.catalog import HubFile
+from turbovideo.errors import one_line
+from turbovideo.files import file_in_the_way
 from turbovideo.worker.locking import VolumeLock
 
 if TYPE_CHECKING:
@@ -64,8 +66,8 @@ def hub_setting_problem(env: Mapping[str, str]) -> str | None:
     """
     for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
         value = env.get(name)
-        if value is not None and not _reads_as_int(value):
-            return f"{name}={value!r} is not valid; set it to a whole number of seconds (e.g. 60) or unset it"
+        if value is not None and not _whole_seconds(value):
+            return f"{name}={value!r} is not valid; set it to a whole number of seconds, 1 or more (e.g. 60), or unset it"
     endpoint = env.get("HF_ENDPOINT")
     if endpoint is None:
         return None
@@ -87,12 +89,12 @@ def hub_setting_problem(env: Mapping[str, str]) -> str | None:
     return None
 
 
-def _reads_as_int(text: str) -> bool:
+def _whole_seconds(text: str) -> bool:
+    """What huggingface_hub reads with ``int()`` and its HTTP client takes as a timeout (not 0 or less)."""
     try:
-        int(text)
+        return int(text) >= 1
     except ValueError:
         return False
-    return True
 
 
 def locate(
@@ -117,8 +119,12 @@ def locate(
             "(a full http(s):// URL) and the network, or pre-seed the cache and set HF_HUB_OFFLINE=1",
             transient=not _is_a_setting(e),
         ) from e
-    if meta.etag is None:
-        raise CheckpointDownloadError(f"{host} gave no ETag for {name}; is HF_ENDPOINT a Hugging Face Hub?")
+    if meta.etag is None or meta.commit_hash is None:
+        # A web page or a proxy answering 200 to every path: caching its bytes would poison the cache.
+        missing = "ETag" if meta.etag is None else "X-Repo-Commit header"
+        raise CheckpointDownloadError(
+            f"{host} answered for {name} with no {missing}, as a Hugging Face Hub would not; is HF_ENDPOINT a Hub?"
+        )
     headers = build_hf_headers(token=token)
     source = meta.location or url
     if urlparse(source).netloc != host:
@@ -183,7 +189,7 @@ def fill_partial(
                     source, writer, resume_size=have, headers=headers, expected_size=size, tqdm_class=_NoBar
                 )
             except HfHubHTTPError as e:
-                raise _hub_error(e, name) from e
+                raise _hub_error(e, name, link=source) from e
             except (OSError, LockLost):
                 raise  # the file system, or the size check: both handled below
             except Exception as e:  # the connection kept failing after http_get's own retries
@@ -345,14 +351,28 @@ def filesystem_error(e: OSError, directory: Path) -> CheckpointDownloadError:
             f"the cache at {directory} is not writable ({e.strerror}); point the cache at a writable directory "
             f"({_CACHE_SETTING}) or pre-seed it with scripts/download_checkpoints.py"
         )
-    return CheckpointDownloadError(f"cannot use the cache at {directory}: {e}")
+    blocking = file_in_the_way((directory, *directory.parents))
+    why = f"{blocking} is a file, not a folder" if blocking else str(e)
+    return CheckpointDownloadError(f"cannot use the cache at {directory}: {why} ({_CACHE_SETTING})")
 
 
-def _hub_error(e, name: str) -> CheckpointDownloadError:
+def _hub_error(e, name: str, link: str | None = None) -> CheckpointDownloadError:
+    """``link``: the download URL the Hub gave, when the body transfer failed (the Hub had already let us in)."""
     status = e.response.status_code if getattr(e, "response", None) is not None else None
-    if status in (401, 403):
+    if status in (401, 403) and link is not None:
+        # The Hub granted the file moments ago: its signed link expired (a resume after a long pause)
+        # or was refused. A new attempt asks the Hub for a fresh one.
         return CheckpointDownloadError(
-            f"access to {name} was refused (HTTP {status}); set HF_TOKEN to a token that can read it"
+            f"the download link of {name} at {urlparse(link).netloc} was refused (HTTP {status}); asking the "
+            "Hub for a new one",
+            transient=True,
+        )
+    if status in (401, 403):
+        said = getattr(e, "server_message", None)
+        return CheckpointDownloadError(
+            f"access to {name} was refused (HTTP {status}{': ' + one_line(said, 200) if said else ''}); set HF_TOKEN "
+            "(download_checkpoints.py: --token) to a token of an account that can read it (a gated repository: "
+            "accept its terms on its Hub page)"
         )
     if status == 404:
         return CheckpointDownloadError(

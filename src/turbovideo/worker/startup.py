@@ -17,9 +17,11 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,11 @@ def create_handler(env: Mapping[str, str] | None = None, sdk_config: dict[str, A
     )
     secrets = secret_values(env)
     configure_logging(secrets)
+    with _sigterm_unwinds():
+        return _start(env, secrets, replace_worker)
+
+
+def _start(env: Mapping[str, str], secrets: list[str], replace_worker: Callable[[], None]) -> Handler:
     config: WorkerConfig | None = None
     try:
         config = load_config(env)
@@ -121,13 +128,35 @@ def create_handler(env: Mapping[str, str] | None = None, sdk_config: dict[str, A
         logger.error(
             "the worker could not start: %s",
             failure.message,
-            exc_info=not isinstance(exc, (ConfigError, MemoryCheckError, HostMemoryError)),
+            exc_info=not isinstance(
+                exc, (ConfigError, CheckpointDownloadError, MemoryCheckError, HostMemoryError)
+            ),
         )
         _skip_system_checks(env)
         return failed_start_handler(failure, replace_worker)
     service.replace_worker = replace_worker
     logger.info("worker ready: serving %s", ", ".join(service.pipelines))
     return service.handle_async
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the worker starts, SIGTERM (``docker stop``, RunPod scaling a starting worker down) raises
+    SystemExit instead of ending the process on the spot, so that cleanup runs: a download's lock on the
+    volume is released, and the next worker need not wait STALE_AFTER_S for it to go stale. The runpod
+    SDK installs its own handler once the start is done."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set it
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _stay() -> None:
