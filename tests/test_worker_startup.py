@@ -17,15 +17,13 @@ from turbovideo.pipeline import HostMemoryError
 from turbovideo.pipeline.host_memory import GIB, HostMemory, read_host_memory
 from turbovideo.worker.checkpoints import CheckpointDownloadError
 from turbovideo.worker.config import ConfigError
+from turbovideo.worker.logs import RedactSecrets, configure_logging, secret_values
 from turbovideo.worker.startup import (
     MemoryCheckError,
-    RedactSecrets,
     check_memory_fitness,
     check_test_input,
-    configure_logging,
     create_handler,
     describe_startup_error,
-    secret_values,
 )
 
 JOB = {"id": "job-1", "input": {"prompt": "a red fox"}}

@@ -17,7 +17,6 @@ _EXPORTS = {
     "ParallelDiT": "launcher",
     "SequenceParallelGroup": "launcher",
     "choose_degree": "launcher",
-    "parallelize": "launcher",
     "visible_ranks": "launcher",
     "UlyssesAttention": "ulysses",
     "check_head_split": "ulysses",

@@ -24,10 +24,9 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -40,15 +39,11 @@ from turbovideo.models.dit import DIT_CONFIGS, WanDiT
 from .errors import ParallelError
 from .ulysses import check_head_split, sharded_forward
 
-if TYPE_CHECKING:
-    from turbovideo.pipeline import VideoPipeline
-
 __all__ = [
     "MULTICAST_OFF",
     "ParallelDiT",
     "SequenceParallelGroup",
     "choose_degree",
-    "parallelize",
 ]
 
 logger = logging.getLogger("turbovideo.parallel")
@@ -99,28 +94,6 @@ def choose_degree(requested: int | None, available: int, heads: Sequence[tuple[s
 def visible_ranks(requested: int | None) -> int:
     """The GPUs a request could spread over; without CUDA, the ``requested`` CPU processes (gloo)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else (requested or 1)
-
-
-def parallelize(
-    pipelines: Iterable[VideoPipeline],
-    requested: int | None = None,
-    *,
-    initializer: Callable[[], None] | None = None,
-) -> SequenceParallelGroup | None:
-    """Spread every pipeline's DiT over the visible GPUs (``requested`` of them if given).
-
-    Returns the group, or None when one rank is all there is to use. Without CUDA, ``requested``
-    CPU processes (gloo) stand in for GPUs, which is how the worker is tested on a CPU.
-    """
-    pipelines = list(pipelines)
-    heads = [(e.config.label, e.config.num_heads) for p in pipelines for e in p.experts]
-    degree = choose_degree(requested, visible_ranks(requested), heads)
-    if degree < 2:
-        return None
-    group = SequenceParallelGroup.start(degree, initializer=initializer)
-    for pipeline in pipelines:
-        pipeline.run_experts_with(group.replicate, shards=degree)
-    return group
 
 
 def configure_environment() -> None:

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 from turbovideo.catalog import ALIASES, MODELS, ModelSpec, prefer_quantized, resolve_models
 from turbovideo.worker.checkpoints import default_cache_dir, hub_offline
 from turbovideo.worker.hub_transfer import hub_setting_problem
+from turbovideo.worker.logs import secret_values
 
 # Serverless workers mount the network volume here; outputs that must survive go onto it.
 VOLUME_ROOT = Path("/runpod-volume")
@@ -58,6 +59,7 @@ class WorkerConfig:
     disk_check_percent: float = 0.0  # free % of / that RunPod's disk fitness check needs (0: it does not run)
     # available GiB that RunPod's memory fitness check needs (0: it does not run)
     memory_check_gib: float = 0.0
+    secrets: tuple[str, ...] = ()  # values no log line may show (logs.secret_values)
 
 
 def is_on_runpod(env: Mapping[str, str]) -> bool:
@@ -96,6 +98,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         warm_up=_warm_up_choice(env.get("WARMUP", "")),
         disk_check_percent=_disk_check_percent(env),
         memory_check_gib=_memory_check_gib(env),
+        secrets=tuple(secret_values(env)),
     )
 
 

@@ -16,12 +16,11 @@ import base64
 import contextlib
 import functools
 import logging
-import os
 import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,13 +36,14 @@ except ImportError:  # another SDK release: its public call, which posts from a 
 from turbovideo.catalog import ALIASES, MAX_SEED, ModelSpec
 from turbovideo.errors import InputError, one_line
 from turbovideo.models import DIT_CONFIGS
-from turbovideo.parallel import ParallelError, choose_degree, parallelize, visible_ranks
+from turbovideo.parallel import ParallelError, SequenceParallelGroup, choose_degree, visible_ranks
 from turbovideo.pipeline import GenerationRequest, GenerationResult, ProgressEvent, VideoPipeline
 from turbovideo.pipeline.video import EncodeError
 from turbovideo.worker.checkpoints import check_room, disk_check_reserve, ensure_checkpoints
 from turbovideo.worker.compile_cache import configure_compile_cache
 from turbovideo.worker.config import ConfigError, WorkerConfig, use_quantized
 from turbovideo.worker.inputs import load_image
+from turbovideo.worker.logs import configure_logging
 from turbovideo.worker.schema import MAX_EXPIRES_S, VideoRequest, VideoResponse, parse_request
 from turbovideo.worker.storage import BucketStorage, LocalStorage, Storage, UploadError, safe_job_id
 
@@ -122,7 +122,7 @@ class VideoService:
             if config.on_runpod:
                 logger.warning("no BUCKET_* configured: videos stay on this worker in %s", config.output_dir)
         configure_compile_cache(config.cache_dir)
-        _check_degree(config)  # an SP_DEGREE the GPUs or models cannot take fails before any download
+        degree = _sequence_parallel_degree(config)  # a degree that cannot be fails before any download
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         quantized = use_quantized(config.variant, gpu_bytes)
         # Idle weights the host could not hold in pinned memory fail the start now, not after the download.
@@ -145,7 +145,7 @@ class VideoService:
             pipelines[spec.name] = VideoPipeline.load(spec, checkpoint_dir, quantized=quantized)
             variant = "" if spec.is_random else f" ({'quant' if quantized else 'bf16'} checkpoints)"
             logger.info("loaded %s%s", spec.name, variant)
-        _spread_over_gpus(pipelines.values(), config.sp_degree)
+        _spread_over_gpus(pipelines.values(), degree, config.secrets)
         if config.warm_up or (config.warm_up is None and torch.cuda.is_available()):
             for pipeline in pipelines.values():
                 _warm_up_on_gpu_thread(pipeline)
@@ -355,28 +355,28 @@ def _encode(result: GenerationResult, warnings: list[str]) -> dict[str, Any]:
     return fields
 
 
-def _check_degree(config: WorkerConfig) -> None:
-    if config.sp_degree is None:  # the automatic choice always finds one
-        return
+def _sequence_parallel_degree(config: WorkerConfig) -> int:
+    """The GPUs one request's DiT work spreads over: SP_DEGREE, else as many of the visible ones as split
+    every served model's heads. An SP_DEGREE the GPUs or the heads cannot take is a ``ConfigError``."""
     dits = [DIT_CONFIGS[spec.dit_config] for spec in config.models]
     try:
-        choose_degree(
+        return choose_degree(
             config.sp_degree, visible_ranks(config.sp_degree), [(d.label, d.num_heads) for d in dits]
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
-def _spread_over_gpus(pipelines: Iterable[VideoPipeline], sp_degree: int | None) -> None:
-    """With several GPUs, every request's DiT work runs on all of them (turbovideo.parallel)."""
-    from turbovideo.worker.startup import configure_logging, secret_values
-
-    try:
-        parallelize(
-            pipelines, sp_degree, initializer=functools.partial(configure_logging, secret_values(os.environ))
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+def _spread_over_gpus(pipelines: Iterable[VideoPipeline], degree: int, secrets: Sequence[str]) -> None:
+    """With several GPUs, every request's DiT work runs on all ``degree`` of them (turbovideo.parallel);
+    the followers log through the same redacting handler."""
+    if degree < 2:
+        return
+    group = SequenceParallelGroup.start(
+        degree, initializer=functools.partial(configure_logging, list(secrets))
+    )
+    for pipeline in pipelines:
+        pipeline.run_experts_with(group.replicate, shards=degree)
 
 
 def _warm_up_on_gpu_thread(pipeline: VideoPipeline) -> None:
