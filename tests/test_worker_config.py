@@ -17,7 +17,7 @@ BUCKET_ENV = {
 
 @pytest.fixture(autouse=True)
 def no_volume(monkeypatch, tmp_path):
-    monkeypatch.setattr(config_module, "VOLUME_ROOT", tmp_path / "not-mounted")
+    monkeypatch.setattr(config_module, "RUNPOD_VOLUME", tmp_path / "not-mounted")
 
 
 def test_a_fresh_machine_serves_the_tiny_models_locally(tmp_path):
@@ -145,7 +145,7 @@ def test_a_partial_bucket_is_a_config_error_naming_what_is_missing():
 
 
 def test_failed_uploads_are_kept_on_the_volume_when_one_is_mounted(monkeypatch, tmp_path):
-    monkeypatch.setattr(config_module, "VOLUME_ROOT", tmp_path)
+    monkeypatch.setattr(config_module, "RUNPOD_VOLUME", tmp_path)
     config = load_config({"CACHE_DIR": str(tmp_path / "turbovideo"), "OUTPUT_DIR": "/tmp/o"})
     assert config.durable_dir == tmp_path / "turbovideo" / "outputs"
     assert config.output_dir == Path("/tmp/o")
@@ -228,7 +228,7 @@ def test_an_output_dir_that_cannot_be_a_directory_is_a_config_error(tmp_path, in
     with pytest.raises(ConfigError, match=r"is a file \(it keeps the videos whose upload failed"):
         load_config({**BUCKET_ENV, **env})
     (tmp_path / "volume").mkdir()
-    monkeypatch.setattr(config_module, "VOLUME_ROOT", tmp_path / "volume")
+    monkeypatch.setattr(config_module, "RUNPOD_VOLUME", tmp_path / "volume")
     assert load_config({**BUCKET_ENV, **env}).durable_dir == tmp_path / "volume" / "turbovideo" / "outputs"
 
 
@@ -275,7 +275,7 @@ def test_the_output_dir_check_creates_nothing(tmp_path):
 
 
 def test_failed_uploads_go_to_the_volume_when_the_cache_is_baked_into_the_image(monkeypatch, tmp_path):
-    monkeypatch.setattr(config_module, "VOLUME_ROOT", tmp_path / "volume")
+    monkeypatch.setattr(config_module, "RUNPOD_VOLUME", tmp_path / "volume")
     (tmp_path / "volume").mkdir()
     config = load_config({"CACHE_DIR": str(tmp_path / "models"), "OUTPUT_DIR": str(tmp_path / "o")})
     assert config.durable_dir == tmp_path / "volume" / "turbovideo" / "outputs"

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-GIB = 1 << 30
+from turbovideo.pipeline.host_memory import GIB
+
 # Kept free for the CUDA context, allocator fragmentation and kernels' workspaces.
 SAFETY_FRACTION = 0.05
 SAFETY_MIN_BYTES = GIB // 2

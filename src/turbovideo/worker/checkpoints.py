@@ -49,6 +49,7 @@ from turbovideo.worker.locking import STALE_AFTER_S, VolumeLock, read_owner
 
 logger = logging.getLogger(__name__)
 
+# Serverless workers mount the network volume here; what must outlive the worker goes onto it.
 RUNPOD_VOLUME = Path("/runpod-volume")
 POLL_S = 1.0  # how often a waiting worker looks at someone else's download
 WAIT_REPORT_EVERY_S = 20.0

@@ -1,7 +1,9 @@
 """Worker settings read from the environment, once, at start.
 
-Every variable the README documents is read here and nowhere else, so a typo in the endpoint's
-settings becomes one ``ConfigError`` sentence instead of a surprise in the middle of a job.
+Every variable the README documents is checked here, so a typo in the endpoint's settings becomes one
+``ConfigError`` sentence instead of a surprise in the middle of a job. A few are read where they act,
+with the same rules: CACHE_DIR and the Hub's (checkpoints.py, hub_transfer.py), TRITON_CACHE_DIR and
+TORCHINDUCTOR_CACHE_DIR (compile_cache.py), RUNPOD_POD_ID (locking.py names a lock's owner by it).
 """
 
 from __future__ import annotations
@@ -14,12 +16,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from turbovideo.catalog import ALIASES, MODELS, ModelSpec, prefer_quantized, resolve_models
-from turbovideo.worker.checkpoints import default_cache_dir, hub_offline
+from turbovideo.worker.checkpoints import RUNPOD_VOLUME, default_cache_dir, hub_offline
 from turbovideo.worker.hub_transfer import hub_setting_problem
 from turbovideo.worker.logs import secret_values
 
-# Serverless workers mount the network volume here; outputs that must survive go onto it.
-VOLUME_ROOT = Path("/runpod-volume")
 VARIANTS = ("auto", "bf16", "quant")
 _BUCKET_VARS = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME")
 # The runpod SDK's levels. It reads RUNPOD_LOG_LEVEL when imported and raises on any other value (WARNING,
@@ -63,7 +63,7 @@ class WorkerConfig:
 
 
 def is_on_runpod(env: Mapping[str, str]) -> bool:
-    return bool(env.get("RUNPOD_POD_ID") or env.get("RUNPOD_WEBHOOK_GET_JOB"))
+    return bool(env.get("RUNPOD_POD_ID")) or in_job_loop(env)
 
 
 def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -103,9 +103,9 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
 
 
 def in_job_loop(env: Mapping[str, str]) -> bool:
-    """Whether the runpod SDK runs RunPod's job loop (production: RUNPOD_WEBHOOK_GET_JOB set), where its
-    fitness checks run once the start is done."""
-    return bool(env.get("RUNPOD_WEBHOOK_GET_JOB"))
+    """Whether the runpod SDK runs RunPod's job loop (production: RUNPOD_WEBHOOK_GET_JOB set, even empty,
+    as the SDK tells), where its fitness checks run once the start is done."""
+    return env.get("RUNPOD_WEBHOOK_GET_JOB") is not None
 
 
 def system_checks_run(env: Mapping[str, str]) -> bool:
@@ -241,10 +241,10 @@ def _nearest_folder(name: str, path: Path, why: str = "") -> Path:
 def _durable_dir(cache_dir: Path, output_dir: Path) -> Path:
     """Where videos whose upload failed are kept: on the network volume when one is mounted (next to
     the cache if the cache is on it; a cache baked into the image is not), else in OUTPUT_DIR."""
-    if not VOLUME_ROOT.is_dir():
+    if not RUNPOD_VOLUME.is_dir():
         return output_dir
-    on_volume = cache_dir.resolve().is_relative_to(VOLUME_ROOT.resolve())
-    return (cache_dir if on_volume else VOLUME_ROOT / "turbovideo") / "outputs"
+    on_volume = cache_dir.resolve().is_relative_to(RUNPOD_VOLUME.resolve())
+    return (cache_dir if on_volume else RUNPOD_VOLUME / "turbovideo") / "outputs"
 
 
 def use_quantized(variant: str, gpu_memory_bytes: int | None) -> bool:

@@ -2,8 +2,9 @@
 
 ``VideoService.handle`` never raises. Whatever goes wrong becomes ``{"error": "<CODE>: <one line>"}``
 (RunPod shows a raised exception to the client as a JSON traceback, and a non-string error as a
-500); the traceback of an unexpected failure goes to the worker log only. A GPU that ran out of
-memory or lost its CUDA context also asks RunPod to replace the worker (``refresh_worker``).
+500); the traceback of an unexpected failure goes to the worker log only. A failure a fresh worker
+would not meet (a GPU out of memory or with a lost CUDA context, a broken multi-GPU group, a disk
+that could not take the video) also asks RunPod to replace the worker (``refresh_worker``).
 RunPod calls ``handle_async``, which runs ``handle`` on the worker's one GPU thread so that a job
 RunPod stops (cancelled, or past its execution timeout) stops at its next step instead of running to
 the end.
@@ -437,7 +438,9 @@ def _generation_request(request: VideoRequest, spec: ModelSpec, image: Any) -> G
 
 
 def error_response(exc: BaseException, job_id: str) -> dict[str, Any]:
-    """``{"error": "<CODE>: <one line>"}`` for a failed job, plus ``refresh_worker`` when the GPU is suspect."""
+    """``{"error": "<CODE>: <one line>"}`` for a failed job, plus ``refresh_worker`` where a fresh worker
+    would not fail the same way (its GPU, its process group or its disk is suspect)."""
+    refresh = False
     if isinstance(exc, InputError):
         code, message = "E_INPUT", str(exc)
     elif isinstance(exc, JobStopped):
@@ -447,19 +450,19 @@ def error_response(exc: BaseException, job_id: str) -> dict[str, Any]:
     elif isinstance(exc, UploadError):
         code, message = "E_UPLOAD", str(exc)
     elif is_out_of_memory(exc):
-        code = "E_OOM"
+        code, refresh = "E_OOM", True
         message = (
             "the GPU ran out of memory; ask for fewer frames, samples or a lower resolution "
             "(this worker is being replaced)"
         )
     elif isinstance(exc, ParallelError):
-        code = "E_CUDA"
+        code, refresh = "E_CUDA", True
         message = f"the multi-GPU group failed ({one_line(str(exc), 300)}); this worker is being replaced, retry the job"
     elif isinstance(exc, EncodeError):  # this worker's disk: a fresh worker brings a fresh one
-        code = "E_INTERNAL"
+        code, refresh = "E_INTERNAL", True
         message = f"{exc}; this worker is being replaced, retry the job"
     elif is_cuda_broken(exc):
-        code = "E_CUDA"
+        code, refresh = "E_CUDA", True
         message = f"the GPU failed ({one_line(str(exc), 200)}); this worker is being replaced, retry the job"
     else:
         code, message = (
@@ -467,7 +470,7 @@ def error_response(exc: BaseException, job_id: str) -> dict[str, Any]:
             f"unexpected {type(exc).__name__}; the worker log has the details (job {job_id})",
         )
     answer: dict[str, Any] = {"error": f"{code}: {one_line(message, 1000)}"}
-    if code in ("E_OOM", "E_CUDA") or isinstance(exc, EncodeError):
+    if refresh:
         answer["refresh_worker"] = True
         if torch.cuda.is_available():
             # A broken CUDA context fails this call as well: the answer (and its refresh_worker) still goes.

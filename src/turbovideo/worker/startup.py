@@ -36,6 +36,7 @@ from turbovideo.worker.checkpoints import CheckpointDownloadError, offline_setti
 from turbovideo.worker.config import (
     ConfigError,
     WorkerConfig,
+    in_job_loop,
     load_config,
     system_checks_run,
     unreadable_gpu_check_numbers,
@@ -231,7 +232,7 @@ def _check_port(host: str, port: int) -> None:
 def _runs_test_input_json(serve_api: bool, env: Mapping[str, str]) -> bool:
     """Whether the SDK runs test_input.json: not serving an HTTP API and not in RunPod's job loop."""
     realtime = env.get("RUNPOD_REALTIME_PORT", "0") != "0"
-    return not (serve_api or realtime or env.get("RUNPOD_WEBHOOK_GET_JOB") is not None)
+    return not (serve_api or realtime or in_job_loop(env))
 
 
 def _check_job(text: str, source: str) -> None:
