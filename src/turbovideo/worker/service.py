@@ -29,10 +29,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-try:  # one synchronous post (the SDK 1.12 this worker pins), so one thread can send them in order
-    from runpod.serverless.modules.rp_progress import _thread_target as post_progress
-except ImportError:  # another SDK release: its public call, which posts from a thread per update
-    from runpod.serverless import progress_update as post_progress
+# One synchronous post (SDK 1.12, which pyproject pins), so that one thread can send them in order.
+from runpod.serverless.modules.rp_progress import _thread_target as post_progress
 
 from turbovideo.catalog import ALIASES, MAX_SEED, ModelSpec
 from turbovideo.errors import InputError, one_line
@@ -268,7 +266,7 @@ class VideoService:
         job_id: str,
         result: GenerationResult,
         request: VideoRequest,
-        check_stop: Callable[[], None] | None = None,
+        check_stop: Callable[[], None],
     ) -> tuple[dict[str, Any], list[str]]:
         """The response fields naming the files (URLs or paths, plus base64 where asked and it fits)
         and warnings. The files always reach the storage first; base64 is an extra, so when a failed
@@ -392,7 +390,7 @@ def _warm_up_on_gpu_thread(pipeline: VideoPipeline) -> None:
         raise
 
 
-def _warm_up(pipeline: VideoPipeline, progress: Callable[[ProgressEvent], None] | None = None) -> None:
+def _warm_up(pipeline: VideoPipeline, progress: Callable[[ProgressEvent], None]) -> None:
     """One throwaway generation, so the first job runs at warm speed. A failure is logged, not fatal:
     the jobs then answer for whatever is wrong (E_OOM, E_CUDA) as they would without a warm-up. Only a
     broken multi-GPU group fails the start: no job could run, and the start's answer says what to change."""
