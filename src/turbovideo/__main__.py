@@ -17,13 +17,16 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from PIL import Image
 
 from turbovideo.catalog import ALIASES, DEFAULT_FPS, DEFAULT_FRAMES, MODELS, ModelSpec
 from turbovideo.errors import InputError
 from turbovideo.files import write_failure
+
+if TYPE_CHECKING:
+    from turbovideo.pipeline.request import GenerationRequest, GenerationResult, ProgressEvent
 
 # Tiny models default to 17 frames (about 1 s), which keeps a CPU run to seconds.
 TINY_DEFAULT_FRAMES = 17
@@ -116,6 +119,36 @@ def main(argv: list[str] | None = None) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     spec = _spec(args.model, with_image=args.image is not None)
+    _check_checkpoint_dir(args, spec)
+    out = _check_out(args.out)
+    # Heavy imports (torch, the models) only once the command line is known to be usable; the helpers
+    # below import from these modules again, at no cost.
+    with _interrupt_held():
+        from turbovideo.models import CheckpointError
+        from turbovideo.pipeline import VideoPipeline  # noqa: F401
+        from turbovideo.pipeline.request import check_request
+        from turbovideo.pipeline.video import EncodeError
+
+    request = _request(args, spec)
+    try:
+        check_request(request, spec)
+        targets = _targets(out, request.num_samples)
+        _check_targets(out, targets)
+        result = _run(spec, args, request, out, targets)
+    except InputError as err:
+        _fail(f"turbovideo: {err}", USAGE_ERROR)
+    except EncodeError as err:  # its path is the scratch folder's, gone by now
+        _fail(f"turbovideo: could not write the video for --out {out}: {err.reason}", RUN_ERROR)
+    except (CheckpointError, OSError) as err:
+        _fail(f"turbovideo: {err}", RUN_ERROR)
+    except (RuntimeError, MemoryError) as err:  # torch's out-of-memory and CUDA errors among them
+        _fail(f"turbovideo: generation failed ({type(err).__name__}): {str(err).strip()}", RUN_ERROR)
+    _report(result, targets)
+    return 0
+
+
+def _check_checkpoint_dir(args: argparse.Namespace, spec: ModelSpec) -> None:
+    """Random weights take no --checkpoint_dir; the published models need one that is a folder."""
     if spec.is_random and args.checkpoint_dir is not None:
         _fail(
             f"turbovideo: --checkpoint_dir is for the published models; {spec.name} has seeded random "
@@ -133,26 +166,29 @@ def _generate(args: argparse.Namespace) -> int:
             f"--checkpoint_dir DIR/models/{spec.name}-{variant}",
             USAGE_ERROR,
         )
-    out = Path(args.out)
+
+
+def _check_out(text: str) -> Path:
+    """``--out`` as a path: an .mp4 file's name, not a folder's."""
+    out = Path(text)
     try:
         is_dir = out.is_dir()
     except OSError as err:  # e.g. a name longer than the file system takes
         _fail(f"turbovideo: --out {out}: {err.strerror}", USAGE_ERROR)
-    if is_dir or os.path.basename(args.out) in ("", ".", ".."):  # "new/" or "new/.": a folder
+    if is_dir or os.path.basename(text) in ("", ".", ".."):  # "new/" or "new/.": a folder
         _fail(
             f"turbovideo: --out {out} is a directory; name the video file, e.g. {out / 'video.mp4'}",
             USAGE_ERROR,
         )
     if out.suffix.lower() != ".mp4":  # the file is H.264 in MP4 whatever it is named
         _fail(f"turbovideo: --out must name an .mp4 file (the video is H.264 MP4), got {out}", USAGE_ERROR)
-    # Heavy imports (torch, the models) only once the command line is known to be usable.
-    with _interrupt_held():
-        from turbovideo.models import CheckpointError
-        from turbovideo.pipeline import GenerationRequest, VideoPipeline
-        from turbovideo.pipeline.request import check_request
-        from turbovideo.pipeline.video import EncodeError
+    return out
 
-    request = GenerationRequest(
+
+def _request(args: argparse.Namespace, spec: ModelSpec) -> GenerationRequest:
+    from turbovideo.pipeline.request import GenerationRequest
+
+    return GenerationRequest(
         prompt=args.prompt,
         task=spec.task,
         image=_open_image(args.image),
@@ -170,49 +206,55 @@ def _generate(args: argparse.Namespace) -> int:
         boundary=args.boundary,
         fps=args.fps,
     )
+
+
+def _check_targets(out: Path, targets: list[Path]) -> None:
+    """A file the video cannot take is refused now, not once the run is done."""
+    for target in targets:
+        if target.is_dir():
+            raise InputError(f"--out {out}: a sample's file {target} is a directory; name another file")
+        if not _replaceable(target):
+            raise InputError(
+                f"--out {out}: {target} is another user's file in a folder that only lets owners replace "
+                "theirs (sticky, like /tmp); name another file"
+            )
+
+
+def _run(
+    spec: ModelSpec, args: argparse.Namespace, request: GenerationRequest, out: Path, targets: list[Path]
+) -> GenerationResult:
+    """Load, generate into a scratch folder beside ``out`` and move the videos to ``targets``."""
+    from turbovideo.pipeline import VideoPipeline
+
+    # The folders this run makes for --out, deepest first: a failed run removes them again.
+    made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
+    try:  # before loading: a folder that cannot take the video fails in a second, not after minutes
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=".turbovideo-")
+    except OSError as err:
+        _fail(f"turbovideo: cannot write --out {out}: {write_failure(out, err)}", USAGE_ERROR)
     try:
-        check_request(request, spec)
-        targets = _targets(out, request.num_samples)
-        for target in targets:  # a file the video cannot take: refused now, not once the run is done
-            if target.is_dir():
-                raise InputError(f"--out {out}: a sample's file {target} is a directory; name another file")
-            if not _replaceable(target):
-                raise InputError(
-                    f"--out {out}: {target} is another user's file in a folder that only lets owners replace "
-                    "theirs (sticky, like /tmp); name another file"
-                )
-        # The folders this run makes for --out, deepest first: a failed run removes them again.
-        made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
-        try:  # before loading: a folder that cannot take the video fails in a second, not after minutes
-            out.parent.mkdir(parents=True, exist_ok=True)
-            scratch_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=".turbovideo-")
-        except OSError as err:
-            _fail(f"turbovideo: cannot write --out {out}: {write_failure(out, err)}", USAGE_ERROR)
-        try:
-            with scratch_dir as scratch:
-                pipe = VideoPipeline.load(
-                    spec, args.checkpoint_dir, quantized=args.quant, attention=request.attention
-                )
-                bar = ProgressBar(sys.stderr)
-                try:
-                    result = pipe.generate(request, Path(scratch), bar)
-                finally:  # a run that fails mid-stage: its message must not land on the bar's line
-                    bar.end_line()
-                for video, target in zip(result.videos, targets, strict=True):
-                    os.replace(video, target)  # same folder; refuses a directory instead of filling it
-        except BaseException:  # no video: the folders made for it go too, unless something else is in them
-            for folder in made:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            raise
-    except InputError as err:
-        _fail(f"turbovideo: {err}", USAGE_ERROR)
-    except EncodeError as err:  # its path is the scratch folder's, gone by now
-        _fail(f"turbovideo: could not write the video for --out {out}: {err.reason}", RUN_ERROR)
-    except (CheckpointError, OSError) as err:
-        _fail(f"turbovideo: {err}", RUN_ERROR)
-    except (RuntimeError, MemoryError) as err:  # torch's out-of-memory and CUDA errors among them
-        _fail(f"turbovideo: generation failed ({type(err).__name__}): {str(err).strip()}", RUN_ERROR)
+        with scratch_dir as scratch:
+            pipe = VideoPipeline.load(
+                spec, args.checkpoint_dir, quantized=args.quant, attention=request.attention
+            )
+            bar = ProgressBar(sys.stderr)
+            try:
+                result = pipe.generate(request, Path(scratch), bar)
+            finally:  # a run that fails mid-stage: its message must not land on the bar's line
+                bar.end_line()
+            for video, target in zip(result.videos, targets, strict=True):
+                os.replace(video, target)  # same folder; refuses a directory instead of filling it
+    except BaseException:  # no video: the folders made for it go too, unless something else is in them
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return result
+
+
+def _report(result: GenerationResult, targets: list[Path]) -> None:
+    """The run's summary and warnings on stderr; the videos' paths on stdout, one a line."""
     timings = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items())
     _note(
         f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
@@ -225,7 +267,6 @@ def _generate(args: argparse.Namespace) -> int:
             _print_path(target)
     except BrokenPipeError:  # read by something that stopped early (`| head -1`): the videos are written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
-    return 0
 
 
 @contextlib.contextmanager
@@ -253,13 +294,15 @@ def _interrupt_held():
 
 
 def _spec(name: str, with_image: bool) -> ModelSpec:
-    if name == "tiny":
-        return MODELS["tiny-i2v" if with_image else "tiny-t2v"]
-    if name not in MODELS:
+    """The named model; an alias (``tiny``) names its models, chosen among by task as the worker does."""
+    names = ALIASES.get(name, (name,))
+    if not all(n in MODELS for n in names):
         _fail(
-            f"turbovideo: unknown model {name!r}; choose one of {', '.join([*MODELS, 'tiny'])}", USAGE_ERROR
+            f"turbovideo: unknown model {name!r}; choose one of {', '.join([*MODELS, *ALIASES])}", USAGE_ERROR
         )
-    return MODELS[name]
+    specs = [MODELS[n] for n in names]
+    task = "i2v" if with_image else "t2v"
+    return next((spec for spec in specs if spec.task == task), specs[0])
 
 
 def _default_frames(spec: ModelSpec) -> int:
@@ -319,7 +362,7 @@ class ProgressBar:
         self.redraw = stream is not None and stream.isatty()
         self._line_open = False  # a redrawn bar whose stage has not finished: no newline after it yet
 
-    def __call__(self, event) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         filled = round(self.WIDTH * event.step / event.total)
         line = f"{event.stage:<8}[{'#' * filled}{'.' * (self.WIDTH - filled)}] {event.step}/{event.total}"
         if self.redraw:
