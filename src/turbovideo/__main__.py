@@ -313,7 +313,7 @@ def _open_image(path: Path | None) -> Image.Image | None:
     """The image as the endpoint would use it: upright by its EXIF orientation, within its limits."""
     if path is None:
         return None
-    from turbovideo.worker.inputs import MAX_IMAGE_BYTES, open_image
+    from turbovideo.images import MAX_IMAGE_BYTES, open_image
 
     try:
         with path.open("rb") as file:  # bounded: a device file or a huge file is not read whole

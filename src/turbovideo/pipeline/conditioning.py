@@ -14,24 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from turbovideo.images import to_rgb
+
 # The mask has 4 channels: one per pixel frame folded into each latent frame by the VAE's 4x time compression.
 MASK_CHANNELS = 4
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB, as upstream's ``convert("RGB")`` gives, except for 16-bit grayscale (PNG), which Pillow
-    would clip at 255 (a mostly white frame): its values are scaled to 8 bits first. That covers mode
-    ``I;16*`` and a 32-bit ``I`` image holding values above 255 (older Pillows open 16-bit PNGs so); an
-    ``I`` image within 0-255 is plain 8-bit data. Alpha is dropped."""
-    if image.mode == "RGB":  # already decoded so by the worker: no copy
-        return image
-    if image.mode.startswith("I;16"):
-        values = np.asarray(image).astype(np.uint16) >> 8
-    elif image.mode == "I" and image.getextrema()[1] > 255:
-        values = np.clip(np.asarray(image), 0, 65535) >> 8
-    else:
-        return image.convert("RGB")
-    return Image.fromarray(values.astype(np.uint8), mode="L").convert("RGB")
 
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""The I2V start image: fetched from a public URL or decoded from base64, then opened safely.
+"""The I2V start image of a request: fetched from a public URL or decoded from base64, then opened
+by ``turbovideo.images`` (which checks the bytes before decoding them).
 
 A request's URL is fetched by the worker, inside the provider's network, so it must not reach
 anything a stranger could not: every hop of a redirect chain is resolved and each of its addresses
 checked, and the connection goes to those checked addresses, in turn (a second DNS answer cannot swap
-in 127.0.0.1). Sizes are bounded before anything is decoded, and Pillow's pixel-count guard is an
-error here, not a warning.
+in 127.0.0.1). Sizes are bounded before anything is read whole.
 """
 
 from __future__ import annotations
@@ -12,31 +12,22 @@ from __future__ import annotations
 import base64
 import binascii
 import http.client
-import io
 import ipaddress
 import re
 import socket
 import ssl
-import struct
 import threading
 import time
-import warnings
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from turbovideo.errors import InputError, one_line
-from turbovideo.pipeline.conditioning import to_rgb
+from turbovideo.errors import InputError
+from turbovideo.images import MAX_IMAGE_BYTES, open_image, reason
 
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
-MAX_IMAGE_PIXELS = 50_000_000  # about 8K x 6K; a 48 MP phone photo still fits
-# Longest side over shortest. Video frames are at most 16:9; a sliver of a few pixels by millions cost
-# minutes and tens of GB in the antialiased resize while fitting the byte and pixel limits.
-MAX_IMAGE_ASPECT = 8
 FETCH_TIMEOUT_S = 15.0
 MAX_REDIRECTS = 5
 MAX_URL_CHARS = 2048
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 # "host:port" pairs the address check lets through. Only tests put their loopback server here;
 # nothing in a request can add to it.
@@ -103,47 +94,6 @@ def decode_base64(text: str) -> bytes:
         ) from None
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Decode image bytes without trusting their header: size checked first, then verified, then loaded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as probe:
-                width, height = probe.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise InputError(
-                        f"image must have at most {MAX_IMAGE_PIXELS} pixels, got {width}x{height}"
-                    )
-                if max(width, height) > MAX_IMAGE_ASPECT * min(width, height):
-                    raise InputError(
-                        f"image sides must be within {MAX_IMAGE_ASPECT}:1 of each other, got {width}x{height}"
-                    )
-                probe.verify()
-            # verify() leaves the image unusable; decoding starts again from the bytes.
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-                image.load()
-                return to_rgb(_upright(image))
-    except InputError:
-        raise
-    except UnidentifiedImageError:
-        raise InputError(
-            f"image is not a {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} image"
-        ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"image must have at most {MAX_IMAGE_PIXELS} pixels") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InputError(f"image could not be decoded ({_reason(exc)})") from None
-
-
-def _upright(image: Image.Image) -> Image.Image:
-    """The image as it is displayed: phone photos store the camera's rotation in EXIF. An EXIF block that
-    cannot be read (not TIFF data, or cut short) says no rotation; the pixels decoded all the same."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except (SyntaxError, ValueError, OSError, EOFError, struct.error):
-        return image
-
-
 def fetch_url(url: str, *, timeout_s: float = FETCH_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """GET a public http(s) URL, following at most ``MAX_REDIRECTS`` redirects, each one checked."""
     if len(url) > MAX_URL_CHARS:
@@ -161,7 +111,7 @@ def fetch_url(url: str, *, timeout_s: float = FETCH_TIMEOUT_S, max_bytes: int = 
                 try:
                     url = urljoin(url, location)
                 except ValueError as exc:  # e.g. an unclosed [ in the host
-                    raise InputError(f"image URL redirected to an invalid URL ({_reason(exc)})") from None
+                    raise InputError(f"image URL redirected to an invalid URL ({reason(exc)})") from None
                 continue
             if response.status != 200:
                 raise InputError(f"image URL answered HTTP {response.status}, expected 200")
@@ -176,7 +126,7 @@ def _get(url: str, deadline: _Deadline) -> tuple[http.client.HTTPConnection, htt
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # e.g. "http://[oops/": an unclosed or invalid bracketed host
-        raise InputError(f"image URL is not a valid URL ({_reason(exc)})") from None
+        raise InputError(f"image URL is not a valid URL ({reason(exc)})") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise InputError(f"image URL must use http or https, got {scheme or 'no scheme'}:")
@@ -208,7 +158,7 @@ def _get(url: str, deadline: _Deadline) -> tuple[http.client.HTTPConnection, htt
     except (OSError, http.client.HTTPException) as exc:
         connection.finish()
         deadline.remaining()  # the watchdog's doing: say so
-        raise InputError(f"image URL could not be fetched from {host} ({_reason(exc)})") from None
+        raise InputError(f"image URL could not be fetched from {host} ({reason(exc)})") from None
 
 
 def _public_addresses(host: str, port: int, deadline: _Deadline) -> list[str]:
@@ -341,7 +291,7 @@ def _read_body(
             chunk = response.read1(64 * 1024)
         except (OSError, http.client.HTTPException) as exc:  # HTTPException: a broken chunked body
             deadline.remaining()
-            raise InputError(f"image URL download failed ({_reason(exc)})") from None
+            raise InputError(f"image URL download failed ({reason(exc)})") from None
         if not chunk:
             deadline.remaining()  # an EOF from the watchdog is a timeout, not a short body
             if declared is not None and size < declared:
@@ -372,7 +322,3 @@ class _Deadline:
 
 def _megabytes(size: int) -> str:
     return f"{size / 2**20:.1f} MB".replace(".0 MB", " MB")
-
-
-def _reason(exc: BaseException) -> str:
-    return one_line(str(exc) or type(exc).__name__, 200)
