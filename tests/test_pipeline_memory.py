@@ -12,17 +12,19 @@ from turbovideo.catalog import MODELS, prefer_quantized
 from turbovideo.errors import InputError
 from turbovideo.pipeline import GenerationRequest, HostMemoryError, VideoPipeline
 from turbovideo.pipeline import pipeline as pipeline_module
-from turbovideo.pipeline.host_memory import GIB, HostMemory
-from turbovideo.pipeline.memory import (
+from turbovideo.pipeline.device_slots import (
     _LIVE_SLOTS,
-    TEXT_ACTIVATION_BYTES,
     DeviceSlot,
-    Stage,
     _host_copies,
-    dit_activation_bytes,
     module_bytes,
     pack_pinned,
     pinned_bytes,
+)
+from turbovideo.pipeline.host_memory import GIB, HostMemory
+from turbovideo.pipeline.memory import (
+    TEXT_ACTIVATION_BYTES,
+    Stage,
+    dit_activation_bytes,
     plan,
     usable_bytes,
     vae_activation_bytes,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from turbovideo.kernels.cuda_graph import SegmentedGraph
-from turbovideo.pipeline.memory import canonical_device
+from turbovideo.pipeline.device_slots import canonical_device
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _signature(value: torch.Tensor | None) -> tuple | None:
 
 
 def _weight_slots(model: nn.Module) -> list[tuple[dict, str]]:
-    """Where to look up each weight: moving a module (``.to()``, pipeline.memory.DeviceSlot) assigns
+    """Where to look up each weight: moving a module (``.to()``, pipeline.device_slots.DeviceSlot) assigns
     new tensors or data there. Reading them at each call takes 0.15 ms for the 1.3B's 1,185 tensors
     (2 ms walking the modules; on our 2-core CI machine)."""
     return [

@@ -42,20 +42,16 @@ from turbovideo.models.text_padding import context_lengths, context_rows
 from turbovideo.models.tokenizer import PromptTokenizer
 from turbovideo.pipeline.assets import pick_variant, shared_assets
 from turbovideo.pipeline.conditioning import image_condition
+from turbovideo.pipeline.device_slots import DeviceSlot, canonical_device, held_host_bytes, slot_for, slots_on
 from turbovideo.pipeline.forward_graphs import graphs_on
 from turbovideo.pipeline.host_memory import HostMemory, HostMemoryError, gib_text, read_host_memory
 from turbovideo.pipeline.memory import (
     GIB,
     TEXT_ACTIVATION_BYTES,
-    DeviceSlot,
     Placement,
     Stage,
-    canonical_device,
     dit_activation_bytes,
-    held_host_bytes,
     plan,
-    slot_for,
-    slots_on,
     usable_bytes,
     vae_activation_bytes,
 )

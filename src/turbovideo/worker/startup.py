@@ -30,8 +30,8 @@ import torch
 from turbovideo.errors import one_line
 from turbovideo.models.checkpoint import CheckpointError
 from turbovideo.parallel.errors import ParallelError
+from turbovideo.pipeline.device_slots import held_host_bytes
 from turbovideo.pipeline.host_memory import GIB, HostMemory, HostMemoryError, gib_text, read_host_memory
-from turbovideo.pipeline.memory import held_host_bytes
 from turbovideo.worker.checkpoints import CheckpointDownloadError, offline_setting, verify_cached
 from turbovideo.worker.config import (
     ConfigError,
