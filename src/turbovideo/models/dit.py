@@ -79,7 +79,10 @@ def _moments_of(stream: torch.Tensor) -> torch.Tensor | None:
     return stream.new_empty((math.prod(rows), dim // QUANT_BLOCK, 2), dtype=torch.float32)
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """An attention layer's q, k, v and o linears and its q/k RMSNorms (checkpoint keys ``q``, ``k``,
+    ``v``, ``o``, ``norm_q``, ``norm_k``)."""
+
     def __init__(self, config: DiTConfig, dtype: torch.dtype, quantized: bool) -> None:
         super().__init__()
         dim = config.dim
@@ -87,9 +90,15 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (_block_linear(dim, dim, dtype, quantized) for _ in range(4))
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
-        self.attn_op = AttentionOp(config.head_dim, dtype)
-        # With int8 linears and 128-wide heads, a backend that can (SageSLA) writes o's int8 input.
+        # With int8 linears and 128-wide heads, 128 rows of a head are one of o's input scale tiles: an
+        # attention kernel that can (SageSLA; cross-attention's own) writes o's int8 input itself.
         self.writes_int8 = quantized and dim == self.num_heads * QUANT_BLOCK
+
+
+class SelfAttention(_Projections):
+    def __init__(self, config: DiTConfig, dtype: torch.dtype, quantized: bool) -> None:
+        super().__init__(config, dtype, quantized)
+        self.attn_op = AttentionOp(config.head_dim, dtype)
 
     def forward(
         self,
@@ -118,24 +127,14 @@ class SelfAttention(nn.Module):
         )
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Attention from the video tokens to all text rows (padding rows included: upstream uses no mask).
 
     ``bias`` ([1, 1, 1, keys] or None) is added to the scores: the stand-in keys of upstream's zero
-    padding carry it (DiTInputs.context_bias).
+    padding carry it (DiTInputs.context_bias). Where it writes o's int8 input (``writes_int8``), the
+    fused path's kernel (kernels/cross_attention.py) runs without cuDNN and folds q's RMSNorm into its
+    scores, from the sums of squares the q projection wrote.
     """
-
-    def __init__(self, config: DiTConfig, dtype: torch.dtype, quantized: bool) -> None:
-        super().__init__()
-        dim = config.dim
-        self.num_heads = config.num_heads
-        self.q, self.k, self.v, self.o = (_block_linear(dim, dim, dtype, quantized) for _ in range(4))
-        self.norm_q = RMSNorm(dim, config.eps)
-        self.norm_k = RMSNorm(dim, config.eps)
-        # With int8 linears and 128-wide heads, 128 rows of a head are one of o's input scale tiles: the
-        # fused path's kernel writes o's int8 input itself (kernels/cross_attention.py), without cuDNN,
-        # and folds q's RMSNorm into its scores, from the sums of squares the q projection wrote.
-        self.writes_int8 = quantized and dim == self.num_heads * QUANT_BLOCK
 
     def forward(
         self,
@@ -342,7 +341,7 @@ class WanDiT(nn.Module):
 
     @property
     def attention_backend(self) -> str:
-        return self._local_attentions()[0].backend.name
+        return self.self_attentions()[0].backend.name
 
     @property
     def sla_topk(self) -> float:
@@ -355,12 +354,13 @@ class WanDiT(nn.Module):
             if not 0.0 < topk <= 1.0:
                 raise ValueError(f"sla_topk must be in (0, 1], got {topk}")
             self._sla_topk = topk
-        for local in self._local_attentions():
+        for local in self.self_attentions():
             if local.backend != backend or local.topk != self._sla_topk:  # each assignment costs the host
                 local.backend = backend
                 local.topk = self._sla_topk
 
-    def _local_attentions(self) -> list[nn.Module]:
+    def self_attentions(self) -> list[nn.Module]:
+        """Every block's self-attention (``LocalAttention``), whose ``backend`` runs the attention math."""
         return [block.self_attn.attn_op.local_attn for block in self.blocks]
 
     def forward(

@@ -120,7 +120,7 @@ def gather_rows(x: torch.Tensor, dim: int, length: int, group: dist.ProcessGroup
 @contextlib.contextmanager
 def _attention_over(model: nn.Module, group: dist.ProcessGroup, length: int) -> Iterator[None]:
     """Route every block's self-attention through the all-to-all for one forward, then restore it."""
-    attentions = [block.self_attn.attn_op.local_attn for block in model.blocks]
+    attentions = model.self_attentions()
     backends = [attention.backend for attention in attentions]
     for attention, backend in zip(attentions, backends, strict=True):
         attention.backend = UlyssesAttention(backend, group, length)
