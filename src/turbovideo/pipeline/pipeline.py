@@ -7,7 +7,6 @@ denoise (rCM sampling with the DiT, switching I2V experts at the boundary), deco
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import tempfile
@@ -22,7 +21,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from turbovideo import catalog
 from turbovideo.catalog import ModelSpec
 from turbovideo.errors import InputError
 from turbovideo.models import (
@@ -56,13 +54,13 @@ from turbovideo.pipeline.memory import (
     vae_activation_bytes,
 )
 from turbovideo.pipeline.prompt_cache import PromptCache
+from turbovideo.pipeline.refusals import what_fits
 from turbovideo.pipeline.request import (
     GenerationRequest,
     GenerationResult,
     ProgressEvent,
     check_request,
     frame_size,
-    supported_resolutions,
 )
 from turbovideo.pipeline.sampler import expert_per_step, network_timestep, rf_times, sample
 from turbovideo.pipeline.video import SampleMuxer
@@ -545,53 +543,16 @@ class VideoPipeline:
 
     def _too_big(self, request: GenerationRequest, placement: Placement, budget: int) -> str:
         """One line for a request no placement fits: what it needs, what the GPU has, and what fits."""
-        advice = self._what_fits(
-            request, lambda changed: self._plan(changed).placement.fits, "does not fit on this GPU, not even"
+        advice = what_fits(
+            request,
+            self.spec,
+            lambda changed: self._plan(changed).placement.fits,
+            "does not fit on this GPU, not even",
         )
         return (
             f"this request needs about {placement.peak_bytes / GIB:.1f} GiB of GPU memory and this GPU has "
             f"{budget / GIB:.1f} GiB for it; {advice}"
         )
-
-    def _what_fits(
-        self, request: GenerationRequest, accepts: Callable[[GenerationRequest], bool], nowhere: str
-    ) -> str:
-        """Advice for a refused request: the largest ``num_samples`` or ``num_frames`` that ``accepts``
-        with the rest unchanged; else both together, a lower resolution (with the same numbers there),
-        or that not even the smallest request fits (``nowhere`` says where: "does not fit on this GPU,
-        not even"). It only suggests a change the request can still make."""
-
-        def fits(**change: int | str) -> bool:
-            return accepts(dataclasses.replace(request, **change))
-
-        def most_frames(**change: int | str) -> int | None:
-            below = range(request.num_frames - 4, catalog.MIN_FRAMES - 1, -4)
-            return next((f for f in below if fits(num_frames=f, **change)), None)
-
-        def limits(**change: str) -> str | None:
-            """The largest num_samples or num_frames that fit with ``change``, else one sample's frames."""
-            samples = next(
-                (n for n in range(request.num_samples - 1, 0, -1) if fits(num_samples=n, **change)), None
-            )
-            frames = most_frames(**change)
-            found = [f"num_samples at most {samples}"] if samples else []
-            found += [f"num_frames at most {frames}"] if frames else []
-            if found:
-                return " or ".join(found)
-            if request.num_samples > 1 and (together := most_frames(num_samples=1, **change)):
-                return f"num_samples 1 and num_frames at most {together}"
-            return None
-
-        lowest = supported_resolutions(self.spec)[0]
-        above_lowest = (request.resolution or self.spec.default_resolution) != lowest
-        if found := limits():
-            return f"it fits with {found}"
-        if above_lowest and fits(resolution=lowest):
-            return f"it fits at resolution {lowest}"
-        if above_lowest and (found := limits(resolution=lowest)):
-            return f"it fits at resolution {lowest} with {found}"
-        shape = "" if request.adaptive_resolution else f" {request.aspect_ratio}"
-        return f"model {self.spec.name} {nowhere} one {lowest}{shape} sample of {catalog.MIN_FRAMES} frames"
 
     def _place_for(self, request: GenerationRequest, *, move: bool = True, at_load: bool = False) -> None:
         """Decide ``request``'s placement and move the resident modules onto the device (``move=False``:
@@ -603,7 +564,7 @@ class VideoPipeline:
         placement, budget, evict, graphed = self._plan(request)
         if not placement.fits:
             raise InputError(self._too_big(request, placement, budget))
-        self._check_host_room(request, placement, evict, at_load)
+        self._refuse_if_host_short(request, placement, evict, at_load)
         if not move:
             return
         for slot in evict:
@@ -635,7 +596,7 @@ class VideoPipeline:
         host = read_host_memory() if needed else None
         return None if host is None or needed <= host.room else (needed, host)
 
-    def _check_host_room(
+    def _refuse_if_host_short(
         self, request: GenerationRequest, placement: Placement, evict: list[DeviceSlot], at_load: bool
     ) -> None:
         """Raise HostMemoryError, before anything moves, when the pinned host copies ``placement`` would
@@ -662,8 +623,8 @@ class VideoPipeline:
         if at_load:
             advice = "use a machine with more memory, or a GPU with more, which keeps more of them there"
         else:
-            advice = self._what_fits(
-                request, accepts, "needs more host memory than this worker has, even for"
+            advice = what_fits(
+                request, self.spec, accepts, "needs more host memory than this worker has, even for"
             )
         raise HostMemoryError(
             f"model {self.spec.name} moves {what} to host memory while idle, in pinned copies that need about "
