@@ -140,7 +140,7 @@ class SequenceParallelGroup:
         if backend == "nccl" and torch.cuda.device_count() < world_size:
             raise ValueError(f"{world_size} GPUs requested but {torch.cuda.device_count()} are visible")
         configure_environment()  # inherited by the spawned followers, and set again in them
-        device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+        device = _rank_device(backend, 0)
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         context = multiprocessing.get_context("spawn")
         processes, pipes = [], []
@@ -161,16 +161,7 @@ class SequenceParallelGroup:
             group._await_ready()
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            group._join(
-                lambda: dist.init_process_group(
-                    backend,
-                    init_method=init_method,
-                    rank=0,
-                    world_size=world_size,
-                    timeout=timedelta(seconds=timeout_s),
-                    device_id=device if device.type == "cuda" else None,
-                )
-            )
+            group._join(lambda: _join_group(backend, init_method, 0, world_size, timeout_s, device))
         except BaseException as exc:
             raise group._fail(exc) from exc
         logger.info("sequence-parallel group of %d ranks up (%s)", world_size, backend)
@@ -374,6 +365,25 @@ class ParallelDiT(nn.Module):
         return self.group.forward(self.key, self.model, x, t, context, y)
 
 
+def _rank_device(backend: str, rank: int) -> torch.device:
+    """Rank r computes on cuda:r with NCCL; on the CPU with gloo."""
+    return torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+
+
+def _join_group(
+    backend: str, init_method: str, rank: int, world_size: int, timeout_s: float, device: torch.device
+) -> None:
+    """Join the process group as ``rank`` (blocks until every rank has joined, or the timeout)."""
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
 # --------------------------------------------------------------------- follower side
 
 
@@ -391,18 +401,11 @@ def _follower_main(
     try:
         if initializer is not None:
             initializer()
-        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+        device = _rank_device(backend, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         pipe.send(("ready",))
-        dist.init_process_group(
-            backend,
-            init_method=init_method,
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
+        _join_group(backend, init_method, rank, world_size, timeout_s, device)
         _serve(pipe, device)
         dist.destroy_process_group()
     except EOFError:
