@@ -26,7 +26,9 @@ class TritonSLA:
     block_q: int = SLA_BLOCKS[0]
     block_k: int = SLA_BLOCKS[1]
 
-    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj_l: nn.Linear, topk: float
+    ) -> torch.Tensor:
         return sla_attention(q, k, v, proj_l.weight, proj_l.bias, topk, self.block_q, self.block_k)
 
 
@@ -50,7 +52,16 @@ class SageSLA:
     def _blocks() -> tuple[int, int]:
         return sagesla.selection_blocks(sagesla.cuda_arch(torch.device("cuda", torch.cuda.current_device())))
 
-    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float, int8_output: bool = False):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        proj_l: nn.Linear,
+        topk: float,
+        int8_output: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return sagesla.sagesla_attention(q, k, v, proj_l.weight, proj_l.bias, topk, int8_output)
 
 

@@ -16,6 +16,7 @@ import stat
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
@@ -270,7 +271,7 @@ def _report(result: GenerationResult, targets: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def _interrupt_held():
+def _interrupt_held() -> Iterator[None]:
     """Hold a Ctrl-C or SIGTERM that arrives during the block until it ends. Inside torch's import it
     would be lost (torch catches a failed numpy import and runs on) or abort the process from C++."""
     ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminate}

@@ -54,7 +54,9 @@ class DenseAttention:
     block_q = None
     block_k = None
 
-    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj_l: nn.Linear, topk: float
+    ) -> torch.Tensor:
         return F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         ).transpose(1, 2)
@@ -68,7 +70,9 @@ class SLAReference:
     block_k: int = 64
     name: str = "sla-reference"
 
-    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj_l: nn.Linear, topk: float
+    ) -> torch.Tensor:
         return sla_reference(q, k, v, proj_l=proj_l, topk=topk, block_q=self.block_q, block_k=self.block_k)
 
 

@@ -34,7 +34,7 @@ import torch.distributed.distributed_c10d as c10d
 from torch import nn
 
 from turbovideo.errors import one_line
-from turbovideo.models.dit import DIT_CONFIGS, WanDiT
+from turbovideo.models.dit import DIT_CONFIGS, DiTConfig, WanDiT
 
 from .errors import ParallelError
 from .ulysses import check_head_split, sharded_forward
@@ -341,7 +341,7 @@ class ParallelDiT(nn.Module):
         self.key = key
 
     @property
-    def config(self):
+    def config(self) -> DiTConfig:
         return self.model.config
 
     @property

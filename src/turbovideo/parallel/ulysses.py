@@ -61,7 +61,9 @@ class UlyssesAttention:
         self.block_q = inner.block_q
         self.block_k = inner.block_k
 
-    def __call__(self, q, k, v, *, proj_l: nn.Linear, topk: float) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj_l: nn.Linear, topk: float
+    ) -> torch.Tensor:
         world = dist.get_world_size(self.group)
         qkv = _sequence_to_heads((q, k, v), self.group, world)
         q, k, v = (part[:, : self.length].contiguous() for part in qkv)

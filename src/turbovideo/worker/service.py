@@ -413,7 +413,9 @@ def _warm_up(pipeline: VideoPipeline, progress: Callable[[ProgressEvent], None])
     logger.info("warmed up %s in %.1f s", name, seconds)
 
 
-def _generation_request(request: VideoRequest, spec: ModelSpec, image: Any) -> GenerationRequest:
+def _generation_request(
+    request: VideoRequest, spec: ModelSpec, image: Image.Image | None
+) -> GenerationRequest:
     seed = request.seed if request.seed is not None and request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
     return GenerationRequest(
         prompt=request.prompt,
