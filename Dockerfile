@@ -30,7 +30,9 @@ RUN apt-get update \
     && python3.12 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
-COPY builder/ builder/
+# Only what this stage reads: an edit to the runtime's requirements or install.sh does not recompile SpargeAttn.
+COPY builder/requirements-cuda.txt builder/requirements-build.txt builder/constraints.txt builder/build_spargeattn.sh \
+    builder/
 RUN pip install -r builder/requirements-cuda.txt -r builder/requirements-build.txt -c builder/constraints.txt
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
 ARG MAX_JOBS=""
@@ -55,15 +57,17 @@ RUN apt-get update \
     && python3.12 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
-# Requirements first: this multi-GB layer survives edits to the code.
-COPY builder/ builder/
+# Requirements first: this multi-GB layer survives edits to the code (and to the SpargeAttn build's files).
+COPY builder/install.sh builder/requirements-cuda.txt builder/requirements-cpu.txt builder/requirements-runtime.txt \
+    builder/requirements-spargeattn.txt builder/constraints.txt builder/
 RUN builder/install.sh --deps-only
 
 # ---- baked checkpoints (BAKE_MODEL), downloaded by the worker's own cache code ----------------------
 # A stage fed only by the few files the download runs, so that editing the rest of the worker does
 # not download (and push) tens of GB again.
 FROM base AS weights
-COPY src/turbovideo/__init__.py src/turbovideo/catalog.py src/turbovideo/
+COPY src/turbovideo/__init__.py src/turbovideo/catalog.py src/turbovideo/errors.py src/turbovideo/files.py \
+    src/turbovideo/
 COPY src/turbovideo/worker/__init__.py src/turbovideo/worker/checkpoints.py \
     src/turbovideo/worker/hub_transfer.py src/turbovideo/worker/locking.py src/turbovideo/worker/
 COPY scripts/download_checkpoints.py scripts/

@@ -129,9 +129,20 @@ def test_every_copied_path_exists_and_is_in_the_build_context():
 
 
 def test_the_image_gets_what_the_project_build_and_worker_need():
-    copied = {s.strip("/") for s in copy_sources(dockerfile_instructions())}
-    # pyproject's package-dir, its readme, the builder, and the worker's entry point.
-    assert {"pyproject.toml", "README.md", "src", "kernels", "builder", "handler.py", "scripts"} <= copied
+    instructions = dockerfile_instructions()
+    copied = {s.strip("/") for s in copy_sources(instructions)}
+    # pyproject's package-dir, its readme, and the worker's entry point.
+    assert {"pyproject.toml", "README.md", "src", "kernels", "handler.py", "scripts"} <= copied
+    # Each stage copies the builder files it uses, one by one: every one a RUN names, and what install.sh reads.
+    install = (ROOT / "builder" / "install.sh").read_text()
+    used = {f"builder/{name}" for name in re.findall(r"\$builder/([\w.-]+)", install)}
+    used |= {
+        path
+        for keyword, rest in instructions
+        if keyword == "RUN"
+        for path in re.findall(r"builder/[\w.-]+", rest)
+    }
+    assert used and used <= copied, sorted(used - copied)
 
 
 def test_dockerfile_shape():
