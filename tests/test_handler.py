@@ -84,6 +84,18 @@ def test_quickstart_runs_handler_test_input_and_copies_a_playable_video(tmp_path
     assert "'seed': 3" in run.stdout and "'model': 'tiny-t2v'" in run.stdout
 
 
+def test_quickstart_keeps_the_tiny_models_it_was_given(tmp_path):
+    # Was: MODELS=tiny-t2v on a CPU was called a model that needs a GPU and widened to both tiny models.
+    out = tmp_path / "fox.mp4"
+    fields = json.dumps({k: v for k, v in JOB["input"].items() if k != "prompt"})
+    run = run_in_repo(
+        ["bash", "scripts/runpod_quickstart.sh", "a red fox", str(out), fields],
+        worker_env(tmp_path, MODELS=" tiny-t2v"),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "needs a CUDA GPU" not in run.stderr and "serving tiny-t2v\n" in run.stderr
+
+
 def test_quickstart_copies_only_this_runs_videos_and_finds_a_padded_output_dir(tmp_path):
     # A container's shell gets the same pid every run, so an earlier run's folder (a failed copy, an
     # interrupt) can bear this run's name; and OUTPUT_DIR pasted with a space is trimmed by the worker.

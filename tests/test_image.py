@@ -338,6 +338,8 @@ def test_presets_name_real_models_and_variants():
     # The 1.3B preset targets 24 GB cards, which need the int8 files.
     assert by_model["TurboWan2.1-T2V-1.3B-480P"]["defaults"]["CHECKPOINT_VARIANT"] == "quant"
     assert {"TurboWan2.1-T2V-14B-720P", "TurboWan2.2-I2V-A14B-720P"} <= by_model.keys()
+    # A preset cannot set the GPU count, so none fixes SP_DEGREE: unset, the worker uses the GPUs it has.
+    assert not any("SP_DEGREE" in p["defaults"] for p in presets)
     default_models = env_inputs["MODELS"]["default"]
     resolve_models(default_models)
 
