@@ -356,6 +356,13 @@ def test_a_local_api_given_a_test_input_too_is_checked_before_loading():
     assert str(stopped.value.code).startswith("--rp_serve_api cannot listen on localhost:99999: ")
 
 
+def test_a_local_api_with_several_workers_is_refused_before_loading():
+    # The SDK hands uvicorn an app object, which it cannot run in several workers: it stopped after the load.
+    with pytest.raises(SystemExit) as stopped:
+        check_test_input(["--rp_serve_api", "--rp_api_port", "0", "--rp_api_concurrency", "2"], {})
+    assert str(stopped.value.code).startswith("--rp_api_concurrency 2: the runpod SDK's local API serves one")
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:

@@ -186,6 +186,11 @@ def check_test_input(argv: list[str], env: Mapping[str, str]) -> None:
     args, _ = parser.parse_known_args(argv)
     if args.rp_serve_api:  # the SDK serves the API then, even with --test_input (which it ignores)
         _check_port(args.rp_api_host, args.rp_api_port)
+        if args.rp_api_concurrency != 1:  # uvicorn needs an import string for workers; the SDK passes an app
+            sys.exit(
+                f"--rp_api_concurrency {args.rp_api_concurrency}: the runpod SDK's local API serves one request "
+                "at a time (it stops at start otherwise); leave the flag out"
+            )
     if args.test_input is not None:
         _check_job(args.test_input, "--test_input")
     elif _runs_test_input_json(args.rp_serve_api, env):
