@@ -455,3 +455,28 @@ def test_a_warmed_up_pipeline_gives_the_same_video(t2v, tmp_path):
     t2v.warm_up()
     after = _read(t2v.generate(request, tmp_path / "warmed").videos[0])[1]
     assert np.array_equal(before, after)
+
+
+@pytest.mark.parametrize(("name", "sigma_max"), [("tiny-t2v", 80.0), ("tiny-i2v", 200.0)])
+def test_the_first_step_sees_the_seeds_noise_at_the_models_default_sigma_max(
+    t2v, i2v, tmp_path, name, sigma_max
+):
+    # Upstream: x = randn(seed) * t0 with t0 from sigma_max (80 text-to-video, 200 image-to-video), fed as bf16.
+    from turbovideo.pipeline.sampler import rf_times
+
+    pipe = t2v if name == "tiny-t2v" else i2v
+    image = Image.new("RGB", (64, 48), "orange") if name == "tiny-i2v" else None
+    request = GenerationRequest(
+        prompt="a fox", task=pipe.spec.task, image=image, num_frames=5, num_steps=2, seed=1234
+    )
+    seen = []
+    hook = pipe.experts[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    try:
+        result = pipe.generate(request, tmp_path)
+    finally:
+        hook.remove()
+    noise = torch.randn(
+        (1, 16, 2, result.height // 8, result.width // 8), generator=torch.Generator().manual_seed(1234)
+    )
+    t0 = rf_times(sigma_max, 2)[0].item()
+    assert torch.equal(seen[0], (noise.double() * t0).bfloat16())

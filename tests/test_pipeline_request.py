@@ -122,6 +122,26 @@ def test_fixed_sizes(spec, resolution, aspect, expected):
     assert frame_size(request, spec) == expected
 
 
+# The spec's table (upstream's VIDEO_RES_SIZE_INFO, width x height), every entry.
+SPEC_TABLE = {
+    "480p": {"1:1": (640, 640), "4:3": (640, 480), "3:4": (480, 640), "16:9": (832, 480), "9:16": (480, 832)},
+    "720p": {
+        "1:1": (960, 960),
+        "4:3": (960, 720),
+        "3:4": (720, 960),
+        "16:9": (1280, 720),
+        "9:16": (720, 1280),
+    },
+}
+
+
+@pytest.mark.parametrize("resolution", sorted(SPEC_TABLE))
+@pytest.mark.parametrize("aspect", ["1:1", "4:3", "3:4", "16:9", "9:16"])
+def test_every_table_size_is_the_specs(resolution, aspect):
+    request = GenerationRequest(prompt="p", resolution=resolution, aspect_ratio=aspect)
+    assert frame_size(request, T2V) == SPEC_TABLE[resolution][aspect]
+
+
 def test_adaptive_sizes_by_hand():
     def size(image_w, image_h, resolution="720p", aspect="16:9"):
         request = GenerationRequest(

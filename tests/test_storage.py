@@ -414,3 +414,26 @@ def test_the_fresh_folder_probe_keeps_to_the_deadline_and_counts_its_attempts(jo
         elapsed = time.monotonic() - started
     assert "failed after 1 attempt (UploadDeadlinePassed" in str(caught.value)
     assert elapsed < 3.5  # four probes of 1 s each, plus backoff, without the deadline
+
+
+def test_a_disk_nobody_reads_keeps_its_room_by_removing_answered_jobs_only(tmp_path):
+    outputs = tmp_path / "outputs"
+    (outputs / "mine").mkdir(parents=True)  # not a folder this storage filled: never removed
+
+    def job(name: str) -> tuple[list[Path], Path]:
+        scratch = tmp_path / f"scratch-{name}"
+        scratch.mkdir()
+        (scratch / "sample_0.mp4").write_bytes(b"v" * 1000)
+        (scratch / "thumbnail.jpg").write_bytes(b"t")
+        return [scratch / "sample_0.mp4"], scratch / "thumbnail.jpg"
+
+    # A reserve larger than any disk: every delivery first removes what earlier ones left.
+    tight = LocalStorage(outputs, keep_free_bytes=1 << 62)
+    first = tight.deliver("job-a", *job("a"), expires_in=60)
+    second = tight.deliver("job-b", *job("b"), expires_in=60)
+    assert not Path(first["video_path"]).parent.exists() and Path(second["video_path"]).is_file()
+    assert (outputs / "mine").is_dir()
+    # Without a reserve (a local run, or a volume), every job's files stay.
+    keeping = LocalStorage(outputs)
+    kept = [keeping.deliver(f"job-{n}", *job(n), expires_in=60)["video_path"] for n in ("c", "d")]
+    assert all(Path(path).is_file() for path in kept)

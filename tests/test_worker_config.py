@@ -269,6 +269,18 @@ def test_a_cache_dir_that_is_or_sits_under_a_file_is_a_config_error(tmp_path, be
         load_config({"CACHE_DIR": str(cache)})
 
 
+def test_videos_kept_on_a_runpod_workers_own_disk_are_known_as_such(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module, "RUNPOD_VOLUME", tmp_path / "volume")
+    on_runpod = {"RUNPOD_POD_ID": "pod", "MODELS": "tiny", "CACHE_DIR": str(tmp_path / "cache")}
+    assert load_config({**on_runpod, "OUTPUT_DIR": str(tmp_path / "outputs")}).outputs_on_worker_disk
+    assert not load_config(
+        {"OUTPUT_DIR": str(tmp_path / "outputs"), "CACHE_DIR": "/tmp/c"}
+    ).outputs_on_worker_disk
+    (tmp_path / "volume").mkdir()
+    on_volume = load_config({**on_runpod, "OUTPUT_DIR": str(tmp_path / "volume" / "outputs")})
+    assert not on_volume.outputs_on_worker_disk
+
+
 def test_the_output_dir_check_creates_nothing(tmp_path):
     assert load_config({"OUTPUT_DIR": str(tmp_path / "a" / "b"), "CACHE_DIR": "/tmp/c"})
     assert list(tmp_path.iterdir()) == []

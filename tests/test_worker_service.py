@@ -620,6 +620,17 @@ def test_one_odd_field_in_a_valid_request_gets_an_answer(local, key, value):
     assert_answered(local.handle({"id": "fuzz", "input": {"prompt": "p", **FAST, key: value}}))
 
 
+def test_an_answer_naming_files_on_a_runpod_workers_own_disk_says_how_to_get_them(pipelines, tmp_path):
+    worker = VideoService(pipelines, LocalStorage(tmp_path / "outputs"), outputs_on_worker_disk=True)
+    answer = worker.handle({"id": "job-disk", "input": {"prompt": "a", **FAST}})
+    assert answer["warnings"] == [
+        "the video is only on this worker's own disk (video_path), which nobody can reach once the job has "
+        "ended: set BUCKET_* on the endpoint to get URLs, or ask for return_base64"
+    ]
+    with_base64 = worker.handle({"id": "job-b64", "input": {"prompt": "a", "return_base64": True, **FAST}})
+    assert "warnings" not in with_base64 and with_base64["video_base64"]
+
+
 def test_base64_over_the_payload_limit_is_skipped_with_a_warning(local, monkeypatch):
     monkeypatch.setattr(service, "MAX_BASE64_BYTES", 100)
     answer = local.handle({"id": "job-big", "input": {"prompt": "a", "return_base64": True, **FAST}})

@@ -60,6 +60,9 @@ class WorkerConfig:
     # available GiB that RunPod's memory fitness check needs (0: it does not run)
     memory_check_gib: float = 0.0
     secrets: tuple[str, ...] = ()  # values no log line may show (logs.secret_values)
+    # Videos kept without a bucket land on the worker's own disk, which nobody reaches once a job is
+    # answered (on RunPod, OUTPUT_DIR not on the network volume).
+    outputs_on_worker_disk: bool = False
 
 
 def is_on_runpod(env: Mapping[str, str]) -> bool:
@@ -99,6 +102,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         disk_check_percent=_disk_check_percent(env),
         memory_check_gib=_memory_check_gib(env),
         secrets=tuple(secret_values(env)),
+        outputs_on_worker_disk=on_runpod and bucket is None and not on_network_volume(output_dir),
     )
 
 
@@ -243,8 +247,12 @@ def _durable_dir(cache_dir: Path, output_dir: Path) -> Path:
     the cache if the cache is on it; a cache baked into the image is not), else in OUTPUT_DIR."""
     if not RUNPOD_VOLUME.is_dir():
         return output_dir
-    on_volume = cache_dir.resolve().is_relative_to(RUNPOD_VOLUME.resolve())
-    return (cache_dir if on_volume else RUNPOD_VOLUME / "turbovideo") / "outputs"
+    return (cache_dir if on_network_volume(cache_dir) else RUNPOD_VOLUME / "turbovideo") / "outputs"
+
+
+def on_network_volume(path: Path) -> bool:
+    """Whether ``path`` lies on a mounted network volume (which outlives the worker)."""
+    return RUNPOD_VOLUME.is_dir() and path.resolve().is_relative_to(RUNPOD_VOLUME.resolve())
 
 
 def use_quantized(variant: str, gpu_memory_bytes: int | None) -> bool:

@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 # RunPod refuses results over 10 MB on /run (20 MB on /runsync); leave room for the other fields.
 MAX_BASE64_BYTES = 9_000_000
+# Free space kept on a worker's own disk that holds videos without a bucket (LocalStorage.keep_free_bytes):
+# room for the next job's scratch files, and for RunPod's disk check should the worker start again.
+WORKER_DISK_RESERVE_BYTES = 2 << 30
 # Every job and the start-up warm-up run on this one thread. One job at a time: the pipelines (memory
 # plan, attention settings, the multi-GPU group) are not shared, and RunPod's HTTP API server hands
 # over requests concurrently. One thread: cuDNN's tuned convolution plans and other GPU library state
@@ -97,11 +100,18 @@ class VideoService:
     """The loaded pipelines (one per served model, in ``MODELS`` order) and where videos go."""
 
     def __init__(
-        self, pipelines: dict[str, VideoPipeline], storage: Storage, *, report_progress: bool = False
+        self,
+        pipelines: dict[str, VideoPipeline],
+        storage: Storage,
+        *,
+        report_progress: bool = False,
+        outputs_on_worker_disk: bool = False,
     ) -> None:
         self.pipelines = pipelines
         self.storage = storage
         self.report_progress = report_progress
+        # Answers with paths only then name files nobody can fetch: each such answer says how to get them.
+        self.outputs_on_worker_disk = outputs_on_worker_disk
         # Called once a job's answer asks RunPod for a fresh worker (startup.create_handler wires it).
         self.replace_worker: Callable[[], None] = lambda: None
 
@@ -117,7 +127,11 @@ class VideoService:
             )
             storage.check()
         else:
-            storage = LocalStorage(config.output_dir, spare_dir=config.durable_dir)
+            storage = LocalStorage(
+                config.output_dir,
+                spare_dir=config.durable_dir,
+                keep_free_bytes=WORKER_DISK_RESERVE_BYTES if config.outputs_on_worker_disk else 0,
+            )
             if config.on_runpod:
                 logger.warning("no BUCKET_* configured: videos stay on this worker in %s", config.output_dir)
         configure_compile_cache(config.cache_dir)
@@ -148,7 +162,12 @@ class VideoService:
         if config.warm_up or (config.warm_up is None and torch.cuda.is_available()):
             for pipeline in pipelines.values():
                 _warm_up_on_gpu_thread(pipeline)
-        return cls(pipelines, storage, report_progress=config.report_progress)
+        return cls(
+            pipelines,
+            storage,
+            report_progress=config.report_progress,
+            outputs_on_worker_disk=config.outputs_on_worker_disk,
+        )
 
     async def handle_async(self, job: dict[str, Any]) -> dict[str, Any]:
         """The RunPod handler: ``handle`` on the worker's GPU thread, so that RunPod can stop the job.
@@ -282,6 +301,11 @@ class VideoService:
             if not encoded:
                 raise
             return encoded, [*warnings, str(exc)]
+        if self.outputs_on_worker_disk and not encoded:
+            warnings.append(
+                "the video is only on this worker's own disk (video_path), which nobody can reach once the job "
+                "has ended: set BUCKET_* on the endpoint to get URLs, or ask for return_base64"
+            )
         if "video_url" in delivered and request.expires_in > MAX_EXPIRES_S:  # an app may keep the URLs
             warnings.append(
                 f"expires_in {request.expires_in} s was cut to {MAX_EXPIRES_S} s (7 days), "

@@ -8,6 +8,7 @@ Without a bucket, a local folder that refuses the files (a full disk) hands them
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import logging
@@ -118,11 +119,18 @@ def move_files(files: list[Path], folder: Path) -> list[Path]:
 
 class LocalStorage:
     """No bucket: videos stay in ``OUTPUT_DIR/<job_id>/`` and the response names their paths. When
-    OUTPUT_DIR refuses them (a full or read-only disk), they are kept in ``spare_dir`` if it takes them."""
+    OUTPUT_DIR refuses them (a full or read-only disk), they are kept in ``spare_dir`` if it takes them.
 
-    def __init__(self, output_dir: Path, *, spare_dir: Path | None = None) -> None:
+    ``keep_free_bytes`` (a disk nobody reads once a job is answered: a RunPod worker's own): before each
+    delivery, the oldest job folders this storage filled are removed while the disk has less than that
+    free beyond the new files, so that a long-lived worker does not fill its disk and fail a job.
+    Nothing else in OUTPUT_DIR is ever removed."""
+
+    def __init__(self, output_dir: Path, *, spare_dir: Path | None = None, keep_free_bytes: int = 0) -> None:
         self.output_dir = output_dir
         self.keep_dirs = [output_dir] + ([spare_dir] if spare_dir and spare_dir != output_dir else [])
+        self.keep_free_bytes = keep_free_bytes
+        self._delivered: collections.deque[Path] = collections.deque()
 
     def deliver(
         self,
@@ -133,6 +141,8 @@ class LocalStorage:
         check_stop: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         files = [*videos, thumbnail]
+        if self.keep_free_bytes:
+            self._make_room(sum(path.stat().st_size for path in files))
         claimed: dict[Path, Path] = {}
         try:
             claimed[self.output_dir] = folder = claim_folder(self.output_dir, job_id)
@@ -144,10 +154,23 @@ class LocalStorage:
             where = [path if path.exists() or moved is None else moved / path.name for path in files]
             kept = keep_files(job_id, where, self.keep_dirs, claimed)
             raise UploadError(f"{failure}; {kept}") from exc
+        if self.keep_free_bytes:
+            self._delivered.append(folder)
         fields: dict[str, Any] = {"video_path": str(video_paths[0]), "thumbnail_path": str(thumbnail_path)}
         if len(video_paths) > 1:
             fields["video_paths"] = [str(p) for p in video_paths]
         return fields
+
+    def _make_room(self, needed: int) -> None:
+        while self._delivered:
+            try:
+                if shutil.disk_usage(self.output_dir).free >= needed + self.keep_free_bytes:
+                    return
+            except OSError:  # the delivery itself says what is wrong with OUTPUT_DIR
+                return
+            folder = self._delivered.popleft()
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("removed %s, an answered job's, to keep room on this worker's disk", folder)
 
 
 class BucketStorage:
