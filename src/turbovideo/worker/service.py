@@ -118,22 +118,7 @@ class VideoService:
     @classmethod
     def from_config(cls, config: WorkerConfig) -> VideoService:
         """Fetch checkpoints and load every served model now, so warm requests pay nothing."""
-        if config.bucket is not None:  # a wrong bucket setting fails the start before any download
-            storage: Storage = BucketStorage(
-                config.bucket,
-                config.durable_dir,
-                fresh_folders=not config.on_runpod,
-                spare_dir=config.output_dir,
-            )
-            storage.check()
-        else:
-            storage = LocalStorage(
-                config.output_dir,
-                spare_dir=config.durable_dir,
-                keep_free_bytes=WORKER_DISK_RESERVE_BYTES if config.outputs_on_worker_disk else 0,
-            )
-            if config.on_runpod:
-                logger.warning("no BUCKET_* configured: videos stay on this worker in %s", config.output_dir)
+        storage = _storage(config)  # a wrong bucket setting fails the start before any download
         configure_compile_cache(config.cache_dir)
         degree = _sequence_parallel_degree(config)  # a degree that cannot be fails before any download
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
@@ -206,17 +191,8 @@ class VideoService:
         check_stop = _stop_check(stop, "the job was stopped (cancelled, or past its execution timeout)")
         check_stop()  # stopped while it waited for the GPU thread
         started = time.perf_counter()
-        request = parse_request(job.get("input") if isinstance(job, dict) else None)
-        spec = self._choose_model(request)
-        pipeline = self.pipelines[spec.name]
-        # All but the image's own size is checked before a download; the real image is checked after.
-        stand_in = Image.new("RGB", (1, 1)) if request.image is not None else None
-        pipeline.validate(_generation_request(request, spec, stand_in))
-        image = load_image(request.image) if request.image is not None else None
-        check_stop()
+        request, spec, generation = self._prepare(job, check_stop)
         fetched = time.perf_counter()
-        generation = _generation_request(request, spec, image)
-        pipeline.validate(generation)
         logger.info(
             "job %s: %s, %d frames, %d step(s), seed %d",
             job_id,
@@ -234,7 +210,7 @@ class VideoService:
 
         try:
             with tempfile.TemporaryDirectory(prefix=f"turbovideo-{job_id}-") as scratch:
-                result = pipeline.generate(generation, Path(scratch), progress=progress)
+                result = self.pipelines[spec.name].generate(generation, Path(scratch), progress=progress)
                 check_stop()
                 delivering = time.perf_counter()
                 delivered, warnings = self._deliver(job_id, result, request, check_stop)
@@ -248,21 +224,24 @@ class VideoService:
             "upload": finished - delivering,
             "total": finished - started,
         }
-        response = VideoResponse(
-            **delivered,
-            seed=result.seed,
-            width=result.width,
-            height=result.height,
-            num_frames=result.num_frames,
-            fps=result.fps,
-            duration_s=result.duration_s,
-            model=spec.name,
-            attention_backend=result.attention_backend,
-            timings={stage: round(seconds, 3) for stage, seconds in timings.items()},
-            warnings=[*result.warnings, *warnings] or None,
-        )
         logger.info("job %s: done in %.1f s", job_id, timings["total"])
-        return response.model_dump(exclude_none=True)
+        return _response(spec, result, delivered, [*result.warnings, *warnings], timings)
+
+    def _prepare(
+        self, job: Any, check_stop: Callable[[], None]
+    ) -> tuple[VideoRequest, ModelSpec, GenerationRequest]:
+        """The job's request, its model and what the pipeline runs, all checked; the image fetched last."""
+        request = parse_request(job.get("input") if isinstance(job, dict) else None)
+        spec = self._choose_model(request)
+        pipeline = self.pipelines[spec.name]
+        # All but the image's own size is checked before a download; the real image is checked after.
+        stand_in = Image.new("RGB", (1, 1)) if request.image is not None else None
+        pipeline.validate(_generation_request(request, spec, stand_in))
+        image = load_image(request.image) if request.image is not None else None
+        check_stop()
+        generation = _generation_request(request, spec, image)
+        pipeline.validate(generation)
+        return request, spec, generation
 
     def _choose_model(self, request: VideoRequest) -> ModelSpec:
         """The named model, or the first served one for the task; an alias (``tiny``) names its
@@ -378,6 +357,24 @@ def _encode(result: GenerationResult, warnings: list[str]) -> dict[str, Any]:
     return fields
 
 
+def _storage(config: WorkerConfig) -> Storage:
+    """Where the videos go: the bucket (checked now: no such bucket, a wrong key or secret fail the
+    start), else OUTPUT_DIR."""
+    if config.bucket is not None:
+        bucket = BucketStorage(
+            config.bucket, config.durable_dir, fresh_folders=not config.on_runpod, spare_dir=config.output_dir
+        )
+        bucket.check()
+        return bucket
+    if config.on_runpod:
+        logger.warning("no BUCKET_* configured: videos stay on this worker in %s", config.output_dir)
+    return LocalStorage(
+        config.output_dir,
+        spare_dir=config.durable_dir,
+        keep_free_bytes=WORKER_DISK_RESERVE_BYTES if config.outputs_on_worker_disk else 0,
+    )
+
+
 def _sequence_parallel_degree(config: WorkerConfig) -> int:
     """The GPUs one request's DiT work spreads over: SP_DEGREE, else as many of the visible ones as split
     every served model's heads. An SP_DEGREE the GPUs or the heads cannot take is a ``ConfigError``."""
@@ -435,6 +432,28 @@ def _warm_up(pipeline: VideoPipeline, progress: Callable[[ProgressEvent], None])
         )
         return
     logger.info("warmed up %s in %.1f s", name, seconds)
+
+
+def _response(
+    spec: ModelSpec,
+    result: GenerationResult,
+    delivered: dict[str, Any],
+    warnings: list[str],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    return VideoResponse(
+        **delivered,
+        seed=result.seed,
+        width=result.width,
+        height=result.height,
+        num_frames=result.num_frames,
+        fps=result.fps,
+        duration_s=result.duration_s,
+        model=spec.name,
+        attention_backend=result.attention_backend,
+        timings={stage: round(seconds, 3) for stage, seconds in timings.items()},
+        warnings=warnings or None,
+    ).model_dump(exclude_none=True)
 
 
 def _generation_request(
