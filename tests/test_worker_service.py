@@ -34,7 +34,7 @@ from turbovideo.worker import inputs, service
 from turbovideo.worker.config import BucketConfig, load_config
 from turbovideo.worker.schema import VideoRequest, parse_request
 from turbovideo.worker.service import VideoService
-from turbovideo.worker.storage import BucketStorage, LocalStorage
+from turbovideo.worker.storage import BucketStorage, LocalStorage, UploadError
 
 FAST = {"num_frames": 5, "num_steps": 1}
 ACCESS_KEY = "AKIASERVICETEST00001"
@@ -629,6 +629,24 @@ def test_an_answer_naming_files_on_a_runpod_workers_own_disk_says_how_to_get_the
     ]
     with_base64 = worker.handle({"id": "job-b64", "input": {"prompt": "a", "return_base64": True, **FAST}})
     assert "warnings" not in with_base64 and with_base64["video_base64"]
+
+
+def test_a_key_a_library_quoted_in_a_failure_does_not_reach_the_client(pipelines, tmp_path):
+    key = "AKIAQUOTEDKEY0000001"
+
+    class QuotingStorage(LocalStorage):  # as botocore quoted a header holding the key
+        def deliver(self, *args, **kwargs):
+            raise UploadError(
+                f"upload failed (Invalid header value b'Credential={key}/20261205'); the video was kept"
+            )
+
+    worker = VideoService(pipelines, QuotingStorage(tmp_path), secrets=[key])
+    failed = worker.handle({"id": "job-q", "input": {"prompt": "a", **FAST}})
+    assert (
+        failed["error"].startswith("E_UPLOAD: ") and key not in failed["error"] and "***" in failed["error"]
+    )
+    warned = worker.handle({"id": "job-w", "input": {"prompt": "a", "return_base64": True, **FAST}})
+    assert "video_base64" in warned and key not in warned["warnings"][0] and "***" in warned["warnings"][0]
 
 
 def test_base64_over_the_payload_limit_is_skipped_with_a_warning(local, monkeypatch):

@@ -42,7 +42,7 @@ from turbovideo.worker.checkpoints import check_room, disk_check_reserve, ensure
 from turbovideo.worker.compile_cache import configure_compile_cache
 from turbovideo.worker.config import ConfigError, WorkerConfig, use_quantized
 from turbovideo.worker.inputs import load_image
-from turbovideo.worker.logs import configure_logging
+from turbovideo.worker.logs import RedactSecrets, configure_logging
 from turbovideo.worker.schema import MAX_EXPIRES_S, VideoRequest, VideoResponse, parse_request
 from turbovideo.worker.storage import BucketStorage, LocalStorage, Storage, UploadError, safe_job_id
 
@@ -106,12 +106,15 @@ class VideoService:
         *,
         report_progress: bool = False,
         outputs_on_worker_disk: bool = False,
+        secrets: Sequence[str] = (),
     ) -> None:
         self.pipelines = pipelines
         self.storage = storage
         self.report_progress = report_progress
         # Answers with paths only then name files nobody can fetch: each such answer says how to get them.
         self.outputs_on_worker_disk = outputs_on_worker_disk
+        # What reaches the client passes the log's filter too: a library's error may quote a key.
+        self._redact = RedactSecrets(list(secrets)).redact
         # Called once a job's answer asks RunPod for a fresh worker (startup.create_handler wires it).
         self.replace_worker: Callable[[], None] = lambda: None
 
@@ -152,6 +155,7 @@ class VideoService:
             storage,
             report_progress=config.report_progress,
             outputs_on_worker_disk=config.outputs_on_worker_disk,
+            secrets=config.secrets,
         )
 
     async def handle_async(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +187,7 @@ class VideoService:
             return self._run(job, job_id, stop or threading.Event())
         except Exception as exc:  # every failure becomes a coded answer; the worker keeps serving
             answer = error_response(exc, job_id)
+            answer["error"] = self._redact(answer["error"])
             if answer.get("refresh_worker"):  # stopped jobs too, whose answer RunPod never gets
                 self.replace_worker()
             return answer
@@ -279,7 +284,7 @@ class VideoService:
         except UploadError as exc:
             if not encoded:
                 raise
-            return encoded, [*warnings, str(exc)]
+            return encoded, [*warnings, self._redact(str(exc))]
         if self.outputs_on_worker_disk and not encoded:
             warnings.append(
                 "the video is only on this worker's own disk (video_path), which nobody can reach once the job "
