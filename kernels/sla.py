@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .gpu import GpuLimits, gpu_limits
+from .gpu import GpuLimits, gpu_limits, sm_count
 from .quant import QUANT_BLOCK, quantize_blockwise, quantize_with, scale_shape
 from .rounding import div_rn, to_bf16
 
@@ -37,9 +37,11 @@ STATE_ROWS_PER_PROGRAM = 1024
 # Rows of KV each program of the partials' sum owns. H200, whole state at the 1.3B shape: 0.183 ms with
 # 8 rows, 0.203 ms with 32 (its 48 programs left most of the GPU idle), 0.181 ms with 4.
 _FINISH_ROWS = 8
-# Warps of the linear branch's pass when it writes int8 tiles. H200, 1.3B shape: 0.197 ms with 4 (ptxas
-# keeps 40 bytes on the stack), 0.223 with 8 (none), against 0.212 for the bf16 pass and a quantize pass.
-_QUANTIZED_WARPS = 4
+# The linear branch's persistent pass that writes int8 tiles (_add_linear_quantized_kernel). H200: 8 warps
+# and 3 stages 0.175 / 0.155 ms at the 1.3B shape, 1.11 / 1.12 ms at 14B's; 2 stages 0.19 / 1.32; 4 warps
+# 0.26-0.28 / 2.2 (ptxas spills); the one-tile-a-program pass before it 0.19-0.20 / 1.32 ms.
+_QUANTIZED_WARPS = 8
+_QUANTIZED_STAGES = 3
 SLA_BLOCKS = (128, 64)  # (BLKQ, BLKK) of attention_type "sla"
 SAGESLA_SM90_BLOCKS = (64, 128)  # SageSLA on Hopper selects with these
 
@@ -466,9 +468,15 @@ def _linear_branch(phi, kvw_ptr, ksum_ptr, bias_ptr, D: tl.constexpr, PRECISION:
     """
     d = tl.arange(0, D)
     kvw = tl.load(kvw_ptr + d[:, None] * D + d[None, :])
-    denominator = tl.sum(phi * tl.load(ksum_ptr + d)[None, :], axis=1) + 1e-5
+    return _linear_branch_of(phi, kvw, tl.load(ksum_ptr + d), tl.load(bias_ptr + d).to(tl.float32), PRECISION)
+
+
+@triton.jit
+def _linear_branch_of(phi, kvw, ksum, bias, PRECISION: tl.constexpr):
+    """``_linear_branch`` with this (b, h)'s KV·Wᵀ [D, D], ksum [D] and bias [D] (fp32) already loaded."""
+    denominator = tl.sum(phi * ksum[None, :], axis=1) + 1e-5
     o_l = tl.dot(phi.to(kvw.dtype), kvw, input_precision=PRECISION) / denominator[:, None]
-    return o_l + tl.load(bias_ptr + d).to(tl.float32)[None, :]
+    return o_l + bias[None, :]
 
 
 @triton.jit
@@ -652,7 +660,6 @@ def _add_linear_kernel(
     q_ptr,
     o_s_ptr,
     o_ptr,
-    scale_ptr,
     kvw_ptr,
     ksum_ptr,
     bias_ptr,
@@ -674,41 +681,87 @@ def _add_linear_kernel(
     D: tl.constexpr,
     PRECISION: tl.constexpr,
     OUT_BF16: tl.constexpr,
-    QUANTIZE: tl.constexpr,
 ):
+    """o_s + the linear branch for BLOCK_M rows of sample program_id(2), in o's dtype."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
+    sample = tl.program_id(2)
+    d = tl.arange(0, D)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _output_rows(q_ptr, o_s_ptr, kvw_ptr, ksum_ptr, bias_ptr, sample, rows, L, H, h,
+                     (stride_qb, stride_ql, stride_qh, stride_qd), (stride_sb, stride_sl, stride_sh, stride_sd),
+                     D, PRECISION)  # fmt: skip
+    o_ptrs = _head_rows(o_ptr, sample, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
+    tl.store(o_ptrs, to_bf16(o) if OUT_BF16 else o.to(o_ptr.dtype.element_ty), mask=(rows < L)[:, None])
+
+
+@triton.jit
+def _add_linear_quantized_kernel(
+    q_ptr,
+    o_s_ptr,
+    o_ptr,
+    scale_ptr,
+    kvw_ptr,
+    ksum_ptr,
+    bias_ptr,
+    L,
+    H,
+    n_tiles,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_sb,
+    stride_sl,
+    stride_sh,
+    stride_sd,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_od,
+    BLOCK_M: tl.constexpr,
+    D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """o_s + the linear branch as the o projection reads it: int8 per 128x128 tile of the [B * L, H * D]
+    view (each tile 128 rows of one sample: the host's condition), and the tiles' fp32 scales.
+
+    Persistent: program_id(0) walks every num_programs(0)-th tile of head program_id(1) of sample
+    program_id(2), with this head's KV·Wᵀ, ksum and bias loaded once, and the next tiles' q and o_s
+    fetched while this one computes (tl.range's stages). A program a tile waited for each load in turn:
+    0.19 against 0.15-0.17 ms at the 1.3B shape, 1.32 against 1.11 ms at 14B's (H200)."""
+    h = tl.program_id(1)
+    sample = tl.program_id(2)
     q_strides = (stride_qb, stride_ql, stride_qh, stride_qd)
     s_strides = (stride_sb, stride_sl, stride_sh, stride_sd)
+    o_strides = (stride_ob, stride_ol, stride_oh, stride_od)
     d = tl.arange(0, D)
-    if QUANTIZE:
-        # The o projection's input tile: 128 rows of the [B * L, H * D] view, all of one sample (the
-        # host's condition), as two BLOCK_M-row halves one after the other. One 128-row pass needs 8
-        # warps and all of an SM's registers: 0.229 ms against 0.145 for the bf16 output (H200, 1.3B).
-        sample = tile * 2 * BLOCK_M // L
-        top_rows = tile * 2 * BLOCK_M - sample * L + tl.arange(0, BLOCK_M)
+    bh = sample * H + h
+    kvw = tl.load(kvw_ptr + bh * D * D + d[:, None] * D + d[None, :])
+    ksum = tl.load(ksum_ptr + bh * D + d)
+    bias = tl.load(bias_ptr + d).to(tl.float32)
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
+        # Two BLOCK_M-row halves one after the other: one 128-row pass would need all of an SM's registers.
+        top_rows = tile * 2 * BLOCK_M + tl.arange(0, BLOCK_M)
         bottom_rows = top_rows + BLOCK_M
-        top = _output_rows(q_ptr, o_s_ptr, kvw_ptr, ksum_ptr, bias_ptr, sample, top_rows, L, H, h, q_strides,
-                           s_strides, D, PRECISION)  # fmt: skip
-        bottom = _output_rows(q_ptr, o_s_ptr, kvw_ptr, ksum_ptr, bias_ptr, sample, bottom_rows, L, H, h,
-                              q_strides, s_strides, D, PRECISION)  # fmt: skip
+        top_ok = (top_rows < L)[:, None]
+        bottom_ok = (bottom_rows < L)[:, None]
+        q_top = tl.load(_head_rows(q_ptr, sample, h, top_rows, d, *q_strides), mask=top_ok, other=0.0)
+        q_bottom = tl.load(_head_rows(q_ptr, sample, h, bottom_rows, d, *q_strides), mask=bottom_ok, other=0.0)  # fmt: skip
+        s_top = tl.load(_head_rows(o_s_ptr, sample, h, top_rows, d, *s_strides), mask=top_ok, other=0.0)
+        s_bottom = tl.load(_head_rows(o_s_ptr, sample, h, bottom_rows, d, *s_strides), mask=bottom_ok, other=0.0)  # fmt: skip
+        top = s_top.to(tl.float32) + _linear_branch_of(_softmax_rows(q_top.to(tl.float32)), kvw, ksum, bias,
+                                                       PRECISION)  # fmt: skip
+        bottom = s_bottom.to(tl.float32) + _linear_branch_of(_softmax_rows(q_bottom.to(tl.float32)), kvw, ksum,
+                                                             bias, PRECISION)  # fmt: skip
         # Rounded to bf16 as the output would be, zeros past L as the quantizer pads.
-        top = tl.where((top_rows < L)[:, None], to_bf16(top).to(tl.float32), 0.0)
-        bottom = tl.where((bottom_rows < L)[:, None], to_bf16(bottom).to(tl.float32), 0.0)
+        top = tl.where(top_ok, to_bf16(top).to(tl.float32), 0.0)
+        bottom = tl.where(bottom_ok, to_bf16(bottom).to(tl.float32), 0.0)
         amax = tl.maximum(tl.maximum(tl.max(tl.abs(top)), tl.max(tl.abs(bottom))), 1e-8)
-        o_strides = (stride_ob, stride_ol, stride_oh, stride_od)
-        tl.store(_head_rows(o_ptr, sample, h, top_rows, d, *o_strides), quantize_with(top, amax),
-                 mask=(top_rows < L)[:, None])  # fmt: skip
-        tl.store(_head_rows(o_ptr, sample, h, bottom_rows, d, *o_strides), quantize_with(bottom, amax),
-                 mask=(bottom_rows < L)[:, None])  # fmt: skip
-        tl.store(scale_ptr + tile * H + h, amax * (1.0 / 128.0))
-    else:  # BLOCK_M rows of sample program_id(2)
-        sample = tl.program_id(2)
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        o = _output_rows(q_ptr, o_s_ptr, kvw_ptr, ksum_ptr, bias_ptr, sample, rows, L, H, h, q_strides, s_strides,
-                         D, PRECISION)  # fmt: skip
-        o_ptrs = _head_rows(o_ptr, sample, h, rows, d, stride_ob, stride_ol, stride_oh, stride_od)
-        tl.store(o_ptrs, to_bf16(o) if OUT_BF16 else o.to(o_ptr.dtype.element_ty), mask=(rows < L)[:, None])
+        tl.store(_head_rows(o_ptr, sample, h, top_rows, d, *o_strides), quantize_with(top, amax), mask=top_ok)
+        tl.store(_head_rows(o_ptr, sample, h, bottom_rows, d, *o_strides), quantize_with(bottom, amax), mask=bottom_ok)  # fmt: skip
+        tl.store(scale_ptr + (sample * n_tiles + tile) * H + h, amax * (1.0 / 128.0))
 
 
 @triton.jit
@@ -749,22 +802,38 @@ def add_linear_branch(
     if quantized and batch > 1 and length % (2 * block_m):  # tiles would straddle samples
         return quantize_blockwise(add_linear_branch(o_s, q, state, proj_weight, proj_bias).flatten(2))
     kvw, ksum, bias = _linear_params(state, proj_weight, proj_bias)
-    rows = batch * length
     if quantized:
         values = torch.empty((batch, length, heads * dim), dtype=torch.int8, device=q.device)
-        scales = torch.empty(scale_shape(rows, heads * dim), dtype=torch.float32, device=q.device)
-        out = values.view(batch, length, heads, dim)
-    else:
-        out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
-        scales = ksum  # unread
-    grid = (
-        (triton.cdiv(rows, 2 * block_m), heads) if quantized else (triton.cdiv(length, block_m), heads, batch)
-    )
-    _add_linear_kernel[grid](
+        scales = torch.empty(scale_shape(batch * length, heads * dim), dtype=torch.float32, device=q.device)
+        n_tiles = triton.cdiv(length, 2 * block_m)
+        # One program an SM across all heads and samples (8 warps, three stages: 100+ KB of shared memory).
+        programs = max(1, min(n_tiles, sm_count(q.device) // (heads * batch)))
+        _add_linear_quantized_kernel[(programs, heads, batch)](
+            q,
+            o_s,
+            values.view(batch, length, heads, dim),
+            scales,
+            kvw,
+            ksum,
+            bias,
+            length,
+            heads,
+            n_tiles,
+            *q.stride(),
+            *o_s.stride(),
+            *values.view(batch, length, heads, dim).stride(),
+            BLOCK_M=block_m,
+            D=dim,
+            PRECISION=_dot_precision(q.dtype),
+            STAGES=_QUANTIZED_STAGES,
+            num_warps=_QUANTIZED_WARPS,
+        )
+        return values, scales
+    out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
+    _add_linear_kernel[(triton.cdiv(length, block_m), heads, batch)](
         q,
         o_s,
         out,
-        scales,
         kvw,
         ksum,
         bias,
@@ -777,10 +846,9 @@ def add_linear_branch(
         D=dim,
         PRECISION=_dot_precision(q.dtype),
         OUT_BF16=out.dtype == torch.bfloat16,  # rounded by to_bf16: the interpreter's cast truncates
-        QUANTIZE=quantized,
-        num_warps=_QUANTIZED_WARPS if quantized else 4,
+        num_warps=4,
     )
-    return (values, scales) if quantized else out
+    return out
 
 
 def sla_attention(

@@ -193,19 +193,24 @@ def test_separate_linear_pass_equals_fused_epilogue():
 
 # Triton 3.9's interpreter multiplies bf16 bit patterns as integers in tl.dot, so here the 16-bit path is
 # checked in fp16 (same kernel code); scripts/bench_kernels.py checks bf16 on a GPU at real shapes.
-@pytest.mark.parametrize("batch, length", [(1, 200), (2, 256), (2, 150), (3, 50)])
-def test_the_quantized_linear_branch_is_the_output_quantized(batch, length):
+@pytest.mark.parametrize(
+    "batch, length, heads", [(1, 200, 2), (2, 256, 2), (2, 150, 2), (3, 50, 2), (1, 650, 1)]
+)
+def test_the_quantized_linear_branch_is_the_output_quantized(batch, length, heads):
     # As the int8 o projection reads it: 128-row tiles of [B * L, H * D], each of one sample (the kernel)
-    # where B = 1 or L is whole tiles, else straddling samples (a quantize pass of its own).
-    q, k, v = (x.to(torch.bfloat16) for x in _qkv(batch, length, 2, 128))
+    # where B = 1 or L is whole tiles, else straddling samples (a quantize pass of its own). One head of
+    # 650 rows: three persistent programs (the interpreter's) share its six tiles, two each.
+    q, k, v = (x.to(torch.bfloat16) for x in _qkv(batch, length, heads, 128))
     weight, bias = _proj(128)
     state = sla.linear_state(k, v, 64)
-    o_s = torch.randn(batch, 2, length, 128).to(torch.bfloat16).transpose(1, 2)
+    o_s = torch.randn(batch, heads, length, 128).to(torch.bfloat16).transpose(1, 2)
     values, scales = sla.add_linear_branch(o_s, q, state, weight, bias, quantized=True)
-    rows = batch * length
-    expected = int8.quantize_blockwise(sla.add_linear_branch(o_s, q, state, weight, bias).reshape(rows, 256))
-    assert values.shape == (batch, length, 256) and scales.shape == (-(-rows // 128), 2)
-    assert torch.equal(values.view(rows, 256), expected[0]) and torch.equal(scales, expected[1])
+    rows, width = batch * length, heads * 128
+    expected = int8.quantize_blockwise(
+        sla.add_linear_branch(o_s, q, state, weight, bias).reshape(rows, width)
+    )
+    assert values.shape == (batch, length, width) and scales.shape == (-(-rows // 128), heads)
+    assert torch.equal(values.view(rows, width), expected[0]) and torch.equal(scales, expected[1])
     with pytest.raises(ValueError, match="bf16 q with 128-wide heads"):
         sla.add_linear_branch(o_s.float(), q.float(), state, weight, bias, quantized=True)
 
