@@ -73,17 +73,25 @@ def test_16_bit_grayscale_is_scaled_not_clipped():
     assert np.asarray(to_rgb(eight_bit))[0, :, 0].tolist() == [0, 100, 255]
 
 
-def test_url_safe_and_unpadded_base64_is_accepted():
+@pytest.mark.parametrize("remainder", [1, 2])  # one or two "=" of padding left off
+def test_url_safe_and_unpadded_base64_is_accepted(remainder):
     # An image whose standard base64 has "+" or "/" and ends in padding.
     data = next(
         d
-        for width in range(20, 60)
+        for width in range(20, 90)
         if (d := png_bytes(size=(width, 16)))
-        and len(d) % 3
+        and len(d) % 3 == remainder
         and {"+", "/"} & set(base64.b64encode(d).decode())
     )
     encoded = base64.urlsafe_b64encode(data).decode().rstrip("=")
     assert inputs.load_image(encoded).tobytes() == Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+def test_base64_with_characters_outside_its_alphabet_is_refused():
+    encoded = base64.b64encode(png_bytes()).decode()
+    junk = encoded[:40] + "!!!!" + encoded[44:]  # the length still a multiple of 4
+    with pytest.raises(InputError, match="neither an http\\(s\\) URL nor valid base64"):
+        inputs.load_image(junk)
 
 
 def test_base64_with_line_breaks_is_accepted():
@@ -169,6 +177,8 @@ def test_base64_size_is_checked_before_decoding(monkeypatch):
         "http://0.0.0.0/a.png",
         "http://[::1]/a.png",
         "http://[::ffff:127.0.0.1]/a.png",
+        "http://[::ffff:100.64.0.1]/a.png",  # IPv4-mapped shared address space
+        "http://[::ffff:224.0.0.1]/a.png",  # IPv4-mapped multicast
         "http://[fd00::1]/a.png",
         "http://[64:ff9b::a9fe:a9fe]/latest/",  # NAT64 to 169.254.169.254
         "http://[64:ff9b:1::a00:1]/a.png",  # local-use NAT64

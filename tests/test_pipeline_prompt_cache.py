@@ -91,3 +91,12 @@ def test_no_memory_slots_still_reads_the_folder(tmp_path):
     PromptCache(directory=tmp_path).put("enc", "a fox", _embedding(8))
     cache = PromptCache(capacity=0, directory=tmp_path)
     assert torch.equal(cache.get("enc", "a fox"), _embedding(8)) and len(cache) == 0
+
+
+def test_a_pipeline_remembers_its_last_eight_prompts():
+    # README: each served model remembers the text-encoder output of its last 8 prompts.
+    cache = PromptCache()
+    for i in range(9):
+        cache.put("enc", f"prompt {i}", torch.full((1, 2, 4), float(i)))
+    assert cache.get("enc", "prompt 0") is None
+    assert all(cache.get("enc", f"prompt {i}") is not None for i in range(1, 9))

@@ -16,6 +16,14 @@ def test_minimal_request_takes_the_defaults():
     assert (request.num_frames, request.num_steps, request.num_samples, request.fps) == (81, 4, 1, 16)
     assert request.seed is None and request.task is None and request.model is None
     assert request.attention == "auto" and request.return_base64 is False
+    # README's request table: the rest of the defaults.
+    assert (request.boundary, request.sla_topk, request.aspect_ratio, request.expires_in) == (
+        0.9,
+        0.1,
+        "16:9",
+        86400,
+    )
+    assert request.ode is False and request.adaptive_resolution is False and request.sigma_max is None
 
 
 def test_every_field_accepts_a_valid_value():

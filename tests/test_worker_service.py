@@ -28,8 +28,9 @@ from s3_server import dead_endpoint, loopback_s3, silent_endpoint
 from test_inputs import bomb_png
 
 from turbovideo.catalog import MODELS
+from turbovideo.errors import InputError
 from turbovideo.parallel import ParallelError
-from turbovideo.pipeline import HostMemoryError, ProgressEvent, VideoPipeline
+from turbovideo.pipeline import GenerationResult, HostMemoryError, ProgressEvent, VideoPipeline
 from turbovideo.worker import inputs, service
 from turbovideo.worker.config import BucketConfig, load_config
 from turbovideo.worker.schema import VideoRequest, parse_request
@@ -894,3 +895,60 @@ def test_idle_weights_the_host_cannot_hold_fail_the_start_before_any_download(tm
         "that need about 11.0 GiB more, and the host has 10.0 GiB free; deploy on a GPU type with more RAM"
     )
     assert gpu.used() == 0 and gpu.pinned() == 0
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "refresh"),
+    [
+        (InputError("num_frames must be 4k+1"), "E_INPUT", False),
+        (service.ModelError("model 'x' is not served"), "E_MODEL", False),
+        (UploadError("upload failed; the video was kept at /v"), "E_UPLOAD", False),
+        (service.JobStopped("the job was stopped"), "E_STOPPED", False),
+        (KeyError("x"), "E_INTERNAL", False),
+        (torch.OutOfMemoryError("CUDA out of memory"), "E_OOM", True),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "E_OOM", True),
+        (RuntimeError("CUDA error: unknown error"), "E_CUDA", True),
+        (RuntimeError("an illegal memory access was encountered"), "E_CUDA", True),
+    ],
+)
+def test_each_failure_gets_its_code_and_only_the_gpus_ask_for_a_new_worker(exc, code, refresh):
+    # README: a worker that asks to be replaced takes no further job, so only a suspect GPU (or disk) may.
+    answer = service.error_response(exc, "job-x")
+    assert answer["error"].startswith(f"{code}: ")
+    assert answer.get("refresh_worker", False) is refresh
+
+
+def test_seed_zero_is_a_seed_not_a_request_for_a_random_one(local):
+    answers = [
+        local.handle({"id": f"job-zero-{i}", "input": {"prompt": "a", "seed": 0, **FAST}}) for i in (1, 2)
+    ]
+    assert [a["seed"] for a in answers] == [0, 0]
+    assert Path(answers[0]["video_path"]).read_bytes() == Path(answers[1]["video_path"]).read_bytes()
+
+
+def test_timings_add_up_to_the_whole_job(local):
+    started = time.perf_counter()
+    answer = local.handle({"id": "job-timed", "input": {"prompt": "a prompt no other test encodes", **FAST}})
+    wall = time.perf_counter() - started
+    timings = answer["timings"]
+    stages = ("input", "encode", "denoise", "decode", "mux", "upload")
+    assert all(timings[stage] >= 0 for stage in stages)
+    assert min(timings["encode"], timings["denoise"], timings["decode"]) > 0  # not rounded to whole seconds
+    assert sum(timings[stage] for stage in stages) <= timings["total"] + 0.01 <= wall + 0.02
+
+
+def test_base64_fits_up_to_the_9_mb_limit_and_not_past_it(tmp_path):
+    def result(video_bytes: int) -> GenerationResult:
+        video, thumbnail = tmp_path / "sample_0.mp4", tmp_path / "thumbnail.jpg"
+        video.write_bytes(b"v" * video_bytes)
+        thumbnail.write_bytes(b"t" * 3)  # 4 base64 bytes
+        return GenerationResult([video], thumbnail, 1, 1, 1, 16, 0.1, 0, "dense")
+
+    at_limit = (service.MAX_BASE64_BYTES - 4) // 4 * 3  # video + thumbnail encode to exactly 9,000,000 bytes
+    warnings: list[str] = []
+    assert (
+        set(service._encode(result(at_limit), warnings)) == {"video_base64", "thumbnail_base64"}
+        and not warnings
+    )
+    assert service._encode(result(at_limit + 1), warnings) == {}
+    assert warnings[0].endswith("over the 9 MB response limit")
