@@ -805,13 +805,14 @@ def add_linear_branch(
     if quantized:
         values = torch.empty((batch, length, heads * dim), dtype=torch.int8, device=q.device)
         scales = torch.empty(scale_shape(batch * length, heads * dim), dtype=torch.float32, device=q.device)
+        out = values.view(batch, length, heads, dim)
         n_tiles = triton.cdiv(length, 2 * block_m)
         # One program an SM across all heads and samples (8 warps, three stages: 100+ KB of shared memory).
         programs = max(1, min(n_tiles, sm_count(q.device) // (heads * batch)))
         _add_linear_quantized_kernel[(programs, heads, batch)](
             q,
             o_s,
-            values.view(batch, length, heads, dim),
+            out,
             scales,
             kvw,
             ksum,
@@ -821,7 +822,7 @@ def add_linear_branch(
             n_tiles,
             *q.stride(),
             *o_s.stride(),
-            *values.view(batch, length, heads, dim).stride(),
+            *out.stride(),
             BLOCK_M=block_m,
             D=dim,
             PRECISION=_dot_precision(q.dtype),
