@@ -83,3 +83,20 @@ def test_forward_graphs_replay_the_forward_and_drop_the_graphs_when_the_weights_
         del held
         torch.testing.assert_close(graphs(model, *second), model(*second), rtol=1e-3, atol=1e-3)
         assert graphs.captured(model) == 0
+
+
+@gpu
+def test_forward_graphs_replay_a_prompts_text_keys_and_the_forwards_that_take_them():
+    model = build_dit("tiny-t2v", device="cuda", quantized=True)
+    graphs = ForwardGraphs()
+    with torch.no_grad():
+        calls = []
+        for seed in (0, 0, 1, 2):  # eager, captured, replayed with other inputs
+            x, t, context, y = _dit_inputs(seed)
+            keys = graphs(model, context, method="text_keys")
+            expected = model.text_keys(context)
+            assert all(torch.equal(a, b) for a, b in zip(keys[:2], expected[:2], strict=True))
+            calls.append((graphs(model, x, t, keys, y), model(x, t, expected, y)))
+    assert graphs.captured(model) == 1 and graphs.captured(model, "text_keys") == 1
+    for replayed, eager in calls:
+        torch.testing.assert_close(replayed, eager, rtol=1e-3, atol=1e-3)

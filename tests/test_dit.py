@@ -57,6 +57,22 @@ def test_timesteps_may_be_a_column():
         assert torch.equal(model(x, t, context), model(x, t[:, None], context))
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_text_keys_made_once_give_the_forward_of_the_prompts_rows(quantized):
+    model = build_dit("tiny-t2v", quantized=quantized)
+    x, t, context, _ = tiny_inputs()
+    prompt, other = context[:, :7], context[:, 7:14]
+    with torch.no_grad():
+        keys = model.text_keys(prompt)
+        config = model.config
+        # 7 rows and upstream's zero padding as a few biased keys, for every block
+        assert (
+            keys.k.shape == keys.v.shape == (config.num_layers, 2, 64, config.dim) and keys.bias is not None
+        )
+        assert torch.equal(model(x, t, keys), model(x, t, prompt))
+        assert not torch.equal(model(x, t, model.text_keys(other)), model(x, t, keys))
+
+
 def test_condition_is_required_for_i2v_and_refused_for_t2v():
     x, t, context, _ = tiny_inputs()
     with pytest.raises(ValueError, match="needs y"):

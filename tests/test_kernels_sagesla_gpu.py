@@ -49,6 +49,28 @@ def test_a_segmented_graph_replays_sagesla_with_spargeattn_between_its_graphs():
         torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
 
 
+def test_a_graph_of_consecutive_sagesla_layers_replays_them_bit_for_bit():
+    # SpargeAttn's launches between the graphs read memory the pool may hand on once they are recorded:
+    # the second layer's must not overwrite what the first one's still reads.
+    q, k, v, weight, bias = _inputs()
+
+    def two_layers(q, k, v):
+        first = sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5)
+        return sagesla.sagesla_attention(first, k, first, weight, bias, topk=0.5)
+
+    static = [x.clone() for x in (q, k, v)]
+    two_layers(*static)
+    graph = SegmentedGraph(torch.cuda.graph_pool_handle())
+    out = graph.capture(lambda: two_layers(*static))
+    assert graph.segments == 3
+    for seed in (1, 2):
+        fresh = _inputs(seed)[:3]
+        for buffer, value in zip(static, fresh, strict=True):
+            buffer.copy_(value)
+        graph.replay()
+        assert torch.equal(out, two_layers(*fresh))
+
+
 def test_the_fused_query_block_means_are_the_selection_pass_means():
     # The quantizer's means replace sla.block_means in the selection. Compiled into another kernel, the
     # same sum may run in another order (an H200 showed it), so they agree to fp32 rounding, not bits.

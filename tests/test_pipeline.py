@@ -144,16 +144,24 @@ def test_repeated_prompt_skips_the_text_encoder(t2v, tmp_path):
 
 
 @pytest.mark.parametrize("words", [5, 60])
-def test_the_dit_gets_the_prompt_rows_and_zero_rows_up_to_a_shared_length(t2v, tmp_path, words):
+def test_the_dit_gets_the_prompt_rows_and_zero_rows_up_to_a_shared_length_once_a_request(
+    t2v, tmp_path, words, monkeypatch
+):
     prompt = " ".join(["a red fox in the snow"] * (words // 5))
+    expert = t2v.experts[0]
     contexts: list[torch.Tensor] = []
-    hook = t2v.experts[0].register_forward_pre_hook(lambda module, args: contexts.append(args[2]))
+    text_keys = expert.text_keys
+    monkeypatch.setattr(expert, "text_keys", lambda context: contexts.append(context) or text_keys(context))
+    steps: list = []
+    hook = expert.register_forward_pre_hook(lambda module, args: steps.append(args[2]))
     try:
         t2v.generate(GenerationRequest(prompt=prompt, num_frames=5, num_steps=2), tmp_path)
     finally:
         hook.remove()
+    # The cross-attention keys of the prompt are made once; both steps read them.
+    assert len(contexts) == 1 and len(steps) == 2 and steps[0] is steps[1]
     prompt_length = int(t2v.tokenizer.encode([prompt]).lengths[0])
-    assert [context.shape[1] for context in contexts] == [context_rows(prompt_length, 512)] * 2
+    assert contexts[0].shape[1] == context_rows(prompt_length, 512)
     assert contexts[0][:, prompt_length - 1].any() and not contexts[0][:, prompt_length:].any()
 
 
@@ -432,7 +440,7 @@ def test_a_warm_up_runs_the_default_shape_and_leaves_no_trace(name, t2v, i2v, tm
     hooks = [
         expert.register_forward_hook(lambda module, args, out: steps.append(args[0].shape[2])),
         expert.blocks[0].cross_attn.register_forward_pre_hook(
-            lambda module, args: keys.add(args[1].shape[1])
+            lambda module, args: keys.add(args[1].k.shape[1])
         ),
     ]
     try:

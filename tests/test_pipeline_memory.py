@@ -26,6 +26,7 @@ from turbovideo.pipeline.memory import (
     Stage,
     dit_activation_bytes,
     plan,
+    text_keys_bytes,
     usable_bytes,
     vae_activation_bytes,
 )
@@ -141,6 +142,11 @@ def test_activation_estimates_grow_with_the_request():
     assert dit_activation_bytes(1, 32760, DIM_13B, FFN_13B, 0) < dit_activation_bytes(
         1, 75600, DIM_13B, FFN_13B, 0
     )
+
+
+def test_the_text_keys_are_counted_for_every_sample_and_block():
+    assert text_keys_bytes(1, 30, 64, DIM_13B) == 11_796_480  # k and v, bf16
+    assert text_keys_bytes(2, 40, 512, DIM_14B) == 2 * 40 * text_keys_bytes(1, 1, 512, DIM_14B)
 
 
 def test_device_slot_on_cpu_keeps_weights_in_place():
@@ -424,15 +430,15 @@ def test_a_request_whose_idle_weights_do_not_fit_in_host_memory_is_refused_and_m
     assert re.fullmatch(
         r"model TurboWan2\.1-T2V-14B-720P moves its text encoder and the other served models' weights to host "
         r"memory while idle, in pinned copies that need about \d+\.\d GiB more, and its container's memory limit "
-        r"leaves 24\.0 GiB free; it fits with num_samples at most 2 or num_frames at most 133",
+        r"leaves 24\.0 GiB free; it fits with num_samples at most 2 or num_frames at most 121",
         str(refused.value),
     )
     assert isinstance(refused.value, InputError)  # the worker answers it as E_INPUT
     assert gpu.used() == used and gpu.pinned() == 0
     # The advice holds: each suggested size passes every check, one step more does not.
-    for fits in (dict(num_samples=2), dict(num_frames=133)):
+    for fits in (dict(num_samples=2), dict(num_frames=121)):
         big._place_for(dataclasses.replace(request, **fits), move=False)
-    for too_big in (dict(num_samples=3), dict(num_frames=137)):
+    for too_big in (dict(num_samples=3), dict(num_frames=125)):
         with pytest.raises(HostMemoryError):
             big._place_for(dataclasses.replace(request, **too_big), move=False)
     assert gpu.used() == used and gpu.pinned() == 0

@@ -1,6 +1,7 @@
 """Upstream's zero-padded text context as a few biased keys: the same attention from fewer rows."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -81,8 +82,8 @@ def test_without_the_bias_the_stand_in_keys_would_change_the_output():
     prompt = torch.randn(1, 7, DIT_CONFIGS["tiny-t2v"].text_dim, generator=g)
     with torch.no_grad():
         tokens, inputs = model.embed(x, t, prompt)
-        assert inputs.context.shape[1] == KEY_MULTIPLE and inputs.context_bias is not None
-        unbiased = model.run_blocks(tokens, type(inputs)(**{**vars(inputs), "context_bias": None}))
+        assert inputs.text.k.shape[2] == KEY_MULTIPLE and inputs.text.bias is not None
+        unbiased = model.run_blocks(tokens, replace(inputs, text=inputs.text._replace(bias=None)))
         padded = model(x, t, torch.cat([prompt, prompt.new_zeros(1, 505, prompt.shape[-1])], 1))
         biased = model(x, t, prompt)
     assert _rel(biased, padded) < 1e-5

@@ -11,6 +11,7 @@ _EXPORTS = {
     "DIT_CONFIGS": "dit",
     "DiTConfig": "dit",
     "DiTInputs": "dit",
+    "TextKeys": "dit",
     "WanDiT": "dit",
     "build_vae": "vae",
     "load_vae": "vae",

@@ -12,6 +12,7 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ from .layers import (
 from .random_init import materialize
 from .text_padding import attention_bias, padding_keys
 
-__all__ = ["DIT_CONFIGS", "DiTConfig", "DiTInputs", "WanDiT", "build_dit", "load_dit"]
+__all__ = ["DIT_CONFIGS", "DiTConfig", "DiTInputs", "TextKeys", "WanDiT", "build_dit", "load_dit"]
 
 logger = logging.getLogger("turbovideo")
 
@@ -127,63 +128,67 @@ class SelfAttention(_Projections):
         )
 
 
+class CrossKeys(NamedTuple):
+    """What a block's cross-attention reads of the prompt: the same at every step of a request."""
+
+    k: torch.Tensor  # [B, keys, dim], RMS-normed as the attention reads it
+    v: torch.Tensor  # [B, keys, dim]
+    bias: torch.Tensor | None  # [1, 1, 1, keys] score bias of upstream's zero padding, None for all zero
+
+
 class CrossAttention(_Projections):
     """Attention from the video tokens to all text rows (padding rows included: upstream uses no mask).
 
-    ``bias`` ([1, 1, 1, keys] or None) is added to the scores: the stand-in keys of upstream's zero
-    padding carry it (DiTInputs.context_bias). Where it writes o's int8 input (``writes_int8``), the
-    fused path's kernel (kernels/cross_attention.py) runs without cuDNN and folds q's RMSNorm into its
-    scores, from the sums of squares the q projection wrote.
+    The keys and values depend on the prompt alone (``keys``), so a request makes them once. Their
+    ``bias`` is added to the scores: the stand-in keys of upstream's zero padding carry it
+    (models/text_padding.py). Where it writes o's int8 input (``writes_int8``), the fused path's kernel
+    (kernels/cross_attention.py) runs without cuDNN and folds q's RMSNorm into its scores, from the
+    sums of squares the q projection wrote; its keys carry q's norm weight for that.
     """
+
+    def keys(self, context: torch.Tensor, bias: torch.Tensor | None = None) -> CrossKeys:
+        """The keys and values of ``context`` [B, keys, dim] (the embedded text) as ``forward`` reads them."""
+        k = self.k(context)
+        if not use_fused_kernels(k):
+            return CrossKeys(self.norm_k(k), self.v(context), bias)
+        from ..kernels.rope import rms_norm
+
+        weight = self.norm_k.weight * self.norm_q.weight if self.writes_int8 else self.norm_k.weight
+        return CrossKeys(rms_norm(k, weight, self.norm_k.eps), self.v(context), bias)
 
     def forward(
         self,
         x: Activation,
-        context: torch.Tensor,
-        bias: torch.Tensor | None = None,
+        keys: CrossKeys,
         residual: Residual | None = None,
         moments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        k = self.k(context)
-        if self.writes_int8 and use_fused_kernels(k):
-            return self._forward_int8(x, k, self.v(context), bias, residual, moments)
+        if self.writes_int8 and use_fused_kernels(keys.k):
+            return self._forward_int8(x, keys, residual, moments)
         q = self.q(x)
         if use_fused_kernels(q):
             from ..kernels.rope import rms_norm
 
-            q, k = (
-                rms_norm(q, self.norm_q.weight, self.norm_q.eps),
-                rms_norm(k, self.norm_k.weight, self.norm_k.eps),
-            )
+            q = rms_norm(q, self.norm_q.weight, self.norm_q.eps)
         else:
-            q, k = self.norm_q(q), self.norm_k(k)
-        q = q.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        k = k.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        v = self.v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            q = self.norm_q(q)
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, keys.k, keys.v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys.bias)
         return _project(self.o, out.transpose(1, 2).flatten(2), residual, moments)
 
     def _forward_int8(
-        self,
-        x: Activation,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None,
-        residual: Residual | None,
-        moments: torch.Tensor | None,
+        self, x: Activation, keys: CrossKeys, residual: Residual | None, moments: torch.Tensor | None
     ) -> torch.Tensor:
         """The fused path when ``writes_int8``: the q projection also writes its rows' sums of squares,
         and one kernel attends with q's RMSNorm folded in and writes o's int8 input (no pass over q in
-        between). q's norm weight goes into the keys' norm, whose output only the scores read."""
+        between)."""
         from ..kernels.cross_attention import cross_attention_quantized
-        from ..kernels.rope import rms_norm
 
         rows = (x.values if isinstance(x, QuantizedActivation) else x).shape[:-1].numel()
-        square_sums = torch.empty(rows, self.num_heads, dtype=torch.float32, device=k.device)
+        square_sums = torch.empty(rows, self.num_heads, dtype=torch.float32, device=keys.k.device)
         q = self.q(x, square_sums=square_sums)
-        k = rms_norm(k, self.norm_k.weight * self.norm_q.weight, self.norm_k.eps)
         out = cross_attention_quantized(
-            q, k, v, bias, self.num_heads, q_square_sums=square_sums, eps=self.norm_q.eps
+            q, keys.k, keys.v, keys.bias, self.num_heads, q_square_sums=square_sums, eps=self.norm_q.eps
         )
         return _project(self.o, QuantizedActivation(*out), residual, moments)
 
@@ -209,19 +214,17 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         e0: torch.Tensor,
-        context: torch.Tensor,
+        keys: CrossKeys,
         rope: tuple[torch.Tensor, torch.Tensor],
-        context_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.run(x, e0 + self.modulation, context, rope, context_bias, moments_out=False)[0]
+        return self.run(x, e0 + self.modulation, keys, rope, moments_out=False)[0]
 
     def run(
         self,
         x: torch.Tensor,
         modulation: torch.Tensor,
-        context: torch.Tensor,
+        keys: CrossKeys,
         rope: tuple[torch.Tensor, torch.Tensor],
-        context_bias: torch.Tensor | None = None,
         moments: torch.Tensor | None = None,
         moments_out: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -232,13 +235,13 @@ class Block(nn.Module):
         head normalizes itself), its moments (None where no int8 GEMM wrote them)."""
         modulation = modulation.chunk(6, dim=1)
         if use_fused_kernels(x):
-            return self._forward_fused(x, modulation, context, rope, context_bias, moments, moments_out)
+            return self._forward_fused(x, modulation, keys, rope, moments, moments_out)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation
         dtype = x.dtype
         h = (self.norm1(x).float() * (1 + scale1) + shift1).to(dtype)
         # Gated residuals round the product and then the sum to the stream dtype, as upstream does.
         x = x + self.self_attn(h, rope) * gate1.to(dtype)
-        x = x + self.cross_attn(self.norm3(x), context, context_bias)
+        x = x + self.cross_attn(self.norm3(x), keys)
         h = (self.norm2(x).float() * (1 + scale2) + shift2).to(dtype)
         return x + self.ffn(h) * gate2.to(dtype), None
 
@@ -246,9 +249,8 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         modulation: tuple[torch.Tensor, ...],
-        context: torch.Tensor,
+        keys: CrossKeys,
         rope: tuple[torch.Tensor, torch.Tensor],
-        context_bias: torch.Tensor | None,
         moments: torch.Tensor | None,
         moments_out: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -263,7 +265,7 @@ class Block(nn.Module):
             h = norms.layer_norm_modulate(x, shift1, scale1, eps)
             y = self.self_attn(h, rope)
             x, h = norms.residual_layer_norm_affine(x, y, gate1, self.norm3.weight, self.norm3.bias, eps)
-            y = self.cross_attn(h, context, context_bias)
+            y = self.cross_attn(h, keys)
             x, h = norms.residual_layer_norm_modulate(x, y, None, shift2, scale2, eps)
             return norms.gated_residual(x, self.ffn[2](linear_gelu(h, self.ffn[0])), gate2), None
         # Each norm emits its output as the int8 input of the linears after it (no separate quantize
@@ -275,7 +277,7 @@ class Block(nn.Module):
             *norms.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, eps, True, moments)
         )
         moments = _moments_of(x)
-        x = self.cross_attn(h, context, context_bias, residual=(x, None), moments=moments)
+        x = self.cross_attn(h, keys, residual=(x, None), moments=moments)
         h = QuantizedActivation(*norms.layer_norm_modulate(x, shift2, scale2, eps, True, moments))
         moments = _moments_of(x) if moments_out else None
         return self.ffn[2](self.ffn[0](h, gelu_int8=True), residual=(x, gate2), row_moments=moments), moments
@@ -297,14 +299,25 @@ class Head(nn.Module):
         return linear_fp32(self.norm(x).float() * (1 + scale) + shift, self.head)
 
 
+class TextKeys(NamedTuple):
+    """Every block's ``CrossKeys`` of one prompt, stacked ([layers, B, keys, dim] k and v) so that a CUDA
+    graph takes them as two inputs: ``WanDiT.text_keys`` makes them once a request, every step reads them."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor | None
+
+    def of_block(self, index: int) -> CrossKeys:
+        return CrossKeys(self.k[index], self.v[index], self.bias)
+
+
 @dataclass(frozen=True)
 class DiTInputs:
     """Per-forward inputs of the blocks and the head (``WanDiT.embed``)."""
 
     e: torch.Tensor  # [B, dim] fp32 time embedding; modulates the head
     e0: torch.Tensor  # [B, 6, dim] fp32; modulates every block
-    context: torch.Tensor  # [B, keys, dim] embedded text: the prompt's rows, then its padding's
-    context_bias: torch.Tensor | None  # [1, 1, 1, keys] cross-attention score bias, None for all zero
+    text: TextKeys
     # cos, sin of the RoPE angles: [L, head_dim / 2] fp32 each, a row per token
     rope: tuple[torch.Tensor, torch.Tensor]
     grid: tuple[int, int, int]  # the (t, h, w) token grid
@@ -316,6 +329,8 @@ class WanDiT(nn.Module):
     ``context`` [B, rows, text_dim]: umT5 rows, which upstream pads with zero rows to ``text_len``
     (512). Fewer rows stand for that padding, attended to as a few biased keys instead of materialized
     (models/text_padding.py): pass a prompt's rows only (``text_encoder.prompt_rows``) to save the work.
+    Or ``context`` is their ``text_keys``, which depend on the prompt alone: a request makes them once
+    for all its steps (upstream projects the text again in every block of every step).
     """
 
     def __init__(
@@ -364,7 +379,11 @@ class WanDiT(nn.Module):
         return [block.self_attn.attn_op.local_attn for block in self.blocks]
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | TextKeys,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tokens, inputs = self.embed(x, t, context, y)
         tokens = self.run_blocks(tokens, inputs)
@@ -374,7 +393,11 @@ class WanDiT(nn.Module):
     # (turbovideo.parallel), which runs the blocks and the head on a slice of the tokens.
 
     def embed(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | TextKeys,
+        y: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DiTInputs]:
         """The patch tokens [B, L, dim] and what the blocks and the head need besides them."""
         config = self.config
@@ -395,8 +418,14 @@ class WanDiT(nn.Module):
         e0 = linear_fp32(F.silu(e), self.time_projection[1]).unflatten(1, (6, config.dim))
         angles = rope_angles(grid, config.head_dim, x.device)
         rope = (angles.cos(), angles.sin())  # once per forward, not in every block
-        text, bias = self._text_context(context.to(dtype))
-        return tokens, DiTInputs(e, e0, text, bias, rope, grid)
+        text = context if isinstance(context, TextKeys) else self.text_keys(context)
+        return tokens, DiTInputs(e, e0, text, rope, grid)
+
+    def text_keys(self, context: torch.Tensor) -> TextKeys:
+        """Every block's cross-attention keys and values of ``context`` [B, rows, text_dim] (umT5 rows)."""
+        text, bias = self._text_context(context.to(self.patch_embedding.weight.dtype))
+        keys = [block.cross_attn.keys(text, bias) for block in self.blocks]
+        return TextKeys(torch.stack([k.k for k in keys]), torch.stack([k.v for k in keys]), bias)
 
     def _text_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The embedded text with upstream's zero padding (as a few biased keys where that is cheaper)."""
@@ -421,9 +450,8 @@ class WanDiT(nn.Module):
             tokens, moments = block.run(
                 tokens,
                 modulations[index],
-                inputs.context,
+                inputs.text.of_block(index),
                 inputs.rope,
-                inputs.context_bias,
                 moments,
                 index < last,
             )

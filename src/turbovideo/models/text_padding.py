@@ -60,6 +60,11 @@ def context_rows(rows: int, text_len: int) -> int:
     return text_len if keys >= text_len else keys - MIN_COPIES
 
 
+def key_count(rows: int, text_len: int) -> int:
+    """The keys cross-attention attends with for a ``rows``-row prompt: its rows, then the padding's."""
+    return min(_keys(rows), text_len)
+
+
 def context_lengths(text_len: int) -> tuple[int, ...]:
     """Every length ``context_rows`` cuts a context at, shortest first."""
     return tuple(sorted({context_rows(rows, text_len) for rows in range(text_len + 1)}))

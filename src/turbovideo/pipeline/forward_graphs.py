@@ -4,14 +4,17 @@ The host takes about as long to launch a 1.3B forward's ~1,500 kernels as an H20
 so in stretches of short kernels the GPU waits on Python. A shape's first forward runs eagerly (it
 compiles and tunes kernels, which a capture must not do), the second is captured (kernels/cuda_graph.py,
 cut around SpargeAttn's launches) and replayed, and later ones replay. A capture reads the weights
-where they were: any moved weight drops that model's graphs.
+where they were: any moved weight drops that model's graphs. A request's text keys (``WanDiT.text_keys``,
+~200 short launches made once a request) replay the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,14 +24,15 @@ from turbovideo.pipeline.device_slots import canonical_device
 
 log = logging.getLogger(__name__)
 
-Inputs = tuple[torch.Tensor | None, ...]  # x, t, context, y
+# x, t, context, y; the context may be a tuple of tensors and None (the DiT's TextKeys)
+Inputs = tuple[torch.Tensor | tuple | None, ...]
 
 
 @dataclass
 class _Capture:
     graph: SegmentedGraph
     inputs: Inputs  # the tensors the graph reads: each call's inputs are copied in
-    output: torch.Tensor  # in the graphs' pool: overwritten by the next replay
+    output: Any  # tensors in the graphs' pool: overwritten by the next replay
 
 
 @dataclass
@@ -44,40 +48,44 @@ class _ModelGraphs:
 
 class ForwardGraphs:
     """``graphs(model, x, t, context, y)`` returns ``model(x, t, context, y)``, through CUDA graphs from
-    the second call with the same shapes on. All graphs share one memory pool, so they must run one at a
-    time (as requests' steps do); ``clear()`` frees it. A model's graphs go with the model."""
+    the second call with the same shapes on; ``graphs(model, *inputs, method="text_keys")`` the same for
+    ``model.text_keys(*inputs)``. All graphs share one memory pool, so they must run one at a time (as
+    requests' steps do); ``clear()`` frees it. A model's graphs go with the model."""
 
     def __init__(self) -> None:
         self._pool: tuple[int, int] | None = None
         self._models: weakref.WeakKeyDictionary[nn.Module, _ModelGraphs] = weakref.WeakKeyDictionary()
         self.pool_bytes = 0  # what the pool holds (measured as the allocator's growth at each capture)
 
-    def __call__(self, model: nn.Module, *inputs: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, *inputs: torch.Tensor | tuple | None, method: str = "forward"
+    ) -> Any:
         graphs = self._models.get(model)
         if graphs is None:
             graphs = self._models[model] = _ModelGraphs(_weight_slots(model))
         weights = tuple(tensors[name].data_ptr() for tensors, name in graphs.weight_slots)
         if weights != graphs.weights:
             graphs = self._models[model] = _ModelGraphs(graphs.weight_slots, weights)
-        key = (model.attention_backend, model.sla_topk, *map(_signature, inputs))
+        key = (method, model.attention_backend, model.sla_topk, *map(_signature, _leaves(inputs)))
+        run = model if method == "forward" else getattr(model, method)  # model() runs its hooks
         capture = graphs.captures.get(key)
         if capture is None:
             if key not in graphs.seen or key in graphs.failed:
                 graphs.seen.add(key)
-                return model(*inputs)
-            capture = self._capture(graphs, key, model, inputs)
+                return run(*inputs)
+            capture = self._capture(graphs, key, run, inputs)
             if capture is None:
-                return model(*inputs)
-        for buffer, value in zip(capture.inputs, inputs, strict=True):
+                return run(*inputs)
+        for buffer, value in zip(_leaves(capture.inputs), _leaves(inputs), strict=True):
             if buffer is not None:
                 buffer.copy_(value)
         capture.graph.replay()
-        return capture.output.clone()
+        return _clone(capture.output)
 
-    def captured(self, model: nn.Module) -> int:
-        """How many input shapes of ``model`` replay as graphs."""
+    def captured(self, model: nn.Module, method: str = "forward") -> int:
+        """How many input shapes of ``model``'s ``method`` replay as graphs."""
         graphs = self._models.get(model)
-        return 0 if graphs is None else len(graphs.captures)
+        return 0 if graphs is None else sum(key[0] == method for key in graphs.captures)
 
     def clear(self) -> None:
         """Drop every graph and free their memory pool."""
@@ -85,25 +93,25 @@ class ForwardGraphs:
         self._pool = None
         self.pool_bytes = 0
 
-    def _capture(self, graphs: _ModelGraphs, key: tuple, model: nn.Module, inputs: Inputs) -> _Capture | None:
+    def _capture(
+        self, graphs: _ModelGraphs, key: tuple, run: Callable[..., Any], inputs: Inputs
+    ) -> _Capture | None:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        static = tuple(None if value is None else value.clone() for value in inputs)
-        graph = SegmentedGraph(self._pool)
+        # The graph's copies of its inputs count as its memory too (a 14B model's keys of a prompt of
+        # up to 48 tokens: 52 MB a sample).
         before = torch.cuda.memory_reserved()
+        static = tuple(map(_clone, inputs))
+        graph = SegmentedGraph(self._pool)
         try:
-            output = graph.capture(lambda: model(*static))
+            output = graph.capture(lambda: run(*static))
         except RuntimeError as exc:  # run eagerly from now on: slower, never wrong
-            log.warning("a DiT forward could not be captured as a CUDA graph; it runs eagerly: %s", exc)
+            log.warning("a DiT %s could not be captured as a CUDA graph; it runs eagerly: %s", key[0], exc)
             graphs.failed.add(key)
             return None
         self.pool_bytes += max(0, torch.cuda.memory_reserved() - before)
         capture = graphs.captures[key] = _Capture(graph, static, output)
-        x, _, context, _ = inputs
-        log.info(
-            "DiT forward on latent %s with %d text rows: captured in %d CUDA graphs",
-            tuple(x.shape), context.shape[1], graph.segments,
-        )  # fmt: skip
+        log.info("DiT %s of %s: captured in %d CUDA graphs", key[0], tuple(inputs[0].shape), graph.segments)
         return capture
 
 
@@ -113,6 +121,16 @@ _ON_DEVICE: dict[torch.device, ForwardGraphs] = {}
 def graphs_on(device: torch.device | str) -> ForwardGraphs:
     """The ForwardGraphs of ``device``, shared by every pipeline there: one pool, which each plan counts."""
     return _ON_DEVICE.setdefault(canonical_device(device), ForwardGraphs())
+
+
+def _leaves(inputs: Inputs) -> list[torch.Tensor | None]:
+    return [leaf for value in inputs for leaf in (value if isinstance(value, tuple) else (value,))]
+
+
+def _clone(value: torch.Tensor | tuple | None) -> torch.Tensor | tuple | None:
+    if isinstance(value, tuple):
+        return type(value)(*map(_clone, value))
+    return None if value is None else value.clone()
 
 
 def _signature(value: torch.Tensor | None) -> tuple | None:

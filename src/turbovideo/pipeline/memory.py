@@ -88,6 +88,12 @@ def dit_activation_bytes(batch: int, tokens: int, dim: int, ffn_dim: int, latent
     return block + sampler
 
 
+def text_keys_bytes(batch: int, layers: int, keys: int, dim: int) -> int:
+    """The DiT's cross-attention keys and values of a prompt, every block's, held through the denoising
+    (models/dit.TextKeys): bf16 [layers, batch, keys, dim] twice (1.3B, 64 keys: 11.8 MB a sample)."""
+    return 2 * layers * batch * keys * dim * 2
+
+
 def vae_activation_bytes(num_frames: int, height: int, width: int) -> int:
     """The VAE's encode or decode of one sample: its working set plus the fp32 video it reads or returns."""
     return height * width * (VAE_BYTES_PER_PIXEL + num_frames * 3 * 4)

@@ -26,6 +26,7 @@ from turbovideo.errors import InputError
 from turbovideo.models import (
     DIT_CONFIGS,
     CheckpointError,
+    TextKeys,
     build_dit,
     build_text_encoder,
     build_vae,
@@ -36,7 +37,7 @@ from turbovideo.models import (
     prompt_rows,
 )
 from turbovideo.models.attention import select_attention
-from turbovideo.models.text_padding import context_lengths, context_rows
+from turbovideo.models.text_padding import context_lengths, context_rows, key_count
 from turbovideo.models.tokenizer import PromptTokenizer
 from turbovideo.pipeline.assets import pick_variant, shared_assets
 from turbovideo.pipeline.conditioning import image_condition
@@ -50,6 +51,7 @@ from turbovideo.pipeline.memory import (
     Stage,
     dit_activation_bytes,
     plan,
+    text_keys_bytes,
     usable_bytes,
     vae_activation_bytes,
 )
@@ -402,7 +404,7 @@ class VideoPipeline:
         for rows in context_lengths(config.text_len)[1:]:  # the warm-up's prompt ran the shortest
             context = torch.zeros((1, rows, config.text_dim), dtype=torch.bfloat16, device=self.device)
             tokens, inputs = expert.embed(x, t, context, y)
-            expert.blocks[0](tokens, inputs.e0, inputs.context, inputs.rope, inputs.context_bias)
+            expert.blocks[0](tokens, inputs.e0, inputs.text.of_block(0), inputs.rope)
 
     def _prompt_warnings(self, prompt: str) -> list[str]:
         tokens, keep = self.tokenizer.token_count(prompt), self.tokenizer.max_length - 1
@@ -442,14 +444,24 @@ class VideoPipeline:
         )
         shape = (request.num_samples, *latent_shape(request.num_frames, width, height))
 
+        keys: dict[int, TextKeys] = {}  # the running expert's keys of the prompt, the same at every step
+
         def velocity(step: int, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
             index = expert_index[step]
             self._enter({self._expert_names[index]})
             expert = self.experts[index]
             expert.set_attention(request.attention, request.sla_topk)
+            if self._dit_shards != 1:  # the multi-GPU wrapper takes the umT5 rows
+                return expert(x, timestep, context, condition)
+            if index not in keys:
+                keys.clear()  # the experts take turns once: the one before is done
+                if self._graphed:
+                    keys[index] = self._graphs(expert, context, method="text_keys")
+                else:
+                    keys[index] = expert.text_keys(context)
             if self._graphed:
-                return self._graphs(expert, x, timestep, context, condition)
-            return expert(x, timestep, context, condition)
+                return self._graphs(expert, x, timestep, keys[index], condition)
+            return expert(x, timestep, keys[index], condition)
 
         generator = torch.Generator(device=self.device).manual_seed(request.seed)
         total = request.num_steps
@@ -507,6 +519,8 @@ class VideoPipeline:
         dit = dit_activation_bytes(
             request.num_samples, -(-tokens // self._dit_shards), config.dim, config.ffn_dim, latent
         )
+        keys = key_count(self.tokenizer.token_count(request.prompt) + 1, config.text_len)  # with </s>
+        dit += text_keys_bytes(request.num_samples, config.num_layers, keys, config.dim)
         # The VAE encodes the one image and decodes one sample at a time.
         vae = vae_activation_bytes(request.num_frames, height, width)
         held = self._graphs.pool_bytes + dit if graphed else 0
