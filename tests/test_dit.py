@@ -73,6 +73,33 @@ def test_text_keys_made_once_give_the_forward_of_the_prompts_rows(quantized):
         assert not torch.equal(model(x, t, model.text_keys(other)), model(x, t, keys))
 
 
+class _Returns(torch.nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.value
+
+
+def test_the_bf16_block_rounds_each_gated_product_then_each_sum_as_upstream():
+    block = build_dit("tiny-t2v").blocks[0]  # bf16 on the CPU: the PyTorch path
+    g = torch.Generator().manual_seed(5)
+    dim = DIT_CONFIGS["tiny-t2v"].dim
+    x, y_self, y_cross, y_ffn = (torch.randn(2, 9, dim, generator=g).bfloat16() for _ in range(4))
+    modulation = torch.randn(2, 6, dim, generator=g)
+    block.self_attn, block.cross_attn, block.ffn = _Returns(y_self), _Returns(y_cross), _Returns(y_ffn)
+    gate_self, gate_ffn = modulation[:, 2:3].bfloat16(), modulation[:, 5:6].bfloat16()
+    with torch.no_grad():
+        out, _ = block.run(x, modulation, keys=None, rope=None)
+    # bf16 tensor ops: the product rounded, then the sum
+    after_self = x + y_self * gate_self
+    assert torch.equal(out, after_self + y_cross + y_ffn * gate_ffn)
+    # Both roundings matter here: in fp32 with one rounding at the end the output differs.
+    wide = x.float() + y_self.float() * gate_self.float() + y_cross.float() + y_ffn.float() * gate_ffn.float()
+    assert not torch.equal(out, wide.bfloat16())
+
+
 def test_condition_is_required_for_i2v_and_refused_for_t2v():
     x, t, context, _ = tiny_inputs()
     with pytest.raises(ValueError, match="needs y"):
