@@ -1,5 +1,6 @@
 import logging
 import os
+import signal
 
 import pytest
 import torch
@@ -35,3 +36,12 @@ def _process_state_is_restored():
             os.environ[key] = value
     root.setLevel(level)
     root.handlers[:] = handlers
+
+
+@pytest.fixture
+def ctrl_c_handled():
+    """Python's own Ctrl-C handler for the test, as a foreground run has it: a run started in the
+    background by a script (`pytest &`) inherits SIGINT ignored, which the code under test leaves be."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -358,11 +358,10 @@ def test_an_interrupt_with_stderr_closed_still_exits_130(tmp_path, monkeypatch):
     assert exited.value.code == 130
 
 
-def test_an_interrupt_while_torch_imports_is_not_lost(tmp_path, monkeypatch):
+def test_an_interrupt_while_torch_imports_is_not_lost(tmp_path, monkeypatch, ctrl_c_handled):
     # torch catches a failed numpy import (a Ctrl-C landing inside it) and runs on: the run went on to
     # write the video and exit 0. The interrupt now waits for the imports to end, then stops the run.
     import builtins
-    import os
     import signal
 
     real_import = builtins.__import__
@@ -370,8 +369,9 @@ def test_an_interrupt_while_torch_imports_is_not_lost(tmp_path, monkeypatch):
     def import_catching_the_interrupt(name, *args, **kwargs):
         if name == "turbovideo.pipeline":
             try:
-                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered inside the import ...
-                sum(range(1000))  # (Python runs signal handlers between bytecodes)
+                # Ctrl-C, delivered inside the import (to this thread: os.kill lets the kernel pick any of
+                # the process's threads, and the main thread may then see it only after the import) ...
+                signal.raise_signal(signal.SIGINT)
             except KeyboardInterrupt:
                 pass  # ... which swallows it, as torch does around numpy
         return real_import(name, *args, **kwargs)

@@ -808,7 +808,7 @@ def _waits_in(thread_id: int, function: str) -> bool:
     return frame is not None
 
 
-def test_an_interrupted_start_stops_the_warm_up_at_its_next_step(tmp_path, monkeypatch):
+def test_an_interrupted_start_stops_the_warm_up_at_its_next_step(tmp_path, monkeypatch, ctrl_c_handled):
     # Ctrl-C while the start-up warm-up runs on the GPU thread: the interpreter's exit joins that thread,
     # so a warm-up that went on to its end would hold the exit for all of it (a cold one: ~30 s).
     started, ended, steps = threading.Event(), threading.Event(), []
