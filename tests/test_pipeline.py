@@ -333,6 +333,14 @@ def test_a_request_gives_the_same_video_with_and_without_cuda_graphs(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_warm_up_on_a_gpu_leaves_the_forward_and_the_text_keys_captured():
+    pipe = VideoPipeline.load(MODELS["tiny-t2v"], device="cuda")
+    pipe.warm_up()
+    expert = pipe.experts[0]
+    assert pipe.graphed_forwards == 1 and pipe._graphs.captured(expert, "text_keys") == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_offloading_every_module_gives_the_same_video_on_gpu(tmp_path):
     resident = VideoPipeline.load(MODELS["tiny-i2v"], device="cuda")
     offloaded = VideoPipeline.load(MODELS["tiny-i2v"], device="cuda")

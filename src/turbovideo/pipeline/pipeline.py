@@ -366,8 +366,9 @@ class VideoPipeline:
         The prompt goes through the text encoder (so it warms up too) without entering the prompt cache.
         ``progress`` hears each step, as in ``generate`` (and may raise to stop the warm-up there).
         Where the DiT's forwards replay as CUDA graphs it runs two steps: the second captures them (a
-        T2V model's, for prompts of up to 48 tokens), so that a first such request replays them. Then
-        one DiT block runs at each other prompt length (``_warm_context_lengths``).
+        T2V model's, for prompts of up to 48 tokens), and then the prompt's text keys are made a second
+        time, which captures theirs, so that a first such request replays both. Then one DiT block runs
+        at each other prompt length (``_warm_context_lengths``).
         """
         image = Image.new("RGB", (16, 9), (128, 128, 128)) if self.spec.task == "i2v" else None
         steps = 2 if self.cuda_graphs and self.device.type == "cuda" else 1
@@ -377,10 +378,19 @@ class VideoPipeline:
         try:
             with tempfile.TemporaryDirectory(prefix="turbovideo-warm-up-") as scratch:
                 self.generate(request, Path(scratch), progress=progress)
+            self._warm_text_keys(request.prompt)
         finally:
             self.prompt_cache = kept
         self._warm_context_lengths(request)
         return time.perf_counter() - started
+
+    @torch.inference_mode()
+    def _warm_text_keys(self, prompt: str) -> None:
+        """Make the text keys of ``prompt`` (just generated) again for each expert whose forward the
+        generation captured: their graph is captured at this second call, as a forward's is."""
+        for expert in self.experts:
+            if self._graphed and self._graphs.captured(expert):
+                self._graphs(expert, self._encode_prompt(prompt), method="text_keys")
 
     @torch.inference_mode()
     def _warm_context_lengths(self, request: GenerationRequest) -> None:
