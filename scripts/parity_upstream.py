@@ -323,7 +323,9 @@ def dit_inputs(config, latent: tuple[int, int, int], setting: Setting, seed: int
 
 
 class FirstBlockCall:
-    """Captures the arguments of a model's first block during a forward, to time that block alone."""
+    """Captures the arguments of a model's first block during a forward, to time that block alone. Ours
+    gets the prompt's text keys made (a request makes them once); upstream's block projects them itself,
+    a few hundred rows against the block's tens of thousands (well under 1 % of its time)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.block = model.blocks[0]

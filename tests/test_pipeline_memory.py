@@ -416,6 +416,18 @@ def test_idle_weights_that_do_not_fit_in_host_memory_fail_the_load_before_any_co
     pipe._place_for(GenerationRequest(prompt="-", task="i2v"))  # the copy is made once: nothing more needed
 
 
+def test_a_refused_requests_advice_counts_the_prompts_tokens_once(monkeypatch):
+    # The plan sizes the prompt's text keys; the advice plans many sizes of the same request.
+    gpu = _SimulatedGPU(monkeypatch, total=20 * GB)
+    pipe = _adopt_real_sizes(gpu, _meta_pipeline("TurboWan2.1-T2V-14B-720P", quantized=True))
+    counted: list[str] = []
+    count = pipe.tokenizer.token_count
+    monkeypatch.setattr(pipe.tokenizer, "token_count", lambda text: counted.append(text) or count(text))
+    with pytest.raises(InputError, match=r"it fits with num_frames at most \d+$"):
+        pipe._place_for(GenerationRequest(prompt="a red fox in the snow " * 40))
+    assert len(counted) == 1
+
+
 def test_a_request_whose_idle_weights_do_not_fit_in_host_memory_is_refused_and_moves_nothing(monkeypatch):
     # MODELS=<1.3B>,<14B 720P> on an 80 GB card in a 24 GiB container: the 14B request that fits only with
     # the 1.3B model's weights off the GPU needs their pinned copies too, more than the container has left.

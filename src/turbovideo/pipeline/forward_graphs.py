@@ -66,7 +66,9 @@ class ForwardGraphs:
         weights = tuple(tensors[name].data_ptr() for tensors, name in graphs.weight_slots)
         if weights != graphs.weights:
             graphs = self._models[model] = _ModelGraphs(graphs.weight_slots, weights)
-        key = (method, model.attention_backend, model.sla_topk, *map(_signature, _leaves(inputs)))
+        # A forward depends on the attention settings; the text keys do not.
+        settings = (model.attention_backend, model.sla_topk) if method == "forward" else ()
+        key = (method, *settings, *map(_signature, _leaves(inputs)))
         run = model if method == "forward" else getattr(model, method)  # model() runs its hooks
         capture = graphs.captures.get(key)
         if capture is None:
@@ -98,11 +100,9 @@ class ForwardGraphs:
     ) -> _Capture | None:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        # The graph's copies of its inputs count as its memory too (a 14B model's keys of a prompt of
-        # up to 48 tokens: 52 MB a sample).
-        before = torch.cuda.memory_reserved()
         static = tuple(map(_clone, inputs))
         graph = SegmentedGraph(self._pool)
+        before = torch.cuda.memory_reserved()
         try:
             output = graph.capture(lambda: run(*static))
         except RuntimeError as exc:  # run eagerly from now on: slower, never wrong
@@ -129,7 +129,8 @@ def _leaves(inputs: Inputs) -> list[torch.Tensor | None]:
 
 def _clone(value: torch.Tensor | tuple | None) -> torch.Tensor | tuple | None:
     if isinstance(value, tuple):
-        return type(value)(*map(_clone, value))
+        items = map(_clone, value)
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # a NamedTuple or not
     return None if value is None else value.clone()
 
 

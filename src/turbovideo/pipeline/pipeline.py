@@ -135,6 +135,7 @@ class VideoPipeline:
         self.cuda_graphs = True
         self._graphs = graphs_on(device)
         self._graphed = False  # whether this request's placement leaves room for the graphs
+        self._counted: tuple[str | None, int] = (None, 0)  # (prompt, its tokens), see _prompt_tokens
         # A request sets the experts' attention and moves modules between devices: one at a time.
         self._running = threading.Lock()
 
@@ -422,6 +423,12 @@ class VideoPipeline:
             return []
         return [f"the prompt has {tokens} tokens; the text encoder read only its first {keep}"]
 
+    def _prompt_tokens(self, prompt: str) -> int:
+        """``prompt``'s token count, kept for the last prompt: a refused request's advice plans many sizes."""
+        if self._counted[0] != prompt:
+            self._counted = (prompt, self.tokenizer.token_count(prompt))
+        return self._counted[1]
+
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         text = self.tokenizer.clean(prompt)
         cached = self.prompt_cache.get(self.encoder_id, text)
@@ -529,7 +536,7 @@ class VideoPipeline:
         dit = dit_activation_bytes(
             request.num_samples, -(-tokens // self._dit_shards), config.dim, config.ffn_dim, latent
         )
-        keys = key_count(self.tokenizer.token_count(request.prompt) + 1, config.text_len)  # with </s>
+        keys = key_count(self._prompt_tokens(request.prompt) + 1, config.text_len)  # with </s>
         dit += text_keys_bytes(request.num_samples, config.num_layers, keys, config.dim)
         # The VAE encodes the one image and decodes one sample at a time.
         vae = vae_activation_bytes(request.num_frames, height, width)
