@@ -747,14 +747,10 @@ def _add_linear_quantized_kernel(
         bottom_rows = top_rows + BLOCK_M
         top_ok = (top_rows < L)[:, None]
         bottom_ok = (bottom_rows < L)[:, None]
-        q_top = tl.load(_head_rows(q_ptr, sample, h, top_rows, d, *q_strides), mask=top_ok, other=0.0)
-        q_bottom = tl.load(_head_rows(q_ptr, sample, h, bottom_rows, d, *q_strides), mask=bottom_ok, other=0.0)  # fmt: skip
-        s_top = tl.load(_head_rows(o_s_ptr, sample, h, top_rows, d, *s_strides), mask=top_ok, other=0.0)
-        s_bottom = tl.load(_head_rows(o_s_ptr, sample, h, bottom_rows, d, *s_strides), mask=bottom_ok, other=0.0)  # fmt: skip
-        top = s_top.to(tl.float32) + _linear_branch_of(_softmax_rows(q_top.to(tl.float32)), kvw, ksum, bias,
-                                                       PRECISION)  # fmt: skip
-        bottom = s_bottom.to(tl.float32) + _linear_branch_of(_softmax_rows(q_bottom.to(tl.float32)), kvw, ksum,
-                                                             bias, PRECISION)  # fmt: skip
+        top = _rows_with_linear(q_ptr, o_s_ptr, kvw, ksum, bias, sample, top_rows, L, h, q_strides, s_strides,
+                                D, PRECISION)  # fmt: skip
+        bottom = _rows_with_linear(q_ptr, o_s_ptr, kvw, ksum, bias, sample, bottom_rows, L, h, q_strides,
+                                   s_strides, D, PRECISION)  # fmt: skip
         # Rounded to bf16 as the output would be, zeros past L as the quantizer pads.
         top = tl.where(top_ok, to_bf16(top).to(tl.float32), 0.0)
         bottom = tl.where(bottom_ok, to_bf16(bottom).to(tl.float32), 0.0)
@@ -769,12 +765,24 @@ def _output_rows(q_ptr, o_s_ptr, kvw_ptr, ksum_ptr, bias_ptr, sample, rows, L, H
                  D: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """o_s + the linear branch, fp32, for ``rows`` of one sample (zeros from L on)."""
     d = tl.arange(0, D)
+    bh = sample * H + h
+    kvw = tl.load(kvw_ptr + bh * D * D + d[:, None] * D + d[None, :])
+    ksum = tl.load(ksum_ptr + bh * D + d)
+    bias = tl.load(bias_ptr + d).to(tl.float32)
+    return _rows_with_linear(
+        q_ptr, o_s_ptr, kvw, ksum, bias, sample, rows, L, h, q_strides, s_strides, D, PRECISION
+    )
+
+
+@triton.jit
+def _rows_with_linear(q_ptr, o_s_ptr, kvw, ksum, bias, sample, rows, L, h, q_strides, s_strides,
+                      D: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """``_output_rows`` with this (b, h)'s KV·Wᵀ, ksum and bias already loaded."""
+    d = tl.arange(0, D)
     mask = (rows < L)[:, None]
     q = tl.load(_head_rows(q_ptr, sample, h, rows, d, *q_strides), mask=mask, other=0.0)
     o = tl.load(_head_rows(o_s_ptr, sample, h, rows, d, *s_strides), mask=mask, other=0.0).to(tl.float32)
-    bh = sample * H + h
-    phi = _softmax_rows(q.to(tl.float32))
-    return o + _linear_branch(phi, kvw_ptr + bh * D * D, ksum_ptr + bh * D, bias_ptr, D, PRECISION)
+    return o + _linear_branch_of(_softmax_rows(q.to(tl.float32)), kvw, ksum, bias, PRECISION)
 
 
 def add_linear_branch(
