@@ -1,6 +1,6 @@
 """CUDA graphs of code that makes launches a graph cannot record.
 
-A DiT forward is ~1,500 launches whose Python costs the host about as long as the GPU takes to run
+A DiT forward is ~1,000 launches (1.3B int8) whose Python costs the host about as long as the GPU takes to run
 them (1.3B on an H200), so in stretches of short kernels the GPU waits; replaying a graph costs the
 host a few microseconds. SpargeAttn's kernels launch on the legacy default stream, which a capture
 cannot record, so ``SegmentedGraph`` records a function as a list of graphs cut at each

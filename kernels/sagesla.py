@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from turbovideo.models.attention import SAGESLA_NOT_INSTALLED
+
 from .cuda_graph import outside_graph
 from .rounding import to_bf16
 from .sla import (
@@ -33,9 +35,6 @@ from .sla import (
 # The archs SpargeAttn's build compiles kernels for (its setup.py filters TORCH_CUDA_ARCH_LIST to these).
 SUPPORTED_ARCHS = ("sm80", "sm86", "sm87", "sm89", "sm90")
 HEAD_DIMS = (64, 128)  # what SpargeAttn's kernels are built for
-NOT_INSTALLED = (
-    "attention=sagesla needs SpargeAttn (spas_sage_attn), which is not installed; use attention=sla"
-)
 # SpargeAttn's per-head PV-skipping threshold; this value disables skipping, as upstream runs it.
 _NO_PV_SKIP = 1e6
 # SpargeAttn launches its kernels without a stream, i.e. on the legacy default stream: on any other
@@ -252,7 +251,7 @@ def sagesla_attention(
     (``sla.add_linear_branch``)."""
     sparge = sparge_modules()
     if sparge is None:
-        raise RuntimeError(NOT_INSTALLED)
+        raise RuntimeError(SAGESLA_NOT_INSTALLED)
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"SageSLA needs head dim 64 or 128; got {q.shape[-1]}")
     arch = cuda_arch(q.device)

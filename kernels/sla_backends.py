@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from turbovideo.models.attention import register_attention
+from turbovideo.models.attention import SAGESLA_NOT_INSTALLED, register_attention
 
 from . import sagesla
 from .sla import SLA_BLOCKS, sla_attention
@@ -71,7 +71,7 @@ def _on_cuda(device: torch.device) -> bool:
 
 def _sagesla_unavailable_message() -> str:
     if sagesla.sparge_modules() is None:
-        return sagesla.NOT_INSTALLED
+        return SAGESLA_NOT_INSTALLED
     archs = ", ".join(sagesla.wheel_archs()) or "(none listed in its build)"
     return (
         f"attention=sagesla needs a CUDA GPU of arch {archs} for the installed SpargeAttn; use attention=sla"

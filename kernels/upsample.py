@@ -15,7 +15,7 @@ from .channel_norm import row_tile_shape
 
 
 @triton.jit
-def _upsample2x_kernel(x_ptr, out_ptr, P, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _upsample2x_kernel(x_ptr, out_ptr, P, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     cols = tl.arange(0, BLOCK_C)
     mask = (pixels < P)[:, None] & (cols < C)[None, :]
@@ -44,6 +44,6 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     pixels = batch * height * width
     block_p, block_c = row_tile_shape(channels)
     _upsample2x_kernel[(triton.cdiv(pixels, block_p),)](
-        x, out, pixels, height, width, channels, BLOCK_P=block_p, BLOCK_C=block_c
+        x, out, pixels, width, channels, BLOCK_P=block_p, BLOCK_C=block_c
     )
     return out

@@ -28,6 +28,7 @@ from turbovideo.benchmark import (
     median_ms,
     rel_error,
 )
+from turbovideo.models.attention import SAGESLA_NOT_INSTALLED
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"wan-1.3B-480p": (12, 32760), "wan-14B-720p": (40, 75600)}
@@ -235,7 +236,7 @@ def main() -> None:
         rows += bench_shape(sla, sagesla, label, heads, length, args.iters, not args.no_sweep, device)
     if not sagesla.is_available(device):
         why = (
-            sagesla.NOT_INSTALLED
+            SAGESLA_NOT_INSTALLED
             if sagesla.sparge_modules() is None
             else f"{sagesla.cuda_arch(device)} unsupported"
         )

@@ -22,7 +22,17 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from PIL import Image
 
-from turbovideo.catalog import ALIASES, DEFAULT_FPS, DEFAULT_FRAMES, MODELS, ModelSpec
+from turbovideo.catalog import (
+    ALIASES,
+    ATTENTION_CHOICES,
+    DEFAULT_BOUNDARY,
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    DEFAULT_SLA_TOPK,
+    DEFAULT_STEPS,
+    MODELS,
+    ModelSpec,
+)
 from turbovideo.errors import InputError
 from turbovideo.files import write_failure
 
@@ -51,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="output/generated_video.mp4", help="the .mp4 to write; default: %(default)s"
     )
     gen.add_argument("--checkpoint_dir", type=Path, help="folder with the model's files (Hub filenames)")
-    gen.add_argument("--num_steps", type=int, default=4)
+    gen.add_argument("--num_steps", type=int, default=DEFAULT_STEPS)
     gen.add_argument("--sigma_max", type=float, help="default: 80 for T2V, 200 for I2V")
     gen.add_argument("--resolution", help="480p or 720p (tiny for tiny models); default: the model's")
     gen.add_argument("--aspect_ratio", default="16:9")
@@ -67,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num_samples", type=int, default=1)
     gen.add_argument("--fps", type=int, default=DEFAULT_FPS)
     gen.add_argument(
-        "--attention_type", default="auto", help="auto, sagesla, sla or dense (upstream: original)"
+        "--attention_type",
+        default="auto",
+        help=f"{', '.join(ATTENTION_CHOICES)} (upstream's 'original' is dense)",
     )
-    gen.add_argument("--sla_topk", type=float, default=0.1)
-    gen.add_argument("--boundary", type=float, default=0.9, help="I2V expert switch time")
+    gen.add_argument("--sla_topk", type=float, default=DEFAULT_SLA_TOPK)
+    gen.add_argument("--boundary", type=float, default=DEFAULT_BOUNDARY, help="I2V expert switch time")
     gen.add_argument("--ode", action="store_true", help="deterministic ODE sampling instead of SDE")
     gen.add_argument(
         "--adaptive_resolution", action="store_true", help="I2V: follow the image's aspect ratio"

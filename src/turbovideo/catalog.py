@@ -22,6 +22,10 @@ DEFAULT_FRAMES = 81
 DEFAULT_FPS = 16
 # Request limits the endpoint and the command line share.
 MAX_STEPS = 4  # rCM's schedule has three intermediate angles (pipeline.sampler.MID_ANGLES)
+DEFAULT_STEPS = MAX_STEPS
+ATTENTION_CHOICES = ("auto", "sagesla", "sla", "dense")  # "auto": the best that runs here
+DEFAULT_SLA_TOPK = 0.1  # the share of key blocks SLA attends to (upstream's default)
+DEFAULT_BOUNDARY = 0.9  # I2V: the time at which the low-noise expert takes over
 MAX_SAMPLES = 4
 MAX_FPS = 60
 # Upstream suggests sigma_max above the defaults (80 T2V, 200 I2V), e.g. 1600, for less diverse output.

@@ -21,18 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..catalog import ATTENTION_CHOICES, DEFAULT_SLA_TOPK
 from ..errors import InputError
 from .int8 import Activation, QuantizedActivation
 from .sla_reference import sla_reference
 
 logger = logging.getLogger("turbovideo")
 
-PUBLIC_NAMES = ("auto", "sagesla", "sla", "dense")
 # What "auto" tries, best first: SageSLA where SpargeAttn is installed for the GPU (upstream's default
 # attention), else SLA (Triton on CUDA, the PyTorch reference elsewhere). SageSLA's 8-bit formats cost
 # accuracy (~4e-2 vs ~3e-3 relative, performance.md); scripts/bench_kernels.py measures both.
 AUTO_ORDER = ("sagesla", "sla", "dense")
-DEFAULT_TOPK = 0.1
+SAGESLA_NOT_INSTALLED = (
+    "attention=sagesla needs SpargeAttn (spas_sage_attn), which is not installed; use attention=sla"
+)
 # Registers the Triton SLA and SageSLA backends when imported (kernels/sla_backends.py).
 PLUGIN_MODULE = "turbovideo.kernels.sla_backends"
 
@@ -89,9 +91,7 @@ class _Candidate:
 
 
 _REGISTRY: dict[str, list[_Candidate]] = {}
-_UNAVAILABLE = {
-    "sagesla": "attention=sagesla needs SpargeAttn (spas_sage_attn), which is not installed; use attention=sla",
-}
+_UNAVAILABLE = {"sagesla": SAGESLA_NOT_INSTALLED}
 _plugins_loaded = False
 
 
@@ -110,7 +110,7 @@ def register_attention(
     only when selected so that heavy imports stay lazy. ``available(device)`` says whether it runs there;
     ``head_dims`` limits it to models with those attention head dims (e.g. SpargeAttn's 64 and 128).
     """
-    if name not in PUBLIC_NAMES or name == "auto":
+    if name not in ATTENTION_CHOICES or name == "auto":
         raise ValueError(f"attention backends register under one of sagesla, sla, dense, not {name!r}")
     is_impl = hasattr(factory_or_impl, "name") and not isinstance(factory_or_impl, type)
     make = (lambda: factory_or_impl) if is_impl else factory_or_impl
@@ -133,7 +133,7 @@ def select_attention(
             if backend is not None:
                 return backend
         raise InputError("no attention backend is available on " + str(device))
-    if requested in PUBLIC_NAMES:
+    if requested in ATTENTION_CHOICES:
         backend = _first_available(requested, device, head_dim)
         if backend is None:
             if _first_available(requested, device, None) is not None:
@@ -148,7 +148,7 @@ def select_attention(
         for candidate in candidates:
             if candidate.runs(device, head_dim) and (backend := candidate.make()).name == requested:
                 return backend
-    raise InputError(f"unknown attention {requested!r}; use one of {', '.join(PUBLIC_NAMES)}")
+    raise InputError(f"unknown attention {requested!r}; use one of {', '.join(ATTENTION_CHOICES)}")
 
 
 def _first_available(name: str, device: torch.device, head_dim: int | None) -> AttentionBackend | None:
@@ -184,7 +184,7 @@ class LocalAttention(nn.Module):
         super().__init__()
         self.proj_l = nn.Linear(head_dim, head_dim, dtype=dtype)
         self.backend: AttentionBackend = DenseAttention()
-        self.topk = DEFAULT_TOPK
+        self.topk = DEFAULT_SLA_TOPK
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, int8_output: bool = False

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import DEFAULT_TOPK, AttentionOp, select_attention
+from ..catalog import DEFAULT_SLA_TOPK
+from .attention import AttentionOp, select_attention
 from .checkpoint import CheckpointError, load_into, read_state_dict
 from .dit_checkpoint import (
     describe_dit_state,
@@ -352,7 +353,7 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, dtype=dtype))
         self.blocks = nn.ModuleList(Block(config, dtype, quantized) for _ in range(config.num_layers))
         self.head = Head(config, dtype)
-        self._sla_topk = DEFAULT_TOPK
+        self._sla_topk = DEFAULT_SLA_TOPK
 
     @property
     def attention_backend(self) -> str:

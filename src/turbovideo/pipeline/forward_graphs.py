@@ -1,6 +1,6 @@
 """DiT forwards replayed as CUDA graphs, one capture per model and input shape.
 
-The host takes about as long to launch a 1.3B forward's ~1,500 kernels as an H200 takes to run them,
+The host takes about as long to launch a 1.3B forward's ~1,000 kernels (int8) as an H200 takes to run them,
 so in stretches of short kernels the GPU waits on Python. A shape's first forward runs eagerly (it
 compiles and tunes kernels, which a capture must not do), the second is captured (kernels/cuda_graph.py,
 cut around SpargeAttn's launches) and replayed, and later ones replay. A capture reads the weights

@@ -236,9 +236,9 @@ class VideoPipeline:
         return pipe
 
     @classmethod
-    def planning(cls, spec: ModelSpec, *, quantized: bool, device: str | torch.device) -> VideoPipeline:
-        """``spec``'s modules at their real shapes on the meta device (no memory, no files), placed for
-        ``device``: enough to plan memory with, nothing to run."""
+    def planning(cls, spec: ModelSpec, *, quantized: bool, device: torch.device) -> VideoPipeline:
+        """``spec``'s modules at their real shapes on the meta device (no memory, no files), to plan
+        their placement on ``device`` with: nothing to run."""
         meta = torch.device("meta")
         experts = [build_dit(spec.dit_config, meta, quantized=quantized) for _ in spec.experts]
         vae = build_vae(spec.vae_config, meta)

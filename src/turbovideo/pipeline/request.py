@@ -8,8 +8,12 @@ from pathlib import Path
 from PIL import Image
 
 from turbovideo.catalog import (
+    ATTENTION_CHOICES,
+    DEFAULT_BOUNDARY,
     DEFAULT_FPS,
     DEFAULT_FRAMES,
+    DEFAULT_SLA_TOPK,
+    DEFAULT_STEPS,
     MAX_FPS,
     MAX_FRAMES,
     MAX_SAMPLES,
@@ -31,8 +35,6 @@ from turbovideo.pipeline.resolution import (
     table_size,
 )
 
-ATTENTION_CHOICES = ("auto", "sagesla", "sla", "dense")
-
 
 @dataclass
 class GenerationRequest:
@@ -45,14 +47,14 @@ class GenerationRequest:
     aspect_ratio: str = "16:9"
     adaptive_resolution: bool = False
     num_frames: int = DEFAULT_FRAMES
-    num_steps: int = 4
+    num_steps: int = DEFAULT_STEPS
     sigma_max: float | None = None
     seed: int = 0
     num_samples: int = 1
     attention: str = "auto"
-    sla_topk: float = 0.1
+    sla_topk: float = DEFAULT_SLA_TOPK
     ode: bool = False
-    boundary: float = 0.9
+    boundary: float = DEFAULT_BOUNDARY
     fps: int = DEFAULT_FPS
 
 

@@ -5,7 +5,7 @@ Layout under the cache directory (the dot-files sit next to the file they descri
     <repo>/<filename>             the verified file, e.g. Wan-AI/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth
     .<name>.complete              written last, after size (and sha256) verification
     .<name>.lock                  held by the one worker downloading it (see locking.py)
-    .<name>.<etag>.partial        an interrupted download, continued with an HTTP Range request
+    .<name>.<etag[:16]>.partial   an interrupted download, continued with an HTTP Range request
     models/<model>-<bf16|quant>/  relative symlinks: every file of one model in one directory
 
 Several workers may start at once on one network volume: each file is downloaded by whichever
@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from turbovideo.catalog import HubFile, ModelSpec
+from turbovideo.files import replaced_when_written
 from turbovideo.worker.hub_transfer import (
     REVISION,
     CheckpointDownloadError,
@@ -398,15 +399,10 @@ def _write_marker(
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with replaced_when_written(path) as partial:
+            partial.write_bytes(data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise filesystem_error(e, path.parent) from e
     _fsync_dir(path.parent)
 

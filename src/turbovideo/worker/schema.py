@@ -16,8 +16,11 @@ import annotated_types
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from turbovideo.catalog import (
+    DEFAULT_BOUNDARY,
     DEFAULT_FPS,
     DEFAULT_FRAMES,
+    DEFAULT_SLA_TOPK,
+    DEFAULT_STEPS,
     MAX_FPS,
     MAX_FRAMES,
     MAX_SAMPLES,
@@ -70,14 +73,14 @@ class VideoRequest(BaseModel):
     num_frames: Annotated[int, Field(ge=MIN_FRAMES, le=MAX_FRAMES), AfterValidator(_four_k_plus_one)] = (
         DEFAULT_FRAMES
     )
-    num_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = MAX_STEPS
+    num_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = DEFAULT_STEPS
     sigma_max: Annotated[float, Field(ge=SIGMA_MAX_RANGE[0], le=SIGMA_MAX_RANGE[1])] | None = None
     seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] | None = None  # None or -1: a random seed
     num_samples: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] = 1
     attention: Literal["auto", "sagesla", "sla"] = "auto"
-    sla_topk: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    sla_topk: Annotated[float, Field(gt=0.0, le=1.0)] = DEFAULT_SLA_TOPK
     ode: bool = False
-    boundary: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
+    boundary: Annotated[float, Field(gt=0.0, lt=1.0)] = DEFAULT_BOUNDARY
     fps: Annotated[int, Field(ge=1, le=MAX_FPS)] = DEFAULT_FPS
     expires_in: Annotated[int, Field(ge=1)] = DEFAULT_EXPIRES_S
     return_base64: bool = False
