@@ -10,7 +10,11 @@
 # are written as out_0.mp4, out_1.mp4, ...
 set -euo pipefail
 
-prompt="${1:?usage: $0 \"prompt\" [out.mp4] [extra request fields as JSON]}"
+if [ $# -lt 1 ] || [ -z "$1" ]; then
+  echo "usage: $0 \"prompt\" [out.mp4] [extra request fields as JSON]" >&2
+  exit 2
+fi
+prompt="$1"
 out="${2:-quickstart.mp4}"
 extra="${3:-{\}}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

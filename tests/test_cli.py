@@ -60,7 +60,7 @@ def test_bad_value_in_a_subprocess_exits_2_with_one_line(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2
-    assert done.stderr.strip() == "turbovideo: num_frames must be 4k+1 between 5 and 161, got 80"
+    assert done.stderr.strip() == "turbovideo: --num_frames must be 4k+1 between 5 and 161, got 80"
     assert not list(tmp_path.iterdir())
 
 
@@ -93,9 +93,9 @@ def test_image_selects_tiny_i2v_and_samples_get_numbered_files(tmp_path, capsys)
     ("argv", "message"),
     [
         (["--num_steps", "abc"], "argument --num_steps: invalid int value: 'abc'"),
-        (["--num_steps", "5"], "num_steps must be between 1 and 4, got 5"),
-        (["--num_frames", "0"], "num_frames must be 4k+1 between 5 and 161, got 0"),
-        (["--aspect_ratio", "1:2"], "aspect_ratio must be one of"),
+        (["--num_steps", "5"], "--num_steps must be between 1 and 4, got 5"),
+        (["--num_frames", "0"], "--num_frames must be 4k+1 between 5 and 161, got 0"),
+        (["--aspect_ratio", "1:2"], "--aspect_ratio must be one of"),
         (["--model", "wan-9000"], "unknown model 'wan-9000'"),
         (
             ["--model", "TurboWan2.1-T2V-1.3B-480P"],
@@ -106,10 +106,14 @@ def test_image_selects_tiny_i2v_and_samples_get_numbered_files(tmp_path, capsys)
             "--checkpoint_dir ckpt/models/typo is not a folder: run python scripts/download_checkpoints.py",
         ),
         (["--image", "/nonexistent.png"], "cannot read image /nonexistent.png"),
+        (
+            ["--image", "https://example.com/a.jpg"],
+            "--image takes an image file, got the URL https://example.com/a.jpg",
+        ),
         (["--image", "__big__"], "image must have at most 50000000 pixels"),
         (["--model", "tiny-i2v"], "task 'i2v' needs an input image"),
-        (["--attention_type", "flash"], "attention must be one of"),
-        (["--resolution", "720p"], "resolution must be tiny for model tiny-t2v"),
+        (["--attention_type", "flash"], "--attention_type must be one of"),
+        (["--resolution", "720p"], "--resolution must be tiny for model tiny-t2v"),
         (["--out", "__tmp__/fox.gif"], "--out must name an .mp4 file"),
         (["--image", "/dev/zero"], "/dev/zero: image must be at most 20 MB"),
         (["--checkpoint_dir", "ckpt/models/x"], "--checkpoint_dir is for the published models; tiny-t2v"),

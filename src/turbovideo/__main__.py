@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import stat
 import sys
@@ -30,11 +31,15 @@ from turbovideo.catalog import (
     DEFAULT_FRAMES,
     DEFAULT_SLA_TOPK,
     DEFAULT_STEPS,
+    MAX_FPS,
+    MAX_SAMPLES,
+    MAX_STEPS,
     MODELS,
     ModelSpec,
 )
 from turbovideo.errors import InputError
 from turbovideo.files import write_failure
+from turbovideo.pipeline.resolution import ASPECT_RATIOS
 
 if TYPE_CHECKING:
     from turbovideo.pipeline.request import GenerationRequest, GenerationResult, ProgressEvent
@@ -55,16 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     gen = commands.add_parser("generate", help="generate a video from a prompt (and an image)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--image", type=Path, help="input image for image-to-video")
+    gen.add_argument(  # a str: Path makes "https://..." a path "https:/..."
+        "--image", help="input image file for image-to-video (the endpoint also takes URLs; this takes files)"
+    )
     gen.add_argument("--model", default="tiny", help=f"one of {', '.join([*MODELS, *ALIASES])}")
     gen.add_argument(  # a str: Path drops a trailing "/"
         "--out", default="output/generated_video.mp4", help="the .mp4 to write; default: %(default)s"
     )
     gen.add_argument("--checkpoint_dir", type=Path, help="folder with the model's files (Hub filenames)")
-    gen.add_argument("--num_steps", type=int, default=DEFAULT_STEPS)
+    gen.add_argument(
+        "--num_steps", type=int, default=DEFAULT_STEPS, help=f"1 to {MAX_STEPS}; default %(default)s"
+    )
     gen.add_argument("--sigma_max", type=float, help="default: 80 for T2V, 200 for I2V")
     gen.add_argument("--resolution", help="480p or 720p (tiny for tiny models); default: the model's")
-    gen.add_argument("--aspect_ratio", default="16:9")
+    gen.add_argument(
+        "--aspect_ratio", default="16:9", help=f"{', '.join(ASPECT_RATIOS)}; default %(default)s"
+    )
     gen.add_argument(
         "--num_frames", type=int, help=f"4k+1; default {DEFAULT_FRAMES} ({TINY_DEFAULT_FRAMES} for tiny)"
     )
@@ -74,15 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="0 to 4294967295; default 0 (as upstream): the same seed, the same video",
     )
-    gen.add_argument("--num_samples", type=int, default=1)
-    gen.add_argument("--fps", type=int, default=DEFAULT_FPS)
+    gen.add_argument(
+        "--num_samples",
+        type=int,
+        default=1,
+        help=f"1 to {MAX_SAMPLES} videos of one prompt; default %(default)s",
+    )
+    gen.add_argument("--fps", type=int, default=DEFAULT_FPS, help=f"1 to {MAX_FPS}; default %(default)s")
     gen.add_argument(
         "--attention_type",
         default="auto",
-        help=f"{', '.join(ATTENTION_CHOICES)} (upstream's 'original' is dense)",
+        help=f"{', '.join(ATTENTION_CHOICES)} (upstream's 'original' is dense); default %(default)s",
     )
-    gen.add_argument("--sla_topk", type=float, default=DEFAULT_SLA_TOPK)
-    gen.add_argument("--boundary", type=float, default=DEFAULT_BOUNDARY, help="I2V expert switch time")
+    gen.add_argument(
+        "--sla_topk",
+        type=float,
+        default=DEFAULT_SLA_TOPK,
+        help="share of key blocks SLA attends to, in (0, 1]",
+    )
+    gen.add_argument(
+        "--boundary", type=float, default=DEFAULT_BOUNDARY, help="I2V expert switch time, in (0, 1)"
+    )
     gen.add_argument("--ode", action="store_true", help="deterministic ODE sampling instead of SDE")
     gen.add_argument(
         "--adaptive_resolution", action="store_true", help="I2V: follow the image's aspect ratio"
@@ -149,7 +172,7 @@ def _generate(args: argparse.Namespace) -> int:
         _check_targets(out, targets)
         result = _run(spec, args, request, out, targets)
     except InputError as err:
-        _fail(f"turbovideo: {err}", USAGE_ERROR)
+        _fail(f"turbovideo: {_as_option(str(err))}", USAGE_ERROR)
     except EncodeError as err:  # its path is the scratch folder's, gone by now
         _fail(f"turbovideo: could not write the video for --out {out}: {err.reason}", RUN_ERROR)
     except (CheckpointError, OSError) as err:
@@ -322,10 +345,35 @@ def _default_frames(spec: ModelSpec) -> int:
     return TINY_DEFAULT_FRAMES if spec.is_random else DEFAULT_FRAMES
 
 
-def _open_image(path: Path | None) -> Image.Image | None:
+# The option that sets each request field: check_request's messages start with the field.
+_OPTION_OF_FIELD = {
+    name: f"--{name}"
+    for name in (
+        "prompt", "image", "resolution", "aspect_ratio", "adaptive_resolution", "num_frames", "num_steps",
+        "sigma_max", "seed", "num_samples", "sla_topk", "boundary", "fps",
+    )
+} | {"attention": "--attention_type"}  # fmt: skip
+
+
+def _as_option(message: str) -> str:
+    """A request check's message as the command line says it: the field it starts with named as the
+    option that sets it ("num_steps must be ..." -> "--num_steps must be ...")."""
+    field, space, rest = message.partition(" ")
+    option = _OPTION_OF_FIELD.get(field)
+    return f"{option}{space}{rest}" if option else message
+
+
+def _open_image(text: str | None) -> Image.Image | None:
     """The image as the endpoint would use it: upright by its EXIF orientation, within its limits."""
-    if path is None:
+    if text is None:
         return None
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
+        _fail(
+            f"turbovideo: --image takes an image file, got the URL {text}; download it first (the endpoint's "
+            "image field takes URLs)",
+            USAGE_ERROR,
+        )
+    path = Path(text)
     from turbovideo.images import MAX_IMAGE_BYTES, open_image
 
     try:

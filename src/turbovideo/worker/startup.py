@@ -114,8 +114,16 @@ def _start(env: Mapping[str, str], secrets: list[str], replace_worker: Callable[
         # start too.
         from turbovideo.worker.service import VideoService
 
-        if config.on_runpod and not torch.cuda.is_available() and not all(s.is_random for s in config.models):
-            raise NoCudaError()
+        real = [spec.name for spec in config.models if not spec.is_random]
+        if real and not torch.cuda.is_available():
+            if config.on_runpod:
+                raise NoCudaError()
+            # Off RunPod (a laptop, a CI box) this may be on purpose; it is never quick.
+            logger.warning(
+                "no usable CUDA GPU here: %s will run on the CPU, where a job takes hours; MODELS=tiny runs "
+                "the whole path in seconds",
+                ", ".join(real),
+            )
         service = VideoService.from_config(config)
         check_memory_fitness(config.memory_check_gib, read_host_memory(), held_host_bytes())
     except Exception as exc:  # any failed start is answered to jobs, not crash-looped
