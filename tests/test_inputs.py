@@ -1,9 +1,11 @@
 """Start images: base64 and data URIs, public URLs only (every redirect hop checked), no image bombs."""
 
 import base64
+import datetime
 import io
 import ipaddress
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -257,6 +259,12 @@ class _Images(BaseHTTPRequestHandler):
             "/to-metadata": lambda: self._send(301, b"", {"Location": "http://169.254.169.254/latest/"}),
             "/to-file": lambda: self._send(302, b"", {"Location": "file:///etc/passwd"}),
             "/loop": lambda: self._send(302, b"", {"Location": "/loop"}),
+            "/no-length.png": lambda: self._send(200, self.png, {}, length=False),
+            **{  # /hops-N: N redirects before the image
+                f"/hops-{n}": (lambda n=n: self._send(302, b"", {"Location": f"/hops-{n - 1}"}))
+                for n in range(1, 7)
+            },
+            "/hops-0": lambda: self._send(200, self.png, {}),
             "/missing": lambda: self._send(404, b"nope", {}),
             # An expired presigned link: the bucket's XML error, with 200 from a proxy that hides the status.
             "/expired": lambda: self._send(
@@ -429,6 +437,77 @@ def test_bad_urls_are_input_errors(allowed, path, fragment):
     with pytest.raises(InputError) as caught:
         inputs.load_image(f"{allowed}{path}")
     assert fragment in str(caught.value)
+
+
+def test_the_limits_are_inclusive(allowed):
+    assert inputs.load_image(f"{allowed}/hops-{inputs.MAX_REDIRECTS}").size == (40, 30)
+    with pytest.raises(InputError, match=f"redirected more than {inputs.MAX_REDIRECTS} times"):
+        inputs.load_image(f"{allowed}/hops-{inputs.MAX_REDIRECTS + 1}")
+    size = len(_Images.png)
+    for path in ("/image.png", "/no-length.png"):  # by its Content-Length, and counted as it arrives
+        assert inputs.fetch_url(f"{allowed}{path}", max_bytes=size) == _Images.png
+        with pytest.raises(InputError, match="image must be at most"):
+            inputs.fetch_url(f"{allowed}{path}", max_bytes=size - 1)
+    at_limit = f"{allowed}/x?" + "q" * (inputs.MAX_URL_CHARS - len(f"{allowed}/x?"))
+    with pytest.raises(InputError, match="answered HTTP 404"):  # fetched: the length passed
+        inputs.fetch_url(at_limit)
+    with pytest.raises(InputError, match=f"at most {inputs.MAX_URL_CHARS} characters"):
+        inputs.fetch_url(at_limit + "q")
+
+
+def test_an_upper_case_scheme_is_fetched(allowed):
+    assert inputs.load_image(allowed.replace("http://", "HTTP://") + "/image.png").size == (40, 30)
+
+
+def test_an_https_server_with_an_untrusted_certificate_is_refused(tmp_path, monkeypatch):
+    # A self-signed certificate for the very name asked for: only the certificate check can refuse it.
+    cert, key = _self_signed(tmp_path, "127.0.0.1")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        netloc = f"127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setattr(inputs, "ALLOWED_PRIVATE_NETLOCS", {netloc})
+        with pytest.raises(InputError, match="CERTIFICATE_VERIFY_FAILED"):
+            inputs.load_image(f"https://{netloc}/image.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _self_signed(folder, address: str) -> tuple[str, str]:
+    """A certificate for ``address`` signed by its own key (PEM files): what no trust store holds.
+    (cryptography comes with moto, a test dependency.)"""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return str(cert_path), str(key_path)
 
 
 def test_download_time_is_bounded(allowed):

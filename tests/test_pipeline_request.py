@@ -65,6 +65,11 @@ IMAGE = Image.new("RGB", (64, 48), (10, 20, 30))
             {"task": "i2v", "image": Image.new("RGB", (4000, 10)), "adaptive_resolution": True},
             "adaptive_resolution needs both sides between 16 and 2048",
         ),
+        (  # the tiny rows' small area: a tall thin image's width would round to nothing
+            TINY_I2V,
+            {"task": "i2v", "image": Image.new("RGB", (1, 400)), "adaptive_resolution": True},
+            "gives a 0x1696 video; adaptive_resolution needs both sides between 16 and 2048",
+        ),
     ],
 )
 def test_invalid_values_give_one_line(spec, changes, message):

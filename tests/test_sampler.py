@@ -42,6 +42,16 @@ def test_expert_switch_is_final_and_follows_boundary():
     assert expert_per_step(times, boundary=0.94) == [0, 1, 1, 1]
     assert expert_per_step(times, boundary=0.999) == [1, 1, 1, 1]
     assert expert_per_step(times, boundary=0.5) == [0, 0, 0, 0]
+    # A small sigma_max puts the first time below the later ones (0.091, then 0.934, ...): the low-noise
+    # expert that took over at the first step keeps every later one.
+    assert expert_per_step(rf_times(0.1, 4), boundary=0.9) == [1, 1, 1, 1]
+    # A boundary equal to a step's time keeps the high-noise expert on that step (t_cur < boundary).
+    assert expert_per_step(times, boundary=times[1].item()) == [0, 0, 1, 1]
+
+
+def test_the_timestep_goes_through_fp32_before_bf16():
+    # fp32(t) = 0.2005000114...: 1000 x it rounds up to 201 in bf16, where 1000 x t itself gives 200.
+    assert network_timestep(0.20050000438686255).item() == 201
 
 
 def test_invalid_step_count():

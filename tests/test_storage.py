@@ -1,6 +1,7 @@
 """Delivery: uploads to an S3 server on loopback (moto), presigned URLs, and nothing lost on failure."""
 
 import logging
+import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -416,24 +417,59 @@ def test_the_fresh_folder_probe_keeps_to_the_deadline_and_counts_its_attempts(jo
     assert elapsed < 3.5  # four probes of 1 s each, plus backoff, without the deadline
 
 
+def _job(tmp_path: Path, name: str) -> tuple[list[Path], Path]:
+    """A finished job's files in a scratch folder of their own: a 1000-byte video, a 1-byte thumbnail."""
+    scratch = tmp_path / f"scratch-{name}"
+    scratch.mkdir()
+    (scratch / "sample_0.mp4").write_bytes(b"v" * 1000)
+    (scratch / "thumbnail.jpg").write_bytes(b"t")
+    return [scratch / "sample_0.mp4"], scratch / "thumbnail.jpg"
+
+
 def test_a_disk_nobody_reads_keeps_its_room_by_removing_answered_jobs_only(tmp_path):
     outputs = tmp_path / "outputs"
     (outputs / "mine").mkdir(parents=True)  # not a folder this storage filled: never removed
 
-    def job(name: str) -> tuple[list[Path], Path]:
-        scratch = tmp_path / f"scratch-{name}"
-        scratch.mkdir()
-        (scratch / "sample_0.mp4").write_bytes(b"v" * 1000)
-        (scratch / "thumbnail.jpg").write_bytes(b"t")
-        return [scratch / "sample_0.mp4"], scratch / "thumbnail.jpg"
-
     # A reserve larger than any disk: every delivery first removes what earlier ones left.
     tight = LocalStorage(outputs, keep_free_bytes=1 << 62)
-    first = tight.deliver("job-a", *job("a"), expires_in=60)
-    second = tight.deliver("job-b", *job("b"), expires_in=60)
+    first = tight.deliver("job-a", *_job(tmp_path, "a"), expires_in=60)
+    second = tight.deliver("job-b", *_job(tmp_path, "b"), expires_in=60)
     assert not Path(first["video_path"]).parent.exists() and Path(second["video_path"]).is_file()
     assert (outputs / "mine").is_dir()
     # Without a reserve (a local run, or a volume), every job's files stay.
     keeping = LocalStorage(outputs)
-    kept = [keeping.deliver(f"job-{n}", *job(n), expires_in=60)["video_path"] for n in ("c", "d")]
+    kept = [keeping.deliver(f"job-{n}", *_job(tmp_path, n), expires_in=60)["video_path"] for n in ("c", "d")]
     assert all(Path(path).is_file() for path in kept)
+
+
+def test_the_reserve_counts_the_files_about_to_arrive(tmp_path, monkeypatch):
+    outputs, reserve, size = tmp_path / "outputs", 10_000, 1001  # a job's two files
+
+    # A disk with room for the reserve and three jobs but one byte: its free space is what is not in use.
+    capacity = reserve + 3 * size - 1
+    used = lambda: sum(f.stat().st_size for f in outputs.rglob("*") if f.is_file())  # noqa: E731
+    monkeypatch.setattr(
+        storage_module.shutil,
+        "disk_usage",
+        lambda path: shutil._ntuple_diskusage(capacity, used(), capacity - used()),
+    )
+    tight = LocalStorage(outputs, keep_free_bytes=reserve)
+    paths = [Path(tight.deliver(f"job-{n}", *_job(tmp_path, n), expires_in=60)["video_path"]) for n in "abc"]
+    # The third job's files would have left one byte less than the reserve: the oldest job made room.
+    assert [path.is_file() for path in paths] == [False, True, True]
+
+
+def test_a_move_that_fails_after_the_file_arrived_keeps_it(tmp_path, monkeypatch):
+    # E.g. a move across filesystems whose copy landed and whose source went: the copy is the only one.
+    video = tmp_path / "scratch" / "sample_0.mp4"
+    video.parent.mkdir()
+    video.write_bytes(b"the only copy")
+    real_move = storage_module.shutil.move
+
+    def move_then_fail(source, target):
+        real_move(source, target)
+        raise OSError("failed after the move")
+
+    monkeypatch.setattr(storage_module.shutil, "move", move_then_fail)
+    storage_module.keep_files("job-x", [video], [tmp_path / "kept"])
+    assert [p.read_bytes() for p in (tmp_path / "kept").rglob("*.mp4")] == [b"the only copy"]

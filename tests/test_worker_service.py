@@ -283,6 +283,41 @@ def test_an_expiry_past_seven_days_is_cut_with_a_warning(pipelines, s3, tmp_path
     ]
 
 
+def test_an_expiry_of_exactly_seven_days_is_kept_without_a_warning(pipelines, s3, tmp_path):
+    endpoint, _ = s3
+    answer = bucket_service(pipelines, endpoint, tmp_path / "durable").handle(
+        {"id": "job-7d", "input": {"prompt": "a", "expires_in": 604800, **FAST}}
+    )
+    assert parse_qs(urlsplit(answer["video_url"]).query)["X-Amz-Expires"] == ["604800"]
+    assert "warnings" not in answer
+
+
+@pytest.mark.parametrize("on_runpod", [True, False])
+def test_the_storage_follows_the_settings(on_runpod, s3, tmp_path):
+    # RunPod's job ids are unique: only elsewhere (a reused "local_test") does a job get a fresh folder.
+    # Without a bucket, a RunPod worker's own disk keeps a reserve free, deleting the oldest videos.
+    endpoint, _ = s3
+    env = {"MODELS": "tiny-t2v", "CACHE_DIR": str(tmp_path / "cache"), "OUTPUT_DIR": str(tmp_path / "out")}
+    if on_runpod:
+        env["RUNPOD_POD_ID"] = "pod"
+    local_storage = service._storage(load_config(env))
+    assert local_storage.keep_free_bytes == (service.WORKER_DISK_RESERVE_BYTES if on_runpod else 0)
+    bucket = {"BUCKET_ENDPOINT_URL": endpoint, "BUCKET_ACCESS_KEY_ID": ACCESS_KEY}
+    bucket |= {"BUCKET_SECRET_ACCESS_KEY": SECRET_KEY, "BUCKET_NAME": "videos"}
+    assert service._storage(load_config({**env, **bucket})).fresh_folders is not on_runpod
+
+
+def test_a_job_stopped_before_it_starts_fetches_nothing(local, monkeypatch):
+    fetched = []
+    monkeypatch.setattr(service, "load_image", lambda value: fetched.append(value))
+    answer = local.handle(
+        {"id": "job-early-stop", "input": {"prompt": "a", "image": "https://example.com/a.png", **FAST}},
+        stop=_set(),
+    )
+    assert answer["error"].startswith("E_STOPPED"), answer
+    assert fetched == []
+
+
 def test_bucket_down_answers_e_upload_and_keeps_a_playable_video(pipelines, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     dead = dead_endpoint()
