@@ -126,6 +126,7 @@ def test_every_field_accepts_a_valid_value():
         ),
         ({"prompt": "a", "model": 3}, "model must be a string or null, got 3"),
         ({"prompt": "a", "model": ""}, "model must not be empty"),
+        ({"prompt": "a", "model": "m" * 101}, "model must be at most 100 characters, got 101"),
         ({"prompt": "a", "image": {"url": "x"}}, "image must be a string or null, got an object"),
         # JSON can carry a lone surrogate in a key too; pydantic reports it without a location.
         (
