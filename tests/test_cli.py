@@ -223,6 +223,18 @@ def test_every_option_reaches_the_generation(tmp_path, monkeypatch):
     assert request.ode is True
 
 
+def test_seed_minus_one_draws_a_random_seed_and_says_which(tmp_path, capsys):
+    seeds = set()
+    for n in range(2):
+        argv = ["generate", "--prompt", "x", "--num_frames", "5", "--num_steps", "1", "--seed", "-1"]
+        assert main([*argv, "--out", str(tmp_path / f"{n}.mp4")]) == 0
+        summary = capsys.readouterr().err.splitlines()[-1]
+        seed = int(summary.split(", seed ")[1].split(",")[0])
+        assert 0 <= seed <= 2**32 - 1
+        seeds.add(seed)
+    assert len(seeds) == 2  # two draws of 2**32 values: equal once in four billion runs
+
+
 @pytest.mark.parametrize(
     ("error", "code", "message"),
     [
@@ -513,4 +525,4 @@ def test_help_names_the_defaults_a_run_would_surprise_with(capsys):
     assert exited.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--out OUT the .mp4 to write; default: output/generated_video.mp4" in text
-    assert "--seed SEED 0 to 4294967295; default 0" in text
+    assert "--seed SEED 0 to 4294967295, or -1 for a random one" in text and "default 0" in text

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import signal
 import stat
 import sys
@@ -33,6 +34,7 @@ from turbovideo.catalog import (
     DEFAULT_STEPS,
     MAX_FPS,
     MAX_SAMPLES,
+    MAX_SEED,
     MAX_STEPS,
     MODELS,
     ModelSpec,
@@ -83,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="0 to 4294967295; default 0 (as upstream): the same seed, the same video",
+        help=f"0 to {MAX_SEED}, or -1 for a random one (as the endpoint draws when given none); default 0 "
+        "(as upstream): the same seed, the same video",
     )
     gen.add_argument(
         "--num_samples",
@@ -234,7 +237,7 @@ def _request(args: argparse.Namespace, spec: ModelSpec) -> GenerationRequest:
         num_frames=_default_frames(spec) if args.num_frames is None else args.num_frames,
         num_steps=args.num_steps,
         sigma_max=args.sigma_max,
-        seed=args.seed,
+        seed=secrets.randbelow(MAX_SEED + 1) if args.seed == -1 else args.seed,
         num_samples=args.num_samples,
         attention="dense" if args.attention_type == "original" else args.attention_type,
         sla_topk=args.sla_topk,
@@ -293,7 +296,7 @@ def _report(result: GenerationResult, targets: list[Path]) -> None:
     """The run's summary and warnings on stderr; the videos' paths on stdout, one a line."""
     timings = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items())
     _note(
-        f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
+        f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, seed {result.seed}, "
         f"attention {result.attention_backend}: {timings}"
     )
     for warning in result.warnings:
