@@ -561,6 +561,80 @@ def test_the_disk_check_reserve_applies_only_to_the_root_file_system(tmp_path):
     assert checkpoints.disk_check_reserve(tmp_path, 10.0, root=Path("/proc")) == 0  # another file system
 
 
+def test_room_counts_a_file_that_two_models_share_once(tmp_path):
+    # The T2V and I2V models share the text encoder and the VAE: counting them twice refused volumes
+    # that hold both models comfortably.
+    files = fake_files()
+    files[(DIT.repo, DIT.filename)].size = shutil.disk_usage(tmp_path).free * 6 // 10
+    with HubServer(files) as hub:
+        checkpoints.check_room([*SPEC.files(False), *SPEC.files(False)], tmp_path, endpoint=hub.endpoint)
+
+
+def _sparse(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as file:
+        file.truncate(size)  # its length, without the disk space
+
+
+def test_room_counts_only_what_an_interrupted_download_still_lacks(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    files = fake_files()
+    files[(DIT.repo, DIT.filename)].size = free + (4 << 30)  # more than is free, but mostly here already
+    _sparse(target(tmp_path, DIT).with_name(f".{DIT.filename}.0123456789abcdef.partial"), 8 << 30)
+    with HubServer(files) as hub:
+        checkpoints.check_room(SPEC.files(False), tmp_path, endpoint=hub.endpoint)
+
+
+def test_room_needs_nothing_for_a_file_in_place_without_its_marker(tmp_path):
+    # A pre-seeded copy is adopted after a hash check, not downloaded: no space is needed for it.
+    size = 2 * shutil.disk_usage(tmp_path).free
+    files = fake_files()
+    files[(DIT.repo, DIT.filename)].size = size
+    _sparse(target(tmp_path, DIT), size)
+    with HubServer(files) as hub:
+        checkpoints.check_room(SPEC.files(False), tmp_path, endpoint=hub.endpoint)
+
+
+def test_room_is_not_checked_offline_and_the_hub_not_asked(tmp_path):
+    files = fake_files()
+    files[(DIT.repo, DIT.filename)].size = 1 << 60  # would not fit
+    with HubServer(files) as hub:
+        checkpoints.check_room(SPEC.files(False), tmp_path, endpoint=hub.endpoint, offline=True)
+        assert hub.requests == []
+
+
+@pytest.mark.skipif(
+    not Path("/dev/shm").is_dir() or Path("/dev/shm").stat().st_dev == Path("/tmp").stat().st_dev,
+    reason="needs /dev/shm on a file system of its own",
+)
+def test_the_disk_check_reserve_is_nothing_for_a_cache_on_another_real_file_system(tmp_path):
+    # /proc has no size at all; a network volume (here /dev/shm) has one, which is not the root's.
+    assert shutil.disk_usage("/dev/shm").total > 0
+    assert checkpoints.disk_check_reserve(tmp_path, 10.0, root=Path("/dev/shm")) == 0
+
+
+def test_a_model_dir_keeps_working_when_the_volume_is_mounted_elsewhere(hub, tmp_path):
+    # /runpod-volume on serverless workers, /workspace on pods: the links must be relative.
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path / "volume", endpoint=hub.endpoint)
+    (tmp_path / "volume").rename(tmp_path / "workspace")
+    assert_model_dir(tmp_path / "workspace" / model_dir.relative_to(tmp_path / "volume"), hub)
+
+
+@pytest.mark.parametrize(("value", "offline"), [("true", True), (" Yes", True), ("on", True), ("0", False)])
+def test_offline_mode_takes_the_words_huggingface_hub_takes(value, offline):
+    assert checkpoints.hub_offline({"HF_HUB_OFFLINE": value}) is offline
+
+
+def test_a_file_missing_on_the_hub_is_asked_for_once(tmp_path):
+    # No retry can bring it: three tries only made the start slower (5 and 30 s pauses in production).
+    files = fake_files()
+    del files[(DIT.repo, DIT.filename)]
+    with HubServer(files) as hub, pytest.raises(CheckpointDownloadError, match="does not exist"):
+        ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    asked = [r for r in hub.requests if r.file is None]  # the requests for a file it does not have
+    assert len(asked) == 1, asked
+
+
 def test_default_cache_dir_follows_env_then_volume_then_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CACHE_DIR", str(tmp_path / "explicit"))
     assert default_cache_dir() == tmp_path / "explicit"

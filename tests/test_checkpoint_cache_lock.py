@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from hub_server import read_only_dir
@@ -51,6 +52,7 @@ def test_lock_of_a_dead_local_process_is_taken_at_once(tmp_path):
     assert path.exists()
     lock = VolumeLock(path)  # default two-minute timeout: only the dead pid can explain success
     assert lock.try_acquire()
+    assert list(tmp_path.iterdir()) == [path]  # the broken lock is not left behind under another name
     lock.release()
 
 
@@ -205,3 +207,73 @@ def test_a_live_owner_of_another_user_is_not_taken_for_dead(tmp_path, monkeypatc
     monkeypatch.setattr(locking.os, "kill", kill)
     assert not VolumeLock(path).try_acquire()
     assert read_owner(path)["token"] == "theirs"
+
+
+def test_a_dead_pid_in_the_lock_of_another_pod_on_the_same_host_is_not_taken_for_ours(tmp_path, monkeypatch):
+    # Containers of two pods may share a hostname and a pid namespace name; the pod id tells them apart,
+    # else another pod's live holder would be judged dead by a pid that means nothing here.
+    path = tmp_path / "x.lock"
+    code = "import os, sys; from pathlib import Path; from turbovideo.worker.locking import VolumeLock\n"
+    code += "assert VolumeLock(Path(sys.argv[1])).try_acquire(); os._exit(0)"
+    env = {**os.environ, "RUNPOD_POD_ID": "pod-a"}
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env)
+    monkeypatch.setenv("RUNPOD_POD_ID", "pod-b")
+    assert not VolumeLock(path).try_acquire()
+    assert read_owner(path)["host"] == "pod-a"
+
+
+def test_a_lock_moved_aside_for_an_instant_is_still_held(tmp_path):
+    # A breaker that finds a fresh lock after its rename puts it back: a holder looking just then keeps it.
+    path = tmp_path / "x.lock"
+    lock = VolumeLock(path)
+    assert lock.try_acquire()
+    aside = tmp_path / "x.lock.stale-1"
+    os.rename(path, aside)
+    threading.Timer(0.02, os.rename, (aside, path)).start()
+    try:
+        assert lock.confirm() and lock.held
+    finally:
+        time.sleep(0.05)
+        lock.release()
+    assert not path.exists()
+
+
+def test_a_fresh_lock_taken_between_the_staleness_check_and_the_break_is_put_back(tmp_path, monkeypatch):
+    from turbovideo.worker import locking
+
+    path = tmp_path / "x.lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    path.write_text(json.dumps({**locking._machine(), "pid": int(dead.stdout), "token": "dead"}))
+    waiter, other = VolumeLock(path), VolumeLock(path)
+    judge = waiter._is_stale
+
+    def racing(owner, mtime_ns):
+        stale = judge(owner, mtime_ns)
+        if stale:  # another waiter breaks the dead lock and takes a fresh one first
+            path.unlink()
+            assert other.try_acquire()
+        return stale
+
+    monkeypatch.setattr(waiter, "_is_stale", racing)
+    try:
+        assert not waiter.try_acquire()
+        assert other.confirm() and other.held
+        assert sorted(tmp_path.iterdir()) == [path]
+    finally:
+        other.release()
+
+
+def test_a_holder_whose_lock_was_taken_over_stops_touching_it(tmp_path):
+    # Its heartbeat would keep the new owner's lock looking alive after that owner died.
+    path = tmp_path / "x.lock"
+    lock = VolumeLock(path, stale_after=0.2)  # beats every 0.05 s
+    assert lock.try_acquire()
+    path.write_text(json.dumps({"token": "someone-else"}))
+    time.sleep(0.3)
+    assert not lock.held
+    os.utime(path, (1000, 1000))
+    time.sleep(0.3)
+    try:
+        assert path.stat().st_mtime == 1000
+    finally:
+        lock.release()

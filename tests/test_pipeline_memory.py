@@ -129,6 +129,25 @@ def test_stage_peak_counts_visiting_modules_only_while_active():
     assert placement.swapped == {"a", "b"} and placement.peak_bytes == 20 and not placement.fits
 
 
+def test_a_stage_that_fills_the_budget_exactly_fits():
+    placement = plan(100, {"a": 60}, [Stage("one", ("a",), 40)], ["a"])
+    assert placement.fits and placement.swapped == frozenset() and placement.peak_bytes == 100
+
+
+def test_offload_order_names_a_model_does_not_have_are_never_swapped():
+    # One offload order serves T2V and I2V models: a T2V model has no second expert to move.
+    sizes = {"text_encoder": 10, "dit": 10, "vae": 10}
+    stages = [Stage("denoise", ("dit",), 10)]
+    placement = plan(15, sizes, stages, ["text_encoder", "dit_high", "dit_low", "dit", "vae"])
+    assert placement.swapped == {"text_encoder", "dit", "vae"} and not placement.fits
+
+
+def test_the_dit_estimate_counts_the_float64_sampler_state():
+    # fp64 latent + fp32 noise + fp32 velocity + the bf16 input: 18 bytes a latent element.
+    assert dit_activation_bytes(1, 0, 1536, 8960, 1000) == 18_000
+    assert dit_activation_bytes(2, 10, 1536, 8960, 0) == 2 * 10 * (4 * 1536 + 2 * 8960) * 2
+
+
 def test_quantized_choice_follows_card_size():
     assert prefer_quantized(24 * GB)
     assert not prefer_quantized(80 * GB)

@@ -13,6 +13,7 @@ from turbovideo.models.text_padding import (
     attention_bias,
     context_lengths,
     context_rows,
+    key_count,
     padding_keys,
 )
 
@@ -45,6 +46,12 @@ def test_contexts_cut_at_context_rows_attend_with_the_prompts_keys_and_share_len
         cut = context_rows(rows, 512)
         assert cut >= rows
         assert _keys(cut) == _keys(rows)
+
+
+def test_the_key_count_is_what_the_dit_attends_with_for_any_prompt_length():
+    # The memory plan counts the text keys a request holds; past 496 rows they stay 512, never 576.
+    for rows in range(601):
+        assert key_count(rows, 512) == _keys(min(rows, 512)), rows
 
 
 def _keys(rows: int) -> int:

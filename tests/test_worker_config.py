@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 
 from turbovideo.worker import config as config_module
-from turbovideo.worker.config import BucketConfig, ConfigError, load_config, use_quantized
+from turbovideo.worker.config import (
+    BucketConfig,
+    ConfigError,
+    load_config,
+    sdk_log_level,
+    use_quantized,
+)
 
 BUCKET_ENV = {
     "BUCKET_ENDPOINT_URL": "https://acct.r2.cloudflarestorage.com",
@@ -53,6 +59,11 @@ def test_checkpoint_variant_is_checked():
         ConfigError, match="CHECKPOINT_VARIANT='fp8' is not valid; use one of auto, bf16, quant"
     ):
         load_config({"CHECKPOINT_VARIANT": "fp8", "CACHE_DIR": "/tmp/c"})
+
+
+def test_a_bucket_prefix_pasted_with_spaces_is_trimmed_of_them_and_its_slashes():
+    config = load_config({**BUCKET_ENV, "BUCKET_PREFIX": " /renders/2026/ ", "CACHE_DIR": "/tmp/c"})
+    assert config.bucket.prefix == "renders/2026"
 
 
 def test_a_complete_bucket_is_used_and_the_prefix_trimmed():
@@ -313,6 +324,10 @@ def test_cache_and_output_dirs_are_trimmed_like_every_other_setting(tmp_path):
         ({"RUNPOD_POD_ID": "pod"}, 0.0),  # a pod: no job loop, no checks
         ({"RUNPOD_WEBHOOK_GET_JOB": "https://api/job"}, 10.0),
         ({"RUNPOD_WEBHOOK_GET_JOB": "https://api/job", "RUNPOD_MIN_DISK_PERCENT": "5"}, 5.0),
+        # The SDK runs its job loop (and its checks) when the variable is set, even empty.
+        ({"RUNPOD_WEBHOOK_GET_JOB": ""}, 10.0),
+        # A negative share asks for nothing: never less than nothing kept free for the check.
+        ({"RUNPOD_WEBHOOK_GET_JOB": "https://api/job", "RUNPOD_MIN_DISK_PERCENT": "-5"}, 0.0),
         ({"RUNPOD_WEBHOOK_GET_JOB": "https://api/job", "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "True"}, 0.0),
     ],
 )
@@ -371,3 +386,18 @@ def test_a_gpu_check_setting_the_sdk_cannot_read_is_refused_in_the_job_loop_even
             ConfigError, match=rf"^{name}='1\.5' is not valid: the runpod SDK reads it as a whole"
         ):
             load_config({**env, "RUNPOD_WEBHOOK_GET_JOB": "https://api/job", **skip})
+
+
+@pytest.mark.parametrize(
+    "value, level",
+    [("", "INFO"), ("debug", "DEBUG"), (" warn\n", "WARN"), ("ERROR", "ERROR"), ("WARNING", "INFO")],
+)
+def test_the_sdk_log_level_is_info_unless_a_level_of_its_own_is_set(value, level):
+    # Not the SDK's default, DEBUG, which logs every answer, presigned URLs included.
+    assert sdk_log_level({"RUNPOD_LOG_LEVEL": value}) == level
+    assert sdk_log_level({}) == "INFO"
+
+
+@pytest.mark.parametrize("value", ["debug", " Warn\n", "trace"])
+def test_a_log_level_in_any_case_or_padded_is_accepted_at_start(value):
+    assert load_config({"RUNPOD_LOG_LEVEL": value, "CACHE_DIR": "/tmp/c"})

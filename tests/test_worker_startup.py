@@ -5,6 +5,7 @@ import io
 import logging
 import os
 import re
+import signal
 import socket
 from pathlib import Path
 
@@ -137,6 +138,66 @@ def test_real_models_without_cuda_on_runpod_ask_for_another_worker(tmp_path):
     assert "GPU endpoint" in answer["error"] and "CUDA 12.8 or newer" in answer["error"]
     assert answer["refresh_worker"] is True
     assert not any(tmp_path.iterdir())  # failed before downloading anything
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_failed_start_that_asks_for_another_worker_makes_the_sdk_take_no_further_job(tmp_path):
+    sdk_config: dict = {}
+    env = {"RUNPOD_POD_ID": "pod", "MODELS": "TurboWan2.1-T2V-1.3B-480P", "CACHE_DIR": str(tmp_path)}
+    handler = create_handler(env, sdk_config)
+    assert sdk_config == {}  # set with the first answer, which must still reach its job
+    assert handler(dict(JOB))["refresh_worker"] is True
+    assert sdk_config == {"refresh_worker": True}
+
+
+def test_a_gpu_check_setting_the_sdk_cannot_read_is_dropped_after_a_failed_start(tmp_path, monkeypatch):
+    # The SDK imports its GPU check in every job loop and stopped with a traceback on it: the failed
+    # start's answer (naming the setting) never reached a job.
+    monkeypatch.setenv("RUNPOD_GPU_TEST_TIMEOUT", "1.5")
+    monkeypatch.setenv("RUNPOD_GPU_MAX_ERROR_MESSAGES", "10")
+    env = {
+        "MODELS": "tiny",
+        "CACHE_DIR": str(tmp_path),
+        "RUNPOD_WEBHOOK_GET_JOB": "https://api/job-take/$ID",
+        "RUNPOD_GPU_TEST_TIMEOUT": "1.5",
+        "RUNPOD_GPU_MAX_ERROR_MESSAGES": "10",
+    }
+    answer = create_handler(env)(dict(JOB))
+    assert answer["error"].startswith("E_STARTUP: RUNPOD_GPU_TEST_TIMEOUT='1.5' is not valid")
+    assert "RUNPOD_GPU_TEST_TIMEOUT" not in os.environ
+    assert os.environ["RUNPOD_GPU_MAX_ERROR_MESSAGES"] == "10"  # a readable one stays
+
+
+def test_the_start_hands_sigterm_back_as_it_found_it(tmp_path):
+    # Once started, a SIGTERM must reach whatever handled it before (the SDK's), not raise SystemExit
+    # in the middle of a job.
+    def before(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        create_handler({"MODELS": "wan-9000", "CACHE_DIR": str(tmp_path)})
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_io_error_anywhere_under_a_checkpoint_error_counts_as_a_failed_read():
+    # torch raises its own errors while handling the file system's (implicitly chained, not "from").
+    from turbovideo.worker.startup import _read_failed
+
+    def checkpoint_error(*chain: BaseException) -> CheckpointError:
+        error = CheckpointError("x.pth is truncated", path=Path("/c/x.pth"))
+        below = error
+        for exc in chain:
+            below.__context__ = exc
+            below = exc
+        return error
+
+    io_error = OSError(5, "Input/output error")
+    assert _read_failed(checkpoint_error(io_error))
+    assert _read_failed(checkpoint_error(RuntimeError("PytorchStreamReader failed"), io_error))
+    assert not _read_failed(checkpoint_error(RuntimeError("PytorchStreamReader failed")))
 
 
 def test_offline_without_a_cached_checkpoint_is_answered(tmp_path, caplog):
@@ -392,3 +453,21 @@ def test_a_memory_shortfall_never_reads_as_enough():
     # 3.96 GiB available against 4 needed read "4.0 GiB of memory is available and it needs 4 GiB".
     with pytest.raises(MemoryCheckError, match=r" 3\.9 GiB of memory is available and it needs 4 GiB "):
         check_memory_fitness(4.0, HostMemory(available=4 * GIB - 40 * (1 << 20), limit_room=None))
+
+
+def test_port_flags_without_the_local_api_are_not_checked():
+    # Without --rp_serve_api the SDK runs the job and opens no port: a port in use there is no reason to stop.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        check_test_input(
+            ["--rp_api_host", "127.0.0.1", "--rp_api_port", str(port), "--test_input", '{"input": {}}'], {}
+        )
+
+
+def test_a_negative_local_api_port_is_one_line():
+    with pytest.raises(SystemExit) as stopped:
+        check_test_input(["--rp_serve_api", "--rp_api_port", "-1"], {})
+    assert (
+        str(stopped.value.code)
+        == "--rp_serve_api cannot listen on localhost:-1: --rp_api_port must be between 0 and 65535"
+    )
