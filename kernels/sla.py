@@ -28,6 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .gpu import GpuLimits, gpu_limits, sm_count
 from .quant import QUANT_BLOCK, quantize_blockwise, quantize_with, scale_shape
 from .rounding import div_rn, to_bf16
+from .sla_ws import sparse_attention_ws, takes
 
 LOG2E = 1.4426950408889634
 # Keys one linear-state program reduces, each program writing one [D, D] partial for a final sum: enough
@@ -607,6 +608,8 @@ def block_sparse_attention(
     """Softmax attention of each query block over its selected key blocks, [B, L, H, D] in q's dtype.
 
     With ``linear = (state, proj_weight, proj_bias)`` the SLA linear branch is added in the epilogue.
+    Without a ``config``, Hopper runs bf16 heads of 128 in SLA's blocks through the warp-specialized
+    kernel (kernels/sla_ws.py); a ``config`` always launches this module's Triton kernel.
     """
     _check_inputs(q, k, v)
     _check_blocks(blkq, blkk)
@@ -616,10 +619,12 @@ def block_sparse_attention(
         raise ValueError(
             f"block_index must be int32 [{batch}, {heads}, {n_qblocks}, kk]; got {block_index.shape}"
         )
+    block_index = block_index.contiguous()
+    if config is None and takes(q, k, v, blkq, blkk):  # Hopper, bf16: the warp-specialized kernel
+        return sparse_attention_ws(q, k, v, block_index, None if linear is None else _linear_params(*linear))
     config = config or default_sparse_config(blkq, blkk, dim, gpu_limits(q.device), q.element_size())
     if blkq % config.block_m:
         raise ValueError(f"BLOCK_M {config.block_m} must divide BLKQ {blkq}")
-    block_index = block_index.contiguous()
     out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
     # Never read when HAS_LINEAR is False.
     kvw, ksum, bias = (out, out, out) if linear is None else _linear_params(*linear)

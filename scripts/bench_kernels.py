@@ -4,9 +4,10 @@ Usage (repository root, CUDA GPU): python scripts/bench_kernels.py --out bench_k
 
 For each Wan self-attention shape (B=1, D=128, bf16) it checks correctness first, then times with CUDA
 events (median of --iters after warm-up): dense cuDNN SDPA, the SLA module at topk 0.10 and 0.15, the
-module's parts, a few sparse-kernel launch configs, and SageSLA when ``spas_sage_attn`` imports. Rows from
-scripts/bench_kernels_linear.py (``run(device) -> list[dict]``) are appended when that file exists.
-Prints a table and writes every row as JSON to --out.
+module's parts, a few launch configs of the Triton sparse kernel (on Hopper the module runs the
+warp-specialized one, kernels/sla_ws.py, so these rows are its side-by-side baseline), and SageSLA
+when ``spas_sage_attn`` imports. Rows from scripts/bench_kernels_linear.py (``run(device) ->
+list[dict]``) are appended when that file exists. Prints a table and writes every row as JSON to --out.
 """
 
 import argparse
@@ -165,7 +166,7 @@ def bench_sla(
     ):
         if cfg.block_m > blkq:
             continue
-        name = f"  sweep: sparse + linear, {cfg}"
+        name = f"  sweep: Triton kernel, sparse + linear, {cfg}"
         try:
             ms = median_ms(
                 lambda cfg=cfg: sla.block_sparse_attention(q, k, v, index, blkq, blkk, linear, cfg), iters

@@ -83,57 +83,29 @@ def _compile(
     }
 
 
-def _compile_warp_specialized_gemm(epilogue: str) -> dict:
-    """Hopper's Gluon int8 GEMM (kernels/int8_gemm_ws.py) as int8_gemm launches it: with a gated
-    residual and the row moments as the DiT's o and ffn.2 projections run, writing square sums as
-    cross-attention's q, quantizing its GELU as ffn.0, or none of these."""
+def _gluon_descriptor(dtype: str, block: list[int]) -> str:
+    """The signature type of a bulk-copy descriptor of ``block`` tiles in Gluon's default layout."""
+    from triton.experimental.gluon import language as gl
+
+    gl_dtype = {"i8": gl.int8, "bf16": gl.bfloat16}[dtype]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+    return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout!r}>"
+
+
+def _compile_gluon(kernel, types: dict, constexprs: dict, aligned: tuple[str, ...], maxnreg: int) -> dict:
+    """A Hopper Gluon kernel (4 warps in its default partition, as launched), with ptxas's own log."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
-    from turbovideo.kernels import int8_gemm_ws
 
-    kernel = int8_gemm_ws._int8_gemm_ws_kernel
     params = list(inspect.signature(kernel.fn).parameters)
-
-    def descriptor(dtype: str, block: list[int], gl_dtype) -> str:
-        layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
-        return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout!r}>"
-
-    gelu = epilogue == "gelu"
-    out_tile = [2 * int8_gemm_ws.SUB_M if gelu else int8_gemm_ws.SUB_M, int8_gemm_ws.BLOCK_N]
-    signature = {
-        "a_desc": descriptor("i8", [int8_gemm_ws.SUB_M, 128], gl.int8),
-        "w_desc": descriptor("i8", [int8_gemm_ws.BLOCK_N, 128], gl.int8),
-        "c_desc": descriptor("i8", out_tile, gl.int8) if gelu else descriptor("bf16", out_tile, gl.bfloat16),
-        "a_scale_ptr": "*fp32",
-        "w_scale_ptr": "*fp32",
-        "bias_ptr": "*bf16",
-        "s_desc": descriptor("bf16", [int8_gemm_ws.SUB_M, int8_gemm_ws.BLOCK_N], gl.bfloat16),
-        "gate_ptr": "*fp32",
-        "stats_ptr": "*fp32",
-        "q_scale_ptr": "*fp32",
-        "M": "i32",
-        "N": "i32",
-        "K": "i32",
-        "rows_per_sample": "i32",
-        "stride_gate": "i32",
-    }
-    residual = epilogue == "residual"
-    maxnreg = 128 if gelu or residual else 168  # as int8_gemm_ws launches it (the residual with moments)
-    constexprs = dict(GROUP_M=16, STAGES=int8_gemm_ws.STAGES, RESIDUAL=residual, HAS_GATE=residual)
-    stats = {"residual": int8_gemm_ws.ROW_MOMENTS, "squares": int8_gemm_ws.SQUARE_SUMS}.get(epilogue)
-    constexprs.update(SHARED_GATE=True, STATS=(stats or int8_gemm_ws.NO_STATS).value, GELU=gelu)
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    signature = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
     source = GluonASTSource(
         kernel,
         signature,
         {(params.index(p),): v for p, v in constexprs.items()},
-        {
-            (params.index(p),): [["tt.divisibility", 16]]
-            for p in ("a_scale_ptr", "w_scale_ptr", "bias_ptr", "gate_ptr", "stats_ptr", "q_scale_ptr")
-        },
+        {(params.index(p),): [["tt.divisibility", 16]] for p in aligned},
     )
     compiled = triton.compile(
         source,
@@ -169,6 +141,46 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
         "mma_serialized": "serialized" in log,
         "tma_copies": compiled.asm["ttgir"].count("async_tma_copy_global_to_local"),
     }
+
+
+def _compile_warp_specialized_gemm(epilogue: str) -> dict:
+    """Hopper's Gluon int8 GEMM (kernels/int8_gemm_ws.py) as int8_gemm launches it: with a gated
+    residual and the row moments as the DiT's o and ffn.2 projections run, writing square sums as
+    cross-attention's q, quantizing its GELU as ffn.0, or none of these."""
+    from turbovideo.kernels import int8_gemm_ws
+
+    gelu = epilogue == "gelu"
+    out_tile = [2 * int8_gemm_ws.SUB_M if gelu else int8_gemm_ws.SUB_M, int8_gemm_ws.BLOCK_N]
+    types = {
+        "a_desc": _gluon_descriptor("i8", [int8_gemm_ws.SUB_M, 128]),
+        "w_desc": _gluon_descriptor("i8", [int8_gemm_ws.BLOCK_N, 128]),
+        "c_desc": _gluon_descriptor("i8" if gelu else "bf16", out_tile),
+        "s_desc": _gluon_descriptor("bf16", [int8_gemm_ws.SUB_M, int8_gemm_ws.BLOCK_N]),
+        "bias_ptr": "*bf16",
+    }
+    scales = ("a_scale_ptr", "w_scale_ptr", "gate_ptr", "stats_ptr", "q_scale_ptr")
+    types.update(dict.fromkeys(scales, "*fp32"))
+    residual = epilogue == "residual"
+    maxnreg = 128 if gelu or residual else 168  # as int8_gemm_ws launches it (the residual with moments)
+    constexprs = dict(GROUP_M=16, STAGES=int8_gemm_ws.STAGES, RESIDUAL=residual, HAS_GATE=residual)
+    stats = {"residual": int8_gemm_ws.ROW_MOMENTS, "squares": int8_gemm_ws.SQUARE_SUMS}.get(epilogue)
+    constexprs.update(SHARED_GATE=True, STATS=(stats or int8_gemm_ws.NO_STATS).value, GELU=gelu)
+    return _compile_gluon(
+        int8_gemm_ws._int8_gemm_ws_kernel, types, constexprs, (*scales, "bias_ptr"), maxnreg
+    )
+
+
+def _compile_warp_specialized_attention(has_linear: bool) -> dict:
+    """Hopper's Gluon sparse attention (kernels/sla_ws.py) as sla launches it, with and without SLA's
+    linear branch."""
+    from turbovideo.kernels import sla_ws
+
+    tile = _gluon_descriptor("bf16", [sla_ws.SUB_M, sla_ws.HEAD_DIM])
+    types = dict(q_desc=tile, k_desc=tile, v_desc=tile, o_ptr="*bf16", index_ptr="*i32", ksum_ptr="*fp32")
+    types.update(kvw_desc=_gluon_descriptor("bf16", [128, 128]), bias_ptr="*bf16", qk_scale="fp32")
+    constexprs = dict(STAGES=sla_ws.STAGES, HAS_LINEAR=has_linear)
+    aligned = ("o_ptr", "index_ptr", "ksum_ptr", "bias_ptr", "stride_ol")
+    return _compile_gluon(sla_ws._sparse_ws_kernel, types, constexprs, aligned, sla_ws.MAX_REGISTERS)
 
 
 def _compile_report() -> list[dict]:
@@ -398,6 +410,7 @@ def _compile_report() -> list[dict]:
         )
     epilogues = ("plain", "residual", "squares", "gelu")
     report.extend(_compile_warp_specialized_gemm(epilogue) for epilogue in epilogues)
+    report.extend(_compile_warp_specialized_attention(has_linear) for has_linear in (True, False))
     return report
 
 
@@ -419,7 +432,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 67
+    assert len(report) == 69
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %
@@ -437,11 +450,11 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
     # The persistent linear-branch pass fetches its next tiles while it computes this one.
     (linear,) = [k for k in report if k["name"] == "_add_linear_quantized_kernel"]
     assert linear["async_copies"] > 0 and linear["stack"] == 0, linear
-    warp_specialized = [k for k in report if k["name"] == "_int8_gemm_ws_kernel"]
-    assert len(warp_specialized) == 4
+    warp_specialized = [k for k in report if k["name"] in ("_int8_gemm_ws_kernel", "_sparse_ws_kernel")]
+    assert len(warp_specialized) == 6
     for kernel in warp_specialized:
         assert kernel["stack"] == 0 and kernel["tma_copies"] > 0, kernel
-        assert not kernel["mma_serialized"], f"ptxas serializes the warp-specialized GEMM's MMAs: {kernel}"
+        assert not kernel["mma_serialized"], f"ptxas serializes a warp-specialized kernel's MMAs: {kernel}"
 
 
 if __name__ == "__main__":
