@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import int8_gemm_ws
+from . import gluon_hopper, int8_gemm_ws
 from .gpu import GpuLimits, gpu_limits
 from .int8_gemm_ws import ROW_MOMENTS, SQUARE_SUMS
 from .norms import gated_update, per_sample
@@ -206,7 +206,7 @@ def gemm_launch(
     """
     if gpu is not None and gpu.hopper and not quantize_a:
         fits = m >= WARP_SPECIALIZED_MIN_M and n % 8 == 0 and int8_gemm_ws.takes_k(k)
-        if fits and has_bias and int8_gemm_ws.available():
+        if fits and has_bias and gluon_hopper.available():
             return WARP_SPECIALIZED
         return GemmLaunch(64, 128, num_warps=4, num_stages=3, group_m=32)
     stage_bytes = QUANT_BLOCK * QUANT_BLOCK * (2 if quantize_a else 1) + QUANT_BLOCK * QUANT_BLOCK

@@ -26,36 +26,29 @@ the scale work (kernels/int8_gemm.py keeps several small programs per SM instead
 across the loop's back edge: ptxas serializes every MMA of a kernel that carries one there (the
 version that did ran 8-23 % slower on an H200).
 
-Needs Gluon as Triton 3.6 has it (``available``); int8_gemm picks it by ``gemm_launch``.
+Needs Gluon as Triton 3.6 has it (``gluon_hopper.available``); int8_gemm picks it by ``gemm_launch``.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
+from .gluon_hopper import (
+    TensorDescriptor,
+    fence_async_shared,
+    gl,
+    gluon,
+    mbarrier,
+    tma,
+    tma_load,
+    tma_store,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from .gpu import sm_count
 from .quant import QUANT_BLOCK, gelu_tanh, quantize_with
 from .rounding import to_bf16_pairs
-
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # Triton before Gluon: int8_gemm runs its Triton kernel
-    gluon = None
-else:  # Triton 3.6's names for the bulk tensor copies; later releases renamed them
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 SUB_M = 64  # rows per consumer warpgroup (one warpgroup MMA is 64 rows)
 BLOCK_N = 128
@@ -92,13 +85,6 @@ def takes_k(k: int) -> bool:
     return triton.cdiv(k, BLOCK_K) % 2 == 0
 
 
-@functools.cache  # asked at every int8 linear's launch
-def available() -> bool:
-    """Gluon with the API this kernel is written for: Triton 3.6 (checked on an H200) and later."""
-    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
-    return gluon is not None and version >= (3, 6)
-
-
 if gluon is not None:
 
     @gluon.jit
@@ -132,7 +118,7 @@ if gluon is not None:
                 mbarrier.wait(s_empty.index(slot), ((index // 2) & 1) ^ 1)
                 mbarrier.expect(s_ready.index(slot), 2 * s_desc.block_type.nbytes)
                 for half in gl.static_range(2):
-                    _tma_load(
+                    tma_load(
                         s_desc,
                         [off_m + half * SUB_M, off_n],
                         s_ready.index(slot),
@@ -149,9 +135,9 @@ if gluon is not None:
                 for half in gl.static_range(2):
                     slot = 2 * ring + half
                     k = (kb + half) * BLOCK_K
-                    _tma_load(a_desc, [off_m, k], bar, a_bufs.index(2 * slot))
-                    _tma_load(a_desc, [off_m + SUB_M, k], bar, a_bufs.index(2 * slot + 1))
-                    _tma_load(w_desc, [off_n, k], bar, w_bufs.index(slot))
+                    tma_load(a_desc, [off_m, k], bar, a_bufs.index(2 * slot))
+                    tma_load(a_desc, [off_m + SUB_M, k], bar, a_bufs.index(2 * slot + 1))
+                    tma_load(w_desc, [off_n, k], bar, w_bufs.index(slot))
                 pair += 1
 
     @gluon.jit
@@ -283,7 +269,7 @@ if gluon is not None:
                 fence_async_shared()
                 if STATS == ROW_MOMENTS:
                     mbarrier.arrive(h_full.index(0), count=1)
-                _tma_store(c_desc, [off_m + SUB * SUB_M, off_n], tile_smem)  # clipped at M and N
+                tma_store(c_desc, [off_m + SUB * SUB_M, off_n], tile_smem)  # clipped at M and N
             index += 1
         tma.store_wait(pendings=0)
 
@@ -360,7 +346,7 @@ if gluon is not None:
                     q_smem.slice(half * SUB_M + row, PIECE).store(quantize_with(y, amax))
             mbarrier.arrive(h_empty.index(slot), count=1)
             fence_async_shared()
-            _tma_store(q_desc, [off_m, off_n], q_smem)  # clipped at M and N
+            tma_store(q_desc, [off_m, off_n], q_smem)  # clipped at M and N
             gl.store(q_scale_ptr + (off_m // (2 * SUB_M)) * grid_n + off_n // BLOCK_N, amax * (1.0 / 128.0))
             index += 1
         tma.store_wait(pendings=0)

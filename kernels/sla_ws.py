@@ -13,7 +13,7 @@ masked), and one consumer's softmax runs while the other's MMAs do. H100, sparse
 FlashAttention-3's overlap within a warpgroup (the next pair's q·Kᵀ issued before this pair's softmax,
 its P·V waited for after the next softmax) ran slower: 29.0 and 1.99 ms.
 
-Needs Gluon as Triton 3.6 has it (``available``, as ``int8_gemm_ws``).
+Needs Gluon as Triton 3.6 has it (``gluon_hopper.available``).
 """
 
 from __future__ import annotations
@@ -21,22 +21,16 @@ from __future__ import annotations
 import torch
 import triton
 
-from .int8_gemm_ws import available
-
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # Triton before Gluon: sla runs its Triton kernel
-    gluon = None
-else:
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+from .gluon_hopper import (
+    TensorDescriptor,
+    available,
+    gl,
+    gluon,
+    mbarrier,
+    tma_load,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 BLKQ = 128
 BLKK = 64
@@ -47,7 +41,7 @@ STAGES = 2
 # Registers a thread over the kernel's 9 warps; warp_specialize's counts then give the consumers 232.
 MAX_REGISTERS = 168
 
-__all__ = ["BLKK", "BLKQ", "available", "sparse_attention_ws", "takes"]
+__all__ = ["BLKK", "BLKQ", "sparse_attention_ws", "takes"]
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blkq: int, blkk: int) -> bool:
@@ -81,12 +75,12 @@ if gluon is not None:
         BLKK: gl.constexpr = k_desc.block_type.shape[0]
         if HAS_LINEAR:
             mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + kvw_desc.block_type.nbytes)
-            _tma_load(kvw_desc, [kvw_row, 0], q_bar, kvw_smem)
+            tma_load(kvw_desc, [kvw_row, 0], q_bar, kvw_smem)
         else:
             mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         query_row = first_row + gl.program_id(0) * 2 * SUB_M
         for half in gl.static_range(2):
-            _tma_load(q_desc, [query_row + half * SUB_M, column], q_bar, q_smem.index(half))
+            tma_load(q_desc, [query_row + half * SUB_M, column], q_bar, q_smem.index(half))
         for pair in range(0, gl.cdiv(kk, 2)):
             slot = pair % STAGES
             # A slot starts free: the first wait on its "empty" barrier is on the phase before init.
@@ -94,11 +88,11 @@ if gluon is not None:
             first = gl.load(index_row + 2 * pair) * BLKK + first_row
             second = gl.load(index_row + gl.minimum(2 * pair + 1, kk - 1)) * BLKK + first_row
             mbarrier.expect(k_ready.index(slot), 2 * k_desc.block_type.nbytes)
-            _tma_load(k_desc, [first, column], k_ready.index(slot), k_bufs.index(slot).slice(0, BLKK))
-            _tma_load(k_desc, [second, column], k_ready.index(slot), k_bufs.index(slot).slice(BLKK, BLKK))
+            tma_load(k_desc, [first, column], k_ready.index(slot), k_bufs.index(slot).slice(0, BLKK))
+            tma_load(k_desc, [second, column], k_ready.index(slot), k_bufs.index(slot).slice(BLKK, BLKK))
             mbarrier.expect(v_ready.index(slot), 2 * v_desc.block_type.nbytes)
-            _tma_load(v_desc, [first, column], v_ready.index(slot), v_bufs.index(slot).slice(0, BLKK))
-            _tma_load(v_desc, [second, column], v_ready.index(slot), v_bufs.index(slot).slice(BLKK, BLKK))
+            tma_load(v_desc, [first, column], v_ready.index(slot), v_bufs.index(slot).slice(0, BLKK))
+            tma_load(v_desc, [second, column], v_ready.index(slot), v_bufs.index(slot).slice(BLKK, BLKK))
 
     @gluon.jit
     def _softmax_rows(x):

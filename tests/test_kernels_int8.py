@@ -7,7 +7,7 @@ tests run the compiled kernels. Both must match the reference bit for bit.
 import pytest
 import torch
 import torch.nn.functional as F
-from turbovideo.kernels import int8_gemm_ws, norms
+from turbovideo.kernels import gluon_hopper, int8_gemm_ws, norms
 from turbovideo.kernels.gpu import GpuLimits
 from turbovideo.kernels.int8_gemm import WARP_SPECIALIZED, GemmLaunch, gemm_launch, int8_gemm, int8_linear
 from turbovideo.kernels.quant import gelu_tanh_quantize, quantize_blockwise
@@ -29,7 +29,7 @@ LAUNCHES = pytest.mark.parametrize(
         pytest.param(
             WARP_SPECIALIZED,
             marks=pytest.mark.skipif(
-                not (_HOPPER and int8_gemm_ws.available()), reason="needs Hopper and Gluon"
+                not (_HOPPER and gluon_hopper.available()), reason="needs Hopper and Gluon"
             ),
         ),
     ],
@@ -315,7 +315,7 @@ def test_launch_follows_the_gpu() -> None:
     assert not any(gemm_launch(quantize, gpu).tma for gpu in (a100, ada) for quantize in (False, True))
     assert gemm_launch(False, None).tma  # the interpreter runs the Hopper path
     # Hopper's products over a video's tokens run the warp-specialized kernel where Gluon is.
-    if int8_gemm_ws.available():
+    if gluon_hopper.available():
         assert gemm_launch(False, hopper, m=32760, n=1536) == WARP_SPECIALIZED
         assert gemm_launch(False, hopper, m=75600, n=13824) == WARP_SPECIALIZED
     assert gemm_launch(False, hopper, m=512, n=5120) == gemm_launch(False, hopper)  # a prompt's tokens
