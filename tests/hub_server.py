@@ -4,7 +4,8 @@
 directly with a git-sha1 ETag; LFS files with a 302 to a second server on another port (the "CDN",
 so the client treats it as another host) carrying X-Linked-Etag (sha256) and X-Linked-Size. Both
 serve Range requests with 206. Faults on demand: drop the connection after N body bytes, answer
-body GETs with an HTTP error, go slowly, claim a wrong size or hash. Every request is recorded so tests can count network use.
+body GETs with an HTTP error, go slowly, claim a wrong size or hash, leave out the ETag, refuse every
+Hub request with one status, ignore Range headers. Every request is recorded so tests can count network use.
 
 Also holds ``read_only_dir``, the one filesystem fault helper the cache tests share.
 """
@@ -70,6 +71,9 @@ class HubServer:
         self.errors_left = 0
         self.delay_s = 0.0  # pause after every chunk
         self.commit_header = True  # False: answer without X-Repo-Commit, as a web page or proxy would
+        self.etag_header = True  # False: answer without ETag (nor X-Linked-Etag)
+        self.hub_status: int | None = None  # answer every Hub (not CDN) request with this HTTP status
+        self.ignore_range = False  # True: answer Range requests with the whole body (200), as some CDNs do
         self.chunk = 64 * 1024
         self._lock = threading.Lock()
         self._hub = self._server("hub")
@@ -153,6 +157,11 @@ class HubServer:
             h.end_headers()
             return
         _, served = found
+        if role == "hub" and self.hub_status is not None:
+            h.send_response(self.hub_status)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         with self._lock:
             fail = not head and (role == "cdn" or not served.lfs) and self.errors_left > 0
             self.errors_left -= fail
@@ -163,11 +172,14 @@ class HubServer:
             return
         if role == "hub":
             h_meta = {"X-Repo-Commit": COMMIT} if self.commit_header else {}
-            h_meta["ETag"] = f'"{served.etag()}"'
+            if self.etag_header:
+                h_meta["ETag"] = f'"{served.etag()}"'
             if served.lfs:
                 key = hashlib.sha256(served.content).hexdigest()
                 h.send_response(302)
-                h_meta |= {"X-Linked-Etag": f'"{served.etag()}"', "X-Linked-Size": str(served.claimed_size())}
+                if self.etag_header:
+                    h_meta["X-Linked-Etag"] = f'"{served.etag()}"'
+                h_meta["X-Linked-Size"] = str(served.claimed_size())
                 h_meta |= {"Location": f"{self.cdn}/cdn/{key}", "Content-Length": "0"}
                 for k, v in h_meta.items():
                     h.send_header(k, v)
@@ -182,7 +194,7 @@ class HubServer:
     ) -> None:
         content = served.content
         start = 0
-        m = re.fullmatch(r"bytes=(\d+)-", h.headers.get("Range") or "")
+        m = None if self.ignore_range else re.fullmatch(r"bytes=(\d+)-", h.headers.get("Range") or "")
         if m and int(m[1]) >= len(content):
             h.send_response(416)
             h.send_header("Content-Range", f"bytes */{len(content)}")

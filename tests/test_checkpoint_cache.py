@@ -298,6 +298,70 @@ def test_a_cut_tls_handshake_is_transient(tmp_path):
     assert info.value.transient
 
 
+def test_a_host_name_that_does_not_resolve_is_a_setting_not_an_outage():
+    # A typo in HF_ENDPOINT: a fresh worker would fail the same way (only EAI_AGAIN is an outage).
+    with pytest.raises(CheckpointDownloadError, match="could not reach no-such-hub.invalid") as info:
+        hub_transfer.locate(DIT, token=None, endpoint="http://no-such-hub.invalid", retries=False)
+    assert not info.value.transient
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "transient"),
+    [
+        (401, r"access to .* was refused \(HTTP 401.*; set HF_TOKEN", False),
+        (403, r"access to .* was refused \(HTTP 403.*; set HF_TOKEN", False),
+        (404, r"does not exist on the Hub \(HTTP 404\)", False),
+        (408, "the Hub answered HTTP 408", True),
+        (429, "the Hub answered HTTP 429", True),
+        (500, "the Hub answered HTTP 500", True),
+        (400, "the Hub answered HTTP 400", False),
+    ],
+)
+def test_the_hubs_refusal_says_whether_a_fresh_worker_could_do_better(hub, status, expected, transient):
+    # A token that cannot read the file is the operator's to fix, not a reason to replace the worker;
+    # rate limits and server errors pass.
+    hub.hub_status = status
+    with pytest.raises(CheckpointDownloadError, match=expected) as info:
+        hub_transfer.locate(DIT, token="hf_secret", endpoint=hub.endpoint, retries=False)
+    assert info.value.transient is transient
+
+
+def test_an_endpoint_answering_without_an_etag_caches_nothing(hub, tmp_path):
+    hub.etag_header = False  # the sha256 the file is checked against, and the key of its partial file
+    with pytest.raises(CheckpointDownloadError, match="with no ETag, as a Hugging Face Hub would not"):
+        ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+
+
+def _partial_of(cache: Path, hub: HubServer, f: HubFile, length: int) -> Path:
+    """The partial file an interrupted download of ``f`` leaves: its first ``length`` bytes."""
+    served = hub.files[(f.repo, f.filename)]
+    dit = target(cache, f)
+    dit.parent.mkdir(parents=True, exist_ok=True)
+    partial = checkpoints._sidecar(dit, f"{served.etag()[:16]}.partial")
+    partial.write_bytes(served.content[:length])
+    return partial
+
+
+def test_a_partial_that_already_holds_the_whole_file_is_finished_without_fetching_it_again(hub, tmp_path):
+    # Stopped after the last byte but before the rename: nothing is left to fetch.
+    _partial_of(tmp_path, hub, DIT, DIT_SIZE)
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert_model_dir(model_dir, hub)
+    assert hub.body_gets(DIT.repo, DIT.filename) == []
+    assert json.loads(marker(tmp_path, DIT).read_text())["sha256_verified"] is True
+
+
+def test_a_server_that_ignores_the_range_header_still_gives_a_verified_file_in_one_transfer(hub, tmp_path):
+    # Some CDNs answer a resume with the whole file (200): it is rewound, and the sha256 covers only it.
+    hub.ignore_range = True
+    _partial_of(tmp_path, hub, DIT, 3 * MIB)
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    assert_model_dir(model_dir, hub)
+    assert [r.range for r in hub.body_gets(DIT.repo, DIT.filename)] == [f"bytes={3 * MIB}-"]
+    assert json.loads(marker(tmp_path, DIT).read_text())["sha256_verified"] is True
+
+
 def test_a_hard_linked_model_file_is_checked_against_the_cache_copy(hub, tmp_path):
     # Filesystems without symbolic links get hard links in models/<name>/.
     model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)

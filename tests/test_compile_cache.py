@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -89,3 +91,40 @@ def test_a_chosen_cache_dir_is_trimmed(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", f"{tmp_path / 'mine'} ")
     assert configure_compile_cache(tmp_path / "volume") == tmp_path / "mine"
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_a_chosen_cache_dir_that_refuses_writes_is_unset_when_nothing_else_works(tmp_path, monkeypatch):
+    # Left set, Triton would still write into it and fail at the first compile.
+    with (
+        read_only_dir(tmp_path / "mine") as mine,
+        read_only_dir(tmp_path / "volume") as volume,
+        read_only_dir(tmp_path / "local"),
+    ):
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(mine))
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mine))
+        assert configure_compile_cache(volume) is None
+    assert "TRITON_CACHE_DIR" not in os.environ and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+_FULL_DISK_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+from turbovideo.worker.compile_cache import configure_compile_cache
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+print(configure_compile_cache(Path(sys.argv[1]), min_free_bytes=0))
+"""
+
+
+def test_a_volume_that_takes_an_empty_file_but_no_data_is_not_used(tmp_path):
+    # A full volume or a spent quota still creates empty files: the probe must write real blocks.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CHILD, str(tmp_path / "volume")],
+        capture_output=True,
+        text=True,
+        env={**env, "TMPDIR": str(tmp_path / "local")},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+    assert "not writable" in done.stderr

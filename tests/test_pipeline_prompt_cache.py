@@ -1,5 +1,6 @@
 """Prompt-embedding cache: LRU in memory, best-effort persistence on disk."""
 
+import logging
 import os
 
 import pytest
@@ -100,3 +101,34 @@ def test_a_pipeline_remembers_its_last_eight_prompts():
         cache.put("enc", f"prompt {i}", torch.full((1, 2, 4), float(i)))
     assert cache.get("enc", "prompt 0") is None
     assert all(cache.get("enc", f"prompt {i}") is not None for i in range(1, 9))
+
+
+def test_a_prompt_read_from_the_folder_is_kept_in_memory(tmp_path):
+    PromptCache(directory=tmp_path).put("enc", "a fox", _embedding(9))
+    cache = PromptCache(directory=tmp_path)
+    assert cache.get("enc", "a fox") is not None and len(cache) == 1
+    for stored in tmp_path.glob("*.safetensors"):
+        stored.unlink()
+    assert torch.equal(cache.get("enc", "a fox"), _embedding(9))  # no second read of the file
+
+
+def test_a_non_contiguous_embedding_is_persisted(tmp_path):
+    # A transposed or strided encoder output: safetensors refuses such tensors as they are.
+    strided = torch.arange(16, dtype=torch.float32).reshape(1, 4, 4).transpose(1, 2)
+    PromptCache(directory=tmp_path).put("enc", "a fox", strided)
+    assert torch.equal(PromptCache(directory=tmp_path).get("enc", "a fox"), strided)
+
+
+def test_a_prompt_never_cached_is_a_quiet_miss(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert PromptCache(directory=tmp_path).get("enc", "a new prompt") is None
+    assert caplog.records == []
+
+
+def test_a_file_holding_integers_of_the_right_shape_is_a_miss(tmp_path):
+    from safetensors.torch import save_file
+
+    PromptCache(directory=tmp_path).put("enc", "a fox", _embedding(7))
+    (stored,) = tmp_path.glob("*.safetensors")
+    save_file({"embedding": torch.zeros((1, 512, 8), dtype=torch.int64)}, stored)  # token ids, not embeddings
+    assert PromptCache(directory=tmp_path).get("enc", "a fox") is None

@@ -332,6 +332,53 @@ def test_one_redacting_handler_prints_each_line(monkeypatch, capfd):
     assert err.count("token ***") == 1 and "hf_SECRETTOKEN123" not in err
 
 
+def test_a_line_logged_with_arguments_prints_once_redacted_and_whole(monkeypatch, capfd):
+    # The redacted message replaces msg and args both: left with its args, the record fails to format,
+    # and logging's own error report prints the arguments (the token among them) unredacted.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    configure_logging(["hf_SECRETTOKEN123"])
+    logging.getLogger("turbovideo.test").warning("token %s, %d of %d files", "hf_SECRETTOKEN123", 3, 7)
+    err = capfd.readouterr().err
+    assert "turbovideo.test: token ***, 3 of 7 files" in err
+    assert "hf_SECRETTOKEN123" not in err and "Logging error" not in err
+
+
+def test_configuring_the_log_again_takes_the_new_secrets(monkeypatch, capfd):
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    configure_logging(["hf_FIRSTTOKEN123"])
+    configure_logging(["hf_SECONDTOKEN456"])
+    logging.getLogger("turbovideo.test").warning("token hf_SECONDTOKEN456")
+    err = capfd.readouterr().err
+    assert "token ***" in err and "hf_SECONDTOKEN456" not in err
+
+
+@pytest.mark.parametrize(
+    ("level", "after"), [(logging.WARNING, logging.INFO), (logging.DEBUG, logging.DEBUG)]
+)
+def test_the_log_shows_info_lines_and_keeps_a_lower_level_already_set(monkeypatch, capfd, level, after):
+    # Download progress and warm-up lines are INFO: the root logger's default (WARNING) would hide them.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    root.setLevel(level)
+    configure_logging([])
+    assert root.level == after
+    logging.getLogger("turbovideo.test").info("fetched a file")
+    assert "INFO turbovideo.test: fetched a file" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?X-Amz-Algorithm=AWS4&X-Amz-Signature=abc123",
+        "?x-amz-signature=abc123",
+        "?Expires=1&Signature=abc123",
+    ],
+)
+def test_signed_query_strings_are_redacted_whatever_their_case(query):
+    text = RedactSecrets([]).redact(f"put https://bucket.example/v/k.mp4{query} failed")
+    assert text == "put https://bucket.example/v/k.mp4?<signature redacted> failed"
+
+
 @pytest.mark.parametrize("value", ["10s", "", "60.0"])
 def test_a_hub_timeout_huggingface_hub_cannot_read_is_answered_not_a_crash(tmp_path, value):
     # huggingface_hub int()s these at import; the worker imports it before load_config. Fresh process:
