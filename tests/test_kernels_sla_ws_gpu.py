@@ -6,14 +6,17 @@ Here it is checked against the Triton kernel, itself checked against float64 mat
 
 import pytest
 import torch
-from turbovideo.kernels import sla, sla_ws
+from turbovideo.kernels import gluon_hopper, sla, sla_ws
 from turbovideo.kernels.rounding import INTERPRETED
 
 from turbovideo.benchmark import rel_error
 
 pytestmark = pytest.mark.skipif(
-    INTERPRETED or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-    reason="needs a Hopper GPU",
+    INTERPRETED
+    or not torch.cuda.is_available()
+    or torch.cuda.get_device_capability()[0] != 9
+    or not gluon_hopper.available(),
+    reason="needs a Hopper GPU and Gluon (Triton 3.6 or later)",
 )
 
 
