@@ -620,8 +620,10 @@ def block_sparse_attention(
             f"block_index must be int32 [{batch}, {heads}, {n_qblocks}, kk]; got {block_index.shape}"
         )
     block_index = block_index.contiguous()
+    qk_scale = dim**-0.5 * LOG2E
     if config is None and takes(q, k, v, blkq, blkk):  # Hopper, bf16: the warp-specialized kernel
-        return sparse_attention_ws(q, k, v, block_index, None if linear is None else _linear_params(*linear))
+        linear_params = None if linear is None else _linear_params(*linear)
+        return sparse_attention_ws(q, k, v, block_index, qk_scale, linear_params)
     config = config or default_sparse_config(blkq, blkk, dim, gpu_limits(q.device), q.element_size())
     if blkq % config.block_m:
         raise ValueError(f"BLOCK_M {config.block_m} must divide BLKQ {blkq}")
@@ -642,7 +644,7 @@ def block_sparse_attention(
         heads,
         n_qblocks,
         block_index.shape[3],
-        dim**-0.5 * LOG2E,
+        qk_scale,
         *q.stride(),
         *k.stride(),
         *v.stride(),

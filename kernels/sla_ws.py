@@ -31,6 +31,7 @@ from .gluon_hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from .gpu import gpu_limits
 
 BLKQ = 128
 BLKK = 64
@@ -47,7 +48,8 @@ __all__ = ["BLKK", "BLKQ", "sparse_attention_ws", "takes"]
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blkq: int, blkk: int) -> bool:
     """Whether this kernel runs these inputs: bf16 [B, L, H, 128] on Hopper, SLA's blocks, and rows that
     a [B * L, H * D] view reaches with 16-byte aligned strides (contiguous tensors, packed qkv slices)."""
-    if not (available() and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
+    gpu = gpu_limits(q.device)  # None off CUDA
+    if not (available() and gpu is not None and gpu.capability // 10 == 9):
         return False
     if (blkq, blkk) != (BLKQ, BLKK) or q.dtype != torch.bfloat16 or q.shape[-1] != HEAD_DIM:
         return False
@@ -217,7 +219,9 @@ if gluon is not None:
 
         tile_layout: gl.constexpr = q_desc.layout
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [2, SUB_M, D], tile_layout)
-        kvw_smem = gl.allocate_shared_memory(gl.bfloat16, [D, D], kvw_desc.layout)
+        kvw_smem = gl.allocate_shared_memory(
+            gl.bfloat16, [D, D], kvw_desc.layout
+        )  # unused without HAS_LINEAR
         k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * BLKK, D], tile_layout)
         v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * BLKK, D], tile_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -254,10 +258,12 @@ def sparse_attention_ws(
     k: torch.Tensor,
     v: torch.Tensor,
     block_index: torch.Tensor,
+    qk_scale: float,
     linear: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """``sla.block_sparse_attention`` for inputs ``takes`` accepts; ``linear`` is ``sla._linear_params``'s
-    (KV·Wᵀ [B*H, D, D] bf16, ksum [B*H, D] fp32, bias [D]) or None."""
+    """``sla.block_sparse_attention`` for inputs ``takes`` accepts. ``qk_scale``: log2(e) / sqrt(D), the
+    base-2 softmax's; ``linear``: ``sla._linear_params``'s (KV·Wᵀ [B*H, D, D] bf16, ksum [B*H, D] fp32,
+    bias [D]) or None."""
     batch, length, heads, dim = q.shape
     n_qblocks = triton.cdiv(length, BLKQ)
     out = torch.empty((batch, length, heads, dim), dtype=q.dtype, device=q.device)
@@ -284,7 +290,7 @@ def sparse_attention_ws(
         heads,
         n_qblocks,
         block_index.shape[3],
-        dim**-0.5 * 1.4426950408889634,  # log2(e) / sqrt(D)
+        qk_scale,
         out.stride(1),
         STAGES=STAGES,
         HAS_LINEAR=linear is not None,
