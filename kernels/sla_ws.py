@@ -219,9 +219,8 @@ if gluon is not None:
 
         tile_layout: gl.constexpr = q_desc.layout
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [2, SUB_M, D], tile_layout)
-        kvw_smem = gl.allocate_shared_memory(
-            gl.bfloat16, [D, D], kvw_desc.layout
-        )  # unused without HAS_LINEAR
+        # KV·Wᵀ's tile, unused without HAS_LINEAR.
+        kvw_smem = gl.allocate_shared_memory(gl.bfloat16, [D, D], kvw_desc.layout)
         k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * BLKK, D], tile_layout)
         v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * BLKK, D], tile_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
