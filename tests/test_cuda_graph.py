@@ -83,6 +83,9 @@ def test_forward_graphs_replay_the_forward_and_drop_the_graphs_when_the_weights_
         del held
         torch.testing.assert_close(graphs(model, *second), model(*second), rtol=1e-3, atol=1e-3)
         assert graphs.captured(model) == 0
+        # Every graph of the pool is gone: the next capture takes a new pool (the old one's handle is dead).
+        torch.testing.assert_close(graphs(model, *second), model(*second), rtol=1e-3, atol=1e-3)
+        assert graphs.captured(model) == 1
 
 
 @gpu
@@ -100,3 +103,46 @@ def test_forward_graphs_replay_a_prompts_text_keys_and_the_forwards_that_take_th
     assert graphs.captured(model) == 1 and graphs.captured(model, "text_keys") == 1
     for replayed, eager in calls:
         torch.testing.assert_close(replayed, eager, rtol=1e-3, atol=1e-3)
+
+
+class _RecordingGraph:
+    """SegmentedGraph's stand-in off CUDA: runs fn at capture (keeping neither fn nor its model, as the
+    real one keeps only the recorded work) and keeps the pool it was given."""
+
+    pools: list = []
+
+    def __init__(self, pool) -> None:
+        self.pools.append(pool)
+        self.segments = 1
+
+    def capture(self, fn):
+        return fn()
+
+    def replay(self) -> None:
+        pass
+
+
+def test_a_capture_after_every_graph_is_gone_takes_a_new_pool(monkeypatch):
+    # The allocator refuses to capture into a pool none of whose graphs lives (a dead handle).
+    handles = iter(range(1, 100))
+    monkeypatch.setattr("turbovideo.pipeline.forward_graphs.SegmentedGraph", _RecordingGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (next(handles), 0))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(_RecordingGraph, "pools", [])
+    graphs = ForwardGraphs()
+
+    def captured(model: torch.nn.Linear) -> None:
+        with torch.no_grad():
+            for _ in range(2):  # eager, then captured (a plain module: no attention settings to key on)
+                graphs(model, torch.ones(2, 4), method="__call__")
+
+    first, second, third = (torch.nn.Linear(4, 4) for _ in range(3))
+    captured(first)
+    captured(second)
+    assert _RecordingGraph.pools == [(1, 0), (1, 0)]  # shared while one of its graphs lives
+    del first, second
+    captured(third)
+    assert _RecordingGraph.pools[-1] == (2, 0)
+    third.weight.data = third.weight.data.clone()  # its graphs are dropped at the next call
+    captured(third)
+    assert _RecordingGraph.pools[-1] == (3, 0)

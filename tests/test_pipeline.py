@@ -341,6 +341,17 @@ def test_a_warm_up_on_a_gpu_leaves_the_forward_and_the_text_keys_captured():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_pipeline_after_a_freed_one_still_captures_its_forwards():
+    old = VideoPipeline.load(MODELS["tiny-t2v"], device="cuda")
+    old.warm_up()  # its graphs were the only ones in the device's memory pool
+    del old
+    gc.collect()
+    pipe = VideoPipeline.load(MODELS["tiny-t2v"], device="cuda")
+    pipe.warm_up()
+    assert pipe.graphed_forwards == 1 and pipe._graphs.captured(pipe.experts[0], "text_keys") == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_offloading_every_module_gives_the_same_video_on_gpu(tmp_path):
     resident = VideoPipeline.load(MODELS["tiny-i2v"], device="cuda")
     offloaded = VideoPipeline.load(MODELS["tiny-i2v"], device="cuda")

@@ -98,8 +98,11 @@ class ForwardGraphs:
     def _capture(
         self, graphs: _ModelGraphs, key: tuple, run: Callable[..., Any], inputs: Inputs
     ) -> _Capture | None:
-        if self._pool is None:
+        if self._pool is None or not any(other.captures for other in self._models.values()):
+            # The allocator keeps a pool only while a graph captured into it lives: once every graph is
+            # gone (their models freed, or their weights moved), its handle cannot be captured into again.
             self._pool = torch.cuda.graph_pool_handle()
+            self.pool_bytes = 0
         static = tuple(map(_clone, inputs))
         graph = SegmentedGraph(self._pool)
         before = torch.cuda.memory_reserved()
