@@ -2,16 +2,22 @@
 in Gluon: the same math as ``sla._sparse_attention_kernel`` for SLA's blocks (BLKQ 128, BLKK 64) and
 bf16 heads of 128, scheduled by hand.
 
-One program per 128-row query block of a head: both 64-row halves select the same key blocks, so one
-warp copies each pair of selected key blocks (K and V, 128 keys) once into a ring of shared-memory slots
-by bulk tensor copies (TMA), and two consumer warpgroups, one a half, attend to it. Triton's own kernel
-gives each 64-row half a program of its own that fetches every block itself; here the L2 reads halve,
-each online-softmax step covers 128 keys (an odd count of selected blocks repeats the last one,
-masked), and one consumer's softmax runs while the other's MMAs do. H100, sparse + linear at topk 0.10:
-24.2-24.4 ms at the 14B 720p shape against 26.3 ms for the Triton kernel in the same runs; 1.53 against
-1.50 ms at the 1.3B one (rel. L2 1e-3 to it: the running max is taken every 128 keys instead of 64).
-FlashAttention-3's overlap within a warpgroup (the next pair's q·Kᵀ issued before this pair's softmax,
-its P·V waited for after the next softmax) ran slower: 29.0 and 1.99 ms.
+A program per SM, each taking 128-row query blocks of every head in turn (persistent): both 64-row
+halves of a block select the same key blocks, so one warp copies each pair of selected key blocks (K
+and V, 128 keys) once into a ring of shared-memory slots by bulk tensor copies (TMA), and two consumer
+warpgroups, one a half, attend to it. Triton's own kernel gives each 64-row half a program of its own
+that fetches every block itself; here the L2 reads halve, each online-softmax step covers 128 keys (an
+odd count of selected blocks repeats the last one, masked), and one consumer's softmax runs while the
+other's MMAs do. The copy warp brings the next block's queries into a second buffer and its first key
+blocks while the consumers finish the linear branch and store of this one.
+
+H100, sparse + linear at topk 0.10: 22.2-22.4 ms at the 14B 720p shape (23.8-24.5 ms with a program a
+query block, as first built; the Triton kernel 26.2-27.0 ms in the same runs), 1.46-1.57 ms at the 1.3B
+one (1.71-1.75; Triton 1.56-1.71); bit-identical to the program-a-block version, rel. L2 1e-3 to the
+Triton kernel (the running max is taken every 128 keys instead of 64). Not kept: FlashAttention-3's
+overlap within a warpgroup (the next pair's q·Kᵀ issued before this pair's softmax, its P·V waited for
+after the next softmax): 29.0 and 1.99 ms; releasing a slot's keys as soon as q·Kᵀ is done, apart from
+its values: 22.7 ms at 14B.
 
 Needs Gluon as Triton 3.6 has it (``gluon_hopper.available``).
 """
@@ -31,13 +37,13 @@ from .gluon_hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from .gpu import gpu_limits
+from .gpu import gpu_limits, sm_count
 
 BLKQ = 128
 BLKK = 64
 SUB_M = 64  # query rows per consumer warpgroup
 HEAD_DIM = 128
-# Slots of a key-block pair (K and V, 64 KB): two, beside Q's 32 KB and KV·Wᵀ's 32 KB.
+# Slots of a key-block pair (K and V, 64 KB): two, beside two blocks' queries (64 KB) and KV·Wᵀ (32 KB).
 STAGES = 2
 # Registers a thread over the kernel's 9 warps; warp_specialize's counts then give the consumers 232.
 MAX_REGISTERS = 168
@@ -70,51 +76,58 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor | None:
 if gluon is not None:
 
     @gluon.jit
+    def _tile(t, n_qblocks, H, L, kk, index_ptr, D: gl.constexpr):
+        """Tile t's place: its sample, the first row of that sample and the column of its head in the
+        [B * L, H * D] views, its query block, and its row of block_index."""
+        bh = t // n_qblocks
+        qblock = t % n_qblocks
+        sample = bh // H
+        index_row = index_ptr + (bh.to(gl.int64) * n_qblocks + qblock) * kk
+        return bh, sample, sample * L, (bh % H) * D, qblock, index_row
+
+    @gluon.jit
     def _load_partition(STAGES: gl.constexpr, HAS_LINEAR: gl.constexpr, loads):
-        (q_desc, k_desc, v_desc, kvw_desc, q_smem, kvw_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready,
-         empty, index_row, kk, first_row, column, kvw_row) = loads  # fmt: skip
+        (q_desc, k_desc, v_desc, kvw_desc, q_smem, kvw_smem, k_bufs, v_bufs, q_ready, q_empty, kvw_ready,
+         kvw_empty, k_ready, v_ready, empty, index_ptr, n_qblocks, num_tiles, H, L, kk) = loads  # fmt: skip
         SUB_M: gl.constexpr = q_desc.block_type.shape[0]
+        D: gl.constexpr = q_desc.block_type.shape[1]
         BLKK: gl.constexpr = k_desc.block_type.shape[0]
-        if HAS_LINEAR:
-            mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + kvw_desc.block_type.nbytes)
-            tma_load(kvw_desc, [kvw_row, 0], q_bar, kvw_smem)
-        else:
-            mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        query_row = first_row + gl.program_id(0) * 2 * SUB_M
-        for half in gl.static_range(2):
-            tma_load(q_desc, [query_row + half * SUB_M, column], q_bar, q_smem.index(half))
-        for pair in range(0, gl.cdiv(kk, 2)):
-            slot = pair % STAGES
-            # A slot starts free: the first wait on its "empty" barrier is on the phase before init.
-            mbarrier.wait(empty.index(slot), ((pair // STAGES) & 1) ^ 1)
-            first = gl.load(index_row + 2 * pair) * BLKK + first_row
-            second = gl.load(index_row + gl.minimum(2 * pair + 1, kk - 1)) * BLKK + first_row
-            mbarrier.expect(k_ready.index(slot), 2 * k_desc.block_type.nbytes)
-            tma_load(k_desc, [first, column], k_ready.index(slot), k_bufs.index(slot).slice(0, BLKK))
-            tma_load(k_desc, [second, column], k_ready.index(slot), k_bufs.index(slot).slice(BLKK, BLKK))
-            mbarrier.expect(v_ready.index(slot), 2 * v_desc.block_type.nbytes)
-            tma_load(v_desc, [first, column], v_ready.index(slot), v_bufs.index(slot).slice(0, BLKK))
-            tma_load(v_desc, [second, column], v_ready.index(slot), v_bufs.index(slot).slice(BLKK, BLKK))
+        it = 0  # key-block pairs loaded so far, over all tiles: the ring's position
+        local = 0  # tiles this program has loaded
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            bh, sample, first_row, column, qblock, index_row = _tile(t, n_qblocks, H, L, kk, index_ptr, D)
+            # Q is double-buffered so the next tile's rows land while this one's epilogue runs. A buffer
+            # or slot starts free: the first wait on an "empty" barrier is on the phase before init.
+            buf = local % 2
+            mbarrier.wait(q_empty.index(buf), ((local // 2) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(buf), 2 * q_desc.block_type.nbytes)
+            for half in gl.static_range(2):
+                query_row = first_row + qblock * 2 * SUB_M + half * SUB_M
+                tma_load(q_desc, [query_row, column], q_ready.index(buf), q_smem.index(2 * buf + half))
+            for pair in range(0, gl.cdiv(kk, 2)):
+                slot = it % STAGES
+                first = gl.load(index_row + 2 * pair) * BLKK + first_row
+                second = gl.load(index_row + gl.minimum(2 * pair + 1, kk - 1)) * BLKK + first_row
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(k_ready.index(slot), 2 * k_desc.block_type.nbytes)
+                tma_load(k_desc, [first, column], k_ready.index(slot), k_bufs.index(slot).slice(0, BLKK))
+                tma_load(k_desc, [second, column], k_ready.index(slot), k_bufs.index(slot).slice(BLKK, BLKK))
+                mbarrier.expect(v_ready.index(slot), 2 * v_desc.block_type.nbytes)
+                tma_load(v_desc, [first, column], v_ready.index(slot), v_bufs.index(slot).slice(0, BLKK))
+                tma_load(v_desc, [second, column], v_ready.index(slot), v_bufs.index(slot).slice(BLKK, BLKK))
+                it += 1
+            if HAS_LINEAR:
+                # KV·Wᵀ is read in the epilogue only: one buffer, refilled once the last tile's is done.
+                mbarrier.wait(kvw_empty, (local & 1) ^ 1)
+                mbarrier.expect(kvw_ready, kvw_desc.block_type.nbytes)
+                tma_load(kvw_desc, [bh * D, 0], kvw_ready, kvw_smem)
+            local += 1
 
     @gluon.jit
     def _softmax_rows(x):
         """φ(x): softmax over the last axis of an fp32 tile (as sla._softmax_rows)."""
         e = gl.exp2((x - gl.max(x, axis=1)[:, None]) * 1.4426950408889634)
         return e / gl.sum(e, axis=1)[:, None]
-
-    @gluon.jit
-    def _scores(q, k_bufs, k_ready, pair, zeros, STAGES: gl.constexpr):
-        """Starts S = q·Kᵀ over a pair of key blocks, once its keys have landed."""
-        slot = pair % STAGES
-        mbarrier.wait(k_ready.index(slot), (pair // STAGES) & 1)
-        return warpgroup_mma(q, k_bufs.index(slot).permute((1, 0)), zeros, use_acc=False, is_async=True)
-
-    @gluon.jit
-    def _values(p, v_bufs, v_ready, pair, acc, STAGES: gl.constexpr):
-        """Starts acc += P·V over a pair of key blocks, once its values have landed."""
-        slot = pair % STAGES
-        mbarrier.wait(v_ready.index(slot), (pair // STAGES) & 1)
-        return warpgroup_mma(p, v_bufs.index(slot), acc, is_async=True)
 
     @gluon.jit
     def _valid_keys(index_row, pair, kk, L, keys, BLKK: gl.constexpr):
@@ -137,9 +150,10 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(SUB: gl.constexpr, STAGES: gl.constexpr, HAS_LINEAR: gl.constexpr, operands):
-        """The warpgroup that computes query rows SUB * 64 .. SUB * 64 + 63 of the program's block."""
-        (q_smem, kvw_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, index_row, kk, L, qk_scale,
-         o_ptr, stride_ol, ksum_ptr, bias_ptr, sample, column) = operands  # fmt: skip
+        """The warpgroup that computes query rows SUB * 64 .. SUB * 64 + 63 of each of the program's blocks."""
+        (q_smem, kvw_smem, k_bufs, v_bufs, q_ready, q_empty, kvw_ready, kvw_empty, k_ready, v_ready, empty,
+         index_ptr, n_qblocks, num_tiles, H, L, kk, qk_scale, o_ptr, stride_ol, ksum_ptr,
+         bias_ptr) = operands  # fmt: skip
         SUB_M: gl.constexpr = q_smem.shape[1]
         D: gl.constexpr = q_smem.shape[2]
         PAIR: gl.constexpr = k_bufs.shape[1]
@@ -151,40 +165,57 @@ if gluon is not None:
         rows_of: gl.constexpr = gl.SliceLayout(1, layout)
         cols_of: gl.constexpr = gl.SliceLayout(0, layout)
         keys = gl.arange(0, PAIR, layout=cols_of)
+        d = gl.arange(0, D, layout=cols_of)
         zeros = gl.zeros([SUB_M, PAIR], gl.float32, layout)
-        m_i = gl.full([SUB_M], float("-inf"), gl.float32, rows_of)
-        l_i = gl.zeros([SUB_M], gl.float32, rows_of)
-        acc = gl.zeros([SUB_M, D], gl.float32, layout)
-        q = q_smem.index(SUB)
-        pairs = gl.cdiv(kk, 2)
-        mbarrier.wait(q_bar, 0)
-        for pair in range(0, pairs):
-            s = _scores(q, k_bufs, k_ready, pair, zeros, STAGES)
-            valid = _valid_keys(index_row, pair, kk, L, keys, BLKK)  # loads while the MMA runs
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            p, m_i, l_i, alpha = _online_softmax(s, valid, m_i, l_i, qk_scale)
-            acc = acc * alpha[:, None]
-            acc = _values(gl.convert_layout(p.to(gl.bfloat16), operand), v_bufs, v_ready, pair, acc, STAGES)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index(pair % STAGES), count=1)
-        o = acc / l_i[:, None]
-        if HAS_LINEAR:
-            # Round o_s to bf16 as upstream; then proj_l(φ(q)·KV / (1e-5 + φ(q)·ksum)) as sla._linear_branch.
-            o = o.to(gl.bfloat16).to(gl.float32)
-            d = gl.arange(0, D, layout=cols_of)
-            phi = _softmax_rows(q.load(layout).to(gl.float32))
-            denominator = gl.sum(phi * gl.load(ksum_ptr + d)[None, :], axis=1) + 1e-5
-            o_l = warpgroup_mma(gl.convert_layout(phi.to(gl.bfloat16), operand), kvw_smem, gl.zeros_like(acc))
-            o = o + o_l / denominator[:, None] + gl.load(bias_ptr + d).to(gl.float32)[None, :]
-        rows = gl.program_id(0) * 2 * SUB_M + SUB * SUB_M + gl.arange(0, SUB_M, layout=rows_of)
-        cols = column + gl.arange(0, D, layout=cols_of)
-        at = (
-            o_ptr
-            + sample.to(gl.int64) * L * stride_ol
-            + rows.to(gl.int64)[:, None] * stride_ol
-            + cols[None, :]
-        )
-        gl.store(at, o.to(gl.bfloat16), mask=(rows < L)[:, None])
+        it = 0
+        local = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            bh, sample, first_row, column, qblock, index_row = _tile(t, n_qblocks, H, L, kk, index_ptr, D)
+            buf = local % 2
+            q = q_smem.index(2 * buf + SUB)
+            m_i = gl.full([SUB_M], float("-inf"), gl.float32, rows_of)
+            l_i = gl.zeros([SUB_M], gl.float32, rows_of)
+            acc = gl.zeros([SUB_M, D], gl.float32, layout)
+            mbarrier.wait(q_ready.index(buf), (local // 2) & 1)
+            for pair in range(0, gl.cdiv(kk, 2)):
+                slot = it % STAGES
+                phase = (it // STAGES) & 1
+                mbarrier.wait(k_ready.index(slot), phase)
+                s = warpgroup_mma(q, k_bufs.index(slot).permute((1, 0)), zeros, use_acc=False, is_async=True)
+                valid = _valid_keys(index_row, pair, kk, L, keys, BLKK)  # loads while the MMA runs
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                p, m_i, l_i, alpha = _online_softmax(s, valid, m_i, l_i, qk_scale)
+                acc = acc * alpha[:, None]
+                mbarrier.wait(v_ready.index(slot), phase)
+                p = gl.convert_layout(p.to(gl.bfloat16), operand)
+                acc = warpgroup_mma(p, v_bufs.index(slot), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(empty.index(slot), count=1)
+                it += 1
+            o = acc / l_i[:, None]
+            if HAS_LINEAR:
+                # Round o_s to bf16 as upstream; then proj_l(φ(q)·KV / (1e-5 + φ(q)·ksum)) as sla._linear_branch.
+                o = o.to(gl.bfloat16).to(gl.float32)
+                phi = _softmax_rows(q.load(layout).to(gl.float32))
+                mbarrier.arrive(q_empty.index(buf), count=1)
+                denominator = gl.sum(phi * gl.load(ksum_ptr + bh * D + d)[None, :], axis=1) + 1e-5
+                mbarrier.wait(kvw_ready, local & 1)
+                o_l = warpgroup_mma(
+                    gl.convert_layout(phi.to(gl.bfloat16), operand), kvw_smem, gl.zeros_like(acc)
+                )
+                mbarrier.arrive(kvw_empty, count=1)
+                o = o + o_l / denominator[:, None] + gl.load(bias_ptr + d).to(gl.float32)[None, :]
+            else:
+                mbarrier.arrive(q_empty.index(buf), count=1)
+            rows = qblock * 2 * SUB_M + SUB * SUB_M + gl.arange(0, SUB_M, layout=rows_of)
+            at = (
+                o_ptr
+                + sample.to(gl.int64) * L * stride_ol
+                + rows.to(gl.int64)[:, None] * stride_ol
+                + (column + d)[None, :]
+            )
+            gl.store(at, o.to(gl.bfloat16), mask=(rows < L)[:, None])
+            local += 1
 
     @gluon.jit
     def _sparse_ws_kernel(
@@ -199,6 +230,7 @@ if gluon is not None:
         L,
         H,
         n_qblocks,
+        num_tiles,
         kk,
         qk_scale,
         stride_ol,
@@ -206,37 +238,40 @@ if gluon is not None:
         HAS_LINEAR: gl.constexpr,
     ):
         """o [B, L, H, D] (bf16, contiguous rows of H * D) = softmax attention of each query block over its
-        kk selected key blocks (block_index [B, H, n_qblocks, kk]), plus the linear branch if HAS_LINEAR."""
+        kk selected key blocks (block_index [B, H, n_qblocks, kk]), plus the linear branch if HAS_LINEAR.
+        Persistent: program i takes tiles (query blocks of every head) i, i + programs, ..."""
         SUB_M: gl.constexpr = q_desc.block_type.shape[0]
         D: gl.constexpr = q_desc.block_type.shape[1]
         BLKK: gl.constexpr = k_desc.block_type.shape[0]
-        bh = gl.program_id(1)
-        sample = bh // H
-        head = bh % H
-        index_row = index_ptr + (bh.to(gl.int64) * n_qblocks + gl.program_id(0)) * kk
-        first_row = sample * L  # of this sample in the [B * L, H * D] views
-        column = head * D
-
         tile_layout: gl.constexpr = q_desc.layout
-        q_smem = gl.allocate_shared_memory(gl.bfloat16, [2, SUB_M, D], tile_layout)
-        # KV·Wᵀ's tile, unused without HAS_LINEAR.
+        # Two buffers of a block's two query halves, 64 KB; KV·Wᵀ's tile, 32 KB (unused without
+        # HAS_LINEAR); the ring of key-block pairs, 64 KB a slot: 224 KB.
+        q_smem = gl.allocate_shared_memory(gl.bfloat16, [4, SUB_M, D], tile_layout)
         kvw_smem = gl.allocate_shared_memory(gl.bfloat16, [D, D], kvw_desc.layout)
         k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * BLKK, D], tile_layout)
         v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * BLKK, D], tile_layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        kvw_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kvw_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        for buf in gl.static_range(2):
+            mbarrier.init(q_ready.index(buf), count=1)
+            mbarrier.init(q_empty.index(buf), count=2)
+        mbarrier.init(kvw_ready, count=1)
+        mbarrier.init(kvw_empty, count=2)
         for slot in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(slot), count=1)
             mbarrier.init(v_ready.index(slot), count=1)
             mbarrier.init(empty.index(slot), count=2)  # both consumers release a pair
 
-        operands = (q_smem, kvw_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, index_row, kk, L,
-                    qk_scale, o_ptr, stride_ol, ksum_ptr + bh * D, bias_ptr, sample, column)  # fmt: skip
-        loads = (q_desc, k_desc, v_desc, kvw_desc, q_smem, kvw_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready,
-                 empty, index_row, kk, first_row, column, bh * D)  # fmt: skip
+        operands = (q_smem, kvw_smem, k_bufs, v_bufs, q_ready, q_empty, kvw_ready, kvw_empty, k_ready, v_ready,
+                    empty, index_ptr, n_qblocks, num_tiles, H, L, kk, qk_scale, o_ptr, stride_ol, ksum_ptr,
+                    bias_ptr)  # fmt: skip
+        loads = (q_desc, k_desc, v_desc, kvw_desc, q_smem, kvw_smem, k_bufs, v_bufs, q_ready, q_empty, kvw_ready,
+                 kvw_empty, k_ready, v_ready, empty, index_ptr, n_qblocks, num_tiles, H, L, kk)  # fmt: skip
         gl.warp_specialize(
             [
                 (_consumer, (0, STAGES, HAS_LINEAR, operands)),
@@ -276,7 +311,8 @@ def sparse_attention_ws(
     else:
         kvw, ksum, bias = linear
         kvw_desc = TensorDescriptor.from_tensor(kvw.reshape(-1, dim), [dim, dim], _layout([dim, dim]))
-    _sparse_ws_kernel[(n_qblocks, batch * heads)](
+    num_tiles = n_qblocks * batch * heads
+    _sparse_ws_kernel[(min(num_tiles, sm_count(q.device)),)](
         q_desc,
         k_desc,
         v_desc,
@@ -288,6 +324,7 @@ def sparse_attention_ws(
         length,
         heads,
         n_qblocks,
+        num_tiles,
         block_index.shape[3],
         qk_scale,
         out.stride(1),

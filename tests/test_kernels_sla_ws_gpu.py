@@ -38,6 +38,9 @@ def _inputs(batch: int, length: int, heads: int, packed: bool):
         (2, 1000, 3, 0.25, False),  # B > 1, partial last query and key blocks, an even block count
         (1, 4000, 2, 0.15, True),  # 9 blocks: the last pair repeats its block, masked
         (1, 100, 1, 0.1, True),  # one block, shorter than a query block
+        # More query blocks than SMs: each persistent program walks tiles of several heads and samples.
+        (2, 5000, 12, 0.1, True),
+        (1, 16384, 24, 0.1, False),
     ],
 )
 @pytest.mark.parametrize("with_linear", [True, False])
