@@ -77,8 +77,8 @@ if gluon is not None:
 
     @gluon.jit
     def _tile(t, n_qblocks, H, L, kk, index_ptr, D: gl.constexpr):
-        """Tile t's place: its sample, the first row of that sample and the column of its head in the
-        [B * L, H * D] views, its query block, and its row of block_index."""
+        """Tile t's place: its sample-and-head index, its sample, the first row of that sample and the
+        column of its head in the [B * L, H * D] views, its query block, and its row of block_index."""
         bh = t // n_qblocks
         qblock = t % n_qblocks
         sample = bh // H
