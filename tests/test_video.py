@@ -1,5 +1,6 @@
 """Frames to mp4 and thumbnail (upstream-spec §11)."""
 
+import threading
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -8,7 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from turbovideo.pipeline.video import Mp4Stream, to_uint8_frames, write_mp4, write_thumbnail
+from turbovideo.pipeline.video import (
+    EncodeError,
+    Mp4Stream,
+    SampleMuxer,
+    check_finished,
+    to_uint8_frames,
+    write_mp4,
+    write_thumbnail,
+)
 
 
 def test_uint8_rounding_matches_upstream_saver():
@@ -149,3 +158,126 @@ def test_an_encoder_ffmpeg_lacks_is_one_sentence_and_nothing_on_the_terminal(tmp
         write_mp4(_clip(5), tmp_path / "clip.mp4", fps=16)
     assert "no_such_encoder" in failed.value.reason and "\n" not in str(failed.value)
     assert capfd.readouterr() == ("", "")
+
+
+def test_writing_over_an_existing_video_replaces_it(tmp_path):
+    # A rerun with the same --out: ffmpeg without -y refuses to overwrite, exits 0, and the old video
+    # would pass for the new one.
+    path = tmp_path / "clip.mp4"
+    write_mp4(_clip(5), path, fps=16)
+    write_mp4(_clip(3), path, fps=16)
+    assert len(_read(path)[1]) == 3
+
+
+def test_the_reason_is_ffmpeg_s_first_message_without_its_stream_tag(tmp_path):
+    # The first message names the cause and the file; its "[out#0/mp4 @ 0x...]" tag means nothing to a user.
+    with pytest.raises(EncodeError) as failed:
+        write_mp4(_clip(2), tmp_path / "missing" / "clip.mp4", fps=16)
+    reason = failed.value.reason
+    assert "clip.mp4" in reason and "No such file or directory" in reason and not reason.startswith("[")
+
+
+def test_frames_that_are_not_rgb_are_refused_and_start_no_encoder(tmp_path):
+    # RGBA frames (e.g. from a PNG) are refused before an ffmpeg process and its thread exist: a stream
+    # started and then refused would never be closed.
+    with pytest.raises(ValueError, match="need RGB frames"):
+        write_mp4(np.zeros((2, 16, 16, 4), np.uint8), tmp_path / "rgba.mp4", fps=16)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("mux-")]
+
+
+def _check_finished_within(path: Path, seconds: float = 10) -> list[BaseException]:
+    # check_finished walks the file's boxes; a walk that never ends must fail the test, not hang it.
+    raised: list[BaseException] = []
+
+    def check():
+        try:
+            check_finished(path)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"check_finished({path}) did not return"
+    return raised
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (None, "No such file or directory"),  # ffmpeg said it finished, but there is no file
+        (b"", "no index"),
+        (bytes(64), "no index"),  # zeros (a crash before the data reached the disk): a box of size 0
+        # cut short: the media data's box runs past the end, and the index never came
+        (b"\x00\x00\x00\x10ftypisom\x00\x00\x02\x00\x00\x00\x10\x00mdat" + bytes(16), "no index"),
+    ],
+    ids=["missing", "empty", "zeros", "cut-short"],
+)
+def test_a_file_that_is_not_a_finished_mp4_is_an_encode_error(tmp_path, content, reason):
+    path = tmp_path / "clip.mp4"
+    if content is not None:
+        path.write_bytes(content)
+    (raised,) = _check_finished_within(path)
+    assert isinstance(raised, EncodeError) and reason in raised.reason
+
+
+def test_a_finished_mp4_passes_the_check(tmp_path):
+    path = tmp_path / "clip.mp4"
+    write_mp4(_clip(2), path, fps=16)
+    assert _check_finished_within(path) == []
+
+
+def _colour(rgb: tuple[int, int, int], frames: int) -> torch.Tensor:
+    # [1, 3, frames, 16, 16] of one colour, in the VAE decoder's [-1, 1].
+    return (torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1, 1) * 2 - 1).expand(1, 3, frames, 16, 16)
+
+
+def test_the_thumbnail_is_the_first_frame_of_the_first_sample(tmp_path):
+    # The pipeline hands over the samples one after the other; the thumbnail must be sample 0's first
+    # frame, not that of a later chunk or sample.
+    muxer = SampleMuxer(tmp_path, samples=2, width=16, height=16, fps=16)
+    muxer.add(torch.cat([_colour((1, 0, 0), 1), _colour((0, 1, 0), 2)], dim=2), 0)  # red, then green
+    muxer.add(_colour((0, 0, 1), 3), 1)  # blue
+    muxed = []
+    paths = muxer.close(lambda done, total: muxed.append((done, total)))
+    assert paths == [tmp_path / "sample_0.mp4", tmp_path / "sample_1.mp4"]
+    assert muxed == [(1, 2), (2, 2)]
+    assert [len(_read(path)[1]) for path in paths] == [3, 3]
+    with Image.open(muxer.thumbnail) as image:
+        assert np.abs(np.asarray(image).astype(int) - (255, 0, 0)).max() < 16
+
+
+def test_the_first_failing_sample_is_raised_and_the_others_are_logged(tmp_path, caplog):
+    # Two samples ffmpeg cannot write: the error names the first; the second is a warning in the log,
+    # and the sample between them is still finished.
+    (tmp_path / "sample_0.mp4").mkdir()
+    (tmp_path / "sample_2.mp4").mkdir()
+    muxer = SampleMuxer(tmp_path, samples=3, width=16, height=16, fps=16)
+    for index in range(3):
+        muxer.add(_colour((0, 0, 0), 2), index)
+    with pytest.raises(EncodeError, match="sample_0.mp4"):
+        muxer.close(lambda done, total: None)
+    assert "another sample failed as well" in caplog.text and "sample_2.mp4" in caplog.text
+    assert len(_read(tmp_path / "sample_1.mp4")[1]) == 2
+
+
+def test_an_encoder_that_cannot_start_leaves_the_others_ended(tmp_path, monkeypatch):
+    # Sample 1's encoder fails to start (ffmpeg gone, no processes left): sample 0's, already running,
+    # must be ended too, or its process and thread outlive the failed request.
+    from turbovideo.pipeline import video
+
+    commands = iter([video.ffmpeg_command, lambda *args: [str(tmp_path / "no-ffmpeg")]])
+    monkeypatch.setattr(video, "ffmpeg_command", lambda *args: next(commands)(*args))
+    with pytest.raises(FileNotFoundError):
+        SampleMuxer(tmp_path, samples=2, width=16, height=16, fps=16)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("mux-")]
+
+
+def test_the_thumbnail_keeps_the_frame_s_detail(tmp_path):
+    # A flat colour survives any JPEG quality; a gradient shows a blocky low-quality thumbnail
+    # (mean error 0.6 at quality 90, 2 at 50, 10 at 5).
+    frame = _clip(1)[0]
+    path = tmp_path / "thumb.jpg"
+    write_thumbnail(frame, path)
+    with Image.open(path) as image:
+        assert np.abs(np.asarray(image).astype(int) - frame).mean() < 1.2
