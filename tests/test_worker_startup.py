@@ -359,11 +359,15 @@ def test_the_log_shows_info_lines_and_keeps_a_lower_level_already_set(monkeypatc
     # Download progress and warm-up lines are INFO: the root logger's default (WARNING) would hide them.
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])
+    previous = root.level
     root.setLevel(level)
-    configure_logging([])
-    assert root.level == after
-    logging.getLogger("turbovideo.test").info("fetched a file")
-    assert "INFO turbovideo.test: fetched a file" in capfd.readouterr().err
+    try:
+        configure_logging([])
+        assert root.level == after
+        logging.getLogger("turbovideo.test").info("fetched a file")
+        assert "INFO turbovideo.test: fetched a file" in capfd.readouterr().err
+    finally:
+        root.setLevel(previous)  # setLevel, not an attribute: it also clears the loggers' level caches
 
 
 @pytest.mark.parametrize(
