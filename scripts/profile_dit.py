@@ -1,10 +1,10 @@
 """Where a DiT forward spends its GPU time: one profiled forward, kernels grouped by kind.
 
     python scripts/profile_dit.py --out profile_dit.json [--model wan2.1-t2v-1.3b] [--latent 21x60x104] [--quant]
-        [--prompt-tokens 512] [--cuda-graphs]
+        [--prompt-tokens 512] [--cuda-graphs] [--attention auto]
 
 Random weights, bf16 (``--quant``: int8 W8A8 block linears, as the ``-quant`` checkpoints), the attention
-backend `auto` picks. The text context holds ``--prompt-tokens`` rows (default 512: the longest prompt,
+backend ``--attention`` names (default: the one `auto` picks). The text context holds ``--prompt-tokens`` rows (default 512: the longest prompt,
 all of the context upstream attends to); a request passes its prompt's rows only, e.g. 20-100, and makes their
 keys once for all its steps, as here before the profiled forward. Prints the top kernels and the time per
 group (GEMM, attention, elementwise/norm, other), and the forward's wall time against its kernel time
@@ -23,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from turbovideo.benchmark import benchmark_device, dit_latent, median_ms
+from turbovideo.catalog import ATTENTION_CHOICES
 from turbovideo.models import DIT_CONFIGS, build_dit
 from turbovideo.pipeline.forward_graphs import ForwardGraphs
 
@@ -65,6 +66,7 @@ def main() -> int:
         "--prompt-tokens", type=int, default=512, help="rows of text context (the rest is zero padding)"
     )
     parser.add_argument("--cuda-graphs", action="store_true", help="replay the forward as CUDA graphs")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
     args = parser.parse_args()
 
     config = DIT_CONFIGS[args.model]
@@ -77,7 +79,7 @@ def main() -> int:
     y = None
     if config.task == "i2v":
         y = torch.randn(1, config.cond_dim, frames, height, width, device=device, generator=g).bfloat16()
-    model = build_dit(args.model, device=device, quantized=args.quant)
+    model = build_dit(args.model, device=device, quantized=args.quant, attention=args.attention)
     graphs = ForwardGraphs()
     with torch.no_grad():
         keys = model.text_keys(context)  # once, as a request makes them for all its steps
