@@ -60,10 +60,11 @@ STAGES = 4
 
 
 # The GELU partition's arithmetic shares the SMs' issue slots with the consumers' scale work, so it
-# hides only behind a long K loop. H200, ffn.0 with its GELU -> int8: at 14B (K 5120) 10.3-10.5 ms
+# hides only behind a K loop long enough. H200, ffn.0 with its GELU -> int8: at 14B (K 5120) 10.3-10.5 ms
 # against 11.3-11.7 ms for the GEMM and then the GELU pass (the GEMM alone: 10.2-10.6); at 1.3B
-# (K 1536) 1.10-1.17 against 1.10-1.11 ms (the GEMM without its GELU work: 0.81 against 0.82 ms).
-GELU_MIN_K = 4096
+# (K 1536) 1.10-1.17 against 1.10-1.11 ms, a draw. The H100, whose memory is slower, gains at both: 1.3B
+# 1.15-1.28 against 1.21-1.25 ms, and its 4-step DiT took 0.611-0.615 against 0.617-0.622 s.
+GELU_MIN_K = 1536
 
 
 # What the kernels also write of each output row, per 128-column tile (their STATS): nothing, its sum of
