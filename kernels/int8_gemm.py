@@ -34,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_hopper, int8_gemm_ws
 from .gpu import GpuLimits, gpu_limits
-from .int8_gemm_ws import ROW_MOMENTS, SQUARE_SUMS
+from .int8_gemm_ws import COLUMN_AMAX, ROW_MOMENTS, SQUARE_SUMS
 from .norms import gated_update, per_sample
 from .quant import QUANT_BLOCK, gelu_tanh_quantize, quantize_blockwise, quantize_tile, scale_shape
 from .rounding import to_bf16
@@ -50,7 +50,7 @@ def _int8_gemm_kernel(
     c_ptr,
     stream_ptr,
     gate_ptr,
-    stats_ptr,  # the output's square sums or row moments, if asked for
+    stats_ptr,  # the output's square sums, row moments or column amax, if asked for
     M,
     N,
     K,
@@ -123,6 +123,16 @@ def _int8_gemm_kernel(
     if STATS == SQUARE_SUMS:
         y = out.to(tl.float32)
         tl.store(stats_ptr + rows * grid_n + pid_n, tl.sum(y * y, axis=1), mask=rows < M)
+    # An fp8 V's ranges: each sample's largest |value| of each column, over the samples the tile holds
+    # rows of. Non-negative floats order as their bits do, so the float atomic max is exact in any order.
+    if STATS == COLUMN_AMAX:
+        magnitude = tl.abs(out.to(tl.float32))
+        last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1
+        for sample in range((pid_m * BLOCK_M) // rows_per_sample, last_row // rows_per_sample + 1):
+            end = tl.minimum((sample + 1) * rows_per_sample, M)
+            mine = ((rows >= sample * rows_per_sample) & (rows < end))[:, None]
+            peak = tl.max(tl.where(mine, magnitude, 0.0), axis=0)
+            tl.atomic_max(stats_ptr + sample * N + cols, peak, mask=col_ok, sem="relaxed")
     if RESIDUAL:  # the residual stream plus the gated output, as norms.gated_residual rounds it
         stream = tl.load(stream_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         gate = None
@@ -241,6 +251,7 @@ def int8_gemm(
     square_sums: torch.Tensor | None = None,
     gelu_int8: bool = False,
     row_moments: torch.Tensor | None = None,
+    column_amax: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``bf16(dequant(a) @ dequant(weight).T) + bias`` for ``a`` [..., K] -> bf16 [..., N].
 
@@ -253,10 +264,12 @@ def int8_gemm(
     another order): an RMSNorm's statistics without a pass over the output. ``row_moments`` (fp32
     [M, N/128, 2], N a multiple of 128) receives each row's mean and sum of squared deviations per
     128-column tile of the result, residual included (``models.int8.chunk_moments``, summed in another
-    order): a LayerNorm's (``norms``' ``moments=``). ``gelu_int8`` (nothing
-    else) returns ``quant.gelu_tanh_quantize`` of the result instead, (int8 [..., N], tile scales):
-    at 14B's K the warp-specialized kernel quantizes each output tile as it finishes, so the bf16
-    product never goes to memory.
+    order): a LayerNorm's (``norms``' ``moments=``). ``column_amax`` (fp32 [B, N], the M rows being B
+    samples' rows one after another; nothing else) receives each sample's largest |value| of each
+    output column (``models.int8.sample_column_amax``): an fp8 V's ranges without a pass over it.
+    ``gelu_int8`` (nothing else) returns ``quant.gelu_tanh_quantize`` of the result instead, (int8
+    [..., N], tile scales): the warp-specialized kernel quantizes each output tile as it finishes, so
+    the bf16 product never goes to memory.
     """
     n, k = weight.shape
     if weight.dtype != torch.int8 or weight.stride(-1) != 1:
@@ -296,6 +309,19 @@ def int8_gemm(
         _check_statistics("row_moments", row_moments, (m, n // QUANT_BLOCK, 2), launch)
     if gelu_int8 and (residual is not None or square_sums is not None or row_moments is not None):
         raise ValueError("gelu_int8 returns the GELU's int8 tiles: not with a residual or row statistics")
+    if column_amax is not None:
+        others = (residual, square_sums, row_moments)
+        if gelu_int8 or any(option is not None for option in others):
+            raise ValueError("column_amax is of the GEMM's own bf16 output: not with other options")
+        shape_ok = column_amax.dim() == 2 and column_amax.shape[1] == n and column_amax.shape[0] > 0
+        if not (shape_ok and m % column_amax.shape[0] == 0 and column_amax.dtype == torch.float32):
+            raise ValueError(
+                f"column_amax must be fp32 [B, {n}] for B samples of the {m} rows, got "
+                f"{column_amax.dtype} {tuple(column_amax.shape)}"
+            )
+        if not column_amax.is_contiguous():
+            raise ValueError("column_amax must be contiguous")
+        column_amax.zero_()  # the kernels raise it tile by tile
     if launch.tma:
         flat, weight = _tma_rows(flat), _tma_rows(weight)
     if launch.warp_specialized and bias is None:
@@ -310,12 +336,14 @@ def int8_gemm(
         return values.view(*a.shape[:-1], n), scales
     out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
     stream, gate, rows_per_sample, stride_gate = _residual_args(m, n, residual)
-    stats = square_sums if square_sums is not None else row_moments
+    stats = next((s for s in (square_sums, row_moments, column_amax) if s is not None), None)
+    if column_amax is not None:
+        rows_per_sample = m // column_amax.shape[0]
     if launch.warp_specialized:
         int8_gemm_ws.int8_gemm_ws(
             flat, a_scale_arg, weight, weight_scale.contiguous(), bias, out, launch.group_m,
             None if residual is None else (stream, gate, rows_per_sample, stride_gate), square_sums,
-            row_moments,
+            row_moments, column_amax=column_amax,
         )  # fmt: skip
         return _output(out.view(*a.shape[:-1], n), gelu_int8)
     grid = (triton.cdiv(m, launch.block_m) * triton.cdiv(n, launch.block_n),)
@@ -341,7 +369,7 @@ def int8_gemm(
         RESIDUAL=residual is not None,
         HAS_GATE=gate is not None,
         SHARED_GATE=stride_gate == 0,
-        STATS=int8_gemm_ws.stats_kind(square_sums, row_moments),
+        STATS=int8_gemm_ws.stats_kind(square_sums, row_moments, column_amax),
         QUANTIZE_A=quantize_on_load,
         BLOCK_M=launch.block_m,
         BLOCK_N=launch.block_n,
@@ -395,16 +423,17 @@ def int8_linear(
     square_sums: torch.Tensor | None = None,
     gelu_int8: bool = False,
     row_moments: torch.Tensor | None = None,
+    column_amax: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """W8A8 linear for a bf16 activation, or for an already quantized ``(int8 values, tile scales)`` one.
 
     A bf16 activation gets its own memory-bound quantization pass: quantizing in the GEMM prologue
     repeats that work for every column tile (N / 128 times), on the cores the dequantization needs.
     scripts/bench_kernels_linear.py times both. ``residual``, ``square_sums``, ``gelu_int8``,
-    ``row_moments``: as ``int8_gemm``.
+    ``row_moments``, ``column_amax``: as ``int8_gemm``.
     """
     values, scales = x if isinstance(x, tuple) else quantize_blockwise(x)
     return int8_gemm(
         values, weight, weight_scale, bias, a_scale=scales, residual=residual, square_sums=square_sums,
-        gelu_int8=gelu_int8, row_moments=row_moments,
+        gelu_int8=gelu_int8, row_moments=row_moments, column_amax=column_amax,
     )  # fmt: skip

@@ -19,7 +19,9 @@ bits) while the consumers multiply the next one; they hand each rounded tile ove
 shared-memory slots. The bf16 product never goes to memory and back. With ``row_moments`` (the o
 projections and ffn.2, which write the residual stream a LayerNorm reads next), the fourth partition
 instead reads each tile from the consumers' store buffers and writes each row's mean and sum of
-squared deviations in it, so the LayerNorm needs no statistics pass over the stream.
+squared deviations in it, so the LayerNorm needs no statistics pass over the stream; with
+``column_amax`` (the v projection, whose output SageSLA turns into fp8) it raises each sample's
+per-column amax from them, so the fp8 preparation needs no pass of its own to find its ranges.
 
 Triton's own pipeliner cannot do this for an int32 accumulator: it waits for each K block's MMA before
 the scale work (kernels/int8_gemm.py keeps several small programs per SM instead). No MMA stays in flight
@@ -67,17 +69,26 @@ STAGES = 4
 GELU_MIN_K = 1536
 
 
-# What the kernels also write of each output row, per 128-column tile (their STATS): nothing, its sum of
-# squares (an RMSNorm's statistics), or its mean and sum of squared deviations (a LayerNorm's).
+# What the kernels also write of their output (their STATS): nothing; each row's sum of squares per
+# 128-column tile (an RMSNorm's statistics), or its mean and sum of squared deviations (a LayerNorm's);
+# or each sample's largest |value| of each column (an fp8 V's per-channel ranges). The kinds from
+# ROW_MOMENTS on are taken by the warp-specialized kernel's epilogue partition from the stored tiles.
 NO_STATS = triton.language.constexpr(0)
 SQUARE_SUMS = triton.language.constexpr(1)
 ROW_MOMENTS = triton.language.constexpr(2)
+COLUMN_AMAX = triton.language.constexpr(3)
 
 
-def stats_kind(square_sums: torch.Tensor | None, row_moments: torch.Tensor | None) -> int:
+def stats_kind(
+    square_sums: torch.Tensor | None,
+    row_moments: torch.Tensor | None,
+    column_amax: torch.Tensor | None = None,
+) -> int:
     """The STATS of a launch given these (at most one)."""
     if square_sums is not None:
         return SQUARE_SUMS.value
+    if column_amax is not None:
+        return COLUMN_AMAX.value
     return NO_STATS.value if row_moments is None else ROW_MOMENTS.value
 
 
@@ -264,11 +275,11 @@ if gluon is not None:
                 mbarrier.arrive(h_full.index(slot), count=1)
             else:
                 tma.store_wait(pendings=0)  # the previous tile's store has left this buffer
-                if STATS == ROW_MOMENTS:  # and the moments partition has read it
+                if STATS >= ROW_MOMENTS:  # and the epilogue partition has read it
                     mbarrier.wait(h_empty.index(0), (index & 1) ^ 1)
                 tile_smem.store(out)
                 fence_async_shared()
-                if STATS == ROW_MOMENTS:
+                if STATS >= ROW_MOMENTS:
                     mbarrier.arrive(h_full.index(0), count=1)
                 tma_store(c_desc, [off_m + SUB * SUB_M, off_n], tile_smem)  # clipped at M and N
             index += 1
@@ -280,20 +291,23 @@ if gluon is not None:
     _PIECE_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0]))
 
     @gluon.jit
-    def _epilogue_partition(GROUP_M: gl.constexpr, GELU: gl.constexpr, epilogue):
+    def _epilogue_partition(GROUP_M: gl.constexpr, GELU: gl.constexpr, STATS: gl.constexpr, epilogue):
         """The warpgroup that finishes each output tile after the consumers, while they multiply the next
-        one: its GELU as int8 (``_gelu_tiles``), or its row moments (``_moments_tiles``)."""
+        one: its GELU as int8 (``_gelu_tiles``), its row moments (``_moments_tiles``) or its columns'
+        amax (``_column_amax_tiles``)."""
         if GELU:
             _gelu_tiles(GROUP_M, epilogue)
-        else:
+        elif STATS == ROW_MOMENTS:
             _moments_tiles(GROUP_M, epilogue)
+        else:
+            _column_amax_tiles(GROUP_M, epilogue)
 
     @gluon.jit
     def _moments_tiles(GROUP_M: gl.constexpr, epilogue):
         """Each row's mean and sum of squared deviations in each 128x128 output tile, read from the
         consumers' store buffers (the statistics of a LayerNorm after the GEMM). In the consumers'
         epilogue, with the tensor cores idle meanwhile, this cost 11 % at 1.3B's o projection (H200)."""
-        c_bufs, h_full, h_empty, stats_ptr, grid_m, grid_n, M = epilogue
+        c_bufs, h_full, h_empty, stats_ptr, grid_m, grid_n, M, _, _ = epilogue
         SUB_M: gl.constexpr = c_bufs.shape[1]
         BLOCK_N: gl.constexpr = c_bufs.shape[2]
         PIECE: gl.constexpr = _PIECE
@@ -312,6 +326,42 @@ if gluon is not None:
                     at = stats_ptr + (rows * grid_n + off_n // BLOCK_N) * 2
                     gl.store(at, mean, mask=rows < M)
                     gl.store(at + 1, gl.sum(deviation * deviation, axis=1), mask=rows < M)
+            mbarrier.arrive(h_empty.index(0), count=1)
+            index += 1
+
+    # The column-amax partition takes 8-row pieces, one row of 8 columns a thread (16 rows spilled).
+    _AMAX_PIECE = gl.constexpr(8)
+
+    @gluon.jit
+    def _column_amax_tiles(GROUP_M: gl.constexpr, epilogue):
+        """Each sample's largest |value| of each column, taken from the consumers' store buffers tile by
+        tile and raised by float atomic max (exact in any order: non-negative floats order as their
+        bits do). A tile holds rows of one sample, or of several where it straddles their boundary."""
+        c_bufs, h_full, h_empty, stats_ptr, grid_m, grid_n, M, N, rows_per_sample = epilogue
+        SUB_M: gl.constexpr = c_bufs.shape[1]
+        BLOCK_N: gl.constexpr = c_bufs.shape[2]
+        PIECE: gl.constexpr = _AMAX_PIECE
+        layout: gl.constexpr = _PIECE_LAYOUT
+        piece_rows = gl.arange(0, PIECE, layout=gl.SliceLayout(1, layout))
+        tile_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+        index = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, BLOCK_N)
+            mbarrier.wait(h_full.index(0), index & 1)
+            last_row = gl.minimum(off_m + 2 * SUB_M, M) - 1
+            for sample in range(off_m // rows_per_sample, last_row // rows_per_sample + 1):
+                end = gl.minimum((sample + 1) * rows_per_sample, M)
+                peak = gl.zeros([PIECE, BLOCK_N], gl.float32, layout)
+                for half in gl.static_range(2):
+                    for row in gl.static_range(0, SUB_M, PIECE):
+                        rows = off_m + half * SUB_M + row + piece_rows
+                        mine = ((rows >= sample * rows_per_sample) & (rows < end))[:, None]
+                        y = gl.abs(c_bufs.index(half).slice(row, PIECE).load(layout).to(gl.float32))
+                        peak = gl.maximum(peak, gl.where(mine, y, 0.0))
+                cols = off_n + tile_cols
+                gl.atomic_max(
+                    stats_ptr + sample * N + cols, gl.max(peak, axis=0), mask=cols < N, sem="relaxed"
+                )
             mbarrier.arrive(h_empty.index(0), count=1)
             index += 1
 
@@ -442,11 +492,11 @@ if gluon is not None:
             k_blocks,
         )
         loads = (a_desc, w_desc, a_bufs, w_bufs, ready, empty, residual, grid_m, grid_n, k_blocks)
-        if GELU or STATS == ROW_MOMENTS:
+        if GELU or STATS >= ROW_MOMENTS:
             if GELU:
                 epilogue = (c_desc, q_smem, c_bufs, h_full, h_empty, q_scale_ptr, grid_m, grid_n, M)
             else:
-                epilogue = (c_bufs, h_full, h_empty, stats_ptr, grid_m, grid_n, M)
+                epilogue = (c_bufs, h_full, h_empty, stats_ptr, grid_m, grid_n, M, N, rows_per_sample)
             gl.warp_specialize(
                 [
                     (
@@ -457,7 +507,7 @@ if gluon is not None:
                         _consumer,
                         (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, operands),
                     ),
-                    (_epilogue_partition, (GROUP_M, GELU, epilogue)),
+                    (_epilogue_partition, (GROUP_M, GELU, STATS, epilogue)),
                     (_load_partition, (GROUP_M, STAGES, RESIDUAL, loads)),
                 ],
                 [4, 4, 1],
@@ -499,6 +549,7 @@ def int8_gemm_ws(
     square_sums: torch.Tensor | None = None,
     row_moments: torch.Tensor | None = None,
     gelu_scales: torch.Tensor | None = None,
+    column_amax: torch.Tensor | None = None,
 ) -> None:
     """out[M, N] = the W8A8 product of int8 ``a`` [M, K] and ``weight`` [N, K] (rows 16-byte aligned)
     plus ``bias``, for K of an even number of 128-wide blocks. Triton 3.6 fails to compile the kernel
@@ -507,6 +558,8 @@ def int8_gemm_ws(
     ``square_sums`` (fp32 [M, N / 128], no residual): each row's sum of squares of a tile's output.
     ``row_moments`` (fp32 [M, N / 128, 2]): each row's mean and sum of squared deviations in a tile of
     out (after the residual).
+    ``column_amax`` (fp32 [B, N], zeros, no residual): raised to each sample's largest |value| of each
+    column of out, the M rows being B samples' rows one after another.
     ``gelu_scales`` (fp32 [M / 128, N / 128], nothing else): out is int8 and, with these, holds
     ``quant.gelu_tanh_quantize`` of the output."""
     m, k = a.shape
@@ -524,7 +577,9 @@ def int8_gemm_ws(
             out, [QUANT_BLOCK, BLOCK_N], _layout([QUANT_BLOCK, BLOCK_N], gl.int8)
         )
     stream, gate, rows_per_sample, stride_gate = residual or (None, None, 1, 0)
-    stats = square_sums if square_sums is not None else row_moments
+    if column_amax is not None:
+        rows_per_sample = m // column_amax.shape[0]
+    stats = next((s for s in (square_sums, row_moments, column_amax) if s is not None), None)
     _int8_gemm_ws_kernel[grid](
         a_desc,
         TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], _layout([BLOCK_N, BLOCK_K], gl.int8)),
@@ -546,12 +601,12 @@ def int8_gemm_ws(
         RESIDUAL=residual is not None,
         HAS_GATE=gate is not None,
         SHARED_GATE=stride_gate == 0,
-        STATS=stats_kind(square_sums, row_moments),
+        STATS=stats_kind(square_sums, row_moments, column_amax),
         GELU=gelu_scales is not None,
         num_warps=4,
         # 168 registers a thread over the kernel's 12 warps (16 with the epilogue partition: 128) fill
         # the register file; the partitions then trade them (warp_specialize's counts).
-        maxnreg=128 if gelu_scales is not None or row_moments is not None else 168,
+        maxnreg=128 if gelu_scales is not None or row_moments is not None or column_amax is not None else 168,
         # The gated residual rounds the gated output before adding it; with contraction the compiler
         # made the two one bf16 fma (the K loop's fma is explicit either way).
         enable_fp_fusion=False,

@@ -132,6 +132,22 @@ def test_linear_writes_the_row_moments_of_what_it_returns():
         int8.chunk_moments(torch.zeros(2, 200))
 
 
+def test_linear_writes_each_samples_column_amax_of_its_output():
+    layer = Int8Linear.from_linear(nn.Linear(128, 200).bfloat16())
+    x = torch.randn(3, 7, 128).bfloat16()
+    x[1, :, :] *= 100.0  # one sample's ranges far above the others'
+    amax = torch.full((3, 200), float("nan"))
+    y = layer(x, column_amax=amax)
+    assert torch.equal(y, layer(x))
+    assert torch.equal(amax, y.float().abs().amax(dim=1))
+    assert amax[1].min() > amax[0].max() and amax[1].min() > amax[2].max()
+    assert torch.equal(amax, int8.sample_column_amax(y.reshape(21, 200), 3))
+    with pytest.raises(ValueError, match="column_amax is of a linear's own"):
+        layer(x, residual=(y, None), column_amax=amax)
+    with pytest.raises(ValueError, match="column_amax is of a linear's own"):
+        layer(x, gelu_int8=True, column_amax=amax)
+
+
 def test_from_linear_is_close_to_the_float_linear():
     linear = nn.Linear(256, 192).bfloat16()
     quantized = Int8Linear.from_linear(linear)

@@ -146,7 +146,8 @@ def _compile_gluon(kernel, types: dict, constexprs: dict, aligned: tuple[str, ..
 def _compile_warp_specialized_gemm(epilogue: str) -> dict:
     """Hopper's Gluon int8 GEMM (kernels/int8_gemm_ws.py) as int8_gemm launches it: with a gated
     residual and the row moments as the DiT's o and ffn.2 projections run, writing square sums as
-    cross-attention's q, quantizing its GELU as ffn.0, or none of these."""
+    cross-attention's q, quantizing its GELU as ffn.0, raising the column amax as SageSLA's v, or
+    none of these."""
     from turbovideo.kernels import int8_gemm_ws
 
     gelu = epilogue == "gelu"
@@ -161,9 +162,14 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
     scales = ("a_scale_ptr", "w_scale_ptr", "gate_ptr", "stats_ptr", "q_scale_ptr")
     types.update(dict.fromkeys(scales, "*fp32"))
     residual = epilogue == "residual"
-    maxnreg = 128 if gelu or residual else 168  # as int8_gemm_ws launches it (the residual with moments)
+    # As int8_gemm_ws launches it: the epilogue partition's kernels (the residual with moments) at 128.
+    maxnreg = 128 if gelu or residual or epilogue == "column-amax" else 168
     constexprs = dict(GROUP_M=16, STAGES=int8_gemm_ws.STAGES, RESIDUAL=residual, HAS_GATE=residual)
-    stats = {"residual": int8_gemm_ws.ROW_MOMENTS, "squares": int8_gemm_ws.SQUARE_SUMS}.get(epilogue)
+    stats = {
+        "residual": int8_gemm_ws.ROW_MOMENTS,
+        "squares": int8_gemm_ws.SQUARE_SUMS,
+        "column-amax": int8_gemm_ws.COLUMN_AMAX,
+    }.get(epilogue)
     constexprs.update(SHARED_GATE=True, STATS=(stats or int8_gemm_ws.NO_STATS).value, GELU=gelu)
     return _compile_gluon(
         int8_gemm_ws._int8_gemm_ws_kernel, types, constexprs, (*scales, "bias_ptr"), maxnreg
@@ -408,7 +414,7 @@ def _compile_report() -> list[dict]:
                 arch=gpu.capability,
             )
         )
-    epilogues = ("plain", "residual", "squares", "gelu")
+    epilogues = ("plain", "residual", "squares", "gelu", "column-amax")
     report.extend(_compile_warp_specialized_gemm(epilogue) for epilogue in epilogues)
     report.extend(_compile_warp_specialized_attention(has_linear) for has_linear in (True, False))
     return report
@@ -432,7 +438,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
         )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report) == 69
+    assert len(report) == 70
     for kernel in report:
         # A few bytes on the stack are a register or two that ptxas parks outside the hot loop (the
         # sparse kernel's linear-branch epilogue, the 4-warp linear-state kernel, which still runs 40 %
@@ -451,7 +457,7 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
     (linear,) = [k for k in report if k["name"] == "_add_linear_quantized_kernel"]
     assert linear["async_copies"] > 0 and linear["stack"] == 0, linear
     warp_specialized = [k for k in report if k["name"] in ("_int8_gemm_ws_kernel", "_sparse_ws_kernel")]
-    assert len(warp_specialized) == 6
+    assert len(warp_specialized) == 7
     for kernel in warp_specialized:
         assert kernel["stack"] == 0 and kernel["tma_copies"] > 0, kernel
         assert not kernel["mma_serialized"], f"ptxas serializes a warp-specialized kernel's MMAs: {kernel}"

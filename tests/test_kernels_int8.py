@@ -203,6 +203,34 @@ def test_gemm_writes_each_rows_moments_per_128_columns(
 
 
 @LAUNCHES
+@pytest.mark.parametrize(
+    ("batch", "length"),
+    [(2, 70), (3, 50), (1, 140)],
+    ids=["tile-straddles-samples", "three-a-tile", "one-sample"],
+)
+def test_gemm_writes_each_samples_column_amax(launch: GemmLaunch | None, batch: int, length: int) -> None:
+    # 200 columns: the second 128-column tile is partial. Samples of very different ranges, so a row
+    # counted in the wrong sample changes its amax; 140 or 150 rows: the last row tile is partial.
+    k, n = 256, 200
+    x = (
+        torch.randn(batch, length, k, device=DEVICE)
+        * (10.0 ** torch.arange(batch, device=DEVICE))[:, None, None]
+    )
+    qx, sx = quantize_blockwise(x.to(torch.bfloat16))
+    qw, sw, bias = _weight(n, k)
+    amax = torch.full((batch, n), float("nan"), device=DEVICE)  # the GEMM starts it from zeros
+    out = int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, column_amax=amax)
+    assert torch.equal(out, int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch))
+    assert torch.equal(amax, reference.sample_column_amax(out.reshape(-1, n), batch))
+    with pytest.raises(
+        ValueError, match=r"column_amax must be fp32 \[B, 200\] for B samples of the \d+ rows"
+    ):
+        int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, column_amax=amax.new_zeros(9, n))
+    with pytest.raises(ValueError, match="not with other options"):
+        int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, residual=(out, None), column_amax=amax)
+
+
+@LAUNCHES
 def test_gemm_quantizes_its_gelu_for_the_next_linear(launch: GemmLaunch | None) -> None:
     # 140 rows: the last 128-row tile is mostly padding, whose rows must quantize as zeros although the
     # kernel computes GELU(bias) there. Column 3's bias is far above what its products leave of it, so

@@ -103,17 +103,23 @@ def int8_linear_reference(
     square_sums: torch.Tensor | None = None,
     gelu_int8: bool = False,
     row_moments: torch.Tensor | None = None,
+    column_amax: torch.Tensor | None = None,
 ) -> Activation:
     """Quantize the activation x [M, K], run the block GEMM, round to x's dtype, then add the bias in it
     (and then the gated output to the residual stream, in the stream's shape).
 
     A ``QuantizedActivation`` stands for a bf16 one and skips the quantization. ``square_sums``, if
     given, receives ``chunk_square_sums`` of the output (without a residual); ``row_moments``
-    ``chunk_moments`` of what it returns (after the residual). ``gelu_int8`` returns the output's tanh
-    GELU quantized per tile, as the next linear takes it (the FFN's first linear).
+    ``chunk_moments`` of what it returns (after the residual); ``column_amax`` (fp32 [B, N], the M rows
+    being B samples' rows one after another) ``sample_column_amax`` of the output (nothing else given).
+    ``gelu_int8`` returns the output's tanh GELU quantized per tile, as the next linear takes it (the
+    FFN's first linear).
     """
     if gelu_int8 and (residual is not None or square_sums is not None or row_moments is not None):
         raise ValueError("gelu_int8 returns the GELU's int8 tiles: not with a residual or row statistics")
+    others = (residual, square_sums, row_moments)
+    if column_amax is not None and (gelu_int8 or any(option is not None for option in others)):
+        raise ValueError("column_amax is of a linear's own bf16 output: not with other options")
     if isinstance(x, QuantizedActivation):
         (qx, sx), dtype = x, torch.bfloat16
     else:
@@ -122,6 +128,8 @@ def int8_linear_reference(
     y = y if bias is None else y + bias.to(dtype)
     if gelu_int8:
         return QuantizedActivation(*quantize_blockwise(F.gelu(y, approximate="tanh")))
+    if column_amax is not None:
+        column_amax.copy_(sample_column_amax(y, column_amax.shape[0]))
     if square_sums is not None:
         if residual is not None or row_moments is not None:
             raise ValueError("square_sums are of a linear's own output: not with a residual or row moments")
@@ -144,24 +152,36 @@ def int8_linear_default(
     square_sums: torch.Tensor | None = None,
     gelu_int8: bool = False,
     row_moments: torch.Tensor | None = None,
+    column_amax: torch.Tensor | None = None,
 ) -> Activation:
     """The Triton W8A8 kernels for bf16 activations on CUDA, the reference for everything else."""
     values = x.values if isinstance(x, QuantizedActivation) else x
+    options = (residual, square_sums, gelu_int8, row_moments, column_amax)
     if values.is_cuda and values.dtype in (torch.bfloat16, torch.int8):
         from ..kernels.int8_gemm import int8_linear  # imports Triton only where it runs
 
-        out = int8_linear(x, int8_weight, scale, bias, residual, square_sums, gelu_int8, row_moments)
+        out = int8_linear(x, int8_weight, scale, bias, *options)
         return QuantizedActivation(*out) if gelu_int8 else out
-    return int8_linear_reference(x, int8_weight, scale, bias, residual, square_sums, gelu_int8, row_moments)
+    return int8_linear_reference(x, int8_weight, scale, bias, *options)
 
 
 _impl: Int8Impl = int8_linear_default
 
 
+def sample_column_amax(y: torch.Tensor, samples: int) -> torch.Tensor:
+    """fp32 [samples, N]: each sample's largest |value| in each column of y [samples * rows, N].
+
+    Per-channel ranges over a sample's tokens, as an fp8 V's scales need (SageSLA's,
+    ``Int8Linear(column_amax=)``).
+    """
+    return y.float().abs().view(samples, -1, y.shape[-1]).amax(dim=1)
+
+
 def set_int8_impl(impl: Int8Impl | None) -> None:
     """Install another ``(x2d, int8_weight, scale, bias) -> y2d``; None restores the default. Layers
-    given a residual, square sums, row moments or ``gelu_int8`` call it with ``residual=``,
-    ``square_sums=``, ``row_moments=`` or ``gelu_int8=True`` as well (see ``int8_linear_reference``)."""
+    given a residual, square sums, row moments, column amax or ``gelu_int8`` call it with ``residual=``,
+    ``square_sums=``, ``row_moments=``, ``column_amax=`` or ``gelu_int8=True`` as well (see
+    ``int8_linear_reference``)."""
     global _impl
     _impl = impl or int8_linear_default
 
@@ -202,6 +222,7 @@ class Int8Linear(nn.Module):
         square_sums: torch.Tensor | None = None,
         gelu_int8: bool = False,
         row_moments: torch.Tensor | None = None,
+        column_amax: torch.Tensor | None = None,
     ) -> Activation:
         """The linear of x [..., K]; given a residual (stream [..., N], gate), stream + output * gate.
 
@@ -210,6 +231,8 @@ class Int8Linear(nn.Module):
         ``row_moments`` (fp32 [rows, N/128, 2]) receives ``chunk_moments`` of what the layer returns
         (after the residual): those of a LayerNorm after it (``kernels.norms``' ``moments=``).
         ``gelu_int8``: the output's tanh GELU as the next int8 linear's ``QuantizedActivation``.
+        ``column_amax`` (fp32 [B, N] for x [B, L, K]) receives each sample's largest |output| of each
+        column (``sample_column_amax``): the per-channel ranges of an fp8 V, taken as it is written.
         """
         if isinstance(x, QuantizedActivation):
             rows = x.values.shape[:-1]
@@ -222,6 +245,7 @@ class Int8Linear(nn.Module):
             "square_sums": square_sums,
             "gelu_int8": gelu_int8 or None,
             "row_moments": row_moments,
+            "column_amax": column_amax,
         }
         given = {name: value for name, value in options.items() if value is not None}
         out = _impl(flat, self.int8_weight, self.scale, self.bias, **given)
