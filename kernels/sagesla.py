@@ -35,6 +35,7 @@ from .sla import (
 # The archs SpargeAttn's build compiles kernels for (its setup.py filters TORCH_CUDA_ARCH_LIST to these).
 SUPPORTED_ARCHS = ("sm80", "sm86", "sm87", "sm89", "sm90")
 HEAD_DIMS = (64, 128)  # what SpargeAttn's kernels are built for
+_FP16_PV_ARCHS = ("sm80", "sm86", "sm87")  # Ampere's kernel takes V in fp16 (later ones in fp8)
 # SpargeAttn's per-head PV-skipping threshold; this value disables skipping, as upstream runs it.
 _NO_PV_SKIP = 1e6
 # SpargeAttn launches its kernels without a stream, i.e. on the legacy default stream: on any other
@@ -87,6 +88,12 @@ def built_archs(arch_list: str) -> tuple[str, ...]:
     """
     listed = {"sm" + item.split("+")[0].replace(".", "") for item in arch_list.replace(" ", ";").split(";")}
     return tuple(arch for arch in SUPPORTED_ARCHS if arch in listed)
+
+
+def fp8_v(arch: str) -> bool:
+    """Whether SageSLA's kernel on ``arch`` takes V in fp8 (from sm89 on), whose per-channel ranges a
+    caller may give it (``sagesla_attention``'s ``v_amax``) instead of a pass over V to find them."""
+    return arch not in _FP16_PV_ARCHS
 
 
 def selection_blocks(arch: str) -> tuple[int, int]:
@@ -167,6 +174,7 @@ _V_FP8_RANGE = 2.25
 # SpargeAttn divides by 2.25 in torch, which on CUDA multiplies by the fp32 reciprocal of a scalar
 # divisor: the same product gives the same scales. (Exactly representable in fp32.)
 _V_INV_RANGE = float(np.float32(1.0) / np.float32(_V_FP8_RANGE))
+_SMALLEST_NORMAL = tl.constexpr(float(np.finfo(np.float32).tiny))
 _V_TILE = 64  # tokens per program of the fp8 kernel (divides the 128-token padding; 128 spill registers)
 
 
@@ -200,7 +208,8 @@ def _v_fp8_kernel(
     d = tl.arange(0, D)
     v_ptrs = _head_rows(v_ptr, bh // H, bh % H, tokens, d, stride_b, stride_l, stride_h, 1)
     v = tl.load(v_ptrs, mask=(tokens < L)[:, None], other=0.0)
-    amax = tl.load(amax_ptr + bh * D + d)
+    # The smallest normal keeps an all-zero channel's scale from 0 / 0 (SpargeAttn's NaN).
+    amax = tl.maximum(tl.load(amax_ptr + bh * D + d), _SMALLEST_NORMAL)
     values = v.to(tl.float32) * (RANGE / amax)[None, :]
     if tile == 0:
         tl.store(scale_ptr + bh * D + d, amax * INV_RANGE)
@@ -208,25 +217,28 @@ def _v_fp8_kernel(
     tl.store(out, tl.trans(values.to(tl.float8e4nv)))
 
 
-def prepare_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_v_fp8(v: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """V [B, L, H, D] (bf16, unit head-dim stride) as SpargeAttn's sm89/sm90 kernels read it: fp8 e4m3
     [B, H, D, L padded to 128] with each 16 tokens in the fp8 MMA's order and zeros past L, and the
-    per-channel scales [B, H, D] (amax / 2.25). One pass for the amax, one for the values: SpargeAttn's
-    own preparation needs a [B, H, L, D] copy, a transposed padded copy and a pass over that.
-    (The amax taken in linear_state's pass over v instead cost that kernel more than this pass: H200,
-    1.3B int8 forward, +1.17 against -1.04 ms.)"""
+    per-channel scales [B, H, D] (amax / 2.25). ``amax`` (fp32 [B, H * D]: each sample's largest |v| of
+    each channel, as the v projection can write it, ``Int8Linear(column_amax=)``), else a pass over v
+    finds it; then one pass for the values. SpargeAttn's own preparation needs a [B, H, L, D] copy, a
+    transposed padded copy and a pass over that. (The amax taken in linear_state's pass over v instead
+    cost that kernel more than the amax pass: H200, 1.3B int8 forward, +1.17 against -1.04 ms.)"""
     batch, length, heads, dim = v.shape
     if v.stride(-1) != 1:
         v = v.contiguous()
-    chunk = 256
     strides = (v.stride(0), v.stride(1), v.stride(2))
-    # Starting at the smallest normal keeps an all-zero channel's scale from 0 / 0 (SpargeAttn's NaN).
-    amax = torch.full(
-        (batch * heads, dim), torch.finfo(torch.float32).tiny, dtype=torch.float32, device=v.device
-    )
-    _channel_amax_kernel[(triton.cdiv(length, chunk), batch * heads)](
-        v, amax, length, heads, *strides, CHUNK=chunk, D=dim, num_warps=4
-    )
+    if amax is None:
+        chunk = 256
+        amax = torch.zeros((batch * heads, dim), dtype=torch.float32, device=v.device)
+        _channel_amax_kernel[(triton.cdiv(length, chunk), batch * heads)](
+            v, amax, length, heads, *strides, CHUNK=chunk, D=dim, num_warps=4
+        )
+    elif amax.shape != (batch, heads * dim) or amax.dtype != torch.float32 or not amax.is_contiguous():
+        raise ValueError(
+            f"amax must be a contiguous fp32 [{batch}, {heads * dim}] tensor, got {amax.dtype} {tuple(amax.shape)}"
+        )
     padded = triton.cdiv(length, 128) * 128
     values = torch.empty((batch, heads, dim, padded), dtype=torch.float8_e4m3fn, device=v.device)
     scales = torch.empty((batch, heads, dim), dtype=torch.float32, device=v.device)
@@ -245,10 +257,13 @@ def sagesla_attention(
     proj_bias: torch.Tensor,
     topk: float,
     quantized: bool = False,
+    v_amax: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SageSLA on q, k, v [B, L, H, D] (CUDA, head dim 64 or 128) -> [B, L, H, D] in q's dtype; or, if
     ``quantized`` (bf16, head dim 128), that output as the int8 o projection reads it
-    (``sla.add_linear_branch``)."""
+    (``sla.add_linear_branch``). ``v_amax`` (fp32 [B, H * D]), if given: each sample's
+    largest |v| of each channel, read where V goes in fp8 (``fp8_v``): its preparation then needs no
+    pass over V to find them."""
     sparge = sparge_modules()
     if sparge is None:
         raise RuntimeError(SAGESLA_NOT_INSTALLED)
@@ -271,18 +286,20 @@ def sagesla_attention(
     score = block_scores(q, state, blkq, q_means)
     lut, count = top_block_steps(score, blocks_to_keep(topk, score.shape[-1]))
     k_bf16, v_bf16 = (x.to(torch.bfloat16) for x in (k, v))
-    o_s = _sparse_branch(sparge, arch, (q_int8, q_scale), k_bf16, v_bf16, state, lut, count, blkk)
+    o_s = _sparse_branch(sparge, arch, (q_int8, q_scale), k_bf16, (v_bf16, v_amax), state, lut, count, blkk)
     return add_linear_branch(o_s.transpose(1, 2), q, state, proj_weight, proj_bias, quantized)
 
 
-def _sparse_branch(sparge, arch, q_quantized, k, v, state, lut, count, blkk) -> torch.Tensor:
-    """SpargeAttn's block-sparse attention on bf16 k, v [B, L, H, D]; returns [B, H, L, D]."""
+def _sparse_branch(sparge, arch, q_quantized, k, v_and_amax, state, lut, count, blkk) -> torch.Tensor:
+    """SpargeAttn's block-sparse attention on bf16 k, v [B, L, H, D] (with v's channel amax or None);
+    returns [B, H, L, D]."""
     q_int8, q_scale = q_quantized
+    v, v_amax = v_and_amax
     batch, heads, length, dim = q_int8.shape
     k_int8, k_scale = quantize_blocks(k, blkk, state.k_mean)
     scale = dim**-0.5
     layout, causal, per_block = 1, False, 1
-    fp16_pv = arch in ("sm80", "sm86", "sm87")  # Ampere's kernel takes V in fp16 and writes fp16
+    fp16_pv = not fp8_v(arch)  # Ampere's kernel takes V in fp16 and writes fp16
     out_dtype = torch.float16 if fp16_pv else torch.bfloat16
     o_s = torch.empty((batch, heads, length, dim), dtype=out_dtype, device=k.device)
     if fp16_pv:
@@ -293,7 +310,7 @@ def _sparse_branch(sparge, arch, q_quantized, k, v, state, lut, count, blkk) -> 
             q_scale, k_scale, layout, causal, per_block, scale, 0,
         )  # fmt: skip
         return o_s
-    v_fp8, v_scale = prepare_v_fp8(v)
+    v_fp8, v_scale = prepare_v_fp8(v, v_amax)
     if arch == "sm90":
         _launch(
             sparge.qattn.qk_int8_sv_f8_accum_f32_block_sparse_attn_inst_buf_fuse_v_scale_sm90,

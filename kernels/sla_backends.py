@@ -35,7 +35,8 @@ class TritonSLA:
 class SageSLA:
     """SLA with SpargeAttn's 8-bit sparse kernel (spec §4.3); block sizes follow the current GPU's arch.
 
-    Writes the int8 o projection's input itself when asked (``int8_output``, models/attention.py)."""
+    Writes the int8 o projection's input itself when asked (``int8_output``, models/attention.py), and
+    where V goes in fp8 takes its per-channel ranges from the caller (``v_amax``)."""
 
     name = "sagesla"
     writes_int8 = True
@@ -48,9 +49,17 @@ class SageSLA:
     def block_k(self) -> int:
         return self._blocks()[1]
 
+    @property
+    def takes_v_amax(self) -> bool:
+        return sagesla.fp8_v(self._arch())
+
     @staticmethod
     def _blocks() -> tuple[int, int]:
-        return sagesla.selection_blocks(sagesla.cuda_arch(torch.device("cuda", torch.cuda.current_device())))
+        return sagesla.selection_blocks(SageSLA._arch())
+
+    @staticmethod
+    def _arch() -> str:
+        return sagesla.cuda_arch(torch.device("cuda", torch.cuda.current_device()))
 
     def __call__(
         self,
@@ -61,8 +70,9 @@ class SageSLA:
         proj_l: nn.Linear,
         topk: float,
         int8_output: bool = False,
+        v_amax: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return sagesla.sagesla_attention(q, k, v, proj_l.weight, proj_l.bias, topk, int8_output)
+        return sagesla.sagesla_attention(q, k, v, proj_l.weight, proj_l.bias, topk, int8_output, v_amax)
 
 
 def _on_cuda(device: torch.device) -> bool:

@@ -5,6 +5,10 @@ import torch
 from turbovideo.kernels import sagesla, sla
 from turbovideo.kernels.cuda_graph import SegmentedGraph
 from turbovideo.kernels.quant import quantize_blockwise
+from turbovideo.kernels.sla_backends import SageSLA
+
+from turbovideo.models import DIT_CONFIGS, DiTConfig, build_dit
+from turbovideo.models.int8 import sample_column_amax
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and sagesla.is_available(torch.device("cuda"))),
@@ -110,3 +114,43 @@ def test_the_int8_output_is_the_bf16_output_quantized():
     expected = quantize_blockwise(sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5).flatten(2))
     assert values.shape == (2, 1000, 256) and scales.shape == (16, 2)
     assert torch.equal(values, expected[0]) and torch.equal(scales, expected[1])
+
+
+def test_the_v_amax_a_caller_gives_changes_no_bit():
+    # Two samples of 1000 rows, one ten times the other's range.
+    q, k, v, weight, bias = _inputs()
+    q, k, v = (torch.cat([x, 10 * x.flip(1)]) for x in (q, k, v))
+    amax = sample_column_amax(v.reshape(2000, 256), 2)
+    for quantized in (False, True):
+        given = sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5, quantized=quantized, v_amax=amax)
+        own = sagesla.sagesla_attention(q, k, v, weight, bias, topk=0.5, quantized=quantized)
+        for a, b in zip(given if quantized else [given], own if quantized else [own], strict=True):
+            assert torch.equal(a, b)
+
+
+def test_an_int8_dit_gives_sagesla_the_v_amax_its_v_projection_wrote(monkeypatch):
+    # 128-wide heads, two samples of 864 tokens (128-row tiles straddle them): the v projection writes
+    # V's per-channel amax, SageSLA's fp8 preparation skips its pass, and the forward keeps its bits.
+    config = DiTConfig("v-amax-t2v", "v-amax T2V", "t2v", 256, 512, 2, 2, 16, text_dim=32)
+    monkeypatch.setitem(DIT_CONFIGS, config.name, config)
+    model = build_dit(config.name, device="cuda", quantized=True, attention="sagesla")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(2, 16, 3, 32, 36, device="cuda", generator=g).bfloat16()
+    t = torch.tensor([988.0, 500.0], device="cuda", dtype=torch.bfloat16)
+    context = torch.randn(2, 40, 32, device="cuda", generator=g).bfloat16()
+    given = []
+    real = sagesla.prepare_v_fp8
+
+    def spy(v, amax=None):
+        given.append(amax is not None)
+        return real(v, amax)
+
+    monkeypatch.setattr(sagesla, "prepare_v_fp8", spy)
+    with torch.no_grad():
+        keys = model.text_keys(context)
+        out = model(x, t, keys)
+        assert given == [True, True]
+        monkeypatch.setattr(SageSLA, "takes_v_amax", property(lambda self: False))
+        expected = model(x, t, keys)
+    assert given == [True, True, False, False]
+    assert torch.equal(out, expected)

@@ -346,6 +346,25 @@ def test_sagesla_v_fp8_layout():
     assert not values[..., 5, :].float().any() and (scales[..., 5] > 0).all() and scales.isfinite().all()
 
 
+def test_sagesla_v_fp8_takes_the_channel_amax_the_v_projection_wrote():
+    # Two samples of very different ranges, one all-zero channel: the same values and scales as the
+    # preparation's own amax pass, from the [B, H * D] amax an int8 v projection writes.
+    v = (torch.randn(2, 150, 3, 32) * torch.tensor([1.0, 50.0])[:, None, None, None]).to(torch.bfloat16)
+    v[..., 1, 5] = 0
+    amax = int8.sample_column_amax(v.reshape(300, 96), 2)
+    values, scales = sagesla.prepare_v_fp8(v, amax)
+    own_values, own_scales = sagesla.prepare_v_fp8(v)
+    assert torch.equal(values.view(torch.uint8), own_values.view(torch.uint8))
+    assert torch.equal(scales, own_scales) and (scales[:, 1, 5] > 0).all()
+    with pytest.raises(ValueError, match=r"amax must be a contiguous fp32 \[2, 96\] tensor"):
+        sagesla.prepare_v_fp8(v, amax[:, :32])
+
+
+def test_sagesla_takes_v_amax_where_v_goes_in_fp8():
+    assert sagesla.fp8_v("sm90") and sagesla.fp8_v("sm89")
+    assert not sagesla.fp8_v("sm80") and not sagesla.fp8_v("sm86")
+
+
 def test_sagesla_block_sizes_follow_the_arch():
     assert sagesla.selection_blocks("sm90") == (64, 128)
     assert sagesla.selection_blocks("sm80") == sagesla.selection_blocks("sm89") == (128, 64)

@@ -7,6 +7,8 @@ available. Fast kernels register themselves with ``register_attention`` from PLU
 at the first selection; the model code never changes when one is added. A backend with
 ``writes_int8`` True also takes ``int8_output=True`` and then returns its output as the int8 o
 projection reads it: (int8 [B, L, H * D], fp32 scales per 128x128 tile of the [B * L, H * D] view).
+One with ``takes_v_amax`` True also takes ``v_amax``, fp32 [B, H * D]: each sample's largest |v| of
+each channel, which an int8 v projection writes as it goes (``Int8Linear(column_amax=)``).
 """
 
 from __future__ import annotations
@@ -186,15 +188,26 @@ class LocalAttention(nn.Module):
         self.backend: AttentionBackend = DenseAttention()
         self.topk = DEFAULT_SLA_TOPK
 
+    @property
+    def takes_v_amax(self) -> bool:
+        """Whether the backend reads v's per-channel amax (``forward``'s ``v_amax``)."""
+        return getattr(self.backend, "takes_v_amax", False)
+
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, int8_output: bool = False
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        int8_output: bool = False,
+        v_amax: torch.Tensor | None = None,
     ) -> Activation:
         """[B, L, H, D]; given ``int8_output``, the int8 o projection's input instead where the backend
-        writes it (``writes_int8``)."""
+        writes it (``writes_int8``). ``v_amax`` goes to a backend that ``takes_v_amax``."""
+        options = {"v_amax": v_amax} if v_amax is not None and self.takes_v_amax else {}
         if int8_output and getattr(self.backend, "writes_int8", False):
-            out = self.backend(q, k, v, proj_l=self.proj_l, topk=self.topk, int8_output=True)
+            out = self.backend(q, k, v, proj_l=self.proj_l, topk=self.topk, int8_output=True, **options)
             return QuantizedActivation(*out)
-        return self.backend(q, k, v, proj_l=self.proj_l, topk=self.topk)
+        return self.backend(q, k, v, proj_l=self.proj_l, topk=self.topk, **options)
 
 
 class AttentionOp(nn.Module):
@@ -205,6 +218,11 @@ class AttentionOp(nn.Module):
         self.local_attn = LocalAttention(head_dim, dtype)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, int8_output: bool = False
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        int8_output: bool = False,
+        v_amax: torch.Tensor | None = None,
     ) -> Activation:
-        return self.local_attn(q, k, v, int8_output)
+        return self.local_attn(q, k, v, int8_output, v_amax)

@@ -110,7 +110,13 @@ class SelfAttention(_Projections):
         moments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k = self.q(x), self.k(x)
+        # A backend that turns v into fp8 needs its per-channel ranges: an int8 v projection takes them
+        # as it writes v, instead of the backend's pass over it.
+        v_amax = None
+        if isinstance(self.v, Int8Linear) and self.attn_op.local_attn.takes_v_amax:
+            v_amax = torch.empty(q.shape[0], q.shape[-1], dtype=torch.float32, device=q.device)
+        v = self.v(x) if v_amax is None else self.v(x, column_amax=v_amax)
         # qk-norm spans all heads, so it runs before the head split.
         if use_fused_kernels(q):
             from ..kernels.rope import rms_norm_rope
@@ -122,7 +128,7 @@ class SelfAttention(_Projections):
             k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope).flatten(2)
         int8_output = self.writes_int8 and use_fused_kernels(q)
         out = self.attn_op(
-            q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), int8_output
+            q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), int8_output, v_amax
         )
         return _project(
             self.o, out if isinstance(out, QuantizedActivation) else out.flatten(2), residual, moments
