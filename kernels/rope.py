@@ -21,7 +21,7 @@ from .rounding import inverse_rms, to_bf16
 
 
 @triton.jit
-def _normalize_rotate(
+def normalize_rotate(
     x,
     rstd,
     rows,
@@ -81,7 +81,7 @@ def _rms_norm_rope_kernel(
         mask = row_ok[:, None] & (cols < D)[None, :]
         x = tl.load(x_ptr + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = inverse_rms(tl.sum(x * x, axis=1), D, eps)
-        y = _normalize_rotate(x, rstd, rows, 0, row_ok, weight_ptr, cos_ptr, sin_ptr, L, D,
+        y = normalize_rotate(x, rstd, rows, 0, row_ok, weight_ptr, cos_ptr, sin_ptr, L, D,
                               ROTATE, HALF_HEAD, BLOCK_ROWS, CHUNK)  # fmt: skip
         tl.store(out_ptr + row_offsets + cols[None, :], y, mask=mask)
     else:
@@ -94,7 +94,7 @@ def _rms_norm_rope_kernel(
         for start in range(0, D, CHUNK):
             mask = row_ok[:, None] & (start + cols < D)[None, :]
             x = tl.load(x_ptr + row_offsets + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = _normalize_rotate(x, rstd, rows, start, row_ok, weight_ptr, cos_ptr, sin_ptr, L, D,
+            y = normalize_rotate(x, rstd, rows, start, row_ok, weight_ptr, cos_ptr, sin_ptr, L, D,
                                   ROTATE, HALF_HEAD, BLOCK_ROWS, CHUNK)  # fmt: skip
             tl.store(out_ptr + row_offsets + start + cols[None, :], y, mask=mask)
 
