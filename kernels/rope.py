@@ -21,7 +21,7 @@ from .rounding import inverse_rms, to_bf16
 
 
 @triton.jit
-def normalize_rotate(
+def _normalize_rotate(
     x,
     rstd,
     rows,
@@ -42,15 +42,22 @@ def normalize_rotate(
     weight = tl.load(weight_ptr + cols, mask=cols < D, other=0.0)
     y = to_bf16(x * rstd[:, None] * weight[None, :])
     if ROTATE:
-        even, odd = tl.split(tl.reshape(y.to(tl.float32), [BLOCK_ROWS, CHUNK // 2, 2]))
         pairs = start // 2 + tl.arange(0, CHUNK // 2)
         angle = (rows % L)[:, None] * HALF_HEAD + (pairs % HALF_HEAD)[None, :]
         angle_ok = row_ok[:, None] & (pairs < D // 2)[None, :]
         cos = tl.load(cos_ptr + angle, mask=angle_ok, other=0.0)
         sin = tl.load(sin_ptr + angle, mask=angle_ok, other=0.0)
-        rotated = tl.join(to_bf16(even * cos - odd * sin), to_bf16(even * sin + odd * cos))
-        y = tl.reshape(rotated, [BLOCK_ROWS, CHUNK])
+        y = rotate_pairs(y, cos, sin, BLOCK_ROWS, CHUNK)
     return y
+
+
+@triton.jit
+def rotate_pairs(y, cos, sin, BLOCK_ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """The rotation of bf16 rows y [BLOCK_ROWS, CHUNK] whose channel pairs turn by angles of fp32 cos and
+    sin [BLOCK_ROWS, CHUNK // 2], rounded to bf16."""
+    even, odd = tl.split(tl.reshape(y.to(tl.float32), [BLOCK_ROWS, CHUNK // 2, 2]))
+    rotated = tl.join(to_bf16(even * cos - odd * sin), to_bf16(even * sin + odd * cos))
+    return tl.reshape(rotated, [BLOCK_ROWS, CHUNK])
 
 
 @triton.jit
@@ -81,7 +88,7 @@ def _rms_norm_rope_kernel(
         mask = row_ok[:, None] & (cols < D)[None, :]
         x = tl.load(x_ptr + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = inverse_rms(tl.sum(x * x, axis=1), D, eps)
-        y = normalize_rotate(x, rstd, rows, 0, row_ok, weight_ptr, cos_ptr, sin_ptr, L, D,
+        y = _normalize_rotate(x, rstd, rows, 0, row_ok, weight_ptr, cos_ptr, sin_ptr, L, D,
                               ROTATE, HALF_HEAD, BLOCK_ROWS, CHUNK)  # fmt: skip
         tl.store(out_ptr + row_offsets + cols[None, :], y, mask=mask)
     else:
@@ -94,7 +101,7 @@ def _rms_norm_rope_kernel(
         for start in range(0, D, CHUNK):
             mask = row_ok[:, None] & (start + cols < D)[None, :]
             x = tl.load(x_ptr + row_offsets + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = normalize_rotate(x, rstd, rows, start, row_ok, weight_ptr, cos_ptr, sin_ptr, L, D,
+            y = _normalize_rotate(x, rstd, rows, start, row_ok, weight_ptr, cos_ptr, sin_ptr, L, D,
                                   ROTATE, HALF_HEAD, BLOCK_ROWS, CHUNK)  # fmt: skip
             tl.store(out_ptr + row_offsets + start + cols[None, :], y, mask=mask)
 
