@@ -42,22 +42,15 @@ def _normalize_rotate(
     weight = tl.load(weight_ptr + cols, mask=cols < D, other=0.0)
     y = to_bf16(x * rstd[:, None] * weight[None, :])
     if ROTATE:
+        even, odd = tl.split(tl.reshape(y.to(tl.float32), [BLOCK_ROWS, CHUNK // 2, 2]))
         pairs = start // 2 + tl.arange(0, CHUNK // 2)
         angle = (rows % L)[:, None] * HALF_HEAD + (pairs % HALF_HEAD)[None, :]
         angle_ok = row_ok[:, None] & (pairs < D // 2)[None, :]
         cos = tl.load(cos_ptr + angle, mask=angle_ok, other=0.0)
         sin = tl.load(sin_ptr + angle, mask=angle_ok, other=0.0)
-        y = rotate_pairs(y, cos, sin, BLOCK_ROWS, CHUNK)
+        rotated = tl.join(to_bf16(even * cos - odd * sin), to_bf16(even * sin + odd * cos))
+        y = tl.reshape(rotated, [BLOCK_ROWS, CHUNK])
     return y
-
-
-@triton.jit
-def rotate_pairs(y, cos, sin, BLOCK_ROWS: tl.constexpr, CHUNK: tl.constexpr):
-    """The rotation of bf16 rows y [BLOCK_ROWS, CHUNK] whose channel pairs turn by angles of fp32 cos and
-    sin [BLOCK_ROWS, CHUNK // 2], rounded to bf16."""
-    even, odd = tl.split(tl.reshape(y.to(tl.float32), [BLOCK_ROWS, CHUNK // 2, 2]))
-    rotated = tl.join(to_bf16(even * cos - odd * sin), to_bf16(even * sin + odd * cos))
-    return tl.reshape(rotated, [BLOCK_ROWS, CHUNK])
 
 
 @triton.jit

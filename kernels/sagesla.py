@@ -10,7 +10,6 @@ imports it until a call needs it.
 import functools
 import importlib
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,9 +19,7 @@ import triton.language as tl
 from turbovideo.models.attention import SAGESLA_NOT_INSTALLED
 
 from .cuda_graph import outside_graph
-from .quant import QUANT_BLOCK
-from .rope import rotate_pairs
-from .rounding import inverse_rms, to_bf16
+from .rounding import to_bf16
 from .sla import (
     SAGESLA_SM90_BLOCKS,
     SLA_BLOCKS,
@@ -104,15 +101,6 @@ def selection_blocks(arch: str) -> tuple[int, int]:
     return SAGESLA_SM90_BLOCKS if arch == "sm90" else SLA_BLOCKS
 
 
-class QuantizedQ(NamedTuple):
-    """q as SageSLA reads it: SpargeAttn's per-block int8 [B, H, L, D], the blocks' fp32 scales
-    [B, H, blocks] and the selection's fp32 query-block means [B, H, blocks, D]."""
-
-    values: torch.Tensor
-    scales: torch.Tensor
-    block_means: torch.Tensor
-
-
 @triton.jit
 def _quantize_blocks_kernel(
     x_ptr,
@@ -142,21 +130,13 @@ def _quantize_blocks_kernel(
         other=0.0,
     )
     # SpargeAttn's quantizer, operation for operation (its kernel reads [B, H, L, D] copies): the mean
-    # subtracted and rounded to bf16, then _store_block's rounding.
+    # subtracted and rounded to bf16, scale = amax / 127 + 1e-7, round half away from zero, truncate.
     x = x.to(tl.float32)
     if BLOCK_MEANS:  # the selection's query-block means, from the same read of x
         tl.store(block_mean_ptr + (bh.to(tl.int64) * n_blocks + blk) * D + d, _block_mean(x, blk, L, BLK))
     if HAS_MEAN:  # the fp32 mean rounded to bf16 first, as SpargeAttn subtracts a bf16 mean
         mean = to_bf16(tl.load(mean_ptr + bh * D + d)).to(tl.float32)
         x = tl.where(row_ok, to_bf16(x - mean[None, :]).to(tl.float32), 0.0)
-    _store_block(x, rows, row_ok, blk, bh, q_ptr, scale_ptr, L, n_blocks, D)
-
-
-@triton.jit
-def _store_block(x, rows, row_ok, blk, bh, q_ptr, scale_ptr, L, n_blocks, D: tl.constexpr):
-    """SpargeAttn's int8 of one [BLK, D] fp32 block (zeros past L): scale = amax / 127 + 1e-7, round half
-    away from zero, truncate; stored at ``rows`` of (batch, head) ``bh`` of a [B, H, L, D] tensor."""
-    d = tl.arange(0, D)
     scale = tl.max(tl.abs(x)) / 127.0
     scale += 1e-7
     q = x / scale
@@ -164,107 +144,6 @@ def _store_block(x, rows, row_ok, blk, bh, q_ptr, scale_ptr, L, n_blocks, D: tl.
     out_ptrs = q_ptr + bh.to(tl.int64) * L * D + rows.to(tl.int64)[:, None] * D + d[None, :]
     tl.store(out_ptrs, q.to(tl.int8), mask=row_ok)
     tl.store(scale_ptr + bh * n_blocks + blk, scale)
-
-
-@triton.jit
-def _normalize_quantize_q_kernel(
-    x_ptr,
-    square_sums_ptr,
-    out_ptr,
-    weight_ptr,
-    cos_ptr,
-    sin_ptr,
-    q_ptr,
-    scale_ptr,
-    block_mean_ptr,
-    L,
-    H,
-    n_blocks,
-    n_chunks,
-    eps,
-    BLK: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    CHUNKS_POW2: tl.constexpr,
-):
-    """One BLK-token block of q, head by head: RMSNorm over the whole row (1 / rms from the q projection's
-    sums of squares per 128-column chunk) and RoPE as kernels/rope.py rounds them, stored bf16, then
-    the selection's block mean and SpargeAttn's int8 of the bf16 values. The rows' 1 / rms and their
-    rotation angles are loaded once for all heads (a program a head reloaded them: 172 against 142 us
-    for rope.rms_norm_rope and quantize_blocks at the 1.3B shape, H100)."""
-    blk = tl.program_id(0)
-    b = tl.program_id(1)
-    width = H * HEAD_DIM
-    positions = blk * BLK + tl.arange(0, BLK)
-    inside = positions < L
-    rows = b * L + positions  # of the [B * L, width] matrix
-    chunks = tl.arange(0, CHUNKS_POW2)
-    sums = tl.load(
-        square_sums_ptr + rows[:, None] * n_chunks + chunks[None, :],
-        mask=inside[:, None] & (chunks < n_chunks)[None, :],
-        other=0.0,
-    )
-    rstd = inverse_rms(tl.sum(sums, axis=1), width, eps)
-    angle = positions[:, None] * (HEAD_DIM // 2) + tl.arange(0, HEAD_DIM // 2)[None, :]
-    cos = tl.load(cos_ptr + angle, mask=inside[:, None], other=0.0)
-    sin = tl.load(sin_ptr + angle, mask=inside[:, None], other=0.0)
-    d = tl.arange(0, HEAD_DIM)
-    for h in tl.range(0, H, num_stages=2):
-        cols = h * HEAD_DIM + d
-        at = rows.to(tl.int64)[:, None] * width + cols[None, :]
-        x = tl.load(x_ptr + at, mask=inside[:, None], other=0.0).to(tl.float32)
-        weight = tl.load(weight_ptr + cols)
-        y = rotate_pairs(to_bf16(x * rstd[:, None] * weight[None, :]), cos, sin, BLK, HEAD_DIM)
-        tl.store(out_ptr + at, y, mask=inside[:, None])
-        y = tl.where(inside[:, None], y.to(tl.float32), 0.0)
-        bh = b * H + h
-        tl.store(
-            block_mean_ptr + (bh.to(tl.int64) * n_blocks + blk) * HEAD_DIM + d, _block_mean(y, blk, L, BLK)
-        )
-        _store_block(y, positions, inside[:, None], blk, bh, q_ptr, scale_ptr, L, n_blocks, HEAD_DIM)
-
-
-def q_warps(blk: int) -> int:
-    """Warps of ``normalize_quantize_q``'s programs: a tile of a head's rows and its rotation angles in
-    registers without spills."""
-    return 8 if blk <= 64 else 16
-
-
-def normalize_quantize_q(
-    q: torch.Tensor,
-    square_sums: torch.Tensor,
-    weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    eps: float,
-    blk: int,
-) -> tuple[torch.Tensor, QuantizedQ]:
-    """``rope.rms_norm_rope`` of the q projection's bf16 output [B, L, H * head_dim] with 1 / rms from its
-    fp32 sums of squares per 128-column chunk [B * L, chunks] (``Int8Linear(square_sums=)``), and in the
-    same pass what SageSLA makes of that q: ``quantize_blocks(q, blk, block_means=...)``'s int8 blocks,
-    scales and block means (``sagesla_attention``'s ``q_blocks``). One read of q instead of three."""
-    batch, length, width = q.shape
-    head_dim = 2 * cos.shape[-1]
-    heads = width // head_dim
-    chunks = triton.cdiv(width, QUANT_BLOCK)
-    if q.dtype != torch.bfloat16 or not q.is_contiguous() or head_dim not in HEAD_DIMS or width % head_dim:
-        raise ValueError(f"q must be contiguous bf16 [B, L, H * 64 or 128], got {q.dtype} {tuple(q.shape)}")
-    if square_sums.shape != (batch * length, chunks) or square_sums.dtype != torch.float32:
-        raise ValueError(
-            f"square_sums must be fp32 [{batch * length}, {chunks}], got {tuple(square_sums.shape)}"
-        )
-    if cos.shape[0] != length or sin.shape != cos.shape:
-        raise ValueError(f"cos/sin must be [{length}, {head_dim // 2}], got {tuple(cos.shape)}")
-    n_blocks = triton.cdiv(length, blk)
-    out = torch.empty_like(q)
-    values = torch.empty((batch, heads, length, head_dim), dtype=torch.int8, device=q.device)
-    scales = torch.empty((batch, heads, n_blocks), dtype=torch.float32, device=q.device)
-    means = torch.empty((batch, heads, n_blocks, head_dim), dtype=torch.float32, device=q.device)
-    _normalize_quantize_q_kernel[(n_blocks, batch)](
-        q, square_sums.contiguous(), out, weight, cos.float().contiguous(), sin.float().contiguous(),
-        values, scales, means, length, heads, n_blocks, chunks, eps,
-        BLK=blk, HEAD_DIM=head_dim, CHUNKS_POW2=triton.next_power_of_2(chunks), num_warps=q_warps(blk),
-    )  # fmt: skip
-    return out, QuantizedQ(values, scales, means)
 
 
 def quantize_blocks(
@@ -379,14 +258,12 @@ def sagesla_attention(
     topk: float,
     quantized: bool = False,
     v_amax: torch.Tensor | None = None,
-    q_blocks: QuantizedQ | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SageSLA on q, k, v [B, L, H, D] (CUDA, head dim 64 or 128) -> [B, L, H, D] in q's dtype; or, if
     ``quantized`` (bf16, head dim 128), that output as the int8 o projection reads it
     (``sla.add_linear_branch``). ``v_amax`` (fp32 [B, H * D]), if given: each sample's
     largest |v| of each channel, read where V goes in fp8 (``fp8_v``): its preparation then needs no
-    pass over V to find them. ``q_blocks``, if given: what ``normalize_quantize_q`` made of bf16 q with
-    this GPU's ``selection_blocks``, instead of a pass over q here."""
+    pass over V to find them."""
     sparge = sparge_modules()
     if sparge is None:
         raise RuntimeError(SAGESLA_NOT_INSTALLED)
@@ -400,15 +277,12 @@ def sagesla_attention(
     # selection and the linear branch read q, k, v as given; q's quantizer writes the selection's block
     # means only where they are the same numbers (bf16 q).
     batch, length, heads, dim = q.shape
-    if q_blocks is not None:
-        q_int8, q_scale, q_means = q_blocks
-    else:
-        q_means = None
-        if q.dtype == torch.bfloat16:
-            q_means = torch.empty(
-                (batch, heads, triton.cdiv(length, blkq), dim), dtype=torch.float32, device=q.device
-            )
-        q_int8, q_scale = quantize_blocks(q.to(torch.bfloat16), blkq, block_means=q_means)
+    q_means = None
+    if q.dtype == torch.bfloat16:
+        q_means = torch.empty(
+            (batch, heads, triton.cdiv(length, blkq), dim), dtype=torch.float32, device=q.device
+        )
+    q_int8, q_scale = quantize_blocks(q.to(torch.bfloat16), blkq, block_means=q_means)
     score = block_scores(q, state, blkq, q_means)
     lut, count = top_block_steps(score, blocks_to_keep(topk, score.shape[-1]))
     k_bf16, v_bf16 = (x.to(torch.bfloat16) for x in (k, v))

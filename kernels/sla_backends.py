@@ -35,9 +35,8 @@ class TritonSLA:
 class SageSLA:
     """SLA with SpargeAttn's 8-bit sparse kernel (spec §4.3); block sizes follow the current GPU's arch.
 
-    Writes the int8 o projection's input itself when asked (``int8_output``, models/attention.py); takes
-    V's per-channel ranges from the caller where V goes in fp8 (``v_amax``), and normalizes, rotates and
-    quantizes q in one pass from the q projection's sums of squares (``prepare_q``, ``q_blocks``)."""
+    Writes the int8 o projection's input itself when asked (``int8_output``, models/attention.py), and
+    where V goes in fp8 takes its per-channel ranges from the caller (``v_amax``)."""
 
     name = "sagesla"
     writes_int8 = True
@@ -53,17 +52,6 @@ class SageSLA:
     @property
     def takes_v_amax(self) -> bool:
         return sagesla.fp8_v(self._arch())
-
-    def prepare_q(
-        self,
-        q: torch.Tensor,
-        square_sums: torch.Tensor,
-        weight: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        eps: float,
-    ) -> tuple[torch.Tensor, sagesla.QuantizedQ]:
-        return sagesla.normalize_quantize_q(q, square_sums, weight, cos, sin, eps, self.block_q)
 
     @staticmethod
     def _blocks() -> tuple[int, int]:
@@ -83,11 +71,8 @@ class SageSLA:
         topk: float,
         int8_output: bool = False,
         v_amax: torch.Tensor | None = None,
-        q_blocks: sagesla.QuantizedQ | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return sagesla.sagesla_attention(
-            q, k, v, proj_l.weight, proj_l.bias, topk, int8_output, v_amax, q_blocks
-        )
+        return sagesla.sagesla_attention(q, k, v, proj_l.weight, proj_l.bias, topk, int8_output, v_amax)
 
 
 def _on_cuda(device: torch.device) -> bool:

@@ -8,7 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from turbovideo.kernels import rope, sagesla, sla, sla_backends  # noqa: E402
+from turbovideo.kernels import sagesla, sla, sla_backends  # noqa: E402
 from turbovideo.kernels.gpu import GpuLimits  # noqa: E402
 
 from turbovideo.errors import InputError  # noqa: E402
@@ -363,36 +363,6 @@ def test_sagesla_v_fp8_takes_the_channel_amax_the_v_projection_wrote():
 def test_sagesla_takes_v_amax_where_v_goes_in_fp8():
     assert sagesla.fp8_v("sm90") and sagesla.fp8_v("sm89")
     assert not sagesla.fp8_v("sm80") and not sagesla.fp8_v("sm86")
-
-
-@pytest.mark.parametrize(
-    ("batch", "length", "heads", "head_dim", "blk"),
-    [(2, 150, 2, 128, 64), (1, 70, 3, 64, 128)],
-    ids=["two-samples-partial-block", "64-wide-heads"],
-)
-def test_sagesla_q_normalized_rotated_and_quantized_in_one_pass(batch, length, heads, head_dim, blk):
-    # From the q projection's sums of squares per 128 columns: rope.rms_norm_rope's bf16 q (1 / rms
-    # summed in another order: a rare value one bf16 rounding away), and exactly quantize_blocks of it.
-    width = heads * head_dim
-    g = torch.Generator().manual_seed(4)
-    q = (
-        torch.randn(batch, length, width, generator=g) * torch.rand(batch, length, 1, generator=g) * 4
-    ).bfloat16()
-    weight = torch.rand(width, generator=g) + 0.5
-    angles = torch.rand(length, head_dim // 2, generator=g) * 6.0
-    cos, sin = angles.cos(), angles.sin()
-    sums = int8.chunk_square_sums(q.reshape(-1, width))
-    out, (values, scales, means) = sagesla.normalize_quantize_q(q, sums, weight, cos, sin, 1e-6, blk)
-    expected = rope.rms_norm_rope(q, weight, cos, sin, 1e-6)
-    assert (out.float() - expected.float()).abs().max() <= 2**-7 * expected.float().abs().max()
-    assert (out != expected).float().mean() < 1e-3
-    heads_view = out.unflatten(-1, (heads, head_dim))
-    block_means = torch.empty_like(means)
-    own_values, own_scales = sagesla.quantize_blocks(heads_view, blk, block_means=block_means)
-    assert torch.equal(values, own_values) and torch.equal(scales, own_scales)
-    assert torch.equal(means, block_means)
-    with pytest.raises(ValueError, match="square_sums must be fp32"):
-        sagesla.normalize_quantize_q(q, sums[:, :1], weight, cos, sin, 1e-6, blk)
 
 
 def test_sagesla_block_sizes_follow_the_arch():

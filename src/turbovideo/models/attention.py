@@ -8,10 +8,7 @@ at the first selection; the model code never changes when one is added. A backen
 ``writes_int8`` True also takes ``int8_output=True`` and then returns its output as the int8 o
 projection reads it: (int8 [B, L, H * D], fp32 scales per 128x128 tile of the [B * L, H * D] view).
 One with ``takes_v_amax`` True also takes ``v_amax``, fp32 [B, H * D]: each sample's largest |v| of
-each channel, which an int8 v projection writes as it goes (``Int8Linear(column_amax=)``). One with a
-``prepare_q(q, square_sums, weight, cos, sin, eps) -> (q, q_blocks)`` method does q's RMSNorm and RoPE
-itself, from the q projection's sums of squares (``Int8Linear(square_sums=)``), and makes in the same
-pass what it reads of q (``q_blocks``, which it then takes).
+each channel, which an int8 v projection writes as it goes (``Int8Linear(column_amax=)``).
 """
 
 from __future__ import annotations
@@ -196,11 +193,6 @@ class LocalAttention(nn.Module):
         """Whether the backend reads v's per-channel amax (``forward``'s ``v_amax``)."""
         return getattr(self.backend, "takes_v_amax", False)
 
-    @property
-    def prepares_q(self) -> bool:
-        """Whether the backend normalizes and rotates q itself (``prepare_q``, ``forward``'s ``q_blocks``)."""
-        return hasattr(self.backend, "prepare_q")
-
     def forward(
         self,
         q: torch.Tensor,
@@ -208,14 +200,10 @@ class LocalAttention(nn.Module):
         v: torch.Tensor,
         int8_output: bool = False,
         v_amax: torch.Tensor | None = None,
-        q_blocks: object | None = None,
     ) -> Activation:
         """[B, L, H, D]; given ``int8_output``, the int8 o projection's input instead where the backend
-        writes it (``writes_int8``). ``v_amax`` goes to a backend that ``takes_v_amax``, ``q_blocks``
-        (from its ``prepare_q``) back to the backend."""
+        writes it (``writes_int8``). ``v_amax`` goes to a backend that ``takes_v_amax``."""
         options = {"v_amax": v_amax} if v_amax is not None and self.takes_v_amax else {}
-        if q_blocks is not None:
-            options["q_blocks"] = q_blocks
         if int8_output and getattr(self.backend, "writes_int8", False):
             out = self.backend(q, k, v, proj_l=self.proj_l, topk=self.topk, int8_output=True, **options)
             return QuantizedActivation(*out)
@@ -236,6 +224,5 @@ class AttentionOp(nn.Module):
         v: torch.Tensor,
         int8_output: bool = False,
         v_amax: torch.Tensor | None = None,
-        q_blocks: object | None = None,
     ) -> Activation:
-        return self.local_attn(q, k, v, int8_output, v_amax, q_blocks)
+        return self.local_attn(q, k, v, int8_output, v_amax)

@@ -81,12 +81,6 @@ def _moments_of(stream: torch.Tensor) -> torch.Tensor | None:
     return stream.new_empty((math.prod(rows), dim // QUANT_BLOCK, 2), dtype=torch.float32)
 
 
-def _rows_of(x: Activation) -> tuple[int, torch.Tensor]:
-    """The token rows of an activation [B, L, K] and its values tensor (int8 or not)."""
-    values = x.values if isinstance(x, QuantizedActivation) else x
-    return values.shape[:-1].numel(), values
-
-
 class _Projections(nn.Module):
     """An attention layer's q, k, v and o linears and its q/k RMSNorms (checkpoint keys ``q``, ``k``,
     ``v``, ``o``, ``norm_q``, ``norm_k``)."""
@@ -108,23 +102,6 @@ class SelfAttention(_Projections):
         super().__init__(config, dtype, quantized)
         self.attn_op = AttentionOp(config.head_dim, dtype)
 
-    def _handed_over(self, x: Activation) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Buffers for what an int8 projection on a GPU hands the backend instead of passes of its own:
-        q's sums of squares per 128 columns, from which it normalizes, rotates and quantizes q in one
-        pass (``prepare_q``), and v's per-channel amax, where it turns v into fp8; None where not."""
-        local = self.attn_op.local_attn
-        rows, values = _rows_of(x)
-        if not (isinstance(self.q, Int8Linear) and values.is_cuda and self.q.bias.dtype == torch.bfloat16):
-            return None, None
-        q_sums = v_amax = None
-        if local.prepares_q:
-            chunks = math.ceil(self.q.out_features / QUANT_BLOCK)
-            q_sums = torch.empty(rows, chunks, dtype=torch.float32, device=values.device)
-        if local.takes_v_amax:
-            samples = values.shape[0]
-            v_amax = torch.empty(samples, self.v.out_features, dtype=torch.float32, device=values.device)
-        return q_sums, v_amax
-
     def forward(
         self,
         x: Activation,
@@ -133,32 +110,25 @@ class SelfAttention(_Projections):
         moments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        local = self.attn_op.local_attn
-        q_sums, v_amax = self._handed_over(x)
-        q = self.q(x) if q_sums is None else self.q(x, square_sums=q_sums)
-        k = self.k(x)
+        q, k = self.q(x), self.k(x)
+        # A backend that turns v into fp8 needs its per-channel ranges: an int8 v projection takes them
+        # as it writes v, instead of the backend's pass over it.
+        v_amax = None
+        if isinstance(self.v, Int8Linear) and self.attn_op.local_attn.takes_v_amax:
+            v_amax = torch.empty(q.shape[0], q.shape[-1], dtype=torch.float32, device=q.device)
         v = self.v(x) if v_amax is None else self.v(x, column_amax=v_amax)
         # qk-norm spans all heads, so it runs before the head split.
-        q_blocks = None
         if use_fused_kernels(q):
             from ..kernels.rope import rms_norm_rope
 
-            if q_sums is None:
-                q = rms_norm_rope(q, self.norm_q.weight, *rope, self.norm_q.eps)
-            else:
-                q, q_blocks = local.backend.prepare_q(q, q_sums, self.norm_q.weight, *rope, self.norm_q.eps)
+            q = rms_norm_rope(q, self.norm_q.weight, *rope, self.norm_q.eps)
             k = rms_norm_rope(k, self.norm_k.weight, *rope, self.norm_k.eps)
         else:
             q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope).flatten(2)
             k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope).flatten(2)
         int8_output = self.writes_int8 and use_fused_kernels(q)
         out = self.attn_op(
-            q.unflatten(-1, heads),
-            k.unflatten(-1, heads),
-            v.unflatten(-1, heads),
-            int8_output,
-            v_amax,
-            q_blocks,
+            q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), int8_output, v_amax
         )
         return _project(
             self.o, out if isinstance(out, QuantizedActivation) else out.flatten(2), residual, moments
@@ -221,7 +191,7 @@ class CrossAttention(_Projections):
         between)."""
         from ..kernels.cross_attention import cross_attention_quantized
 
-        rows, _ = _rows_of(x)
+        rows = (x.values if isinstance(x, QuantizedActivation) else x).shape[:-1].numel()
         square_sums = torch.empty(rows, self.num_heads, dtype=torch.float32, device=keys.k.device)
         q = self.q(x, square_sums=square_sums)
         out = cross_attention_quantized(
