@@ -356,6 +356,9 @@ def test_sagesla_v_fp8_takes_the_channel_amax_the_v_projection_wrote():
     own_values, own_scales = sagesla.prepare_v_fp8(v)
     assert torch.equal(values.view(torch.uint8), own_values.view(torch.uint8))
     assert torch.equal(scales, own_scales) and (scales[:, 1, 5] > 0).all()
+    # The scales come from the amax given: twice the ranges, twice the scales (head 0: no zero channel).
+    _, wide_scales = sagesla.prepare_v_fp8(v, 2 * amax)
+    assert torch.equal(wide_scales[:, 0], 2 * own_scales[:, 0])
     with pytest.raises(ValueError, match=r"amax must be a contiguous fp32 \[2, 96\] tensor"):
         sagesla.prepare_v_fp8(v, amax[:, :32])
 
