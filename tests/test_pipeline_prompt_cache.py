@@ -40,6 +40,15 @@ def test_disk_entries_survive_a_new_cache(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_a_file_is_keyed_by_the_encoder_and_the_text_apart(tmp_path):
+    # The same characters split differently between encoder and text are another prompt.
+    PromptCache(directory=tmp_path).put("encoder-1", "1 a fox", _embedding(5))
+    fresh = PromptCache(directory=tmp_path)
+    assert fresh.get("encoder-11", " a fox") is None
+    assert fresh.get("encoder-", "11 a fox") is None
+    assert torch.equal(fresh.get("encoder-1", "1 a fox"), _embedding(5))
+
+
 def test_unwritable_directory_does_not_fail(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
