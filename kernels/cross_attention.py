@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .gpu import GpuLimits, gpu_limits, sm_count
 from .quant import QUANT_BLOCK, quantize_tile, scale_shape
-from .rounding import dot_bf16, inverse_rms, to_bf16
+from .rounding import dot_bf16, inverse_rms, reciprocal, to_bf16
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -152,7 +152,7 @@ def _cross_attention_kernel(
                 row_max = new_max
         # The bf16 output attention would write; rows past M are zero, as the quantizer pads them.
         rows_ok = (rows < M)[:, None]
-        out = tl.where(rows_ok, to_bf16(acc / row_sum[:, None]).to(tl.float32), 0.0)
+        out = tl.where(rows_ok, to_bf16(acc * reciprocal(row_sum)[:, None]).to(tl.float32), 0.0)
         values, scale = quantize_tile(out)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], values, mask=rows_ok)
         tl.store(scale_ptr + pid_m * HEADS + head, scale)

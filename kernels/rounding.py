@@ -22,6 +22,15 @@ def div_rn(a, b):
 
 
 @triton.jit
+def reciprocal(x):
+    """1 / x as Triton's fp32 ``/`` rounds it (an approximate division on GPUs), for dividing a tile's
+    rows by one number each: the tile times each row's reciprocal is the quotient Triton's ``/`` gives,
+    whose division is the reciprocal times the dividend, with one reciprocal a row instead of one an
+    element."""
+    return 1.0 / x
+
+
+@triton.jit
 def inverse_rms(square_sum, n, eps):
     """1 / sqrt(square_sum / n + eps), each step rounded as PyTorch's fp32 norms round it: a norm's 1 / std
     from a row's sum of (centred) squares over ``n`` values."""
