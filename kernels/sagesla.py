@@ -19,7 +19,7 @@ import triton.language as tl
 from turbovideo.models.attention import SAGESLA_NOT_INSTALLED
 
 from .cuda_graph import outside_graph
-from .rounding import to_bf16
+from .rounding import reciprocal, to_bf16
 from .sla import (
     SAGESLA_SM90_BLOCKS,
     SLA_BLOCKS,
@@ -139,7 +139,7 @@ def _quantize_blocks_kernel(
         x = tl.where(row_ok, to_bf16(x - mean[None, :]).to(tl.float32), 0.0)
     scale = tl.max(tl.abs(x)) / 127.0
     scale += 1e-7
-    q = x / scale
+    q = x * reciprocal(scale)  # Triton's x / scale, one reciprocal a block
     q += 0.5 * tl.where(q >= 0, 1, -1)
     out_ptrs = q_ptr + bh.to(tl.int64) * L * D + rows.to(tl.int64)[:, None] * D + d[None, :]
     tl.store(out_ptrs, q.to(tl.int8), mask=row_ok)
