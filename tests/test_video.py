@@ -210,8 +210,16 @@ def _check_finished_within(path: Path, seconds: float = 10) -> list[BaseExceptio
         (bytes(64), "no index"),  # zeros (a crash before the data reached the disk): a box of size 0
         # cut short: the media data's box runs past the end, and the index never came
         (b"\x00\x00\x00\x10ftypisom\x00\x00\x02\x00\x00\x00\x10\x00mdat" + bytes(16), "no index"),
+        # finished, but with its index after the media data (no +faststart): a browser must download
+        # the whole file before it can play
+        (
+            b"\x00\x00\x00\x10ftypisom\x00\x00\x02\x00\x00\x00\x00\x10mdat"
+            + bytes(8)
+            + b"\x00\x00\x00\x08moov",
+            "no index",
+        ),
     ],
-    ids=["missing", "empty", "zeros", "cut-short"],
+    ids=["missing", "empty", "zeros", "cut-short", "index-last"],
 )
 def test_a_file_that_is_not_a_finished_mp4_is_an_encode_error(tmp_path, content, reason):
     path = tmp_path / "clip.mp4"
@@ -281,3 +289,20 @@ def test_the_thumbnail_keeps_the_frame_s_detail(tmp_path):
     write_thumbnail(frame, path)
     with Image.open(path) as image:
         assert np.abs(np.asarray(image).astype(int) - frame).mean() < 1.2
+
+
+def test_a_stream_that_fails_midway_leaves_no_file_that_looks_finished(tmp_path):
+    # The frames of a later chunk never arrive (their copy from the GPU failed): the encoder is stopped,
+    # not left to finish a shorter video that would pass for the whole one.
+    path = tmp_path / "clip.mp4"
+    stream = Mp4Stream(path, 16, 16, 16)
+    stream.add(np.zeros((2, 16, 16, 3), np.uint8))
+
+    def copy_failed():
+        raise RuntimeError("the frames' copy failed")
+
+    stream.add(np.zeros((2, 16, 16, 3), np.uint8), copy_failed)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        stream.close()
+    (raised,) = _check_finished_within(path)
+    assert isinstance(raised, EncodeError)
