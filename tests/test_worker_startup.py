@@ -1,5 +1,6 @@
 """A failed start answers every job with one actionable E_STARTUP sentence instead of crash-looping."""
 
+import asyncio
 import inspect
 import io
 import logging
@@ -147,6 +148,30 @@ def test_a_failed_start_that_asks_for_another_worker_makes_the_sdk_take_no_furth
     handler = create_handler(env, sdk_config)
     assert sdk_config == {}  # set with the first answer, which must still reach its job
     assert handler(dict(JOB))["refresh_worker"] is True
+    assert sdk_config == {"refresh_worker": True}
+
+
+def test_a_job_that_asks_for_another_worker_after_a_good_start_makes_the_sdk_take_no_further_job(
+    tmp_path, monkeypatch
+):
+    # A disk too full to take a video: the answer asks for a fresh worker, and the service started by
+    # create_handler passes that on to the SDK's config, as a failed start does.
+    from turbovideo.pipeline import VideoPipeline
+    from turbovideo.pipeline.video import EncodeError
+
+    def full(*args, **kwargs):
+        raise EncodeError(tmp_path / "sample_0.mp4", "Error writing trailer: No space left on device")
+
+    sdk_config: dict = {}
+    handler = create_handler({"MODELS": "tiny-t2v", "CACHE_DIR": str(tmp_path)}, sdk_config)
+    monkeypatch.setattr(VideoPipeline, "generate", full)
+    assert sdk_config == {}
+    answer = asyncio.run(
+        handler({"id": "job-full", "input": {"prompt": "a", "num_frames": 5, "num_steps": 1}})
+    )
+    assert answer["refresh_worker"] is True and answer["error"].startswith(
+        "E_INTERNAL: ffmpeg could not write"
+    )
     assert sdk_config == {"refresh_worker": True}
 
 
