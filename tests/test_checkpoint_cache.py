@@ -376,6 +376,31 @@ def test_a_hard_linked_model_file_is_checked_against_the_cache_copy(hub, tmp_pat
     assert not target(tmp_path, DIT).exists() and not marker(tmp_path, DIT).exists()
 
 
+def test_a_file_another_worker_replaces_while_it_is_hashed_is_neither_judged_nor_removed(
+    hub, tmp_path, monkeypatch
+):
+    # The hash reads the old, damaged file while another worker downloads a fresh copy and renames it
+    # into place: only what was hashed may be removed, and the new copy is not it.
+    model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
+    cached = target(tmp_path, DIT)
+    good = cached.read_bytes()
+    damaged = bytearray(good)
+    damaged[100] ^= 0xFF
+    cached.write_bytes(damaged)
+    real_sha256 = checkpoints.sha256_of
+
+    def hashed_while_replaced(path):
+        digest = real_sha256(path)  # of the damaged file
+        fresh = cached.with_name(".fresh")
+        fresh.write_bytes(good)
+        os.replace(fresh, cached)  # the other worker's rename: a new inode
+        return digest
+
+    monkeypatch.setattr(checkpoints, "sha256_of", hashed_while_replaced)
+    assert checkpoints.verify_cached(tmp_path, model_dir / DIT.filename, discard=True) is None
+    assert cached.read_bytes() == good and marker(tmp_path, DIT).exists()
+
+
 def test_a_cached_file_without_a_sha256_on_record_is_never_judged_damaged(hub, tmp_path):
     # Git files' etags are not sha256s: nothing tells a damaged copy, so nothing may be removed.
     model_dir = ensure_checkpoints(SPEC, False, tmp_path, endpoint=hub.endpoint)
