@@ -211,18 +211,9 @@ class LocalAttention(nn.Module):
 
 
 class AttentionOp(nn.Module):
-    """Exists only to reproduce upstream's key path ``self_attn.attn_op.local_attn.proj_l``."""
+    """Exists only to reproduce upstream's key path ``self_attn.attn_op.local_attn.proj_l``: callers run
+    its ``local_attn``."""
 
     def __init__(self, head_dim: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.local_attn = LocalAttention(head_dim, dtype)
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        int8_output: bool = False,
-        v_amax: torch.Tensor | None = None,
-    ) -> Activation:
-        return self.local_attn(q, k, v, int8_output, v_amax)

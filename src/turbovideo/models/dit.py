@@ -127,7 +127,7 @@ class SelfAttention(_Projections):
             q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope).flatten(2)
             k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope).flatten(2)
         int8_output = self.writes_int8 and use_fused_kernels(q)
-        out = self.attn_op(
+        out = self.attn_op.local_attn(
             q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), int8_output, v_amax
         )
         return _project(
