@@ -286,15 +286,14 @@ def sagesla_attention(
     score = block_scores(q, state, blkq, q_means)
     lut, count = top_block_steps(score, blocks_to_keep(topk, score.shape[-1]))
     k_bf16, v_bf16 = (x.to(torch.bfloat16) for x in (k, v))
-    o_s = _sparse_branch(sparge, arch, (q_int8, q_scale), k_bf16, (v_bf16, v_amax), state, lut, count, blkk)
+    o_s = _sparse_branch(sparge, arch, (q_int8, q_scale), k_bf16, v_bf16, state, lut, count, blkk, v_amax)
     return add_linear_branch(o_s.transpose(1, 2), q, state, proj_weight, proj_bias, quantized)
 
 
-def _sparse_branch(sparge, arch, q_quantized, k, v_and_amax, state, lut, count, blkk) -> torch.Tensor:
-    """SpargeAttn's block-sparse attention on bf16 k, v [B, L, H, D] (with v's channel amax or None);
-    returns [B, H, L, D]."""
+def _sparse_branch(sparge, arch, q_quantized, k, v, state, lut, count, blkk, v_amax=None) -> torch.Tensor:
+    """SpargeAttn's block-sparse attention on bf16 k, v [B, L, H, D] (``v_amax``: v's channel amax, or
+    None for a pass to find it); returns [B, H, L, D]."""
     q_int8, q_scale = q_quantized
-    v, v_amax = v_and_amax
     batch, heads, length, dim = q_int8.shape
     k_int8, k_scale = quantize_blocks(k, blkk, state.k_mean)
     scale = dim**-0.5

@@ -309,7 +309,7 @@ def test_sagesla_keeps_the_selection_and_linear_branch_in_the_input_dtype(monkey
     o_s = torch.randn(1, 2, 200, 64).to(torch.bfloat16)
     seen = {}
 
-    def sparse_branch(sparge, arch, q_quantized, k, v, state, lut, count, blkk):
+    def sparse_branch(sparge, arch, q_quantized, k, v, state, lut, count, blkk, v_amax=None):
         seen["lut"] = lut
         return o_s
 
