@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import INTERPRETED, div_rn, round_to_int32, to_bf16_pairs
+from .rounding import INTERPRETED, div_rn, round_to_int8, to_bf16_pairs
 
 QUANT_BLOCK = 128
 
@@ -32,8 +32,8 @@ def quantize_with(x, amax):
     """The int8 values of part of a tile whose amax (at least 1e-8) is known: for a kernel that holds a
     tile piece by piece."""
     multiplier = div_rn(128.0, amax)  # IEEE, as the reference divides
-    # |x * multiplier| <= 128 (+ rounding): within round_to_int32's range; only +128 saturates.
-    return tl.minimum(tl.maximum(round_to_int32(x * multiplier), -128), 127).to(tl.int8)
+    # |x * multiplier| <= 128 (+ rounding): only +128 saturates, clamped before the rounding.
+    return round_to_int8(tl.minimum(x * multiplier, 127.0))
 
 
 @triton.jit
