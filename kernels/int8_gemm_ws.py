@@ -1,8 +1,8 @@
 """Hopper's warp-specialized W8A8 int8 GEMM, in Gluon: the same product, bits and operands as
 kernels/int8_gemm.py (whose docstring has the formula), scheduled by hand.
 
-One persistent program per SM walks 128x128 output tiles (in the grouped order of kernels/int8_gemm.py)
-with three partitions: one warp issues the bulk tensor copies (TMA) of each 128-wide K block (two
+One persistent program per SM walks 128x128 output tiles (in the grouped order of kernels/int8_gemm.py),
+or 128x256 ones (below), with three partitions: one warp issues the bulk tensor copies (TMA) of each 128-wide K block (two
 64-row activation tiles and a 128-row weight tile) into a ring of STAGES shared-memory slots, two K
 blocks (a pair of slots) at a time; two consumer warpgroups each own 64 of a tile's rows. A consumer
 issues the int8 MMAs of a pair into two int32 partials, then converts and scales the first while the
@@ -22,6 +22,14 @@ instead reads each tile from the consumers' store buffers and writes each row's 
 squared deviations in it, so the LayerNorm needs no statistics pass over the stream; with
 ``column_amax`` (the v projection, whose output SageSLA turns into fp8) it raises each sample's
 per-column amax from them, so the fp8 preparation needs no pass of its own to find its ranges.
+
+For a plain product (no residual, statistics or GELU) a tile is 128x256: each K block's operands then cost 48 KB of L2 reads for twice the work of
+a 128x128 tile's 32 KB (ncu: the 128x128 kernel ran its L2 at 55-69 % of peak, its SMs at 53-59 %).
+Registers allow no 64x256 int32 partial beside its fp32 tile, so a consumer keeps two fp32 halves and
+multiplies and scales them one after the other through one partial, the other consumer's MMAs filling
+the tensor cores meanwhile. Four stages of these operands take 192 KB: the residual's, GELU's and
+partitions' buffers do not fit beside them, so those epilogues keep 128x128 tiles, and so do the row
+square sums, which ran 4 % slower in 128x256 ones.
 
 Triton's own pipeliner cannot do this for an int32 accumulator: it waits for each K block's MMA before
 the scale work (kernels/int8_gemm.py keeps several small programs per SM instead). No MMA stays in flight
@@ -112,7 +120,9 @@ if gluon is not None:
         return off_m, off_n
 
     @gluon.jit
-    def _load_partition(GROUP_M: gl.constexpr, STAGES: gl.constexpr, RESIDUAL: gl.constexpr, loads):
+    def _load_partition(
+        GROUP_M: gl.constexpr, STAGES: gl.constexpr, RESIDUAL: gl.constexpr, HALVES: gl.constexpr, loads
+    ):
         a_desc, w_desc, a_bufs, w_bufs, ready, empty, residual, grid_m, grid_n, k_blocks = loads
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -122,7 +132,7 @@ if gluon is not None:
         pair = 0
         index = 0  # of the program's tiles
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
-            off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, BLOCK_N)
+            off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, HALVES * BLOCK_N)
             if RESIDUAL:
                 # The tile's residual stream first, into the slot of the tile before last (read by now):
                 # it has the whole K loop to land.
@@ -143,22 +153,29 @@ if gluon is not None:
                 # before init.
                 mbarrier.wait(empty.index(ring), ((pair // PAIRS) & 1) ^ 1)
                 bar = ready.index(ring)
-                mbarrier.expect(bar, 2 * (2 * a_desc.block_type.nbytes + w_desc.block_type.nbytes))
+                mbarrier.expect(bar, 2 * (2 * a_desc.block_type.nbytes + HALVES * w_desc.block_type.nbytes))
                 for half in gl.static_range(2):
                     slot = 2 * ring + half
                     k = (kb + half) * BLOCK_K
                     tma_load(a_desc, [off_m, k], bar, a_bufs.index(2 * slot))
                     tma_load(a_desc, [off_m + SUB_M, k], bar, a_bufs.index(2 * slot + 1))
-                    tma_load(w_desc, [off_n, k], bar, w_bufs.index(slot))
+                    for col in gl.static_range(HALVES):  # a wide tile's weight rows as two boxes
+                        tma_load(w_desc, [off_n + col * BLOCK_N, k], bar, w_bufs.index(HALVES * slot + col))
                 pair += 1
 
     @gluon.jit
-    def _issue(a_bufs, w_bufs, slot, acc_layout_zeros, SUB: gl.constexpr):
-        """Starts the MMA of the K block in ``slot`` (landed)."""
-        w_tile = w_bufs.index(slot).permute((1, 0))
+    def _issue(a_bufs, w_bufs, slot, w_slot, acc_layout_zeros, SUB: gl.constexpr):
+        """Starts the MMA of the K block in ``slot`` (landed) with the weight tile in ``w_slot``."""
+        w_tile = w_bufs.index(w_slot).permute((1, 0))
         return warpgroup_mma(
             a_bufs.index(2 * slot + SUB), w_tile, acc_layout_zeros, use_acc=False, is_async=True
         )
+
+    @gluon.jit
+    def _product(a_bufs, w_bufs, slot, w_slot, zeros, SUB: gl.constexpr):
+        """The int32 partial of the K block in ``slot`` with the weight tile in ``w_slot``, waited for."""
+        partial = _issue(a_bufs, w_bufs, slot, w_slot, zeros, SUB)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(partial,))
 
     @gluon.jit
     def _scale(a_scales, w_scales, rows_ok, kb):
@@ -182,6 +199,7 @@ if gluon is not None:
         SHARED_GATE: gl.constexpr,
         STATS: gl.constexpr,
         GELU: gl.constexpr,
+        HALVES: gl.constexpr,
         operands,
     ):
         """The warpgroup that computes rows SUB * 64 .. SUB * 64 + 63 of each of the program's tiles."""
@@ -216,72 +234,102 @@ if gluon is not None:
         )
         zeros = gl.zeros([SUB_M, BLOCK_N], gl.int32, layout)
         tile_smem = c_bufs.index(SUB)  # unused with GELU
+        n_chunks = gl.cdiv(N, BLOCK_N)  # 128-column chunks a row of square sums has
         PAIRS: gl.constexpr = STAGES // 2
         pair = 0
         index = 0  # of the program's tiles
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
-            off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, BLOCK_N)
-            acc = gl.zeros([SUB_M, BLOCK_N], gl.float32, layout)
+            off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, HALVES * BLOCK_N)
             # Both 64-row halves lie in one 128-row activation scale row; rows past M read no scale.
             a_scales = a_scale_ptr + (off_m // 128) * k_blocks
             w_scales = w_scale_ptr + (off_n // 128) * k_blocks
             rows_ok = off_m + SUB * SUB_M < M
-            for kb in range(0, k_blocks, 2):
-                ring = pair % PAIRS
-                mbarrier.wait(ready.index(ring), (pair // PAIRS) & 1)
-                first = _issue(a_bufs, w_bufs, 2 * ring, zeros, SUB)
-                second = _issue(a_bufs, w_bufs, 2 * ring + 1, zeros, SUB)
-                # The scales load while the MMAs run.
-                first_scale = _scale(a_scales, w_scales, rows_ok, kb)
-                second_scale = _scale(a_scales, w_scales, rows_ok, kb + 1)
-                # float(partial) is exact (|partial| <= 2^21); one rounding per K block, as
-                # kernels/int8_gemm.py.
-                first = warpgroup_mma_wait(num_outstanding=1, deps=(first,))
-                acc = gl.fma(first.to(gl.float32), first_scale, acc)
-                second = warpgroup_mma_wait(num_outstanding=0, deps=(second,))
-                acc = gl.fma(second.to(gl.float32), second_scale, acc)
-                mbarrier.arrive(empty.index(ring), count=1)
-                pair += 1
-            # Rounded to bf16 (nearest even), then the bias added in bf16, as a separate bias add would.
-            cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-            bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
-            # The gate's loads go out with the bias's, so their latencies overlap.
-            gate = bias[None, :]  # unread without a gate
-            if HAS_GATE:
-                if SHARED_GATE:
-                    gate = gl.load(gate_ptr + cols, mask=cols < N, other=0.0)[None, :]
-                else:
-                    rows = off_m + SUB * SUB_M + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, layout))
-                    samples = (rows // rows_per_sample)[:, None]
-                    ok = (rows < M)[:, None] & (cols < N)[None, :]
-                    gate = gl.load(gate_ptr + samples * stride_gate + cols[None, :], mask=ok, other=0.0)
-            out = (acc.to(gl.bfloat16).to(gl.float32) + bias[None, :]).to(gl.bfloat16)
-            # The statistics of an RMSNorm after the linear: one sum a row of the tile.
-            if STATS == SQUARE_SUMS:
-                y = out.to(gl.float32)
-                rows = off_m + SUB * SUB_M + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, layout))
-                sums = gl.sum(y * y, axis=1)
-                gl.store(stats_ptr + rows * grid_n + off_n // BLOCK_N, sums, mask=rows < M)
-            if RESIDUAL:
-                slot = index % 2
-                mbarrier.wait(s_ready.index(slot), (index // 2) & 1)
-                stream = s_bufs.index(2 * slot + SUB).load(layout)
-                mbarrier.arrive(s_empty.index(slot), count=1)
-                out = _gated(stream, out, gate, HAS_GATE)
-            if GELU:  # to the GELU partition, through the slot of the tile before last (done by now)
-                slot = index % 2
-                mbarrier.wait(h_empty.index(slot), ((index // 2) & 1) ^ 1)
-                c_bufs.index(2 * slot + SUB).store(out)
-                mbarrier.arrive(h_full.index(slot), count=1)
+            if HALVES == 1:
+                acc = gl.zeros([SUB_M, BLOCK_N], gl.float32, layout)
+                for kb in range(0, k_blocks, 2):
+                    ring = pair % PAIRS
+                    mbarrier.wait(ready.index(ring), (pair // PAIRS) & 1)
+                    first = _issue(a_bufs, w_bufs, 2 * ring, 2 * ring, zeros, SUB)
+                    second = _issue(a_bufs, w_bufs, 2 * ring + 1, 2 * ring + 1, zeros, SUB)
+                    # The scales load while the MMAs run.
+                    first_scale = _scale(a_scales, w_scales, rows_ok, kb)
+                    second_scale = _scale(a_scales, w_scales, rows_ok, kb + 1)
+                    # float(partial) is exact (|partial| <= 2^21); one rounding per K block, as
+                    # kernels/int8_gemm.py.
+                    first = warpgroup_mma_wait(num_outstanding=1, deps=(first,))
+                    acc = gl.fma(first.to(gl.float32), first_scale, acc)
+                    second = warpgroup_mma_wait(num_outstanding=0, deps=(second,))
+                    acc = gl.fma(second.to(gl.float32), second_scale, acc)
+                    mbarrier.arrive(empty.index(ring), count=1)
+                    pair += 1
+                accs = (acc,)
             else:
-                tma.store_wait(pendings=0)  # the previous tile's store has left this buffer
-                if STATS >= ROW_MOMENTS:  # and the epilogue partition has read it
-                    mbarrier.wait(h_empty.index(0), (index & 1) ^ 1)
-                tile_smem.store(out)
-                fence_async_shared()
-                if STATS >= ROW_MOMENTS:
-                    mbarrier.arrive(h_full.index(0), count=1)
-                tma_store(c_desc, [off_m + SUB * SUB_M, off_n], tile_smem)  # clipped at M and N
+                # A wide tile: 64 x 256 a warpgroup, as two fp32 accumulators whose K blocks multiply
+                # and scale one after the other through one int32 partial (the other warpgroup's MMAs
+                # keep the tensor cores busy meanwhile).
+                lo = gl.zeros([SUB_M, BLOCK_N], gl.float32, layout)
+                hi = gl.zeros([SUB_M, BLOCK_N], gl.float32, layout)
+                for kb in range(0, k_blocks, 2):
+                    ring = pair % PAIRS
+                    mbarrier.wait(ready.index(ring), (pair // PAIRS) & 1)
+                    for half in gl.static_range(2):
+                        slot = 2 * ring + half
+                        a_scale = gl.load(a_scales + kb + half, mask=rows_ok, other=0.0)
+                        partial = _product(a_bufs, w_bufs, slot, 2 * slot, zeros, SUB)
+                        lo = gl.fma(partial.to(gl.float32), a_scale * gl.load(w_scales + kb + half), lo)
+                        # A wait with nothing to wait for, holding lo: otherwise the compiler moves the
+                        # scale work past the next MMA's issue and keeps two partials (spills).
+                        lo = warpgroup_mma_wait(num_outstanding=0, deps=(lo,))
+                        partial = _product(a_bufs, w_bufs, slot, 2 * slot + 1, zeros, SUB)
+                        hi_scale = a_scale * gl.load(w_scales + k_blocks + kb + half)
+                        hi = gl.fma(partial.to(gl.float32), hi_scale, hi)
+                        hi = warpgroup_mma_wait(num_outstanding=0, deps=(hi,))
+                    mbarrier.arrive(empty.index(ring), count=1)
+                    pair += 1
+                accs = (lo, hi)
+            # Each 128-column half (a wide tile, a plain product's, has two).
+            for col in gl.static_range(HALVES):
+                # Rounded to bf16 (nearest even), then the bias added in bf16, as a separate bias add would.
+                first_col = off_n + col * BLOCK_N
+                cols = first_col + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+                bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+                # The gate's loads go out with the bias's, so their latencies overlap.
+                gate = bias[None, :]  # unread without a gate
+                if HAS_GATE:
+                    if SHARED_GATE:
+                        gate = gl.load(gate_ptr + cols, mask=cols < N, other=0.0)[None, :]
+                    else:
+                        rows = off_m + SUB * SUB_M + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, layout))
+                        samples = (rows // rows_per_sample)[:, None]
+                        ok = (rows < M)[:, None] & (cols < N)[None, :]
+                        gate = gl.load(gate_ptr + samples * stride_gate + cols[None, :], mask=ok, other=0.0)
+                out = (accs[col].to(gl.bfloat16).to(gl.float32) + bias[None, :]).to(gl.bfloat16)
+                # The statistics of an RMSNorm after the linear: one sum a row of the tile.
+                if STATS == SQUARE_SUMS:
+                    y = out.to(gl.float32)
+                    rows = off_m + SUB * SUB_M + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, layout))
+                    sums = gl.sum(y * y, axis=1)
+                    gl.store(stats_ptr + rows * n_chunks + first_col // BLOCK_N, sums, mask=rows < M)
+                if RESIDUAL:
+                    slot = index % 2
+                    mbarrier.wait(s_ready.index(slot), (index // 2) & 1)
+                    stream = s_bufs.index(2 * slot + SUB).load(layout)
+                    mbarrier.arrive(s_empty.index(slot), count=1)
+                    out = _gated(stream, out, gate, HAS_GATE)
+                if GELU:  # to the GELU partition, through the slot of the tile before last (done by now)
+                    slot = index % 2
+                    mbarrier.wait(h_empty.index(slot), ((index // 2) & 1) ^ 1)
+                    c_bufs.index(2 * slot + SUB).store(out)
+                    mbarrier.arrive(h_full.index(slot), count=1)
+                else:
+                    tma.store_wait(pendings=0)  # the previous store from this buffer has left it
+                    if STATS >= ROW_MOMENTS:  # and the epilogue partition has read it
+                        mbarrier.wait(h_empty.index(0), (index & 1) ^ 1)
+                    tile_smem.store(out)
+                    fence_async_shared()
+                    if STATS >= ROW_MOMENTS:
+                        mbarrier.arrive(h_full.index(0), count=1)
+                    tma_store(c_desc, [off_m + SUB * SUB_M, first_col], tile_smem)  # clipped at M and N
             index += 1
         tma.store_wait(pendings=0)
 
@@ -428,18 +476,21 @@ if gluon is not None:
         SHARED_GATE: gl.constexpr,
         STATS: gl.constexpr,
         GELU: gl.constexpr,
+        HALVES: gl.constexpr,
     ):
         """c_desc: the output's tiles, bf16 [64, 128]; with GELU int8 [128, 128], their scales at
-        q_scale_ptr."""
+        q_scale_ptr. HALVES: 2 for 128x256 tiles (a plain product only), else 1."""
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         k_blocks = gl.cdiv(K, BLOCK_K)
         grid_m = gl.cdiv(M, 2 * SUB_M)
-        grid_n = gl.cdiv(N, BLOCK_N)
+        # A wide tile's two store halves fill the shared memory its operands leave: no epilogue buffers.
+        gl.static_assert(HALVES == 1 or not (RESIDUAL or GELU or STATS != NO_STATS))
+        grid_n = gl.cdiv(N, HALVES * BLOCK_N)
 
         a_bufs = gl.allocate_shared_memory(gl.int8, [2 * STAGES, SUB_M, BLOCK_K], a_desc.layout)
-        w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+        w_bufs = gl.allocate_shared_memory(gl.int8, [HALVES * STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
         tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([SUB_M, BLOCK_N], gl.bfloat16)
         if GELU:  # the consumers' tiles in two slots for the GELU partition, and its int8 tile
             c_bufs = gl.allocate_shared_memory(gl.bfloat16, [4, SUB_M, BLOCK_N], tile_layout)
@@ -503,14 +554,14 @@ if gluon is not None:
                 [
                     (
                         _consumer,
-                        (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, operands),
+                        (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, HALVES, operands),
                     ),
                     (
                         _consumer,
-                        (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, operands),
+                        (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, HALVES, operands),
                     ),
                     (_epilogue_partition, (GROUP_M, GELU, STATS, epilogue)),
-                    (_load_partition, (GROUP_M, STAGES, RESIDUAL, loads)),
+                    (_load_partition, (GROUP_M, STAGES, RESIDUAL, HALVES, loads)),
                 ],
                 [4, 4, 1],
                 # Four warpgroups share the register file (512 a thread): the consumers' 192 fit in 208.
@@ -521,17 +572,18 @@ if gluon is not None:
                 [
                     (
                         _consumer,
-                        (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, operands),
+                        (0, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, HALVES, operands),
                     ),
                     (
                         _consumer,
-                        (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, operands),
+                        (1, STAGES, GROUP_M, RESIDUAL, HAS_GATE, SHARED_GATE, STATS, GELU, HALVES, operands),
                     ),
-                    (_load_partition, (GROUP_M, STAGES, RESIDUAL, loads)),
+                    (_load_partition, (GROUP_M, STAGES, RESIDUAL, HALVES, loads)),
                 ],
                 [4, 1],
-                # Two int32 partials and the fp32 tile: 192 registers a thread, and no spills at 232.
-                [232, 24],
+                # Two int32 partials and the fp32 tile (a wide tile: two fp32 halves and one partial):
+                # 192 registers a thread, which ptxas fits at 232 (a wide tile's at 240).
+                [224 + 8 * HALVES, 24],
             )
 
 
@@ -568,7 +620,9 @@ def int8_gemm_ws(
     n = weight.shape[0]
     if not takes_k(k):
         raise ValueError(f"the warp-specialized int8 GEMM takes K blocks in pairs; K={k} has an odd count")
-    tiles = triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, BLOCK_N)
+    options = (residual, square_sums, row_moments, gelu_scales, column_amax)
+    halves = 2 if all(option is None for option in options) and n % (2 * BLOCK_N) == 0 else 1
+    tiles = triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, halves * BLOCK_N)
     grid = (min(tiles, sm_count(a.device)),)
     a_desc = TensorDescriptor.from_tensor(a, [SUB_M, BLOCK_K], _layout([SUB_M, BLOCK_K], gl.int8))
     out_tile = _layout([SUB_M, BLOCK_N], gl.bfloat16)
@@ -605,6 +659,7 @@ def int8_gemm_ws(
         SHARED_GATE=stride_gate == 0,
         STATS=stats_kind(square_sums, row_moments, column_amax),
         GELU=gelu_scales is not None,
+        HALVES=halves,
         num_warps=4,
         # 168 registers a thread over the kernel's 12 warps (16 with the epilogue partition: 128) fill
         # the register file; the partitions then trade them (warp_specialize's counts).

@@ -170,7 +170,11 @@ def _compile_warp_specialized_gemm(epilogue: str) -> dict:
         "squares": int8_gemm_ws.SQUARE_SUMS,
         "column-amax": int8_gemm_ws.COLUMN_AMAX,
     }.get(epilogue)
-    constexprs.update(SHARED_GATE=True, STATS=(stats or int8_gemm_ws.NO_STATS).value, GELU=gelu)
+    # As int8_gemm_ws launches them: 128x256 tiles for a plain product.
+    halves = 2 if epilogue == "plain" else 1
+    constexprs.update(
+        SHARED_GATE=True, STATS=(stats or int8_gemm_ws.NO_STATS).value, GELU=gelu, HALVES=halves
+    )
     return _compile_gluon(
         int8_gemm_ws._int8_gemm_ws_kernel, types, constexprs, (*scales, "bias_ptr"), maxnreg
     )
@@ -459,7 +463,11 @@ def test_kernels_compile_for_each_gpu_generation_without_spills():
     warp_specialized = [k for k in report if k["name"] in ("_int8_gemm_ws_kernel", "_sparse_ws_kernel")]
     assert len(warp_specialized) == 7
     for kernel in warp_specialized:
-        assert kernel["stack"] == 0 and kernel["tma_copies"] > 0, kernel
+        # The GEMM's 128x256 tiles leave their consumers a few registers short: ptxas parks two or three
+        # in the K loop (16 bytes, 10 registers with Triton 3.6's ptxas), and they still ran 3-12 %
+        # faster than 128x128 tiles (docs/performance.md, "Built since: 128x256 int8 GEMM tiles").
+        wide = kernel["constexprs"].get("HALVES") == 2
+        assert kernel["stack"] <= (32 if wide else 0) and kernel["tma_copies"] > 0, kernel
         assert not kernel["mma_serialized"], f"ptxas serializes a warp-specialized kernel's MMAs: {kernel}"
 
 

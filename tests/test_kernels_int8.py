@@ -105,8 +105,8 @@ def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("batch", "length", "k", "n"),
-    [(2, 100, 256, 128), (1, 200, 384, 200), (3, 37, 256, 256), (1, 50, 200, 136)],
-    ids=["b2-k256-n128", "m200-k384-n200", "b3-odd-n256", "ragged-k200"],
+    [(2, 100, 256, 128), (1, 200, 384, 200), (3, 37, 256, 256), (1, 50, 200, 136), (2, 70, 256, 768)],
+    ids=["b2-k256-n128", "m200-k384-n200", "b3-odd-n256", "ragged-k200", "wide-n768"],
 )
 @LAUNCHES
 def test_gemm_on_prequantized_activation_matches_reference(
