@@ -1,12 +1,12 @@
 """Hopper's warp-specialized W8A8 int8 GEMM, in Gluon: the same product, bits and operands as
 kernels/int8_gemm.py (whose docstring has the formula), scheduled by hand.
 
-One persistent program per SM walks 128x128 output tiles (in the grouped order of kernels/int8_gemm.py),
-or 128x256 ones (below), with three partitions: one warp issues the bulk tensor copies (TMA) of each 128-wide K block (two
-64-row activation tiles and a 128-row weight tile) into a ring of STAGES shared-memory slots, two K
-blocks (a pair of slots) at a time; two consumer warpgroups each own 64 of a tile's rows. A consumer
-issues the int8 MMAs of a pair into two int32 partials, then converts and scales the first while the
-second multiplies, and frees the pair when both are done. The consumers run independently, so one's
+One persistent program per SM walks 128x128 output tiles (128x256 for a plain product, below), in the
+grouped order of kernels/int8_gemm.py, with three partitions: one warp issues the bulk tensor copies
+(TMA) of each 128-wide K block (two 64-row activation tiles and a 128-row weight tile, or two) into a
+ring of STAGES shared-memory slots, two K blocks (a pair of slots) at a time; two consumer warpgroups
+each own 64 of a tile's rows. A consumer issues the int8 MMAs of a pair into two int32 partials, then
+converts and scales the first while the second multiplies, and frees the pair when both are done. The consumers run independently, so one's
 scale work overlaps the other's MMAs as well, and the copy warp fetches the next tile while they
 round and store this one. K must therefore span an even number of blocks (every Wan linear's does).
 With a residual, the copy warp also fetches each tile's residual stream as the tile starts, into one
@@ -23,11 +23,11 @@ squared deviations in it, so the LayerNorm needs no statistics pass over the str
 ``column_amax`` (the v projection, whose output SageSLA turns into fp8) it raises each sample's
 per-column amax from them, so the fp8 preparation needs no pass of its own to find its ranges.
 
-For a plain product (no residual, statistics or GELU) a tile is 128x256: each K block's operands then cost 48 KB of L2 reads for twice the work of
-a 128x128 tile's 32 KB (ncu: the 128x128 kernel ran its L2 at 55-69 % of peak, its SMs at 53-59 %).
-Registers allow no 64x256 int32 partial beside its fp32 tile, so a consumer keeps two fp32 halves and
-multiplies and scales them one after the other through one partial, the other consumer's MMAs filling
-the tensor cores meanwhile. Four stages of these operands take 192 KB: the residual's, GELU's and
+For a plain product (no residual, statistics or GELU) a tile is 128x256: each K block's operands then
+cost 48 KB of L2 reads for twice the work of a 128x128 tile's 32 KB (ncu: the 128x128 kernel ran its L2
+at 55-69 % of peak, its SMs at 53-59 %). Registers allow no 64x256 int32 partial beside its fp32 tile,
+so a consumer keeps two fp32 halves and multiplies and scales them one after the other through one
+partial, the other consumer's MMAs filling the tensor cores meanwhile. Four stages of these operands take 192 KB: the residual's, GELU's and
 partitions' buffers do not fit beside them, so those epilogues keep 128x128 tiles, and so do the row
 square sums, which ran 4 % slower in 128x256 ones.
 
