@@ -272,16 +272,17 @@ if gluon is not None:
                 for kb in range(0, k_blocks, 2):
                     ring = pair % PAIRS
                     mbarrier.wait(ready.index(ring), (pair // PAIRS) & 1)
-                    for half in gl.static_range(2):
-                        slot = 2 * ring + half
-                        a_scale = gl.load(a_scales + kb + half, mask=rows_ok, other=0.0)
+                    for block in gl.static_range(2):  # the pair's two K blocks
+                        slot = 2 * ring + block
+                        a_scale = gl.load(a_scales + kb + block, mask=rows_ok, other=0.0)
                         partial = _product(a_bufs, w_bufs, slot, 2 * slot, zeros, SUB)
-                        lo = gl.fma(partial.to(gl.float32), a_scale * gl.load(w_scales + kb + half), lo)
+                        lo = gl.fma(partial.to(gl.float32), a_scale * gl.load(w_scales + kb + block), lo)
                         # A wait with nothing to wait for, holding lo: otherwise the compiler moves the
                         # scale work past the next MMA's issue and keeps two partials (spills).
                         lo = warpgroup_mma_wait(num_outstanding=0, deps=(lo,))
                         partial = _product(a_bufs, w_bufs, slot, 2 * slot + 1, zeros, SUB)
-                        hi_scale = a_scale * gl.load(w_scales + k_blocks + kb + half)
+                        # The second half's weight rows: the next row of weight scales.
+                        hi_scale = a_scale * gl.load(w_scales + k_blocks + kb + block)
                         hi = gl.fma(partial.to(gl.float32), hi_scale, hi)
                         hi = warpgroup_mma_wait(num_outstanding=0, deps=(hi,))
                     mbarrier.arrive(empty.index(ring), count=1)
