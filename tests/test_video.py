@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from turbovideo.pipeline.video import (
+    CRF,
     EncodeError,
     Mp4Stream,
     SampleMuxer,
@@ -77,6 +78,25 @@ def test_mp4_round_trip(tmp_path):
     # +faststart moves the moov atom in front of the media data.
     data = path.read_bytes()
     assert data.index(b"moov") < data.index(b"mdat")
+
+
+def test_the_stream_carries_the_quality_and_speed_settings_chosen(tmp_path):
+    # x264 writes its settings into the stream (an SEI message): crf 25, upstream's quality, and the
+    # "veryfast" preset's one reference frame, fast subpixel search and short lookahead ("medium", its
+    # default, encodes with ref=3 subme=7 rc_lookahead=40 and takes twice as long).
+    path = tmp_path / "clip.mp4"
+    write_mp4(_clip(), path, fps=16)
+    data = path.read_bytes()
+    start = data.index(b"options: ") + len(b"options: ")
+    options = dict(item.split("=", 1) for item in data[start : data.index(b"\x00", start)].decode().split())
+    assert float(options["crf"]) == CRF == 25
+    assert {key: options[key] for key in ("ref", "subme", "me", "trellis", "rc_lookahead")} == {
+        "ref": "1",
+        "subme": "2",
+        "me": "hex",
+        "trellis": "0",
+        "rc_lookahead": "10",
+    }
 
 
 def test_streaming_in_chunks_writes_the_same_file_as_all_at_once(tmp_path):
