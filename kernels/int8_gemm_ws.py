@@ -6,11 +6,12 @@ grouped order of kernels/int8_gemm.py, with three partitions: one warp issues th
 (TMA) of each 128-wide K block (two 64-row activation tiles and a 128-row weight tile, or two) into a
 ring of STAGES shared-memory slots, two K blocks (a pair of slots) at a time; two consumer warpgroups
 each own 64 of a tile's rows. A consumer issues the int8 MMAs of a pair into two int32 partials, then
-converts and scales the first while the second multiplies, and frees the pair when both are done. The consumers run independently, so one's
-scale work overlaps the other's MMAs as well, and the copy warp fetches the next tile while they
-round and store this one. K must therefore span an even number of blocks (every Wan linear's does).
-With a residual, the copy warp also fetches each tile's residual stream as the tile starts, into one
-of two slots, and the consumers add their gated output to it before the store.
+converts and scales the first while the second multiplies, and frees the pair when both are done. The
+consumers run independently, so one's scale work overlaps the other's MMAs as well, and the copy warp
+fetches the next tile while they round and store this one. K must therefore span an even number of
+blocks (every Wan linear's does). With a residual, the copy warp also fetches each tile's residual
+stream as the tile starts, into one of two slots, and the consumers add their gated output to it before
+the store.
 
 With ``gelu_scales`` (the FFN's first linear, at K of GELU_MIN_K and more), the output is ffn.2's
 int8 input. A 128x128 output tile is exactly one of its scale tiles, so a fourth partition, a warpgroup
@@ -27,9 +28,9 @@ For a plain product (no residual, statistics or GELU) a tile is 128x256: each K 
 cost 48 KB of L2 reads for twice the work of a 128x128 tile's 32 KB (ncu: the 128x128 kernel ran its L2
 at 55-69 % of peak, its SMs at 53-59 %). Registers allow no 64x256 int32 partial beside its fp32 tile,
 so a consumer keeps two fp32 halves and multiplies and scales them one after the other through one
-partial, the other consumer's MMAs filling the tensor cores meanwhile. Four stages of these operands take 192 KB: the residual's, GELU's and
-partitions' buffers do not fit beside them, so those epilogues keep 128x128 tiles, and so do the row
-square sums, which ran 4 % slower in 128x256 ones.
+partial, the other consumer's MMAs filling the tensor cores meanwhile. Four stages of these operands
+take 192 KB: the residual's, GELU's and partitions' buffers do not fit beside them, so those epilogues
+keep 128x128 tiles, and so do the row square sums, which ran 4 % slower in 128x256 ones.
 
 Triton's own pipeliner cannot do this for an int32 accumulator: it waits for each K block's MMA before
 the scale work (kernels/int8_gemm.py keeps several small programs per SM instead). No MMA stays in flight
