@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from hub_server import read_only_dir
 
+from turbovideo.worker import compile_cache
 from turbovideo.worker.compile_cache import configure_compile_cache
 
 
@@ -50,6 +52,24 @@ def test_nearly_full_volume_falls_back(tmp_path, caplog):
         used = configure_compile_cache(tmp_path / "volume", min_free_bytes=1 << 62)
     assert used == tmp_path / "local" / "turbovideo-compile" / "triton"
     assert "nearly full" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(("free_mib", "on_volume"), [(900, False), (1536, True)])
+def test_the_default_free_space_line_is_one_gib(tmp_path, monkeypatch, free_mib, on_volume):
+    # No nearly full filesystem can be made here without root, so the volume's free space is reported
+    # as free_mib; the write probe still runs on the real disk.
+    volume = tmp_path / "volume"
+    real = shutil.disk_usage
+
+    def usage(path):
+        found = real(path)
+        if Path(path).is_relative_to(volume):
+            return found._replace(free=free_mib << 20)
+        return found
+
+    monkeypatch.setattr(compile_cache.shutil, "disk_usage", usage)
+    used = configure_compile_cache(volume)
+    assert used == (volume / "triton" if on_volume else tmp_path / "local" / "turbovideo-compile" / "triton")
 
 
 def test_existing_triton_cache_dir_is_respected(tmp_path, monkeypatch):
@@ -109,6 +129,7 @@ def test_a_chosen_cache_dir_that_refuses_writes_is_unset_when_nothing_else_works
 _FULL_DISK_CHILD = """
 import resource, signal, sys
 from pathlib import Path
+from turbovideo.worker import compile_cache
 from turbovideo.worker.compile_cache import configure_compile_cache
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
