@@ -674,6 +674,29 @@ def test_room_counts_only_what_an_interrupted_download_still_lacks(tmp_path):
         checkpoints.check_room(SPEC.files(False), tmp_path, endpoint=hub.endpoint)
 
 
+def test_a_resumed_download_needs_room_only_for_what_it_lacks(hub, tmp_path, monkeypatch):
+    # 20 of the DiT's 24 MiB are here; the cache reports 8 MiB free (no nearly full file system can be
+    # made here without root): enough for the 4 MiB it lacks, not for the whole file.
+    dit = target(tmp_path, DIT)
+    dit.parent.mkdir(parents=True)
+    served = hub.files[(DIT.repo, DIT.filename)]
+    kept = DIT_SIZE - 4 * MIB
+    checkpoints._sidecar(dit, f"{served.etag()[:16]}.partial").write_bytes(served.content[:kept])
+    real = shutil.disk_usage
+
+    def usage(path):
+        found = real(path)
+        return found._replace(free=8 * MIB) if Path(path).is_relative_to(tmp_path) else found
+
+    monkeypatch.setattr(hub_transfer.shutil, "disk_usage", usage)
+    lock = VolumeLock(checkpoints._sidecar(dit, "lock"))
+    assert lock.try_acquire()
+    checkpoints._download(DIT, dit, lock, token=None, endpoint=hub.endpoint, report=lambda _: None)
+    lock.release()
+    assert dit.read_bytes() == served.content
+    assert [r.range for r in hub.body_gets(DIT.repo, DIT.filename)] == [f"bytes={kept}-"]
+
+
 def test_room_needs_nothing_for_a_file_in_place_without_its_marker(tmp_path):
     # A pre-seeded copy is adopted after a hash check, not downloaded: no space is needed for it.
     size = 2 * shutil.disk_usage(tmp_path).free
