@@ -21,10 +21,13 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # Triton before Gluon: the names exist, unused
     gluon = gl = TensorDescriptor = fence_async_shared = mbarrier = tma = None
-    warpgroup_mma = warpgroup_mma_wait = tma_load = tma_store = None
+    warpgroup_mma = warpgroup_mma_wait = tma_load = tma_store = smem_reinterpret = None
 else:  # Triton 3.6's names for the bulk tensor copies; later releases renamed them
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    # A shared-memory buffer seen as another dtype, shape and layout: (buffer, dtype, shape, layout).
+    smem_reinterpret = getattr(gl.shared_memory_descriptor, "reinterpret", None)
+    smem_reinterpret = smem_reinterpret or gl.shared_memory_descriptor._reinterpret
 
 __all__ = [
     "TensorDescriptor",
@@ -33,6 +36,7 @@ __all__ = [
     "gl",
     "gluon",
     "mbarrier",
+    "smem_reinterpret",
     "tma",
     "tma_load",
     "tma_store",

@@ -164,8 +164,8 @@ class GemmLaunch:
     row; 128 when the kernel quantizes the activation, whose scale tile it must see whole).
     ``group_m`` row tiles run next to each other and share weight columns in L2. ``tma``: operands
     arrive through bulk tensor copies (Hopper and later) instead of pointer loads.
-    ``warp_specialized``: kernels/int8_gemm_ws.py runs it (its own tiles, 128x128 or for a plain product
-    128x256, and stages).
+    ``warp_specialized``: kernels/int8_gemm_ws.py runs it (its own tiles, 128x128 or 128x256 as
+    ``int8_gemm_ws.tile_halves`` picks, and stages).
     """
 
     block_m: int

@@ -1,7 +1,7 @@
 """Hopper's warp-specialized W8A8 int8 GEMM, in Gluon: the same product, bits and operands as
 kernels/int8_gemm.py (whose docstring has the formula), scheduled by hand.
 
-One persistent program per SM walks 128x128 output tiles (128x256 for a plain product, below), in the
+One persistent program per SM walks 128x128 output tiles (128x256 for most products, below), in the
 grouped order of kernels/int8_gemm.py, with three partitions: one warp issues the bulk tensor copies
 (TMA) of each 128-wide K block (two 64-row activation tiles and a 128-row weight tile, or two) into a
 ring of STAGES shared-memory slots, two K blocks (a pair of slots) at a time; two consumer warpgroups
@@ -29,8 +29,11 @@ cost 48 KB of L2 reads for twice the work of a 128x128 tile's 32 KB (ncu: the 12
 at 55-69 % of peak, its SMs at 53-59 %). Registers allow no 64x256 int32 partial beside its fp32 tile,
 so a consumer keeps two fp32 halves and multiplies and scales them one after the other through one
 partial, the other consumer's MMAs filling the tensor cores meanwhile. Four stages of these operands
-take 192 KB: the residual's, GELU's and partitions' buffers do not fit beside them, so those epilogues
-keep 128x128 tiles, and so do the row square sums, which ran 4 % slower in 128x256 ones.
+take 192 KB and the consumers 240 registers a thread: no residual slots and no epilogue partition fit
+beside them. A product with a residual and row moments (the o projections, ffn.2) takes wide tiles all
+the same: the tile's stream follows its K blocks through the operand ring as one more pair (in its
+weight slots), and the consumers take the moments from their registers while the tile is stored.
+GELU and the column amax (partitions) and the row square sums (4 % slower wide) keep 128x128 tiles.
 
 Triton's own pipeliner cannot do this for an int32 accumulator: it waits for each K block's MMA before
 the scale work (kernels/int8_gemm.py keeps several small programs per SM instead). No MMA stays in flight
@@ -51,6 +54,7 @@ from .gluon_hopper import (
     gl,
     gluon,
     mbarrier,
+    smem_reinterpret,
     tma,
     tma_load,
     tma_store,
@@ -134,7 +138,7 @@ if gluon is not None:
         index = 0  # of the program's tiles
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, grid_m, grid_n, GROUP_M, 2 * SUB_M, HALVES * BLOCK_N)
-            if RESIDUAL:
+            if RESIDUAL and HALVES == 1:
                 # The tile's residual stream first, into the slot of the tile before last (read by now):
                 # it has the whole K loop to land.
                 slot = index % 2
@@ -163,6 +167,21 @@ if gluon is not None:
                     for col in gl.static_range(HALVES):  # a wide tile's weight rows as two boxes
                         tma_load(w_desc, [off_n + col * BLOCK_N, k], bar, w_bufs.index(HALVES * slot + col))
                 pair += 1
+            if RESIDUAL and HALVES == 2:
+                # A wide tile's stream (64 KB, no room for slots of its own) follows its K blocks through
+                # the ring, in the weight tiles of a pair: piece (rows SUB, columns col) in 2 * SUB + col.
+                ring = pair % PAIRS
+                mbarrier.wait(empty.index(ring), ((pair // PAIRS) & 1) ^ 1)
+                bar = ready.index(ring)
+                mbarrier.expect(bar, 4 * s_desc.block_type.nbytes)
+                for piece in gl.static_range(4):
+                    tma_load(
+                        s_desc,
+                        [off_m + (piece // 2) * SUB_M, off_n + (piece % 2) * BLOCK_N],
+                        bar,
+                        s_bufs.index(4 * ring + piece),
+                    )
+                pair += 1
 
     @gluon.jit
     def _issue(a_bufs, w_bufs, slot, w_slot, acc_layout_zeros, SUB: gl.constexpr):
@@ -189,6 +208,17 @@ if gluon is not None:
         if HAS_GATE:
             update = (update * gate.to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16).to(gl.float32)
         return (stream.to(gl.float32) + update).to(gl.bfloat16)
+
+    @gluon.jit
+    def _store_moments(out, rows, chunk, n_chunks, stats_ptr, M):
+        """Each row's mean and sum of squared deviations in a 128-column chunk of the output, from the
+        consumer's registers (as ``_moments_tiles`` takes them from the stored tile)."""
+        y = out.to(gl.float32)
+        mean = gl.sum(y, axis=1) * (1.0 / y.shape[1])
+        deviation = y - mean[:, None]
+        at = stats_ptr + (rows * n_chunks + chunk) * 2
+        gl.store(at, mean, mask=rows < M)
+        gl.store(at + 1, gl.sum(deviation * deviation, axis=1), mask=rows < M)
 
     @gluon.jit
     def _consumer(
@@ -234,6 +264,7 @@ if gluon is not None:
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
         )
         zeros = gl.zeros([SUB_M, BLOCK_N], gl.int32, layout)
+        READ_BACK: gl.constexpr = STATS >= ROW_MOMENTS and HALVES == 1  # by the epilogue partition
         tile_smem = c_bufs.index(SUB)  # unused with GELU
         n_chunks = gl.cdiv(N, BLOCK_N)  # 128-column chunks a row of square sums has
         PAIRS: gl.constexpr = STAGES // 2
@@ -289,7 +320,10 @@ if gluon is not None:
                     mbarrier.arrive(empty.index(ring), count=1)
                     pair += 1
                 accs = (lo, hi)
-            # Each 128-column half (a wide tile, a plain product's, has two).
+                if RESIDUAL:  # the tile's stream, the ring's next pair
+                    stream_ring = pair % PAIRS
+                    mbarrier.wait(ready.index(stream_ring), (pair // PAIRS) & 1)
+            # Each 128-column half (a wide tile has two).
             for col in gl.static_range(HALVES):
                 # Rounded to bf16 (nearest even), then the bias added in bf16, as a separate bias add would.
                 first_col = off_n + col * BLOCK_N
@@ -313,10 +347,16 @@ if gluon is not None:
                     sums = gl.sum(y * y, axis=1)
                     gl.store(stats_ptr + rows * n_chunks + first_col // BLOCK_N, sums, mask=rows < M)
                 if RESIDUAL:
-                    slot = index % 2
-                    mbarrier.wait(s_ready.index(slot), (index // 2) & 1)
-                    stream = s_bufs.index(2 * slot + SUB).load(layout)
-                    mbarrier.arrive(s_empty.index(slot), count=1)
+                    if HALVES == 1:
+                        slot = index % 2
+                        mbarrier.wait(s_ready.index(slot), (index // 2) & 1)
+                        stream = s_bufs.index(2 * slot + SUB).load(layout)
+                        mbarrier.arrive(s_empty.index(slot), count=1)
+                    else:
+                        stream = s_bufs.index(4 * stream_ring + 2 * SUB + col).load(layout)
+                        if col == HALVES - 1:  # both pieces read: the pair goes back to the copy warp
+                            mbarrier.arrive(empty.index(stream_ring), count=1)
+                            pair += 1
                     out = _gated(stream, out, gate, HAS_GATE)
                 if GELU:  # to the GELU partition, through the slot of the tile before last (done by now)
                     slot = index % 2
@@ -325,13 +365,16 @@ if gluon is not None:
                     mbarrier.arrive(h_full.index(slot), count=1)
                 else:
                     tma.store_wait(pendings=0)  # the previous store from this buffer has left it
-                    if STATS >= ROW_MOMENTS:  # and the epilogue partition has read it
+                    if READ_BACK:  # and the epilogue partition has read it
                         mbarrier.wait(h_empty.index(0), (index & 1) ^ 1)
                     tile_smem.store(out)
                     fence_async_shared()
-                    if STATS >= ROW_MOMENTS:
+                    if READ_BACK:
                         mbarrier.arrive(h_full.index(0), count=1)
                     tma_store(c_desc, [off_m + SUB * SUB_M, first_col], tile_smem)  # clipped at M and N
+                    if STATS == ROW_MOMENTS and HALVES == 2:  # while the tile goes out
+                        rows = off_m + SUB * SUB_M + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, layout))
+                        _store_moments(out, rows, first_col // BLOCK_N, n_chunks, stats_ptr, M)
             index += 1
         tma.store_wait(pendings=0)
 
@@ -481,14 +524,16 @@ if gluon is not None:
         HALVES: gl.constexpr,
     ):
         """c_desc: the output's tiles, bf16 [64, 128]; with GELU int8 [128, 128], their scales at
-        q_scale_ptr. HALVES: 2 for 128x256 tiles (a plain product only), else 1."""
+        q_scale_ptr. HALVES: 2 for 128x256 tiles (``tile_halves``), else 1."""
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         k_blocks = gl.cdiv(K, BLOCK_K)
         grid_m = gl.cdiv(M, 2 * SUB_M)
-        # A wide tile's two store halves fill the shared memory its operands leave: no epilogue buffers.
-        gl.static_assert(HALVES == 1 or not (RESIDUAL or GELU or STATS != NO_STATS))
+        # A wide tile's two store halves fill the shared memory its operands leave: its stream comes
+        # through the operand ring, its row moments from the consumers' registers, no epilogue buffers.
+        gl.static_assert(HALVES == 1 or not (GELU or STATS == SQUARE_SUMS or STATS == COLUMN_AMAX))
+        PARTITION: gl.constexpr = GELU or (STATS >= ROW_MOMENTS and HALVES == 1)  # an epilogue's own
         grid_n = gl.cdiv(N, HALVES * BLOCK_N)
 
         a_bufs = gl.allocate_shared_memory(gl.int8, [2 * STAGES, SUB_M, BLOCK_K], a_desc.layout)
@@ -514,8 +559,10 @@ if gluon is not None:
             mbarrier.init(empty.index(ring), count=2)  # both consumers release a pair
         # The residual stream's two 64-row halves of two tiles (a placeholder without a residual): 224 KB
         # of shared memory in all, within an H100's 227.
-        if RESIDUAL:
+        if RESIDUAL and HALVES == 1:
             s_bufs = gl.allocate_shared_memory(gl.bfloat16, [4, SUB_M, BLOCK_N], s_desc.layout)
+        elif RESIDUAL:  # a wide tile's stream: 64-row halves of 128 columns in the weight slots' 16 KB
+            s_bufs = smem_reinterpret(w_bufs, gl.bfloat16, [HALVES * STAGES, SUB_M, BLOCK_N], s_desc.layout)
         else:
             s_bufs = gl.allocate_shared_memory(gl.bfloat16, [1, 8, BLOCK_N], tile_layout)
         s_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -547,7 +594,7 @@ if gluon is not None:
             k_blocks,
         )
         loads = (a_desc, w_desc, a_bufs, w_bufs, ready, empty, residual, grid_m, grid_n, k_blocks)
-        if GELU or STATS >= ROW_MOMENTS:
+        if PARTITION:
             if GELU:
                 epilogue = (c_desc, q_smem, c_bufs, h_full, h_empty, q_scale_ptr, grid_m, grid_n, M)
             else:
@@ -589,6 +636,19 @@ if gluon is not None:
             )
 
 
+def tile_halves(
+    n: int,
+    square_sums: torch.Tensor | None,
+    gelu_scales: torch.Tensor | None,
+    column_amax: torch.Tensor | None,
+) -> int:
+    """2 where a launch walks 128x256 tiles, else 1 (128x128): products whose N is whole 256-column tiles,
+    plain or with a residual and row moments, not those whose epilogue needs a partition or (the square
+    sums) ran slower wide."""
+    narrow = gelu_scales is not None or square_sums is not None or column_amax is not None
+    return 1 if narrow or n % (2 * BLOCK_N) else 2
+
+
 def _layout(block: list[int], dtype) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for(block, dtype)
 
@@ -622,8 +682,9 @@ def int8_gemm_ws(
     n = weight.shape[0]
     if not takes_k(k):
         raise ValueError(f"the warp-specialized int8 GEMM takes K blocks in pairs; K={k} has an odd count")
-    options = (residual, square_sums, row_moments, gelu_scales, column_amax)
-    halves = 2 if all(option is None for option in options) and n % (2 * BLOCK_N) == 0 else 1
+    halves = tile_halves(n, square_sums, gelu_scales, column_amax)
+    # An epilogue partition of its own (the kernel's PARTITION): 128x128 tiles' GELU, moments or amax.
+    partition = halves == 1 and any(s is not None for s in (gelu_scales, row_moments, column_amax))
     tiles = triton.cdiv(m, 2 * SUB_M) * triton.cdiv(n, halves * BLOCK_N)
     grid = (min(tiles, sm_count(a.device)),)
     a_desc = TensorDescriptor.from_tensor(a, [SUB_M, BLOCK_K], _layout([SUB_M, BLOCK_K], gl.int8))
@@ -665,7 +726,7 @@ def int8_gemm_ws(
         num_warps=4,
         # 168 registers a thread over the kernel's 12 warps (16 with the epilogue partition: 128) fill
         # the register file; the partitions then trade them (warp_specialize's counts).
-        maxnreg=128 if gelu_scales is not None or row_moments is not None or column_amax is not None else 168,
+        maxnreg=128 if partition else 168,
         # The gated residual rounds the gated output before adding it; with contraction the compiler
         # made the two one bf16 fma (the K loop's fma is explicit either way).
         enable_fp_fusion=False,

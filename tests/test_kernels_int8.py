@@ -202,6 +202,31 @@ def test_gemm_writes_each_rows_moments_per_128_columns(
         int8_gemm(qx, qw[:200], sw, bias[:200], a_scale=sx, launch=launch, row_moments=moments)
 
 
+@pytest.mark.skipif(not (_HOPPER and gluon_hopper.available()), reason="needs Hopper and Gluon")
+@pytest.mark.parametrize("gate", ["per-sample", "shared", "none"])
+def test_wide_tiles_add_the_residual_and_write_the_moments(gate: str) -> None:
+    # The warp-specialized kernel's 128x256 tiles with the stream through its operand ring and the
+    # moments from its consumers: two samples of 70 rows (a tile straddles them, the last is partial),
+    # two column tiles, four K blocks (two pairs before the stream's).
+    batch, length, k, n = 2, 70, 512, 512
+    qx, sx = quantize_blockwise(torch.randn(batch, length, k, device=DEVICE).to(torch.bfloat16))
+    qw, sw, bias = _weight(n, k)
+    stream = (torch.randn(batch, length, n, device=DEVICE) * 3 + 20).to(torch.bfloat16)
+    gate_rows = {
+        "per-sample": torch.randn(batch, 1, n, device=DEVICE),
+        "shared": torch.randn(1, 1, n, device=DEVICE),
+    }
+    residual = (stream, gate_rows.get(gate))
+    moments = torch.full((batch * length, n // 128, 2), float("nan"), device=DEVICE)
+    assert int8_gemm_ws.tile_halves(n, None, None, None) == 2
+    out = int8_gemm(
+        qx, qw, sw, bias, a_scale=sx, launch=WARP_SPECIALIZED, residual=residual, row_moments=moments
+    )
+    product = int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=WARP_SPECIALIZED)
+    assert torch.equal(out, norms.gated_residual(stream, product, residual[1]))
+    torch.testing.assert_close(moments, reference.chunk_moments(out.reshape(-1, n)), rtol=1e-5, atol=1e-5)
+
+
 @LAUNCHES
 @pytest.mark.parametrize(
     ("batch", "length"),
