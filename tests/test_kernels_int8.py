@@ -184,22 +184,25 @@ def test_gemm_writes_each_rows_sums_of_squares_per_128_columns(launch: GemmLaunc
 def test_gemm_writes_each_rows_moments_per_128_columns(
     launch: GemmLaunch | None, with_residual: bool
 ) -> None:
-    # 140 rows: the last row tile is partial; a stream far from zero, so the deviations matter.
-    batch, length, k, n = 2, 70, 256, 256
+    # 140 rows: the last row tile is partial; a stream far from zero, so the deviations matter. 384
+    # columns: the warp-specialized kernel's 128x128 tiles, whose epilogue partition takes the moments
+    # (test_wide_tiles_add_the_residual_and_write_the_moments has its 128x256 ones).
+    batch, length, k, n = 2, 70, 256, 384
     qx, sx = quantize_blockwise(torch.randn(batch, length, k, device=DEVICE).to(torch.bfloat16))
     qw, sw, bias = _weight(n, k)
     stream = (torch.randn(batch, length, n, device=DEVICE) * 3 + 20).to(torch.bfloat16)
     residual = (stream, torch.randn(batch, 1, n, device=DEVICE)) if with_residual else None
-    moments = torch.full((batch * length, 2, 2), float("nan"), device=DEVICE)
+    moments = torch.full((batch * length, n // 128, 2), float("nan"), device=DEVICE)
+    assert int8_gemm_ws.tile_halves(n, None, None, None) == 1
     out = int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, residual=residual, row_moments=moments)
     assert torch.equal(out, int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, residual=residual))
     # Summed in another order than PyTorch's.
     expected = reference.chunk_moments(out.reshape(-1, n))
     torch.testing.assert_close(moments, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"row_moments must be a contiguous fp32 \(140, 2, 2\)"):
+    with pytest.raises(ValueError, match=r"row_moments must be a contiguous fp32 \(140, 3, 2\)"):
         int8_gemm(qx, qw, sw, bias, a_scale=sx, launch=launch, row_moments=moments[:, :1])
     with pytest.raises(ValueError, match="whole 128-column tiles"):
-        int8_gemm(qx, qw[:200], sw, bias[:200], a_scale=sx, launch=launch, row_moments=moments)
+        int8_gemm(qx, qw[:200], sw[:2], bias[:200], a_scale=sx, launch=launch, row_moments=moments)
 
 
 @pytest.mark.skipif(not (_HOPPER and gluon_hopper.available()), reason="needs Hopper and Gluon")
