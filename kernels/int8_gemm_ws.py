@@ -9,18 +9,19 @@ each own 64 of a tile's rows. A consumer issues the int8 MMAs of a pair into two
 converts and scales the first while the second multiplies, and frees the pair when both are done. The
 consumers run independently, so one's scale work overlaps the other's MMAs as well, and the copy warp
 fetches the next tile while they round and store this one. K must therefore span an even number of
-blocks (every Wan linear's does). With a residual, the copy warp also fetches each tile's residual
-stream as the tile starts, into one of two slots, and the consumers add their gated output to it before
-the store.
+blocks (every Wan linear's does). With a residual, the copy warp also fetches each 128x128 tile's
+residual stream as the tile starts, into one of two slots (a wide tile's: below), and the consumers add
+their gated output to it before the store.
 
 With ``gelu_scales`` (the FFN's first linear, at K of GELU_MIN_K and more), the output is ffn.2's
 int8 input. A 128x128 output tile is exactly one of its scale tiles, so a fourth partition, a warpgroup
 of its own, applies the GELU to each tile and quantizes it (``quant.gelu_tanh_quantize``'s helpers and
 bits) while the consumers multiply the next one; they hand each rounded tile over through one of two
 shared-memory slots. The bf16 product never goes to memory and back. With ``row_moments`` (the o
-projections and ffn.2, which write the residual stream a LayerNorm reads next), the fourth partition
-instead reads each tile from the consumers' store buffers and writes each row's mean and sum of
-squared deviations in it, so the LayerNorm needs no statistics pass over the stream; with
+projections and ffn.2, which write the residual stream a LayerNorm reads next) in 128x128 tiles (N an
+odd number of 128-column tiles; Wan's run wide, below), the fourth partition instead reads each tile
+from the consumers' store buffers and writes each row's mean and sum of squared deviations in it, so
+the LayerNorm needs no statistics pass over the stream; with
 ``column_amax`` (the v projection, whose output SageSLA turns into fp8) it raises each sample's
 per-column amax from them, so the fp8 preparation needs no pass of its own to find its ranges.
 

@@ -145,9 +145,9 @@ def _compile_gluon(kernel, types: dict, constexprs: dict, aligned: tuple[str, ..
 
 def _compile_warp_specialized_gemm(epilogue: str) -> dict:
     """Hopper's Gluon int8 GEMM (kernels/int8_gemm_ws.py) as int8_gemm launches it: with a gated
-    residual and the row moments as the DiT's o projections (128x128 tiles) and ffn.2 (128x256) run,
-    writing square sums as cross-attention's q, quantizing its GELU as ffn.0, raising the column amax
-    as SageSLA's v, or none of these (128x256)."""
+    residual and the row moments as the DiT's o projections and ffn.2 run (128x256 tiles; 128x128 for
+    N an odd number of 128-column tiles), writing square sums as cross-attention's q, quantizing its
+    GELU as ffn.0, raising the column amax as SageSLA's v, or none of these (128x256)."""
     from turbovideo.kernels import int8_gemm_ws
 
     gelu = epilogue == "gelu"
