@@ -46,12 +46,30 @@ def clean_env(home: Path) -> dict[str, str]:
     return {**env, "HOME": str(home)}
 
 
+# What the venv takes with CI's torch (2.4 GB measured) plus pip's unpacked wheels while it installs.
+VENV_BYTES = 3 << 30
+
+
+@pytest.fixture
+def venv(tmp_path):
+    """A fresh venv, deleted afterwards: pytest keeps the last three runs' tmp_path, and three venvs
+    would leave 7 GB behind, enough to fill a CI disk for the tests after this one."""
+    free = shutil.disk_usage(tmp_path).free
+    if free < VENV_BYTES:
+        pytest.skip(
+            f"needs {VENV_BYTES >> 30} GiB free for a venv with torch; {tmp_path} has {free >> 20} MiB"
+        )
+    path = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_install_script_builds_a_working_worker(tmp_path):
-    app, venv, home = tmp_path / "app", tmp_path / "venv", tmp_path / "home"
+def test_install_script_builds_a_working_worker(tmp_path, venv):
+    app, home = tmp_path / "app", tmp_path / "home"
     home.mkdir()
     copy_build_context(app)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     env = clean_env(home)
 

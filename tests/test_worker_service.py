@@ -884,6 +884,10 @@ def test_an_interrupted_start_stops_the_warm_up_at_its_next_step(tmp_path, monke
 
 def test_a_failed_warm_up_is_logged_and_the_worker_still_serves(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
+    # The compile caches where a user put them: on a nearly full disk the cache volume's local
+    # fallback would create the missing scratch directory below and the warm-up would succeed.
+    for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
     with monkeypatch.context() as patched:
         patched.setattr("tempfile.tempdir", str(tmp_path / "gone"))  # scratch space refused
         service = _started(tmp_path, WARMUP="1")
