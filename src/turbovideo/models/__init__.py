@@ -19,6 +19,7 @@ _EXPORTS = {
     "latent_frames": "vae",
     "latent_shape": "vae",
     "pixel_frames": "vae",
+    "vae_dtype": "vae",
     "build_text_encoder": "text_encoder",
     "load_text_encoder": "text_encoder",
     "encode_prompts": "text_encoder",

@@ -12,7 +12,7 @@ from torch import nn
 
 from turbovideo import catalog
 from turbovideo.catalog import ModelSpec, prefer_quantized
-from turbovideo.models import load_text_encoder, load_tokenizer, load_vae
+from turbovideo.models import load_text_encoder, load_tokenizer, load_vae, vae_dtype
 from turbovideo.models.tokenizer import TOKENIZER_FILE, PromptTokenizer
 
 # The VAE, umT5 and tokenizer that every model shares, per set of files (by inode, so the per-model
@@ -43,7 +43,7 @@ def shared_assets(
             return vae, text_encoder, tokenizer, encoder_id
     tokenizer = load_tokenizer(tokenizer_dir)
     assets = (
-        load_vae(vae_file, device="cpu", name=spec.vae_config),
+        load_vae(vae_file, device="cpu", dtype=vae_dtype(device), name=spec.vae_config),
         load_text_encoder(encoder_file, device="cpu", name=spec.text_encoder_config),
         tokenizer,
         f"{_file_identity(encoder_file)}|{_file_identity(Path(tokenizer.source))}",

@@ -35,6 +35,7 @@ from turbovideo.models import (
     load_dit,
     load_tokenizer,
     prompt_rows,
+    vae_dtype,
 )
 from turbovideo.models.attention import select_attention
 from turbovideo.models.text_padding import context_lengths, context_rows, key_count
@@ -225,7 +226,7 @@ class VideoPipeline:
         pipe = cls(
             spec,
             experts,
-            build_vae(spec.vae_config, device),
+            build_vae(spec.vae_config, device, dtype=vae_dtype(device)),
             build_text_encoder(spec.text_encoder_config, device),
             tokenizer,
             device,
@@ -241,7 +242,7 @@ class VideoPipeline:
         their placement on ``device`` with: nothing to run."""
         meta = torch.device("meta")
         experts = [build_dit(spec.dit_config, meta, quantized=quantized) for _ in spec.experts]
-        vae = build_vae(spec.vae_config, meta)
+        vae = build_vae(spec.vae_config, meta, dtype=vae_dtype(device))
         text_encoder = build_text_encoder(spec.text_encoder_config, meta)
         return cls(spec, experts, vae, text_encoder, load_tokenizer(None), device, encoder_id="meta")
 
